@@ -1,0 +1,262 @@
+"""Shared by every method file: dataset names, loading (D4RL hdf5, DT pickle, Minari), evaluation env
+ids and D4RL normalized scores. Nothing else lives here, so each method file stays readable on its own.
+
+A dataset is returned as a list of episodes (dicts of numpy arrays: observations (T, m_s), actions
+(T, m_a), rewards (T,), and a bool `terminated`) plus an `info` dict that says where it came from and
+how to evaluate on it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+# --- names, environments, reference returns -------------------------------------------------------
+
+D4RL_ENVS = ("halfcheetah", "hopper", "walker2d")
+D4RL_LEVELS = ("random", "medium", "medium-replay", "medium-expert", "expert")
+D4RL_DATASETS = tuple(f"{e}-{lvl}" for e in D4RL_ENVS for lvl in D4RL_LEVELS)
+
+# One table from D4RL domain to everything evaluation needs. The v2 datasets were collected on gym's
+# `*-v3` MuJoCo envs; gymnasium's `*-v4` has the same model and observation layout and is the closest
+# env we can run. Reference returns are D4RL's (infos.py), used by normalized_score.
+D4RL_TABLE = {
+    #  domain         eval env            obs  act  ref_min_score  ref_max_score
+    "halfcheetah": dict(env_id="HalfCheetah-v4", obs_dim=17, act_dim=6, ref_min=-280.178953, ref_max=12135.0),
+    "hopper": dict(env_id="Hopper-v4", obs_dim=11, act_dim=3, ref_min=-20.272305, ref_max=3234.3),
+    "walker2d": dict(env_id="Walker2d-v4", obs_dim=17, act_dim=6, ref_min=1.629008, ref_max=4592.3),
+}
+
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
+D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+
+class DatasetError(ValueError):
+    """Bad dataset name, file or content. The message says what was wrong and how to fix it."""
+
+
+def parse_name(name: str) -> tuple[str, str]:
+    """'hopper-medium-replay[-v2]' -> ('d4rl', 'hopper-medium-replay'); 'ns/env/name-v0' -> ('minari', id)."""
+    if "/" in name:
+        return "minari", name
+    base = name[:-3] if name.endswith("-v2") else name
+    if base in D4RL_DATASETS:
+        return "d4rl", base
+    raise DatasetError(
+        f"unknown dataset {name!r}. Valid D4RL names (optionally with '-v2'): {', '.join(D4RL_DATASETS)}; "
+        "or a Minari id such as 'mujoco/hopper/medium-v0'."
+    )
+
+
+def d4rl_filename(base: str) -> str:
+    """Official file name: hopper-medium-replay -> hopper_medium_replay-v2.hdf5."""
+    domain, level = base.split("-", 1)
+    return f"{domain}_{level.replace('-', '_')}-v2.hdf5"
+
+
+def d4rl_dir() -> Path:
+    return Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")).expanduser()
+
+
+def normalized_score(info: dict, returns) -> np.ndarray:
+    """D4RL normalized score 100 * (R - min) / (max - min); NaN where the dataset has no reference returns."""
+    returns = np.asarray(returns, dtype=np.float64)
+    if info.get("ref_min") is None or info.get("ref_max") is None:
+        return np.full_like(returns, np.nan)
+    return 100.0 * (returns - info["ref_min"]) / (info["ref_max"] - info["ref_min"])
+
+
+# --- download ---------------------------------------------------------------------------------------
+
+
+def download(url: str, dest: Path) -> Path:
+    """Download `url` to `dest` with a progress bar. The file appears under its final name only once the
+    whole body arrived (written to a temporary file in the same folder, then renamed atomically)."""
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            if total is not None and bar.n != total:
+                raise OSError(f"connection closed after {bar.n} of {total} bytes")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def find_d4rl_file(base: str) -> Path:
+    """$D4RL_DATASET_DIR (default ~/.d4rl/datasets)/official name, downloaded there if missing."""
+    folder, fname = d4rl_dir(), d4rl_filename(base)
+    path = folder / fname
+    if path.exists():
+        return path
+    try:
+        return download(D4RL_URL + fname, path)
+    except Exception as e:  # no network, HTTP error, disk full: one message that says what to do
+        raise DatasetError(
+            f"could not find or download the D4RL file {fname!r} for dataset {base!r}.\n"
+            f"  looked in: {folder} (set $D4RL_DATASET_DIR to change it)\n"
+            f"  download from {D4RL_URL + fname} failed: {e}\n"
+            f"  fix: download that file elsewhere and put it in {folder}, or pass --dataset-path FILE "
+            "(a D4RL-layout .hdf5 or a DT .pkl)."
+        ) from None
+
+
+# --- readers ----------------------------------------------------------------------------------------
+
+
+def split_episodes(obs, act, rew, terminals, timeouts) -> list[dict]:
+    """D4RL flat arrays -> episodes. An episode ends at a terminal OR a timeout; the last, unfinished
+    episode (the buffer stopped mid-episode) is kept."""
+    ends = np.flatnonzero(np.logical_or(terminals, timeouts)) + 1
+    if len(ends) == 0 or ends[-1] != len(obs):
+        ends = np.append(ends, len(obs))
+    episodes, start = [], 0
+    for end in ends:
+        episodes.append(
+            dict(observations=obs[start:end], actions=act[start:end], rewards=rew[start:end],
+                 terminated=bool(terminals[end - 1]))
+        )
+        start = end
+    return episodes
+
+
+def read_hdf5(path: Path) -> list[dict]:
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DatasetError(f"{path}: not a readable hdf5 file ({e}). Pass a D4RL-layout .hdf5 or a DT .pkl.") from None
+    with f:
+        missing = [k for k in D4RL_KEYS if k not in f]
+        if missing:
+            raise DatasetError(
+                f"{path}: missing key(s) {missing}; a D4RL hdf5 needs {list(D4RL_KEYS)} (found {sorted(f.keys())})."
+            )
+        data = {k: f[k][()] for k in D4RL_KEYS}
+    n = len(data["observations"])
+    bad = {k: len(v) for k, v in data.items() if len(v) != n}
+    if bad:
+        raise DatasetError(f"{path}: arrays of different lengths: observations {n}, " + ", ".join(f"{k} {v}" for k, v in bad.items()))
+    return split_episodes(data["observations"], data["actions"], data["rewards"].reshape(-1),
+                          data["terminals"].reshape(-1), data["timeouts"].reshape(-1))
+
+
+def read_pickle(path: Path) -> list[dict]:
+    """The decision-transformer repo's layout: a list of per-episode dicts with observations, actions,
+    rewards and terminals (or dones)."""
+    with open(path, "rb") as f:
+        paths = pickle.load(f)
+    if not isinstance(paths, list) or not all(isinstance(p, dict) for p in paths):
+        raise DatasetError(f"{path}: a DT pickle must hold a list of per-episode dicts, found {type(paths).__name__}.")
+    episodes = []
+    for i, p in enumerate(paths):
+        term_key = "terminals" if "terminals" in p else "dones"
+        missing = [k for k in ("observations", "actions", "rewards", term_key) if k not in p]
+        if missing:
+            raise DatasetError(f"{path}: episode {i} lacks key(s) {missing}; each needs observations, actions, rewards, terminals.")
+        lens = {k: len(p[k]) for k in ("observations", "actions", "rewards", term_key)}
+        if len(set(lens.values())) != 1:
+            raise DatasetError(f"{path}: episode {i} has arrays of different lengths {lens}.")
+        episodes.append(dict(observations=np.asarray(p["observations"]), actions=np.asarray(p["actions"]),
+                             rewards=np.asarray(p["rewards"]).reshape(-1), terminated=bool(np.asarray(p[term_key])[-1])))
+    return episodes
+
+
+def read_minari(dataset_id: str) -> tuple[list[dict], dict]:
+    """A Minari dataset: local if present, else downloaded by minari (needs a network)."""
+    import minari
+
+    try:
+        ds = minari.load_dataset(dataset_id, download=dataset_id not in minari.list_local_datasets())
+    except Exception as e:
+        raise DatasetError(
+            f"could not load Minari dataset {dataset_id!r}: {e}\n  fix: check the id (`minari list remote`), "
+            "or download it where there is a network (`minari download ID`) and set $MINARI_DATASETS_PATH."
+        ) from None
+    episodes = [
+        # Minari stores T+1 observations (the last one after the final action); drop it.
+        dict(observations=ep.observations[:-1], actions=ep.actions, rewards=ep.rewards, terminated=bool(ep.terminations[-1]))
+        for ep in ds.iterate_episodes()
+    ]
+    spec, meta = ds.spec.env_spec, ds.storage.metadata
+    info = dict(env_id=spec.id, env_kwargs=dict(spec.kwargs or {}), obs_dim=None, act_dim=None,
+                ref_min=meta.get("ref_min_score"), ref_max=meta.get("ref_max_score"))
+    return episodes, info
+
+
+# --- the one entry point ----------------------------------------------------------------------------
+
+
+def check_episodes(episodes: list[dict], info: dict, where: str) -> None:
+    if not episodes:
+        raise DatasetError(f"{where}: the dataset holds no transitions.")
+    obs_dim, act_dim = info["obs_dim"], info["act_dim"]
+    for i, ep in enumerate(episodes):
+        o, a = ep["observations"], ep["actions"]
+        if o.ndim != 2 or a.ndim != 2 or len(o) != len(a) or len(o) != len(ep["rewards"]):
+            raise DatasetError(f"{where}: episode {i} has shapes observations {o.shape}, actions {a.shape}, rewards {ep['rewards'].shape}.")
+        if obs_dim is not None and o.shape[1] != obs_dim:
+            raise DatasetError(f"{where}: observations have {o.shape[1]} dims but {info['env_id']} has {obs_dim}; is this the right --env?")
+        if act_dim is not None and a.shape[1] != act_dim:
+            raise DatasetError(f"{where}: actions have {a.shape[1]} dims but {info['env_id']} has {act_dim}; is this the right --env?")
+        for k in ("observations", "actions", "rewards"):
+            if not np.all(np.isfinite(ep[k])):
+                raise DatasetError(f"{where}: episode {i} has NaN or inf in {k}; clean the file before training.")
+
+
+def load_dataset(name: str, dataset_path: tuple[str, ...] | list[str] | str | None = ()) -> tuple[list[dict], dict]:
+    """Episodes and info for a dataset name. D4RL order: `dataset_path` (one or several .hdf5 / .pkl files,
+    concatenated, e.g. medium + expert = medium-expert), else the official file in $D4RL_DATASET_DIR,
+    else download it there. Minari ids go to minari."""
+    source, base = parse_name(name)
+    paths = [dataset_path] if isinstance(dataset_path, str) else list(dataset_path or [])
+    if source == "minari":
+        if paths:
+            raise DatasetError(f"--dataset-path is for D4RL names; {name!r} is a Minari id (drop --dataset-path).")
+        episodes, info = read_minari(base)
+        info.update(name=base, source="minari", path=None)
+    else:
+        info = dict(D4RL_TABLE[base.split("-")[0]], env_kwargs={}, name=base)
+        if paths:
+            # A file whose path says "replica" (../shared/d4rl-replica) is labelled so: its numbers must never
+            # pass for official D4RL ones.
+            resolved = [str(Path(p).resolve()) for p in paths]
+            info.update(source="replica" if any("replica" in p for p in resolved) else "file", path=resolved)
+        else:
+            paths = [find_d4rl_file(base)]
+            info.update(source="d4rl", path=[str(paths[0])])
+        episodes = []
+        for p in map(Path, paths):
+            if not p.exists():
+                raise DatasetError(f"--dataset-path {p}: no such file.")
+            reader = read_pickle if p.suffix in (".pkl", ".pickle") else read_hdf5
+            episodes += reader(p)
+    check_episodes(episodes, info, where=str(info["path"] or name))
+    for ep in episodes:
+        for k in ("observations", "actions", "rewards"):
+            ep[k] = np.asarray(ep[k], dtype=np.float32)
+    info["obs_dim"], info["act_dim"] = episodes[0]["observations"].shape[1], episodes[0]["actions"].shape[1]
+    info["episodes"], info["transitions"] = len(episodes), int(sum(len(ep["rewards"]) for ep in episodes))
+    return episodes, info
+
+
+def make_env(info: dict):
+    """The evaluation env for a dataset (gymnasium `*-v4` for D4RL v2 data, the dataset's own for Minari)."""
+    import gymnasium as gym
+
+    return gym.make(info["env_id"], **info.get("env_kwargs", {}))

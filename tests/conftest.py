@@ -1,0 +1,97 @@
+"""Tiny datasets made here, in the real MuJoCo env, in every format the loaders read. No network."""
+
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def random_rollouts(env_id="Hopper-v4", steps=2000, seed=0, max_len=200):
+    """Random-policy transitions as D4RL flat arrays; episodes are cut at termination or `max_len`
+    (a timeout), and the buffer stops mid-episode, like a real replay buffer."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    out = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    t = 0
+    for _ in range(steps):
+        a = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+        nxt, r, term, trunc, _ = env.step(a)
+        t += 1
+        timeout = (trunc or t >= max_len) and not term
+        for k, v in zip(out, (obs, a, r, term, timeout)):
+            out[k].append(v)
+        obs = nxt
+        if term or timeout:
+            obs, _ = env.reset()
+            t = 0
+    return dict(observations=np.array(out["observations"], np.float32), actions=np.array(out["actions"], np.float32),
+                rewards=np.array(out["rewards"], np.float32), terminals=np.array(out["terminals"]), timeouts=np.array(out["timeouts"]))
+
+
+def write_hdf5(path, data):
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v)
+    return path
+
+
+@pytest.fixture(scope="session")
+def flat():
+    return random_rollouts()
+
+
+@pytest.fixture(scope="session")
+def hdf5_path(tmp_path_factory, flat):
+    return write_hdf5(tmp_path_factory.mktemp("d4rl") / "hopper_random-v2.hdf5", flat)
+
+
+@pytest.fixture(scope="session")
+def pickle_path(tmp_path_factory, flat):
+    """The decision-transformer repo's layout: a list of per-episode dicts."""
+    ends = np.flatnonzero(flat["terminals"] | flat["timeouts"]) + 1
+    ends = np.append(ends, len(flat["rewards"])) if ends[-1] != len(flat["rewards"]) else ends
+    paths, start = [], 0
+    for end in ends:
+        paths.append({k: flat[k][start:end] for k in ("observations", "actions", "rewards", "terminals")})
+        start = end
+    path = tmp_path_factory.mktemp("dt") / "hopper-random-v2.pkl"
+    path.write_bytes(pickle.dumps(paths))
+    return path
+
+
+@pytest.fixture(scope="session")
+def minari_id(tmp_path_factory):
+    """A local Minari dataset (3 short random episodes in Hopper-v4) in a private MINARI_DATASETS_PATH."""
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    os.environ["MINARI_DATASETS_PATH"] = str(tmp_path_factory.mktemp("minari"))
+    env, rng, buffers = gym.make("Hopper-v4"), np.random.default_rng(0), []
+    for ep in range(3):
+        obs, _ = env.reset(seed=ep)
+        o, a, r, te, tr = [obs], [], [], [], []
+        for t in range(60):
+            act = rng.uniform(-1, 1, 3).astype(np.float32)
+            obs, rew, term, trunc, _ = env.step(act)
+            o.append(obs), a.append(act), r.append(rew), te.append(term), tr.append(trunc or t == 59)
+            if term or t == 59:
+                break
+        buffers.append(EpisodeBuffer(observations=np.array(o), actions=np.array(a), rewards=np.array(r),
+                                     terminations=np.array(te), truncations=np.array(tr)))
+    dataset_id = "seqrltest/hopper/random-v0"
+    minari.create_dataset_from_buffers(dataset_id, buffers, env="Hopper-v4", algorithm_name="random",
+                                       ref_min_score=-20.272305, ref_max_score=3234.3)
+    return dataset_id

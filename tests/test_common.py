@@ -1,0 +1,157 @@
+import pickle
+
+import numpy as np
+import pytest
+
+import common
+from conftest import write_hdf5
+
+
+def test_parse_name_accepts_d4rl_and_minari_and_lists_valid_names():
+    assert common.parse_name("hopper-medium-replay") == ("d4rl", "hopper-medium-replay")
+    assert common.parse_name("hopper-medium-replay-v2") == ("d4rl", "hopper-medium-replay")
+    assert common.parse_name("mujoco/hopper/medium-v0") == ("minari", "mujoco/hopper/medium-v0")
+    with pytest.raises(common.DatasetError, match="walker2d-medium-expert") as e:
+        common.parse_name("hoper-medium")
+    assert "'hoper-medium'" in str(e.value)
+
+
+def test_official_file_names():
+    assert common.d4rl_filename("hopper-medium-replay") == "hopper_medium_replay-v2.hdf5"
+    assert common.d4rl_filename("walker2d-medium-expert") == "walker2d_medium_expert-v2.hdf5"
+    assert common.d4rl_filename("halfcheetah-random") == "halfcheetah_random-v2.hdf5"
+
+
+def test_split_episodes_on_terminals_or_timeouts_keeps_unfinished_tail():
+    n = 10
+    obs, act, rew = np.arange(n)[:, None] * 1.0, np.zeros((n, 1)), np.arange(n) * 1.0
+    terminals = np.zeros(n, bool)
+    timeouts = np.zeros(n, bool)
+    terminals[2], timeouts[5] = True, True
+    eps = common.split_episodes(obs, act, rew, terminals, timeouts)
+    assert [len(e["rewards"]) for e in eps] == [3, 3, 4]
+    assert [e["terminated"] for e in eps] == [True, False, False]
+    assert eps[2]["rewards"].tolist() == [6, 7, 8, 9]
+
+
+def test_hdf5_and_pickle_give_the_same_episodes(hdf5_path, pickle_path, flat):
+    a, info_a = common.load_dataset("hopper-random", str(hdf5_path))
+    b, info_b = common.load_dataset("hopper-random", [str(pickle_path)])
+    assert info_a["transitions"] == info_b["transitions"] == len(flat["rewards"])
+    assert len(a) == len(b) == info_a["episodes"]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["observations"], y["observations"])
+        np.testing.assert_array_equal(x["rewards"], y["rewards"])
+        assert x["terminated"] == y["terminated"]
+    assert info_a["env_id"] == "Hopper-v4" and info_a["source"] == "file"
+    assert (info_a["obs_dim"], info_a["act_dim"]) == (11, 3)
+
+
+def test_several_files_are_concatenated(hdf5_path):
+    one, _ = common.load_dataset("hopper-medium-expert", [str(hdf5_path)])
+    two, info = common.load_dataset("hopper-medium-expert", [str(hdf5_path), str(hdf5_path)])
+    assert len(two) == 2 * len(one) and info["transitions"] == 2 * sum(len(e["rewards"]) for e in one)
+
+
+def test_minari_local_dataset(minari_id):
+    eps, info = common.load_dataset(minari_id)
+    assert info["source"] == "minari" and info["env_id"] == "Hopper-v4"
+    assert len(eps) == 3
+    for ep in eps:  # Minari's extra final observation is dropped
+        assert len(ep["observations"]) == len(ep["actions"]) == len(ep["rewards"])
+    assert common.normalized_score(info, [3234.3])[0] == pytest.approx(100.0)
+
+
+def test_minari_with_dataset_path_is_an_error(minari_id, hdf5_path):
+    with pytest.raises(common.DatasetError, match="Minari id"):
+        common.load_dataset(minari_id, [str(hdf5_path)])
+
+
+def test_normalized_score_uses_d4rl_references():
+    info = dict(common.D4RL_TABLE["hopper"])
+    np.testing.assert_allclose(common.normalized_score(info, [-20.272305, 3234.3, 1607.0138475]), [0, 100, 50])
+    assert np.isnan(common.normalized_score(dict(ref_min=None, ref_max=None), [1.0])[0])
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.pop("timeouts"), r"missing key\(s\) \['timeouts'\]"),
+        (lambda d: d.update(rewards=d["rewards"][:-1]), "different lengths"),
+        (lambda d: d["observations"].__setitem__((3, 0), np.nan), "NaN or inf in observations"),
+        (lambda d: d["rewards"].__setitem__(5, np.inf), "NaN or inf in rewards"),
+    ],
+)
+def test_bad_hdf5_files_get_clear_errors(tmp_path, flat, mutate, message):
+    data = {k: v.copy() for k, v in flat.items()}
+    mutate(data)
+    path = write_hdf5(tmp_path / "bad.hdf5", data)
+    with pytest.raises(common.DatasetError, match=message):
+        common.load_dataset("hopper-medium", [str(path)])
+
+
+def test_dims_that_do_not_match_the_env(hdf5_path):
+    with pytest.raises(common.DatasetError, match="observations have 11 dims but HalfCheetah-v4 has 17"):
+        common.load_dataset("halfcheetah-medium", [str(hdf5_path)])
+
+
+def test_bad_pickle_and_missing_file(tmp_path):
+    p = tmp_path / "x.pkl"
+    p.write_bytes(pickle.dumps({"observations": []}))
+    with pytest.raises(common.DatasetError, match="list of per-episode dicts"):
+        common.load_dataset("hopper-medium", [str(p)])
+    p.write_bytes(pickle.dumps([{"observations": np.zeros((2, 11)), "actions": np.zeros((2, 3))}]))
+    with pytest.raises(common.DatasetError, match="lacks key"):
+        common.load_dataset("hopper-medium", [str(p)])
+    with pytest.raises(common.DatasetError, match="no such file"):
+        common.load_dataset("hopper-medium", [str(tmp_path / "nope.hdf5")])
+    (tmp_path / "junk.hdf5").write_text("not hdf5")
+    with pytest.raises(common.DatasetError, match="not a readable hdf5"):
+        common.load_dataset("hopper-medium", [str(tmp_path / "junk.hdf5")])
+
+
+def test_dataset_dir_is_used_before_downloading(tmp_path, hdf5_path, monkeypatch):
+    (tmp_path / "hopper_medium-v2.hdf5").write_bytes(hdf5_path.read_bytes())
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    monkeypatch.setattr(common, "D4RL_URL", "http://127.0.0.1:9/never-used/")
+    eps, info = common.load_dataset("hopper-medium-v2")
+    assert info["source"] == "d4rl" and info["path"] == [str(tmp_path / "hopper_medium-v2.hdf5")]
+
+
+def test_download_is_atomic_and_complete(tmp_path, hdf5_path, monkeypatch):
+    mirror, target = tmp_path / "mirror", tmp_path / "datasets"
+    mirror.mkdir()
+    (mirror / "hopper_expert-v2.hdf5").write_bytes(hdf5_path.read_bytes())
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(target))
+    monkeypatch.setattr(common, "D4RL_URL", mirror.as_uri() + "/")
+    eps, info = common.load_dataset("hopper-expert")
+    assert (target / "hopper_expert-v2.hdf5").read_bytes() == hdf5_path.read_bytes()
+    assert sorted(p.name for p in target.iterdir()) == ["hopper_expert-v2.hdf5"]  # no .part left behind
+
+
+def test_failed_download_names_file_folder_and_alternative(tmp_path, monkeypatch):
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    monkeypatch.setattr(common, "D4RL_URL", "http://127.0.0.1:9/")  # nothing listens on port 9
+    with pytest.raises(common.DatasetError) as e:
+        common.load_dataset("walker2d-medium-replay")
+    msg = str(e.value)
+    assert "walker2d_medium_replay-v2.hdf5" in msg and str(tmp_path) in msg and "--dataset-path" in msg
+    assert list(tmp_path.iterdir()) == []  # a failed download leaves nothing that looks complete
+
+
+def test_truncated_download_is_not_kept(tmp_path, monkeypatch):
+    class Resp:  # a server that promises 100 bytes and closes after 10
+        headers = {"Content-Length": "100"}
+        def __init__(self): self.sent = False
+        def read(self, n):
+            if self.sent:
+                return b""
+            self.sent = True
+            return b"x" * 10
+        def __enter__(self): return self
+        def __exit__(self, *a): return False
+
+    monkeypatch.setattr(common.urllib.request, "urlopen", lambda url, timeout: Resp())
+    with pytest.raises(OSError, match="10 of 100 bytes"):
+        common.download("http://example.invalid/f.hdf5", tmp_path / "f.hdf5")
+    assert list(tmp_path.iterdir()) == []

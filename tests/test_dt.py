@@ -1,0 +1,200 @@
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import dt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(tmp_path, hdf5_path, **kw):
+    base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), updates=20, batch_size=8, n_embd=32, n_layer=2,
+                n_head=2, warmup_steps=5, eval_every=10, eval_episodes=2, runs_dir=str(tmp_path / "runs"), log_every=5)
+    return dt.Args(**{**base, **kw})
+
+
+def test_returns_to_go_eq_1_1():
+    np.testing.assert_allclose(dt.returns_to_go(np.array([1.0, 2.0, 3.0, -1.0])), [5, 4, 2, -1])
+
+
+def one_episode_dataset(lengths=(5, 30), dim=2):
+    eps = []
+    for i, n in enumerate(lengths):
+        eps.append(dict(observations=np.arange(n * dim, dtype=np.float32).reshape(n, dim) + 1000 * i,
+                        actions=np.full((n, 1), float(i), np.float32), rewards=np.ones(n, np.float32), terminated=True))
+    return eps
+
+
+def test_segments_are_left_padded_and_masked():
+    data = dt.make_dataset(one_episode_dataset(lengths=(5,)), torch.device("cpu"), rtg_scale=1.0, max_ep_len=1000)
+    b = dt.sample_batch(data, 64, 8, torch.Generator().manual_seed(0))
+    for i in range(64):
+        m = b["mask"][i]
+        n_real = int(m.sum())
+        assert 1 <= n_real <= 5 and m[-n_real:].all() and not m[:-n_real].any()  # padding only on the left
+        assert (b["states"][i][~m] == 0).all() and (b["timesteps"][i][~m] == 0).all()
+        t = b["timesteps"][i][m]
+        assert t.tolist() == list(range(5 - n_real, 5))  # segments end at the episode's end when short
+        np.testing.assert_allclose(b["rtg"][i][m, 0].numpy(), 5 - t.numpy())  # rtg = remaining steps x 1
+
+
+def test_segments_never_cross_episodes_and_sampling_follows_length():
+    data = dt.make_dataset(one_episode_dataset(lengths=(5, 30)), torch.device("cpu"), rtg_scale=1.0, max_ep_len=1000)
+    b = dt.sample_batch(data, 4000, 10, torch.Generator().manual_seed(0))
+    ep_of_step = b["actions"][..., 0]  # action value = episode index
+    for i in range(0, 4000, 97):
+        m = b["mask"][i]
+        assert len(set(ep_of_step[i][m].tolist())) == 1
+    frac_long = (ep_of_step[:, -1] == 1).float().mean().item()
+    assert frac_long == pytest.approx(30 / 35, abs=0.03)  # p(episode) proportional to its length
+
+
+def small_model(policy="deterministic", dropout=0.0):
+    torch.manual_seed(0)
+    return dt.DecisionTransformer(3, 2, n_layer=2, n_head=2, n_embd=16, dropout=dropout, max_ep_len=50, policy=policy).eval()
+
+
+def random_inputs(B=2, K=6):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(B, K, 1, generator=g), torch.randn(B, K, 3, generator=g), torch.randn(B, K, 2, generator=g),
+            torch.arange(K).repeat(B, 1), torch.ones(B, K, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("policy", ["deterministic", "gaussian"])
+def test_causality_action_never_sees_its_own_or_later_tokens(policy):
+    model = small_model(policy)
+    rtg, s, a, ts, mask = random_inputs()
+    mean, _, _ = model(rtg, s, a, ts, mask)
+    t = 2
+    for which in ("a_t", "s_next", "g_next"):
+        rtg2, s2, a2 = rtg.clone(), s.clone(), a.clone()
+        if which == "a_t":
+            a2[:, t:] += 5.0  # a_t and later actions
+        elif which == "s_next":
+            s2[:, t + 1:] += 5.0
+        else:
+            rtg2[:, t + 1:] += 5.0
+        mean2, _, _ = model(rtg2, s2, a2, ts, mask)
+        torch.testing.assert_close(mean2[:, : t + 1], mean[:, : t + 1])  # predictions up to t unchanged
+        assert not torch.allclose(mean2[:, t + 1:], mean[:, t + 1:])  # later ones do change: the test can fail
+    s3 = s.clone()
+    s3[:, t] += 5.0  # the current state must matter
+    assert not torch.allclose(model(rtg, s3, a, ts, mask)[0][:, t], mean[:, t])
+
+
+def test_padded_positions_do_not_leak_and_match_a_shorter_context():
+    model = small_model()
+    rtg, s, a, ts, mask = random_inputs()
+    mask[:, :2] = False  # two padded steps on the left
+    mean, _, _ = model(rtg, s, a, ts, mask)
+    rtg2, s2, a2 = rtg.clone(), s.clone(), a.clone()
+    rtg2[:, :2], s2[:, :2], a2[:, :2] = 9.0, 9.0, 9.0
+    torch.testing.assert_close(model(rtg2, s2, a2, ts, mask)[0][:, 2:], mean[:, 2:])
+    # evaluation feeds short contexts without padding: both must agree
+    short, _, _ = model(rtg[:, 2:], s[:, 2:], a[:, 2:], ts[:, 2:], None)
+    torch.testing.assert_close(short, mean[:, 2:])
+
+
+def test_attention_weights_match_the_fast_path_and_are_causal():
+    model = small_model()
+    rtg, s, a, ts, mask = random_inputs()
+    fast, _, none = model(rtg, s, a, ts, mask)
+    slow, _, atts = model(rtg, s, a, ts, mask, return_attn=True)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert none == [None, None] and len(atts) == 2 and atts[0].shape == (2, 2, 18, 18)
+    torch.testing.assert_close(atts[1].sum(-1), torch.ones(2, 2, 18))
+    assert (atts[0].triu(1) == 0).all()
+
+
+def test_action_loss_on_hand_computed_values():
+    mean = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])
+    target = torch.tensor([[[1.0, 1.0], [0.5, -0.5]]])
+    mask = torch.tensor([[True, False]])
+    assert dt.action_loss(mean, None, target, mask).item() == pytest.approx(0.5)  # ((1)^2 + 0) / 2 dims
+    log_std = torch.tensor([[[0.0, math.log(2.0)], [0.0, 0.0]]])
+    # dim 0: 0.5*1 + 0 + c ; dim 1: 0 + log 2 + c ; c = 0.5 log 2pi
+    expected = 0.5 + math.log(2.0) + math.log(2 * math.pi)
+    assert dt.action_loss(mean, log_std, target, mask).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_optimizer_decays_matrices_only():
+    opt, _ = dt.make_optimizer(small_model(), dt.Args(weight_decay=0.5))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.5 and all(p.dim() == 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
+
+
+@pytest.mark.parametrize("policy", ["deterministic", "gaussian"])
+def test_end_to_end_with_evaluation(tmp_path, hdf5_path, policy):
+    res = dt.train(tiny_args(tmp_path, hdf5_path, policy=policy))
+    run = Path(res["run_dir"])
+    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "results.json", "model.pt"}
+    saved = json.loads((run / "results.json").read_text())
+    assert len(saved["returns"]) == 2 and saved["device"] == "cpu" and saved["dataset"]["source"] == "file"
+    assert saved["normalized_mean"] == pytest.approx(np.mean(common.normalized_score(saved["dataset"], saved["returns"])))
+    assert saved["train_updates_per_s"] > 0 and saved["eval_env_steps_per_s"] > 0
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "eval_normalized" in l] == [0, 10, 20] and any("loss" in l for l in lines)
+
+
+def test_same_seed_same_run(tmp_path, hdf5_path):
+    a = dt.train(tiny_args(tmp_path / "a", hdf5_path, eval_every=0))
+    b = dt.train(tiny_args(tmp_path / "b", hdf5_path, eval_every=0))
+    c = dt.train(tiny_args(tmp_path / "c", hdf5_path, eval_every=0, seed=1))
+    losses = lambda r: [l["loss"] for l in map(json.loads, (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()) if "loss" in l]
+    assert losses(a) == losses(b) and a["returns"] == b["returns"]
+    assert losses(a) != losses(c)
+
+
+def test_checkpoint_evaluation_with_attention_analysis(tmp_path, hdf5_path):
+    trained = dt.train(tiny_args(tmp_path, hdf5_path, eval_every=0))
+    ckpt = Path(trained["run_dir"]) / "model.pt"
+    res = dt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(ckpt), attention=True, context_len=4,
+                             n_layer=5, exp_name="analysis"))
+    run = Path(res["run_dir"])
+    # same weights, same env seeds -> the same episodes (up to float noise: analysis uses an explicit softmax)
+    assert res["returns"] == pytest.approx(trained["returns"], rel=1e-4)
+    assert (run / "attention.png").stat().st_size > 0 and not (run / "model.pt").exists()
+    att = json.loads((run / "attention.json").read_text())
+    mass = np.array(att["modality_mass_mean"])
+    assert mass.shape == (2, 3) and np.allclose(mass.sum(1), 1.0, atol=1e-4)  # 2 blocks from the checkpoint
+    assert att["samples"] > 0 and np.array(att["state_row_maps"]).shape == (2, 20, 60)
+
+
+def test_bad_arguments_get_clear_errors(tmp_path, hdf5_path):
+    with pytest.raises(SystemExit, match="--batch-size must be > 0"):
+        dt.train(tiny_args(tmp_path, hdf5_path, batch_size=0))
+    with pytest.raises(SystemExit, match="divisible by --n-head"):
+        dt.train(tiny_args(tmp_path, hdf5_path, n_embd=30, n_head=4))
+    with pytest.raises(SystemExit, match="pass --checkpoint"):
+        dt.train(tiny_args(tmp_path, hdf5_path, updates=0))
+    with pytest.raises(SystemExit, match="no such file"):
+        dt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(tmp_path / "none.pt")))
+    with pytest.raises(SystemExit, match="unknown dataset 'hopper-mediun'"):
+        dt.train(tiny_args(tmp_path, hdf5_path, env="hopper-mediun"))
+
+
+def test_an_existing_run_folder_is_never_overwritten(tmp_path, hdf5_path, monkeypatch):
+    monkeypatch.setattr(dt.time, "time", lambda: 1234.0)
+    args = tiny_args(tmp_path, hdf5_path, updates=2, eval_every=0)
+    run = Path(args.runs_dir) / "hopper-random__dt__0__1234"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text("precious")
+    with pytest.raises(SystemExit, match="refusing to overwrite"):
+        dt.train(args)
+    assert (run / "results.json").read_text() == "precious"
+
+
+def test_cli_help_explains_every_flag():
+    out = subprocess.run([sys.executable, "dt.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for flag in ("--env", "--dataset-path", "--policy", "--context-len", "--attention", "--checkpoint", "--eval-async"):
+        assert flag in out
+    assert "Gaussian NLL" in out
