@@ -327,6 +327,8 @@ class AttentionRecorder:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        if self.count == 0:
+            print(f"warning: no evaluation step had a full context of {self.K} steps (episodes ended sooner); the attention plots are empty.")
         c = max(self.count, 1)
         maps, mass, ent = self.maps / c, self.mass / c, self.entropy / c
         L, M = maps.shape[0], len(self.modalities)

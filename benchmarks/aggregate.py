@@ -40,7 +40,7 @@ SOURCE_LABEL = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica
 
 @dataclass
 class Args:
-    folders: tuple[str, ...]
+    folders: tyro.conf.Positional[tuple[str, ...]]
     """results folders written by benchmarks/run.py"""
     out: str = ""
     """where to write tables.md, summary.json and the PNGs (default: the first folder)"""
