@@ -199,8 +199,6 @@ class Block(nn.Module):
 class DecisionTransformer(nn.Module):
     def __init__(self, state_dim, act_dim, n_layer, n_head, n_embd, dropout, max_ep_len, policy):
         super().__init__()
-        if n_embd % n_head:
-            raise SystemExit(f"error: --n-embd {n_embd} must be divisible by --n-head {n_head}.")
         self.act_dim, self.policy = act_dim, policy
         # One linear embedding per modality plus a timestep embedding added to all three tokens of a
         # step; no positional embedding (the DT code removes GPT-2's).
@@ -391,6 +389,8 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: --updates, --eval-every, --warmup-steps must be >= 0 and --dropout in [0, 1).")
     if args.updates == 0 and args.checkpoint is None:
         raise SystemExit("error: --updates 0 trains nothing; pass --checkpoint runs/RUN/model.pt to evaluate a trained model.")
+    if args.n_embd % args.n_head:
+        raise SystemExit(f"error: --n-embd {args.n_embd} must be divisible by --n-head {args.n_head}.")
 
 
 def train(args: Args) -> dict:
