@@ -32,7 +32,6 @@ from scipy.integrate import solve_ivp  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-torch.set_default_dtype(torch.float64)  # the eta^3 checks need float64 to see residuals of 1e-10
 
 
 @dataclass
@@ -725,8 +724,8 @@ def build_claims(args: Args, att, toy, mlp):
                  + f" (counts if lower by > {MARGIN})", verdict(faster)))
     sd_j, sd_s = cos["dissimilar", hi, "joint"][:, -1].std(), cos["dissimilar", hi, "sequential"][:, -1].std()
     rows.append((f"§3.7.2 Fig 3.4: dissimilar, eta={hi}: joint more consistent across seeds than sequential",
-                 f"std of final cos over {args.mlp_seeds} seeds: joint {sd_j:.3f}, seq {sd_s:.3f} (counts if joint < 0.8 seq)",
-                 verdict(sd_j < 0.8 * sd_s, partly=sd_j < sd_s)))
+                 f"std of final cos over {args.mlp_seeds} seeds: joint {sd_j:.3f}, seq {sd_s:.3f} (counts if joint < 0.8 seq, partly if < 0.95 seq)",
+                 verdict(sd_j < 0.8 * sd_s, partly=sd_j < 0.95 * sd_s)))  # a tie is no evidence either way
 
     # §3.7.3
     def slopes(t, e, r, key):
@@ -894,6 +893,9 @@ CHOICES = [
 def main(args: Args):
     args = validate(args)
     out = prepare_out_dir(args)
+    # The eta^3 checks need float64 to see residuals of 1e-10. Set here, not at import, so that importing
+    # this file (a test run, a notebook) does not change torch's default for everything else.
+    torch.set_default_dtype(torch.float64)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)

@@ -155,3 +155,17 @@ def test_truncated_download_is_not_kept(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="10 of 100 bytes"):
         common.download("http://example.invalid/f.hdf5", tmp_path / "f.hdf5")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_importing_any_script_leaves_torch_defaults_alone():
+    """Scripts are imported by the tests and by users' notebooks: none may change global torch state on import."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import torch; before = (torch.get_default_dtype(), torch.get_num_threads()); "
+            "import dt, mo_dt, trdt, rgdt, theory_tpg, theory_mgf, sample_complexity; "
+            "print(before == (torch.get_default_dtype(), torch.get_num_threads()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"

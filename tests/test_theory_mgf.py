@@ -12,6 +12,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import theory_mgf as m  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def float64_default():
+    """The script works in float64 (its main() sets it); keep that inside this file's tests only."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 @pytest.fixture(scope="module")
 def attention_problem():
     args = m.validate(m.Args(n_samples=5))
