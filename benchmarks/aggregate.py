@@ -121,7 +121,9 @@ def table(cols: dict, datasets: list[str], methods: tuple[str, ...], title: str)
     """Markdown table: per column ours (mean ± std over seeds, n) | thesis; totals over the rows where we
     have a number, the thesis's total over the same rows, and the thesis's printed total."""
     chosen = {k: v for k, v in cols.items() if v["method"] in methods}
+    # The table's own rows first, then any other dataset these methods were run on (thesis column "—").
     rows = [d for d in datasets if any(d in c["stats"] for c in chosen.values())]
+    rows += sorted({d for c in chosen.values() for d in c["stats"]} - set(rows))
     if not chosen or not rows:
         return "", {}
     head = "| dataset | " + " | ".join(f"{k} (ours) | {k} (thesis)" for k in chosen) + " |"
@@ -138,7 +140,7 @@ def table(cols: dict, datasets: list[str], methods: tuple[str, ...], title: str)
                 totals[k][1] += t
                 totals[k][2] += 1
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    lines.append("| **total** (same rows) | " + " | ".join(f"{v[0]:.1f} | {v[1]:.2f}" for v in totals.values()) + " |")
+    lines.append("| **total** (same rows) | " + " | ".join(f"{v[0]:.1f} | {v[1]:.2f}" if v[2] else "— | —" for v in totals.values()) + " |")
     lines.append("| thesis's printed total (all rows) | " + " | ".join(f"— | {PRINTED_TOTALS[c['method']]}" for c in chosen.values()) + " |")
     lines += ["", "Provenance:"]
     for k, c in chosen.items():
@@ -199,10 +201,7 @@ def main(args: Args) -> dict:
     cols = columns(results)
     t13, tot13 = table(cols, TABLE_1_3, ("dt", "dt-gaussian", "mo_dt", "trdt"), "Table 1.3 layout (normalized score, mean ± std over seeds)")
     t21, tot21 = table(cols, TABLE_2_1, ("rgdt",), "Table 2.1 layout (normalized score, mean ± std over seeds)")
-    other = sorted({r["benchmark"]["dataset"] for r in results} - set(TABLE_1_3) - set(TABLE_2_1))
     text = "\n".join(x for x in (t13, t21) if x)
-    if other:
-        text += f"\nDatasets outside the thesis tables (in summary.json only): {', '.join(other)}\n"
     (out / "tables.md").write_text(text)
     summary = dict(columns={k: {kk: vv for kk, vv in c.items()} for k, c in cols.items()}, totals=dict(table_1_3=tot13, table_2_1=tot21))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -3,6 +3,7 @@
     python benchmarks/run.py --preset smoke  --data-dir ../shared/d4rl-replica      # CPU minutes
     python benchmarks/run.py --preset thesis --data-dir ../shared/d4rl-replica      # thesis budgets (GPU)
     python benchmarks/run.py --preset thesis                                         # official D4RL files
+    python benchmarks/run.py --preset cpu --methods trdt --extra="--lr 1e-3"         # a variant: its own folders
     python benchmarks/aggregate.py benchmarks/results/thesis                         # the tables
 
 Each job runs one method file as a subprocess (exactly the command a user would type) in its own folder
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -94,8 +96,8 @@ class Args:
     """jobs at once (0: one per CPU core on CPU, 4 per GPU on CUDA)"""
     device: str = "auto"
     """passed to every job: auto, cpu, cuda"""
-    extra: tuple[str, ...] = ()
-    """flags appended to every job's command (part of its key), e.g. `--extra --updates 500`"""
+    extra: str = ""
+    """flags appended to every job's command (part of its key), one quoted string: `--extra="--lr 1e-3"`"""
     dry_run: bool = False
     """list the jobs and whether each is finished, run nothing"""
 
@@ -144,7 +146,7 @@ def plan(args: Args) -> list[dict]:
             paths = dataset_paths(d, args.data_dir)
             for s in args.seeds or p["seeds"]:
                 cmd = [spec["script"], "--env", d, "--seed", str(s), "--exp-name", m, "--device", args.device,
-                       *spec["flags"], *p["common"], *p["flags"].get(m, []), *args.extra]
+                       *spec["flags"], *p["common"], *p["flags"].get(m, []), *shlex.split(args.extra)]
                 if paths:
                     cmd += ["--dataset-path", *paths]
                 key = hashlib.sha256(json.dumps(dict(cmd=cmd, code=code)).encode()).hexdigest()[:12]

@@ -84,6 +84,8 @@ def main(args: Args) -> dict:
             row = dict(method=method, config=config, flags=flags, device=res["device"], updates=args.updates,
                        train_updates_per_s=res["train_updates_per_s"], eval_episodes=args.eval_episodes,
                        eval_env_steps_per_s=res["eval_env_steps_per_s"], eval_mean_length=sum(res["lengths"]) / len(res["lengths"]))
+            if "inv_train_updates_per_s" in res:  # rgdt's second model, the inverse dynamics
+                row["inv_train_updates_per_s"] = res["inv_train_updates_per_s"]
             if args.single:
                 ckpt = Path(res["run_dir"]) / "model.pt"
                 eval_only = ["--checkpoint", str(ckpt), "--updates", "0", "--eval-episodes", "1"]

@@ -28,6 +28,7 @@ def test_aggregate_builds_the_table_with_thesis_columns_and_totals(tmp_path):
         fake_result(tmp_path, "trdt", "hopper-medium-replay", seed, score)
     fake_result(tmp_path, "trdt", "walker2d-medium", 0, 70.0)
     fake_result(tmp_path, "rgdt", "hopper-medium", 0, 50.0)
+    fake_result(tmp_path, "rgdt", "hopper-medium-replay", 0, 40.0)  # not a Table 2.1 row: listed, thesis "—"
     summary = aggregate.main(aggregate.Args(folders=(str(tmp_path),)))
     text = (tmp_path / "tables.md").read_text()
     assert "| hopper-medium-replay | 85.0 ± 5.0 (n=2) | 97.82 |" in text
@@ -35,6 +36,7 @@ def test_aggregate_builds_the_table_with_thesis_columns_and_totals(tmp_path):
     assert "| **total** (same rows) | 155.0 | 173.71 |" in text  # thesis total over the same two rows
     assert "| thesis's printed total (all rows) | — | 726.77 |" in text
     assert "| hopper-medium | 50.0 ± 0.0 (n=1) | 93.20 |" in text and "539.0" in text
+    assert "| hopper-medium-replay | 40.0 ± 0.0 (n=1) | — |" in text
     assert "replica (not D4RL)" in text and "abcdef1234" in text
     col = summary["columns"]["TRDT"]
     assert col["curves"]["hopper-medium-replay"] == dict(steps=[0, 10], mean=[1.5, 5.5], std=[0.5, 0.5])
@@ -69,7 +71,7 @@ def test_plan_keys_change_with_config_and_code(tmp_path, hdf5_path, monkeypatch)
     base = dict(preset="smoke", data_dir=str(data), out=str(tmp_path / "out"), methods=("dt",), seeds=(0,))
     a = run.plan(run.Args(**base))[0]
     assert run.plan(run.Args(**base))[0]["folder"] == a["folder"]  # deterministic
-    assert run.plan(run.Args(**base, extra=("--updates", "7")))[0]["folder"] != a["folder"]
+    assert run.plan(run.Args(**base, extra="--updates 7"))[0]["folder"] != a["folder"]
     monkeypatch.setattr(run, "source_hash", lambda script: "edited")
     assert run.plan(run.Args(**base))[0]["folder"] != a["folder"]
 
