@@ -47,6 +47,18 @@ def write_hdf5(path, data):
     return path
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny test models run faster on one thread (no gain from a second core, and contention on a busy
+    machine); torch's setting is restored after each test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def flat():
     return random_rollouts()

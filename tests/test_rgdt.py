@@ -17,15 +17,6 @@ DT_RESULT_KEYS = {"returns", "lengths", "normalized", "return_mean", "normalized
                   "args", "run_name", "torch"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and a busy shared CPU makes two threads slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_args(tmp_path, hdf5_path, **kw):
     base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), updates=20, inv_updates=20, batch_size=8, inv_batch_size=16,
                 n_embd=32, n_enc_layer=1, n_layer=2, n_head=2, inv_hidden=32, warmup_steps=5, eval_every=10, eval_episodes=2,

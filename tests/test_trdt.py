@@ -17,15 +17,6 @@ import trdt
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread on a shared 2-core machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_args(tmp_path, hdf5_path, **kw):
     base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), updates=20, batch_size=8, n_embd=32, n_layer=2,
                 n_head=2, warmup_steps=5, eval_every=10, eval_episodes=2, runs_dir=str(tmp_path / "runs"), log_every=5,
