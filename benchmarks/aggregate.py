@@ -58,17 +58,40 @@ def load(folders) -> list[dict]:
     return results
 
 
-def config_id(r: dict) -> str:
-    """The job's command without seed and dataset (--seed, --env, --dataset-path and their values), plus
-    the code hash: what must be equal for seeds to be averaged and datasets to share a column."""
-    cmd, kept, skip = r["benchmark"]["cmd"], [], False
-    for tok in cmd:
+def config_flags(r: dict) -> list[str]:
+    """The job's command without seed and dataset (--seed, --env, --dataset-path and their values)."""
+    kept, skip = [], False
+    for tok in r["benchmark"]["cmd"]:
         if tok.startswith("--"):
             skip = tok in ("--seed", "--env", "--dataset-path")
         if not skip:
             kept.append(tok)
-    cmd = kept
-    return hashlib.sha256(json.dumps(dict(cmd=cmd, code=r["benchmark"]["code_sha256"])).encode()).hexdigest()[:8]
+    return kept
+
+
+def config_id(r: dict) -> str:
+    """Hash of config_flags plus the code hash: what must be equal for seeds to be averaged and datasets
+    to share a column."""
+    key = dict(cmd=config_flags(r), code=r["benchmark"]["code_sha256"])
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:8]
+
+
+def variant_label(flags: list[str], siblings: list[list[str]]) -> str:
+    """How one config of a method differs from its siblings, for a column label a reader can parse: the
+    flags (with values) not shared by every sibling, e.g. '--lr 1e-3'; 'defaults' when it only lacks
+    flags the others set. Configs that differ only in code get their config id in columns()."""
+    def parse(toks):
+        d, key = {}, None
+        for t in toks:
+            if t.startswith("--"):
+                key = t
+                d[key] = ""
+            elif key:
+                d[key] = (d[key] + " " + t).strip()
+        return d
+    own, all_ = parse(flags), [parse(f) for f in siblings]
+    diff = [f"{k} {v}".strip() for k, v in own.items() if any(o.get(k) != v for o in all_)]
+    return " ".join(diff) if diff else "defaults"
 
 
 def columns(results: list[dict]) -> dict:
@@ -77,12 +100,16 @@ def columns(results: list[dict]) -> dict:
     cols = defaultdict(lambda: defaultdict(list))
     for r in results:
         cols[(r["benchmark"]["method"], config_id(r))][r["benchmark"]["dataset"]].append(r)
-    per_method = defaultdict(int)
-    for m, _ in cols:
-        per_method[m] += 1
+    flags = {key: config_flags(next(iter(by_ds.values()))[0]) for key, by_ds in cols.items()}
     out = {}
     for (m, cid), by_ds in sorted(cols.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1])):
-        label = METHODS[m]["label"] + (f" [{cid}]" if per_method[m] > 1 else "")
+        siblings = {c: f for (m2, c), f in flags.items() if m2 == m}
+        label = METHODS[m]["label"]
+        if len(siblings) > 1:
+            variant = variant_label(flags[(m, cid)], list(siblings.values()))
+            if any(variant_label(f, list(siblings.values())) == variant for c, f in siblings.items() if c != cid):
+                variant += f", code {cid}"
+            label += f" [{variant}]"
         runs = [r for rs in by_ds.values() for r in rs]
         prov = dict(
             data=sorted({SOURCE_LABEL.get(r["dataset"]["source"], r["dataset"]["source"]) for r in runs}),

@@ -51,7 +51,9 @@ def test_aggregate_never_averages_different_configs_or_code(tmp_path):
     summary = aggregate.main(aggregate.Args(folders=(str(tmp_path),)))
     means = sorted(c["stats"]["hopper-medium"]["mean"] for c in summary["columns"].values())
     assert means == [15.0, 60.0, 99.0]
-    assert all(k.startswith("DT [") for k in summary["columns"])
+    labels = sorted(summary["columns"])
+    assert labels[0] == "DT [--updates 5]"  # a reader sees what differs, not a hash
+    assert all(k.startswith("DT [defaults, code ") for k in labels[1:]) and labels[1] != labels[2]
 
 
 def test_aggregate_without_results_is_a_clear_error(tmp_path):
