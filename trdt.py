@@ -709,13 +709,12 @@ def train(args: Args) -> dict:
     attn = res.pop("attention")
     if attn is not None:
         attn.report(run_dir, f"TRDT on {info['name']}: attention from state tokens")
+    claims = claims_table(info, res, args, trained_updates=args.updates + (ckpt["args"]["updates"] if ckpt else 0))
     results = dict(config, returns=res["returns"], lengths=res["lengths"], normalized=res["normalized"],
                    return_mean=res["return_mean"], normalized_mean=res["normalized_mean"], normalized_std=res["normalized_std"],
                    updates=args.updates, train_updates_per_s=updates_per_s, eval_env_steps_per_s=res["env_steps_per_s"],
-                   wall_time_s=time.time() - t_start, run_dir=str(run_dir))
+                   wall_time_s=time.time() - t_start, run_dir=str(run_dir), claims=claims, choices=list(CHOICES))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    claims = claims_table(info, res, args, trained_updates=args.updates + (ckpt["args"]["updates"] if ckpt else 0))
-    (run_dir / "claims.json").write_text(json.dumps(dict(claims=claims, choices=CHOICES), indent=2))
     metrics.close()
 
     label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]

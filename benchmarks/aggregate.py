@@ -117,6 +117,8 @@ def columns(results: list[dict]) -> dict:
             seeds=sorted({len(rs) for rs in by_ds.values()}),
             device=sorted({r["device"] for r in runs}),
             commit=sorted({(r.get("git_commit") or "unknown")[:10] for r in runs}),
+            wall_min_per_seed=[round(float(np.median([r["wall_time_s"] for r in runs if "wall_time_s" in r]) / 60), 1)]
+            if any("wall_time_s" in r for r in runs) else [],
         )
         stats = {}
         for d, rs in by_ds.items():
@@ -173,7 +175,8 @@ def table(cols: dict, datasets: list[str], methods: tuple[str, ...], title: str)
     for k, c in chosen.items():
         p = c["provenance"]
         lines.append(f"- {k}: data {', '.join(p['data'])}; updates {p['updates']}; seeds per dataset {p['seeds']}; "
-                     f"device {', '.join(p['device'])}; commit {', '.join(p['commit'])}; config {c['config']}")
+                     f"device {', '.join(p['device'])}; commit {', '.join(p['commit'])}; config {c['config']}"
+                     + (f"; wall time per seed {p['wall_min_per_seed'][0]} min (median)" if p["wall_min_per_seed"] else ""))
     lines.append("")
     return "\n".join(lines), {k: dict(ours_total=v[0], thesis_total_same_rows=v[1], rows=v[2]) for k, v in totals.items()}
 

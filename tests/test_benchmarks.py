@@ -16,7 +16,7 @@ def fake_result(folder: Path, method: str, dataset: str, seed: int, score: float
     cmd = [run.METHODS[method]["script"], "--env", dataset, "--seed", str(seed), *cmd_extra]
     job = folder / f"{method}__{dataset}__s{seed}__{abs(hash((tuple(cmd), code))) % 10**8}"
     job.mkdir(parents=True)
-    res = dict(normalized_mean=score, updates=10, device="cpu", git_commit="abcdef1234567", dataset=dict(source=source),
+    res = dict(normalized_mean=score, updates=10, device="cpu", wall_time_s=60.0 * (seed + 1), git_commit="abcdef1234567", dataset=dict(source=source),
                benchmark=dict(method=method, dataset=dataset, seed=seed, cmd=cmd, code_sha256=code, label=run.METHODS[method]["label"]))
     (job / "results.json").write_text(json.dumps(res))
     (job / "metrics.jsonl").write_text("\n".join(json.dumps(dict(step=s, eval_normalized=v + seed)) for s, v in curve))
@@ -38,6 +38,7 @@ def test_aggregate_builds_the_table_with_thesis_columns_and_totals(tmp_path):
     assert "| hopper-medium | 50.0 ± 0.0 (n=1) | 93.20 |" in text and "539.0" in text
     assert "| hopper-medium-replay | 40.0 ± 0.0 (n=1) | — |" in text
     assert "replica (not D4RL)" in text and "abcdef1234" in text
+    assert "wall time per seed 1.0 min (median)" in text  # TRDT: 1, 2 and 1 minutes (seed 1 took 2)
     col = summary["columns"]["TRDT"]
     assert col["curves"]["hopper-medium-replay"] == dict(steps=[0, 10], mean=[1.5, 5.5], std=[0.5, 0.5])
     assert (tmp_path / "scores.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0

@@ -283,7 +283,7 @@ def test_lamb_decays_matrices_only():
 
 RESULT_KEYS = {"returns", "lengths", "normalized", "return_mean", "normalized_mean", "normalized_std", "updates",
                "train_updates_per_s", "eval_env_steps_per_s", "wall_time_s", "run_dir", "device", "git_commit",
-               "dataset", "args", "run_name", "torch"}
+               "dataset", "args", "run_name", "torch", "claims", "choices"}
 
 
 @pytest.mark.parametrize("flags", [dict(), dict(schedule="alternating"), dict(gaussian_heads=False),
@@ -293,7 +293,7 @@ def test_end_to_end_with_evaluation(tmp_path, hdf5_path, flags):
     every = 10 if not flags else 0  # evaluation during training once; every variant is evaluated at the end
     res = trdt.train(tiny_args(tmp_path, hdf5_path, eval_every=every, **flags))
     run_dir = Path(res["run_dir"])
-    assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.jsonl", "results.json", "model.pt", "claims.json"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.jsonl", "results.json", "model.pt"}
     saved = json.loads((run_dir / "results.json").read_text())
     assert set(saved) == RESULT_KEYS  # a benchmark runner reads the same keys as dt.py's
     assert len(saved["returns"]) == 2 and saved["dataset"]["source"] == "file"
