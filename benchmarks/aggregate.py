@@ -200,12 +200,12 @@ def plots(cols: dict, out: Path) -> None:
     ax.scatter([], [], marker="_", s=200, color="k", label="thesis")
     ax.set_xticks(np.arange(len(datasets)) + 0.4 - w / 2, datasets, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("normalized score")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a bar
     fig.tight_layout()
-    fig.savefig(out / "scores.png", dpi=110)
+    fig.savefig(out / "scores.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.6), squeeze=False)
     for ax, d in zip(axes[0], datasets):
         for k, c in cols.items():
             cv = c["curves"].get(d)
@@ -216,9 +216,9 @@ def plots(cols: dict, out: Path) -> None:
         ax.set_title(d, fontsize=9)
         ax.set_xlabel("update")
         ax.set_ylabel("normalized score")
-    axes[0, 0].legend(fontsize=7)
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
+    fig.savefig(out / "curves.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
