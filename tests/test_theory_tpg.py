@@ -179,6 +179,20 @@ def test_gradient_stays_exact_when_attention_saturates():
     assert abs(grad[:, 2].sum()) < 1e-9 * np.abs(grad).max()
 
 
+def test_normalized_gd_keeps_w_when_gradient_underflows_to_zero():
+    # Score gap 1000: the non-target attention is exactly 0.0, so the gradient is exactly 0 and
+    # Eq. 1.34 would give 0/0 = NaN; W must stay put and the correlations stay defined.
+    E, X, y = np.eye(2), np.array([[0, 1]]), np.array([0])
+    W0 = np.zeros((2, 2))
+    W0[0, 1] = 1000.0
+    assert not np.any(T.loss_and_grad(W0, E, T.prediction_heads(E), X, y)[1])
+    W_svm = T.graph_svm(T.build_tpgs(X, y), E)
+    W, hist = T.train(W0, E, T.prediction_heads(E), X, y, W_svm, np.zeros((2, 2)), steps=3, lr=0.01)
+    np.testing.assert_array_equal(W, W0)
+    assert np.all(np.isfinite(hist["corr_svm"]))  # W_svm = (W[0,1], W[1,1]) = (1/2, -1/2)
+    assert hist["corr_svm"][-1] == pytest.approx(1 / np.sqrt(2))
+
+
 # ---------------------------------------------------------------- end to end and CLI
 
 
@@ -203,7 +217,7 @@ def test_reduced_run_reaches_high_correlation(tmp_path):
 @pytest.mark.parametrize(
     "bad, flag",
     [(dict(d_in=5), "--d-in"), (dict(seq_len=3), "--seq-len"), (dict(lr=0.0), "--lr"),
-     (dict(heatmap_trial=4, trials=2), "--heatmap-trial")],
+     (dict(heatmap_trial=4, trials=2), "--heatmap-trial"), (dict(seed=-1), "--seed")],
 )
 def test_bad_flags_give_clear_errors(tmp_path, bad, flag):
     with pytest.raises(SystemExit, match=flag):
