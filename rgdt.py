@@ -6,6 +6,11 @@ a sequence of future returns to a sequence of past states, with actions from an 
     python rgdt.py --env walker2d-medium --analyze               # + Fig. 2.2-style correlation and attention
     python rgdt.py --env hopper-medium --checkpoint runs/RUN/model.pt --updates 0 --inv-updates 0 --attention
 
+Defaults are §2.4's. Flags shared with dt.py keep dt.py's names and meaning; dt.py's --context-len becomes
+two context lengths (--return-len K_r, --state-len K_s) and --max-ep-len does not apply (no timestep
+embedding). Two models train one after the other in one run, each with its own progress bar and losses
+(`phase` in metrics.jsonl): the inverse dynamics (Eq. 2.8), then the translator (Eq. 2.7).
+
 One file: arguments, data, model, loss, inverse dynamics, inference, analysis, training, in the order the
 thesis introduces them. Shared with the other method files is only common.py (dataset loading, env ids,
 normalized scores).
@@ -34,16 +39,15 @@ import common
 
 @dataclass
 class Args:
-    """RGDT (thesis Ch. 2). Defaults are §2.4's. The fields shared with dt.py keep dt.py's names and
-    meaning; dt.py's `context_len` does not apply (RGDT has two context lengths: `--return-len` K_r and
-    `--state-len` K_s) and neither does `max_ep_len` (RGDT has no timestep embedding, see the model)."""
+    """RGDT's flags; defaults are §2.4's (the module docstring, shown by --help, says more)."""
 
     env: str = "hopper-medium"
     """dataset: a D4RL gym-mujoco name such as `hopper-medium` (with or without `-v2`), or a Minari
     id such as `mujoco/hopper/medium-v0`"""
     dataset_path: tuple[str, ...] = ()
     """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official file;
-    several are concatenated (medium + expert = medium-expert)"""
+    several are concatenated (medium + expert = medium-expert). Without it the official file is read from
+    $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded there first if missing"""
     exp_name: str = "rgdt"
     """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
     seed: int = 0
@@ -92,7 +96,7 @@ class Args:
     inv_lr: float = 1e-4
     """Adam learning rate of the inverse dynamics model"""
     inv_weight_decay: float = 1e-4
-    """Adam (L2) weight decay of the inverse dynamics model"""
+    """Adam (L2) weight decay of the inverse dynamics model, applied to weight matrices only"""
     inv_updates: int = 200_000
     """gradient updates of the inverse dynamics model; 0 with --checkpoint: keep the checkpoint's"""
     rtg_scale: float = 1000.0
@@ -111,8 +115,8 @@ class Args:
     bf16: bool = True
     """bfloat16 autocast on CUDA (ignored on CPU)"""
     checkpoint: Optional[str] = None
-    """a `model.pt` from an earlier run: start from its two models (with --updates 0 --inv-updates 0:
-    evaluate them unchanged)"""
+    """a `model.pt` from an earlier run: start from its two models, architecture and state normalisation
+    (the architecture flags are ignored); with --updates 0 --inv-updates 0 only evaluate them"""
     attention: bool = False
     """record decoder self- and cross-attention during the final evaluation (attention.png / .json)"""
     analyze: bool = False
@@ -147,9 +151,11 @@ def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     return np.cumsum(rewards[::-1])[::-1].copy()
 
 
-def make_dataset(episodes: list[dict], device: torch.device, rtg_scale: float) -> dict:
+def make_dataset(episodes: list[dict], device: torch.device, rtg_scale: float, stats: Optional[tuple] = None) -> dict:
+    """`stats`: the (mean, std) state normalization to use (a checkpoint's, so that further training and
+    evaluation see states as the checkpoint's models did); default: this dataset's."""
     obs = np.concatenate([ep["observations"] for ep in episodes])
-    mean, std = obs.mean(0), obs.std(0) + 1e-6
+    mean, std = stats if stats is not None else (obs.mean(0), obs.std(0) + 1e-6)
     lengths = np.array([len(ep["rewards"]) for ep in episodes])
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     ends = starts + lengths
@@ -171,7 +177,10 @@ def gather_segments(data: dict, t: torch.Tensor, K_r: int, K_s: int) -> dict:
     """The example of Eq. 2.3 ending at each global step index t: the K_s past states s_{t-K_s+1..t}
     (left-padded at the episode start, `mask` marks real ones), their successors s_{t-K_s+2..t+1} as
     targets, and the K_r future returns g_{t+1..t+K_r}. Past the episode's end no more reward comes, so
-    those returns are 0 (also true at evaluation, where the conditioning sequence is padded with 0)."""
+    those returns are 0 (also true at evaluation, where the conditioning sequence is padded with 0).
+    Eq. 2.3 writes S_{t-K_s}^t and g_{t+1}^{t+K_r+1}, K_s + 1 and K_r + 1 items, while Eq. 2.4-2.5 and §2.4
+    call them "K_s states" and "K_r returns": we take K_s and K_r items, so --state-len 5 --return-len 20
+    are §2.4's numbers."""
     s_idx = t[:, None] + torch.arange(-K_s + 1, 1, device=t.device)  # (B, K_s)
     mask = s_idx >= data["ep_start"][t, None]
     s_idx = torch.where(mask, s_idx, t[:, None])
@@ -183,11 +192,15 @@ def gather_segments(data: dict, t: torch.Tensor, K_r: int, K_s: int) -> dict:
                 returns=returns[..., None], mask=mask)
 
 
+def sample_steps(data: dict, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """Global step indices t, uniform over all steps that have a successor (as DT: trajectory with
+    probability proportional to its length, step uniform in it). Both models' batches come from here."""
+    return data["valid"][torch.randint(len(data["valid"]), (batch_size,), generator=gen, device=data["valid"].device)]
+
+
 def sample_batch(data: dict, batch_size: int, K_r: int, K_s: int, gen: torch.Generator) -> dict:
-    """Segments whose last state t is uniform over all steps that have a successor (as DT: trajectory
-    with probability proportional to its length, step uniform in it)."""
-    pick = torch.randint(len(data["valid"]), (batch_size,), generator=gen, device=data["valid"].device)
-    return gather_segments(data, data["valid"][pick], K_r, K_s)
+    """Translator segments (Eq. 2.3) ending at uniformly drawn steps."""
+    return gather_segments(data, sample_steps(data, batch_size, gen), K_r, K_s)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,8 +267,8 @@ class DecisionTranslator(nn.Module):
 
     def __init__(self, state_dim, n_enc_layer, n_layer, n_head, n_embd, dropout, return_len, state_len):
         super().__init__()
-        if n_embd % n_head:
-            raise SystemExit(f"error: --n-embd {n_embd} must be divisible by --n-head {n_head}.")
+        if n_embd % n_head:  # train() says this to CLI users before it makes a run folder
+            raise ValueError(f"n_embd {n_embd} must be divisible by n_head {n_head}")
         self.state_dim, self.state_len = state_dim, state_len
         # Learned positions within each sequence, as the vanilla transformer has positional encodings [6];
         # no absolute timestep embedding (the thesis names none, and the conditioning returns already
@@ -289,8 +302,12 @@ class DecisionTranslator(nn.Module):
             x, att = block(x, allowed, memory, return_attn)
             attns.append(att)
         mean, log_std = self.head(self.ln_dec(x)).split(self.state_dim, dim=-1)
-        log_std = -5.0 + 3.5 * (torch.tanh(log_std) + 1)  # squashed into [-5, 2], dt.py's bounds
-        return mean, log_std, attns
+        return mean, bounded_log_std(log_std), attns
+
+
+def bounded_log_std(x):
+    """Squash a raw network output into a log-std in [-5, 2] (dt.py's bounds), for both Gaussians."""
+    return -5.0 + 3.5 * (torch.tanh(x) + 1)
 
 
 def gaussian_nll(mean, log_std, target):
@@ -324,14 +341,14 @@ def make_inverse_dynamics(state_dim, act_dim, hidden, layers, dropout) -> nn.Seq
 
 
 def inverse_dynamics(inv, s, s_next):
-    """Mean (tanh: actions live in [-1, 1]) and log-std (dt.py's [-5, 2]) of pi_phi(a | s, s_next)."""
+    """Mean mu_phi (tanh: actions live in [-1, 1]) and log-std of pi_phi(a | s, s_next), Eq. 2.8."""
     mean, log_std = inv(torch.cat([s, s_next], -1)).chunk(2, dim=-1)
-    return torch.tanh(mean), -5.0 + 3.5 * (torch.tanh(log_std) + 1)
+    return torch.tanh(mean), bounded_log_std(log_std)
 
 
 def inverse_dynamics_loss(inv, data: dict, batch_size: int, gen: torch.Generator):
     """Maximum likelihood of the dataset's a_t given (s_t, s_{t+1}) (§2.3.3), on uniformly drawn steps."""
-    t = data["valid"][torch.randint(len(data["valid"]), (batch_size,), generator=gen, device=data["valid"].device)]
+    t = sample_steps(data, batch_size, gen)
     mean, log_std = inverse_dynamics(inv, data["states"][t], data["states"][t + 1])
     return gaussian_nll(mean, log_std, data["actions"][t]).mean()
 
@@ -340,6 +357,14 @@ def inverse_dynamics_loss(inv, data: dict, batch_size: int, gen: torch.Generator
 # Inference (Alg. 2): condition on the best return per timestep, propose s_{t+1}, invert it to an action.
 # All episodes at once in a vector env, one batched forward of each model per environment step.
 # ---------------------------------------------------------------------------------------------------
+
+
+def env_horizon(info: dict) -> int:
+    """The evaluation env's TimeLimit (1000 for MuJoCo): how many steps an episode may take."""
+    env = common.make_env(info)
+    horizon = env.spec.max_episode_steps or 1000
+    env.close()
+    return horizon
 
 
 def best_return_sequence(episodes: list[dict], length: int) -> np.ndarray:
@@ -363,10 +388,10 @@ def evaluate(model, inv, info, data, conditioning, args, device, seed, recorder=
     n, K_s, K_r = args.eval_episodes, args.state_len, args.return_len
     vec = gym.vector.AsyncVectorEnv if args.eval_async else gym.vector.SyncVectorEnv
     envs = vec([lambda: common.make_env(info)] * n)
-    horizon = common.make_env(info).spec.max_episode_steps or 1000  # the TimeLimit: 1000 for MuJoCo
+    horizon = env_horizon(info)
     low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
     mean_t, std_t = (torch.as_tensor(x, device=device) for x in (data["state_mean"], data["state_std"]))
-    g = torch.as_tensor(conditioning, device=device, dtype=torch.float32)  # (horizon + K_r + 1,), scaled
+    g = torch.as_tensor(conditioning, device=device, dtype=torch.float32)  # (>= horizon + K_r,), scaled
     states = torch.zeros(n, horizon, info["obs_dim"], device=device)
     returns, lengths = np.zeros(n), np.zeros(n, dtype=int)
     done = np.zeros(n, dtype=bool)
@@ -446,7 +471,9 @@ def train_two_regimes(data, args, device, log) -> dict:
     """Fig. 2.2b-c: two translators from the same initial weights, trained on the same batches for
     --analyze-updates steps, one with the final-token loss and one with the full-context loss; then the
     decoder attention of each on the same dataset segments (full contexts only). The warmup is shortened
-    to a tenth of that budget, else the short runs would never reach the learning rate."""
+    to a tenth of that budget, else the short runs would never reach the learning rate.
+    Fig. 2.2b's caption says "GPT model", but §2.3.2 uses the figure to argue for the indicator of Eq. 2.7
+    in RGDT's own loss, so both regimes here are the RGDT translator and only the indicator differs."""
     short = Args(**{**asdict(args), "warmup_steps": max(1, args.analyze_updates // 10)})
     torch.manual_seed(args.seed + 1)
     init = make_translator(data, args).state_dict()
@@ -485,12 +512,18 @@ def plot_attention(ax, summary: dict, title: str, which: str = "self_maps"):
     return im
 
 
-def write_fig_2_2(run_dir: Path, corr: np.ndarray, regimes: dict, title: str) -> dict:
+def pyplot():
+    """matplotlib, imported only when a figure is written, drawing to files (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_fig_2_2(run_dir: Path, corr: np.ndarray, regimes: dict, title: str) -> dict:
+    plt = pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     k = np.arange(len(corr))
     ax[0].plot(k, corr, color="0.8", lw=0.8)
@@ -513,11 +546,7 @@ def write_fig_2_2(run_dir: Path, corr: np.ndarray, regimes: dict, title: str) ->
 
 def write_attention(run_dir: Path, summary: dict, title: str) -> None:
     """--attention: the trained model's decoder maps during the final evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     fig.colorbar(plot_attention(ax[0], summary, "decoder self-attention (states)"), ax=ax[0])
     fig.colorbar(plot_attention(ax[1], summary, "decoder cross-attention (returns)", "cross_maps"), ax=ax[1])
@@ -572,12 +601,17 @@ def translator_forward(model, b: dict, full_context: bool):
     return mean.float(), log_std.float(), b["next_states"], b["mask"], full_context
 
 
-def make_optimizer(model, args):
-    """AdamW with linear warmup (§2.4); weight decay on matrices only, as in nanoGPT and dt.py."""
+def decay_matrices_only(model, weight_decay: float) -> list[dict]:
+    """Parameter groups with weight decay on weight matrices only (not biases, LayerNorms, positions), as in
+    nanoGPT and dt.py; used by both optimizers."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    return [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+            dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+
+
+def make_optimizer(model, args):
+    """The translator's AdamW with linear warmup (§2.4)."""
+    opt = torch.optim.AdamW(decay_matrices_only(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
     return opt, sched
 
@@ -585,8 +619,9 @@ def make_optimizer(model, args):
 def fit(model, loss_fn: Callable, opt, sched, updates: int, grad_clip: Optional[float], phase: str, log: Callable, args,
         after_step: Optional[Callable] = None) -> Optional[float]:
     """The update loop both models share: its own progress bar, the loss logged every --log-every updates
-    with a `phase` field, `after_step(step, bar)` after each update (evaluation). Returns updates/s."""
-    t0 = time.time()
+    with a `phase` field, `after_step(step, bar)` after each update (evaluation). Returns updates/s of the
+    updates alone: time spent in after_step is not counted."""
+    t0, outside = time.time(), 0.0
     bar = tqdm(range(updates), desc=phase, dynamic_ncols=True, mininterval=1.0, disable=updates == 0)
     for step in bar:
         loss = loss_fn()
@@ -600,8 +635,10 @@ def fit(model, loss_fn: Callable, opt, sched, updates: int, grad_clip: Optional[
             log(phase=phase, step=step, loss=loss.item(), grad_norm=grad_norm.item(), lr=opt.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if after_step is not None:
+            t_after = time.time()
             after_step(step + 1, bar)
-    return updates / (time.time() - t0) if updates else None
+            outside += time.time() - t_after
+    return updates / (time.time() - t0 - outside) if updates else None
 
 
 def check_args(args: Args) -> None:
@@ -613,8 +650,8 @@ def check_args(args: Args) -> None:
     for name, v in positive.items():
         if v <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0 (got {v}).")
-    if min(args.updates, args.inv_updates, args.eval_every, args.warmup_steps) < 0:
-        raise SystemExit("error: --updates, --inv-updates, --eval-every, --warmup-steps must be >= 0.")
+    if min(args.updates, args.inv_updates, args.eval_every, args.warmup_steps, args.threads) < 0:
+        raise SystemExit("error: --updates, --inv-updates, --eval-every, --warmup-steps, --threads must be >= 0.")
     if not (0 <= args.dropout < 1 and 0 <= args.inv_dropout < 1):
         raise SystemExit("error: --dropout and --inv-dropout must be in [0, 1).")
     if args.checkpoint is None and (args.updates == 0 or args.inv_updates == 0):
@@ -658,20 +695,46 @@ def train(args: Args) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    except RuntimeError:
+        raise SystemExit(f"error: --device {args.device}: not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}, but torch sees no CUDA GPU; use --device cpu (or auto).")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
+    # Everything that can fail on bad input fails here, before a run folder is made.
     ckpt = None
     if args.checkpoint is not None:
         if not Path(args.checkpoint).is_file():
             raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file (expected runs/RUN/model.pt).")
-        ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
+        try:
+            ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
+        except Exception as e:
+            raise SystemExit(f"error: --checkpoint {args.checkpoint}: torch cannot read it ({type(e).__name__}); pass a model.pt "
+                             "that rgdt.py wrote.") from None
+        if not isinstance(ckpt, dict) or "inverse_dynamics" not in ckpt:
+            raise SystemExit(f"error: --checkpoint {args.checkpoint} is not an rgdt.py model.pt (it has no inverse dynamics model).")
         for k in ("return_len", "state_len", "n_enc_layer", "n_layer", "n_head", "n_embd", "inv_hidden", "inv_layers", "rtg_scale"):
             setattr(args, k, ckpt["args"][k])  # the architecture is the checkpoint's, whatever the flags say
+    if args.n_embd % args.n_head:
+        raise SystemExit(f"error: --n-embd {args.n_embd} must be divisible by --n-head {args.n_head}.")
     try:
         episodes, info = common.load_dataset(args.env, args.dataset_path)
     except common.DatasetError as e:
         raise SystemExit(f"error: {e}") from None
+    if ckpt is not None and (ckpt["dataset"]["obs_dim"], ckpt["dataset"]["act_dim"]) != (info["obs_dim"], info["act_dim"]):
+        raise SystemExit(f"error: --checkpoint was trained on {ckpt['dataset']['name']} (obs {ckpt['dataset']['obs_dim']}, act "
+                         f"{ckpt['dataset']['act_dim']}), not on data shaped like {info['name']} (obs {info['obs_dim']}, act "
+                         f"{info['act_dim']}); pass the --env it was trained on.")
+    horizon = env_horizon(info)
+    best = best_return_sequence(episodes, horizon + args.return_len)  # g_{t+1..t+K_r} for t < horizon
+    if args.target_return is not None:  # our knob, not the thesis's: the same shape, another starting return
+        if best[0] <= 0:
+            raise SystemExit("error: --target-return needs a dataset whose best return at t = 0 is > 0; leave it out.")
+        best = best * args.target_return / best[0]
+        print(f"--target-return {args.target_return}: the best-return sequence is rescaled to start there (our knob, not the thesis's)")
+    conditioning = best / args.rtg_scale
 
     run_name = f"{info['name'].replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.runs_dir) / run_name
@@ -684,22 +747,12 @@ def train(args: Args) -> dict:
     metrics = open(run_dir / "metrics.jsonl", "a")
     log = lambda **kw: metrics.write(json.dumps(kw) + "\n") or metrics.flush()
 
-    data = make_dataset(episodes, device, args.rtg_scale)
-    if ckpt is not None:
-        data["state_mean"], data["state_std"] = ckpt["state_mean"], ckpt["state_std"]
+    data = make_dataset(episodes, device, args.rtg_scale, None if ckpt is None else (ckpt["state_mean"], ckpt["state_std"]))
     model = make_translator(data, args)
     inv = make_inverse_dynamics(info["obs_dim"], info["act_dim"], args.inv_hidden, args.inv_layers, args.inv_dropout).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         inv.load_state_dict(ckpt["inverse_dynamics"])
-    horizon = common.make_env(info).spec.max_episode_steps or 1000
-    best = best_return_sequence(episodes, horizon + args.return_len + 1)
-    if args.target_return is not None:  # our knob, not the thesis's: the same shape, another starting return
-        if best[0] <= 0:
-            raise SystemExit("error: --target-return needs a dataset whose best return at t = 0 is > 0.")
-        best = best * args.target_return / best[0]
-        print(f"--target-return {args.target_return}: the best-return sequence is rescaled to start there (our knob, not the thesis's)")
-    conditioning = best / args.rtg_scale
     print(f"run {run_name}: {info['transitions']} transitions in {info['episodes']} episodes ({info['source']}), "
           f"translator {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M + inverse dynamics "
           f"{sum(p.numel() for p in inv.parameters()) / 1e6:.2f}M parameters, device {device}")
@@ -710,8 +763,8 @@ def train(args: Args) -> dict:
 
     eval_seed = args.seed + 10_000
 
-    def run_eval(phase, step):
-        res = evaluate(model, inv, info, data, conditioning, args, device, seed=eval_seed)
+    def run_eval(phase, step, recorder=None):
+        res = evaluate(model, inv, info, data, conditioning, args, device, seed=eval_seed, recorder=recorder)
         log(phase=phase, step=step, eval_return=res["return_mean"], eval_normalized=res["normalized_mean"], eval_normalized_std=res["normalized_std"])
         return res
 
@@ -720,7 +773,7 @@ def train(args: Args) -> dict:
         print(f"before training: normalized score {run_eval('inverse', 0)['normalized_mean']:.1f}")
     # The inverse dynamics first (Eq. 2.8, its own Adam, no warmup or clipping in §2.4): the translator's
     # periodic evaluations need a trained one to turn proposed states into actions.
-    inv_opt = torch.optim.Adam(inv.parameters(), lr=args.inv_lr, weight_decay=args.inv_weight_decay)
+    inv_opt = torch.optim.Adam(decay_matrices_only(inv, args.inv_weight_decay), lr=args.inv_lr)
     gen_inv = torch.Generator(device=device).manual_seed(args.seed + 1)
     inv_updates_per_s = fit(inv, lambda: inverse_dynamics_loss(inv, data, args.inv_batch_size, gen_inv), inv_opt, None,
                             args.inv_updates, None, "inverse", log, args)
@@ -748,8 +801,7 @@ def train(args: Args) -> dict:
         torch.save(dict(model=model.state_dict(), inverse_dynamics=inv.state_dict(), args=asdict(args), state_mean=data["state_mean"],
                         state_std=data["state_std"], dataset=info), run_dir / "model.pt")
     recorder = AttentionRecorder(args.n_layer, args.state_len, args.return_len) if args.attention else None
-    res = evaluate(model, inv, info, data, conditioning, args, device, seed=eval_seed, recorder=recorder)
-    log(phase="final", step=args.updates, eval_return=res["return_mean"], eval_normalized=res["normalized_mean"], eval_normalized_std=res["normalized_std"])
+    res = run_eval("final", args.updates, recorder)
     if recorder is not None:
         write_attention(run_dir, recorder.summary(), f"RGDT on {info['name']}: decoder attention during evaluation")
 
@@ -780,4 +832,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    train(tyro.cli(Args, description=__doc__))

@@ -30,6 +30,20 @@ def episode(rewards, obs_dim=2, offset=0.0):
                 actions=np.zeros((n, 1), np.float32), rewards=np.asarray(rewards, np.float32), terminated=True)
 
 
+def test_defaults_are_section_2_4():
+    a = rgdt.Args()
+    # translator: hidden 64, 2 heads, 2 encoder + 3 decoder layers, K_r = 20, K_s = 5, AdamW 5e-4, warmup 1e4,
+    # weight decay 1e-3, dropout 0.1, 150k steps, batch 256; final-token loss (indicator 0)
+    assert (a.n_embd, a.n_head, a.n_enc_layer, a.n_layer, a.return_len, a.state_len) == (64, 2, 2, 3, 20, 5)
+    assert (a.lr, a.warmup_steps, a.weight_decay, a.dropout, a.updates, a.batch_size) == (5e-4, 10_000, 1e-3, 0.1, 150_000, 256)
+    assert a.full_context_loss is False and a.target_return is None
+    # inverse dynamics: 2 x 512 hidden, Adam 1e-4, weight decay 1e-4, dropout 0.1, 200k steps, batch 1024
+    assert (a.inv_layers, a.inv_hidden, a.inv_lr, a.inv_weight_decay, a.inv_dropout, a.inv_updates, a.inv_batch_size) == \
+        (2, 512, 1e-4, 1e-4, 0.1, 200_000, 1024)
+    inv = rgdt.make_inverse_dynamics(11, 3, a.inv_hidden, a.inv_layers, a.inv_dropout)
+    assert [m.out_features for m in inv if isinstance(m, torch.nn.Linear)] == [512, 512, 6]  # mean and log-std of a_t
+
+
 def test_segments_hold_past_states_next_states_and_future_returns():
     # ep0: rewards 1..6 -> g = 21, 20, 18, 15, 11, 6; ep1 follows it in the flat arrays (global 6..9)
     data = rgdt.make_dataset([episode([1, 2, 3, 4, 5, 6]), episode([7, 7, 7, 7], offset=100)], torch.device("cpu"), rtg_scale=1.0)
@@ -43,6 +57,15 @@ def test_segments_hold_past_states_next_states_and_future_returns():
     torch.testing.assert_close(b["next_states"][1], S[3:6])
     # g_{t+1..t+K_r}: t = 1 -> g_2..g_5; t = 4 -> g_5 then 0 (the episode is over, ep1's returns must not leak)
     assert b["returns"][..., 0].tolist() == [[18, 15, 11, 6], [6, 0, 0, 0], [21, 14, 7, 0]]
+
+
+def test_a_checkpoints_normalization_is_kept():
+    eps = [episode([1, 2, 3, 4])]
+    mean, std = np.array([1.0, -1.0]), np.array([2.0, 4.0])
+    data = rgdt.make_dataset(eps, torch.device("cpu"), rtg_scale=1.0, stats=(mean, std))
+    expected = (eps[0]["observations"] - mean) / std
+    torch.testing.assert_close(data["states"], torch.as_tensor(expected, dtype=torch.float32))
+    assert data["state_mean"] is mean and data["state_std"] is std
 
 
 def test_batches_are_uniform_over_steps_with_a_successor():
@@ -163,12 +186,65 @@ def test_inverse_dynamics_learns_an_exactly_invertible_transition():
     assert before > 0.3 and error() < 0.05 and per_s > 0
 
 
+def test_updates_per_second_do_not_count_evaluations():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    slow_eval = lambda step, bar: rgdt.time.sleep(0.2)  # an evaluation after every update
+    per_s = rgdt.fit(model, lambda: model(torch.ones(4, 2)).pow(2).mean(), opt, None, 3, None, "translator",
+                     lambda **kw: None, rgdt.Args(log_every=1), slow_eval)
+    assert per_s > 50  # counting the 0.6 s of evaluation would give < 5
+
+
 def test_optimizer_decays_matrices_only_and_warms_up():
     opt, sched = rgdt.make_optimizer(small_model(), rgdt.Args(weight_decay=0.5, lr=1.0, warmup_steps=4))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.5 and all(p.dim() == 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
     assert opt.param_groups[0]["lr"] == pytest.approx(0.25)
+    inv = rgdt.make_inverse_dynamics(3, 2, 8, 2, 0.0)
+    decayed, plain = rgdt.decay_matrices_only(inv, 1e-4)
+    assert len(decayed["params"]) == 3 and len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
+
+
+class RecordingTranslator(torch.nn.Module):
+    """Stands in for the translator in evaluate(): records what Alg. 2 feeds it, proposes s_{t+1} = s_t + 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, returns, states, mask=None, return_attn=False):
+        self.calls.append((returns.clone(), states.clone()))
+        return states + 1.0, torch.zeros_like(states), []
+
+
+class RecordingInverse(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        return torch.zeros(len(x), 6)  # mean 0 -> action 0, Hopper has 3 action dims
+
+
+def test_inference_follows_algorithm_2(hdf5_path):
+    # Alg. 2: at step t the translator reads g_{t+1..t+K_r} of the conditioning sequence and the last K_s
+    # observed states; the inverse dynamics reads (s_t, s^_{t+1}), s^_{t+1} the translator's final position.
+    episodes, info = common.load_dataset("hopper-random", (str(hdf5_path),))
+    data = rgdt.make_dataset(episodes, torch.device("cpu"), rtg_scale=1.0)
+    args = rgdt.Args(eval_episodes=2, return_len=4, state_len=3)
+    horizon = rgdt.env_horizon(info)
+    conditioning = np.arange(horizon + args.return_len, dtype=np.float64)
+    model, inv = RecordingTranslator(), RecordingInverse()
+    res = rgdt.evaluate(model, inv, info, data, conditioning, args, torch.device("cpu"), seed=0)
+    assert len(model.calls) == max(res["lengths"]) >= 4
+    for t, (returns, states) in enumerate(model.calls[:4]):
+        assert returns.shape == (2, 4, 1) and returns[0, :, 0].tolist() == list(range(t + 1, t + 5))
+        assert states.shape == (2, min(t + 1, 3), 11)  # shorter at the start, then the last K_s
+        s_t = states[:, -1]
+        torch.testing.assert_close(inv.inputs[t], torch.cat([s_t, s_t + 1.0], -1))
+    torch.testing.assert_close(model.calls[3][1][:, :2], model.calls[2][1][:, 1:])  # the window slides by one state
 
 
 def test_state_correlation_on_a_hand_made_sequence():
@@ -183,8 +259,15 @@ def test_state_correlation_on_a_hand_made_sequence():
 
 
 @pytest.mark.parametrize("full_context", [False, True])
-def test_end_to_end_with_evaluation(tmp_path, hdf5_path, full_context):
+def test_end_to_end_with_evaluation(tmp_path, hdf5_path, full_context, monkeypatch, capsys):
+    flags = []  # the indicator each translator update trains with
+    state_loss = rgdt.state_loss
+    monkeypatch.setattr(rgdt, "state_loss", lambda *a: flags.append(a[-1]) or state_loss(*a))
     res = rgdt.train(tiny_args(tmp_path, hdf5_path, full_context_loss=full_context, analyze=full_context))
+    # the flag reaches the loss of all 20 translator updates; --analyze then trains one translator of each kind
+    assert flags[:20] == [full_context] * 20 and flags[20:] == ([False] * 10 + [True] * 10 if full_context else [])
+    err = capsys.readouterr().err
+    assert "inverse: 100%" in err and "translator: 100%" in err  # each training has its own progress bar
     run = Path(res["run_dir"])
     expected = {"config.json", "metrics.jsonl", "results.json", "model.pt"} | ({"fig2_2.png", "fig2_2.json"} if full_context else set())
     assert {p.name for p in run.iterdir()} == expected
@@ -205,6 +288,9 @@ def test_end_to_end_with_evaluation(tmp_path, hdf5_path, full_context):
             maps = np.array(fig["attention"][regime]["self_maps"])
             assert maps.shape == (2, 5, 5) and np.allclose(maps.sum(-1), 1.0, atol=1e-5)
         assert {c["verdict"] for c in saved["claims"][1:]} <= {"reproduced", "partly", "not reproduced"}
+        # same init, same batches: only the indicator differs, and it must change what the decoder attends to
+        assert not np.allclose(fig["attention"]["final_token"]["self_maps"], fig["attention"]["full_context"]["self_maps"])
+        assert (run / "fig2_2.png").stat().st_size > 0
         assert any(l["phase"] == "analyze_full_context" for l in lines)
 
 
@@ -243,6 +329,24 @@ def test_bad_arguments_get_clear_errors(tmp_path, hdf5_path):
         rgdt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(tmp_path / "none.pt")))
     with pytest.raises(SystemExit, match="unknown dataset 'hopper-mediun'"):
         rgdt.train(tiny_args(tmp_path, hdf5_path, env="hopper-mediun"))
+    with pytest.raises(SystemExit, match="--device gpu: not a device"):
+        rgdt.train(tiny_args(tmp_path, hdf5_path, device="gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA GPU"):
+            rgdt.train(tiny_args(tmp_path, hdf5_path, device="cuda"))
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="torch cannot read it"):
+        rgdt.train(tiny_args(tmp_path, hdf5_path, updates=0, inv_updates=0, checkpoint=str(tmp_path / "garbage.pt")))
+    torch.save(dict(model={}, args={}), tmp_path / "dt.pt")  # dt.py's checkpoints have no inverse dynamics
+    with pytest.raises(SystemExit, match="not an rgdt.py model.pt"):
+        rgdt.train(tiny_args(tmp_path, hdf5_path, updates=0, inv_updates=0, checkpoint=str(tmp_path / "dt.pt")))
+    from dataclasses import asdict
+    cheetah = dict(inverse_dynamics={}, model={}, args=asdict(tiny_args(tmp_path, hdf5_path)),
+                   dataset=dict(name="halfcheetah-medium", obs_dim=17, act_dim=6))
+    torch.save(cheetah, tmp_path / "cheetah.pt")
+    with pytest.raises(SystemExit, match="trained on halfcheetah-medium"):
+        rgdt.train(tiny_args(tmp_path, hdf5_path, updates=0, inv_updates=0, checkpoint=str(tmp_path / "cheetah.pt")))
+    assert not (tmp_path / "runs").exists()  # every bad input is refused before a run folder is made
 
 
 def test_an_existing_run_folder_is_never_overwritten(tmp_path, hdf5_path, monkeypatch):
@@ -261,4 +365,4 @@ def test_cli_help_explains_every_flag():
     for flag in ("--env", "--dataset-path", "--return-len", "--state-len", "--n-enc-layer", "--full-context-loss", "--inv-updates",
                  "--inv-batch-size", "--analyze", "--attention", "--checkpoint", "--target-return"):
         assert flag in out
-    assert "indicator" in out and "best return" in out
+    assert "indicator" in out and "best return" in out and "§2.4" in out and "Alg. 2" in out
