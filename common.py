@@ -122,7 +122,7 @@ def split_episodes(obs, act, rew, terminals, timeouts) -> list[dict]:
     """D4RL flat arrays -> episodes. An episode ends at a terminal OR a timeout; the last, unfinished
     episode (the buffer stopped mid-episode) is kept."""
     ends = np.flatnonzero(np.logical_or(terminals, timeouts)) + 1
-    if len(ends) == 0 or ends[-1] != len(obs):
+    if len(obs) and (len(ends) == 0 or ends[-1] != len(obs)):  # an empty file gives no episodes, not one empty one
         ends = np.append(ends, len(obs))
     episodes, start = [], 0
     for end in ends:
@@ -159,8 +159,11 @@ def read_hdf5(path: Path) -> list[dict]:
 def read_pickle(path: Path) -> list[dict]:
     """The decision-transformer repo's layout: a list of per-episode dicts with observations, actions,
     rewards and terminals (or dones)."""
-    with open(path, "rb") as f:
-        paths = pickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            paths = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
+        raise DatasetError(f"{path}: not a readable pickle ({type(e).__name__}: {e}). Pass a D4RL-layout .hdf5 or a DT .pkl.") from None
     if not isinstance(paths, list) or not all(isinstance(p, dict) for p in paths):
         raise DatasetError(f"{path}: a DT pickle must hold a list of per-episode dicts, found {type(paths).__name__}.")
     episodes = []
@@ -172,6 +175,8 @@ def read_pickle(path: Path) -> list[dict]:
         lens = {k: len(p[k]) for k in ("observations", "actions", "rewards", term_key)}
         if len(set(lens.values())) != 1:
             raise DatasetError(f"{path}: episode {i} has arrays of different lengths {lens}.")
+        if lens["observations"] == 0:
+            continue
         episodes.append(dict(observations=np.asarray(p["observations"]), actions=np.asarray(p["actions"]),
                              rewards=np.asarray(p["rewards"]).reshape(-1), terminated=bool(np.asarray(p[term_key])[-1])))
     return episodes
@@ -188,6 +193,13 @@ def read_minari(dataset_id: str) -> tuple[list[dict], dict]:
             f"could not load Minari dataset {dataset_id!r}: {e}\n  fix: check the id (`minari list remote`), "
             "or download it where there is a network (`minari download ID`) and set $MINARI_DATASETS_PATH."
         ) from None
+    # The method files feed flat vectors; a Dict/image dataset would otherwise fail deep inside numpy.
+    flat = lambda space: type(space).__name__ == "Box" and len(space.shape) == 1
+    if not (flat(ds.observation_space) and flat(ds.action_space)):
+        raise DatasetError(
+            f"Minari dataset {dataset_id!r} has observations {ds.observation_space} and actions {ds.action_space}; "
+            "these scripts need flat Box spaces of both (e.g. mujoco/hopper/medium-v0)."
+        )
     episodes = [
         # Minari stores T+1 observations (the last one after the final action); drop it.
         dict(observations=ep.observations[:-1], actions=ep.actions, rewards=ep.rewards, terminated=bool(ep.terminations[-1]))
@@ -246,7 +258,7 @@ def load_dataset(name: str, dataset_path: tuple[str, ...] | list[str] | str | No
                 raise DatasetError(f"--dataset-path {p}: no such file.")
             reader = read_pickle if p.suffix in (".pkl", ".pickle") else read_hdf5
             episodes += reader(p)
-    check_episodes(episodes, info, where=str(info["path"] or name))
+    check_episodes(episodes, info, where=", ".join(info["path"] or [name]))
     for ep in episodes:
         for k in ("observations", "actions", "rewards"):
             ep[k] = np.asarray(ep[k], dtype=np.float32)

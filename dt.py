@@ -2,7 +2,7 @@
 
     python dt.py --env hopper-medium-replay                      # the original DT (deterministic, l2)
     python dt.py --env hopper-medium-replay --policy gaussian    # Gaussian NLL (Eq. 1.3-1.4), ODT-O-style
-    python dt.py --env hopper-medium-replay --checkpoint runs/RUN/model.pt --attention   # Fig. 1.1
+    python dt.py --env hopper-medium-replay --checkpoint runs/RUN/model.pt --updates 0 --attention   # Fig. 1.1
 
 One file: arguments, data, model, evaluation, training, in the order the thesis introduces them.
 Shared with the other method files is only common.py (dataset loading, env ids, normalized scores).
@@ -37,7 +37,8 @@ class Args:
     id such as `mujoco/hopper/medium-v0`"""
     dataset_path: tuple[str, ...] = ()
     """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official file;
-    several are concatenated (medium + expert = medium-expert)"""
+    several are concatenated (medium + expert = medium-expert). Without it the official file is read from
+    $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded there first if missing"""
     exp_name: str = "dt"
     """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
     seed: int = 0
@@ -68,7 +69,7 @@ class Args:
     warmup_steps: int = 10_000
     """linear learning-rate warmup, in updates"""
     updates: int = 100_000
-    """gradient updates; 0 with --checkpoint only evaluates"""
+    """gradient updates; with --checkpoint, 0 only evaluates it and N > 0 trains on from its weights"""
     grad_clip: float = 0.25
     """clip the global gradient norm at this value"""
     rtg_scale: float = 1000.0
@@ -86,7 +87,8 @@ class Args:
     bf16: bool = True
     """bfloat16 autocast on CUDA (ignored on CPU)"""
     checkpoint: Optional[str] = None
-    """a `model.pt` from an earlier run: evaluate that model instead of training a new one"""
+    """a `model.pt` from an earlier run: start from its weights, architecture and state normalisation
+    (the architecture flags are ignored); add --updates 0 to only evaluate it"""
     attention: bool = False
     """record attention during the final evaluation and write Fig. 1.1-style plots and numbers"""
     runs_dir: str = "runs"
@@ -117,13 +119,15 @@ MODALITIES = ("return", "state", "action")  # token order within a timestep (Eq.
 
 
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
-    """g_t = sum_{t' >= t} r_t' (undiscounted, §1.3.1)."""
+    """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (the g tokens of Eq. 1.1)."""
     return np.cumsum(rewards[::-1])[::-1].copy()
 
 
-def make_dataset(episodes: list[dict], device: torch.device, rtg_scale: float, max_ep_len: int) -> dict:
+def make_dataset(episodes: list[dict], device: torch.device, rtg_scale: float, max_ep_len: int, state_stats=None) -> dict:
+    """`state_stats` (mean, std): normalise with these instead of the dataset's own (a checkpoint's, so
+    that training on from it and evaluating it see states on the scale the model learnt)."""
     obs = np.concatenate([ep["observations"] for ep in episodes])
-    mean, std = obs.mean(0), obs.std(0) + 1e-6
+    mean, std = state_stats if state_stats is not None else (obs.mean(0), obs.std(0) + 1e-6)
     lengths = np.array([len(ep["rewards"]) for ep in episodes])
     t = lambda x, dtype=torch.float32: torch.as_tensor(x, dtype=dtype, device=device)
     return dict(
@@ -221,7 +225,7 @@ class DecisionTransformer(nn.Module):
         t = self.embed_t(timesteps)
         tokens = torch.stack([self.embed_g(rtg) + t, self.embed_s(states) + t, self.embed_a(actions) + t], dim=2)
         x = self.drop(self.embed_ln(tokens.reshape(B, 3 * K, -1)))  # (B, 3K, C): g_1, s_1, a_1, g_2, ...
-        allowed = torch.ones(3 * K, 3 * K, dtype=torch.bool, device=x.device).tril()  # causal
+        allowed = torch.ones(3 * K, 3 * K, dtype=torch.bool, device=x.device).tril()  # causal: a_t ~ pi(. | Gamma_t), Eq. 1.2
         if mask is not None:  # padded keys are hidden; every token still sees itself so no row is empty
             allowed = (allowed & mask.repeat_interleave(3, dim=1)[:, None, None, :]) | torch.eye(3 * K, dtype=torch.bool, device=x.device)
         attns = []
@@ -232,6 +236,9 @@ class DecisionTransformer(nn.Module):
         out = self.head(h)
         if self.policy == "deterministic":
             return torch.tanh(out), None, attns
+        # Our choice where Eq. 1.3 is silent: the mean is tanh-squashed into the action box like DT's
+        # deterministic head and the loss is the plain Gaussian NLL of Eq. 1.4, without ODT's tanh-transformed
+        # distribution and entropy constraint. Evaluation acts with the mean.
         mean, log_std = out.split(self.act_dim, dim=-1)
         log_std = -5.0 + 3.5 * (torch.tanh(log_std) + 1)  # squashed into [-5, 2], the bounds ODT uses
         return torch.tanh(mean), log_std, attns
@@ -275,7 +282,7 @@ def evaluate(model, info, state_mean, state_std, args, device, seed, record_atte
     t0 = time.time()
     for t in range(horizon):
         states[:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean_t) / std_t
-        lo = max(0, t - K + 1)  # the last K steps; at the start the sequence is simply shorter
+        lo = max(0, t - K + 1)  # Gamma_t of Eq. 1.2: the last K steps; at the start the sequence is simply shorter
         record = attn is not None and t + 1 >= K
         a, _, atts = model(rtg[:, lo:t + 1], states[:, lo:t + 1], actions[:, lo:t + 1], timesteps[:, lo:t + 1], return_attn=record)
         a = torch.maximum(torch.minimum(a[:, -1].float(), high), low)
@@ -401,7 +408,12 @@ def train(args: Args) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    except RuntimeError:
+        raise SystemExit(f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     ckpt = None
@@ -415,6 +427,11 @@ def train(args: Args) -> dict:
         episodes, info = common.load_dataset(args.env, args.dataset_path)
     except common.DatasetError as e:
         raise SystemExit(f"error: {e}") from None
+    if ckpt is not None:
+        dims = (ckpt["dataset"]["obs_dim"], ckpt["dataset"]["act_dim"])
+        if dims != (info["obs_dim"], info["act_dim"]):
+            raise SystemExit(f"error: --checkpoint {args.checkpoint} was trained on {ckpt['dataset']['name']} (state, action dims {dims}) "
+                             f"but --env {args.env} has {(info['obs_dim'], info['act_dim'])}; pass the --env it was trained on.")
     domain = info["env_id"].split("-")[0].lower()
     if args.target_return is None:
         if domain not in TARGET_RETURNS:
@@ -432,9 +449,8 @@ def train(args: Args) -> dict:
     metrics = open(run_dir / "metrics.jsonl", "a")
     log = lambda **kw: metrics.write(json.dumps(kw) + "\n") or metrics.flush()
 
-    data = make_dataset(episodes, device, args.rtg_scale, args.max_ep_len)
-    if ckpt is not None:
-        data["state_mean"], data["state_std"] = ckpt["state_mean"], ckpt["state_std"]
+    data = make_dataset(episodes, device, args.rtg_scale, args.max_ep_len,
+                        state_stats=None if ckpt is None else (ckpt["state_mean"], ckpt["state_std"]))
     model = DecisionTransformer(info["obs_dim"], info["act_dim"], args.n_layer, args.n_head, args.n_embd,
                                 args.dropout, args.max_ep_len, args.policy).to(device)
     if ckpt is not None:
@@ -446,14 +462,19 @@ def train(args: Args) -> dict:
     print(f"run {run_name}: {info['transitions']} transitions in {info['episodes']} episodes ({info['source']}), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
 
+    eval_time = 0.0  # periodic evaluations happen inside the training loop; updates/s must not count them
+
     def run_eval(step, record_attention=False):
+        nonlocal eval_time
+        t0 = time.time()
         res = evaluate(model, info, data["state_mean"], data["state_std"], args, device, seed=args.seed + 10_000, record_attention=record_attention)
         log(step=step, eval_return=res["return_mean"], eval_normalized=res["normalized_mean"], eval_normalized_std=res["normalized_std"])
+        eval_time += time.time() - t0
         return res
 
     if args.eval_every and args.updates:
         print(f"update 0: normalized score {run_eval(0)['normalized_mean']:.1f}")
-    t_train, step = time.time(), 0
+    t_train, eval_time = time.time(), 0.0
     bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0, disable=args.updates == 0)
     for step in bar:
         b = sample_batch(data, args.batch_size, args.context_len, gen)
@@ -471,7 +492,7 @@ def train(args: Args) -> dict:
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.updates:
             res = run_eval(step + 1)
             bar.write(f"update {step + 1}: normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
-    train_time = time.time() - t_train
+    train_time = time.time() - t_train - eval_time
     updates_per_s = args.updates / train_time if args.updates else None
 
     if args.updates:
@@ -498,4 +519,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    train(tyro.cli(Args, description=__doc__))

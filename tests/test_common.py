@@ -1,4 +1,5 @@
 import pickle
+import types
 
 import numpy as np
 import pytest
@@ -32,6 +33,9 @@ def test_split_episodes_on_terminals_or_timeouts_keeps_unfinished_tail():
     assert [len(e["rewards"]) for e in eps] == [3, 3, 4]
     assert [e["terminated"] for e in eps] == [True, False, False]
     assert eps[2]["rewards"].tolist() == [6, 7, 8, 9]
+    # a buffer that ends exactly on a terminal gets no empty extra episode
+    terminals[9] = True
+    assert [len(e["rewards"]) for e in common.split_episodes(obs, act, rew, terminals, timeouts)] == [3, 3, 4]
 
 
 def test_hdf5_and_pickle_give_the_same_episodes(hdf5_path, pickle_path, flat):
@@ -47,6 +51,15 @@ def test_hdf5_and_pickle_give_the_same_episodes(hdf5_path, pickle_path, flat):
     assert (info_a["obs_dim"], info_a["act_dim"]) == (11, 3)
 
 
+def test_replica_files_are_labelled_replica(tmp_path, hdf5_path):
+    """Numbers from ../shared/d4rl-replica must never pass for official D4RL ones."""
+    (tmp_path / "d4rl-replica").mkdir()
+    copy = tmp_path / "d4rl-replica" / "hopper-medium.hdf5"
+    copy.write_bytes(hdf5_path.read_bytes())
+    _, info = common.load_dataset("hopper-medium", [str(copy)])
+    assert info["source"] == "replica" and info["path"] == [str(copy.resolve())]
+
+
 def test_several_files_are_concatenated(hdf5_path):
     one, _ = common.load_dataset("hopper-medium-expert", [str(hdf5_path)])
     two, info = common.load_dataset("hopper-medium-expert", [str(hdf5_path), str(hdf5_path)])
@@ -60,6 +73,18 @@ def test_minari_local_dataset(minari_id):
     for ep in eps:  # Minari's extra final observation is dropped
         assert len(ep["observations"]) == len(ep["actions"]) == len(ep["rewards"])
     assert common.normalized_score(info, [3234.3])[0] == pytest.approx(100.0)
+
+
+def test_minari_dataset_without_flat_spaces_is_a_clear_error(monkeypatch):
+    import gymnasium as gym
+    import minari
+
+    space = gym.spaces.Dict(observation=gym.spaces.Box(-1, 1, (4,)), goal=gym.spaces.Box(-1, 1, (2,)))
+    fake = types.SimpleNamespace(observation_space=space, action_space=gym.spaces.Box(-1, 1, (2,)))
+    monkeypatch.setattr(minari, "list_local_datasets", lambda: ["fake/maze/dict-v0"])
+    monkeypatch.setattr(minari, "load_dataset", lambda *a, **k: fake)
+    with pytest.raises(common.DatasetError, match="flat Box spaces"):
+        common.load_dataset("fake/maze/dict-v0")
 
 
 def test_minari_with_dataset_path_is_an_error(minari_id, hdf5_path):
@@ -80,6 +105,9 @@ def test_normalized_score_uses_d4rl_references():
         (lambda d: d.update(rewards=d["rewards"][:-1]), "different lengths"),
         (lambda d: d["observations"].__setitem__((3, 0), np.nan), "NaN or inf in observations"),
         (lambda d: d["rewards"].__setitem__(5, np.inf), "NaN or inf in rewards"),
+        (lambda d: d["actions"].__setitem__((7, 1), -np.inf), "NaN or inf in actions"),
+        (lambda d: d.update({k: v[:0] for k, v in d.items()}), "holds no transitions"),
+        (lambda d: d.update(actions=np.zeros((len(d["actions"]), 6), np.float32)), "actions have 6 dims but Hopper-v4 has 3"),
     ],
 )
 def test_bad_hdf5_files_get_clear_errors(tmp_path, flat, mutate, message):
@@ -91,7 +119,7 @@ def test_bad_hdf5_files_get_clear_errors(tmp_path, flat, mutate, message):
 
 
 def test_dims_that_do_not_match_the_env(hdf5_path):
-    with pytest.raises(common.DatasetError, match="observations have 11 dims but HalfCheetah-v4 has 17"):
+    with pytest.raises(common.DatasetError, match=r"^\S*hopper_random-v2.hdf5: observations have 11 dims but HalfCheetah-v4 has 17"):
         common.load_dataset("halfcheetah-medium", [str(hdf5_path)])
 
 
@@ -108,6 +136,23 @@ def test_bad_pickle_and_missing_file(tmp_path):
     (tmp_path / "junk.hdf5").write_text("not hdf5")
     with pytest.raises(common.DatasetError, match="not a readable hdf5"):
         common.load_dataset("hopper-medium", [str(tmp_path / "junk.hdf5")])
+    (tmp_path / "junk.pkl").write_text("not a pickle")
+    with pytest.raises(common.DatasetError, match="junk.pkl: not a readable pickle"):
+        common.load_dataset("hopper-medium", [str(tmp_path / "junk.pkl")])
+    p.write_bytes(pickle.dumps([{"observations": np.zeros((3, 11)), "actions": np.zeros((3, 3)), "rewards": np.zeros(2),
+                                 "terminals": np.zeros(3)}]))
+    with pytest.raises(common.DatasetError, match="episode 0 has arrays of different lengths"):
+        common.load_dataset("hopper-medium", [str(p)])
+
+
+def test_pickle_accepts_dones_for_terminals(tmp_path):
+    p = tmp_path / "dones.pkl"
+    ep = lambda n, last: {"observations": np.ones((n, 11)), "actions": np.zeros((n, 3)), "rewards": np.ones(n),
+                          "dones": np.array([False] * (n - 1) + [last])}
+    p.write_bytes(pickle.dumps([ep(4, True), ep(3, False)]))
+    eps, info = common.load_dataset("hopper-medium", [str(p)])
+    assert [len(e["rewards"]) for e in eps] == [4, 3] and [e["terminated"] for e in eps] == [True, False]
+    assert info["transitions"] == 7 and eps[0]["observations"].dtype == np.float32
 
 
 def test_dataset_dir_is_used_before_downloading(tmp_path, hdf5_path, monkeypatch):

@@ -1,8 +1,10 @@
+import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
-from dataclasses import replace
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +141,9 @@ def test_end_to_end_with_evaluation(tmp_path, hdf5_path, policy):
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "results.json", "model.pt"}
     saved = json.loads((run / "results.json").read_text())
     assert len(saved["returns"]) == 2 and saved["device"] == "cpu" and saved["dataset"]["source"] == "file"
+    assert saved["dataset"]["path"] == [str(Path(hdf5_path).resolve())] and saved["wall_time_s"] > 0
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert saved["git_commit"] == (head or None) and saved["args"]["policy"] == policy
     assert saved["normalized_mean"] == pytest.approx(np.mean(common.normalized_score(saved["dataset"], saved["returns"])))
     assert saved["train_updates_per_s"] > 0 and saved["eval_env_steps_per_s"] > 0
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -194,7 +199,87 @@ def test_an_existing_run_folder_is_never_overwritten(tmp_path, hdf5_path, monkey
 
 
 def test_cli_help_explains_every_flag():
+    """Every Args field has a docstring, and --help shows each one in full next to its flag."""
+    import ast
+
     out = subprocess.run([sys.executable, "dt.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for flag in ("--env", "--dataset-path", "--policy", "--context-len", "--attention", "--checkpoint", "--eval-async"):
-        assert flag in out
-    assert "Gaussian NLL" in out
+    flat = " ".join(out.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+    args_class = next(n for n in ast.parse((ROOT / "dt.py").read_text()).body if getattr(n, "name", "") == "Args")
+    docs = {a.target.id: b.value.value for a, b in zip(args_class.body, args_class.body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value.value, str)}
+    assert set(docs) == {f.name for f in dataclasses.fields(dt.Args)}, "a field without a docstring"
+    for name, doc in docs.items():
+        assert "--" + name.replace("_", "-") in flat and " ".join(doc.split()) in flat, name
+    assert "--updates 0 --attention" in flat  # the usage examples are shown too
+
+
+def test_defaults_are_the_original_dt_setup():
+    a = dt.Args()
+    assert (a.context_len, a.n_layer, a.n_head, a.n_embd, a.dropout) == (20, 3, 1, 128, 0.1)
+    assert (a.lr, a.weight_decay, a.warmup_steps, a.updates, a.batch_size, a.rtg_scale) == (1e-4, 1e-4, 10_000, 100_000, 64, 1000.0)
+    assert dt.TARGET_RETURNS == {"hopper": 3600.0, "walker2d": 5000.0, "halfcheetah": 6000.0}
+    assert a.policy == "deterministic" and a.target_return is None
+
+
+def test_evaluation_decrements_the_target_by_the_observed_reward():
+    """DT's rule: g_{t+1} = g_t - r_t, fed to the model scaled by --rtg-scale; checked against a replay of the
+    same seeded envs with the same (zero) actions."""
+    import gymnasium as gym
+
+    class Recorder(torch.nn.Module):  # a stand-in model that always acts 0 and records the newest g token
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, rtg, states, actions, timesteps, mask=None, return_attn=False):
+            self.seen.append(rtg[:, -1, 0].clone())
+            return torch.zeros(*states.shape[:2], 3), None, []
+
+    info = dict(common.D4RL_TABLE["hopper"], env_kwargs={})
+    args = dt.Args(eval_episodes=2, target_return=100.0, rtg_scale=10.0)
+    model = Recorder()
+    res = dt.evaluate(model, info, np.zeros(11, np.float32), np.ones(11, np.float32), args, torch.device("cpu"), seed=7)
+    for i in range(2):
+        env, rewards, done = gym.make("Hopper-v4"), [], False
+        env.reset(seed=7 + i)  # the vector env seeds its i-th env with seed + i
+        while not done:
+            _, r, term, trunc, _ = env.step(np.zeros(3))
+            rewards.append(r)
+            done = term or trunc
+        assert res["lengths"][i] == len(rewards) and res["returns"][i] == pytest.approx(sum(rewards))
+        expected = (100.0 - np.concatenate([[0.0], np.cumsum(rewards)[:-1]])) / 10.0
+        np.testing.assert_allclose([float(g[i]) for g in model.seen[: len(rewards)]], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_updates_per_second_does_not_count_evaluation(tmp_path, hdf5_path, monkeypatch):
+    fast_eval = dt.evaluate
+
+    def slow_eval(*a, **kw):
+        time.sleep(0.5)
+        return fast_eval(*a, **kw)
+
+    monkeypatch.setattr(dt, "evaluate", slow_eval)
+    res = dt.train(tiny_args(tmp_path, hdf5_path, eval_every=5, eval_episodes=1))  # 3 evaluations inside the loop
+    assert res["train_updates_per_s"] > 20 / 1.5  # counting 3 x 0.5 s of evaluation would give at most 13.3
+
+
+def test_checkpoint_from_another_env_and_bad_devices_get_clear_errors(tmp_path, hdf5_path):
+    ckpt = tmp_path / "walker.pt"
+    torch.save(dict(args=dataclasses.asdict(dt.Args()), dataset=dict(name="walker2d-medium", obs_dim=17, act_dim=6)), ckpt)
+    with pytest.raises(SystemExit, match="trained on walker2d-medium .* pass the --env it was trained on"):
+        dt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(ckpt)))
+    with pytest.raises(SystemExit, match="is not a device"):
+        dt.train(tiny_args(tmp_path, hdf5_path, device="gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA GPU"):
+            dt.train(tiny_args(tmp_path, hdf5_path, device="cuda"))
+    assert not (tmp_path / "runs").exists()  # no run folder is left behind by a refused run
+
+
+def test_state_normalisation_can_come_from_a_checkpoint():
+    eps = one_episode_dataset(lengths=(4,))
+    own = dt.make_dataset(eps, torch.device("cpu"), rtg_scale=1.0, max_ep_len=10)
+    mean, std = np.full(2, 1.0, np.float32), np.full(2, 2.0, np.float32)
+    given = dt.make_dataset(eps, torch.device("cpu"), rtg_scale=1.0, max_ep_len=10, state_stats=(mean, std))
+    torch.testing.assert_close(given["states"], torch.as_tensor((eps[0]["observations"] - 1.0) / 2.0))
+    assert given["state_mean"] is mean and not torch.allclose(own["states"], given["states"])
