@@ -101,7 +101,9 @@ class Args:
     bf16: bool = True
     """bfloat16 autocast on CUDA (ignored on CPU)"""
     checkpoint: Optional[str] = None
-    """a `model.pt` from an earlier run: evaluate that model instead of training a new one"""
+    """a `model.pt` from an earlier run: start from its weights and architecture (sizes, heads) instead of a
+    new model; with `--updates 0` only evaluate it (e.g. with --attention), otherwise train it further with a
+    fresh optimizer and warmup"""
     attention: bool = False
     """record attention during the final evaluation and write Fig. 1.2-style plots and numbers"""
     runs_dir: str = "runs"
@@ -122,6 +124,7 @@ TABLE_1_1 = dict(n_layer=4, n_head=4, n_embd=256, context_len=20, dropout=0.1, b
                  weight_decay=1e-3, grad_clip=0.25, warmup_steps=10_000, updates=100_000, gaussian_heads=True,
                  schedule="joint", rtg_update="model")
 TARGET_RETURNS = {"hopper": 7200.0, "walker2d": 10000.0, "halfcheetah": 12000.0}  # Table 1.2
+SOURCE_LABEL = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}
 MODALITIES = ("return", "state", "action")  # token order within a timestep (Eq. 1.1)
 TASKS = ("action", "state", "return")  # the order of lambda = [lambda_DT, lambda_s, lambda_g] (Eq. 1.9)
 
@@ -149,9 +152,11 @@ def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     return np.cumsum(rewards[::-1])[::-1].copy()
 
 
-def make_dataset(episodes: list[dict], device: torch.device, rtg_scale: float, max_ep_len: int) -> dict:
+def make_dataset(episodes: list[dict], device: torch.device, rtg_scale: float, max_ep_len: int, state_stats=None) -> dict:
+    """`state_stats` (mean, std): normalise with these instead of the dataset's own (a checkpoint's, so
+    that training on from it and evaluating it see states on the scale the model learnt)."""
     obs = np.concatenate([ep["observations"] for ep in episodes])
-    mean, std = obs.mean(0), obs.std(0) + 1e-6
+    mean, std = state_stats if state_stats is not None else (obs.mean(0), obs.std(0) + 1e-6)
     lengths = np.array([len(ep["rewards"]) for ep in episodes])
     rtg = [returns_to_go(ep["rewards"]) for ep in episodes]
     t = lambda x, dtype=torch.float32: torch.as_tensor(x, dtype=dtype, device=device)
@@ -351,7 +356,9 @@ def evaluate(model, info, state_mean, state_std, args, device, seed, record_atte
     n, K = args.eval_episodes, args.context_len
     vec = gym.vector.AsyncVectorEnv if args.eval_async else gym.vector.SyncVectorEnv
     envs = vec([lambda: common.make_env(info)] * n)
-    horizon = common.make_env(info).spec.max_episode_steps or 1000  # the TimeLimit: 1000 for MuJoCo
+    probe = common.make_env(info)
+    horizon = probe.spec.max_episode_steps or 1000  # the TimeLimit: 1000 for MuJoCo
+    probe.close()
     low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
     mean_t, std_t = torch.as_tensor(state_mean, device=device), torch.as_tensor(state_std, device=device)
     states = torch.zeros(n, horizon, info["obs_dim"], device=device)
@@ -441,6 +448,9 @@ class AttentionRecorder:
             ax[2, i].bar(range(1, ent.shape[1] + 1), ent[i])
             ax[2, i].set_title("entropy per head (nats)")
             ax[2, i].set_xlabel("head")
+        if not self.count:  # attention is recorded only at steps with a full context of K steps
+            title += f" (EMPTY: every episode ended before step {self.K})"
+            print(f"warning: no attention recorded: every evaluation episode ended before step K = {self.K}.")
         fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(out_dir / "attention.png", dpi=110)
@@ -474,7 +484,7 @@ def make_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    opt = Lamb(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decouple=False)
+    opt = Lamb(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decouple=False, pre_norm=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
     return opt, sched
 
@@ -522,14 +532,16 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --n-embd {args.n_embd} must be divisible by --n-head {args.n_head}.")
 
 
-def claims_table(args: Args, trained_with: dict, info: dict, res: dict, attention: Optional[dict], cosines: list[dict]) -> list[dict]:
-    """thesis claim | our measurement | verdict, for what one run can test. `trained_with`: the arguments the
-    evaluated model was trained with (a checkpoint's, or this run's)."""
+def claims_table(args: Args, trained_with: dict, trained: int, info: dict, res: dict, attention: Optional[dict],
+                 cosines: list[dict]) -> list[dict]:
+    """thesis claim | our measurement | verdict, for what one run can test. Score: within one of the thesis's
+    standard deviations across its 10 seeds is reproduced, within two partly; a model trained with other
+    settings than Table 1.1 is "not comparable". `trained_with`: the arguments the evaluated model was
+    trained with (a checkpoint's, or this run's); `trained`: its updates in all."""
     rows = []
-    config = dict(trained_with, rtg_update=args.rtg_update)  # the inference rule is this run's
-    trained = config["updates"]
+    config = dict(trained_with, updates=trained, rtg_update=args.rtg_update)  # the inference rule is this run's
     short = f" (model trained {trained} updates, thesis 10^5)" if trained != TABLE_1_1["updates"] else ""
-    label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]
+    label = SOURCE_LABEL[info["source"]]
     thesis = THESIS_TABLE_1_3.get(info["name"])
     if thesis is not None:
         mean, std = thesis
@@ -550,7 +562,8 @@ def claims_table(args: Args, trained_with: dict, info: dict, res: dict, attentio
         action_mass = [m[MODALITIES.index("action")] for m in attention["modality_mass_mean"]]
         rows.append(dict(claim="Fig. 1.2: later blocks attend more to action tokens than the first block",
                          ours="action mass per block: " + ", ".join(f"{m:.2f}" for m in action_mass),
-                         verdict=("reproduced" if len(action_mass) > 1 and action_mass[-1] > action_mass[0] else "not reproduced") + short))
+                         verdict=("not measured: no evaluation step had a full context of K steps" if not attention["samples"] else
+                                  ("reproduced" if len(action_mass) > 1 and action_mass[-1] > action_mass[0] else "not reproduced") + short)))
     if len(cosines) >= 2:
         pairs = [k for k in cosines[0] if k.startswith("cos_")]
         fell = [k for k in pairs if cosines[-1][k] < cosines[0][k]]
@@ -570,7 +583,12 @@ def train(args: Args) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    except RuntimeError:
+        raise SystemExit(f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     lambdas = dict(zip(TASKS, loss_weights(args.lambdas)))
 
@@ -578,13 +596,25 @@ def train(args: Args) -> dict:
     if args.checkpoint is not None:
         if not Path(args.checkpoint).is_file():
             raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file (expected runs/RUN/model.pt).")
-        ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
-        for k in ("gaussian_heads", "context_len", "n_layer", "n_head", "n_embd", "max_ep_len", "rtg_scale"):
+        try:
+            ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
+        except Exception as e:
+            raise SystemExit(f"error: --checkpoint {args.checkpoint}: torch cannot read it ({type(e).__name__}).") from None
+        arch = ("gaussian_heads", "context_len", "n_layer", "n_head", "n_embd", "max_ep_len", "rtg_scale")
+        # trdt.py's checkpoints carry every one of these keys too, plus --bins
+        if not isinstance(ckpt, dict) or "model" not in ckpt or any(k not in ckpt.get("args", {}) for k in arch) or "bins" in ckpt["args"]:
+            raise SystemExit(f"error: --checkpoint {args.checkpoint} is not a model.pt written by mo_dt.py.")
+        for k in arch:
             setattr(args, k, ckpt["args"][k])  # the architecture is the checkpoint's, whatever the flags say
     try:
         episodes, info = common.load_dataset(args.env, args.dataset_path)
     except common.DatasetError as e:
         raise SystemExit(f"error: {e}") from None
+    if ckpt is not None:
+        dims = (ckpt["dataset"]["obs_dim"], ckpt["dataset"]["act_dim"])
+        if dims != (info["obs_dim"], info["act_dim"]):
+            raise SystemExit(f"error: --checkpoint {args.checkpoint} was trained on {ckpt['dataset']['name']} (state, action dims {dims}) "
+                             f"but --env {args.env} has {(info['obs_dim'], info['act_dim'])}; pass the --env it was trained on.")
     domain = info["env_id"].split("-")[0].lower()
     if args.target_return is None:
         if domain not in TARGET_RETURNS:
@@ -602,9 +632,8 @@ def train(args: Args) -> dict:
     metrics = open(run_dir / "metrics.jsonl", "a")
     log = lambda **kw: metrics.write(json.dumps(kw) + "\n") or metrics.flush()
 
-    data = make_dataset(episodes, device, args.rtg_scale, args.max_ep_len)
-    if ckpt is not None:
-        data["state_mean"], data["state_std"] = ckpt["state_mean"], ckpt["state_std"]
+    data = make_dataset(episodes, device, args.rtg_scale, args.max_ep_len,
+                        state_stats=None if ckpt is None else (ckpt["state_mean"], ckpt["state_std"]))
     model = MultiObjectiveDecisionTransformer(info["obs_dim"], info["act_dim"], args.n_layer, args.n_head, args.n_embd,
                                               args.dropout, args.max_ep_len, args.gaussian_heads).to(device)
     if ckpt is not None:
@@ -633,13 +662,15 @@ def train(args: Args) -> dict:
     if args.eval_every and args.updates:
         print(f"update 0: normalized score {run_eval(0)['normalized_mean']:.1f}")
     cosines = []
-    t_train, step = time.time(), 0
+    t_train, step, aside = time.time(), 0, 0.0  # aside: seconds of evaluation and gradient analysis, not training
     bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0, disable=args.updates == 0)
     for step in bar:
         b = sample_batch(data, args.batch_size, args.context_len, gen)
         if args.grad_cos_every and (step % args.grad_cos_every == 0 or step == args.updates - 1):
+            t0 = time.time()
             cosines.append(dict(step=step, **task_gradient_cosines(model, losses_on(b))))  # before this update's step
             log(**cosines[-1])
+            aside += time.time() - t0
         losses, grad_norm = update(model, opt, losses_on, b, lambdas, args.schedule, args.grad_clip)
         sched.step()  # warmup counts updates, so both schedules follow the same learning-rate curve
         if step % args.log_every == 0 or step == args.updates - 1:  # .item() syncs the GPU: not every step
@@ -648,27 +679,31 @@ def train(args: Args) -> dict:
                 grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0])
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.updates:
+            t0 = time.time()
             res = run_eval(step + 1)
+            aside += time.time() - t0
             bar.write(f"update {step + 1}: normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
-    train_time = time.time() - t_train
-    updates_per_s = args.updates / train_time if args.updates else None
+    train_time = time.time() - t_train - aside
+    updates_per_s = args.updates / train_time if args.updates else None  # updates alone: comparable across --eval-every
 
+    trained_updates = args.updates + (ckpt.get("trained_updates", ckpt["args"]["updates"]) if ckpt is not None else 0)
     if args.updates:
-        torch.save(dict(model=model.state_dict(), args=asdict(args), state_mean=data["state_mean"], state_std=data["state_std"], dataset=info), run_dir / "model.pt")
+        torch.save(dict(model=model.state_dict(), args=asdict(args), state_mean=data["state_mean"], state_std=data["state_std"],
+                        dataset=info, trained_updates=trained_updates), run_dir / "model.pt")
     res = run_eval(args.updates, record_attention=args.attention)
     attn = res.pop("attention")
     attention = attn.report(run_dir, f"MO-DT on {info['name']}: attention from state tokens") if attn is not None else None
-    claims = claims_table(args, ckpt["args"] if ckpt is not None else asdict(args), info, res, attention, cosines)
+    trained_with = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
+    claims = claims_table(args, trained_with, trained_updates, info, res, attention, cosines)
     results = dict(config, returns=res["returns"], lengths=res["lengths"], normalized=res["normalized"],
                    return_mean=res["return_mean"], normalized_mean=res["normalized_mean"], normalized_std=res["normalized_std"],
-                   updates=args.updates, train_updates_per_s=updates_per_s, eval_env_steps_per_s=res["env_steps_per_s"],
+                   updates=args.updates, trained_updates=trained_updates, train_updates_per_s=updates_per_s, eval_env_steps_per_s=res["env_steps_per_s"],
                    wall_time_s=time.time() - t_start, run_dir=str(run_dir), claims=claims)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     metrics.close()
 
-    label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]
     print(f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} episodes "
-          f"(return {res['return_mean']:.0f}; {label} data, {args.updates} updates)")
+          f"(return {res['return_mean']:.0f}; {SOURCE_LABEL[info['source']]} data, {trained_updates} updates, rtg-update {args.rtg_update})")
     if info["name"] in THESIS_TABLE_1_3:
         print(f"thesis Table 1.3 (MO-DT, official D4RL, 10^5 updates): {THESIS_TABLE_1_3[info['name']][0]}")
     if claims:

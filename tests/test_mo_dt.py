@@ -1,6 +1,7 @@
 import json
 import math
 import subprocess
+from dataclasses import asdict
 import sys
 from pathlib import Path
 
@@ -184,7 +185,8 @@ def read_metrics(run):
     return [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("flags", [dict(), dict(schedule="alternating"), dict(gaussian_heads=False), dict(rtg_update="subtract")])
+@pytest.mark.parametrize("flags", [dict(), dict(schedule="alternating"), dict(gaussian_heads=False), dict(rtg_update="subtract"),
+                                   dict(n_head=1)], ids=["joint", "alternating", "mse-heads", "subtract", "one-head"])
 def test_end_to_end_with_evaluation(tmp_path, hdf5_path, flags):
     evals = [0, 10, 20] if not flags else [20]  # the ablations evaluate once, at the end, to keep CI fast
     res = mo_dt.train(tiny_args(tmp_path, hdf5_path, attention=True, eval_every=10 if not flags else 0, **flags))
@@ -207,6 +209,8 @@ def test_end_to_end_with_evaluation(tmp_path, hdf5_path, flags):
     assert [l["step"] for l in cos] == [0, 10, 19] and all(-1 <= l["cos_state_return"] <= 1 for l in cos)
     att = json.loads((run / "attention.json").read_text())
     assert np.allclose(np.array(att["modality_mass_mean"]).sum(1), 1.0, atol=1e-4) and att["samples"] > 0
+    n_head = flags.get("n_head", 2)
+    assert np.array(att["modality_mass_per_head"]).shape == (2, n_head, 3) and np.array(att["entropy_per_head"]).shape == (2, n_head)
     claims = [c["claim"] for c in saved["claims"]]
     assert any(c.startswith("Fig. 1.2") for c in claims) and any(c.startswith("Ch. 3") for c in claims)
 
@@ -218,6 +222,7 @@ def test_return_head_drives_inference_and_checkpoint_attention(tmp_path, hdf5_pa
                                   n_layer=5, context_len=4))
     # same weights and env seeds -> same episodes (up to float noise: analysis uses an explicit softmax)
     assert again["returns"] == pytest.approx(trained["returns"], rel=1e-4)
+    assert again["trained_updates"] == 20 and "model trained 20 updates" in again["claims"][0]["verdict"]
     run = Path(again["run_dir"])
     assert not (run / "model.pt").exists() and np.array(json.loads((run / "attention.json").read_text())["state_row_maps"]).shape == (2, 20, 60)
     subtract = mo_dt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=ckpt, exp_name="subtract", rtg_update="subtract"))
@@ -237,6 +242,46 @@ def test_bad_arguments_get_clear_errors(tmp_path, hdf5_path):
         mo_dt.train(tiny_args(tmp_path, hdf5_path, n_embd=30, n_head=4))
     with pytest.raises(SystemExit, match="pass --checkpoint"):
         mo_dt.train(tiny_args(tmp_path, hdf5_path, updates=0))
+    with pytest.raises(SystemExit, match="--grad-clip must be > 0"):
+        mo_dt.train(tiny_args(tmp_path, hdf5_path, grad_clip=0.0))
+    with pytest.raises(SystemExit, match="--weight-decay must be >= 0"):
+        mo_dt.train(tiny_args(tmp_path, hdf5_path, weight_decay=-1e-3))
+    with pytest.raises(SystemExit, match="no such file"):
+        mo_dt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(tmp_path / "none.pt")))
+    with pytest.raises(SystemExit, match="unknown dataset 'hopper-mediun'"):
+        mo_dt.train(tiny_args(tmp_path, hdf5_path, env="hopper-mediun"))
+    assert not (tmp_path / "runs").exists()  # every bad argument is caught before a run folder is made
+
+
+def test_foreign_checkpoints_and_bad_devices_get_clear_errors(tmp_path, hdf5_path):
+    walker = tmp_path / "walker.pt"  # the right kind of checkpoint, trained on another env
+    torch.save(dict(model={}, args=asdict(mo_dt.Args()), dataset=dict(name="walker2d-medium", obs_dim=17, act_dim=6)), walker)
+    with pytest.raises(SystemExit, match="trained on walker2d-medium .* pass the --env it was trained on"):
+        mo_dt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(walker)))
+    foreign = tmp_path / "foreign.pt"  # dt.py's checkpoints have no Gaussian-heads flag; trdt.py's have --bins
+    for args in (dict(policy="deterministic"), dict(asdict(mo_dt.Args()), bins=3)):
+        torch.save(dict(model={}, args=args, dataset=dict(name="hopper-random", obs_dim=11, act_dim=3)), foreign)
+        with pytest.raises(SystemExit, match="not a model.pt written by mo_dt.py"):
+            mo_dt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(foreign)))
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="torch cannot read it"):
+        mo_dt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(tmp_path / "junk.pt")))
+    with pytest.raises(SystemExit, match="is not a device"):
+        mo_dt.train(tiny_args(tmp_path, hdf5_path, device="gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA GPU"):
+            mo_dt.train(tiny_args(tmp_path, hdf5_path, device="cuda"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_state_normalisation_can_come_from_a_checkpoint(hdf5_path):
+    eps, _ = common.load_dataset("hopper-random", [str(hdf5_path)])
+    own = mo_dt.make_dataset(eps, torch.device("cpu"), 1.0, 1000)
+    mean, std = np.ones(11, np.float32), np.full(11, 2.0, np.float32)
+    given = mo_dt.make_dataset(eps, torch.device("cpu"), 1.0, 1000, state_stats=(mean, std))
+    obs = np.concatenate([ep["observations"] for ep in eps])
+    torch.testing.assert_close(given["states"][: len(obs)], torch.as_tensor((obs - 1.0) / 2.0))
+    assert given["state_mean"] is mean and not torch.allclose(own["states"], given["states"])
 
 
 def test_an_existing_run_folder_is_never_overwritten(tmp_path, hdf5_path, monkeypatch):
@@ -258,3 +303,100 @@ def test_cli_help_and_table_1_1_defaults():
     assert {k: getattr(a, k) for k in mo_dt.TABLE_1_1} == mo_dt.TABLE_1_1
     assert mo_dt.TARGET_RETURNS == {"hopper": 7200.0, "walker2d": 10000.0, "halfcheetah": 12000.0}
     assert sum(v[0] for v in mo_dt.THESIS_TABLE_1_3.values()) == pytest.approx(705.37)
+
+
+def test_claims_verdicts():
+    info = dict(name="hopper-medium-replay", source="d4rl")  # Table 1.3: 79.43 ± 5.2
+    thesis = mo_dt.Args()
+    verdict = lambda score, n=100_000, args=thesis: mo_dt.claims_table(
+        args, asdict(args), n, info, dict(normalized_mean=score, normalized_std=0.0), None, [])[0]["verdict"]
+    assert verdict(79.43 - 5.0) == "reproduced" and verdict(79.43 + 10.0) == "partly" and verdict(60.0) == "not reproduced"
+    assert verdict(79.4, n=10).startswith("not comparable: differs from Table 1.1 in updates")
+    assert "lambdas" in verdict(79.4, args=mo_dt.Args(lambdas=(0.5, 0.25, 0.25)))
+    att = dict(samples=5, modality_mass_mean=[[0.4, 0.4, 0.2], [0.2, 0.3, 0.5]])
+    rows = mo_dt.claims_table(thesis, asdict(thesis), 100_000, dict(info, name="x"), dict(normalized_mean=0.0, normalized_std=0.0), att, [])
+    assert rows[0]["claim"].startswith("Fig. 1.2") and rows[0]["verdict"] == "reproduced"
+    empty = mo_dt.claims_table(thesis, asdict(thesis), 100_000, dict(info, name="x"), dict(normalized_mean=0.0, normalized_std=0.0),
+                              dict(att, samples=0), [])
+    assert empty[0]["verdict"].startswith("not measured")  # episodes shorter than K: no attention was recorded
+
+
+def test_attention_recorder_on_hand_made_weights(tmp_path):
+    """Two heads, K = 2; head 0: s_1 -> g_1, s_2 -> s_1 and s_2 halves; head 1: s_1 -> g_1 and s_1 halves, s_2 -> a_1."""
+    M, K = 3, 2
+    g, s, a = 0, 1, 2  # token order (g_t, s_t, a_t), Eq. 1.1
+    att = torch.zeros(2, 2, M * K, M * K)  # (N, nh, T, T); the second sample is a finished episode
+    att[0, 0, s, g] = 1.0
+    att[0, 0, M + s, [s, M + s]] = 0.5
+    att[0, 1, s, [g, s]] = 0.5
+    att[0, 1, M + s, a] = 1.0
+    att[1] = 7.0  # garbage: must not be counted
+    rec = mo_dt.AttentionRecorder(1, 2, K)
+    rec.add([att], torch.tensor([True, False]))
+    out = rec.report(tmp_path, "hand-made")
+    assert out["modality_mass_mean"] == [pytest.approx([0.375, 0.375, 0.25])]
+    assert out["modality_mass_std_across_heads"] == [pytest.approx([0.125, 0.125, 0.25])]  # across heads, not rows
+    assert out["entropy_per_head"] == [pytest.approx([math.log(2) / 2] * 2)] and out["samples"] == 1
+    maps = np.array(out["state_row_maps"][0])  # averaged over heads
+    assert maps.shape == (K, M * K) and maps[0, g] == 0.75 and maps[0, s] == 0.25 and maps[1, a] == 0.5
+    assert (tmp_path / "attention.png").stat().st_size > 0 and json.loads((tmp_path / "attention.json").read_text()) == out
+
+
+def spied_evaluation(tmp_path, hdf5_path, monkeypatch, **kw):
+    """Evaluate an untrained model while recording every forward pass and every reward of the two envs."""
+    import gymnasium as gym
+
+    args = tiny_args(tmp_path, hdf5_path, context_len=3, target_return=3600.0, **kw)
+    _, info = common.load_dataset(args.env, args.dataset_path)
+    torch.manual_seed(0)
+    model = mo_dt.MultiObjectiveDecisionTransformer(info["obs_dim"], info["act_dim"], 2, 2, 16, 0.0, 1000, True)
+    calls, rewards, forward, make_env = [], [], model.forward, common.make_env
+
+    def spy(*x, **k):
+        preds, attns = forward(*x, **k)
+        calls.append(([v.clone() for v in x], preds["action"][0][:, -1].clone(), preds["return"][0][:, -1].clone()))
+        return preds, attns
+
+    class RewardLog(gym.Wrapper):
+        def step(self, action):
+            step = self.env.step(action)
+            self.log.append(float(step[1]))
+            return step
+
+    def logged_env(info):
+        env = RewardLog(make_env(info))
+        env.log = []
+        rewards.append(env.log)
+        return env
+
+    model.forward = spy
+    monkeypatch.setattr(common, "make_env", logged_env)
+    res = mo_dt.evaluate(model, info, np.zeros(info["obs_dim"]), np.ones(info["obs_dim"]), args, torch.device("cpu"), seed=0)
+    return calls, rewards[:2], res
+
+
+def test_inference_follows_alg_1(tmp_path, hdf5_path, monkeypatch):
+    calls, rewards, res = spied_evaluation(tmp_path, hdf5_path, monkeypatch)
+    steps = max(res["lengths"])
+    assert len(calls) == 2 * steps - 1  # per step: the action forward, then (not after the last) the return forward
+    for t in range(steps):
+        (rtg, states, actions, _), a_pred, _ = calls[2 * t]
+        assert rtg.shape[1] == min(t + 1, 3) and (actions[:, -1] == 0).all()  # last K steps; a_t not yet known
+        if t == 0:
+            assert (rtg[:, 0] == 3.6).all()  # g_1 = target return / rtg scale (Eq. 1.15)
+        else:  # Eq. 1.16, Alg. 1 line 23: g_t is what the return head said on the a_{t-1} token
+            torch.testing.assert_close(rtg[:, -1, 0], calls[2 * t - 1][2][:, 0])
+        if t + 1 < steps:
+            (_, states2, actions2, _), _, _ = calls[2 * t + 1]
+            torch.testing.assert_close(states2, states)
+            torch.testing.assert_close(actions2[:, -1], a_pred.clamp(-1, 1))  # the executed action (Eq. 1.17: the mean)
+    assert [len(r) for r in rewards] == res["lengths"] and res["returns"] == pytest.approx([sum(r) for r in rewards])
+
+
+def test_inference_with_the_subtraction_rule(tmp_path, hdf5_path, monkeypatch):
+    calls, rewards, res = spied_evaluation(tmp_path, hdf5_path, monkeypatch, rtg_update="subtract")
+    assert len(calls) == max(res["lengths"])  # one forward per step: no return-head pass
+    for t in range(1, len(calls)):
+        for i in range(2):
+            if t < res["lengths"][i]:  # DT's rule g_{t+1} = g_t - r_t (in units of --rtg-scale)
+                assert calls[t][0][0][i, -1, 0].item() == pytest.approx(calls[t - 1][0][0][i, -1, 0].item() - rewards[i][t - 1] / 1000, abs=1e-5)

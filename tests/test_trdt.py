@@ -1,4 +1,5 @@
 import copy
+from dataclasses import asdict
 import itertools
 import json
 import math
@@ -265,9 +266,11 @@ def test_gradient_cosines_on_shared_parameters():
     losses, _ = trdt.task_losses(model, batch)
     names = [n for n, p in model.named_parameters() if any(p is q for q in trdt.shared_parameters(model))]
     assert names and not any(n.startswith("head_") for n in names) and "embed_r.weight" in names
-    res = trdt.task_gradient_cosines(model, dict(losses, state=losses["action"]))  # a task paired with itself
-    assert len(res["grad_cos"]) == 6 and res["grad_cos"]["action|state"] == pytest.approx(1.0, abs=1e-5)
-    assert all(-1 <= c <= 1 for c in res["grad_cos"].values()) and abs(res["grad_cos"]["action|return"]) < 0.999
+    res = trdt.task_gradient_cosines(model, dict(losses, state=losses["action"] * 3))  # a task paired with itself
+    cos = {k: v for k, v in res.items() if k.startswith("cos_")}
+    assert len(cos) == 6 and cos["cos_action_state"] == pytest.approx(1.0, abs=1e-5)
+    assert all(abs(c) <= 1 + 1e-6 for c in cos.values()) and abs(cos["cos_action_return"]) < 0.999
+    assert res["grad_norm_state"] == pytest.approx(3 * res["grad_norm_action"], rel=1e-5)
 
 
 def test_lamb_decays_matrices_only():
@@ -283,17 +286,18 @@ def test_lamb_decays_matrices_only():
 
 RESULT_KEYS = {"returns", "lengths", "normalized", "return_mean", "normalized_mean", "normalized_std", "updates",
                "train_updates_per_s", "eval_env_steps_per_s", "wall_time_s", "run_dir", "device", "git_commit",
-               "dataset", "args", "run_name", "torch", "claims", "choices"}
+               "dataset", "args", "run_name", "torch", "claims", "choices", "trained_updates"}
 
 
 @pytest.mark.parametrize("flags", [dict(), dict(schedule="alternating"), dict(gaussian_heads=False),
-                                   dict(rtg_update="subtract"), dict(bins=5)],
-                         ids=["joint", "alternating", "mse-heads", "subtract", "bins5"])
+                                   dict(rtg_update="subtract"), dict(bins=5), dict(n_head=1, attention=True)],
+                         ids=["joint", "alternating", "mse-heads", "subtract", "bins5", "one-head-attention"])
 def test_end_to_end_with_evaluation(tmp_path, hdf5_path, flags):
     every = 10 if not flags else 0  # evaluation during training once; every variant is evaluated at the end
     res = trdt.train(tiny_args(tmp_path, hdf5_path, eval_every=every, **flags))
     run_dir = Path(res["run_dir"])
-    assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.jsonl", "results.json", "model.pt"}
+    files = {"config.json", "metrics.jsonl", "results.json", "model.pt"}
+    assert {p.name for p in run_dir.iterdir()} == files | ({"attention.png", "attention.json"} if "attention" in flags else set())
     saved = json.loads((run_dir / "results.json").read_text())
     assert set(saved) == RESULT_KEYS  # a benchmark runner reads the same keys as dt.py's
     assert len(saved["returns"]) == 2 and saved["dataset"]["source"] == "file"
@@ -303,8 +307,17 @@ def test_end_to_end_with_evaluation(tmp_path, hdf5_path, flags):
     losses = [l for l in lines if "loss" in l]
     assert losses and all(np.isfinite([l[f"loss_{k}"] for k in trdt.TASKS]).all() for l in losses)
     assert all(0 <= l["region_acc"] <= 1 for l in losses)
-    cos = [l for l in lines if "grad_cos" in l]
-    assert [l["step"] for l in cos] == [0, 10] and len(cos[0]["grad_cos"]) == 6
+    assert [l["step"] for l in losses] == [0, 5, 10, 15, 19]
+    lam = trdt.Args().lambdas if "lambdas" not in flags else flags["lambdas"]
+    for l in losses:  # every task loss, separately, and the weighted total
+        assert l["loss"] == pytest.approx(sum(w * l[f"loss_{k}"] for k, w in zip(trdt.TASKS, lam)), rel=1e-5)
+    cos = [l for l in lines if "cos_action_region" in l]
+    assert [l["step"] for l in cos] == [0, 10, 19] and all(len([k for k in l if k.startswith("cos_")]) == 6 for l in cos)
+    claims = [c["claim"] for c in saved["claims"]]
+    assert any(c.startswith("Ch. 3") for c in claims) and any(c.startswith("Fig. 1.3") for c in claims) == ("attention" in flags)
+    if "attention" in flags:
+        att = json.loads((run_dir / "attention.json").read_text())
+        assert np.array(att["modality_mass_per_head"]).shape == (2, 1, 4) and np.array(att["entropy_per_head"]).shape == (2, 1)
 
 
 def test_schedules_see_the_same_batches_but_train_differently(tmp_path, hdf5_path):
@@ -324,6 +337,7 @@ def test_checkpoint_evaluation_with_attention_analysis(tmp_path, hdf5_path):
     res = trdt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(ckpt), attention=True, context_len=4,
                                n_layer=5, bins=7, exp_name="analysis"))
     run_dir = Path(res["run_dir"])
+    assert res["trained_updates"] == 20 and "20 updates" in res["claims"][0]["verdict"]
     assert res["returns"] == pytest.approx(trained["returns"], rel=1e-4)  # same weights and env seeds
     assert (run_dir / "attention.png").stat().st_size > 0 and not (run_dir / "model.pt").exists()
     att = json.loads((run_dir / "attention.json").read_text())
@@ -338,9 +352,42 @@ def test_bad_arguments_get_clear_errors(tmp_path, hdf5_path):
                     (dict(lambdas=(0.5, 0.5, 0.5)), "--lambdas needs 4 weights"),
                     (dict(lambdas=(0.7, 0.1, 0.1, 0.2)), "sum to 1"), (dict(grad_cos_every=-1), "--grad-cos-every"),
                     (dict(n_embd=30, n_head=4), "divisible by --n-head"), (dict(updates=0), "pass --checkpoint"),
+                    (dict(grad_clip=0.0), "--grad-clip must be > 0"), (dict(weight_decay=-1e-3), "--weight-decay must be >= 0"),
+                    (dict(checkpoint=str(tmp_path / "none.pt"), updates=0), "no such file"),
                     (dict(env="hopper-mediun"), "unknown dataset 'hopper-mediun'")):
         with pytest.raises(SystemExit, match=msg):
             trdt.train(tiny_args(tmp_path, hdf5_path, **kw))
+    assert not (tmp_path / "runs").exists()  # every bad argument is caught before a run folder is made
+
+
+def test_foreign_checkpoints_and_bad_devices_get_clear_errors(tmp_path, hdf5_path):
+    walker = tmp_path / "walker.pt"  # the right kind of checkpoint, trained on another env
+    torch.save(dict(model={}, args=asdict(trdt.Args()), dataset=dict(name="walker2d-medium", obs_dim=17, act_dim=6)), walker)
+    with pytest.raises(SystemExit, match="trained on walker2d-medium .* pass the --env it was trained on"):
+        trdt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(walker)))
+    foreign = tmp_path / "foreign.pt"  # dt.py's checkpoints have no Gaussian-heads flag
+    torch.save(dict(model={}, args=dict(policy="deterministic"), dataset=dict(name="hopper-random", obs_dim=11, act_dim=3)), foreign)
+    with pytest.raises(SystemExit, match="not a model.pt written by trdt.py"):
+        trdt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(foreign)))
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="torch cannot read it"):
+        trdt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(tmp_path / "junk.pt")))
+    with pytest.raises(SystemExit, match="is not a device"):
+        trdt.train(tiny_args(tmp_path, hdf5_path, device="gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA GPU"):
+            trdt.train(tiny_args(tmp_path, hdf5_path, device="cuda"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_state_normalisation_can_come_from_a_checkpoint(hdf5_path):
+    eps, _ = common.load_dataset("hopper-random", [str(hdf5_path)])
+    own = trdt.make_dataset(eps, torch.device("cpu"), 1.0, 1000, 3)
+    mean, std = np.ones(11, np.float32), np.full(11, 2.0, np.float32)
+    given = trdt.make_dataset(eps, torch.device("cpu"), 1.0, 1000, 3, state_stats=(mean, std))
+    obs = np.concatenate([ep["observations"] for ep in eps])
+    torch.testing.assert_close(given["states"][: len(obs)], torch.as_tensor((obs - 1.0) / 2.0))
+    assert given["state_mean"] is mean and not torch.allclose(own["states"], given["states"])
 
 
 def test_an_existing_run_folder_is_never_overwritten(tmp_path, hdf5_path, monkeypatch):
@@ -362,9 +409,123 @@ def test_cli_help_explains_every_flag():
     assert "Eq. 1.16" in out and "Thm 3" in out
 
 
-def test_claims_verdict_against_the_thesis_spread():
+def test_table_1_1_and_1_2_defaults():
+    a = trdt.Args()
+    assert {k: getattr(a, k) for k in trdt.TABLE_1_1} == trdt.TABLE_1_1
+    assert trdt.TABLE_1_1 == dict(bins=3, n_layer=4, n_head=4, n_embd=256, context_len=20, dropout=0.1, batch_size=256,
+                                  lr=1e-4, weight_decay=1e-3, grad_clip=0.25, warmup_steps=10_000, updates=100_000,
+                                  gaussian_heads=True, schedule="joint", rtg_update="model")
+    assert a.lambdas == (0.25,) * 4  # uniform on the simplex
+    assert isinstance(small_model().blocks[0].mlp[1], torch.nn.ReLU)
+    assert not any("pos" in n for n, _ in small_model().named_parameters())  # no positional embedding
+    assert trdt.TARGET_RETURNS == {"hopper": 7200.0, "walker2d": 10000.0, "halfcheetah": 12000.0}
+    assert sum(v[0] for v in trdt.THESIS_TABLE_1_3.values()) == pytest.approx(726.77)
+
+
+def test_claims_verdicts():
     info = dict(name="hopper-medium-replay", source="d4rl")  # Table 1.3: 97.82 ± 2.3
-    verdict = lambda score, n=100_000: trdt.claims_table(info, dict(normalized_mean=score, normalized_std=0.0), trdt.Args(), n)[0]["verdict"]
-    assert verdict(97.82 - 4.5).startswith("reproduced") and verdict(97.82 + 9.0).startswith("partly")
-    assert verdict(80.0).startswith("not reproduced") and "< 10^5 updates" in verdict(97.8, n=10)
-    assert trdt.claims_table(dict(name="hopper-random", source="d4rl"), dict(normalized_mean=1.0, normalized_std=0.0), trdt.Args(), 1) == []
+    thesis = trdt.Args()
+    verdict = lambda score, n=100_000, args=thesis: trdt.claims_table(
+        args, asdict(args), n, info, dict(normalized_mean=score, normalized_std=0.0), None, [])[0]["verdict"]
+    assert verdict(97.82 - 2.2) == "reproduced" and verdict(97.82 + 4.5) == "partly" and verdict(90.0) == "not reproduced"
+    assert verdict(97.8, n=10).startswith("not comparable: differs from Table 1.1 in updates")
+    assert "lambdas" in verdict(97.8, args=trdt.Args(lambdas=(0.7, 0.1, 0.1, 0.1)))
+    assert "replica data" in trdt.claims_table(thesis, asdict(thesis), 100_000, dict(info, source="replica"),
+                                              dict(normalized_mean=97.8, normalized_std=0.0), None, [])[0]["verdict"]
+    assert trdt.claims_table(thesis, asdict(thesis), 1, dict(name="hopper-random", source="d4rl"),
+                             dict(normalized_mean=1.0, normalized_std=0.0), None, []) == []
+    # Fig. 1.3: the last block puts more mass on actions + regions than the first
+    att = dict(samples=5, modality_mass_mean=[[0.4, 0.4, 0.1, 0.1], [0.2, 0.2, 0.3, 0.3]])
+    rows = trdt.claims_table(thesis, asdict(thesis), 100_000, dict(info, name="x"), dict(normalized_mean=0.0, normalized_std=0.0), att, [])
+    assert rows[0]["claim"].startswith("Fig. 1.3") and rows[0]["verdict"] == "reproduced" and "0.20, 0.60" in rows[0]["ours"]
+    empty = trdt.claims_table(thesis, asdict(thesis), 100_000, dict(info, name="x"), dict(normalized_mean=0.0, normalized_std=0.0),
+                              dict(att, samples=0), [])
+    assert empty[0]["verdict"].startswith("not measured")  # episodes shorter than K: no attention was recorded
+    cos = [dict(step=0, cos_action_state=0.5, cos_action_return=0.2), dict(step=9, cos_action_state=0.1, cos_action_return=0.3)]
+    rows = trdt.claims_table(thesis, asdict(thesis), 100_000, dict(info, name="x"), dict(normalized_mean=0.0, normalized_std=0.0), None, cos)
+    assert rows[0]["claim"].startswith("Ch. 3") and rows[0]["verdict"] == "partly"
+
+
+def test_attention_recorder_on_hand_made_weights(tmp_path):
+    """Two heads, K = 2; head 0: s_1 -> g_1, s_2 -> s_1 and s_2 halves; head 1: s_1 -> g_1 and s_1 halves, s_2 -> a_1."""
+    M, K = len(trdt.MODALITIES), 2
+    g, s, a = (trdt.MODALITIES.index(m) for m in ("return", "state", "action"))
+    att = torch.zeros(2, 2, M * K, M * K)  # (N, nh, T, T); the second sample is a finished episode
+    att[0, 0, s, g] = 1.0
+    att[0, 0, M + s, [s, M + s]] = 0.5
+    att[0, 1, s, [g, s]] = 0.5
+    att[0, 1, M + s, a] = 1.0
+    att[1] = 7.0  # garbage: must not be counted
+    rec = trdt.AttentionRecorder(1, 2, K)
+    rec.add([att], torch.tensor([True, False]))
+    out = rec.report(tmp_path, "hand-made")
+    mass = {m: (out["modality_mass_mean"][0][i], out["modality_mass_std_across_heads"][0][i]) for i, m in enumerate(trdt.MODALITIES)}
+    assert mass["return"] == pytest.approx((0.375, 0.125)) and mass["state"] == pytest.approx((0.375, 0.125))
+    assert mass["action"] == pytest.approx((0.25, 0.25)) and mass["region"] == (0.0, 0.0)
+    assert out["entropy_per_head"] == [pytest.approx([math.log(2) / 2] * 2)] and out["samples"] == 1
+    maps = np.array(out["state_row_maps"][0])  # averaged over heads
+    assert maps.shape == (K, M * K) and maps[0, g] == 0.75 and maps[0, s] == 0.25 and maps[1, a] == 0.5
+    assert (tmp_path / "attention.png").stat().st_size > 0 and json.loads((tmp_path / "attention.json").read_text()) == out
+
+
+def spied_evaluation(tmp_path, hdf5_path, monkeypatch, **kw):
+    """Evaluate an untrained model while recording every forward pass and every reward of the two envs."""
+    import gymnasium as gym
+
+    args = tiny_args(tmp_path, hdf5_path, context_len=3, target_return=3600.0, **kw)
+    _, info = common.load_dataset(args.env, args.dataset_path)
+    torch.manual_seed(0)
+    model = trdt.TrustRegionDecisionTransformer(info["obs_dim"], info["act_dim"], 2, 2, 16, 0.0, 1000, 3, True)
+    calls, rewards, forward, make_env = [], [], model.forward, common.make_env
+
+    def spy(*x, **k):
+        out = forward(*x, **k)
+        calls.append(([v.clone() for v in x], out["action_mean"][:, -1].clone(), out["return_mean"][:, -1].clone()))
+        return out
+
+    class RewardLog(gym.Wrapper):
+        def step(self, action):
+            step = self.env.step(action)
+            self.log.append(float(step[1]))
+            return step
+
+    def logged_env(info):
+        env = RewardLog(make_env(info))
+        env.log = []
+        rewards.append(env.log)
+        return env
+
+    model.forward = spy
+    monkeypatch.setattr(common, "make_env", logged_env)
+    res = trdt.evaluate(model, info, np.zeros(info["obs_dim"]), np.ones(info["obs_dim"]), args, torch.device("cpu"), seed=0)
+    return calls, rewards[:2], res
+
+
+def test_inference_follows_alg_1(tmp_path, hdf5_path, monkeypatch):
+    calls, rewards, res = spied_evaluation(tmp_path, hdf5_path, monkeypatch)
+    steps = max(res["lengths"])
+    assert len(calls) == 2 * steps - 1  # per step: the action forward, then (not after the last) the return forward
+    for t in range(steps):
+        (rtg, states, regions, actions, _), a_pred, _ = calls[2 * t]
+        assert rtg.shape[1] == min(t + 1, 3)  # the last K steps
+        assert (regions[:, -1] == 0).all() and (actions[:, -1] == 0).all()  # a_t is predicted before ā_t, a_t exist
+        if t == 0:
+            assert (rtg[:, 0] == 3.6).all()  # g_1 = target return / rtg scale
+        else:  # Eq. 1.16, Alg. 1 line 23: g_t is what the return head said on the a_{t-1} token
+            torch.testing.assert_close(rtg[:, -1, 0], calls[2 * t - 1][2][:, 0])
+        if t + 1 < steps:
+            (_, states2, regions2, actions2, _), _, _ = calls[2 * t + 1]
+            torch.testing.assert_close(states2, states)
+            torch.testing.assert_close(actions2[:, -1], a_pred.clamp(-1, 1))  # the executed action ...
+            torch.testing.assert_close(regions2[:, -1], trdt.encode_regions(actions2[:, -1], 3))  # ... and its region (line 20)
+            torch.testing.assert_close(regions2[:, :-1], regions[:, :-1])
+    assert [len(r) for r in rewards] == res["lengths"] and res["returns"] == pytest.approx([sum(r) for r in rewards])
+
+
+def test_inference_with_the_subtraction_rule(tmp_path, hdf5_path, monkeypatch):
+    calls, rewards, res = spied_evaluation(tmp_path, hdf5_path, monkeypatch, rtg_update="subtract")
+    assert len(calls) == max(res["lengths"])  # one forward per step: no return-head pass
+    for t in range(1, len(calls)):
+        for i in range(2):
+            if t < res["lengths"][i]:  # DT's rule g_{t+1} = g_t - r_t (in units of --rtg-scale)
+                assert calls[t][0][0][i, -1, 0].item() == pytest.approx(calls[t - 1][0][0][i, -1, 0].item() - rewards[i][t - 1] / 1000, abs=1e-5)
