@@ -3,7 +3,9 @@
     python benchmarks/aggregate.py benchmarks/results/cpu [more folders ...]
 
 Reads every `*/results.json` that benchmarks/run.py wrote. Seeds are averaged only within one config
-(same command but for the seed, same code): two configs of a method become two columns, never one mean.
+(same command but for the seed, same code, same data source): two configs of a method become two columns,
+never one mean. ± is the standard deviation over seeds (numpy's default, ddof=0) of each seed's mean
+normalized score.
 Each column states its provenance (data source, updates, seeds, device, commit), and the thesis's
 published numbers stand beside ours. Writes tables.md, summary.json, scores.png and curves.png.
 """
@@ -34,12 +36,19 @@ THESIS = {  # rows in the tables' order: halfcheetah, hopper, walker2d x medium,
     "trdt": dict(zip(TABLE_1_3, [43.20, 65.89, 75.89, 42.61, 97.82, 86.94, 94.37, 111.53, 108.52])),
     "rgdt": dict(zip(TABLE_2_1, [44.4, 93.2, 83.3, 93.4, 112.4, 113.3])),  # medium, medium-expert
 }
+THESIS_STD = {  # Table 1.3 prints ± (over its 10 seeds) for MO-DT and TRDT only
+    "mo_dt": dict(zip(TABLE_1_3, [3.34, 11.21, 6.30, 2.13, 5.2, 9.72, 2.78, 1.52, 0.54])),
+    "trdt": dict(zip(TABLE_1_3, [3.0, 8.38, 7.26, 2.0, 2.3, 6.23, 3.19, 1.31, 0.45])),
+}
 PRINTED_TOTALS = {"dt": 672.6, "dt-gaussian": 674.06, "mo_dt": 705.37, "trdt": 726.77, "rgdt": 539.0}
 SOURCE_LABEL = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica (not D4RL)", "file": "local file"}
 
 
 @dataclass
 class Args:
+    """Tables 1.3 / 2.1 layout (mean ± std over seeds, thesis numbers beside, provenance), scores.png and
+    curves.png from the results folders of benchmarks/run.py."""
+
     folders: tyro.conf.Positional[tuple[str, ...]]
     """results folders written by benchmarks/run.py"""
     out: str = ""
@@ -59,14 +68,15 @@ def load(folders) -> list[dict]:
 
 
 def config_flags(r: dict) -> list[str]:
-    """The job's command without seed and dataset (--seed, --env, --dataset-path and their values)."""
+    """The job's command without seed and dataset (--seed, --env, --dataset-path and their values), plus
+    the data source as a pseudo-flag `--data`: runs on the replica and on official D4RL never share a mean."""
     kept, skip = [], False
     for tok in r["benchmark"]["cmd"]:
         if tok.startswith("--"):
             skip = tok in ("--seed", "--env", "--dataset-path")
         if not skip:
             kept.append(tok)
-    return kept
+    return kept + ["--data", r["dataset"]["source"]]
 
 
 def config_id(r: dict) -> str:
@@ -110,23 +120,28 @@ def columns(results: list[dict]) -> dict:
             if any(variant_label(f, list(siblings.values())) == variant for c, f in siblings.items() if c != cid):
                 variant += f", code {cid}"
             label += f" [{variant}]"
-        runs = [r for rs in by_ds.values() for r in rs]
-        prov = dict(
-            data=sorted({SOURCE_LABEL.get(r["dataset"]["source"], r["dataset"]["source"]) for r in runs}),
-            updates=sorted({r["updates"] for r in runs}),
-            seeds=sorted({len(rs) for rs in by_ds.values()}),
-            device=sorted({r["device"] for r in runs}),
-            commit=sorted({(r.get("git_commit") or "unknown")[:10] for r in runs}),
-            wall_min_per_seed=[round(float(np.median([r["wall_time_s"] for r in runs if "wall_time_s" in r]) / 60), 1)]
-            if any("wall_time_s" in r for r in runs) else [],
-        )
         stats = {}
         for d, rs in by_ds.items():
             seed_means = np.array([r["normalized_mean"] for r in rs])
-            stats[d] = dict(mean=float(seed_means.mean()), std=float(seed_means.std()), n=len(rs), seeds=sorted(r["benchmark"]["seed"] for r in rs))
-        out[label] = dict(method=m, config=cid, provenance=prov, stats=stats,
-                          curves={d: curve(rs) for d, rs in by_ds.items()})
-    return out
+            stats[d] = dict(mean=float(seed_means.mean()), std=float(seed_means.std()), n=len(rs),
+                            seeds=sorted(r["benchmark"]["seed"] for r in rs), provenance=provenance(rs))
+        out[label] = dict(method=m, config=cid, provenance=provenance([r for rs in by_ds.values() for r in rs], by_ds),
+                          stats=stats, curves={d: curve(rs) for d, rs in by_ds.items()})
+    # Within a method: the defaults first, then the variants by label (not by hash: a stable, readable order).
+    return dict(sorted(out.items(), key=lambda kv: (list(METHODS).index(kv[1]["method"]), "[defaults" not in kv[0], kv[0])))
+
+
+def provenance(runs: list[dict], by_ds: dict | None = None) -> dict:
+    """Where numbers come from: data source, updates, seeds per dataset, device, commit, wall time."""
+    walls = [r["wall_time_s"] for r in runs if "wall_time_s" in r]
+    return dict(
+        data=sorted({SOURCE_LABEL.get(r["dataset"]["source"], r["dataset"]["source"]) for r in runs}),
+        updates=sorted({r["updates"] for r in runs}),
+        seeds=sorted({len(rs) for rs in by_ds.values()}) if by_ds else [len(runs)],
+        device=sorted({r["device"] for r in runs}),
+        commit=sorted({(r.get("git_commit") or "unknown")[:10] for r in runs}),
+        wall_min_per_seed=[round(float(np.median(walls)) / 60, 1)] if walls else [],
+    )
 
 
 def curve(rs: list[dict]):
@@ -161,9 +176,9 @@ def table(cols: dict, datasets: list[str], methods: tuple[str, ...], title: str)
     for d in rows:
         cells = []
         for k, c in chosen.items():
-            s, t = c["stats"].get(d), THESIS[c["method"]].get(d)
+            s, t, t_std = c["stats"].get(d), THESIS[c["method"]].get(d), THESIS_STD.get(c["method"], {}).get(d)
             cells.append(f"{s['mean']:.1f} ± {s['std']:.1f} (n={s['n']})" if s else "—")
-            cells.append(f"{t:.2f}" if t is not None else "—")
+            cells.append("—" if t is None else f"{t:.2f}" + (f" ± {t_std:.2f}" if t_std is not None else ""))
             if s and t is not None:
                 totals[k][0] += s["mean"]
                 totals[k][1] += t
@@ -195,34 +210,45 @@ def plots(cols: dict, out: Path) -> None:
         x = np.arange(len(datasets)) + i * w
         ours = [c["stats"].get(d, {}).get("mean", np.nan) for d in datasets]
         err = [c["stats"].get(d, {}).get("std", 0) for d in datasets]
-        ax.bar(x, ours, w, yerr=err, capsize=2, label=f"{k} (ours)")
+        ax.bar(x, ours, w, yerr=err, capsize=2, label=f"{k} (ours)", color=f"C{i}")
         ax.scatter(x, [THESIS[c["method"]].get(d, np.nan) for d in datasets], marker="_", s=200, color="k", zorder=3)
-    ax.scatter([], [], marker="_", s=200, color="k", label="thesis")
+    ax.scatter([], [], marker="_", s=200, color="k", label="thesis (official D4RL)")
     ax.set_xticks(np.arange(len(datasets)) + 0.4 - w / 2, datasets, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("normalized score")
+    ax.set_ylabel("normalized score (mean ± std over seeds)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a bar
     fig.tight_layout()
     fig.savefig(out / "scores.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.6), squeeze=False)
-    for ax, d in zip(axes[0], datasets):
-        for k, c in cols.items():
+    ncols = min(3, len(datasets))  # the thesis's 9 datasets: a 3 x 3 grid, not one 50-inch row
+    nrows = -(-len(datasets) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(datasets):]:
+        ax.set_visible(False)
+    for ax, d in zip(axes.flat, datasets):
+        for i, (k, c) in enumerate(cols.items()):
             cv = c["curves"].get(d)
             if cv and cv["steps"]:
                 m, s = np.array(cv["mean"]), np.array(cv["std"])
-                ax.plot(cv["steps"], m, label=k)
-                ax.fill_between(cv["steps"], m - s, m + s, alpha=0.2)
+                ax.plot(cv["steps"], m, label=k, color=f"C{i}")  # a column's colour in every panel and in scores.png
+                ax.fill_between(cv["steps"], m - s, m + s, alpha=0.2, color=f"C{i}")
         ax.set_title(d, fontsize=9)
         ax.set_xlabel("update")
         ax.set_ylabel("normalized score")
-    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    handles = {l: h for ax in axes.flat for h, l in zip(*ax.get_legend_handles_labels())}  # every column, once
+    axes[0, ncols - 1].legend(handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("evaluation score during training, mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 def main(args: Args) -> dict:
+    if not args.folders:
+        raise SystemExit("error: name at least one results folder, e.g. `python benchmarks/aggregate.py benchmarks/results/cpu`.")
+    missing = [f for f in args.folders if not Path(f).is_dir()]
+    if missing:
+        raise SystemExit(f"error: no such folder: {', '.join(missing)}; pass the --out folder of benchmarks/run.py.")
     results = load(args.folders)
     if not results:
         raise SystemExit(f"error: no benchmark results.json under {', '.join(args.folders)}; run benchmarks/run.py first.")

@@ -1,7 +1,8 @@
 """Train and evaluate methods x datasets x seeds from a preset; the raw material of Tables 1.3 and 2.1.
 
     python benchmarks/run.py --preset smoke  --data-dir ../shared/d4rl-replica      # CPU minutes
-    python benchmarks/run.py --preset thesis --data-dir ../shared/d4rl-replica      # thesis budgets (GPU)
+    python benchmarks/run.py --preset thesis --data-dir ../shared/d4rl-replica      # thesis budgets (GPU), the
+                                                                                     # replica's datasets only
     python benchmarks/run.py --preset thesis                                         # official D4RL files
     python benchmarks/run.py --preset cpu --methods trdt --extra="--lr 1e-3"         # a variant: its own folders
     python benchmarks/aggregate.py benchmarks/results/thesis                         # the tables
@@ -10,7 +11,8 @@ Each job runs one method file as a subprocess (exactly the command a user would 
 `{out}/{method}__{dataset}__s{seed}__{key}`, where `key` hashes the job's full command line AND the source
 of the method file and common.py: a different config or code version is a different folder, so results
 never mix. A job is finished when its folder holds results.json (written last, atomically); finished jobs
-are skipped, so an interrupted run resumes where it stopped without losing anything.
+are skipped, so an interrupted run resumes where it stopped without losing anything. Jobs run several at
+once: one per CPU core on CPU, 4 per GPU spread over every visible GPU (--jobs to change).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shlex
 import shutil
 import subprocess
@@ -46,7 +49,7 @@ TABLE_1_3 = [f"{e}-{lvl}" for lvl in ("medium", "medium-replay", "medium-expert"
 TABLE_2_1 = [f"{e}-{lvl}" for lvl in ("medium", "medium-expert") for e in ("halfcheetah", "hopper", "walker2d")]
 
 # A preset: datasets, seeds and per-method flags. `thesis` = the thesis's budgets (each file's defaults are
-# the thesis's settings: Table 1.1 for MO-DT/TRDT, the DT paper's for DT, §2.4 for RGDT), 10 seeds.
+# the thesis's settings: Table 1.1-1.2 for MO-DT/TRDT, the DT paper's for DT, §2.4 for RGDT), 10 seeds.
 SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "16", "--warmup-steps", "10"]
 PRESETS = {
     "smoke": dict(
@@ -66,10 +69,17 @@ PRESETS = {
                for m in ("dt", "dt-gaussian", "mo_dt", "trdt")}
         | {"rgdt": ["--updates", "2000", "--inv-updates", "2000", "--warmup-steps", "500"]},
     ),
+    # Every file's defaults are the thesis's settings (tests/test_benchmarks.py checks them against Tables
+    # 1.1-1.2 and §2.4). ODT-O is not the thesis's model: its column is the ODT paper's, run with ODT's
+    # configuration (online-dt's main.py: 4 layers, 4 heads, 512 dims, batch 256, lr 1e-4, weight decay 5e-4;
+    # §1.5.1 calls MO-DT/TRDT "half the size of the ODT-O model"). dt.py takes that size; it keeps AdamW (ODT:
+    # LAMB), DT's timestep embedding and evaluation context 20, and has no entropy bonus, so the column
+    # stays "ODT-O-style".
     "thesis": dict(
         datasets=TABLE_1_3, seeds=list(range(10)),
         common=["--eval-episodes", "10", "--eval-every", "10000"],
-        flags={m: [] for m in METHODS},
+        flags={m: [] for m in METHODS}
+        | {"dt-gaussian": ["--n-layer", "4", "--n-head", "4", "--n-embd", "512", "--batch-size", "256", "--weight-decay", "5e-4"]},
         only={"rgdt": TABLE_2_1},  # Table 2.1 has medium and medium-expert rows only
     ),
 }
@@ -77,6 +87,9 @@ PRESETS = {
 
 @dataclass
 class Args:
+    """Train and evaluate methods x datasets x seeds from a preset, several jobs at once, each in a folder
+    keyed by its command and code; finished jobs (results.json present) are skipped, so rerunning resumes."""
+
     preset: str = "smoke"
     """`smoke` (CPU minutes, tiny models), `cpu` (equal small budget for every method, CPU hours) or
     `thesis` (the thesis's configurations and 10 seeds; meant for a GPU)"""
@@ -89,11 +102,12 @@ class Args:
     methods: tuple[str, ...] = ()
     """subset of methods (default: all): dt, dt-gaussian, mo_dt, trdt, rgdt"""
     datasets: tuple[str, ...] = ()
-    """subset of datasets (default: the preset's)"""
+    """datasets (default: the preset's; with --data-dir, those of the preset that have files there, the
+    others listed as skipped)"""
     seeds: tuple[int, ...] = ()
     """seeds (default: the preset's)"""
     jobs: int = 0
-    """jobs at once (0: one per CPU core on CPU, 4 per GPU on CUDA)"""
+    """jobs at once (0: one per CPU core on CPU, 4 per GPU on CUDA; jobs are spread over all visible GPUs)"""
     device: str = "auto"
     """passed to every job: auto, cpu, cuda"""
     extra: str = ""
@@ -107,15 +121,21 @@ def dataset_paths(name: str, data_dir: Optional[str]) -> list[str]:
     if data_dir is None:
         return []
     d = Path(data_dir)
-    for cand in (d / f"{name}.hdf5", d / common.d4rl_filename(name)):
-        if cand.exists():
-            return [str(cand.resolve())]
+    if not d.is_dir():
+        raise SystemExit(f"error: --data-dir {data_dir}: no such folder; pass the folder holding the hdf5 files "
+                         "(e.g. ../shared/d4rl-replica), or leave it out for the official D4RL files.")
+
+    def find(n):
+        return next((str(c.resolve()) for c in (d / f"{n}.hdf5", d / common.d4rl_filename(n)) if c.exists()), None)
+
+    if find(name):
+        return [find(name)]
     if name.endswith("-medium-expert"):  # D4RL's medium-expert is medium and expert concatenated
-        env = name.split("-")[0]
-        parts = [dataset_paths(f"{env}-{lvl}", data_dir) for lvl in ("medium", "expert")]
+        parts = [find(name.replace("-medium-expert", f"-{lvl}")) for lvl in ("medium", "expert")]
         if all(parts):
-            return parts[0] + parts[1]
-    raise SystemExit(f"error: no file for {name} in {d} (looked for {name}.hdf5 and {common.d4rl_filename(name)}); "
+            return parts
+    also = " (or its -medium and -expert files)" if name.endswith("-medium-expert") else ""
+    raise SystemExit(f"error: no file for {name} in {d} (looked for {name}.hdf5 and {common.d4rl_filename(name)}{also}); "
                      "drop it with --datasets or add the file.")
 
 
@@ -134,16 +154,28 @@ def plan(args: Args) -> list[dict]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
+    if args.jobs < 0:
+        raise SystemExit(f"error: --jobs {args.jobs}: pass a positive number, or 0 for the default.")
+    for d in args.datasets:
+        try:
+            common.parse_name(d)
+        except common.DatasetError as e:
+            raise SystemExit(f"error: --datasets: {e}") from None
     out = Path(args.out or ROOT / "benchmarks" / "results" / args.preset)
-    jobs = []
+    jobs, skipped = [], set()
     for m in methods:
         spec = METHODS[m]
         if not (ROOT / spec["script"]).exists():
             raise SystemExit(f"error: {spec['script']} does not exist yet; drop {m} with --methods.")
         code = source_hash(spec["script"])
         for d in args.datasets or p.get("only", {}).get(m, p["datasets"]):
-            common.parse_name(d)
-            paths = dataset_paths(d, args.data_dir)
+            try:
+                paths = dataset_paths(d, args.data_dir)
+            except SystemExit:
+                if args.datasets or not Path(args.data_dir).is_dir():  # asked for by name, or no folder at all
+                    raise
+                skipped.add(d)  # a preset's dataset the local folder lacks (the replica has five)
+                continue
             for s in args.seeds or p["seeds"]:
                 cmd = [spec["script"], "--env", d, "--seed", str(s), "--exp-name", m, "--device", args.device,
                        *spec["flags"], *p["common"], *p["flags"].get(m, []), *shlex.split(args.extra)]
@@ -151,6 +183,10 @@ def plan(args: Args) -> list[dict]:
                     cmd += ["--dataset-path", *paths]
                 key = hashlib.sha256(json.dumps(dict(cmd=cmd, code=code)).encode()).hexdigest()[:12]
                 jobs.append(dict(method=m, dataset=d, seed=s, key=key, cmd=cmd, code=code, folder=out / f"{m}__{d}__s{s}__{key}"))
+    if skipped:
+        print(f"skipped (no file in {args.data_dir}): {', '.join(sorted(skipped))}")
+    if not jobs:
+        raise SystemExit(f"error: no jobs: none of the preset's datasets has a file in {args.data_dir}; name them with --datasets.")
     return jobs
 
 
@@ -158,28 +194,32 @@ def is_done(job: dict) -> bool:
     return (job["folder"] / "results.json").exists()
 
 
-def run_job(job: dict, threads: int) -> dict:
-    """One job in a subprocess. Its results.json (with the job's key, command and code hash) is moved
-    into the job folder only after the method file finished, so a folder with results.json is complete."""
+def run_job(job: dict, threads: int, gpu: Optional[str] = None) -> dict:
+    """One job in a subprocess (on GPU `gpu` when given). Its results.json (with the job's key, command and
+    code hash) is moved into the job folder only after the method file finished, so a folder with
+    results.json is complete; a failed or killed job leaves none and runs again next time."""
     folder = job["folder"]
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, *job["cmd"], "--runs-dir", str(folder / "runs")] + (["--threads", str(threads)] if threads else [])
+    env = os.environ | ({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})
     t0 = time.time()
-    with open(folder / "log.txt", "a") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        return dict(job, ok=False, error=f"exit code {rc}, see {folder / 'log.txt'}")
-    run_dirs = sorted((folder / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
-    run = run_dirs[-1]
-    res = json.loads((run / "results.json").read_text())
-    res["benchmark"] = dict(method=job["method"], label=METHODS[job["method"]]["label"], dataset=job["dataset"], seed=job["seed"],
-                            key=job["key"], cmd=job["cmd"], code_sha256=job["code"], job_wall_time_s=time.time() - t0)
-    shutil.copy(run / "metrics.jsonl", folder / "metrics.jsonl")
-    tmp = folder / "results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, folder / "results.json")
+    try:
+        with open(folder / "log.txt", "a") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        if rc != 0:
+            return dict(job, ok=False, error=f"exit code {rc}, see {folder / 'log.txt'}")
+        run = max((folder / "runs").iterdir(), key=lambda p: p.stat().st_mtime)  # this attempt's run folder
+        res = json.loads((run / "results.json").read_text())
+        res["benchmark"] = dict(method=job["method"], label=METHODS[job["method"]]["label"], dataset=job["dataset"], seed=job["seed"],
+                                key=job["key"], cmd=job["cmd"], code_sha256=job["code"], job_wall_time_s=time.time() - t0)
+        shutil.copy(run / "metrics.jsonl", folder / "metrics.jsonl")
+        tmp = folder / "results.json.tmp"
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, folder / "results.json")
+    except (OSError, ValueError, KeyError) as e:  # e.g. the method file wrote no results.json: this job fails, not the batch
+        return dict(job, ok=False, error=f"{type(e).__name__}: {e}; see {folder / 'log.txt'}")
     return dict(job, ok=True, score=res["normalized_mean"])
 
 
@@ -192,15 +232,30 @@ def main(args: Args) -> list[dict]:
             print(f"  {'done' if is_done(j) else 'todo'}  {j['folder'].name}")
         return []
     import torch
+    from tqdm import tqdm
 
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    n = args.jobs or (4 * max(1, torch.cuda.device_count()) if cuda else os.cpu_count() or 1)
-    threads = 0 if cuda else max(1, (os.cpu_count() or 1) // n)  # CPU: split the cores, do not oversubscribe
-    from tqdm import tqdm
+    gpus = torch.cuda.device_count() if cuda else 0
+    n = args.jobs or (4 * max(1, gpus) if cuda else os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // n)  # split the cores (the env steps on CPU even for GPU jobs)
+    # Worker slot i runs its jobs on GPU i % gpus (by CUDA_VISIBLE_DEVICES), so jobs spread over every GPU;
+    # not when the user pinned one with --device cuda:N.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if os.environ.get("CUDA_VISIBLE_DEVICES") else [str(i) for i in range(gpus)]
+    spread = gpus > 1 and args.device in ("auto", "cuda")
+    slots = queue.Queue()
+    for i in range(n):
+        slots.put(visible[i % gpus] if spread else None)
+
+    def on_a_slot(job):
+        slot = slots.get()
+        try:
+            return run_job(job, threads, slot)
+        finally:
+            slots.put(slot)
 
     finished = []
     with ThreadPoolExecutor(max_workers=n) as pool:
-        futures = [pool.submit(run_job, j, threads) for j in todo]
+        futures = [pool.submit(on_a_slot, j) for j in todo]
         try:
             for f in tqdm(as_completed(futures), total=len(futures), desc=f"jobs ({n} at once)"):
                 r = f.result()

@@ -41,6 +41,9 @@ CONFIGS = {  # (method, config name) -> script and flags; mo_dt/trdt/rgdt defaul
 
 @dataclass
 class Args:
+    """Training updates/s and evaluation env-steps/s of every method file (default and thesis configs),
+    vectorized evaluation against one episode at a time; JSON out, table printed. Run once per device."""
+
     data_dir: Optional[str] = None
     """folder with the dataset's hdf5 (replica or official names); default: official D4RL resolution"""
     dataset: str = "halfcheetah-medium-replay"
@@ -71,6 +74,11 @@ def run(script: str, flags: list[str], runs_dir: str) -> dict:
 def main(args: Args) -> dict:
     from tqdm import tqdm
 
+    known = sorted({m for m, _ in CONFIGS})
+    if not args.methods or any(m not in known for m in args.methods):
+        raise SystemExit(f"error: --methods {' '.join(args.methods)}: choose from {', '.join(known)}.")
+    if args.updates < 1 or args.eval_episodes < 1:
+        raise SystemExit("error: --updates and --eval-episodes must be at least 1.")
     paths = dataset_paths(args.dataset, args.data_dir)
     data = ["--env", args.dataset, "--device", args.device] + (["--dataset-path", *paths] if paths else [])
     rows, t0 = [], time.time()
