@@ -16,7 +16,7 @@ Two readings the thesis leaves open (both are flags, both are printed):
                   of high-return samples per context fixed and scales the context size N_c (default), or
                   fixed-low keeps a fixed number of low-return samples per context and adds high-return ones.
 
-Run:  python sample_complexity.py            (about 3 s on 2 CPU cores; numpy only for the experiment)
+Run:  python sample_complexity.py            (under 10 s on 2 CPU cores; numpy only for the experiment)
       python sample_complexity.py --help     (every setting is a flag)
 """
 
@@ -68,6 +68,9 @@ class Args:
     smallest share Thm 6 allows, 1 - epsilon / (4 C^h), so both halves of its epsilon budget are used"""
     low_samples: int | None = None
     """fixed-low only: low-return samples per high-return context; None means 100"""
+    calc_n_min: tuple[float, ...] = (1e2, 1e5, 1e8)
+    """calculator: N_min values (samples in the smallest high-return context) at which to print Eq. 4.6's two
+    terms, the required nu_min^h and Prop. 5's regime, for every epsilon (beta as in the calculator table)"""
     n_seeds: int = 10
     """independent datasets per point of Fig. 4.1-4.3 (thesis: 10 seeds)"""
     slack_points: int = 40
@@ -415,7 +418,7 @@ def plot_slack(grids: dict, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("high-return samples / theoretical minimum")
     ax.set_ylabel("mean error / epsilon")
-    ax.set_title("Slack of Thm 6: crossing of the dashed line = slack")
+    ax.set_title("Slack of Thm 6 (crossing of the dashed line)", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -477,6 +480,8 @@ def validate(args: Args) -> None:
         args.low_samples = 100 if args.low_samples is None else args.low_samples
         if args.low_samples < 0:
             raise ValueError(f"--low-samples must be >= 0, got {args.low_samples}")
+    if any(not n >= 0 for n in args.calc_n_min):
+        raise ValueError(f"--calc-n-min values are sample counts and must be >= 0, got {args.calc_n_min}")
     if args.n_seeds < 2 or args.slack_seeds < 2 or args.slack_points < 2:
         raise ValueError("--n-seeds, --slack-seeds and --slack-points must be >= 2")
     if not 0 < args.slack_min_fraction < max(args.fractions):
@@ -498,6 +503,19 @@ def git_commit() -> str | None:
                               check=True).stdout.strip()
     except Exception:  # no git, or not a repository: the summary just says null
         return None
+
+
+def strict_json(x):
+    """Standard JSON has no inf/nan (Python would write Infinity): non-finite numbers become null."""
+    if isinstance(x, dict):
+        return {str(k): strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
 
 
 def main(args: Args) -> dict:
@@ -547,7 +565,24 @@ def main(args: Args) -> dict:
                               approx_rel_err=rels[-1], nu_min=nu, regime_at_min=reg))
         print(f"{e:>5g} {beta:>8.5f} {(c * v / e) ** 2:>11.0f} {n_star:>11.1f} {n_apx:>11.1f} {rels[-1]:>9.2e} "
               f"{nu:>10.0f} {reg:>14}")
-    calc = dict(rows=calc_rows, max_gap_at_nstar=max(gaps), approx_rel_err_max=max(rels),
+    for e, r in zip(eps_all, calc_rows):
+        if not math.isfinite(r["nu_min"]):
+            print(f"  eps={e:g}: no finite minimum: " + (
+                f"the global reading caps beta_min at 1/C^h = {1 / c:g}" if args.beta_reading == "global" else
+                f"--beta {r['beta']:g} < 1 - eps/(4C^h) = {1 - e / (4 * c):g}")
+                  + ", so the bias condition (Eq. 4.19) fails at every sample size; nothing is sampled")
+    at_n_min = []
+    if args.calc_n_min:
+        print(f"\nProp. 5 regimes: Eq. 4.6 at given N_min (--calc-n-min; '<<' read as a factor 10 from N*)")
+        print(f"{'eps':>5} {'N_min':>10} {'variance 4.13':>14} {'bias 4.19':>12} {'required nu':>12} {'regime':>11}")
+    for r in calc_rows:
+        for n_min in args.calc_n_min:
+            t1, t2 = theorem6_terms(r["eps"], c, v, r["beta"], n_min)
+            at_n_min.append(dict(eps=r["eps"], beta=r["beta"], n_min=n_min, variance_term=t1, bias_term=t2,
+                                 required_nu=max(t1, t2), regime=regime(n_min, r["n_star"])))
+            print(f"{r['eps']:>5g} {n_min:>10.3g} {t1:>14.4g} {t2:>12.4g} {max(t1, t2):>12.4g} "
+                  f"{at_n_min[-1]['regime']:>11}")
+    calc = dict(rows=calc_rows, at_n_min=at_n_min, max_gap_at_nstar=max(gaps), approx_rel_err_max=max(rels),
                 eps_over_4c_max=max(eps_all) / (4 * c), eps_all=eps_all)
 
     # §4.7 experiments: thesis fractions (Fig. 4.1-4.3) and a fine grid to locate the slack.
@@ -603,7 +638,7 @@ def main(args: Args) -> dict:
                     for e, g in grids.items()},
         claims=rows, figures=figures, wall_time_s=time.time() - t0)
     with open(os.path.join(out, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=1, default=float)
+        json.dump(strict_json(summary), fh, indent=1, allow_nan=False)
     print(f"\nwrote {', '.join(figures)} and summary.json to {out} ({summary['wall_time_s']:.1f} s)")
     return summary
 

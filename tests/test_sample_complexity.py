@@ -135,6 +135,13 @@ def test_end_to_end_quick_run(tmp_path):
     claims = {r["claim"].split(":")[0]: r["verdict"] for r in saved["claims"]}
     assert claims["Thm 6 / Fig. 4.1-4.3"] == "reproduced"
     assert claims["Thm 6 with beta_c^h = N_c^h / N as defined in §4.3 (global reading)"] == "not reproduced"
+    # Calculator at --calc-n-min (1e2, 1e5, 1e8): Prop. 5's regimes and Eq. 4.6's max, per epsilon.
+    calc = {(r["eps"], r["n_min"]): r for r in saved["calculator"]["at_n_min"]}
+    assert len(calc) == 5 * 3
+    assert calc[0.2, 1e2]["regime"] == "small-data" and calc[0.2, 1e8]["regime"] == "large-data"
+    r = calc[0.2, 1e5]  # beta = 1 - 0.2/40 = 0.995: variance 0.995 * 62500, bias 1e5 * 0.995
+    assert r["regime"] == "transition" and r["required_nu"] == pytest.approx(99500)
+    assert r["variance_term"] == pytest.approx(0.995 * 62500, rel=1e-4)
     # The mean error reaches eps well below the bound (the slack the issue asks for), for every eps.
     assert all(0.001 < s["fraction"] < 1.0 for s in saved["slack"].values())
     with pytest.raises(SystemExit, match="not empty"):
@@ -144,13 +151,17 @@ def test_end_to_end_quick_run(tmp_path):
 def test_global_reading_runs_and_reports_no_minimum(tmp_path):
     summary = sc.main(quick_args(tmp_path, beta_reading="global"))
     assert summary["figures"] == ["prop5_prop6_regimes.png"]
+    # nu_min^h is infinite here; the summary must still be standard JSON (null, not Infinity).
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=lambda c: 1 / 0)
+    assert all(r["nu_min"] is None for r in saved["calculator"]["rows"])
     assert summary["claims"][0]["verdict"] == "not reproduced"
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(eps_fig41=(0.0,)), "epsilon"), (dict(n_contexts=0), "C\\^h"), (dict(beta=1.5), "--beta"),
     (dict(nu_reading="fixed-low", beta=0.9), "fixed-beta"), (dict(fractions=(0.5, 2.0)), "1.0"),
-    (dict(eps_fig41=(25.0,)), "2 C\\^h")])
+    (dict(eps_fig41=(25.0,)), "2 C\\^h"), (dict(calc_n_min=(-1.0,)), "--calc-n-min"),
+    (dict(opt_prob=1.5), "--opt-prob")])
 def test_bad_flags_exit_with_a_clear_message(tmp_path, kw, match):
     with pytest.raises(SystemExit, match="error: .*" + match):
         sc.main(quick_args(tmp_path, **kw))

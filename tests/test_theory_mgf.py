@@ -111,6 +111,10 @@ def test_joint_gd_stays_on_symmetry_line_and_endpoints_classify():
     assert m.classify_endpoint([0.1, 3.0]) == "L1-valley (y->+inf)"
     assert m.classify_endpoint([4.0, 0.5]) == "on L1 = 0 curve"
     assert m.classify_endpoint([np.nan, 0.0]) == "diverged"
+    # Single-task GD stalls on the critical lines y = 0 of L1 and x = 0 of L2 (loss 1/2, zero gradient).
+    assert m.classify_endpoint([-0.35, 0.0]) == "stalled: grad L1 = 0 (L1 = 0.50)"
+    assert m.classify_endpoint([0.0, 0.35]) == "stalled: grad L2 = 0 (L2 = 0.50)"
+    assert m.classify_endpoint([0.3, 0.98]) == "in transit"
 
 
 def test_corollary2_and_similar_task_symmetry():
@@ -134,6 +138,11 @@ def test_flatness_zero_noise_is_unperturbed_error_and_restores_weights():
     assert f["test_error"][-1] > f["test_error"][0]  # noise of 40% on every weight must hurt
 
 
+def test_quick_keeps_settings_the_user_chose():
+    args = m.validate(m.Args(quick=True, epochs=7))
+    assert args.epochs == 7 and args.hidden == m.QUICK["hidden"]
+
+
 def test_bad_input_gives_clear_error():
     with pytest.raises(SystemExit, match="--xi"):
         m.validate(m.Args(xi=1.5))
@@ -149,7 +158,8 @@ def test_quick_end_to_end(tmp_path):
     saved = json.loads((out / "summary.json").read_text())
     assert saved["config"]["quick"] is True and len(saved["claims"]) == len(summary["claims"]) >= 15
     assert all(c["verdict"] in ("reproduced", "partly", "not reproduced") for c in saved["claims"])
-    for name in ("fig3_2_trajectories", "fig3_3_similar", "fig3_4_dissimilar", "fig3_5_flatness", "theorem_checks"):
+    for name in ("fig3_2_trajectories", "fig3_3_similar", "fig3_4_dissimilar", "fig3_5_flatness",
+                 "fig3_5_flatness_rise", "theorem_checks"):
         assert (out / f"{name}.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="not empty"):
         m.main(m.Args(quick=True, out_dir=str(out)))  # never overwrite a run
