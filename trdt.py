@@ -45,7 +45,8 @@ class Args:
     id such as `mujoco/hopper/medium-v0`"""
     dataset_path: tuple[str, ...] = ()
     """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official file;
-    several are concatenated (medium + expert = medium-expert)"""
+    several are concatenated (medium + expert = medium-expert). Without it the official file is read from
+    $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded there first if missing"""
     exp_name: str = "trdt"
     """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
     seed: int = 0
@@ -799,4 +800,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    train(tyro.cli(Args, description=__doc__))

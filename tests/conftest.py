@@ -107,3 +107,28 @@ def minari_id(tmp_path_factory):
     minari.create_dataset_from_buffers(dataset_id, buffers, env="Hopper-v4", algorithm_name="random",
                                        ref_min_score=-20.272305, ref_max_score=3234.3)
     return dataset_id
+
+
+@pytest.fixture
+def env_rewards(monkeypatch):
+    """From now on every env that common.make_env makes logs its rewards: one list per env, in creation order."""
+    import gymnasium as gym
+
+    import common
+
+    make_env, logs = common.make_env, []
+
+    class RewardLog(gym.Wrapper):
+        def step(self, action):
+            step = self.env.step(action)
+            self.log.append(float(step[1]))
+            return step
+
+    def logged_env(info):
+        env = RewardLog(make_env(info))
+        env.log = []
+        logs.append(env.log)
+        return env
+
+    monkeypatch.setattr(common, "make_env", logged_env)
+    return logs

@@ -468,41 +468,26 @@ def test_attention_recorder_on_hand_made_weights(tmp_path):
     assert (tmp_path / "attention.png").stat().st_size > 0 and json.loads((tmp_path / "attention.json").read_text()) == out
 
 
-def spied_evaluation(tmp_path, hdf5_path, monkeypatch, **kw):
+def spied_evaluation(tmp_path, hdf5_path, env_rewards, **kw):
     """Evaluate an untrained model while recording every forward pass and every reward of the two envs."""
-    import gymnasium as gym
-
     args = tiny_args(tmp_path, hdf5_path, context_len=3, target_return=3600.0, **kw)
     _, info = common.load_dataset(args.env, args.dataset_path)
     torch.manual_seed(0)
     model = trdt.TrustRegionDecisionTransformer(info["obs_dim"], info["act_dim"], 2, 2, 16, 0.0, 1000, 3, True)
-    calls, rewards, forward, make_env = [], [], model.forward, common.make_env
+    calls, forward = [], model.forward
 
     def spy(*x, **k):
         out = forward(*x, **k)
         calls.append(([v.clone() for v in x], out["action_mean"][:, -1].clone(), out["return_mean"][:, -1].clone()))
         return out
 
-    class RewardLog(gym.Wrapper):
-        def step(self, action):
-            step = self.env.step(action)
-            self.log.append(float(step[1]))
-            return step
-
-    def logged_env(info):
-        env = RewardLog(make_env(info))
-        env.log = []
-        rewards.append(env.log)
-        return env
-
     model.forward = spy
-    monkeypatch.setattr(common, "make_env", logged_env)
     res = trdt.evaluate(model, info, np.zeros(info["obs_dim"]), np.ones(info["obs_dim"]), args, torch.device("cpu"), seed=0)
-    return calls, rewards[:2], res
+    return calls, env_rewards[:2], res
 
 
-def test_inference_follows_alg_1(tmp_path, hdf5_path, monkeypatch):
-    calls, rewards, res = spied_evaluation(tmp_path, hdf5_path, monkeypatch)
+def test_inference_follows_alg_1(tmp_path, hdf5_path, env_rewards):
+    calls, rewards, res = spied_evaluation(tmp_path, hdf5_path, env_rewards)
     steps = max(res["lengths"])
     assert len(calls) == 2 * steps - 1  # per step: the action forward, then (not after the last) the return forward
     for t in range(steps):
@@ -522,8 +507,8 @@ def test_inference_follows_alg_1(tmp_path, hdf5_path, monkeypatch):
     assert [len(r) for r in rewards] == res["lengths"] and res["returns"] == pytest.approx([sum(r) for r in rewards])
 
 
-def test_inference_with_the_subtraction_rule(tmp_path, hdf5_path, monkeypatch):
-    calls, rewards, res = spied_evaluation(tmp_path, hdf5_path, monkeypatch, rtg_update="subtract")
+def test_inference_with_the_subtraction_rule(tmp_path, hdf5_path, env_rewards):
+    calls, rewards, res = spied_evaluation(tmp_path, hdf5_path, env_rewards, rtg_update="subtract")
     assert len(calls) == max(res["lengths"])  # one forward per step: no return-head pass
     for t in range(1, len(calls)):
         for i in range(2):
