@@ -269,6 +269,12 @@ def load_dataset(name: str, dataset_path: tuple[str, ...] | list[str] | str | No
 
 def make_env(info: dict):
     """The evaluation env for a dataset (gymnasium `*-v4` for D4RL v2 data, the dataset's own for Minari)."""
+    import warnings
+
     import gymnasium as gym
 
-    return gym.make(info["env_id"], **info.get("env_kwargs", {}))
+    with warnings.catch_warnings():
+        # gymnasium suggests v5 for every v4 env; v4 is chosen on purpose (the model and observation layout
+        # of the gym v3 envs D4RL v2 was collected in), so the advice would only mislead.
+        warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
+        return gym.make(info["env_id"], **info.get("env_kwargs", {}))
