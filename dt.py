@@ -462,19 +462,14 @@ def train(args: Args) -> dict:
     print(f"run {run_name}: {info['transitions']} transitions in {info['episodes']} episodes ({info['source']}), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
 
-    eval_time = 0.0  # periodic evaluations happen inside the training loop; updates/s must not count them
-
     def run_eval(step, record_attention=False):
-        nonlocal eval_time
-        t0 = time.time()
         res = evaluate(model, info, data["state_mean"], data["state_std"], args, device, seed=args.seed + 10_000, record_attention=record_attention)
         log(step=step, eval_return=res["return_mean"], eval_normalized=res["normalized_mean"], eval_normalized_std=res["normalized_std"])
-        eval_time += time.time() - t0
         return res
 
     if args.eval_every and args.updates:
         print(f"update 0: normalized score {run_eval(0)['normalized_mean']:.1f}")
-    t_train, eval_time = time.time(), 0.0
+    t_train, aside = time.time(), 0.0  # aside: seconds of periodic evaluation, which updates/s must not count
     bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0, disable=args.updates == 0)
     for step in bar:
         b = sample_batch(data, args.batch_size, args.context_len, gen)
@@ -490,9 +485,11 @@ def train(args: Args) -> dict:
             log(step=step, loss=loss.item(), grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0])
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.updates:
+            t0 = time.time()
             res = run_eval(step + 1)
+            aside += time.time() - t0
             bar.write(f"update {step + 1}: normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
-    train_time = time.time() - t_train - eval_time
+    train_time = time.time() - t_train - aside
     updates_per_s = args.updates / train_time if args.updates else None
 
     if args.updates:
