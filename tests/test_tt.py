@@ -1,0 +1,270 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(tmp_path, hdf5_path, **kw):
+    base = {"env": "hopper-random", "dataset_path": (str(hdf5_path),), "n_bins": 20, "seq_len": 3, "n_layer": 2, "n_head": 2,
+                "n_embd": 32, "batch_size": 8, "updates": 6, "warmup_epochs": 0.01, "decay_epochs": 1.0, "horizon": 2, "beam_width": 3,
+                "max_context": 2, "eval_episodes": 2, "eval_max_steps": 8, "runs_dir": str(tmp_path / "runs"), "log_every": 2}  # fmt: skip
+    return tt.Args(**{**base, **kw})
+
+
+def tiny_model(obs_dim=2, act_dim=1, n_bins=7, seq_len=3, seed=0):
+    torch.manual_seed(seed)
+    return tt.TrajectoryTransformer(
+        obs_dim, act_dim, n_bins, seq_len, n_layer=2, n_head=2, n_embd=16, dropout=0.0
+    ).eval()
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["quantile", "uniform"])
+def test_discretizer_round_trip_and_edge_values(kind):
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.normal(size=5000), rng.exponential(size=5000), rng.integers(0, 3, 5000)])  # col 2: ties
+    d = tt.Discretizer.fit(x, 10, kind, "cpu")
+    assert d.edges.shape == (11, 3)
+    if kind == "quantile":  # equal mass per bin where values are continuous
+        counts = np.bincount(d.encode(torch.as_tensor(x))[:, 0].numpy(), minlength=10)
+        assert counts.min() >= 450 and counts.max() <= 550
+    else:
+        np.testing.assert_allclose(np.diff(d.edges.numpy(), axis=0), np.ptp(x, axis=0)[None].repeat(10, 0) / 10)
+    # value -> bin -> midpoint: off by at most its bin's width, and the midpoint encodes to the same bin
+    idx = d.encode(torch.as_tensor(x))
+    rec = d.decode(idx).double()
+    width = (d.edges[1:] - d.edges[:-1]).gather(0, idx)
+    assert ((rec - torch.as_tensor(x)).abs() <= width / 2 + 1e-6).all()
+    assert (d.encode(rec) == idx).all()
+    # every non-empty bin decodes and encodes back to itself; empty bins (ties in col 2) are never produced
+    bins = torch.arange(10)[:, None].expand(10, 3)
+    nonempty = d.edges[1:] > d.edges[:-1]
+    assert (d.encode(d.decode(bins))[nonempty] == bins[nonempty]).all()
+    assert set(idx[:, 2].tolist()) <= set(torch.nonzero(nonempty[:, 2]).flatten().tolist()) | {9}
+    # edges: min -> first bin, max -> last bin, outside the data range -> the end bins
+    lo, hi = torch.as_tensor(x.min(0)), torch.as_tensor(x.max(0))
+    assert d.encode(lo)[:2].tolist() == [0, 0] and d.encode(hi).tolist() == [9, 9, 9]
+    assert d.encode(lo - 100).tolist() == [0, 0, 0] and d.encode(hi + 100).tolist() == [9, 9, 9]
+    assert d.encode(hi[1:2], dims=slice(1, 2)).tolist() == [9]  # a slice of the dimensions
+
+
+def test_value_targets_and_terminal_penalty():
+    np.testing.assert_allclose(tt.value_targets(np.array([1.0, 2.0, 3.0]), 0.5), [2 + 0.5 * 3, 3, 0])
+    eps = [{"observations": np.zeros((3, 1), np.float32), "actions": np.zeros((3, 1), np.float32),
+                "rewards": np.array([1, 2, 3], np.float32), "terminated": True}]  # fmt: skip
+    args = tt.Args(n_bins=200, discretizer="uniform", discount=0.5, terminal_penalty=-100.0, updates=1)
+    data = tt.make_dataset(eps, args, torch.device("cpu"))
+    r = data["disc"].decode(data["tokens"])[:, 2]
+    v = data["disc"].decode(data["tokens"])[:, 3]
+    np.testing.assert_allclose(r, [1, 2, -100], atol=102 / 400)  # the last reward is replaced, not added to
+    np.testing.assert_allclose(v, [2 + 0.5 * -100, -100, 0], atol=100 / 400)
+
+
+def test_token_layout_and_windows():
+    """Transition = s^1..s^m_s, a^1..a^m_a, r, V; windows are consecutive transitions of one episode and run
+    into stop tokens (index N) past the episode's end; targets are the inputs shifted by one token."""
+    eps = []
+    for i, n in enumerate((4, 6)):
+        t = np.arange(n, dtype=np.float32)[:, None] + 100 * i
+        eps.append({"observations": np.hstack([t, -t]), "actions": t / 1000, "rewards": t[:, 0], "terminated": False})
+    args = tt.Args(n_bins=16, updates=1)
+    data = tt.make_dataset(eps, args, torch.device("cpu"))
+    assert data["tokens"].shape == (10, 2 + 1 + 2)
+    assert data["starts"].tolist() == [0, 1, 2, 4, 5, 6, 7, 8]  # every step but an episode's last
+    x, y = tt.sample_batch(data, 200, 3, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (200, 3 * 5 - 1)
+    full = torch.cat([x, y[:, -1:]], 1).view(200, 3, 5)
+    assert (y == torch.cat([x[:, 1:], y[:, -1:]], 1)).all()
+    decoded_t = data["disc"].decode(full[:, 0, :1], dims=slice(0, 1))[:, 0]
+    for i in range(200):
+        s = int(torch.nonzero(data["disc"].decode(data["tokens"][:, :1], dims=slice(0, 1))[:, 0] == decoded_t[i])[0])
+        end = 4 if s < 4 else 10
+        for k in range(3):
+            if s + k < end:
+                assert full[i, k].tolist() == data["tokens"][s + k].tolist()
+            else:
+                assert (full[i, k] == 16).all()  # stop tokens
+    assert (full == 16).any()  # windows that start near an episode's end were drawn
+
+
+# --- model -------------------------------------------------------------------------------------------
+
+
+def test_causality_and_hidden_value_tokens():
+    model = tiny_model()
+    td, T = model.td, model.block_size
+    x = torch.randint(0, 7, (1, T), generator=torch.Generator().manual_seed(1))
+    base = model(x)[0]
+    for j in (0, 3, 4, 7, 9, 12):  # td = 5: positions 4 and 9 hold values
+        x2 = x.clone()
+        x2[0, j] = (x2[0, j] + 3) % 7
+        out = model(x2)[0]
+        torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-6)  # the future never leaks back
+        assert not torch.allclose(out[:, j], base[:, j])  # the token itself matters for its own prediction
+        later = (out[:, j + 1 :] - base[:, j + 1 :]).abs().amax().item()
+        if j % td == td - 1:
+            assert later < 1e-6  # no token reads a value token (TT code's mask)
+        else:
+            assert later > 1e-4
+
+
+def test_kv_cache_equals_uncached_forward_across_crops():
+    model = tiny_model(seq_len=3)
+    td, mb = model.td, model.block_size  # 5 tokens per transition, view of at most 14 tokens
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, 7, (3, 7), generator=g)
+    cached, plain = tt.Decoder(model, prefix, mb, True), tt.Decoder(model, prefix, mb, False)
+    with torch.no_grad():
+        for step in range(25):
+            new = torch.randint(0, 7, (3, 1 + (step % 4 == 0)), generator=g)  # single tokens and pairs
+            if step == 10:  # beams are reordered and copied as in beam search
+                rows = torch.tensor([2, 2, 0])
+                cached.select(rows), plain.select(rows)
+            cached.append(new), plain.append(new)
+            L = cached.x.shape[1]
+            lo = math.ceil(max(0, L - mb) / td) * td  # the TT code's crop: whole transitions, oldest first
+            reference = model(cached.x[:, lo:])[0][:, -1, :7]
+            torch.testing.assert_close(cached.logits, reference, rtol=0, atol=1e-5)
+            torch.testing.assert_close(plain.logits, reference, rtol=0, atol=1e-5)
+            assert cached.lo == plain.lo == lo and cached.x.shape[1] - cached.lo <= mb
+
+
+def test_loss_weighting_hand_computed():
+    model = tiny_model(obs_dim=1, act_dim=1, n_bins=1, seq_len=2)  # td 4: s, a, r, V; 2 classes (bin, stop)
+    args = tt.Args(action_weight=5.0, reward_weight=2.0, value_weight=0.5, updates=1)
+    w = tt.token_weights(model, 7, args)
+    assert w.tolist() == [5, 2, 0.5, 1, 5, 2, 0.5]  # targets: a, r, V, s, a, r, V
+    logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3)]]])  # ce: ln 2, then -ln(3/4)
+    loss = tt.tt_loss(logits, torch.tensor([[0, 1]]), torch.tensor([5.0, 2.0]))
+    assert loss.item() == pytest.approx((5 * math.log(2) + 2 * math.log(4 / 3)) / 2)
+
+
+# --- planning ----------------------------------------------------------------------------------------
+
+
+class HandModel(torch.nn.Module):
+    """obs_dim = act_dim = 1, N = 4. Action a is drawn with probabilities ACT (most likely: 0); the reward and
+    value tokens are certain and depend on (a + s) mod 4: r bins R, V bins VB. The cache holds the tokens."""
+
+    ACT = torch.tensor([0.31, 0.23, 0.23, 0.23])
+    R, VB = [2, 3, 0, 1], [0, 0, 1, 3]
+
+    def __init__(self):
+        super().__init__()
+        self.obs_dim, self.act_dim, self.n_bins, self.td, self.block_size = 1, 1, 4, 4, 4 * 10 - 1
+
+    def forward(self, tokens, start=0, cache=None, return_attn=False):
+        seq = tokens if cache is None else torch.cat([cache[0][0], tokens], 1)
+        out = torch.full((*tokens.shape, 5), -1e4)
+        for p in range(start, seq.shape[1]):
+            nxt, s0 = (p + 1) % 4, p - p % 4
+            if nxt == 1:
+                out[:, p - start, :4] = self.ACT.log()
+            elif nxt in (2, 3):
+                key = (seq[:, s0 + 1] + seq[:, s0]) % 4
+                out[torch.arange(len(seq)), p - start, torch.tensor(self.R if nxt == 2 else self.VB)[key]] = 0.0
+            else:
+                out[:, p - start, 0] = 0.0
+        return out, [(seq, seq)], [None]
+
+
+def hand_discretizer():
+    edges = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [-0.5, 0.5, 1.5, 2.5, 3.5], [-1, 1, 3, 7, 13]])
+    return tt.Discretizer(edges.T.double())  # r midpoints 0, 1, 2, 3; V midpoints 0, 2, 5, 10
+
+
+def test_beam_search_returns_the_best_scoring_plan_per_episode():
+    """Score of a 1-step plan = r + gamma V. With s = 0: a=0 -> 2 + 0, a=1 -> 3 + 0, a=2 -> 0 + .99*2,
+    a=3 -> 1 + .99*10 (best); greedy decoding takes the most likely action, 0. With s = 1 everything shifts by one:
+    the best action is 2. Two episodes planned in one batch must not mix."""
+    model, disc = HandModel(), hand_discretizer()
+    args = tt.Args(horizon=1, beam_width=4, n_expand=8, cdf_act=0.0, k_obs=1, max_context=5, updates=1)
+    prefix = torch.tensor([[0], [1]])
+    for seed in range(3):
+        best = tt.plan(model, disc, prefix, args, torch.Generator().manual_seed(seed))
+        assert best[:, 0].tolist() == [3, 2]
+    greedy = tt.plan(model, disc, prefix, tt.Args(beam_width=1, updates=1), torch.Generator())
+    assert greedy[:, 0].tolist() == [0, 0]
+
+
+def test_cdf_and_topk_filters():
+    logits = torch.tensor([[0.1, 0.2, 0.3, 0.4]]).log()
+    kept = torch.isfinite(tt.filter_logits(logits, 0, 0.35))[0].tolist()
+    assert kept == [False, False, True, True]  # 0.1 + 0.2 < 0.35 dropped, as in the TT code
+    assert torch.isfinite(tt.filter_logits(logits, 1, 0.0))[0].tolist() == [False, False, False, True]
+    flat = torch.zeros(1, 4)  # all equal: the TT rule would drop everything; the most likely tokens survive
+    assert torch.isfinite(tt.filter_logits(flat, 0, 0.6)).all()
+
+
+# --- the script --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"beam_width": 0}, "--beam-width 0"), ({"n_embd": 30}, "--n-embd 30"), ({"cdf_act": 1.0}, "--cdf-act 1.0"),
+     ({"max_context": 11}, "--max-context 11"), ({"updates": 0}, "--updates 0"), ({"discount": 0.0}, "--discount"),
+     ({"decay_epochs": 0.5}, "--decay-epochs 0.5"), ({"n_bins": 0}, "--n-bins 0")],
+)  # fmt: skip
+def test_bad_flags_are_refused_with_one_message(kw, message):
+    with pytest.raises(SystemExit, match=message.replace(".", r"\.")):
+        tt.Args(**kw)
+
+
+def test_bad_flag_on_the_command_line_is_one_line_without_traceback():
+    p = subprocess.run(
+        [sys.executable, "tt.py", "--horizon", "-1"], check=False, cwd=ROOT, capture_output=True, text=True
+    )
+    assert p.returncode != 0 and "error: --horizon -1: must be > 0." in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_checkpoints_and_device(tmp_path, hdf5_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="unreadable"):
+        tt.train(tiny_args(tmp_path, hdf5_path, checkpoint=str(junk), updates=0))
+    other = tmp_path / "other.pt"
+    torch.save({"model": {}, "args": {}}, other)  # e.g. a dt.py checkpoint
+    with pytest.raises(SystemExit, match="not a tt.py checkpoint"):
+        tt.train(tiny_args(tmp_path, hdf5_path, checkpoint=str(other), updates=0))
+    with pytest.raises(SystemExit, match="no such file"):
+        tt.train(tiny_args(tmp_path, hdf5_path, checkpoint=str(tmp_path / "missing.pt"), updates=0))
+    with pytest.raises(SystemExit, match="--device 'gpu7'"):
+        tt.train(tiny_args(tmp_path, hdf5_path, device="gpu7"))
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
+
+
+def test_end_to_end_checkpoint_and_determinism(tmp_path, hdf5_path):
+    res = tt.train(tiny_args(tmp_path, hdf5_path))
+    run = Path(res["run_dir"])
+    for f in ("config.json", "metrics.jsonl", "results.json", "model.pt"):
+        assert (run / f).is_file()
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["updates"] == 6 and len(saved["returns"]) == 2 and saved["dataset"]["source"] == "file"
+    assert all(1 <= n <= 8 for n in saved["lengths"]) and saved["plan_s_per_step"] > 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [0, 2, 4, 5] and "eval_normalized" in lines[-1]
+    assert all(math.isfinite(m["loss"]) for m in lines if "loss" in m)
+    # same seed, same everything: losses and returns repeat exactly
+    again = tt.train(tiny_args(tmp_path / "b", hdf5_path))
+    again_lines = [json.loads(line) for line in (Path(again["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert again["returns"] == res["returns"] and [m for m in again_lines if "loss" in m] == [
+        m for m in lines if "loss" in m
+    ]
+    # --updates 0 evaluates the checkpoint (its architecture, whatever the flags say) and reproduces the score
+    ev = tt.train(tiny_args(tmp_path / "c", hdf5_path, checkpoint=str(run / "model.pt"), updates=0, n_layer=5,
+                            n_embd=64, n_bins=50))  # fmt: skip
+    assert ev["returns"] == res["returns"] and ev["args"]["n_layer"] == 2 and ev["args"]["n_bins"] == 20
+    assert not (Path(ev["run_dir"]) / "model.pt").exists()
+    greedy = tt.train(tiny_args(tmp_path / "d", hdf5_path, checkpoint=str(run / "model.pt"), updates=0, beam_width=1))
+    assert len(greedy["returns"]) == 2 and greedy["args"]["beam_width"] == 1 and greedy["plan_s_per_step"] > 0
