@@ -58,6 +58,9 @@ class Args:
     """embedding (hidden) size"""
     dropout: float = 0.1
     """dropout on embeddings, attention weights and residual branches"""
+    timestep_embedding: bool = True
+    """a learned timestep embedding added to every token of a step (the DT paper's, in place of
+    GPT-2's positions); `--no-timestep-embedding` drops it"""
     max_ep_len: int = 1000
     """size of the timestep embedding table; later timesteps share the last entry"""
     batch_size: int = 64
@@ -201,12 +204,12 @@ class Block(nn.Module):
 
 
 class DecisionTransformer(nn.Module):
-    def __init__(self, state_dim, act_dim, n_layer, n_head, n_embd, dropout, max_ep_len, policy):
+    def __init__(self, state_dim, act_dim, n_layer, n_head, n_embd, dropout, max_ep_len, policy, timestep_embedding=True):
         super().__init__()
         self.act_dim, self.policy = act_dim, policy
-        # One linear embedding per modality plus a timestep embedding added to all three tokens of a
-        # step; no positional embedding (the DT code removes GPT-2's).
-        self.embed_t = nn.Embedding(max_ep_len, n_embd)
+        # One linear embedding per modality plus (--timestep-embedding) a timestep embedding added to all
+        # three tokens of a step; no positional embedding (the DT code removes GPT-2's).
+        self.embed_t = nn.Embedding(max_ep_len, n_embd) if timestep_embedding else None
         self.embed_g = nn.Linear(1, n_embd)
         self.embed_s = nn.Linear(state_dim, n_embd)
         self.embed_a = nn.Linear(act_dim, n_embd)
@@ -222,7 +225,7 @@ class DecisionTransformer(nn.Module):
         Returns the action mean (B, K, m_a), log-std (B, K, m_a) or None, and per-block attention weights
         (list of (B, nh, 3K, 3K)) when return_attn."""
         B, K, _ = states.shape
-        t = self.embed_t(timesteps)
+        t = 0.0 if self.embed_t is None else self.embed_t(timesteps)
         tokens = torch.stack([self.embed_g(rtg) + t, self.embed_s(states) + t, self.embed_a(actions) + t], dim=2)
         x = self.drop(self.embed_ln(tokens.reshape(B, 3 * K, -1)))  # (B, 3K, C): g_1, s_1, a_1, g_2, ...
         allowed = torch.ones(3 * K, 3 * K, dtype=torch.bool, device=x.device).tril()  # causal: a_t ~ pi(. | Gamma_t), Eq. 1.2
@@ -293,7 +296,7 @@ def evaluate(model, info, state_mean, state_std, args, device, seed, record_atte
         returns += r * ~done
         lengths += ~done
         done |= term | trunc
-        if done.all():
+        if done.all() or t + 1 == horizon:  # no slot for g_{t+1} past the horizon (an env without a TimeLimit)
             break
         rtg[:, t + 1] = rtg[:, t] - torch.as_tensor(r, device=device, dtype=torch.float32)[:, None] / args.rtg_scale  # DT's rule
     envs.close()
@@ -420,9 +423,16 @@ def train(args: Args) -> dict:
     if args.checkpoint is not None:
         if not Path(args.checkpoint).is_file():
             raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file (expected runs/RUN/model.pt).")
-        ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
-        for k in ("policy", "context_len", "n_layer", "n_head", "n_embd", "max_ep_len", "rtg_scale"):
+        try:
+            ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
+        except Exception as e:
+            raise SystemExit(f"error: --checkpoint {args.checkpoint}: torch cannot read it ({type(e).__name__}).") from None
+        arch = ("policy", "context_len", "n_layer", "n_head", "n_embd", "max_ep_len", "rtg_scale")
+        if not isinstance(ckpt, dict) or "model" not in ckpt or any(k not in ckpt.get("args", {}) for k in arch):
+            raise SystemExit(f"error: --checkpoint {args.checkpoint} is not a model.pt written by dt.py.")
+        for k in arch:
             setattr(args, k, ckpt["args"][k])  # the architecture is the checkpoint's, whatever the flags say
+        args.timestep_embedding = "embed_t.weight" in ckpt["model"]
     try:
         episodes, info = common.load_dataset(args.env, args.dataset_path)
     except common.DatasetError as e:
@@ -447,12 +457,16 @@ def train(args: Args) -> dict:
     config = dict(args=asdict(args), dataset=info, device=str(device), git_commit=git_commit(), torch=torch.__version__, run_name=run_name)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     metrics = open(run_dir / "metrics.jsonl", "a")
-    log = lambda **kw: metrics.write(json.dumps(kw) + "\n") or metrics.flush()
+
+    def log(**kw):  # flushed line by line: a run killed by a time limit or Ctrl-C keeps its history
+        metrics.write(json.dumps(kw) + "\n")
+        metrics.flush()
+
 
     data = make_dataset(episodes, device, args.rtg_scale, args.max_ep_len,
                         state_stats=None if ckpt is None else (ckpt["state_mean"], ckpt["state_std"]))
     model = DecisionTransformer(info["obs_dim"], info["act_dim"], args.n_layer, args.n_head, args.n_embd,
-                                args.dropout, args.max_ep_len, args.policy).to(device)
+                                args.dropout, args.max_ep_len, args.policy, args.timestep_embedding).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     opt, sched = make_optimizer(model, args)

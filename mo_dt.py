@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from pytorch_optimizer import Lamb
 from tqdm import tqdm
 
 import common
@@ -53,7 +52,8 @@ class Args:
     """loss weights (lambda_DT, lambda_s, lambda_g) of Eq. 1.9, on the simplex of Eq. 1.10 (non-negative,
     summing to 1); Table 1.1: uniform"""
     gaussian_heads: bool = True
-    """Gaussian NLL heads (Eq. 1.3-1.8); `--no-gaussian-heads`: MSE for all three heads (Fig. 1.4a ablation)"""
+    """Gaussian NLL heads for the next state and next return (Eq. 1.5-1.8); `--no-gaussian-heads` trains those
+    two with mean squared error instead (the Fig. 1.4a ablation). The action head stays Gaussian (Eq. 1.3-1.4)"""
     schedule: Literal["joint", "alternating"] = "joint"
     """`joint`: one optimizer step on sum_i lambda_i L_i per update (Eq. 1.9, Alg. 1 line 12); `alternating`:
     one step on lambda_i L_i for each task in turn on the same batch (the sequential regime of Ch. 3, Thm 3)"""
@@ -73,6 +73,10 @@ class Args:
     """embedding (hidden) size (Table 1.1)"""
     dropout: float = 0.1
     """dropout on embeddings, attention weights and residual branches"""
+    timestep_embedding: bool = False
+    """add a learned timestep embedding to every token of a step, as the DT paper does. Off by
+    default: Table 1.1 says "positional embedding: No" (following ODT, whose code builds a timestep embedding
+    but never uses it in forward)"""
     max_ep_len: int = 1000
     """size of the timestep embedding table; later timesteps share the last entry"""
     batch_size: int = 256
@@ -122,7 +126,7 @@ THESIS_TABLE_1_3 = {
     "halfcheetah-medium-expert": (94.57, 2.78), "hopper-medium-expert": (111.71, 1.52), "walker2d-medium-expert": (108.08, 0.54),
 }  # total 705.37
 TABLE_1_1 = dict(n_layer=4, n_head=4, n_embd=256, context_len=20, dropout=0.1, batch_size=256, lr=1e-4,
-                 weight_decay=1e-3, grad_clip=0.25, warmup_steps=10_000, updates=100_000, gaussian_heads=True,
+                 weight_decay=1e-3, grad_clip=0.25, warmup_steps=10_000, updates=100_000, gaussian_heads=True, timestep_embedding=False,
                  schedule="joint", rtg_update="model")
 TARGET_RETURNS = {"hopper": 7200.0, "walker2d": 10000.0, "halfcheetah": 12000.0}  # Table 1.2
 SOURCE_LABEL = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}
@@ -133,10 +137,12 @@ TASKS = ("action", "state", "return")  # the order of lambda = [lambda_DT, lambd
 CHOICES = (
     "heads: a_t is read off the s_t token (Eq. 1.3); s_{t+1} and g_{t+1} off the a_t token (Eq. 1.5-1.8 say "
     "'given Gamma_{t-1}'; Eq. 1.16 predicts g_2 from {g_1, s_1, a_1})",
-    "no positional embedding (Table 1.1), but DT's timestep embedding is kept: the DT/ODT code uses it in place of positions",
+    "no positional embedding and no timestep embedding (Table 1.1; the ODT code builds one but never uses it); "
+    "--timestep-embedding adds DT's",
     "next-state targets are masked where t is the last step of its stored episode (no s_{t+1} in the data); "
     "g_{t+1} = g_t - r_t is 0 after the last step",
-    "optimizer: LAMB from pytorch-optimizer (online-dt used timm's); see make_optimizer",
+    "LAMB as timm's (the ODT code's): bias-corrected moments, decay inside the uncapped trust ratio, eps 1e-8; "
+    "timm's internal clip at norm 1.0 is left out (we clip at --grad-clip first)",
     "--schedule alternating: one update = one step of the same LAMB optimizer per task, in the order (DT, s, g), "
     "each on a fresh forward pass of the same batch; LAMB's trust ratio sets each step's size, so the shared "
     "weights move up to 3x as far per update as under joint, and the moment buffers are shared across tasks",
@@ -241,12 +247,12 @@ class Block(nn.Module):
 
 
 class MultiObjectiveDecisionTransformer(nn.Module):
-    def __init__(self, state_dim, act_dim, n_layer, n_head, n_embd, dropout, max_ep_len, gaussian_heads):
+    def __init__(self, state_dim, act_dim, n_layer, n_head, n_embd, dropout, max_ep_len, gaussian_heads,
+                 timestep_embedding=False):
         super().__init__()
-        self.gaussian = gaussian_heads
-        # One linear embedding per modality plus a timestep embedding added to all three tokens of a
-        # step; no positional embedding (Table 1.1; the DT and ODT code remove GPT-2's).
-        self.embed_t = nn.Embedding(max_ep_len, n_embd)
+        # One linear embedding per modality. No positional embedding (Table 1.1): as in the ODT code, nothing
+        # tells the tokens their time but the causal order; --timestep-embedding adds DT's timestep embedding.
+        self.embed_t = nn.Embedding(max_ep_len, n_embd) if timestep_embedding else None
         self.embed_g = nn.Linear(1, n_embd)
         self.embed_s = nn.Linear(state_dim, n_embd)
         self.embed_a = nn.Linear(act_dim, n_embd)
@@ -256,16 +262,17 @@ class MultiObjectiveDecisionTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd)
         # The task-specific parameters theta_DT, theta_s, theta_g of Eq. 1.9 are these heads; everything
         # else is shared. A Gaussian head outputs a mean and a log-std per dimension (Eq. 1.3, 1.5, 1.6).
-        width = 2 if gaussian_heads else 1
-        self.heads = nn.ModuleDict({"action": nn.Linear(n_embd, width * act_dim), "state": nn.Linear(n_embd, width * state_dim),
-                                    "return": nn.Linear(n_embd, width * 1)})
+        # Fig. 1.4a ablates the Gaussian heads "for states and returns" only: the action head is always Gaussian.
+        self.gaussian_task = {"action": True, "state": gaussian_heads, "return": gaussian_heads}
+        dims = {"action": act_dim, "state": state_dim, "return": 1}
+        self.heads = nn.ModuleDict({k: nn.Linear(n_embd, (2 if self.gaussian_task[k] else 1) * d) for k, d in dims.items()})
 
     def forward(self, rtg, states, actions, timesteps, mask=None, return_attn=False):
         """rtg (B, K, 1), states (B, K, m_s), actions (B, K, m_a), timesteps (B, K), mask (B, K) bool or None.
         Returns {task: (mean, log-std or None)} for the tasks action (a_t), state (s_{t+1}) and return
         (g_{t+1}), each (B, K, dim), and per-block attention weights (list of (B, nh, 3K, 3K)) when return_attn."""
         B, K, _ = states.shape
-        t = self.embed_t(timesteps)
+        t = 0.0 if self.embed_t is None else self.embed_t(timesteps)
         tokens = torch.stack([self.embed_g(rtg) + t, self.embed_s(states) + t, self.embed_a(actions) + t], dim=2)
         x = self.drop(self.embed_ln(tokens.reshape(B, 3 * K, -1)))  # (B, 3K, C): g_1, s_1, a_1, g_2, ...
         allowed = torch.ones(3 * K, 3 * K, dtype=torch.bool, device=x.device).tril()  # causal
@@ -282,7 +289,7 @@ class MultiObjectiveDecisionTransformer(nn.Module):
         preds = {}
         for task in TASKS:
             out = self.heads[task](read[task])
-            mean, log_std = out.chunk(2, dim=-1) if self.gaussian else (out, None)
+            mean, log_std = out.chunk(2, dim=-1) if self.gaussian_task[task] else (out, None)
             if task == "action":
                 mean = torch.tanh(mean)  # actions lie in [-1, 1]; states and returns are unbounded
             if log_std is not None:
@@ -473,19 +480,45 @@ def git_commit() -> Optional[str]:
         return None
 
 
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2020; Table 1.1, Alg. 1 line 12) as timm's `Lamb`, the one the ODT code, and so the
+    thesis, used: Adam moments with bias correction, the weight decay added to the Adam update, and each
+    tensor's step scaled by its trust ratio ||w|| / ||update|| (1 where either norm is 0), uncapped. Written
+    out because timm pulls torchvision and pytorch-optimizer's Lamb is another variant (no bias correction,
+    ||w|| capped at 10 in the ratio). timm's clip of the global gradient norm at 1.0 is left out: we clip at
+    --grad-clip (0.25) before every step, which leaves it nothing to do. The trust ratio scales every tensor,
+    decayed or not: ODT passed one parameter group with decay, so timm adapted every tensor there too."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (beta1, beta2), step = group["betas"], group.get("step", 0) + 1
+            group["step"] = step  # one count per group, as in timm (a head without a gradient skips, the count not)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + group["eps"])
+                update.add_(p, alpha=group["weight_decay"])
+                w_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+                p.sub_(update * (trust * group["lr"]))
+
+
 def make_optimizer(model, args):
-    """LAMB (Table 1.1, Alg. 1 line 12) from pytorch-optimizer; weight decay on matrices only, as in nanoGPT.
-    online-dt used timm's Lamb (not installable here: it pulls torchvision). Differences, and what we chose:
-    timm clips the global grad norm at 1.0 inside the step; we clip at 0.25 ourselves (Table 1.1) and leave
-    pytorch-optimizer's pre_norm off. weight_decouple=False puts the decay into the update before the trust
-    ratio, as timm and the LAMB paper do. eps=1e-8 as online-dt passes it. pytorch-optimizer skips Adam's
-    bias correction, which only rescales the update and cancels in the trust ratio ||w|| / ||update||, and
-    caps ||w|| at 10 in that ratio (timm does not); it applies the trust ratio to every tensor, where timm
-    skips it for a group without decay (online-dt had one group, so it applied it everywhere too)."""
+    """LAMB (Table 1.1) with weight decay on matrices only, as in nanoGPT, and eps 1e-8 as the ODT code."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    opt = Lamb(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decouple=False, pre_norm=False)
+    opt = Lamb(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
     return opt, sched
 
@@ -533,6 +566,25 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --n-embd {args.n_embd} must be divisible by --n-head {args.n_head}.")
 
 
+def attention_mass_text(attention: dict) -> str:
+    return "; ".join(f"block {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in zip(MODALITIES, m))
+                     for i, m in enumerate(attention["modality_mass_mean"]))
+
+
+def later_blocks_verdict(attention: dict, favoured: tuple) -> str:
+    """Every block after the first puts more attention mass on the `favoured` modalities together than on any
+    other modality: reproduced; only the last block does: partly; else not reproduced."""
+    if not attention["samples"]:
+        return "not measured: no evaluation step had a full context of K steps"
+    if len(attention["modality_mass_mean"]) < 2:
+        return "not measured: one block has no later blocks"
+    wins = []
+    for mass in attention["modality_mass_mean"][1:]:
+        m = dict(zip(MODALITIES, mass))
+        wins.append(sum(m[k] for k in favoured) > max(v for k, v in m.items() if k not in favoured))
+    return "reproduced" if all(wins) else ("partly" if wins[-1] else "not reproduced")
+
+
 def claims_table(args: Args, trained_with: dict, trained: int, info: dict, res: dict, attention: Optional[dict],
                  cosines: list[dict]) -> list[dict]:
     """thesis claim | our measurement | verdict, for what one run can test. Score: within one of the thesis's
@@ -540,13 +592,17 @@ def claims_table(args: Args, trained_with: dict, trained: int, info: dict, res: 
     settings than Table 1.1 is "not comparable". `trained_with`: the arguments the evaluated model was
     trained with (a checkpoint's, or this run's); `trained`: its updates in all."""
     rows = []
-    config = dict(trained_with, updates=trained, rtg_update=args.rtg_update)  # the inference rule is this run's
+    # The inference settings are this run's; a checkpoint from before --timestep-embedding existed had one.
+    config = dict(trained_with, updates=trained, rtg_update=args.rtg_update, target_return=args.target_return,
+                  timestep_embedding=trained_with.get("timestep_embedding", True))
     short = f" (model trained {trained} updates, thesis 10^5)" if trained != TABLE_1_1["updates"] else ""
     label = SOURCE_LABEL[info["source"]]
     thesis = THESIS_TABLE_1_3.get(info["name"])
     if thesis is not None:
         mean, std = thesis
-        differs = [k for k, v in TABLE_1_1.items() if config[k] != v]
+        differs = [k for k, v in TABLE_1_1.items() if config.get(k) != v]
+        table_1_2 = TARGET_RETURNS.get(info["name"].split("-")[0])
+        differs += [] if config["target_return"] in (None, table_1_2) else ["target_return (Table 1.2)"]  # None: the default
         differs += [] if np.allclose(config["lambdas"], 1 / len(TASKS)) else ["lambdas"]
         gap = abs(res["normalized_mean"] - mean)
         if differs:
@@ -559,12 +615,9 @@ def claims_table(args: Args, trained_with: dict, trained: int, info: dict, res: 
                          ours=f"{res['normalized_mean']:.2f} ± {res['normalized_std']:.2f} over {args.eval_episodes} episodes, "
                               f"seed {config['seed']}, {trained} updates, {label} data, rtg-update {args.rtg_update}",
                          verdict=verdict))
-    if attention is not None:
-        action_mass = [m[MODALITIES.index("action")] for m in attention["modality_mass_mean"]]
-        rows.append(dict(claim="Fig. 1.2: later blocks attend more to action tokens than the first block",
-                         ours="action mass per block: " + ", ".join(f"{m:.2f}" for m in action_mass),
-                         verdict=("not measured: no evaluation step had a full context of K steps" if not attention["samples"] else
-                                  ("reproduced" if len(action_mass) > 1 and action_mass[-1] > action_mass[0] else "not reproduced") + short)))
+    if attention is not None:  # §1.5.2: "later blocks ... predominantly engage with ... action tokens over return or state tokens"
+        rows.append(dict(claim="Fig. 1.2, §1.5.2: later blocks attend predominantly to action tokens over state and return tokens",
+                         ours=attention_mass_text(attention), verdict=later_blocks_verdict(attention, ("action",)) + short))
     if len(cosines) >= 2:
         pairs = [k for k in cosines[0] if k.startswith("cos_")]
         fell = [k for k in pairs if cosines[-1][k] < cosines[0][k]]
@@ -607,6 +660,7 @@ def train(args: Args) -> dict:
             raise SystemExit(f"error: --checkpoint {args.checkpoint} is not a model.pt written by mo_dt.py.")
         for k in arch:
             setattr(args, k, ckpt["args"][k])  # the architecture is the checkpoint's, whatever the flags say
+        args.timestep_embedding = "embed_t.weight" in ckpt["model"]
     try:
         episodes, info = common.load_dataset(args.env, args.dataset_path)
     except common.DatasetError as e:
@@ -631,12 +685,17 @@ def train(args: Args) -> dict:
     config = dict(args=asdict(args), dataset=info, device=str(device), git_commit=git_commit(), torch=torch.__version__, run_name=run_name)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     metrics = open(run_dir / "metrics.jsonl", "a")
-    log = lambda **kw: metrics.write(json.dumps(kw) + "\n") or metrics.flush()
+
+    def log(**kw):  # flushed line by line: a run killed by a time limit or Ctrl-C keeps its history
+        metrics.write(json.dumps(kw) + "\n")
+        metrics.flush()
+
 
     data = make_dataset(episodes, device, args.rtg_scale, args.max_ep_len,
                         state_stats=None if ckpt is None else (ckpt["state_mean"], ckpt["state_std"]))
     model = MultiObjectiveDecisionTransformer(info["obs_dim"], info["act_dim"], args.n_layer, args.n_head, args.n_embd,
-                                              args.dropout, args.max_ep_len, args.gaussian_heads).to(device)
+                                              args.dropout, args.max_ep_len, args.gaussian_heads,
+                                              args.timestep_embedding).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     opt, sched = make_optimizer(model, args)
@@ -645,7 +704,7 @@ def train(args: Args) -> dict:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     print(f"run {run_name}: {info['transitions']} transitions in {info['episodes']} episodes ({info['source']}), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
-    print(f"heads {'Gaussian NLL' if args.gaussian_heads else 'MSE'}, lambdas {lambdas}, schedule {args.schedule}, "
+    print(f"state/return heads {'Gaussian NLL' if args.gaussian_heads else 'MSE'}, lambdas {lambdas}, schedule {args.schedule}, "
           f"rtg-update {args.rtg_update}, target return {args.target_return}. Interpretation choices:")
     for c in CHOICES:
         print(f"  - {c}")

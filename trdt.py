@@ -32,7 +32,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from pytorch_optimizer import Lamb
 from tqdm import tqdm
 
 import common
@@ -60,8 +59,9 @@ class Args:
     """loss weights on the simplex (Eq. 1.14), one per task in the order action, state, return, region;
     non-negative, summing to 1 (Table 1.1: uniform)"""
     gaussian_heads: bool = True
-    """Gaussian NLL heads for action, next state and next return (Eq. 1.3-1.8); `--no-gaussian-heads` uses
-    mean squared error instead (the Fig. 1.4a ablation). The region head is always Bernoulli (Eq. 1.12)"""
+    """Gaussian NLL heads for the next state and next return (Eq. 1.5-1.8); `--no-gaussian-heads` trains those
+    two with mean squared error instead (the Fig. 1.4a ablation). The action head stays Gaussian (Eq. 1.3-1.4)
+    and the region head Bernoulli (Eq. 1.12)"""
     schedule: Literal["joint", "alternating"] = "joint"
     """`joint`: one optimizer step on sum_i lambda_i L_i per update (Eq. 1.14, Alg. 1 line 12);
     `alternating`: one step on each lambda_i L_i in turn, on the same batch (Chapter 3's sequential
@@ -82,6 +82,10 @@ class Args:
     """embedding (hidden) size (Table 1.1)"""
     dropout: float = 0.1
     """dropout on embeddings, attention weights and residual branches"""
+    timestep_embedding: bool = False
+    """add a learned timestep embedding to every token of a step, as the DT paper does. Off by
+    default: Table 1.1 says "positional embedding: No" (following ODT, whose code builds a timestep embedding
+    but never uses it in forward)"""
     max_ep_len: int = 1000
     """size of the timestep embedding table; later timesteps share the last entry"""
     batch_size: int = 256
@@ -132,7 +136,7 @@ THESIS_TABLE_1_3 = {
     "halfcheetah-medium-expert": (94.37, 3.19), "hopper-medium-expert": (111.53, 1.31), "walker2d-medium-expert": (108.52, 0.45),
 }
 TABLE_1_1 = dict(bins=3, n_layer=4, n_head=4, n_embd=256, context_len=20, dropout=0.1, batch_size=256, lr=1e-4,
-                 weight_decay=1e-3, grad_clip=0.25, warmup_steps=10_000, updates=100_000, gaussian_heads=True,
+                 weight_decay=1e-3, grad_clip=0.25, warmup_steps=10_000, updates=100_000, gaussian_heads=True, timestep_embedding=False,
                  schedule="joint", rtg_update="model")  # plus uniform lambdas, LAMB, ReLU, no positional embedding
 TARGET_RETURNS = {"hopper": 7200.0, "walker2d": 10000.0, "halfcheetah": 12000.0}  # Table 1.2
 SOURCE_LABEL = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}
@@ -143,9 +147,10 @@ CHOICES = (
     "never conditions on its own region (§1.4.2); s_{t+1} and g_{t+1} are read off the a_t token (thesis-map.md)",
     "regions: b uniform bins over [-1, 1] per action dimension, a value on a bin edge goes to the upper bin, "
     "bin k -> k+1 leading ones of b bits (Eq. 1.12); decoded by counting leading bits > 0.5",
-    "no positional embedding (Table 1.1); a learned timestep embedding is added to every token, as in the DT/ODT code",
-    "LAMB = pytorch_optimizer.Lamb: decay inside the trust ratio (LAMB paper, as timm's Lamb of the ODT code), "
-    "no internal grad-norm rescaling (we clip at --grad-clip ourselves), eps 1e-8 (ODT), no bias correction",
+    "no positional embedding and no timestep embedding (Table 1.1; the ODT code builds one but never uses it); "
+    "--timestep-embedding adds DT's",
+    "LAMB as timm's (the ODT code's): bias-corrected moments, decay inside the uncapped trust ratio, eps 1e-8; "
+    "timm's internal clip at norm 1.0 is left out (we clip at --grad-clip first)",
     "schedule alternating: per update one optimizer step on lambda_i L_i per task in turn (action, state, return, "
     "region), each on a fresh forward pass over the same batch; tasks with lambda_i = 0 are not stepped",
     "next-state loss skips the last step of each episode (its s_{t+1} is not in the data); g_{t+1} = g_t - r_t (0 at the end)",
@@ -294,14 +299,15 @@ def gaussian_params(out: torch.Tensor, dim: int, gaussian: bool):
 
 
 class TrustRegionDecisionTransformer(nn.Module):
-    def __init__(self, state_dim, act_dim, n_layer, n_head, n_embd, dropout, max_ep_len, bins, gaussian_heads):
+    def __init__(self, state_dim, act_dim, n_layer, n_head, n_embd, dropout, max_ep_len, bins, gaussian_heads,
+                 timestep_embedding=False):
         super().__init__()
         if n_embd % n_head:
             raise ValueError(f"n_embd {n_embd} must be divisible by n_head {n_head}")
         self.state_dim, self.act_dim, self.bins, self.gaussian = state_dim, act_dim, bins, gaussian_heads
-        # One linear embedding per modality plus a timestep embedding added to all four tokens of a step.
-        # No positional embedding (Table 1.1): like the DT/ODT code, the timestep embedding stands in for it.
-        self.embed_t = nn.Embedding(max_ep_len, n_embd)
+        # One linear embedding per modality. No positional embedding (Table 1.1): as in the ODT code, nothing
+        # tells the tokens their time but the causal order; --timestep-embedding adds DT's timestep embedding.
+        self.embed_t = nn.Embedding(max_ep_len, n_embd) if timestep_embedding else None
         self.embed_g = nn.Linear(1, n_embd)
         self.embed_s = nn.Linear(state_dim, n_embd)
         self.embed_r = nn.Linear(bins * act_dim, n_embd)
@@ -312,8 +318,8 @@ class TrustRegionDecisionTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd)
         # The heads are the task-specific parameters theta_DT, theta_s, theta_g, theta_abar (Eq. 1.9, 1.14);
         # everything else is shared. Names start with `head_` so the gradient analysis can tell them apart.
-        g = 2 if gaussian_heads else 1
-        self.head_action = nn.Linear(n_embd, g * act_dim)  # Eq. 1.3
+        g = 2 if gaussian_heads else 1  # Fig. 1.4a ablates the Gaussian heads "for states and returns" only
+        self.head_action = nn.Linear(n_embd, 2 * act_dim)  # Eq. 1.3: always Gaussian
         self.head_region = nn.Linear(n_embd, bins * act_dim)  # Eq. 1.12: Bernoulli logits
         self.head_state = nn.Linear(n_embd, g * state_dim)  # Eq. 1.5
         self.head_return = nn.Linear(n_embd, g)  # Eq. 1.6
@@ -323,7 +329,7 @@ class TrustRegionDecisionTransformer(nn.Module):
         mask (B, K) bool or None. Returns a dict of per-step head outputs (B, K, .) and `attns`, the per-block
         attention weights (list of (B, nh, 4K, 4K)) when return_attn."""
         B, K, _ = states.shape
-        t = self.embed_t(timesteps)
+        t = 0.0 if self.embed_t is None else self.embed_t(timesteps)
         tokens = torch.stack([self.embed_g(rtg) + t, self.embed_s(states) + t, self.embed_r(regions) + t, self.embed_a(actions) + t], dim=2)
         x = self.drop(self.embed_ln(tokens.reshape(B, 4 * K, -1)))  # (B, 4K, C): g_1, s_1, r_1, a_1, g_2, ...
         allowed = torch.ones(4 * K, 4 * K, dtype=torch.bool, device=x.device).tril()  # causal
@@ -338,7 +344,7 @@ class TrustRegionDecisionTransformer(nn.Module):
         # context of a_t and region_t as Gamma_t^+, but §1.4.2 says a_t must not condition on region_t, and with
         # region_t before a_t a region head on the a_t token would see its own target: both read s_t.
         h_s, h_a = h[:, :, 1], h[:, :, 3]
-        a_mean, a_log_std = gaussian_params(self.head_action(h_s), self.act_dim, self.gaussian)
+        a_mean, a_log_std = gaussian_params(self.head_action(h_s), self.act_dim, True)
         s_mean, s_log_std = gaussian_params(self.head_state(h_a), self.state_dim, self.gaussian)
         g_mean, g_log_std = gaussian_params(self.head_return(h_a), 1, self.gaussian)
         return dict(action_mean=torch.tanh(a_mean), action_log_std=a_log_std,  # tanh: actions live in [-1, 1]
@@ -581,17 +587,45 @@ def git_commit() -> Optional[str]:
         return None
 
 
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2020; Table 1.1, Alg. 1 line 12) as timm's `Lamb`, the one the ODT code, and so the
+    thesis, used: Adam moments with bias correction, the weight decay added to the Adam update, and each
+    tensor's step scaled by its trust ratio ||w|| / ||update|| (1 where either norm is 0), uncapped. Written
+    out because timm pulls torchvision and pytorch-optimizer's Lamb is another variant (no bias correction,
+    ||w|| capped at 10 in the ratio). timm's clip of the global gradient norm at 1.0 is left out: we clip at
+    --grad-clip (0.25) before every step, which leaves it nothing to do. The trust ratio scales every tensor,
+    decayed or not: ODT passed one parameter group with decay, so timm adapted every tensor there too."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (beta1, beta2), step = group["betas"], group.get("step", 0) + 1
+            group["step"] = step  # one count per group, as in timm (a head without a gradient skips, the count not)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + group["eps"])
+                update.add_(p, alpha=group["weight_decay"])
+                w_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+                p.sub_(update * (trust * group["lr"]))
+
+
 def make_optimizer(model, args):
-    """LAMB (Table 1.1, Alg. 1 line 12) from pytorch-optimizer; weight decay on matrices only, as in nanoGPT.
-    The ODT code used timm's Lamb; to match it we add the decay to the update inside the trust ratio
-    (weight_decouple=False, the LAMB paper's rule; pytorch-optimizer's default is AdamW-style decoupling),
-    and use eps 1e-8. timm's Lamb also rescales the global gradient norm to <= 1.0 internally; here
-    pre_norm stays False because we clip at --grad-clip (0.25) before the step. pytorch-optimizer's Lamb
-    has no bias correction (LAMB paper v3); the trust ratio sets the step size, so this changes little."""
+    """LAMB (Table 1.1) with weight decay on matrices only, as in nanoGPT, and eps 1e-8 as the ODT code."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    opt = Lamb(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decouple=False, pre_norm=False)
+    opt = Lamb(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
     return opt, sched
 
@@ -626,6 +660,25 @@ def check_lambdas(lambdas) -> None:
                          "e.g. --lambdas 0.25 0.25 0.25 0.25.")
 
 
+def attention_mass_text(attention: dict) -> str:
+    return "; ".join(f"block {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in zip(MODALITIES, m))
+                     for i, m in enumerate(attention["modality_mass_mean"]))
+
+
+def later_blocks_verdict(attention: dict, favoured: tuple) -> str:
+    """Every block after the first puts more attention mass on the `favoured` modalities together than on any
+    other modality: reproduced; only the last block does: partly; else not reproduced."""
+    if not attention["samples"]:
+        return "not measured: no evaluation step had a full context of K steps"
+    if len(attention["modality_mass_mean"]) < 2:
+        return "not measured: one block has no later blocks"
+    wins = []
+    for mass in attention["modality_mass_mean"][1:]:
+        m = dict(zip(MODALITIES, mass))
+        wins.append(sum(m[k] for k in favoured) > max(v for k, v in m.items() if k not in favoured))
+    return "reproduced" if all(wins) else ("partly" if wins[-1] else "not reproduced")
+
+
 def claims_table(args: Args, trained_with: dict, trained_updates: int, info: dict, res: dict, attention: Optional[dict],
                  cosines: list[dict]) -> list[dict]:
     """thesis claim | our measurement | verdict, for what one run can test, with the same rules as mo_dt.py.
@@ -633,12 +686,16 @@ def claims_table(args: Args, trained_with: dict, trained_updates: int, info: dic
     partly; a model trained with other settings than Table 1.1 is "not comparable". `trained_with`: the
     arguments the evaluated model was trained with (a checkpoint's, or this run's)."""
     rows = []
-    config = dict(trained_with, updates=trained_updates, rtg_update=args.rtg_update)  # the inference rule is this run's
+    # The inference settings are this run's; a checkpoint from before --timestep-embedding existed had one.
+    config = dict(trained_with, updates=trained_updates, rtg_update=args.rtg_update, target_return=args.target_return,
+                  timestep_embedding=trained_with.get("timestep_embedding", True))
     short = f" (model trained {trained_updates} updates, thesis 10^5)" if trained_updates != TABLE_1_1["updates"] else ""
     label = SOURCE_LABEL[info["source"]]
     if info["name"] in THESIS_TABLE_1_3:
         mean, std = THESIS_TABLE_1_3[info["name"]]
-        differs = [k for k, v in TABLE_1_1.items() if config[k] != v]
+        differs = [k for k, v in TABLE_1_1.items() if config.get(k) != v]
+        table_1_2 = TARGET_RETURNS.get(info["name"].split("-")[0])
+        differs += [] if config["target_return"] in (None, table_1_2) else ["target_return (Table 1.2)"]  # None: the default
         differs += [] if np.allclose(config["lambdas"], 1 / len(TASKS)) else ["lambdas"]
         gap = abs(res["normalized_mean"] - mean)
         if differs:
@@ -651,12 +708,9 @@ def claims_table(args: Args, trained_with: dict, trained_updates: int, info: dic
                          ours=f"{res['normalized_mean']:.2f} ± {res['normalized_std']:.2f} over {args.eval_episodes} episodes, "
                               f"seed {config['seed']}, {trained_updates} updates, {label} data, rtg-update {args.rtg_update}",
                          verdict=verdict))
-    if attention is not None:  # §1.5.2: "attention in subsequent blocks is divided between action regions and action tokens"
-        late = [m[MODALITIES.index("action")] + m[MODALITIES.index("region")] for m in attention["modality_mass_mean"]]
-        rows.append(dict(claim="Fig. 1.3: later blocks attend more to action and region tokens than the first block",
-                         ours="action + region mass per block: " + ", ".join(f"{m:.2f}" for m in late),
-                         verdict=("not measured: no evaluation step had a full context of K steps" if not attention["samples"] else
-                                  ("reproduced" if len(late) > 1 and late[-1] > late[0] else "not reproduced") + short)))
+    if attention is not None:  # §1.5.2: later blocks engage predominantly with actions, "divided between action regions and action tokens"
+        rows.append(dict(claim="Fig. 1.3, §1.5.2: later blocks attend predominantly to action and region tokens over state and return tokens",
+                         ours=attention_mass_text(attention), verdict=later_blocks_verdict(attention, ("action", "region")) + short))
     if len(cosines) >= 2:
         pairs = [k for k in cosines[0] if k.startswith("cos_")]
         fell = [k for k in pairs if cosines[-1][k] < cosines[0][k]]
@@ -697,6 +751,7 @@ def train(args: Args) -> dict:
             raise SystemExit(f"error: --checkpoint {args.checkpoint} is not a model.pt written by trdt.py.")
         for k in arch:
             setattr(args, k, ckpt["args"][k])  # the architecture is the checkpoint's, whatever the flags say
+        args.timestep_embedding = "embed_t.weight" in ckpt["model"]
     try:
         episodes, info = common.load_dataset(args.env, args.dataset_path)
     except common.DatasetError as e:
@@ -721,12 +776,17 @@ def train(args: Args) -> dict:
     config = dict(args=asdict(args), dataset=info, device=str(device), git_commit=git_commit(), torch=torch.__version__, run_name=run_name)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     metrics = open(run_dir / "metrics.jsonl", "a")
-    log = lambda **kw: metrics.write(json.dumps(kw) + "\n") or metrics.flush()
+
+    def log(**kw):  # flushed line by line: a run killed by a time limit or Ctrl-C keeps its history
+        metrics.write(json.dumps(kw) + "\n")
+        metrics.flush()
+
 
     data = make_dataset(episodes, device, args.rtg_scale, args.max_ep_len, args.bins,
                         state_stats=None if ckpt is None else (ckpt["state_mean"], ckpt["state_std"]))
     model = TrustRegionDecisionTransformer(info["obs_dim"], info["act_dim"], args.n_layer, args.n_head, args.n_embd,
-                                           args.dropout, args.max_ep_len, args.bins, args.gaussian_heads).to(device)
+                                           args.dropout, args.max_ep_len, args.bins, args.gaussian_heads,
+                                           args.timestep_embedding).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     opt, sched = make_optimizer(model, args)

@@ -265,9 +265,15 @@ def test_updates_per_second_does_not_count_evaluation(tmp_path, hdf5_path, monke
 
 def test_checkpoint_from_another_env_and_bad_devices_get_clear_errors(tmp_path, hdf5_path):
     ckpt = tmp_path / "walker.pt"
-    torch.save(dict(args=dataclasses.asdict(dt.Args()), dataset=dict(name="walker2d-medium", obs_dim=17, act_dim=6)), ckpt)
+    torch.save(dict(model={}, args=dataclasses.asdict(dt.Args()), dataset=dict(name="walker2d-medium", obs_dim=17, act_dim=6)), ckpt)
     with pytest.raises(SystemExit, match="trained on walker2d-medium .* pass the --env it was trained on"):
         dt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(ckpt)))
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="torch cannot read it"):
+        dt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(tmp_path / "garbage.pt")))
+    torch.save(dict(model={}, args=dict(gaussian_heads=True)), tmp_path / "mo_dt.pt")
+    with pytest.raises(SystemExit, match="not a model.pt written by dt.py"):
+        dt.train(tiny_args(tmp_path, hdf5_path, updates=0, checkpoint=str(tmp_path / "mo_dt.pt")))
     with pytest.raises(SystemExit, match="is not a device"):
         dt.train(tiny_args(tmp_path, hdf5_path, device="gpu"))
     if not torch.cuda.is_available():
@@ -283,3 +289,32 @@ def test_state_normalisation_can_come_from_a_checkpoint():
     given = dt.make_dataset(eps, torch.device("cpu"), rtg_scale=1.0, max_ep_len=10, state_stats=(mean, std))
     torch.testing.assert_close(given["states"], torch.as_tensor((eps[0]["observations"] - 1.0) / 2.0))
     assert given["state_mean"] is mean and not torch.allclose(own["states"], given["states"])
+
+
+def test_timestep_embedding_is_the_dt_papers_and_can_be_switched_off():
+    assert dt.Args().timestep_embedding is True  # DT adds a learned timestep embedding to every token
+    inputs = random_inputs()
+    later = (*inputs[:3], inputs[3] + 7, *inputs[4:])  # the same tokens, told they happen 7 steps later
+    with_t = small_model()
+    assert not torch.allclose(with_t(*inputs)[0], with_t(*later)[0])
+    torch.manual_seed(0)
+    without = dt.DecisionTransformer(3, 2, 2, 2, 16, 0.0, 50, "deterministic", timestep_embedding=False).eval()
+    assert not any(n.startswith("embed_t") for n, _ in without.named_parameters())
+    torch.testing.assert_close(without(*inputs)[0], without(*later)[0])
+
+
+def test_evaluation_stops_at_the_horizon_of_an_env_without_a_time_limit(monkeypatch):
+    """An env that never ends by itself and has no TimeLimit: evaluation stops at the horizon instead of
+    writing g_{t+1} past the end of its buffers."""
+    import gymnasium as gym
+
+    def endless(info):
+        return gym.make("Hopper-v4", terminate_when_unhealthy=False, max_episode_steps=30).env  # TimeLimit stripped
+
+    monkeypatch.setattr(common, "make_env", endless)
+    info = dict(common.D4RL_TABLE["hopper"], name="hopper-random", env_kwargs={})
+    torch.manual_seed(0)
+    model = dt.DecisionTransformer(11, 3, 1, 1, 8, 0.0, 1000, "deterministic")
+    args = dt.Args(eval_episodes=2, context_len=2, target_return=100.0)
+    res = dt.evaluate(model, info, np.zeros(11, np.float32), np.ones(11, np.float32), args, torch.device("cpu"), seed=0)
+    assert res["lengths"] == [1000, 1000]  # the horizon when the spec names none

@@ -313,9 +313,17 @@ def test_claims_verdicts():
     assert verdict(79.43 - 5.0) == "reproduced" and verdict(79.43 + 10.0) == "partly" and verdict(60.0) == "not reproduced"
     assert verdict(79.4, n=10).startswith("not comparable: differs from Table 1.1 in updates")
     assert "lambdas" in verdict(79.4, args=mo_dt.Args(lambdas=(0.5, 0.25, 0.25)))
+    assert "target_return (Table 1.2)" in verdict(79.4, args=mo_dt.Args(target_return=3600.0))  # DT's target, not 7200
+    assert "timestep_embedding" in verdict(79.4, args=mo_dt.Args(timestep_embedding=True))
     att = dict(samples=5, modality_mass_mean=[[0.4, 0.4, 0.2], [0.2, 0.3, 0.5]])
     rows = mo_dt.claims_table(thesis, asdict(thesis), 100_000, dict(info, name="x"), dict(normalized_mean=0.0, normalized_std=0.0), att, [])
     assert rows[0]["claim"].startswith("Fig. 1.2") and rows[0]["verdict"] == "reproduced"
+    # more action mass than in block 1 is not "predominantly actions": states still lead in the later blocks
+    for masses, verdict_ in (([[0.4, 0.5, 0.1], [0.2, 0.5, 0.3], [0.2, 0.4, 0.4]], "not reproduced"),
+                             ([[0.4, 0.5, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6]], "partly")):
+        rows = mo_dt.claims_table(thesis, asdict(thesis), 100_000, dict(info, name="x"), dict(normalized_mean=0.0, normalized_std=0.0),
+                                  dict(att, modality_mass_mean=masses), [])
+        assert rows[0]["verdict"] == verdict_
     empty = mo_dt.claims_table(thesis, asdict(thesis), 100_000, dict(info, name="x"), dict(normalized_mean=0.0, normalized_std=0.0),
                               dict(att, samples=0), [])
     assert empty[0]["verdict"].startswith("not measured")  # episodes shorter than K: no attention was recorded
@@ -385,3 +393,63 @@ def test_inference_with_the_subtraction_rule(tmp_path, hdf5_path, env_rewards):
         for i in range(2):
             if t < res["lengths"][i]:  # DT's rule g_{t+1} = g_t - r_t (in units of --rtg-scale)
                 assert calls[t][0][0][i, -1, 0].item() == pytest.approx(calls[t - 1][0][0][i, -1, 0].item() - rewards[i][t - 1] / 1000, abs=1e-5)
+
+
+def lamb_reference(w, grads, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+    """timm's LAMB (the ODT code's) step by step in float64 numpy: bias-corrected Adam, decay added to the
+    update, trust ratio ||w|| / ||update|| with no cap."""
+    (b1, b2), m, v = betas, np.zeros_like(w), np.zeros_like(w)
+    for t, g in enumerate(grads, start=1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        update = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps) + weight_decay * w
+        w_norm, u_norm = np.linalg.norm(w), np.linalg.norm(update)
+        w = w - lr * (w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0) * update
+    return w
+
+
+@pytest.mark.parametrize("scale, weight_decay", [(20.0, 0.1), (0.05, 0.0), (0.0, 0.1)])
+def test_lamb_step_is_timms_without_a_cap(scale, weight_decay):
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(4, 3, generator=g, dtype=torch.float64) * scale  # scale 20: ||w|| ~ 70, above any cap of 10
+    grads = [torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    p = torch.nn.Parameter(w0.clone())
+    opt = mo_dt.Lamb([dict(params=[p], weight_decay=weight_decay)], lr=0.01)
+    for grad in grads:
+        p.grad = grad.clone()
+        opt.step()
+    np.testing.assert_allclose(p.detach().numpy(), lamb_reference(w0.numpy(), [x.numpy() for x in grads], 0.01, weight_decay),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_make_optimizer_moves_every_tensor_by_lr_times_its_norm():
+    """The trust ratio makes the first step of every tensor exactly lr * ||w|| long, however large ||w||."""
+    model = small_model().train()
+    with torch.no_grad():
+        model.heads["state"].weight.mul_(500)  # ||w|| in the hundreds, like a timestep embedding table
+    opt, _ = mo_dt.make_optimizer(model, mo_dt.Args(lr=1e-3, warmup_steps=0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    preds, _ = model(*random_inputs())
+    sum(m.sum() + (0 if s is None else s.sum()) for m, s in preds.values()).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0 and before[n].norm() > 0:  # a zero tensor takes a plain Adam step
+            assert (p.detach() - before[n]).norm().item() == pytest.approx(1e-3 * before[n].norm().item(), rel=1e-4), n
+
+
+def test_no_timestep_embedding_by_default_as_table_1_1_says():
+    assert mo_dt.Args().timestep_embedding is False and mo_dt.TABLE_1_1["timestep_embedding"] is False
+    model, inputs = small_model(), random_inputs()
+    assert not any(n.startswith("embed_t") for n, _ in model.named_parameters())
+    later = (*inputs[:3], inputs[3] + 7, *inputs[4:])
+    torch.testing.assert_close(model(*inputs)[0]["action"][0], model(*later)[0]["action"][0])
+    torch.manual_seed(0)
+    with_t = mo_dt.MultiObjectiveDecisionTransformer(3, 2, 2, 2, 16, 0.0, 50, True, timestep_embedding=True).eval()
+    assert not torch.allclose(with_t(*inputs)[0]["action"][0], with_t(*later)[0]["action"][0])
+
+
+def test_mse_ablation_switches_the_state_and_return_heads_only():
+    """Fig. 1.4a ablates the Gaussian heads for states and returns; the action head stays Gaussian."""
+    preds, _ = small_model(gaussian=False)(*random_inputs())
+    assert preds["action"][1] is not None and preds["state"][1] is None and preds["return"][1] is None
+    preds, _ = small_model(gaussian=True)(*random_inputs())
+    assert all(log_std is not None for _, log_std in preds.values())

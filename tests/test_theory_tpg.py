@@ -209,6 +209,13 @@ def test_reduced_run_reaches_high_correlation(tmp_path):
         assert abs(trial["multi_task"]["state_mass"] - 0.5) < 0.05
     verdicts = {row["claim"].split(":")[0]: row["verdict"] for row in on_disk["claims"]}
     assert verdicts["Thm 1(a), §1.6.5"] == "reproduced"
+    # "equalities, or reversed when some states get higher priority": judged by what G_m can show (an a => s
+    # pair of G_a never flips, so a verdict that waits for a flipped pair could never say "reproduced")
+    g = {k: sum(t["graph_stats"][k] for t in on_disk["trials"]) for k in on_disk["trials"][0]["graph_stats"]}
+    assert g["a_over_s_to_reversed"] == 0
+    expected = ("reproduced" if g["a_over_s_to_equal"] >= 0.5 * g["action_over_state_a"] and g["state_over_action_m"] > 0
+                else "partly" if g["a_over_s_to_equal"] or g["state_over_action_m"] else "not reproduced")
+    assert verdicts["§1.6.3 G_m"] == expected
     # never overwrite: the same folder is now non-empty
     with pytest.raises(SystemExit, match="not empty"):
         T.main(T.Args(steps=10, trials=1, out_dir=str(out)))

@@ -92,10 +92,10 @@ def test_next_state_and_next_return_targets_and_masks():
 # --- model: causality (§1.4.2, "we do not condition a_t on region_t") --------------------------------
 
 
-def small_model(gaussian=True, dropout=0.0):
+def small_model(gaussian=True, dropout=0.0, timestep_embedding=False):
     torch.manual_seed(0)
     return trdt.TrustRegionDecisionTransformer(3, 2, n_layer=2, n_head=2, n_embd=16, dropout=dropout, max_ep_len=50,
-                                               bins=3, gaussian_heads=gaussian).eval()
+                                               bins=3, gaussian_heads=gaussian, timestep_embedding=timestep_embedding).eval()
 
 
 def random_inputs(B=2, K=6):
@@ -228,7 +228,9 @@ def sgd_update(model, batch, schedule, lr, lambdas=(0.25, 0.25, 0.25, 0.25)):
 
 @torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)  # the math kernel has a double backward
 def test_joint_is_one_step_on_the_weighted_sum_and_alternating_matches_thm_3():
-    model = small_model().double()  # float64: the O(eta^2) gap must stand well above rounding
+    # float64: the O(eta^2) gap must stand well above rounding. The expansion holds only where no ReLU changes
+    # sign between the two step sizes; these weights (seed 0 with the timestep table) have no such kink.
+    model = small_model(timestep_embedding=True).double()
     x = {k: (v.double() if v.is_floating_point() else v) for k, v in random_inputs(B=2, K=4).items()}
     batch = dict(x, next_states=torch.randn(2, 4, 3, dtype=torch.float64), next_rtg=torch.randn(2, 4, 1, dtype=torch.float64),
                  mask=torch.ones(2, 4, dtype=torch.bool), next_mask=torch.ones(2, 4, dtype=torch.bool))
@@ -276,7 +278,7 @@ def test_gradient_cosines_on_shared_parameters():
 def test_lamb_decays_matrices_only():
     opt, _ = trdt.make_optimizer(small_model(), trdt.Args(weight_decay=0.5))
     decayed, plain = opt.param_groups
-    assert type(opt).__name__ == "Lamb" and decayed["weight_decouple"] is False
+    assert type(opt) is trdt.Lamb and opt.defaults["eps"] == 1e-8
     assert decayed["weight_decay"] == 0.5 and all(p.dim() == 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
 
@@ -414,7 +416,7 @@ def test_table_1_1_and_1_2_defaults():
     assert {k: getattr(a, k) for k in trdt.TABLE_1_1} == trdt.TABLE_1_1
     assert trdt.TABLE_1_1 == dict(bins=3, n_layer=4, n_head=4, n_embd=256, context_len=20, dropout=0.1, batch_size=256,
                                   lr=1e-4, weight_decay=1e-3, grad_clip=0.25, warmup_steps=10_000, updates=100_000,
-                                  gaussian_heads=True, schedule="joint", rtg_update="model")
+                                  gaussian_heads=True, timestep_embedding=False, schedule="joint", rtg_update="model")
     assert a.lambdas == (0.25,) * 4  # uniform on the simplex
     assert isinstance(small_model().blocks[0].mlp[1], torch.nn.ReLU)
     assert not any("pos" in n for n, _ in small_model().named_parameters())  # no positional embedding
@@ -430,14 +432,21 @@ def test_claims_verdicts():
     assert verdict(97.82 - 2.2) == "reproduced" and verdict(97.82 + 4.5) == "partly" and verdict(90.0) == "not reproduced"
     assert verdict(97.8, n=10).startswith("not comparable: differs from Table 1.1 in updates")
     assert "lambdas" in verdict(97.8, args=trdt.Args(lambdas=(0.7, 0.1, 0.1, 0.1)))
+    assert "target_return (Table 1.2)" in verdict(97.8, args=trdt.Args(target_return=3600.0))
+    assert "timestep_embedding" in verdict(97.8, args=trdt.Args(timestep_embedding=True))
     assert "replica data" in trdt.claims_table(thesis, asdict(thesis), 100_000, dict(info, source="replica"),
                                               dict(normalized_mean=97.8, normalized_std=0.0), None, [])[0]["verdict"]
     assert trdt.claims_table(thesis, asdict(thesis), 1, dict(name="hopper-random", source="d4rl"),
                              dict(normalized_mean=1.0, normalized_std=0.0), None, []) == []
-    # Fig. 1.3: the last block puts more mass on actions + regions than the first
+    # Fig. 1.3: later blocks put more mass on actions and regions together than on states or returns
     att = dict(samples=5, modality_mass_mean=[[0.4, 0.4, 0.1, 0.1], [0.2, 0.2, 0.3, 0.3]])
     rows = trdt.claims_table(thesis, asdict(thesis), 100_000, dict(info, name="x"), dict(normalized_mean=0.0, normalized_std=0.0), att, [])
-    assert rows[0]["claim"].startswith("Fig. 1.3") and rows[0]["verdict"] == "reproduced" and "0.20, 0.60" in rows[0]["ours"]
+    assert rows[0]["claim"].startswith("Fig. 1.3") and rows[0]["verdict"] == "reproduced"
+    assert "block 2: return 0.20, state 0.20, region 0.30, action 0.30" in rows[0]["ours"]
+    more_than_block_1 = dict(att, modality_mass_mean=[[0.4, 0.4, 0.1, 0.1], [0.25, 0.45, 0.15, 0.15]])  # but states lead
+    rows = trdt.claims_table(thesis, asdict(thesis), 100_000, dict(info, name="x"), dict(normalized_mean=0.0, normalized_std=0.0),
+                             more_than_block_1, [])
+    assert rows[0]["verdict"] == "not reproduced"
     empty = trdt.claims_table(thesis, asdict(thesis), 100_000, dict(info, name="x"), dict(normalized_mean=0.0, normalized_std=0.0),
                               dict(att, samples=0), [])
     assert empty[0]["verdict"].startswith("not measured")  # episodes shorter than K: no attention was recorded
@@ -514,3 +523,20 @@ def test_inference_with_the_subtraction_rule(tmp_path, hdf5_path, env_rewards):
         for i in range(2):
             if t < res["lengths"][i]:  # DT's rule g_{t+1} = g_t - r_t (in units of --rtg-scale)
                 assert calls[t][0][0][i, -1, 0].item() == pytest.approx(calls[t - 1][0][0][i, -1, 0].item() - rewards[i][t - 1] / 1000, abs=1e-5)
+
+
+def test_no_timestep_embedding_by_default_and_mse_ablation_keeps_a_gaussian_action_head():
+    assert trdt.Args().timestep_embedding is False
+    model = small_model()
+    assert not any(n.startswith("embed_t") for n, _ in model.named_parameters())
+    out = small_model(gaussian=False)(**random_inputs())
+    assert out["action_log_std"] is not None and out["state_log_std"] is None and out["return_log_std"] is None
+
+
+def test_lamb_is_the_same_code_as_mo_dt():
+    import inspect
+
+    import mo_dt
+
+    assert inspect.getsource(trdt.Lamb) == inspect.getsource(mo_dt.Lamb)
+    assert inspect.getsource(trdt.make_optimizer) == inspect.getsource(mo_dt.make_optimizer)
