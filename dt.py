@@ -1,11 +1,13 @@
 """Decision Transformer (thesis §1.3.2, Eq. 1.1-1.4): offline RL as conditional sequence modelling.
 
-    python dt.py --env hopper-medium-replay                      # the original DT (deterministic, l2)
-    python dt.py --env hopper-medium-replay --policy gaussian    # Gaussian NLL (Eq. 1.3-1.4), ODT-O-style
-    python dt.py --env hopper-medium-replay --checkpoint runs/RUN/model.pt --updates 0 --attention   # Fig. 1.1
+    python dt.py --env hopper-medium-replay                       # the original DT (deterministic, l2)
+    python dt.py --env hopper-medium-replay --policy gaussian     # Gaussian NLL (Eq. 1.3-1.4), ODT-O-style
+    python dt.py --env hopper-medium-replay --dataset-path FILE   # any D4RL-layout .hdf5 or DT .pkl
+    python dt.py --checkpoint runs/RUN/model.pt --updates 0       # evaluate a trained model again
 
-One file: arguments, data, model, evaluation, training, in the order the thesis introduces them.
-Shared with the other method files is only common.py (dataset loading, env ids, normalized scores).
+One file: arguments, data, model, loss, evaluation, training, in the order the thesis introduces them.
+Blocks marked PLUMBING are the same, byte for byte, in every method file that has them; the rest is the
+method. Shared with the other method files is only common.py (datasets, env ids, normalized scores).
 """
 
 from __future__ import annotations
@@ -29,17 +31,19 @@ from tqdm import tqdm
 
 import common
 
+METHOD = "dt"
+
 
 @dataclass
 class Args:
-    env: str = "hopper-medium-replay"
+    env: Optional[str] = None
     """dataset: a D4RL gym-mujoco name such as `hopper-medium-replay` (with or without `-v2`), or a Minari
-    id such as `mujoco/hopper/medium-v0`"""
+    id such as `mujoco/hopper/medium-v0`. Default: the checkpoint's dataset, else hopper-medium-replay"""
     dataset_path: tuple[str, ...] = ()
     """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official file;
     several are concatenated (medium + expert = medium-expert). Without it the official file is read from
     $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded there first if missing"""
-    exp_name: str = "dt"
+    exp_name: str = METHOD
     """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
     seed: int = 0
     """seed of python, numpy, torch, the batch sampler and the evaluation envs"""
@@ -48,6 +52,9 @@ class Args:
     policy: Literal["deterministic", "gaussian"] = "deterministic"
     """`deterministic`: l2 regression, the original DT; `gaussian`: diagonal Gaussian NLL (Eq. 1.3-1.4),
     the offline ODT variant (ODT-O) of Table 1.3"""
+    timestep_embedding: bool = True
+    """a learned timestep embedding added to every token of a step (the DT paper's, in place of GPT-2's
+    positions); `--no-timestep-embedding` drops it"""
     context_len: int = 20
     """K, the number of timesteps (each = return, state, action tokens) the transformer sees (Eq. 1.2)"""
     n_layer: int = 3
@@ -58,9 +65,6 @@ class Args:
     """embedding (hidden) size"""
     dropout: float = 0.1
     """dropout on embeddings, attention weights and residual branches"""
-    timestep_embedding: bool = True
-    """a learned timestep embedding added to every token of a step (the DT paper's, in place of
-    GPT-2's positions); `--no-timestep-embedding` drops it"""
     max_ep_len: int = 1000
     """size of the timestep embedding table; later timesteps share the last entry"""
     batch_size: int = 64
@@ -74,7 +78,7 @@ class Args:
     updates: int = 100_000
     """gradient updates; with --checkpoint, 0 only evaluates it and N > 0 trains on from its weights"""
     grad_clip: float = 0.25
-    """clip the global gradient norm at this value"""
+    """clip the global gradient norm at this value (> 0)"""
     rtg_scale: float = 1000.0
     """returns-to-go are divided by this before they enter the model"""
     target_return: Optional[float] = None
@@ -88,32 +92,48 @@ class Args:
     compile: bool = False
     """torch.compile the model for training (CUDA)"""
     bf16: bool = True
-    """bfloat16 autocast on CUDA (ignored on CPU)"""
+    """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX); fp32 elsewhere"""
     checkpoint: Optional[str] = None
-    """a `model.pt` from an earlier run: start from its weights, architecture and state normalisation
-    (the architecture flags are ignored); add --updates 0 to only evaluate it"""
-    attention: bool = False
-    """record attention during the final evaluation and write Fig. 1.1-style plots and numbers"""
+    """a `model.pt` from an earlier run: start from its weights, architecture and state normalisation (the
+    architecture flags are ignored); `--updates 0` only evaluates it, on its own dataset unless --env says"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
     log_every: int = 100
     """log the training loss every N updates"""
     threads: int = 0
-    """torch CPU threads (0: torch's default)"""
+    """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow down
+    sharply when another program keeps one busy)"""
+
+    def __post_init__(self):
+        positive = (
+            "context_len n_layer n_head n_embd max_ep_len batch_size lr grad_clip rtg_scale eval_episodes log_every"
+        )
+        check_flags(self, positive, "seed weight_decay warmup_steps updates eval_every threads")
+        if not 0 <= self.dropout < 1:
+            raise SystemExit(f"error: --dropout {self.dropout}: must be in [0, 1).")
+        if self.n_embd % self.n_head:
+            raise SystemExit(f"error: --n-embd {self.n_embd} must be divisible by --n-head {self.n_head}.")
+        if self.target_return is not None and not math.isfinite(self.target_return):
+            raise SystemExit(f"error: --target-return {self.target_return}: pass a finite return, e.g. 3600.")
+        if self.updates == 0 and self.checkpoint is None:
+            raise SystemExit("error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one.")
 
 
-# Table 1.3 (official D4RL v2), for printing beside our score. The DT column holds the DT paper's values
-# where the thesis's table was damaged in extraction (9.79, 9.99, 8.98 -> 67.6, 66.6, 86.8).
-THESIS_TABLE_1_3 = {
+# Table 1.3 (official D4RL v2), DT and ODT-O columns, printed beside our score. The DT column holds the DT
+# paper's values where the thesis's table was damaged in extraction (9.79, 9.99, 8.98 -> 67.6, 66.6, 86.8).
+# fmt: off
+THESIS = {
     "deterministic": {"halfcheetah-medium": 42.6, "hopper-medium": 67.6, "walker2d-medium": 74.0,
-                      "halfcheetah-medium-replay": 36.6, "hopper-medium-replay": 82.7, "walker2d-medium-replay": 66.6,
-                      "halfcheetah-medium-expert": 86.8, "hopper-medium-expert": 107.6, "walker2d-medium-expert": 108.1},
+                      "halfcheetah-medium-replay": 36.6, "hopper-medium-replay": 82.7,
+                      "walker2d-medium-replay": 66.6, "halfcheetah-medium-expert": 86.8,
+                      "hopper-medium-expert": 107.6, "walker2d-medium-expert": 108.1},
     "gaussian": {"halfcheetah-medium": 42.72, "hopper-medium": 66.95, "walker2d-medium": 72.19,
                  "halfcheetah-medium-replay": 39.99, "hopper-medium-replay": 86.64, "walker2d-medium-replay": 68.92,
                  "halfcheetah-medium-expert": 88.76, "hopper-medium-expert": 107.24, "walker2d-medium-expert": 108.65},
 }
+# fmt: on
 TARGET_RETURNS = {"hopper": 3600.0, "walker2d": 5000.0, "halfcheetah": 6000.0}  # the DT paper's
-MODALITIES = ("return", "state", "action")  # token order within a timestep (Eq. 1.1)
+ARCH = "policy timestep_embedding context_len n_layer n_head n_embd dropout max_ep_len rtg_scale".split()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,42 +146,43 @@ def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     return np.cumsum(rewards[::-1])[::-1].copy()
 
 
-def make_dataset(episodes: list[dict], device: torch.device, rtg_scale: float, max_ep_len: int, state_stats=None) -> dict:
-    """`state_stats` (mean, std): normalise with these instead of the dataset's own (a checkpoint's, so
-    that training on from it and evaluating it see states on the scale the model learnt)."""
+def make_dataset(episodes: list[dict], device, rtg_scale: float, max_ep_len: int, state_stats=None) -> dict:
+    """Per-step tensors under `steps` (every one is gathered into a batch) and the episode boundaries.
+    `state_stats` (mean, std): a checkpoint's, so that training on and evaluating see its state scale."""
     obs = np.concatenate([ep["observations"] for ep in episodes])
     mean, std = state_stats if state_stats is not None else (obs.mean(0), obs.std(0) + 1e-6)
     lengths = np.array([len(ep["rewards"]) for ep in episodes])
-    t = lambda x, dtype=torch.float32: torch.as_tensor(x, dtype=dtype, device=device)
-    return dict(
-        states=t((obs - mean) / std),
-        actions=t(np.concatenate([ep["actions"] for ep in episodes])),
-        rtg=t(np.concatenate([returns_to_go(ep["rewards"]) for ep in episodes]) / rtg_scale),
-        timesteps=t(np.concatenate([np.minimum(np.arange(n), max_ep_len - 1) for n in lengths]), torch.long),
-        ep_start=t(np.concatenate([[0], np.cumsum(lengths)[:-1]]), torch.long),
-        ep_len=t(lengths, torch.long),
-        state_mean=mean, state_std=std,
-    )
+    steps = {
+        "states": torch.as_tensor((obs - mean) / std, dtype=torch.float32),
+        "actions": torch.as_tensor(np.concatenate([ep["actions"] for ep in episodes])),
+        "rtg": torch.as_tensor(np.concatenate([returns_to_go(ep["rewards"]) for ep in episodes])[:, None] / rtg_scale),
+        "timesteps": torch.as_tensor(np.concatenate([np.minimum(np.arange(n), max_ep_len - 1) for n in lengths])),
+    }
+    bounds = {"ep_start": torch.as_tensor(np.cumsum(lengths) - lengths), "ep_len": torch.as_tensor(lengths)}
+    state_stats = (np.asarray(mean, np.float32), np.asarray(std, np.float32))
+    return {
+        "steps": {k: v.to(device) for k, v in steps.items()},
+        **{k: v.to(device) for k, v in bounds.items()},
+        "state_stats": state_stats,
+    }
 
 
 def sample_batch(data: dict, batch_size: int, K: int, gen: torch.Generator) -> dict:
     """Segments of K steps: the trajectory is drawn with probability proportional to its length, the start
-    uniformly inside it. A segment that runs past the episode's end is left-padded (as in DT) so the last
-    position is always real, like at evaluation; `mask` marks the real positions."""
+    uniformly inside it. A segment that runs past the episode's end is left-padded (as in DT) so that its
+    last position is always real, like at evaluation; `mask` marks the real positions, padding is zeros."""
     ep = torch.multinomial(data["ep_len"].float(), batch_size, replacement=True, generator=gen)
     length = data["ep_len"][ep]
     start = (torch.rand(batch_size, generator=gen, device=length.device) * length).long()
-    n_real = torch.clamp(length - start, max=K)
-    offset = torch.arange(K, device=length.device) - (K - n_real)[:, None]  # (B, K), < 0 on padding
+    offset = torch.arange(K, device=length.device) - (K - torch.clamp(length - start, max=K))[:, None]  # (B, K)
     mask = offset >= 0
     idx = data["ep_start"][ep, None] + start[:, None] + offset.clamp(min=0)
-    pad = lambda x: x[idx] * mask.view(*mask.shape, *([1] * (x.dim() - 1)))
-    return dict(states=pad(data["states"]), actions=pad(data["actions"]), rtg=pad(data["rtg"])[..., None],
-                timesteps=data["timesteps"][idx] * mask, mask=mask)
+    batch = {k: v[idx] * mask.view(*mask.shape, *[1] * (v.dim() - 1)) for k, v in data["steps"].items()}
+    return dict(batch, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model: GPT over interleaved (g_t, s_t, a_t) tokens (Eq. 1.1); a_t is read off the s_t token.
+# Model: a GPT over interleaved (g_t, s_t, a_t) tokens (Eq. 1.1); a_t is read off the s_t token.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -175,27 +196,26 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, allowed, return_attn=False):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
-        if return_attn:  # explicit softmax, only for analysis: the weights themselves are the output
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-            att = att.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, nh, T, T)
-            y = att @ v
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in self.qkv(x).split(C, dim=2))
+        if return_attn:  # explicit softmax, for analysis only: the weights themselves are wanted (B, nh, T, T)
+            att = ((q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))).masked_fill(~allowed, float("-inf")).softmax(-1)
+            y = att @ v  # (B, nh, T, hs)
         else:
             att = None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_drop(self.proj(y)), att
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout * self.training)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), att
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block (GPT-2 layout, ReLU as in the DT code)."""
+    """Pre-LayerNorm transformer block (GPT-2 layout, ReLU as in the DT code and Table 1.1)."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
         self.attn = SelfAttention(n_embd, n_head, dropout)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.ReLU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd), nn.ReLU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
+        )
 
     def forward(self, x, allowed, return_attn=False):
         y, att = self.attn(self.ln1(x), allowed, return_attn)
@@ -203,58 +223,84 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x)), att
 
 
+def attention_mask(K: int, M: int, mask, device) -> torch.Tensor:
+    """Which keys each of the M*K tokens may attend to: itself and everything before it (a_t ~ pi(. | Gamma_t),
+    Eq. 1.2), minus padded steps; every token still sees itself, so that no row is empty."""
+    allowed = torch.ones(M * K, M * K, dtype=torch.bool, device=device).tril()
+    if mask is None:
+        return allowed
+    eye = torch.eye(M * K, dtype=torch.bool, device=device)
+    return (allowed & mask.repeat_interleave(M, dim=1)[:, None, None, :]) | eye
+
+
+def bounded_log_std(x: torch.Tensor) -> torch.Tensor:
+    """A head's raw log-std squashed into [-5, 2], ODT's bounds, so the NLL cannot run off on a constant target."""
+    return -5.0 + 3.5 * (torch.tanh(x) + 1)
+
+
 class DecisionTransformer(nn.Module):
-    def __init__(self, state_dim, act_dim, n_layer, n_head, n_embd, dropout, max_ep_len, policy, timestep_embedding=True):
+    def __init__(
+        self,
+        state_dim,
+        act_dim,
+        policy,
+        timestep_embedding,
+        context_len,
+        n_layer,
+        n_head,
+        n_embd,
+        dropout,
+        max_ep_len,
+        rtg_scale,
+    ):
         super().__init__()
-        self.act_dim, self.policy = act_dim, policy
+        self.act_dim, self.policy, self.K = act_dim, policy, context_len
+        self.max_ep_len, self.rtg_scale = max_ep_len, rtg_scale
         # One linear embedding per modality plus (--timestep-embedding) a timestep embedding added to all
         # three tokens of a step; no positional embedding (the DT code removes GPT-2's).
         self.embed_t = nn.Embedding(max_ep_len, n_embd) if timestep_embedding else None
-        self.embed_g = nn.Linear(1, n_embd)
-        self.embed_s = nn.Linear(state_dim, n_embd)
+        self.embed_g, self.embed_s = nn.Linear(1, n_embd), nn.Linear(state_dim, n_embd)
         self.embed_a = nn.Linear(act_dim, n_embd)
-        self.embed_ln = nn.LayerNorm(n_embd)
-        self.drop = nn.Dropout(dropout)
+        self.embed_ln, self.drop = nn.LayerNorm(n_embd), nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         # Eq. 1.3: mean and (for the Gaussian policy) log-std of a diagonal Gaussian over a_t.
         self.head = nn.Linear(n_embd, act_dim * (2 if policy == "gaussian" else 1))
 
     def forward(self, rtg, states, actions, timesteps, mask=None, return_attn=False):
-        """rtg (B, K, 1), states (B, K, m_s), actions (B, K, m_a), timesteps (B, K), mask (B, K) bool or None.
-        Returns the action mean (B, K, m_a), log-std (B, K, m_a) or None, and per-block attention weights
-        (list of (B, nh, 3K, 3K)) when return_attn."""
+        """rtg (B, K, 1), states (B, K, m_s), actions (B, K, m_a), timesteps (B, K), mask (B, K) bool or None ->
+        action mean (B, K, m_a), log-std (B, K, m_a) or None, per-block attention (B, nh, 3K, 3K) if return_attn."""
         B, K, _ = states.shape
         t = 0.0 if self.embed_t is None else self.embed_t(timesteps)
         tokens = torch.stack([self.embed_g(rtg) + t, self.embed_s(states) + t, self.embed_a(actions) + t], dim=2)
         x = self.drop(self.embed_ln(tokens.reshape(B, 3 * K, -1)))  # (B, 3K, C): g_1, s_1, a_1, g_2, ...
-        allowed = torch.ones(3 * K, 3 * K, dtype=torch.bool, device=x.device).tril()  # causal: a_t ~ pi(. | Gamma_t), Eq. 1.2
-        if mask is not None:  # padded keys are hidden; every token still sees itself so no row is empty
-            allowed = (allowed & mask.repeat_interleave(3, dim=1)[:, None, None, :]) | torch.eye(3 * K, dtype=torch.bool, device=x.device)
-        attns = []
+        allowed, attns = attention_mask(K, 3, mask, x.device), []
         for block in self.blocks:
             x, att = block(x, allowed, return_attn)
             attns.append(att)
-        h = self.ln_f(x).reshape(B, K, 3, -1)[:, :, 1]  # the s_t tokens: they have seen g_t, s_t, not a_t
-        out = self.head(h)
+        out = self.head(self.ln_f(x).reshape(B, K, 3, -1)[:, :, 1])  # the s_t tokens: they saw g_t, s_t, not a_t
         if self.policy == "deterministic":
             return torch.tanh(out), None, attns
-        # Our choice where Eq. 1.3 is silent: the mean is tanh-squashed into the action box like DT's
-        # deterministic head and the loss is the plain Gaussian NLL of Eq. 1.4, without ODT's tanh-transformed
-        # distribution and entropy constraint. Evaluation acts with the mean.
+        # Our choice where Eq. 1.3 is silent: the mean is tanh-squashed into the action box like DT's deterministic
+        # head and the loss is the plain Gaussian NLL of Eq. 1.4, without ODT's tanh-transformed distribution and
+        # entropy constraint. Evaluation acts with the mean.
         mean, log_std = out.split(self.act_dim, dim=-1)
-        log_std = -5.0 + 3.5 * (torch.tanh(log_std) + 1)  # squashed into [-5, 2], the bounds ODT uses
-        return torch.tanh(mean), log_std, attns
+        return torch.tanh(mean), bounded_log_std(log_std), attns
 
 
-def action_loss(mean, log_std, target, mask):
-    """DT's l2 loss, or the Gaussian NLL of Eq. 1.4, averaged over the real (unpadded) positions."""
+def masked_mean(per_step: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average over the real positions (the 1/K E[sum_k ...] of Eq. 1.4, padding excluded)."""
+    return (per_step * mask).sum() / mask.sum().clamp(min=1)
+
+
+def head_loss(mean, log_std, target, mask) -> torch.Tensor:
+    """Diagonal Gaussian NLL summed over dimensions (Eq. 1.4), or with log_std None DT's l2 loss (mean squared
+    error over dimensions); averaged over the real positions, in float32 even under autocast."""
+    mean, target = mean.float(), target.float()
     if log_std is None:
-        per_step = ((mean - target) ** 2).mean(-1)
-    else:
-        per_step = (0.5 * ((target - mean) / log_std.exp()) ** 2 + log_std + 0.5 * math.log(2 * math.pi)).sum(-1)
-    mask = mask.float()
-    return (per_step * mask).sum() / mask.sum()
+        return masked_mean(((mean - target) ** 2).mean(-1), mask)
+    nll = 0.5 * ((target - mean) / log_std.float().exp()) ** 2 + log_std.float() + 0.5 * math.log(2 * math.pi)
+    return masked_mean(nll.sum(-1), mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,107 +308,58 @@ def action_loss(mean, log_std, target, mask):
 # ---------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate(model, info, state_mean, state_std, args, device, seed, record_attention=False) -> dict:
+def make_eval_envs(info: dict, n: int, asynchronous: bool):
+    """PLUMBING: n copies of the dataset's env in one vector env, and the episode horizon (the TimeLimit)."""
     import gymnasium as gym
 
-    n, K = args.eval_episodes, args.context_len
-    vec = gym.vector.AsyncVectorEnv if args.eval_async else gym.vector.SyncVectorEnv
-    envs = vec([lambda: common.make_env(info)] * n)
-    horizon = common.make_env(info).spec.max_episode_steps or 1000  # the TimeLimit: 1000 for MuJoCo
+    vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
+    envs = vector_env([lambda: common.make_env(info)] * n)
+    probe = common.make_env(info)
+    horizon = probe.spec.max_episode_steps or 1000
+    probe.close()
+    return envs, horizon
+
+
+@torch.no_grad()
+def evaluate(model, info, state_stats, args, target_return, device, autocast, recorder=None) -> dict:
+    """Roll out args.eval_episodes episodes conditioned on target_return. `recorder(attns, alive)`, when
+    given, receives the attention of every step with a full context (benchmarks/attention.py)."""
+    n, K = args.eval_episodes, model.K
+    envs, horizon = make_eval_envs(info, n, args.eval_async)
     low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
-    mean_t, std_t = torch.as_tensor(state_mean, device=device), torch.as_tensor(state_std, device=device)
+    mean, std = (torch.as_tensor(x, device=device) for x in state_stats)
     states = torch.zeros(n, horizon, info["obs_dim"], device=device)
     actions = torch.zeros(n, horizon, info["act_dim"], device=device)
     rtg = torch.zeros(n, horizon, 1, device=device)
-    timesteps = torch.arange(horizon, device=device).clamp(max=args.max_ep_len - 1).expand(n, -1)
-    rtg[:, 0] = args.target_return / args.rtg_scale
-    returns, lengths = np.zeros(n), np.zeros(n, dtype=int)
-    done = np.zeros(n, dtype=bool)
-    attn = AttentionRecorder(len(model.blocks), model.blocks[0].attn.n_head, K) if record_attention else None
+    rtg[:, 0] = target_return / model.rtg_scale
+    timesteps = torch.arange(horizon, device=device).clamp(max=model.max_ep_len - 1).expand(n, -1)
+    returns, lengths, done = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n, dtype=bool)
     model.eval()
-    obs, _ = envs.reset(seed=seed)
+    obs, _ = envs.reset(seed=args.seed + 10_000)
     t0 = time.time()
     for t in range(horizon):
-        states[:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean_t) / std_t
-        lo = max(0, t - K + 1)  # Gamma_t of Eq. 1.2: the last K steps; at the start the sequence is simply shorter
-        record = attn is not None and t + 1 >= K
-        a, _, atts = model(rtg[:, lo:t + 1], states[:, lo:t + 1], actions[:, lo:t + 1], timesteps[:, lo:t + 1], return_attn=record)
-        a = torch.maximum(torch.minimum(a[:, -1].float(), high), low)
+        states[:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
+        ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps; at the start a shorter context
+        record = recorder is not None and t + 1 >= K
+        with autocast:
+            a, _, attns = model(rtg[:, ctx], states[:, ctx], actions[:, ctx], timesteps[:, ctx], return_attn=record)
+        actions[:, t] = torch.maximum(torch.minimum(a[:, -1].float(), high), low)
         if record:
-            attn.add(atts, ~torch.as_tensor(done, device=device))
-        actions[:, t] = a
-        obs, r, term, trunc, _ = envs.step(a.cpu().numpy())
+            recorder(attns, torch.as_tensor(~done, device=device))
+        obs, r, term, trunc, _ = envs.step(actions[:, t].cpu().numpy())
         returns += r * ~done
         lengths += ~done
         done |= term | trunc
-        if done.all() or t + 1 == horizon:  # no slot for g_{t+1} past the horizon (an env without a TimeLimit)
+        if done.all() or t + 1 == horizon:  # no slot for g_{t+1} past the horizon
             break
-        rtg[:, t + 1] = rtg[:, t] - torch.as_tensor(r, device=device, dtype=torch.float32)[:, None] / args.rtg_scale  # DT's rule
+        rtg[:, t + 1] = rtg[:, t] - torch.as_tensor(r, device=device, dtype=torch.float32)[:, None] / model.rtg_scale
+    elapsed = time.time() - t0
     envs.close()
     model.train()
     score = common.normalized_score(info, returns)
-    return dict(returns=returns.tolist(), lengths=lengths.tolist(), normalized=score.tolist(),
-                return_mean=float(returns.mean()), normalized_mean=float(score.mean()), normalized_std=float(score.std()),
-                env_steps_per_s=float(lengths.sum() / (time.time() - t0)), attention=attn)
-
-
-class AttentionRecorder:
-    """Running sums of attention from state tokens (the rows that predict actions) during evaluation:
-    per block the map over the whole context (Fig. 1.1 top), per block and head the mass on each
-    modality (Fig. 1.1 bottom), and per head the entropy of the attention rows."""
-
-    def __init__(self, n_layer, n_head, K, modalities=MODALITIES):
-        self.modalities, self.K, self.count = modalities, K, 0
-        M = len(modalities)
-        self.rows = torch.arange(K) * M + modalities.index("state")  # state-token positions
-        self.maps = torch.zeros(n_layer, K, M * K)
-        self.mass = torch.zeros(n_layer, n_head, M)
-        self.entropy = torch.zeros(n_layer, n_head)
-
-    def add(self, atts, alive):
-        M = len(self.modalities)
-        for i, att in enumerate(atts):
-            a = att[alive][:, :, self.rows.to(att.device)].float().cpu()  # (N, nh, K, MK)
-            self.maps[i] += a.mean(1).sum(0)
-            self.mass[i] += a.view(*a.shape[:3], self.K, M).sum(3).mean(2).sum(0)
-            self.entropy[i] += -(a * a.clamp_min(1e-12).log()).sum(-1).mean(-1).sum(0)
-        self.count += int(alive.sum())
-
-    def report(self, out_dir: Path, title: str) -> dict:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        if self.count == 0:
-            print(f"warning: no evaluation step had a full context of {self.K} steps (episodes ended sooner); the attention plots are empty.")
-        c = max(self.count, 1)
-        maps, mass, ent = self.maps / c, self.mass / c, self.entropy / c
-        L, M = maps.shape[0], len(self.modalities)
-        summary = dict(modalities=list(self.modalities), samples=self.count,
-                       state_row_maps=maps.tolist(),
-                       modality_mass_mean=mass.mean(1).tolist(), modality_mass_std_across_heads=mass.std(1, unbiased=False).tolist(),
-                       modality_mass_per_head=mass.tolist(), entropy_per_head=ent.tolist(),
-                       entropy_uniform_reference=float(np.mean([math.log(M * k + 2) for k in range(self.K)])))
-        fig, ax = plt.subplots(3, L, figsize=(3.6 * L, 9), squeeze=False)
-        labels = [f"{m[0]}{k + 1}" for k in range(self.K) for m in self.modalities]
-        for i in range(L):
-            ax[0, i].imshow(maps[i], aspect="auto", cmap="viridis")
-            ax[0, i].set_title(f"block {i + 1}: state rows")
-            ax[0, i].set_xticks(range(0, M * self.K, M), labels[::M], rotation=90, fontsize=6)
-            ax[1, i].bar(self.modalities, mass[i].mean(0), yerr=mass[i].std(0, unbiased=False), capsize=3)
-            ax[1, i].set_ylim(0, 1)
-            ax[1, i].set_title("mean attention per modality")
-            ax[2, i].bar(range(1, ent.shape[1] + 1), ent[i])
-            ax[2, i].set_title("entropy per head (nats)")
-            ax[2, i].set_xlabel("head")
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(out_dir / "attention.png", dpi=110)
-        plt.close(fig)
-        (out_dir / "attention.json").write_text(json.dumps(summary))
-        return summary
+    episodes = {"returns": returns.tolist(), "lengths": lengths.tolist(), "normalized": score.tolist()}
+    means = {"return_mean": float(returns.mean()), "normalized_mean": float(score.mean())}
+    return {**episodes, **means, "normalized_std": float(score.std()), "eval_env_steps_per_s": lengths.sum() / elapsed}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -370,161 +367,206 @@ class AttentionRecorder:
 # ---------------------------------------------------------------------------------------------------
 
 
-def git_commit() -> Optional[str]:
-    try:
-        here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return None
+def check_flags(args, positive: str, non_negative: str) -> None:
+    """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
+    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names.split():
+            if not ok(getattr(args, name)):
+                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}.")
 
 
-def make_optimizer(model, args):
-    """AdamW; weight decay on matrices only, as in nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
-    return opt, sched
-
-
-def check_args(args: Args) -> None:
-    positive = dict(context_len=args.context_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                    batch_size=args.batch_size, eval_episodes=args.eval_episodes, max_ep_len=args.max_ep_len,
-                    rtg_scale=args.rtg_scale, lr=args.lr, log_every=args.log_every)
-    for name, v in positive.items():
-        if v <= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0 (got {v}).")
-    if args.updates < 0 or args.eval_every < 0 or args.warmup_steps < 0 or not 0 <= args.dropout < 1:
-        raise SystemExit("error: --updates, --eval-every, --warmup-steps must be >= 0 and --dropout in [0, 1).")
-    if args.updates == 0 and args.checkpoint is None:
-        raise SystemExit("error: --updates 0 trains nothing; pass --checkpoint runs/RUN/model.pt to evaluate a trained model.")
-    if args.n_embd % args.n_head:
-        raise SystemExit(f"error: --n-embd {args.n_embd} must be divisible by --n-head {args.n_head}.")
-
-
-def train(args: Args) -> dict:
-    t_start = time.time()
-    check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def setup(args) -> tuple[torch.device, int]:
+    """PLUMBING: threads, seeds and the device, checked before anything is written."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = args.threads or max(1, cores // 2)
+    torch.set_num_threads(threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+        device = torch.device(auto if args.device == "auto" else args.device)
     except RuntimeError:
         raise SystemExit(f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device, threads
 
-    ckpt = None
-    if args.checkpoint is not None:
-        if not Path(args.checkpoint).is_file():
-            raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file (expected runs/RUN/model.pt).")
-        try:
-            ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
-        except Exception as e:
-            raise SystemExit(f"error: --checkpoint {args.checkpoint}: torch cannot read it ({type(e).__name__}).") from None
-        arch = ("policy", "context_len", "n_layer", "n_head", "n_embd", "max_ep_len", "rtg_scale")
-        if not isinstance(ckpt, dict) or "model" not in ckpt or any(k not in ckpt.get("args", {}) for k in arch):
-            raise SystemExit(f"error: --checkpoint {args.checkpoint} is not a model.pt written by dt.py.")
-        for k in arch:
-            setattr(args, k, ckpt["args"][k])  # the architecture is the checkpoint's, whatever the flags say
-        args.timestep_embedding = "embed_t.weight" in ckpt["model"]
+
+def bf16_native(device: torch.device) -> bool:
+    """PLUMBING: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX); elsewhere bf16 is emulated, slower than fp32."""
+    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def load_checkpoint(path: Optional[str], device) -> Optional[dict]:
+    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise SystemExit(f"error: --checkpoint {path}: no such file (expected runs/RUN/model.pt).")
     try:
-        episodes, info = common.load_dataset(args.env, args.dataset_path)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = f"not a checkpoint torch can read as data ({type(e).__name__}); pass a model.pt that {METHOD}.py wrote"
+        raise SystemExit(f"error: --checkpoint {path}: {why}.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        found = ckpt.get("method") if isinstance(ckpt, dict) else None
+        raise SystemExit(f"error: --checkpoint {path} was written by {found or 'another program'}, not {METHOD}.py.")
+    return ckpt
+
+
+def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
+    """PLUMBING: the dataset of --env / --dataset-path, else the checkpoint's. Evaluating a checkpoint on its
+    own dataset needs only the recorded dataset facts, not the file; another domain's data is refused."""
+    recorded = ckpt["dataset"] if ckpt is not None else None
+    if recorded is not None and args.env is None and not args.dataset_path and args.updates == 0:
+        return None, recorded
+    name = args.env or (recorded["name"] if recorded is not None else "hopper-medium-replay")
+    paths = args.dataset_path or (tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ())
+    try:
+        episodes, info = common.load_dataset(name, paths)
     except common.DatasetError as e:
         raise SystemExit(f"error: {e}") from None
-    if ckpt is not None:
-        dims = (ckpt["dataset"]["obs_dim"], ckpt["dataset"]["act_dim"])
-        if dims != (info["obs_dim"], info["act_dim"]):
-            raise SystemExit(f"error: --checkpoint {args.checkpoint} was trained on {ckpt['dataset']['name']} (state, action dims {dims}) "
-                             f"but --env {args.env} has {(info['obs_dim'], info['act_dim'])}; pass the --env it was trained on.")
-    domain = info["env_id"].split("-")[0].lower()
-    if args.target_return is None:
-        if domain not in TARGET_RETURNS:
-            raise SystemExit(f"error: no default target return for {info['env_id']}; pass --target-return.")
-        args.target_return = TARGET_RETURNS[domain]
+    facts = ("env_id", "obs_dim", "act_dim")
+    if recorded is not None and any(recorded[k] != info[k] for k in facts):
+        raise SystemExit(
+            f"error: --checkpoint {args.checkpoint} was trained on {recorded['name']} ({recorded['env_id']}), "
+            f"not on data of {info['env_id']} like {name}; leave out --env to use its own dataset."
+        )
+    return episodes, info
 
-    run_name = f"{info['name'].replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.runs_dir) / run_name
+
+def make_run_dir(args, info: dict) -> Path:
+    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time}; an existing folder is never reused."""
+    name = f"{info['name'].replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.runs_dir) / name
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
-        raise SystemExit(f"error: run folder {run_dir} already exists; refusing to overwrite it. Wait a second or change --exp-name.") from None
-    config = dict(args=asdict(args), dataset=info, device=str(device), git_commit=git_commit(), torch=torch.__version__, run_name=run_name)
+        raise SystemExit(f"error: run folder {run_dir} already exists; wait a second or change --exp-name.") from None
+    except OSError as e:
+        raise SystemExit(f"error: --runs-dir {args.runs_dir}: cannot make a run folder there ({e.strerror}).") from None
+    return run_dir
+
+
+def log_metrics(path: Path, **metrics) -> None:
+    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged."""
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def git_commit() -> Optional[str]:
+    """PLUMBING"""
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True)
+        return git.stdout.decode().strip() if git.returncode == 0 else None
+    except Exception:
+        return None
+
+
+def make_optimizer(model, args):
+    """AdamW with weight decay on matrices only, as in nanoGPT (learned positions are not weights), and a
+    linear warmup."""
+    wd, named = args.weight_decay, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p.dim() >= 2 and not n.startswith("pos_") for n, p in named]
+    groups = [{"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on} for on in (1, 0)]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
+
+
+def train(args: Args) -> dict:
+    t_start = time.time()
+    device, threads = setup(args)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    episodes, info = load_data(args, ckpt)
+    dims = {"state_dim": info["obs_dim"], "act_dim": info["act_dim"]}
+    arch = ckpt["arch"] if ckpt is not None else {**{k: getattr(args, k) for k in ARCH}, **dims}
+    domain = info["env_id"].split("-")[0].lower()
+    target_return = args.target_return if args.target_return is not None else TARGET_RETURNS.get(domain)
+    if target_return is None:
+        raise SystemExit(f"error: no default target return for {info['env_id']}; pass --target-return.")
+    run_dir = make_run_dir(args, info)
+    metrics = run_dir / "metrics.jsonl"
+    config = {"args": asdict(args), "arch": arch, "dataset": info, "target_return": target_return}
+    config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    metrics = open(run_dir / "metrics.jsonl", "a")
 
-    def log(**kw):  # flushed line by line: a run killed by a time limit or Ctrl-C keeps its history
-        metrics.write(json.dumps(kw) + "\n")
-        metrics.flush()
-
-
-    data = make_dataset(episodes, device, args.rtg_scale, args.max_ep_len,
-                        state_stats=None if ckpt is None else (ckpt["state_mean"], ckpt["state_std"]))
-    model = DecisionTransformer(info["obs_dim"], info["act_dim"], args.n_layer, args.n_head, args.n_embd,
-                                args.dropout, args.max_ep_len, args.policy, args.timestep_embedding).to(device)
+    model = DecisionTransformer(**arch).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    opt, sched = make_optimizer(model, args)
-    fwd = torch.compile(model) if args.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    print(f"run {run_name}: {info['transitions']} transitions in {info['episodes']} episodes ({info['source']}), "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
+    state_stats = tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std")) if ckpt is not None else None
+    bf16 = args.bf16 and bf16_native(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(
+        f"run {run_dir.name}: {info['name']} ({info['source']} data), {n_params:.2f}M parameters, device {device}, "
+        f"{threads} CPU thread(s), {'bf16' if bf16 else 'fp32'}"
+    )
 
-    def run_eval(step, record_attention=False):
-        res = evaluate(model, info, data["state_mean"], data["state_std"], args, device, seed=args.seed + 10_000, record_attention=record_attention)
-        log(step=step, eval_return=res["return_mean"], eval_normalized=res["normalized_mean"], eval_normalized_std=res["normalized_std"])
+    def run_eval(step: int) -> dict:
+        res = evaluate(model, info, state_stats, args, target_return, device, autocast)
+        score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
+        log_metrics(metrics, step=step, eval_normalized_std=res["normalized_std"], **score)
         return res
 
-    if args.eval_every and args.updates:
-        print(f"update 0: normalized score {run_eval(0)['normalized_mean']:.1f}")
-    t_train, aside = time.time(), 0.0  # aside: seconds of periodic evaluation, which updates/s must not count
-    bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0, disable=args.updates == 0)
-    for step in bar:
-        b = sample_batch(data, args.batch_size, args.context_len, gen)
-        with autocast:
-            mean, log_std, _ = fwd(b["rtg"], b["states"], b["actions"], b["timesteps"], b["mask"])
-            loss = action_loss(mean.float(), None if log_std is None else log_std.float(), b["actions"], b["mask"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        sched.step()
-        if step % args.log_every == 0 or step == args.updates - 1:  # .item() syncs the GPU: not every step
-            log(step=step, loss=loss.item(), grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0])
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.updates:
-            t0 = time.time()
-            res = run_eval(step + 1)
-            aside += time.time() - t0
-            bar.write(f"update {step + 1}: normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
-    train_time = time.time() - t_train - aside
-    updates_per_s = args.updates / train_time if args.updates else None
-
+    trained, train_time = 0, 0.0
     if args.updates:
-        torch.save(dict(model=model.state_dict(), args=asdict(args), state_mean=data["state_mean"], state_std=data["state_std"], dataset=info), run_dir / "model.pt")
-    res = run_eval(args.updates, record_attention=args.attention)
-    attn = res.pop("attention")
-    if attn is not None:
-        attn.report(run_dir, f"DT ({args.policy}) on {info['name']}: attention from state tokens")
-    results = dict(config, returns=res["returns"], lengths=res["lengths"], normalized=res["normalized"],
-                   return_mean=res["return_mean"], normalized_mean=res["normalized_mean"], normalized_std=res["normalized_std"],
-                   updates=args.updates, train_updates_per_s=updates_per_s, eval_env_steps_per_s=res["env_steps_per_s"],
-                   wall_time_s=time.time() - t_start, run_dir=str(run_dir))
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    metrics.close()
+        data = make_dataset(episodes, device, arch["rtg_scale"], arch["max_ep_len"], state_stats)
+        state_stats = data["state_stats"]
+        opt, sched = make_optimizer(model, args)
+        fwd = torch.compile(model) if args.compile else model
+        gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    thesis = THESIS_TABLE_1_3[args.policy].get(info["name"])
+        if args.eval_every:
+            print(f"update 0: normalized score {run_eval(0)['normalized_mean']:.1f}")
+        bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0)
+        try:
+            for step in bar:
+                t0 = time.time()
+                b = sample_batch(data, args.batch_size, arch["context_len"], gen)
+                with autocast:
+                    mean, log_std, _ = fwd(b["rtg"], b["states"], b["actions"], b["timesteps"], b["mask"])
+                loss = head_loss(mean, log_std, b["actions"], b["mask"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                opt.step()
+                sched.step()
+                trained = step + 1
+                if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
+                    lr = sched.get_last_lr()[0]
+                    log_metrics(metrics, step=step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                train_time += time.time() - t0
+                if args.eval_every and trained % args.eval_every == 0 and trained < args.updates:
+                    res = run_eval(trained)
+                    bar.write(f"update {trained}: score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ninterrupted (Ctrl-C) after {trained} updates: saving the model trained so far")
+        total = trained + (ckpt["trained_updates"] if ckpt is not None else 0)
+        stats = {"state_mean": torch.as_tensor(state_stats[0]), "state_std": torch.as_tensor(state_stats[1])}
+        parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": total}
+        torch.save({"model": model.state_dict(), **parts, **stats}, run_dir / "model.pt")
+        if trained < args.updates:
+            raise SystemExit(
+                f"stopped: {run_dir / 'model.pt'} holds {total} updates; evaluate it with "
+                f"`python {METHOD}.py --checkpoint {run_dir / 'model.pt'} --updates 0`."
+            )
+
+    res = run_eval(trained)
+    total = trained + (ckpt["trained_updates"] if ckpt is not None else 0)
+    speed = {"train_updates_per_s": trained / train_time if trained else None, "wall_time_s": time.time() - t_start}
+    results = {**config, **res, "updates": trained, "trained_updates": total, "run_dir": str(run_dir), **speed}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]
-    print(f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} episodes "
-          f"(return {res['return_mean']:.0f}; {label} data, {args.updates} updates)")
-    if thesis is not None:
-        print(f"thesis Table 1.3 ({'DT' if args.policy == 'deterministic' else 'ODT-O'}, official D4RL, 10^5 updates): {thesis}")
+    column = "DT" if arch["policy"] == "deterministic" else "ODT-O"
+    thesis = THESIS[arch["policy"]].get(info["name"], "no number for this dataset")
+    print(
+        f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} "
+        f"episodes ({label} data, {total} updates); thesis Table 1.3 ({column}, official D4RL, 10^5 updates): {thesis}"
+    )
     print(f"results: {run_dir / 'results.json'}")
     return results
 
