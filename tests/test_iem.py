@@ -1,0 +1,248 @@
+"""iem.py: bot data, masking, the energy and its minimisation, flags, runs end to end. Tiny models, no network."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import iem
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVEL = "GoToLocalS7N5"
+
+
+def tiny_args(tmp_path, **kw):
+    base = dict(
+        env=LEVEL,
+        collect=12,
+        updates=6,
+        batch_size=8,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        horizon=3,
+        iterations=3,
+        eval_episodes=3,
+        log_every=2,
+        runs_dir=str(tmp_path / "runs"),
+        data_dir=str(tmp_path / "data"),
+    )
+    return iem.Args(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def demos_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demos") / "demos.npz"
+    iem.collect_demos(LEVEL, 6, path)
+    return path
+
+
+def tiny_model(horizon=4, mission_len=5):
+    torch.manual_seed(0)
+    return iem.IEM(
+        grid=(7, 7), mission_len=mission_len, horizon=horizon, n_layer=2, n_head=2, n_embd=16, dropout=0.0
+    ).eval()
+
+
+def start_states(n=3, mission_len=5):
+    envs = [iem.make_env(LEVEL) for _ in range(n)]
+    obs = [iem.reset(env, 100 + i) for i, env in enumerate(envs)]
+    images = torch.as_tensor(np.stack([o["image"] for o in obs])).long()
+    words = torch.tensor([iem.tokenize(o["mission"], mission_len) for o in obs])
+    return images, words
+
+
+def test_bot_demonstrations_succeed_and_replay(demos_path):
+    """Every kept episode is the bot's success, and replaying its actions from its seed reproduces the stored
+    observations and ends in success on the last action."""
+    with np.load(demos_path) as z:
+        d = {k: z[k] for k in z.files}
+    assert len(d["lengths"]) == 6 and d["lengths"].sum() == len(d["actions"]) == len(d["images"])
+    start = 0
+    for seed, n in enumerate(d["lengths"]):
+        env = iem.make_env(LEVEL)
+        obs = iem.reset(env, seed)
+        assert obs["mission"] == d["missions"][seed]
+        for t in range(n):
+            np.testing.assert_array_equal(obs["image"], d["images"][start + t])
+            obs, r, term, trunc, _ = env.step(int(d["actions"][start + t]))
+            assert (term or trunc) == (t == n - 1)
+        assert r > 0
+        start += n
+
+
+def test_egocentric_view_centres_and_turns_to_the_agent():
+    grid = np.ones((7, 7, 3), np.int64)
+    grid[..., 1:] = 0
+    grid[3, 2] = (iem.AGENT, 0, 0)  # agent at x=3, y=2 facing right (+x)
+    grid[4, 2] = (6, 0, 0)  # a red ball straight ahead
+    grid[3, 3] = (5, 2, 0)  # a blue key on its right (+y when facing +x)
+    ego = iem.egocentric(torch.as_tensor(grid)[None])[0]
+    R = 6
+    assert ego.shape == (13, 13, 3)
+    assert ego[R, R, 0] == iem.AGENT and ego[R - 1, R, 0] == 6 and ego[R, R + 1, 0] == 5
+    grid[3, 2, 2] = 3  # now facing up (-y): the ball is on its right, the key behind it
+    ego = iem.egocentric(torch.as_tensor(grid)[None])[0]
+    assert ego[R, R + 1, 0] == 6 and ego[R + 1, R, 0] == 5
+    assert ego[0, 0, 0] == 0  # off the grid: 'unseen'
+
+
+def test_mask_never_leaks_the_hidden_token():
+    """Changing an action changes nothing in the copies that hide it (so its own prediction cannot see it), and
+    does change the predictions of the copies where it is visible (so the test can fail)."""
+    model, (images, words) = tiny_model(), start_states()
+    plan = torch.tensor([[0, 1, 2, 2], [2, 2, 0, 1], [1, 2, 2, 2]])
+    for j in range(4):
+        changed = plan.clone()
+        changed[:, j] = (plan[:, j] + 3) % iem.N_ACTIONS
+        a, hidden, C = iem.single_masks(plan, all_masked=True)
+        b, _, _ = iem.single_masks(changed, all_masked=True)
+        la, lb = model(images, words, a, copies=C)[0], model(images, words, b, copies=C)[0]
+        hides_j = hidden[:, j]
+        assert hides_j.sum() == 2 * len(plan)  # the single copy for position j and the fully masked copy
+        torch.testing.assert_close(la[hides_j], lb[hides_j], rtol=0, atol=0)
+        assert not torch.allclose(la[~hides_j], lb[~hides_j])
+
+
+def test_energy_is_the_sum_of_single_masked_nlls():
+    model, (images, words) = tiny_model(), start_states()
+    plan = torch.tensor([[0, 1, 2, 2], [2, 2, 0, 1], [1, 2, 2, 2]])
+    expected = torch.zeros(3)
+    for j in range(4):
+        masked = plan.clone()
+        masked[:, j] = iem.MASK
+        logp = model(images, words, masked)[0][:, j].log_softmax(-1)
+        expected -= logp[torch.arange(3), plan[:, j]]
+    torch.testing.assert_close(iem.energy(model, images, words, plan), expected)
+
+
+class Potts(torch.nn.Module):
+    """A hand-made energy: p(plan) ~ exp(sum_t u[t, a_t] + sum_{s<t} J[a_s, a_t]); its single-site conditionals
+    are exactly what a masked model would give, so the planner's energy is this model's pseudo-likelihood."""
+
+    def __init__(self, H):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.u = torch.randn(H, iem.N_ACTIONS, generator=g)
+        J = torch.randn(iem.N_ACTIONS, iem.N_ACTIONS, generator=g) * 1.5
+        self.J = J + J.T
+
+    def forward(self, images, words, plan, copies=1, return_attn=False):
+        seen = torch.nn.functional.one_hot(plan.clamp(max=iem.N_ACTIONS), iem.N_ACTIONS + 1)[..., :-1].float()
+        field = seen @ self.J  # (N, H, A): what each visible action adds to every position
+        others = field.sum(1, keepdim=True) - field  # a position does not interact with itself
+        return self.u + others, []
+
+
+def test_refinement_never_raises_the_energy_on_a_hand_made_model():
+    H, B = 5, 64
+    model, images, words = Potts(H), torch.zeros(B, 1), torch.zeros(B, 1, dtype=torch.long)
+    args = SimpleNamespace(iterations=25, resample=1, temperature=1.0, accept="lower")
+    plan, trace = iem.plan_actions(model, images, words, args, H, torch.Generator().manual_seed(0))
+    assert trace.shape == (B, 26)
+    assert (trace[:, 1:] <= trace[:, :-1]).all()  # each accepted step lowers the energy or leaves it
+    assert (trace[:, -1] < trace[:, 0] - 1e-3).float().mean() > 0.5  # and refinement does lower it
+    torch.testing.assert_close(
+        trace[:, -1], iem.energy(model, images, words, plan)
+    )  # the recorded energy is the plan's
+    # Without the acceptance rule (a plain Gibbs chain) the energy does rise at some steps: the rule is doing work.
+    _, trace_all = iem.plan_actions(
+        model, images, words, args.__class__(**{**vars(args), "accept": "all"}), H, torch.Generator().manual_seed(0)
+    )
+    assert (trace_all[:, 1:] > trace_all[:, :-1] + 1e-3).any()
+    # BC (no refinement) is the first fill alone: the argmax of every position's unary term.
+    bc, none = iem.plan_actions(model, images, words, args, H, torch.Generator(), refine=False)
+    assert none is None and (bc == model.u.argmax(-1)).all()
+
+
+@pytest.mark.parametrize(
+    "kw, flag",
+    [
+        (dict(horizon=0), "--horizon"),
+        (dict(resample=6, horizon=5), "--resample"),
+        (dict(replan_every=9), "--replan-every"),
+        (dict(replan_every=0), "--replan-every"),
+        (dict(n_embd=30, n_head=4), "--n-embd"),
+        (dict(temperature=-1.0), "--temperature"),
+        (dict(dropout=1.0), "--dropout"),
+        (dict(env="GoToNowhere"), "--env"),
+        (dict(updates=0), "--updates"),
+        (dict(checkpoint="nope.pt"), "--checkpoint"),
+        (dict(dataset="nope.npz"), "--dataset"),
+        (dict(iterations=-1), "--iterations"),
+        (dict(seed=-2), "--seed"),
+    ],
+)
+def test_bad_flags_exit_with_a_message_naming_the_flag(kw, flag):
+    with pytest.raises(SystemExit) as e:
+        iem.Args(**kw)
+    assert str(e.value).startswith(f"error: {flag} ")
+
+
+def test_cli_error_is_one_line_without_traceback():
+    out = subprocess.run([sys.executable, str(ROOT / "iem.py"), "--horizon", "0"], capture_output=True, text=True)
+    assert out.returncode != 0 and out.stderr.strip() == "error: --horizon 0: must be >= 1."
+
+
+def test_presets_and_paper_levels_fill_unset_flags():
+    a = iem.Args(env="GoToObjMazeS4")
+    assert (a.horizon, a.iterations, a.replan_every, a.n_embd, a.updates, a.collect) == (10, 29, None, 128, 1600, 500)
+    b = iem.Args(env="BabyAI-PickupLoc-v0", preset="cpu", horizon=4)
+    assert (b.horizon, b.iterations, b.n_embd, b.updates) == (4, 9, 64, 1000)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_deterministic_and_checkpoint_evaluation(tmp_path):
+    first = iem.train(tiny_args(tmp_path))
+    run = Path(first["run_dir"])
+    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "results.json", "model.pt"}
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["iem"]["success_rate"] == first["iem"]["success_rate"] and len(saved["iem"]["returns"]) == 3
+    assert len(saved["iem"]["energy_per_iteration"]) == 4 and saved["bc"]["energy_per_iteration"] is None
+    lines = read_metrics(run)
+    assert [m["step"] for m in lines if "loss" in m] == [0, 2, 4, 5] and "iem_success" in lines[-1]
+    assert (tmp_path / "data" / f"BabyAI-{LEVEL}-v0__bot12.npz").is_file()  # collected once, cached
+
+    again = iem.train(tiny_args(tmp_path, exp_name="again"))  # same seed: the same run, from the cached demos
+    assert read_metrics(again["run_dir"]) == lines
+    for k in ("iem", "bc"):
+        assert again[k]["returns"] == first[k]["returns"] and again[k]["lengths"] == first[k]["lengths"]
+    assert again["iem"]["energy_per_iteration"] == first["iem"]["energy_per_iteration"]
+
+    # --checkpoint RUN/model.pt --updates 0 evaluates the saved model on the same episodes: the same numbers,
+    # whatever the architecture flags say.
+    ev = iem.train(
+        tiny_args(tmp_path, exp_name="eval", checkpoint=str(run / "model.pt"), updates=0, n_embd=64, horizon=5)
+    )
+    assert ev["arch"] == first["arch"] and ev["demos"] == 0
+    for k in ("iem", "bc"):
+        assert ev[k]["returns"] == first[k]["returns"] and ev[k]["lengths"] == first[k]["lengths"]
+
+
+def test_foreign_checkpoints_and_datasets_are_refused(tmp_path, demos_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.pt"
+    torch.save({"model": {}, "args": {}}, other)
+    for path, words in ((junk, "unreadable"), (other, "not a model.pt written by iem.py")):
+        with pytest.raises(SystemExit, match=words):
+            iem.train(tiny_args(tmp_path, checkpoint=str(path), updates=0))
+    with pytest.raises(SystemExit, match="not an .npz of iem.py's layout"):
+        iem.train(tiny_args(tmp_path, dataset=str(junk)))
+    with pytest.raises(SystemExit, match="are not episodes of BabyAI-GoToObjMazeS4-v0"):
+        iem.train(tiny_args(tmp_path, env="GoToObjMazeS4", dataset=str(demos_path)))
+    assert not (tmp_path / "runs").exists()  # every refusal comes before the run folder
+
+
+def test_own_dataset_is_used_instead_of_the_bot(tmp_path, demos_path):
+    res = iem.train(tiny_args(tmp_path, dataset=str(demos_path), updates=2, eval_episodes=1))
+    assert res["dataset"] == str(demos_path) and res["demos"] == 6
+    assert not (tmp_path / "data").exists()
