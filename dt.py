@@ -133,6 +133,8 @@ THESIS = {
 }
 # fmt: on
 TARGET_RETURNS = {"hopper": 3600.0, "walker2d": 5000.0, "halfcheetah": 6000.0}  # the DT paper's
+MODALITIES = ("rtg", "states", "actions")  # the tokens of a step, in order (Eq. 1.1)
+READ = {"action": "states"}  # a_t is read off the s_t token: it has seen g_t and s_t, not a_t (Eq. 1.2)
 ARCH = "policy timestep_embedding context_len n_layer n_head n_embd dropout max_ep_len rtg_scale".split()
 
 
@@ -240,52 +242,46 @@ def bounded_log_std(x: torch.Tensor) -> torch.Tensor:
 
 class DecisionTransformer(nn.Module):
     def __init__(
-        self,
-        state_dim,
-        act_dim,
-        policy,
-        timestep_embedding,
-        context_len,
-        n_layer,
-        n_head,
-        n_embd,
-        dropout,
-        max_ep_len,
-        rtg_scale,
-    ):
+        self, state_dim, act_dim, policy, timestep_embedding, context_len, n_layer, n_head, n_embd, dropout,
+        max_ep_len, rtg_scale
+    ):  # fmt: skip
         super().__init__()
-        self.act_dim, self.policy, self.K = act_dim, policy, context_len
-        self.max_ep_len, self.rtg_scale = max_ep_len, rtg_scale
-        # One linear embedding per modality plus (--timestep-embedding) a timestep embedding added to all
-        # three tokens of a step; no positional embedding (the DT code removes GPT-2's).
+        self.K, self.max_ep_len, self.rtg_scale = context_len, max_ep_len, rtg_scale
+        # One linear embedding per modality, in token order (Eq. 1.1), plus (--timestep-embedding) a timestep
+        # embedding added to every token of a step; no positional embedding (the DT code removes GPT-2's).
+        self.dims = {"rtg": 1, "states": state_dim, "actions": act_dim}
+        self.embed = nn.ModuleDict({m: nn.Linear(self.dims[m], n_embd) for m in MODALITIES})
         self.embed_t = nn.Embedding(max_ep_len, n_embd) if timestep_embedding else None
-        self.embed_g, self.embed_s = nn.Linear(1, n_embd), nn.Linear(state_dim, n_embd)
-        self.embed_a = nn.Linear(act_dim, n_embd)
         self.embed_ln, self.drop = nn.LayerNorm(n_embd), nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         # Eq. 1.3: mean and (for the Gaussian policy) log-std of a diagonal Gaussian over a_t.
-        self.head = nn.Linear(n_embd, act_dim * (2 if policy == "gaussian" else 1))
+        self.gaussian = {"action": policy == "gaussian"}
+        self.heads = nn.ModuleDict({"action": nn.Linear(n_embd, act_dim * (1 + self.gaussian["action"]))})
 
-    def forward(self, rtg, states, actions, timesteps, mask=None, return_attn=False):
-        """rtg (B, K, 1), states (B, K, m_s), actions (B, K, m_a), timesteps (B, K), mask (B, K) bool or None ->
-        action mean (B, K, m_a), log-std (B, K, m_a) or None, per-block attention (B, nh, 3K, 3K) if return_attn."""
-        B, K, _ = states.shape
-        t = 0.0 if self.embed_t is None else self.embed_t(timesteps)
-        tokens = torch.stack([self.embed_g(rtg) + t, self.embed_s(states) + t, self.embed_a(actions) + t], dim=2)
-        x = self.drop(self.embed_ln(tokens.reshape(B, 3 * K, -1)))  # (B, 3K, C): g_1, s_1, a_1, g_2, ...
-        allowed, attns = attention_mask(K, 3, mask, x.device), []
+    def forward(self, x: dict, return_attn=False):
+        """x: rtg (B, K, 1), states (B, K, m_s), actions (B, K, m_a), timesteps (B, K) and optionally mask (B, K),
+        True on real steps. Returns {task: (mean, log-std or None)}, each (B, K, dim), and the per-block attention
+        weights (B, nh, M*K, M*K) when return_attn."""
+        B, K, M = *x["states"].shape[:2], len(MODALITIES)
+        t = 0.0 if self.embed_t is None else self.embed_t(x["timesteps"])
+        tokens = torch.stack([self.embed[m](x[m]) + t for m in MODALITIES], dim=2)  # (B, K, M, C)
+        h = self.drop(self.embed_ln(tokens.reshape(B, M * K, -1)))  # g_1, s_1, a_1, g_2, ...
+        allowed, attns = attention_mask(K, M, x.get("mask"), h.device), []
         for block in self.blocks:
-            x, att = block(x, allowed, return_attn)
+            h, att = block(h, allowed, return_attn)
             attns.append(att)
-        out = self.head(self.ln_f(x).reshape(B, K, 3, -1)[:, :, 1])  # the s_t tokens: they saw g_t, s_t, not a_t
-        if self.policy == "deterministic":
-            return torch.tanh(out), None, attns
-        # Our choice where Eq. 1.3 is silent: the mean is tanh-squashed into the action box like DT's deterministic
-        # head and the loss is the plain Gaussian NLL of Eq. 1.4, without ODT's tanh-transformed distribution and
-        # entropy constraint. Evaluation acts with the mean.
-        mean, log_std = out.split(self.act_dim, dim=-1)
-        return torch.tanh(mean), bounded_log_std(log_std), attns
+        h = self.ln_f(h).reshape(B, K, M, -1)
+        preds = {}
+        for task, head in self.heads.items():
+            out = head(h[:, :, MODALITIES.index(READ[task])])
+            mean, log_std = out.chunk(2, dim=-1) if self.gaussian[task] else (out, None)
+            # Actions live in [-1, 1]: the mean is tanh-squashed, as in DT's deterministic head. Where Eq. 1.3 is
+            # silent, the Gaussian policy keeps that mean and the plain NLL of Eq. 1.4, without ODT's
+            # tanh-transformed distribution and entropy constraint; evaluation acts with the mean.
+            mean = torch.tanh(mean) if task == "action" else mean
+            preds[task] = (mean, None if log_std is None else bounded_log_std(log_std))
+        return preds, attns
 
 
 def masked_mean(per_step: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -301,6 +297,18 @@ def head_loss(mean, log_std, target, mask) -> torch.Tensor:
         return masked_mean(((mean - target) ** 2).mean(-1), mask)
     nll = 0.5 * ((target - mean) / log_std.float().exp()) ** 2 + log_std.float() + 0.5 * math.log(2 * math.pi)
     return masked_mean(nll.sum(-1), mask)
+
+
+def update(model, opt, batch: dict, grad_clip: float, autocast) -> tuple[dict, torch.Tensor]:
+    """One gradient step on the action loss; returns the loss (detached) and the gradient norm before clipping."""
+    with autocast:
+        preds, _ = model(batch)
+    loss = head_loss(*preds["action"], batch["actions"], batch["mask"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return {"action": loss.detach()}, grad_norm
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,31 +336,30 @@ def evaluate(model, info, state_stats, args, target_return, device, autocast, re
     envs, horizon = make_eval_envs(info, n, args.eval_async)
     low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
     mean, std = (torch.as_tensor(x, device=device) for x in state_stats)
-    states = torch.zeros(n, horizon, info["obs_dim"], device=device)
-    actions = torch.zeros(n, horizon, info["act_dim"], device=device)
-    rtg = torch.zeros(n, horizon, 1, device=device)
-    rtg[:, 0] = target_return / model.rtg_scale
-    timesteps = torch.arange(horizon, device=device).clamp(max=model.max_ep_len - 1).expand(n, -1)
+    buf = {m: torch.zeros(n, horizon, d, device=device) for m, d in model.dims.items()}
+    buf["timesteps"] = torch.arange(horizon, device=device).clamp(max=model.max_ep_len - 1).expand(n, -1)
+    buf["rtg"][:, 0] = target_return / model.rtg_scale  # g_1
     returns, lengths, done = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n, dtype=bool)
     model.eval()
     obs, _ = envs.reset(seed=args.seed + 10_000)
     t0 = time.time()
     for t in range(horizon):
-        states[:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
+        buf["states"][:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
         ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps; at the start a shorter context
         record = recorder is not None and t + 1 >= K
         with autocast:
-            a, _, attns = model(rtg[:, ctx], states[:, ctx], actions[:, ctx], timesteps[:, ctx], return_attn=record)
-        actions[:, t] = torch.maximum(torch.minimum(a[:, -1].float(), high), low)
+            preds, attns = model({k: v[:, ctx] for k, v in buf.items()}, return_attn=record)
+        buf["actions"][:, t] = torch.maximum(torch.minimum(preds["action"][0][:, -1].float(), high), low)
         if record:
             recorder(attns, torch.as_tensor(~done, device=device))
-        obs, r, term, trunc, _ = envs.step(actions[:, t].cpu().numpy())
+        obs, r, term, trunc, _ = envs.step(buf["actions"][:, t].cpu().numpy())
         returns += r * ~done
         lengths += ~done
         done |= term | trunc
         if done.all() or t + 1 == horizon:  # no slot for g_{t+1} past the horizon
             break
-        rtg[:, t + 1] = rtg[:, t] - torch.as_tensor(r, device=device, dtype=torch.float32)[:, None] / model.rtg_scale
+        r = torch.as_tensor(r, device=device, dtype=torch.float32)[:, None]
+        buf["rtg"][:, t + 1] = buf["rtg"][:, t] - r / model.rtg_scale  # DT's rule: g_{t+1} = g_t - r_t
     elapsed = time.time() - t0
     envs.close()
     model.train()
@@ -488,7 +495,7 @@ def train(args: Args) -> dict:
         raise SystemExit(f"error: no default target return for {info['env_id']}; pass --target-return.")
     run_dir = make_run_dir(args, info)
     metrics = run_dir / "metrics.jsonl"
-    config = {"args": asdict(args), "arch": arch, "dataset": info, "target_return": target_return}
+    config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info, "target_return": target_return}
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -525,19 +532,14 @@ def train(args: Args) -> dict:
             for step in bar:
                 t0 = time.time()
                 b = sample_batch(data, args.batch_size, arch["context_len"], gen)
-                with autocast:
-                    mean, log_std, _ = fwd(b["rtg"], b["states"], b["actions"], b["timesteps"], b["mask"])
-                loss = head_loss(mean, log_std, b["actions"], b["mask"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                opt.step()
+                losses, grad_norm = update(fwd, opt, b, args.grad_clip, autocast)
                 sched.step()
                 trained = step + 1
                 if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
-                    lr = sched.get_last_lr()[0]
-                    log_metrics(metrics, step=step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    loss = {f"loss_{k}": v.item() for k, v in losses.items()}
+                    loss["loss"] = sum(loss.values())
+                    log_metrics(metrics, step=step, grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0], **loss)
+                    bar.set_postfix(loss=f"{loss['loss']:.4f}")
                 train_time += time.time() - t0
                 if args.eval_every and trained % args.eval_every == 0 and trained < args.updates:
                     res = run_eval(trained)

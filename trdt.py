@@ -617,7 +617,7 @@ def train(args: Args) -> dict:
         raise SystemExit(f"error: no default target return for {info['env_id']}; pass --target-return.")
     run_dir = make_run_dir(args, info)
     metrics = run_dir / "metrics.jsonl"
-    config = {"args": asdict(args), "arch": arch, "dataset": info, "target_return": target_return}
+    config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info, "target_return": target_return}
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 

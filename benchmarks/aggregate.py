@@ -23,25 +23,9 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import METHODS, TABLE_1_3, TABLE_2_1  # noqa: E402
-
-# The thesis's published numbers (official D4RL v2, 10 seeds). DT: the DT paper's values where Table 1.3
-# was damaged in extraction (9.79, 9.99, 8.98 -> 67.6, 66.6, 86.8). ODT-O: the thesis's column; its
-# printed total (674.06) is not the sum of its rows (682.06). Table 2.1's printed RGDT total is 539.0, its
-# rows sum to 540.0. We always recompute totals and show the printed ones beside them.
-THESIS = {  # rows in the tables' order: halfcheetah, hopper, walker2d x medium, medium-replay, medium-expert
-    "dt": dict(zip(TABLE_1_3, [42.6, 67.6, 74.0, 36.6, 82.7, 66.6, 86.8, 107.6, 108.1])),
-    "dt-gaussian": dict(zip(TABLE_1_3, [42.72, 66.95, 72.19, 39.99, 86.64, 68.92, 88.76, 107.24, 108.65])),
-    "mo_dt": dict(zip(TABLE_1_3, [43.34, 67.45, 78.56, 40.93, 79.43, 81.3, 94.57, 111.71, 108.08])),
-    "trdt": dict(zip(TABLE_1_3, [43.20, 65.89, 75.89, 42.61, 97.82, 86.94, 94.37, 111.53, 108.52])),
-    "rgdt": dict(zip(TABLE_2_1, [44.4, 93.2, 83.3, 93.4, 112.4, 113.3])),  # medium, medium-expert
-}
-THESIS_STD = {  # Table 1.3 prints ± (over its 10 seeds) for MO-DT and TRDT only
-    "mo_dt": dict(zip(TABLE_1_3, [3.34, 11.21, 6.30, 2.13, 5.2, 9.72, 2.78, 1.52, 0.54])),
-    "trdt": dict(zip(TABLE_1_3, [3.0, 8.38, 7.26, 2.0, 2.3, 6.23, 3.19, 1.31, 0.45])),
-}
-PRINTED_TOTALS = {"dt": 672.6, "dt-gaussian": 674.06, "mo_dt": 705.37, "trdt": 726.77, "rgdt": 539.0}
-SOURCE_LABEL = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica (not D4RL)", "file": "local file"}
+from claims import PRINTED_TOTALS, SOURCE_LABEL, TABLE_1_3, TABLE_2_1, THESIS, THESIS_STD  # noqa: E402
+from claims import differences, verdict  # noqa: E402
+from run import METHODS  # noqa: E402
 
 
 @dataclass
@@ -90,6 +74,7 @@ def variant_label(flags: list[str], siblings: list[list[str]]) -> str:
     """How one config of a method differs from its siblings, for a column label a reader can parse: the
     flags (with values) not shared by every sibling, e.g. '--lr 1e-3'; 'defaults' when it only lacks
     flags the others set. Configs that differ only in code get their config id in columns()."""
+
     def parse(toks):
         d, key = {}, None
         for t in toks:
@@ -99,6 +84,7 @@ def variant_label(flags: list[str], siblings: list[list[str]]) -> str:
             elif key:
                 d[key] = (d[key] + " " + t).strip()
         return d
+
     own, all_ = parse(flags), [parse(f) for f in siblings]
     diff = [f"{k} {v}".strip() for k, v in own.items() if any(o.get(k) != v for o in all_)]
     return " ".join(diff) if diff else "defaults"
@@ -123,12 +109,27 @@ def columns(results: list[dict]) -> dict:
         stats = {}
         for d, rs in by_ds.items():
             seed_means = np.array([r["normalized_mean"] for r in rs])
-            stats[d] = dict(mean=float(seed_means.mean()), std=float(seed_means.std()), n=len(rs),
-                            seeds=sorted(r["benchmark"]["seed"] for r in rs), provenance=provenance(rs))
-        out[label] = dict(method=m, config=cid, provenance=provenance([r for rs in by_ds.values() for r in rs], by_ds),
-                          stats=stats, curves={d: curve(rs) for d, rs in by_ds.items()})
+            per_seed = {r["benchmark"]["seed"]: r["normalized_mean"] for r in rs}
+            stats[d] = dict(
+                mean=float(seed_means.mean()),
+                std=float(seed_means.std()),
+                n=len(rs),
+                seeds=sorted(per_seed),
+                per_seed=per_seed,
+                provenance=provenance(rs),
+                differs_from_thesis=differences(rs[0]),
+            )
+        out[label] = dict(
+            method=m,
+            config=cid,
+            provenance=provenance([r for rs in by_ds.values() for r in rs], by_ds),
+            stats=stats,
+            curves={d: curve(rs) for d, rs in by_ds.items()},
+        )
     # Within a method: the defaults first, then the variants by label (not by hash: a stable, readable order).
-    return dict(sorted(out.items(), key=lambda kv: (list(METHODS).index(kv[1]["method"]), "[defaults" not in kv[0], kv[0])))
+    return dict(
+        sorted(out.items(), key=lambda kv: (list(METHODS).index(kv[1]["method"]), "[defaults" not in kv[0], kv[0]))
+    )
 
 
 def provenance(runs: list[dict], by_ds: dict | None = None) -> dict:
@@ -184,16 +185,41 @@ def table(cols: dict, datasets: list[str], methods: tuple[str, ...], title: str)
                 totals[k][1] += t
                 totals[k][2] += 1
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    lines.append("| **total** (same rows) | " + " | ".join(f"{v[0]:.1f} | {v[1]:.2f}" if v[2] else "— | —" for v in totals.values()) + " |")
-    lines.append("| thesis's printed total (all rows) | " + " | ".join(f"— | {PRINTED_TOTALS[c['method']]}" for c in chosen.values()) + " |")
+    lines.append(
+        "| **total** (same rows) | "
+        + " | ".join(f"{v[0]:.1f} | {v[1]:.2f}" if v[2] else "— | —" for v in totals.values())
+        + " |"
+    )
+    lines.append(
+        "| thesis's printed total (all rows) | "
+        + " | ".join(f"— | {PRINTED_TOTALS[c['method']]}" for c in chosen.values())
+        + " |"
+    )
+    lines += ["", "Verdicts (the rule of benchmarks/claims.py; where the thesis prints no ± our spread over seeds):"]
+    for k, c in chosen.items():
+        for d in rows:
+            s, t = c["stats"].get(d), THESIS[c["method"]].get(d)
+            if s and t is not None:
+                std = THESIS_STD.get(c["method"], {}).get(d, s["std"])
+                judged = (
+                    verdict(s["mean"], t, std)
+                    if not s["differs_from_thesis"]
+                    else ("not comparable: differs in " + ", ".join(s["differs_from_thesis"]))
+                )
+                data = ", ".join(s["provenance"]["data"])
+                lines.append(f"- {k}, {d}: ours {s['mean']:.1f} vs thesis {t}: {judged} ({data} data)")
     lines += ["", "Provenance:"]
     for k, c in chosen.items():
         p = c["provenance"]
-        lines.append(f"- {k}: data {', '.join(p['data'])}; updates {p['updates']}; seeds per dataset {p['seeds']}; "
-                     f"device {', '.join(p['device'])}; commit {', '.join(p['commit'])}; config {c['config']}"
-                     + (f"; wall time per seed {p['wall_min_per_seed'][0]} min (median)" if p["wall_min_per_seed"] else ""))
+        lines.append(
+            f"- {k}: data {', '.join(p['data'])}; updates {p['updates']}; seeds per dataset {p['seeds']}; "
+            f"device {', '.join(p['device'])}; commit {', '.join(p['commit'])}; config {c['config']}"
+            + (f"; wall time per seed {p['wall_min_per_seed'][0]} min (median)" if p["wall_min_per_seed"] else "")
+        )
     lines.append("")
-    return "\n".join(lines), {k: dict(ours_total=v[0], thesis_total_same_rows=v[1], rows=v[2]) for k, v in totals.items()}
+    return "\n".join(lines), {
+        k: dict(ours_total=v[0], thesis_total_same_rows=v[1], rows=v[2]) for k, v in totals.items()
+    }
 
 
 def plots(cols: dict, out: Path) -> None:
@@ -202,7 +228,11 @@ def plots(cols: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = [d for d in TABLE_1_3 + [x for x in TABLE_2_1 if x not in TABLE_1_3] if any(d in c["stats"] for c in cols.values())]
+    datasets = [
+        d
+        for d in TABLE_1_3 + [x for x in TABLE_2_1 if x not in TABLE_1_3]
+        if any(d in c["stats"] for c in cols.values())
+    ]
     datasets += sorted({d for c in cols.values() for d in c["stats"]} - set(datasets))
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(datasets) * max(1, len(cols)) / 3), 4))
     w = 0.8 / max(1, len(cols))
@@ -223,7 +253,7 @@ def plots(cols: dict, out: Path) -> None:
     ncols = min(3, len(datasets))  # the thesis's 9 datasets: a 3 x 3 grid, not one 50-inch row
     nrows = -(-len(datasets) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.6 * nrows), squeeze=False)
-    for ax in axes.flat[len(datasets):]:
+    for ax in axes.flat[len(datasets) :]:
         ax.set_visible(False)
     for ax, d in zip(axes.flat, datasets):
         for i, (k, c) in enumerate(cols.items()):
@@ -236,7 +266,9 @@ def plots(cols: dict, out: Path) -> None:
         ax.set_xlabel("update")
         ax.set_ylabel("normalized score")
     handles = {l: h for ax in axes.flat for h, l in zip(*ax.get_legend_handles_labels())}  # every column, once
-    axes[0, ncols - 1].legend(handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[0, ncols - 1].legend(
+        handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+    )
     fig.suptitle("evaluation score during training, mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110, bbox_inches="tight")
@@ -245,21 +277,33 @@ def plots(cols: dict, out: Path) -> None:
 
 def main(args: Args) -> dict:
     if not args.folders:
-        raise SystemExit("error: name at least one results folder, e.g. `python benchmarks/aggregate.py benchmarks/results/cpu`.")
+        raise SystemExit(
+            "error: name at least one results folder, e.g. `python benchmarks/aggregate.py benchmarks/results/cpu`."
+        )
     missing = [f for f in args.folders if not Path(f).is_dir()]
     if missing:
         raise SystemExit(f"error: no such folder: {', '.join(missing)}; pass the --out folder of benchmarks/run.py.")
     results = load(args.folders)
     if not results:
-        raise SystemExit(f"error: no benchmark results.json under {', '.join(args.folders)}; run benchmarks/run.py first.")
+        raise SystemExit(
+            f"error: no benchmark results.json under {', '.join(args.folders)}; run benchmarks/run.py first."
+        )
     out = Path(args.out or args.folders[0])
     out.mkdir(parents=True, exist_ok=True)
     cols = columns(results)
-    t13, tot13 = table(cols, TABLE_1_3, ("dt", "dt-gaussian", "mo_dt", "trdt"), "Table 1.3 layout (normalized score, mean ± std over seeds)")
+    t13, tot13 = table(
+        cols,
+        TABLE_1_3,
+        ("dt", "dt-gaussian", "mo_dt", "trdt"),
+        "Table 1.3 layout (normalized score, mean ± std over seeds)",
+    )
     t21, tot21 = table(cols, TABLE_2_1, ("rgdt",), "Table 2.1 layout (normalized score, mean ± std over seeds)")
     text = "\n".join(x for x in (t13, t21) if x)
     (out / "tables.md").write_text(text)
-    summary = dict(columns={k: {kk: vv for kk, vv in c.items()} for k, c in cols.items()}, totals=dict(table_1_3=tot13, table_2_1=tot21))
+    summary = dict(
+        columns={k: {kk: vv for kk, vv in c.items()} for k, c in cols.items()},
+        totals=dict(table_1_3=tot13, table_2_1=tot21),
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plots(cols, out)
     print(text)

@@ -1,81 +1,177 @@
-"""Attention of DT, MO-DT and TRDT side by side (thesis §1.5.2, Fig. 1.1-1.3), from trained runs.
+"""Attention of DT, MO-DT and TRDT during evaluation (thesis §1.5.2, Fig. 1.1-1.3), from trained checkpoints.
 
     python benchmarks/attention.py dt=runs/RUN_A mo_dt=runs/RUN_B trdt=runs/RUN_C --out attention_cmp
 
-Each argument is `method=run_folder`. A run folder that already has attention.json (trained with
---attention) is read as it is; otherwise its model.pt is evaluated again with `--attention` (same dataset,
-same flags as in its config.json) into `{out}/runs/`. Writes `{out}/attention_comparison.png` (rows:
-models; columns: blocks, mean attention per modality with the spread across heads; last column: head
-entropy per block) and `{out}/attention_comparison.json`.
+Each argument is `method=run_folder` (or `method=path/to/model.pt`). The checkpoint is evaluated again on its
+own dataset's env (10 episodes by default, all at once) while a recorder sums the attention weights of the rows
+that predict actions (the s_t tokens) at every step with a full context of K steps: per block the map over the
+whole context (Fig. 1.1-1.3 top), per block and head the mass on each modality (Fig. 1.1-1.3 bottom), and per head
+the entropy of the rows. Writes `{out}/{method}_{i}.png` and `.json` per model, `{out}/attention_comparison.png`
+(rows: models; columns: blocks, mean mass per modality with the spread across heads; last column: head entropy)
+and `attention_comparison.json`, and prints thesis claim | ours | verdict for §1.5.2. Nothing is overwritten.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-import subprocess
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"dt": "dt.py", "mo_dt": "mo_dt.py", "trdt": "trdt.py"}
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from claims import later_blocks_claim, print_claims  # noqa: E402
+
+MODELS = {
+    "dt": "DecisionTransformer",
+    "mo_dt": "MultiObjectiveDecisionTransformer",
+    "trdt": "TrustRegionDecisionTransformer",
+}
 
 
 @dataclass
 class Args:
     runs: tyro.conf.Positional[tuple[str, ...]]
-    """`method=run_folder` pairs, method one of dt, mo_dt, trdt"""
+    """`method=run_folder` (or `method=model.pt`) pairs, method one of dt, mo_dt, trdt"""
     out: str = "attention_comparison"
-    """output folder (created; existing files in it are not overwritten)"""
-    eval_episodes: int = 5
-    """episodes per rollout when a run has to be analysed again"""
+    """output folder (created; existing files in it are never overwritten)"""
+    eval_episodes: int = 10
+    """evaluation episodes per model, all at once; only steps with a full context of K steps are recorded"""
+    device: str = "cpu"
+    """device for the evaluation forwards"""
+    seed: int = 0
+    """seed of the evaluation envs (the method file's rule: seed + 10000 + episode)"""
 
 
-def analysis_for(method: str, run: Path, out: Path, episodes: int) -> dict:
-    if (run / "attention.json").exists():
-        return json.loads((run / "attention.json").read_text())
-    if not (run / "model.pt").exists():
-        raise SystemExit(f"error: {run} has neither attention.json nor model.pt; pass a run folder of {SCRIPTS[method]}.")
-    cfg = json.loads((run / "config.json").read_text())["args"]
-    cmd = [sys.executable, SCRIPTS[method], "--env", cfg["env"], "--checkpoint", str(run / "model.pt"), "--updates", "0",
-           "--attention", "--eval-episodes", str(episodes), "--runs-dir", str(out / "runs"), "--exp-name", f"{method}_attention"]
-    if cfg.get("dataset_path"):
-        cmd += ["--dataset-path", *cfg["dataset_path"]]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
-    newest = max((out / "runs").glob(f"*__{method}_attention__*"), key=lambda d: d.stat().st_mtime)
-    return json.loads((newest / "attention.json").read_text())
+class AttentionRecorder:
+    """Running sums of the attention of the state-token rows (those that predict a_t), called by the method
+    file's evaluate() as recorder(attns, alive) at every step with a full context."""
+
+    def __init__(self, n_layer: int, n_head: int, K: int, modalities: tuple):
+        self.modalities, self.K, self.count = list(modalities), K, 0
+        M = len(modalities)
+        self.rows = torch.arange(K) * M + modalities.index("states")  # the s_t tokens
+        self.maps = torch.zeros(n_layer, K, M * K)
+        self.mass = torch.zeros(n_layer, n_head, M)
+        self.entropy = torch.zeros(n_layer, n_head)
+
+    def __call__(self, attns: list, alive: torch.Tensor) -> None:
+        M = len(self.modalities)
+        for i, att in enumerate(attns):
+            a = att[alive][:, :, self.rows.to(att.device)].float().cpu()  # (N, nh, K rows, M*K keys)
+            self.maps[i] += a.mean(1).sum(0)
+            self.mass[i] += a.view(*a.shape[:3], self.K, M).sum(3).mean(2).sum(0)  # per head: mass per modality
+            self.entropy[i] += -(a * a.clamp_min(1e-12).log()).sum(-1).mean(-1).sum(0)
+        self.count += int(alive.sum())
+
+    def summary(self) -> dict:
+        c = max(self.count, 1)
+        maps, mass, ent = self.maps / c, self.mass / c, self.entropy / c
+        uniform = float(np.mean([math.log(len(self.modalities) * k + 2) for k in range(self.K)]))
+        return dict(
+            modalities=self.modalities,
+            samples=self.count,
+            state_row_maps=maps.tolist(),
+            modality_mass_mean=mass.mean(1).tolist(),
+            modality_mass_std_across_heads=mass.std(1, unbiased=False).tolist(),
+            modality_mass_per_head=mass.tolist(),
+            entropy_per_head=ent.tolist(),
+            entropy_uniform_reference=uniform,
+        )
 
 
-def main(args: Args) -> dict:
-    pairs = []
-    for item in args.runs:
-        method, _, folder = item.partition("=")
-        if method not in SCRIPTS or not folder:
-            raise SystemExit(f"error: {item!r}: expected method=run_folder with method one of {', '.join(SCRIPTS)}.")
-        if not Path(folder).is_dir():
-            raise SystemExit(f"error: {folder}: no such run folder.")
-        pairs.append((method, Path(folder)))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("attention_comparison.png", "attention_comparison.json"):
-        if (out / name).exists():
-            raise SystemExit(f"error: {out / name} exists; choose another --out (nothing is overwritten).")
-    results = {f"{m} ({p.name})": analysis_for(m, p, out, args.eval_episodes) for m, p in pairs}
-
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_one(summary: dict, path: Path, title: str) -> None:
+    """Fig. 1.1-1.3 layout: per block the map of the state rows, the mean mass per modality (error bars: spread
+    across heads) and the entropy of each head."""
+    plt = pyplot()
+    maps, mass = np.array(summary["state_row_maps"]), np.array(summary["modality_mass_per_head"])
+    ent, mods, L = np.array(summary["entropy_per_head"]), summary["modalities"], len(summary["state_row_maps"])
+    K, M = maps.shape[1], len(mods)
+    fig, ax = plt.subplots(3, L, figsize=(3.6 * L, 9), squeeze=False)
+    labels = [f"{m[0]}{k + 1}" for k in range(K) for m in mods]
+    for i in range(L):
+        ax[0, i].imshow(maps[i], aspect="auto", cmap="viridis")
+        ax[0, i].set_title(f"block {i + 1}: state rows")
+        ax[0, i].set_xticks(range(0, M * K, M), labels[::M], rotation=90, fontsize=6)
+        ax[1, i].bar(mods, mass[i].mean(0), yerr=mass[i].std(0), capsize=3)
+        ax[1, i].set_ylim(0, 1)
+        ax[1, i].set_title("mean attention per modality")
+        ax[2, i].bar(range(1, ent.shape[1] + 1), ent[i])
+        ax[2, i].set_title("entropy per head (nats)")
+        ax[2, i].set_xlabel("head")
+    if not summary["samples"]:
+        title += f" (EMPTY: every episode ended before step {K})"
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def record(method: str, checkpoint: Path, episodes: int, device: str, seed: int) -> dict:
+    """Evaluate a checkpoint with the method file's own evaluate(), recording attention."""
+    mod = importlib.import_module(method)
+    dev = torch.device(device)
+    ckpt = mod.load_checkpoint(str(checkpoint), dev)
+    model = getattr(mod, MODELS[method])(**ckpt["arch"]).to(dev)
+    model.load_state_dict(ckpt["model"])
+    info = ckpt["dataset"]
+    target = mod.TARGET_RETURNS[info["env_id"].split("-")[0].lower()]
+    args = mod.Args(checkpoint=str(checkpoint), updates=0, eval_episodes=episodes, seed=seed)
+    rec = AttentionRecorder(len(model.blocks), model.blocks[0].attn.n_head, model.K, mod.MODALITIES)
+    stats = (ckpt["state_mean"].cpu().numpy(), ckpt["state_std"].cpu().numpy())
+    res = mod.evaluate(model, info, stats, args, target, dev, torch.autocast(dev.type, enabled=False), recorder=rec)
+    if not rec.count:
+        print(f"warning: {checkpoint}: every evaluation episode ended before step K = {model.K}; nothing recorded.")
+    return dict(rec.summary(), normalized_mean=res["normalized_mean"], dataset=info["name"], checkpoint=str(checkpoint))
+
+
+def main(args: Args) -> dict:
+    pairs = []
+    for item in args.runs:
+        method, _, where = item.partition("=")
+        if method not in MODELS or not where:
+            raise SystemExit(f"error: {item!r}: expected method=run_folder with method one of {', '.join(MODELS)}.")
+        path = Path(where) / "model.pt" if Path(where).is_dir() else Path(where)
+        if not path.is_file():
+            raise SystemExit(f"error: {where}: no model.pt there; pass a run folder of {method}.py or its model.pt.")
+        pairs.append((method, path))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"{m}_{i}" for i, (m, _) in enumerate(pairs)]
+    for name in ["attention_comparison"] + names:
+        for ext in (".png", ".json"):
+            if (out / (name + ext)).exists():
+                raise SystemExit(f"error: {out / (name + ext)} exists; choose another --out (nothing is overwritten).")
+    results, claims = {}, []
+    for name, (method, path) in zip(names, pairs):
+        s = record(method, path, args.eval_episodes, args.device, args.seed)
+        (out / f"{name}.json").write_text(json.dumps(s))
+        plot_one(s, out / f"{name}.png", f"{method} on {s['dataset']}: attention from state tokens")
+        claims.append(later_blocks_claim(method, s["modality_mass_mean"], s["modalities"], s["samples"]))
+        results[f"{method} ({path.parent.name})"] = s
+
+    plt = pyplot()
     L = max(len(a["modality_mass_mean"]) for a in results.values())
     fig, ax = plt.subplots(len(results), L + 1, figsize=(3.2 * (L + 1), 2.8 * len(results)), squeeze=False)
     for r, (name, a) in enumerate(results.items()):
-        mean, std, ent = np.array(a["modality_mass_mean"]), np.array(a["modality_mass_std_across_heads"]), np.array(a["entropy_per_head"])
+        mean, std = np.array(a["modality_mass_mean"]), np.array(a["modality_mass_std_across_heads"])
+        ent = np.array(a["entropy_per_head"])
         for b in range(L):
             if b < len(mean):
                 ax[r, b].bar(a["modalities"], mean[b], yerr=std[b], capsize=3)
@@ -89,16 +185,21 @@ def main(args: Args) -> dict:
     fig.tight_layout()
     fig.savefig(out / "attention_comparison.png", dpi=110)
     plt.close(fig)
-    summary = {name: dict(modalities=a["modalities"], modality_mass_mean=a["modality_mass_mean"],
-                          modality_mass_std_across_heads=a["modality_mass_std_across_heads"],
-                          mean_head_entropy_per_block=np.array(a["entropy_per_head"]).mean(1).tolist()) for name, a in results.items()}
-    (out / "attention_comparison.json").write_text(json.dumps(summary, indent=1))
+    summary = {
+        name: dict(modalities=a["modalities"], modality_mass_mean=a["modality_mass_mean"], samples=a["samples"],
+                   modality_mass_std_across_heads=a["modality_mass_std_across_heads"],
+                   mean_head_entropy_per_block=np.array(a["entropy_per_head"]).mean(1).tolist())
+        for name, a in results.items()
+    }  # fmt: skip
+    (out / "attention_comparison.json").write_text(json.dumps(dict(models=summary, claims=claims), indent=1))
     for name, s in summary.items():
         print(name)
         for b, (m, e) in enumerate(zip(s["modality_mass_mean"], s["mean_head_entropy_per_block"])):
-            print(f"  block {b + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in zip(s["modalities"], m)) + f"; mean head entropy {e:.2f}")
+            mass = ", ".join(f"{k} {v:.2f}" for k, v in zip(s["modalities"], m))
+            print(f"  block {b + 1}: {mass}; mean head entropy {e:.2f}")
+    print_claims(claims)
     print(f"wrote {out / 'attention_comparison.png'}")
-    return summary
+    return dict(models=summary, claims=claims)
 
 
 if __name__ == "__main__":

@@ -238,23 +238,3 @@ def test_smoke_preset_end_to_end(tmp_path, hdf5_path):
     assert labels == set(methods)
     res = json.loads(next(out.glob("dt__*/results.json")).read_text())
     assert res["benchmark"]["seed"] == 0 and res["dataset"]["source"] == "file" and res["updates"] == 40
-
-
-def test_attention_comparison_from_runs_and_checkpoints(tmp_path, hdf5_path):
-    sys.path.insert(0, str(ROOT))
-    import attention
-    import dt
-
-    base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), updates=3, batch_size=4, n_embd=16, n_layer=2, n_head=2,
-                context_len=4, eval_every=0, eval_episodes=1, runs_dir=str(tmp_path / "runs"))
-    with_att = Path(dt.train(dt.Args(**base, attention=True))["run_dir"])
-    without = Path(dt.train(dt.Args(**base, exp_name="plain"))["run_dir"])
-    out = tmp_path / "cmp"
-    summary = attention.main(attention.Args(runs=(f"dt={with_att}", f"dt={without}"), out=str(out), eval_episodes=1))
-    assert len(summary) == 2 and (out / "attention_comparison.png").stat().st_size > 0
-    for s in summary.values():
-        assert len(s["modality_mass_mean"]) == 2 and abs(sum(s["modality_mass_mean"][0]) - 1) < 1e-4
-    with pytest.raises(SystemExit, match="nothing is overwritten"):
-        attention.main(attention.Args(runs=(f"dt={with_att}",), out=str(out)))
-    with pytest.raises(SystemExit, match="expected method=run_folder"):
-        attention.main(attention.Args(runs=(f"ppo={with_att}",), out=str(tmp_path / "x")))

@@ -19,8 +19,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_args(tmp_path, hdf5_path, **kw):
-    base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), updates=20, batch_size=8, n_embd=32, n_layer=2,
-                n_head=2, warmup_steps=5, eval_every=10, eval_episodes=2, runs_dir=str(tmp_path / "runs"), log_every=5)
+    base = dict(
+        env="hopper-random",
+        dataset_path=(str(hdf5_path),),
+        updates=20,
+        batch_size=8,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        warmup_steps=5,
+        eval_every=10,
+        eval_episodes=2,
+        runs_dir=str(tmp_path / "runs"),
+        log_every=5,
+    )
     return dt.Args(**{**base, **kw})
 
 
@@ -31,8 +43,14 @@ def test_returns_to_go_eq_1_1():
 def one_episode_dataset(lengths=(5, 30), dim=2):
     eps = []
     for i, n in enumerate(lengths):
-        eps.append(dict(observations=np.arange(n * dim, dtype=np.float32).reshape(n, dim) + 1000 * i,
-                        actions=np.full((n, 1), float(i), np.float32), rewards=np.ones(n, np.float32), terminated=True))
+        eps.append(
+            dict(
+                observations=np.arange(n * dim, dtype=np.float32).reshape(n, dim) + 1000 * i,
+                actions=np.full((n, 1), float(i), np.float32),
+                rewards=np.ones(n, np.float32),
+                terminated=True,
+            )
+        )
     return eps
 
 
@@ -62,57 +80,73 @@ def test_segments_never_cross_episodes_and_sampling_follows_length():
 
 def small_model(policy="deterministic", dropout=0.0, **kw):
     torch.manual_seed(0)
-    arch = dict(state_dim=3, act_dim=2, policy=policy, timestep_embedding=True, context_len=6, n_layer=2, n_head=2,
-                n_embd=16, dropout=dropout, max_ep_len=50, rtg_scale=1.0)
+    arch = dict(
+        state_dim=3,
+        act_dim=2,
+        policy=policy,
+        timestep_embedding=True,
+        context_len=6,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        dropout=dropout,
+        max_ep_len=50,
+        rtg_scale=1.0,
+    )
     return dt.DecisionTransformer(**{**arch, **kw}).eval()
 
 
 def random_inputs(B=2, K=6):
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(B, K, 1, generator=g), torch.randn(B, K, 3, generator=g), torch.randn(B, K, 2, generator=g),
-            torch.arange(K).repeat(B, 1), torch.ones(B, K, dtype=torch.bool))
+    return dict(
+        rtg=torch.randn(B, K, 1, generator=g),
+        states=torch.randn(B, K, 3, generator=g),
+        actions=torch.randn(B, K, 2, generator=g),
+        timesteps=torch.arange(K).repeat(B, 1),
+        mask=torch.ones(B, K, dtype=torch.bool),
+    )
+
+
+def action(model, x, **kw):
+    return model(x, **kw)[0]["action"][0]
+
+
+def changed(x, key, t, by=5.0):
+    """A copy of the inputs with `key` changed from step t on."""
+    y = {k: v.clone() for k, v in x.items()}
+    y[key][:, t:] += by
+    return y
 
 
 @pytest.mark.parametrize("policy", ["deterministic", "gaussian"])
 def test_causality_action_never_sees_its_own_or_later_tokens(policy):
-    model = small_model(policy)
-    rtg, s, a, ts, mask = random_inputs()
-    mean, _, _ = model(rtg, s, a, ts, mask)
-    t = 2
-    for which in ("a_t", "s_next", "g_next"):
-        rtg2, s2, a2 = rtg.clone(), s.clone(), a.clone()
-        if which == "a_t":
-            a2[:, t:] += 5.0  # a_t and later actions
-        elif which == "s_next":
-            s2[:, t + 1:] += 5.0
-        else:
-            rtg2[:, t + 1:] += 5.0
-        mean2, _, _ = model(rtg2, s2, a2, ts, mask)
+    model, x, t = small_model(policy), random_inputs(), 2
+    mean = action(model, x)
+    for key, first in (("actions", t), ("states", t + 1), ("rtg", t + 1)):  # a_t and later, s_{t+1}, g_{t+1} and later
+        mean2 = action(model, changed(x, key, first))
         torch.testing.assert_close(mean2[:, : t + 1], mean[:, : t + 1])  # predictions up to t unchanged
-        assert not torch.allclose(mean2[:, t + 1:], mean[:, t + 1:])  # later ones do change: the test can fail
-    s3 = s.clone()
-    s3[:, t] += 5.0  # the current state must matter
-    assert not torch.allclose(model(rtg, s3, a, ts, mask)[0][:, t], mean[:, t])
+        assert not torch.allclose(mean2[:, t + 1 :], mean[:, t + 1 :])  # later ones do change: the test can fail
+    assert not torch.allclose(action(model, changed(x, "states", t))[:, t], mean[:, t])  # s_t itself matters
 
 
 def test_padded_positions_do_not_leak_and_match_a_shorter_context():
-    model = small_model()
-    rtg, s, a, ts, mask = random_inputs()
-    mask[:, :2] = False  # two padded steps on the left
-    mean, _, _ = model(rtg, s, a, ts, mask)
-    rtg2, s2, a2 = rtg.clone(), s.clone(), a.clone()
-    rtg2[:, :2], s2[:, :2], a2[:, :2] = 9.0, 9.0, 9.0
-    torch.testing.assert_close(model(rtg2, s2, a2, ts, mask)[0][:, 2:], mean[:, 2:])
+    model, x = small_model(), random_inputs()
+    x["mask"][:, :2] = False  # two padded steps on the left
+    mean = action(model, x)
+    y = {k: v.clone() for k, v in x.items()}
+    for k in ("rtg", "states", "actions"):
+        y[k][:, :2] = 9.0
+    torch.testing.assert_close(action(model, y)[:, 2:], mean[:, 2:])
     # evaluation feeds short contexts without padding: both must agree
-    short, _, _ = model(rtg[:, 2:], s[:, 2:], a[:, 2:], ts[:, 2:], None)
+    short = action(model, {k: v[:, 2:] for k, v in x.items() if k != "mask"})
     torch.testing.assert_close(short, mean[:, 2:])
 
 
 def test_attention_weights_match_the_fast_path_and_are_causal():
-    model = small_model()
-    rtg, s, a, ts, mask = random_inputs()
-    fast, _, none = model(rtg, s, a, ts, mask)
-    slow, _, atts = model(rtg, s, a, ts, mask, return_attn=True)
+    model, x = small_model(), random_inputs()
+    fast, none = model(x)
+    slow, atts = model(x, return_attn=True)
+    fast, slow = fast["action"][0], slow["action"][0]
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     assert none == [None, None] and len(atts) == 2 and atts[0].shape == (2, 2, 18, 18)
     torch.testing.assert_close(atts[1].sum(-1), torch.ones(2, 2, 18))
@@ -150,7 +184,9 @@ def test_end_to_end_with_evaluation(tmp_path, hdf5_path, policy):
     assert saved["dataset"]["path"] == [str(Path(hdf5_path).resolve())] and saved["wall_time_s"] > 0
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert saved["git_commit"] == (head or None) and saved["args"]["policy"] == policy
-    assert saved["normalized_mean"] == pytest.approx(np.mean(common.normalized_score(saved["dataset"], saved["returns"])))
+    assert saved["normalized_mean"] == pytest.approx(
+        np.mean(common.normalized_score(saved["dataset"], saved["returns"]))
+    )
     assert saved["train_updates_per_s"] > 0 and saved["eval_env_steps_per_s"] > 0 and saved["trained_updates"] == 20
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "eval_normalized" in line] == [0, 10, 20]
@@ -263,11 +299,16 @@ def test_cli_help_explains_every_flag():
     """Every Args field has a docstring, and --help shows each one in full next to its flag."""
     import ast
 
-    out = subprocess.run([sys.executable, "dt.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "dt.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     flat = " ".join(out.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
     args_class = next(n for n in ast.parse((ROOT / "dt.py").read_text()).body if getattr(n, "name", "") == "Args")
-    docs = {a.target.id: b.value.value for a, b in zip(args_class.body, args_class.body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value.value, str)}
+    docs = {
+        a.target.id: b.value.value
+        for a, b in zip(args_class.body, args_class.body[1:])
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value.value, str)
+    }
     assert set(docs) == {f.name for f in dataclasses.fields(dt.Args)}, "a field without a docstring"
     for name, doc in docs.items():
         assert "--" + name.replace("_", "-") in flat and " ".join(doc.split()) in flat, name
@@ -277,7 +318,14 @@ def test_cli_help_explains_every_flag():
 def test_defaults_are_the_original_dt_setup():
     a = dt.Args()
     assert (a.context_len, a.n_layer, a.n_head, a.n_embd, a.dropout) == (20, 3, 1, 128, 0.1)
-    assert (a.lr, a.weight_decay, a.warmup_steps, a.updates, a.batch_size, a.rtg_scale) == (1e-4, 1e-4, 10_000, 100_000, 64, 1000.0)
+    assert (a.lr, a.weight_decay, a.warmup_steps, a.updates, a.batch_size, a.rtg_scale) == (
+        1e-4,
+        1e-4,
+        10_000,
+        100_000,
+        64,
+        1000.0,
+    )
     assert dt.TARGET_RETURNS == {"hopper": 3600.0, "walker2d": 5000.0, "halfcheetah": 6000.0}
     assert a.policy == "deterministic" and a.target_return is None and a.timestep_embedding
 
@@ -288,15 +336,18 @@ class Recorder(torch.nn.Module):
     def __init__(self, K=20, rtg_scale=10.0):
         super().__init__()
         self.K, self.rtg_scale, self.max_ep_len, self.seen = K, rtg_scale, 1000, []
+        self.dims = {"rtg": 1, "states": 11, "actions": 3}
 
-    def forward(self, rtg, states, actions, timesteps, mask=None, return_attn=False):
-        self.seen.append(rtg[:, -1, 0].clone())
-        return torch.zeros(*states.shape[:2], 3), None, []
+    def forward(self, x, return_attn=False):
+        self.seen.append(x["rtg"][:, -1, 0].clone())
+        return {"action": (torch.zeros(*x["states"].shape[:2], 3), None)}, []
 
 
 def evaluate(model, info, args, target_return):
     stats = (np.zeros(info["obs_dim"], np.float32), np.ones(info["obs_dim"], np.float32))
-    return dt.evaluate(model, info, stats, args, target_return, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    return dt.evaluate(
+        model, info, stats, args, target_return, torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    )
 
 
 def test_evaluation_decrements_the_target_by_the_observed_reward():
@@ -347,13 +398,12 @@ def test_updates_per_second_does_not_count_evaluation(tmp_path, hdf5_path, monke
 
 def test_timestep_embedding_is_the_dt_papers_and_can_be_switched_off():
     assert dt.Args().timestep_embedding is True  # DT adds a learned timestep embedding to every token
-    inputs = random_inputs()
-    later = (*inputs[:3], inputs[3] + 7, *inputs[4:])  # the same tokens, told they happen 7 steps later
-    with_t = small_model()
-    assert not torch.allclose(with_t(*inputs)[0], with_t(*later)[0])
+    x = random_inputs()
+    later = changed(x, "timesteps", 0, by=7)  # the same tokens, told they happen 7 steps later
+    assert not torch.allclose(action(small_model(), x), action(small_model(), later))
     without = small_model(timestep_embedding=False)
     assert not any(n.startswith("embed_t") for n, _ in without.named_parameters())
-    torch.testing.assert_close(without(*inputs)[0], without(*later)[0])
+    torch.testing.assert_close(action(without, x), action(without, later))
 
 
 def test_a_few_bf16_steps_stay_close_to_fp32():
@@ -365,24 +415,44 @@ def test_a_few_bf16_steps_stay_close_to_fp32():
     for bf16 in (False, True):
         model = small_model(state_dim=2, act_dim=1, dropout=0.0).train()
         opt, _ = dt.make_optimizer(model, dt.Args(lr=1e-3, warmup_steps=0))
-        runs[bf16] = []
-        for _ in range(5):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                mean, log_std, _ = model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"], batch["mask"])
-            loss = dt.head_loss(mean, log_std, batch["actions"], batch["mask"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            runs[bf16].append(loss.item())
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        runs[bf16] = [dt.update(model, opt, batch, 1.0, autocast)[0]["action"].item() for _ in range(5)]
     assert runs[True] == pytest.approx(runs[False], rel=0.05) and runs[True] != runs[False]
 
 
 def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, hdf5_path):
-    cmd = [sys.executable, "dt.py", "--env", "hopper-random", "--dataset-path", str(hdf5_path), "--runs-dir",
-           str(tmp_path), "--updates", "1000000", "--batch-size", "4", "--n-embd", "16", "--n-layer", "1",
-           "--eval-episodes", "1", "--eval-every", "1000000", "--threads", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    cmd = [
+        sys.executable,
+        "dt.py",
+        "--env",
+        "hopper-random",
+        "--dataset-path",
+        str(hdf5_path),
+        "--runs-dir",
+        str(tmp_path),
+        "--updates",
+        "1000000",
+        "--batch-size",
+        "4",
+        "--n-embd",
+        "16",
+        "--n-layer",
+        "1",
+        "--eval-episodes",
+        "1",
+        "--eval-every",
+        "1000000",
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     for line in proc.stdout:
         if "update 0:" in line:  # training starts right after
             break
