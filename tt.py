@@ -8,14 +8,16 @@ a GPT over trajectories discretized dimension by dimension, used as world model 
     python tt.py --env hopper-medium-replay --checkpoint runs/RUN/model.pt --updates 0 --beam-width 1   # greedy
 
 One file: arguments, data (discretizer, tokens), model, planning (beam search), evaluation, training.
-Shared with the other method files is only common.py (dataset loading, env ids, normalized scores).
+Blocks marked PLUMBING are dt.py's, byte for byte; the rest is the method. Shared with the other method files
+is only common.py (datasets, env ids, normalized scores).
 """
 
-# ruff: noqa: UP045, BLE001  (git_commit and the device preamble are dt.py's, byte for byte)
+# ruff: noqa: UP045, BLE001  (the PLUMBING blocks are dt.py's, byte for byte)
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import subprocess
 import time
@@ -32,14 +34,17 @@ from tqdm import tqdm
 
 import common
 
+METHOD = "tt"
+
 
 @dataclass
 class Args:
-    env: str = "hopper-medium-replay"
-    """dataset: a D4RL gym-mujoco name such as `hopper-medium-replay` (with or without `-v2`), or a Minari id"""
+    env: Optional[str] = None
+    """dataset: a D4RL gym-mujoco name such as `hopper-medium-replay` (with or without `-v2`), or a Minari id.
+    Default: the checkpoint's dataset, else hopper-medium-replay"""
     dataset_path: tuple[str, ...] = ()
     """local D4RL-layout .hdf5 or DT .pkl file(s) to read instead of the official file (several: concatenated)"""
-    exp_name: str = "tt"
+    exp_name: str = METHOD
     """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
     seed: int = 0
     """seed of python, numpy, torch, the batch sampler, the beam-search sampler and the evaluation envs"""
@@ -108,39 +113,41 @@ class Args:
     compile: bool = False
     """torch.compile the model for training (CUDA)"""
     bf16: bool = True
-    """bfloat16 autocast on CUDA (ignored on CPU)"""
+    """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX); fp32 elsewhere"""
     checkpoint: Optional[str] = None
-    """a tt.py `model.pt`: start from its weights, architecture and bins (those flags are ignored); --updates 0 to
-    only evaluate it"""
+    """a tt.py `model.pt`: start from its weights, architecture and bins (those flags are ignored); `--updates 0`
+    only evaluates it, on its own dataset unless --env says"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
     log_every: int = 100
     """log the training loss every N updates"""
     threads: int = 0
-    """torch CPU threads (0: torch's default)"""
+    """torch CPU threads (0: half of the cores this process may use, at least 1)"""
 
     def __post_init__(self):
-        flag = lambda name: f"--{name.replace('_', '-')} {getattr(self, name)}"
-        positive = ("n_bins", "seq_len", "n_layer", "n_head", "n_embd", "batch_size", "horizon", "beam_width")
-        for name in (*positive, "n_expand", "max_context", "eval_episodes", "log_every", "lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise SystemExit(f"error: {flag(name)}: must be > 0.")
-        for name in ("updates", "eval_every", "eval_max_steps", "k_act", "k_obs", "threads", "warmup_epochs"):
-            if getattr(self, name) < 0:
-                raise SystemExit(f"error: {flag(name)}: must be >= 0.")
+        positive = (
+            "n_bins seq_len n_layer n_head n_embd batch_size lr grad_clip horizon beam_width n_expand max_context"
+        )
+        check_flags(
+            self, positive + " eval_episodes log_every", "seed updates eval_every eval_max_steps k_act k_obs threads"
+        )
         for name in ("dropout", "cdf_act", "cdf_obs"):
             if not 0 <= getattr(self, name) < 1:
-                raise SystemExit(f"error: {flag(name)}: must be in [0, 1).")
+                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1).")
         if self.n_embd % self.n_head:
-            raise SystemExit(f"error: {flag('n_embd')}: must be divisible by --n-head {self.n_head}.")
+            raise SystemExit(f"error: --n-embd {self.n_embd}: must be divisible by --n-head {self.n_head}.")
         if not 0 < self.discount <= 1:
-            raise SystemExit(f"error: {flag('discount')}: must be in (0, 1].")
-        if self.decay_epochs < self.warmup_epochs:
-            raise SystemExit(f"error: {flag('decay_epochs')}: must be >= --warmup-epochs {self.warmup_epochs}.")
+            raise SystemExit(f"error: --discount {self.discount}: must be in (0, 1].")
+        if not 0 <= self.warmup_epochs <= self.decay_epochs:
+            raise SystemExit(
+                f"error: --warmup-epochs {self.warmup_epochs}: must be in [0, --decay-epochs {self.decay_epochs}]."
+            )
         if self.max_context > self.seq_len:
-            raise SystemExit(f"error: {flag('max_context')}: must be <= --seq-len {self.seq_len}, the trained window.")
+            raise SystemExit(
+                f"error: --max-context {self.max_context}: must be <= --seq-len {self.seq_len}, the trained window."
+            )
         if self.updates == 0 and self.checkpoint is None:
-            raise SystemExit("error: --updates 0: trains nothing; pass --checkpoint runs/RUN/model.pt to evaluate.")
+            raise SystemExit("error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one.")
 
 
 # TT paper Table 1 (official D4RL v2; TT with beam search, DT from the same table). Their means over the 9
@@ -429,22 +436,31 @@ def plan(model, disc: Discretizer, prefix: torch.Tensor, args: Args, gen: torch.
 # ---------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate(model, disc: Discretizer, info: dict, args: Args, device, seed: int, hook=None) -> dict:
-    """hook(t, prefix, action_tokens, alive), if given, sees every planning call (for analyses)."""
+def make_eval_envs(info: dict, n: int, asynchronous: bool):
+    """PLUMBING: n copies of the dataset's env in one vector env, and the episode horizon (the TimeLimit)."""
     import gymnasium as gym
 
+    vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
+    envs = vector_env([lambda: common.make_env(info)] * n)
+    probe = common.make_env(info)
+    horizon = probe.spec.max_episode_steps or 1000
+    probe.close()
+    return envs, horizon
+
+
+@torch.no_grad()
+def evaluate(model, disc: Discretizer, info: dict, args: Args, device, autocast, hook=None) -> dict:
+    """hook(t, prefix, action_tokens, alive), if given, sees every planning call (for analyses)."""
     n, m_s, m_a, td = args.eval_episodes, model.obs_dim, model.act_dim, model.td
-    envs = gym.vector.SyncVectorEnv([lambda: common.make_env(info)] * n)
-    horizon = common.make_env(info).spec.max_episode_steps or 1000  # the TimeLimit: 1000 for MuJoCo
+    envs, horizon = make_eval_envs(info, n, asynchronous=False)
     horizon = min(horizon, args.eval_max_steps or horizon)
     low, high = envs.single_action_space.low, envs.single_action_space.high
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     context = torch.zeros(n, 0, td, dtype=torch.long, device=device)
     returns, lengths, done = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n, dtype=bool)
     plan_s, calls = 0.0, 0
     model.eval()
-    obs, _ = envs.reset(seed=seed)
+    obs, _ = envs.reset(seed=args.seed + 10_000)
     t0 = time.time()
     for t in range(horizon):
         obs_tok = disc.encode(torch.as_tensor(obs, device=device), slice(0, m_s))
@@ -452,7 +468,8 @@ def evaluate(model, disc: Discretizer, info: dict, args: Args, device, seed: int
         alive = torch.as_tensor(~done, device=device)
         act_tok = torch.zeros(n, m_a, dtype=torch.long, device=device)
         tp = time.time()
-        act_tok[alive] = plan(model, disc, prefix[alive], args, gen)
+        with autocast:
+            act_tok[alive] = plan(model, disc, prefix[alive], args, gen)
         plan_s, calls = plan_s + time.time() - tp, calls + 1
         if hook is not None:
             hook(t, prefix[alive], act_tok[alive], alive)
@@ -469,14 +486,15 @@ def evaluate(model, disc: Discretizer, info: dict, args: Args, device, seed: int
         done |= term | trunc
         if done.all():
             break
+    elapsed = time.time() - t0
     envs.close()
     model.train()
     score = common.normalized_score(info, returns)
-    return {"returns": returns.tolist(), "lengths": lengths.tolist(), "normalized": score.tolist(),
-            "return_mean": float(returns.mean()), "normalized_mean": float(score.mean()),
-            "normalized_std": float(score.std()), "plan_s_per_step": plan_s / max(calls, 1),
-            "plan_s_per_episode_step": plan_s / max(int(lengths.sum()), 1), "max_steps": horizon,
-            "env_steps_per_s": float(lengths.sum() / (time.time() - t0))}  # fmt: skip
+    episodes = {"returns": returns.tolist(), "lengths": lengths.tolist(), "normalized": score.tolist()}
+    means = {"return_mean": float(returns.mean()), "normalized_mean": float(score.mean())}
+    plan_time = {"plan_s_per_step": plan_s / max(calls, 1), "plan_s_per_episode_step": plan_s / max(lengths.sum(), 1)}
+    return {**episodes, **means, "normalized_std": float(score.std()), **plan_time, "max_steps": horizon,
+            "eval_env_steps_per_s": float(lengths.sum() / elapsed)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -484,14 +502,102 @@ def evaluate(model, disc: Discretizer, info: dict, args: Args, device, seed: int
 # ---------------------------------------------------------------------------------------------------
 
 
-# fmt: off
-def git_commit() -> Optional[str]:
+def check_flags(args, positive: str, non_negative: str) -> None:
+    """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
+    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names.split():
+            if not ok(getattr(args, name)):
+                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}.")
+
+
+def setup(args) -> tuple[torch.device, int]:
+    """PLUMBING: threads, seeds and the device, checked before anything is written."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = args.threads or max(1, cores // 2)
+    torch.set_num_threads(threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        device = torch.device(auto if args.device == "auto" else args.device)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device, threads
+
+
+def bf16_native(device: torch.device) -> bool:
+    """PLUMBING: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX); elsewhere bf16 is emulated, slower than fp32."""
+    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def load_checkpoint(path: Optional[str], device) -> Optional[dict]:
+    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise SystemExit(f"error: --checkpoint {path}: no such file (expected runs/RUN/model.pt).")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = f"not a checkpoint torch can read as data ({type(e).__name__}); pass a model.pt that {METHOD}.py wrote"
+        raise SystemExit(f"error: --checkpoint {path}: {why}.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        found = ckpt.get("method") if isinstance(ckpt, dict) else None
+        raise SystemExit(f"error: --checkpoint {path} was written by {found or 'another program'}, not {METHOD}.py.")
+    return ckpt
+
+
+def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
+    """PLUMBING: the dataset of --env / --dataset-path, else the checkpoint's. Evaluating a checkpoint on its
+    own dataset needs only the recorded dataset facts, not the file; another domain's data is refused."""
+    recorded = ckpt["dataset"] if ckpt is not None else None
+    if recorded is not None and args.env is None and not args.dataset_path and args.updates == 0:
+        return None, recorded
+    name = args.env or (recorded["name"] if recorded is not None else "hopper-medium-replay")
+    paths = args.dataset_path or (tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ())
+    try:
+        episodes, info = common.load_dataset(name, paths)
+    except common.DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
+    facts = ("env_id", "obs_dim", "act_dim")
+    if recorded is not None and any(recorded[k] != info[k] for k in facts):
+        raise SystemExit(
+            f"error: --checkpoint {args.checkpoint} was trained on {recorded['name']} ({recorded['env_id']}), "
+            f"not on data of {info['env_id']} like {name}; leave out --env to use its own dataset."
+        )
+    return episodes, info
+
+
+def make_run_dir(args, info: dict) -> Path:
+    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time}; an existing folder is never reused."""
+    name = f"{info['name'].replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.runs_dir) / name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise SystemExit(f"error: run folder {run_dir} already exists; wait a second or change --exp-name.") from None
+    except OSError as e:
+        raise SystemExit(f"error: --runs-dir {args.runs_dir}: cannot make a run folder there ({e.strerror}).") from None
+    return run_dir
+
+
+def log_metrics(path: Path, **metrics) -> None:
+    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged."""
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def git_commit() -> Optional[str]:
+    """PLUMBING"""
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True)
+        return git.stdout.decode().strip() if git.returncode == 0 else None
     except Exception:
         return None
-# fmt: on
 
 
 def make_optimizer(model, args, updates_per_epoch: float):
@@ -511,122 +617,106 @@ def make_optimizer(model, args, updates_per_epoch: float):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def load_checkpoint(path: str, device) -> dict:
-    if not Path(path).is_file():
-        raise SystemExit(f"error: --checkpoint {path}: no such file (expected runs/RUN/model.pt).")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors of every kind: one message
-        raise SystemExit(
-            f"error: --checkpoint {path}: unreadable ({type(e).__name__}); pass a model.pt written by tt.py."
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != "tt":
-        raise SystemExit(f"error: --checkpoint {path}: not a tt.py checkpoint; pass a model.pt written by tt.py.")
-    return ckpt
+def update(model, opt, data: dict, weights, args: Args, gen, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One gradient step on the weighted token cross-entropy; returns the loss (detached) and the gradient norm."""
+    x, y = sample_batch(data, args.batch_size, args.seq_len, gen)
+    with autocast:
+        logits = model(x)[0]
+    loss = tt_loss(logits.float(), y, weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+    return loss.detach(), grad_norm
 
 
 def train(args: Args) -> dict:
     t_start = time.time()
-    # fmt: off
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
-    except RuntimeError:
-        raise SystemExit(f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # fmt: on
+    device, threads = setup(args)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    if ckpt is not None:  # the architecture and token definition are the checkpoint's, whatever the flags say
+        args = replace(args, **{k: ckpt["arch"][k] for k in ARCH})
+    episodes, info = load_data(args, ckpt)
+    run_dir = make_run_dir(args, info)
+    metrics = run_dir / "metrics.jsonl"
+    config = {"args": asdict(args), "dataset": info}
+    config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
-    ckpt = None if args.checkpoint is None else load_checkpoint(args.checkpoint, device)
-    if ckpt is not None:  # the architecture and data definition are the checkpoint's, whatever the flags say
-        args = replace(args, **{k: ckpt["args"][k] for k in ARCH})
-    try:
-        episodes, info = common.load_dataset(args.env, args.dataset_path)
-    except common.DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
-    if ckpt is not None and (ckpt["obs_dim"], ckpt["act_dim"]) != (info["obs_dim"], info["act_dim"]):
-        raise SystemExit(f"error: --checkpoint {args.checkpoint}: trained on {ckpt['dataset']['name']} (state, action "
-                         f"dims {ckpt['obs_dim']}, {ckpt['act_dim']}) but --env {args.env} has {info['obs_dim']}, "
-                         f"{info['act_dim']}; pass the --env it was trained on.")  # fmt: skip
-    data = make_dataset(episodes, args, device, edges=None if ckpt is None else ckpt["edges"])
+    edges = None if ckpt is None else ckpt["edges"]
+    data = make_dataset(episodes, args, device, edges) if args.updates else None
+    disc = data["disc"] if data is not None else Discretizer(edges.to(device))
     model = TrajectoryTransformer(info["obs_dim"], info["act_dim"], args.n_bins, args.seq_len, args.n_layer,
                                   args.n_head, args.n_embd, args.dropout).to(device)  # fmt: skip
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    bf16 = args.bf16 and bf16_native(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    precision = "bf16" if bf16 else "fp32"
+    print(f"run {run_dir.name}: {info['name']} ({info['source']} data), {model.td} tokens per transition, "
+          f"{n_params:.2f}M parameters, device {device}, {threads} CPU thread(s), {precision}")  # fmt: skip
 
-    run_name = f"{info['name'].replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.runs_dir) / run_name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        raise SystemExit(
-            f"error: run folder {run_dir} already exists; refusing to overwrite it. Wait a second or change --exp-name."
-        ) from None
-    config = {"args": asdict(args), "dataset": info, "device": str(device), "git_commit": git_commit(),
-              "torch": torch.__version__, "run_name": run_name}  # fmt: skip
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-    def log(**kw):  # one line per call, written and closed at once: a killed run keeps its history
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(kw) + "\n")
-
-    opt, sched = make_optimizer(model, args, updates_per_epoch=len(data["starts"]) / args.batch_size)
-    fwd = torch.compile(model) if args.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    weights = token_weights(model, model.block_size, args).to(device)
-    print(f"run {run_name}: {info['transitions']} transitions in {info['episodes']} episodes ({info['source']}), "
-          f"{model.td} tokens per transition, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"device {device}")  # fmt: skip
-
-    def run_eval(step):
-        with autocast:
-            res = evaluate(model, data["disc"], info, args, device, seed=args.seed + 10_000)
-        log(step=step, eval_return=res["return_mean"], eval_normalized=res["normalized_mean"],
-            eval_normalized_std=res["normalized_std"], plan_s_per_step=res["plan_s_per_step"])  # fmt: skip
+    def run_eval(step: int) -> dict:
+        res = evaluate(model, disc, info, args, device, autocast)
+        score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
+        log_metrics(
+            metrics,
+            step=step,
+            eval_normalized_std=res["normalized_std"],
+            plan_s_per_step=res["plan_s_per_step"],
+            **score,
+        )
         return res
 
-    if args.eval_every and args.updates:
-        print(f"update 0: normalized score {run_eval(0)['normalized_mean']:.1f}")
-    t_train, aside = time.time(), 0.0  # aside: seconds of periodic evaluation, which updates/s must not count
-    bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0, disable=args.updates == 0)
-    for step in bar:
-        x, y = sample_batch(data, args.batch_size, args.seq_len, gen)
-        with autocast:
-            loss = tt_loss(fwd(x)[0].float(), y, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        sched.step()
-        if step % args.log_every == 0 or step == args.updates - 1:  # .item() syncs the GPU: not every step
-            log(step=step, loss=loss.item(), grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0])
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.updates:
-            t0 = time.time()
-            res = run_eval(step + 1)
-            aside += time.time() - t0
-            bar.write(f"update {step + 1}: normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
-    updates_per_s = args.updates / (time.time() - t_train - aside) if args.updates else None
-
+    trained, train_time = 0, 0.0
     if args.updates:
-        torch.save({"method": "tt", "model": model.state_dict(), "args": asdict(args), "edges": data["disc"].edges.cpu(),
-                    "obs_dim": model.obs_dim, "act_dim": model.act_dim, "dataset": info}, run_dir / "model.pt")  # fmt: skip
-    res = run_eval(args.updates)
-    results = {**config, **res, "updates": args.updates, "train_updates_per_s": updates_per_s,
-               "wall_time_s": time.time() - t_start, "run_dir": str(run_dir)}  # fmt: skip
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        opt, sched = make_optimizer(model, args, updates_per_epoch=len(data["starts"]) / args.batch_size)
+        fwd = torch.compile(model) if args.compile else model
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        weights = token_weights(model, model.block_size, args).to(device)
+        if args.eval_every:
+            print(f"update 0: normalized score {run_eval(0)['normalized_mean']:.1f}")
+        bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0)
+        try:
+            for step in bar:
+                t0 = time.time()
+                loss, grad_norm = update(fwd, opt, data, weights, args, gen, autocast)
+                sched.step()
+                trained = step + 1
+                if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
+                    log_metrics(
+                        metrics, step=step, loss=loss.item(), grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0]
+                    )
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                train_time += time.time() - t0
+                if args.eval_every and trained % args.eval_every == 0 and trained < args.updates:
+                    res = run_eval(trained)
+                    bar.write(f"update {trained}: score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ninterrupted (Ctrl-C) after {trained} updates: saving the model trained so far")
+        total = trained + (ckpt["trained_updates"] if ckpt is not None else 0)
+        arch = {k: getattr(args, k) for k in ARCH}
+        parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": total}
+        torch.save({"model": model.state_dict(), "edges": disc.edges.cpu(), **parts}, run_dir / "model.pt")
+        if trained < args.updates:
+            raise SystemExit(
+                f"stopped: {run_dir / 'model.pt'} holds {total} updates; evaluate it with "
+                f"`python {METHOD}.py --checkpoint {run_dir / 'model.pt'} --updates 0`."
+            )
 
+    res = run_eval(trained)
+    total = trained + (ckpt["trained_updates"] if ckpt is not None else 0)
+    speed = {"train_updates_per_s": trained / train_time if trained else None, "wall_time_s": time.time() - t_start}
+    results = {**config, **res, "updates": trained, "trained_updates": total, "run_dir": str(run_dir), **speed}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]
     mode = "greedy" if args.beam_width == 1 else f"beam {args.beam_width} x {args.n_expand}, horizon {args.horizon}"
     cut = f", episodes cut at {res['max_steps']} steps" if args.eval_max_steps else ""
     print(f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} "
-          f"episodes (return {res['return_mean']:.0f}; {SOURCE_LABEL[info['source']]} data, {args.updates} updates, "
-          f"{mode}{cut}); planning {res['plan_s_per_step']:.3f} s per env step (all episodes at once)")  # fmt: skip
+          f"episodes ({label} data, {total} updates, {mode}{cut}); planning {res['plan_s_per_step']:.3f} s per env "
+          f"step (all episodes at once)")  # fmt: skip
     if info["name"] in TT_PAPER_TABLE_1["tt"]:
         print(f"TT paper Table 1 (official D4RL, full training, beam 128): TT {TT_PAPER_TABLE_1['tt'][info['name']]}, "
               f"DT {TT_PAPER_TABLE_1['dt'][info['name']]}; locomotion averages TT 78.9, DT 74.7")  # fmt: skip

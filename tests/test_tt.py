@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_args(tmp_path, hdf5_path, **kw):
-    base = {"env": "hopper-random", "dataset_path": (str(hdf5_path),), "n_bins": 20, "seq_len": 3, "n_layer": 2, "n_head": 2,
-                "n_embd": 32, "batch_size": 8, "updates": 6, "warmup_epochs": 0.01, "decay_epochs": 1.0, "horizon": 2, "beam_width": 3,
-                "max_context": 2, "eval_episodes": 2, "eval_max_steps": 8, "runs_dir": str(tmp_path / "runs"), "log_every": 2}  # fmt: skip
+    base = {"env": "hopper-random", "dataset_path": (str(hdf5_path),), "n_bins": 20, "seq_len": 3, "n_layer": 2,
+            "n_head": 2, "n_embd": 32, "batch_size": 8, "updates": 6, "warmup_epochs": 0.01, "decay_epochs": 1.0,
+            "horizon": 2, "beam_width": 3, "max_context": 2, "eval_episodes": 2, "eval_max_steps": 8,
+            "runs_dir": str(tmp_path / "runs"), "log_every": 2}  # fmt: skip
     return tt.Args(**{**base, **kw})
 
 
@@ -231,11 +232,11 @@ def test_bad_flag_on_the_command_line_is_one_line_without_traceback():
 def test_bad_checkpoints_and_device(tmp_path, hdf5_path):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
-    with pytest.raises(SystemExit, match="unreadable"):
+    with pytest.raises(SystemExit, match="not a checkpoint torch can read"):
         tt.train(tiny_args(tmp_path, hdf5_path, checkpoint=str(junk), updates=0))
     other = tmp_path / "other.pt"
-    torch.save({"model": {}, "args": {}}, other)  # e.g. a dt.py checkpoint
-    with pytest.raises(SystemExit, match="not a tt.py checkpoint"):
+    torch.save({"model": {}, "method": "dt"}, other)  # e.g. a dt.py checkpoint
+    with pytest.raises(SystemExit, match="written by dt, not tt.py"):
         tt.train(tiny_args(tmp_path, hdf5_path, checkpoint=str(other), updates=0))
     with pytest.raises(SystemExit, match="no such file"):
         tt.train(tiny_args(tmp_path, hdf5_path, checkpoint=str(tmp_path / "missing.pt"), updates=0))
@@ -266,5 +267,14 @@ def test_end_to_end_checkpoint_and_determinism(tmp_path, hdf5_path):
                             n_embd=64, n_bins=50))  # fmt: skip
     assert ev["returns"] == res["returns"] and ev["args"]["n_layer"] == 2 and ev["args"]["n_bins"] == 20
     assert not (Path(ev["run_dir"]) / "model.pt").exists()
+    # without --env, the checkpoint is evaluated on its own dataset; --updates N trains on with its bins
+    own = tt.train(tt.Args(checkpoint=str(run / "model.pt"), updates=0, horizon=2, beam_width=3, max_context=2,
+                           eval_episodes=2, eval_max_steps=8, runs_dir=str(tmp_path / "e")))  # fmt: skip
+    assert own["returns"] == res["returns"] and own["dataset"]["name"] == "hopper-random"
+    more = tt.train(tiny_args(tmp_path / "f", hdf5_path, checkpoint=str(run / "model.pt"), updates=2))
+    assert more["trained_updates"] == 8 and torch.equal(
+        torch.load(Path(more["run_dir"]) / "model.pt", weights_only=True)["edges"],
+        torch.load(run / "model.pt", weights_only=True)["edges"],
+    )
     greedy = tt.train(tiny_args(tmp_path / "d", hdf5_path, checkpoint=str(run / "model.pt"), updates=0, beam_width=1))
     assert len(greedy["returns"]) == 2 and greedy["args"]["beam_width"] == 1 and greedy["plan_s_per_step"] > 0
