@@ -8,9 +8,9 @@ whole plan of actions, used as an energy function and minimized by iterative Gib
 
 One file: arguments, data (minigrid's BabyAI bot), model, planning, evaluation (IEM against the BC baseline: the
 same network, one forward, no refinement), training. benchmarks/iem_analysis.py measures the blog's §7.b claims.
+Blocks marked PLUMBING are the same, byte for byte, as in dt.py and the other method files.
 """
 
-# ruff: noqa: UP045, BLE001, E501  (for git_commit() and the device preamble, dt.py's byte for byte)
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import pickle
 import random
 import subprocess
 import time
@@ -44,10 +43,7 @@ PAPER_LEVELS = {"GoToLocalS7N5": (5, 9), "GoToLocalS8N7": (5, 9), "PickupLoc": (
                 "GoToObjMazeS4": (10, 29), "GoToObjMazeS7": (10, 29)}  # fmt: skip
 # Budgets. paper: its code's width 128 and 200 epochs over 500 demos in batches of 64 (1600 updates); cpu: narrower,
 # more demos, minutes on 2 CPU cores.
-PRESETS = {
-    "paper": {"n_embd": 128, "updates": 1600, "collect": 500},
-    "cpu": {"n_embd": 64, "updates": 1000, "collect": 5000},
-}
+PRESETS = {"paper": dict(n_embd=128, updates=1600, collect=500), "cpu": dict(n_embd=64, updates=1000, collect=5000)}
 N_ACTIONS = 7  # minigrid: left, right, forward, pickup, drop, toggle, done
 MASK, PAD = N_ACTIONS, N_ACTIONS + 1  # plan-token ids after the actions
 AGENT = 10  # minigrid's OBJECT_TO_IDX["agent"]
@@ -55,6 +51,8 @@ AGENT = 10  # minigrid's OBJECT_TO_IDX["agent"]
 WORDS = ("a", "the", "go", "to", "pick", "up", "open", "put", "next", "and", "then", "after", "you", "your", "on",
          "left", "right", "in", "front", "of", "behind", "door", "ball", "box", "key", "red", "green", "blue",
          "purple", "yellow", "grey")  # fmt: skip
+METHOD = "iem"
+ARCH = "horizon n_layer n_head n_embd dropout".split()  # with the grid size and mission length of the data
 EVAL_SEED_BASE = 1_000_000_000  # evaluation episodes never reuse a demonstration's seed (demos use 0..N-1)
 
 
@@ -65,13 +63,12 @@ class Args:
     preset: Literal["paper", "cpu"] = "paper"
     """budget for the flags left unset: `paper` (n-embd 128, 1600 updates, 500 demos) or `cpu` (64, 1000, 5000)"""
     dataset: str | None = None
-    """your own demonstrations: an .npz of the collected layout (images (N, W, H, 3) uint8 fully observed minigrid
-    grids, actions (N,), lengths (E,), missions (E,) strings) used instead of the bot's"""
+    """your demos instead of the bot's: an .npz of images (N, W, H, 3), actions (N,), lengths (E,), missions (E,)"""
     data_dir: str = "~/.cache/seqrl/babyai"
     """where bot demonstrations are cached as `{level}__bot{N}.npz`; nothing is downloaded"""
     collect: int | None = None
     """bot demonstrations (episode seeds 0..N-1) collected on first use and cached; default: the preset's"""
-    exp_name: str = "iem"
+    exp_name: str = METHOD
     """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
     seed: int = 0
     """seed of python, numpy, torch, the batch sampler, the planner and the evaluation episodes"""
@@ -84,8 +81,7 @@ class Args:
     resample: int = 1
     """plan tokens masked and resampled per iteration (the paper's code: 1)"""
     temperature: float = 1.0
-    """temperature of the resampled tokens: 1 samples the model's conditionals (Gibbs, as the paper describes),
-    0 takes their argmax (as the paper's code does)"""
+    """of the resampled tokens: 1 samples the conditionals (Gibbs, the paper's text), 0 argmax (the paper's code)"""
     accept: Literal["lower", "all"] = "lower"
     """`lower`: keep a resampled plan only if its energy does not rise; `all`: keep every sample (plain Gibbs)"""
     replan_every: int | None = None
@@ -110,7 +106,7 @@ class Args:
     eval_episodes: int = 100
     """evaluation episodes, planned together in batches; the same episodes for IEM and BC"""
     bf16: bool = True
-    """bfloat16 autocast for training on CUDA (ignored on CPU)"""
+    """bfloat16 autocast for training where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX)"""
     checkpoint: str | None = None
     """a `model.pt` of an earlier run: start from its weights and architecture (--n-layer, --n-head, --n-embd and
     --horizon are then the checkpoint's); with --updates 0 only evaluate it"""
@@ -119,7 +115,8 @@ class Args:
     log_every: int = 50
     """log the training loss every N updates"""
     threads: int = 0
-    """torch CPU threads (0: torch's default)"""
+    """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow down
+    sharply when another program keeps one busy)"""
 
     def __post_init__(self):
         if env_id(self.env) not in gym.registry:
@@ -129,22 +126,15 @@ class Args:
         for k, v in {**PRESETS[self.preset], "horizon": h, "iterations": it}.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)  # during construction: the preset's or level's value for a flag left unset
-        at_least = {"horizon": 1, "collect": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "batch_size": 1, "log_every": 1,
-                    "eval_episodes": 1, "iterations": 0, "updates": 0, "seed": 0, "threads": 0}  # fmt: skip
-        for k, low in at_least.items():
-            flag, value = k.replace("_", "-"), getattr(self, k)
-            if value < low:
-                raise SystemExit(f"error: --{flag} {value}: must be >= {low}.")
+        check_flags(self, "horizon resample collect n_layer n_head n_embd batch_size lr eval_episodes log_every",
+                    "seed iterations temperature updates threads")  # fmt: skip
         H, rp = self.horizon, self.replan_every
-        problems = [("resample", not 1 <= self.resample <= H, f"resample 1..{H} (--horizon) tokens"),
+        problems = [("resample", self.resample > H, f"resample at most --horizon {H} tokens"),
                     ("replan-every", rp is not None and not 1 <= rp <= H, f"execute 1..{H} (--horizon) actions"),
                     ("n-embd", self.n_embd % self.n_head, f"must be a multiple of --n-head {self.n_head}"),
-                    ("temperature", self.temperature < 0, "use 0 (argmax) or a positive temperature"),
-                    ("dropout", not 0 <= self.dropout < 1, "use a value in [0, 1)"), ("lr", self.lr <= 0, "use lr > 0"),
+                    ("dropout", not 0 <= self.dropout < 1, "must be in [0, 1)"),
                     ("updates", self.updates == 0 and not self.checkpoint, "trains nothing; add --checkpoint"),
-                    ("checkpoint", self.checkpoint and not Path(self.checkpoint).is_file(), "no such file"),
-                    ("dataset", self.dataset and not Path(self.dataset).is_file(), "no such file"),
-                    ]  # fmt: skip
+                    ("dataset", self.dataset and not Path(self.dataset).is_file(), "no such file")]  # fmt: skip
         for flag, bad, hint in problems:
             value = getattr(self, flag.replace("-", "_"))
             if bad:
@@ -199,13 +189,8 @@ def collect_demos(level: str, n: int, path: Path) -> None:
         print(f"warning: the bot failed {failed} of {n} {level} episodes; they are left out")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part.npz")
-    np.savez_compressed(
-        tmp,
-        images=np.stack(images).astype(np.uint8),
-        actions=np.array(actions, np.int64),
-        lengths=np.array(lengths, np.int64),
-        missions=np.array(missions),
-    )
+    arrays = {"images": np.stack(images).astype(np.uint8), "actions": np.array(actions), "lengths": np.array(lengths)}
+    np.savez_compressed(tmp, missions=np.array(missions), **arrays)
     os.replace(tmp, path)
 
 
@@ -220,7 +205,7 @@ def load_demos(args: Args) -> tuple[dict, str]:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         why = f"{e.__class__.__name__}: {e}"
         raise SystemExit(
-            f"error: --dataset {path}: not an .npz of iem.py's layout (images, actions, lengths, missions): {why}"
+            f"error: --dataset {path}: not an .npz of images, actions, lengths, missions ({why})."
         ) from None
     n, grid = len(d["actions"]), make_env(level).observation_space["image"].shape
     ok = d["images"].shape == (n, *grid) and d["lengths"].sum() == n and len(d["missions"]) == len(d["lengths"])
@@ -276,9 +261,8 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.ln1, self.ln2, self.drop = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd), nn.Dropout(dropout)
         self.attn = nn.MultiheadAttention(n_embd, n_head, dropout=dropout, batch_first=True)
-        self.mlp = nn.Sequential(
-            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
-        )
+        mlp = (nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(*mlp)
 
     def forward(self, x, hidden_keys, return_attn=False):
         h = self.ln1(x)
@@ -292,14 +276,8 @@ class IEM(nn.Module):
         super().__init__()
         S = 2 * max(grid) - 1
         self.cells = nn.ModuleList(nn.Embedding(n, 16) for n in (11, 6, 4))  # minigrid's object, colour, state codes
-        self.conv = nn.Sequential(
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 32, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(32 * ((S + 1) // 2) ** 2, n_embd),
-        )
+        convs = (nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.conv = nn.Sequential(*convs, nn.Flatten(), nn.Linear(32 * ((S + 1) // 2) ** 2, n_embd))
         self.word = nn.Embedding(len(WORDS) + 2, n_embd)
         self.act = nn.Embedding(N_ACTIONS + 2, n_embd)  # the actions, MASK, PAD
         self.pos = nn.Parameter(0.02 * torch.randn(1, 1 + mission_len + horizon, n_embd))  # one per sequence slot
@@ -415,152 +393,169 @@ def evaluate(model, args: Args, arch: dict, device, refine: bool, seed: int) -> 
                 alive.discard(i)
     model.train(was_training)
     success = returns > 0  # BabyAI rewards success only: 1 - 0.9 * steps / max_steps
-    return {
-        "success_rate": float(success.mean()),
-        "return_mean": float(returns.mean()),
-        "returns": returns.tolist(),
-        "lengths": lengths.tolist(),
-        "planning_s_per_step": plan_time / lengths.sum(),
-        "planning_calls": calls,
-        "energy_per_iteration": torch.cat(traces).mean(0).tolist() if traces else None,
-    }
+    out = {"success_rate": float(success.mean()), "return_mean": float(returns.mean()), "planning_calls": calls}
+    out |= {"returns": returns.tolist(), "lengths": lengths.tolist(), "planning_s_per_step": plan_time / lengths.sum()}
+    return out | {"energy_per_iteration": torch.cat(traces).mean(0).tolist() if traces else None}
 
 
 # --- Training ---
 
 
-# fmt: off
-def git_commit() -> Optional[str]:
-    try:
-        here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return None
-# fmt: on
+def check_flags(args, positive: str, non_negative: str) -> None:
+    """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
+    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names.split():
+            if not ok(getattr(args, name)):
+                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}.")
 
 
-def load_checkpoint(path: str, device) -> dict:
-    """A model.pt of iem.py, read without running pickled code (weights_only); a clear error for anything else."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as e:
-        why = e.__class__.__name__
-        raise SystemExit(
-            f"error: --checkpoint {path}: unreadable ({why}); pass a model.pt written by iem.py."
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != "iem" or not {"model", "arch", "env"} <= ckpt.keys():
-        raise SystemExit(f"error: --checkpoint {path}: not a model.pt written by iem.py.")
-    return ckpt
-
-
-def train(args: Args) -> dict:
-    t_start = time.time()
-    # fmt: off
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def setup(args) -> tuple[torch.device, int]:
+    """PLUMBING: threads, seeds and the device, checked before anything is written."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = args.threads or max(1, cores // 2)
+    torch.set_num_threads(threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+        device = torch.device(auto if args.device == "auto" else args.device)
     except RuntimeError:
         raise SystemExit(f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # fmt: on
+    return device, threads
 
+
+def bf16_native(device: torch.device) -> bool:
+    """PLUMBING: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX); elsewhere bf16 is emulated, slower than fp32."""
+    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def load_checkpoint(path: Optional[str], device) -> Optional[dict]:
+    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise SystemExit(f"error: --checkpoint {path}: no such file (expected runs/RUN/model.pt).")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = f"not a checkpoint torch can read as data ({type(e).__name__}); pass a model.pt that {METHOD}.py wrote"
+        raise SystemExit(f"error: --checkpoint {path}: {why}.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        found = ckpt.get("method") if isinstance(ckpt, dict) else None
+        raise SystemExit(f"error: --checkpoint {path} was written by {found or 'another program'}, not {METHOD}.py.")
+    return ckpt
+
+
+def make_run_dir(args, info: dict) -> Path:
+    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time}; an existing folder is never reused."""
+    name = f"{info['name'].replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.runs_dir) / name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise SystemExit(f"error: run folder {run_dir} already exists; wait a second or change --exp-name.") from None
+    except OSError as e:
+        raise SystemExit(f"error: --runs-dir {args.runs_dir}: cannot make a run folder there ({e.strerror}).") from None
+    return run_dir
+
+
+def log_metrics(path: Path, **metrics) -> None:
+    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged."""
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def git_commit() -> Optional[str]:
+    """PLUMBING"""
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True)
+        return git.stdout.decode().strip() if git.returncode == 0 else None
+    except Exception:
+        return None
+
+
+def train(args: Args) -> dict:
+    t_start = time.time()
+    device, threads = setup(args)
+    ckpt = load_checkpoint(args.checkpoint, device)
     level = env_id(args.env)
-    ckpt = load_checkpoint(args.checkpoint, device) if args.checkpoint else None
     if ckpt is not None and ckpt["env"] != level:
-        raise SystemExit(
-            f"error: --checkpoint {args.checkpoint} learnt {ckpt['env']}, not --env {level}; pass its level."
-        )
+        raise SystemExit(f"error: --checkpoint {args.checkpoint} learnt {ckpt['env']}, not {level}; pass its --env.")
     demos, source = load_demos(args) if args.updates else (None, None)
     if ckpt is not None:
         arch = ckpt["arch"]  # the checkpoint's architecture, whatever the flags say
     else:
-        arch = {k: getattr(args, k) for k in ("horizon", "n_layer", "n_head", "n_embd", "dropout")}
-        arch |= {
-            "grid": list(demos["images"].shape[1:3]),
-            "mission_len": max(len(str(m).split()) for m in demos["missions"]),
-        }
+        grid, mission_len = list(demos["images"].shape[1:3]), max(len(str(m).split()) for m in demos["missions"])
+        arch = {k: getattr(args, k) for k in ARCH} | {"grid": grid, "mission_len": mission_len}
     if (args.replan_every or 0) > arch["horizon"]:
         raise SystemExit(f"error: --replan-every {args.replan_every}: the checkpoint plans {arch['horizon']} actions.")
     data = make_dataset(demos, arch["mission_len"], device) if demos is not None else None
-
-    stamp = int(time.time())
-    run_name = f"{level}__{args.exp_name}__{args.seed}__{stamp}"
-    run_dir = Path(args.runs_dir) / run_name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        raise SystemExit(
-            f"error: run folder {run_dir} already exists; refusing to overwrite it. Wait a second or change --exp-name."
-        ) from None
-    config = {"args": asdict(args), "arch": arch, "env": level, "dataset": source, "device": str(device)}
-    config |= {"demos": len(demos["lengths"]) if demos else 0, "git_commit": git_commit(), "torch": torch.__version__}
-    config |= {"run_name": run_name}
+    run_dir = make_run_dir(args, {"name": level})
+    metrics = run_dir / "metrics.jsonl"
+    config = {"method": METHOD, "args": asdict(args), "arch": arch, "env": level, "dataset": source}
+    config |= {"demos": len(demos["lengths"]) if demos else 0, "device": str(device), "threads": threads}
+    config |= {"git_commit": git_commit(), "torch": torch.__version__}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-    def log(**kw):  # one line per record, on disk when logged (opened, written, closed): a killed run keeps it
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(kw) + "\n")
 
     model = IEM(**arch).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     # The paper's code's optimiser: AdamW (0.9, 0.95), decay 0.1 on weight matrices, gradient norm clipped at 1.
-    groups = [
-        {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     warmup = max(1, args.updates // 20)
 
-    def lr_factor(step):  # linear warmup, then cosine decay to 10%, the paper's code's schedule
-        return min(
-            (step + 1) / warmup,
-            max(0.1, 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.updates - warmup)))),
-        )
+    def lr_factor(step):  # linear warmup, then cosine decay to 10%: the paper's code's schedule
+        cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.updates - warmup)))
+        return min((step + 1) / warmup, max(0.1, cosine))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+    bf16 = args.bf16 and bf16_native(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # training only: planning stays fp32
     gen = torch.Generator(device=device).manual_seed(args.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"run {run_name}: {config['demos']} demos, {n_params} parameters, H={arch['horizon']}, device {device}")
+    print(f"run {run_dir.name}: {config['demos']} demos, {n_params} parameters, H={arch['horizon']}, device {device}")
 
-    t_train = time.time()
-    bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0, disable=args.updates == 0)
-    for step in bar:
-        images, words, plan, valid = sample_batch(data, args.batch_size, arch["horizon"], gen)
-        with autocast:
-            loss = masked_loss(model, images, words, plan, valid, args.train_all_masked)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % args.log_every == 0 or step == args.updates - 1:
-            value = loss.item()  # a GPU sync: only every --log-every updates
-            log(step=step, loss=value, grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0])
-            bar.set_postfix(loss=f"{value:.3f}")
-    train_time = time.time() - t_train
+    trained, train_time = 0, 0.0
     if args.updates:
-        torch.save(
-            {"method": "iem", "model": model.state_dict(), "arch": arch, "env": level, "args": asdict(args)},
-            run_dir / "model.pt",
-        )
+        bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0)
+        try:
+            for step in bar:
+                t0 = time.time()
+                images, words, plan, valid = sample_batch(data, args.batch_size, arch["horizon"], gen)
+                with autocast:
+                    loss = masked_loss(model, images, words, plan, valid, args.train_all_masked)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                trained = step + 1
+                if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
+                    value = loss.item()
+                    log_metrics(metrics, step=step, loss=value, grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0])
+                    bar.set_postfix(loss=f"{value:.3f}")
+                train_time += time.time() - t0
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ninterrupted (Ctrl-C) after {trained} updates: saving the model trained so far")
+        total = trained + (ckpt.get("trained_updates", 0) if ckpt is not None else 0)
+        parts = {"method": METHOD, "arch": arch, "env": level, "args": asdict(args), "trained_updates": total}
+        torch.save({"model": model.state_dict(), **parts}, run_dir / "model.pt")
+        if trained < args.updates:
+            raise SystemExit(f"stopped: {run_dir / 'model.pt'} holds {total} updates; evaluate it with --updates 0.")
 
     iem, bc = (evaluate(model, args, arch, device, refine=m == "iem", seed=args.seed) for m in ("iem", "bc"))
     curve = iem["energy_per_iteration"]
-    log(step=args.updates, iem_success=iem["success_rate"], bc_success=bc["success_rate"], energy=curve)
-    results = config | {"updates": args.updates, "iem": iem, "bc": bc, "energy_drop": curve[0] - curve[-1]}
-    results |= {"success_gain": iem["success_rate"] - bc["success_rate"], "run_dir": str(run_dir)}
-    results |= {
-        "train_updates_per_s": args.updates / train_time if args.updates else None,
-        "wall_time_s": time.time() - t_start,
-    }
+    log_metrics(metrics, step=trained, iem_success=iem["success_rate"], bc_success=bc["success_rate"], energy=curve)
+    results = config | {"updates": trained, "iem": iem, "bc": bc, "energy_drop": curve[0] - curve[-1]}
+    results |= {"run_dir": str(run_dir), "train_updates_per_s": trained / train_time if trained else None}
+    results |= {"wall_time_s": time.time() - t_start}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     ms_iem, ms_bc = 1e3 * iem["planning_s_per_step"], 1e3 * bc["planning_s_per_step"]
     print(f"{level}, {args.eval_episodes} episodes: success IEM {iem['success_rate']:.2f}, BC {bc['success_rate']:.2f} "

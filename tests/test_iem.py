@@ -172,7 +172,6 @@ def test_refinement_never_raises_the_energy_on_a_hand_made_model():
         (dict(dropout=1.0), "--dropout"),
         (dict(env="GoToNowhere"), "--env"),
         (dict(updates=0), "--updates"),
-        (dict(checkpoint="nope.pt"), "--checkpoint"),
         (dict(dataset="nope.npz"), "--dataset"),
         (dict(iterations=-1), "--iterations"),
         (dict(seed=-2), "--seed"),
@@ -186,7 +185,7 @@ def test_bad_flags_exit_with_a_message_naming_the_flag(kw, flag):
 
 def test_cli_error_is_one_line_without_traceback():
     out = subprocess.run([sys.executable, str(ROOT / "iem.py"), "--horizon", "0"], capture_output=True, text=True)
-    assert out.returncode != 0 and out.stderr.strip() == "error: --horizon 0: must be >= 1."
+    assert out.returncode != 0 and out.stderr.strip() == "error: --horizon 0: must be > 0."
 
 
 def test_presets_and_paper_levels_fill_unset_flags():
@@ -232,10 +231,12 @@ def test_foreign_checkpoints_and_datasets_are_refused(tmp_path, demos_path):
     junk.write_bytes(b"not a checkpoint")
     other = tmp_path / "other.pt"
     torch.save({"model": {}, "args": {}}, other)
-    for path, words in ((junk, "unreadable"), (other, "not a model.pt written by iem.py")):
+    missing = tmp_path / "missing.pt"
+    for path, words in ((junk, "not a checkpoint torch can read"), (other, "written by another program, not iem.py"),
+                        (missing, "no such file")):  # fmt: skip
         with pytest.raises(SystemExit, match=words):
             iem.train(tiny_args(tmp_path, checkpoint=str(path), updates=0))
-    with pytest.raises(SystemExit, match="not an .npz of iem.py's layout"):
+    with pytest.raises(SystemExit, match="not an .npz of images, actions, lengths, missions"):
         iem.train(tiny_args(tmp_path, dataset=str(junk)))
     with pytest.raises(SystemExit, match="are not episodes of BabyAI-GoToObjMazeS4-v0"):
         iem.train(tiny_args(tmp_path, env="GoToObjMazeS4", dataset=str(demos_path)))
@@ -246,3 +247,22 @@ def test_own_dataset_is_used_instead_of_the_bot(tmp_path, demos_path):
     res = iem.train(tiny_args(tmp_path, dataset=str(demos_path), updates=2, eval_episodes=1))
     assert res["dataset"] == str(demos_path) and res["demos"] == 6
     assert not (tmp_path / "data").exists()
+
+
+def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, monkeypatch):
+    calls, loss = [], iem.masked_loss
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*a, **kw)
+
+    monkeypatch.setattr(iem, "masked_loss", interrupted)
+    with pytest.raises(SystemExit, match="holds 2 updates"):
+        iem.train(tiny_args(tmp_path))
+    (run,) = (tmp_path / "runs").iterdir()
+    assert torch.load(run / "model.pt", weights_only=True)["trained_updates"] == 2
+    monkeypatch.setattr(iem, "masked_loss", loss)
+    res = iem.train(tiny_args(tmp_path, exp_name="eval", checkpoint=str(run / "model.pt"), updates=0))
+    assert res["updates"] == 0 and len(res["iem"]["returns"]) == 3
