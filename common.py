@@ -152,6 +152,12 @@ def read_hdf5(path: Path) -> list[dict]:
     bad = {k: len(v) for k, v in data.items() if len(v) != n}
     if bad:
         raise DatasetError(f"{path}: arrays of different lengths: observations {n}, " + ", ".join(f"{k} {v}" for k, v in bad.items()))
+    for k in ("rewards", "terminals", "timeouts"):  # one number per step: (N,) or (N, 1), never flattened silently
+        if data[k].size != n:
+            raise DatasetError(f"{path}: {k} has shape {data[k].shape}; a D4RL file has one value per step, shape ({n},).")
+    if n and not (data["terminals"].any() or data["timeouts"].any()):
+        raise DatasetError(f"{path}: no step is marked as an episode end (terminals and timeouts are all false); a "
+                           "D4RL file ends every episode with one of them. Mark the ends, or check the file.")
     return split_episodes(data["observations"], data["actions"], data["rewards"].reshape(-1),
                           data["terminals"].reshape(-1), data["timeouts"].reshape(-1))
 
@@ -175,6 +181,8 @@ def read_pickle(path: Path) -> list[dict]:
         lens = {k: len(p[k]) for k in ("observations", "actions", "rewards", term_key)}
         if len(set(lens.values())) != 1:
             raise DatasetError(f"{path}: episode {i} has arrays of different lengths {lens}.")
+        if np.asarray(p["rewards"]).size != lens["rewards"]:
+            raise DatasetError(f"{path}: episode {i}'s rewards have shape {np.shape(p['rewards'])}; one value per step.")
         if lens["observations"] == 0:
             continue
         episodes.append(dict(observations=np.asarray(p["observations"]), actions=np.asarray(p["actions"]),
@@ -231,6 +239,44 @@ def check_episodes(episodes: list[dict], info: dict, where: str) -> None:
                 raise DatasetError(f"{where}: episode {i} has NaN or inf in {k}; clean the file before training.")
 
 
+def check_against_env(episodes: list[dict], info: dict, paths: list[str]) -> None:
+    """Cheap checks that D4RL-layout data belongs to the env it will be evaluated in (dimensions alone cannot
+    tell walker2d from halfcheetah: both are 17/6):
+    - a file whose name names another D4RL domain is refused;
+    - actions must lie in the env's action box [-1, 1] (the action heads are tanh-bounded, TRDT's regions
+      cover [-1, 1] only);
+    - physics: a few dataset transitions are replayed in the env from the dataset's own state (the MuJoCo state
+      is the observation with the x position, which no reward here depends on, set to 0) and must land near
+      the dataset's next observation.
+    What they cannot catch: data of the right domain but another version or another reward (e.g. a modified
+    env whose dynamics match), or a file that mixes envs in its later episodes (only the first ones are replayed)."""
+    domain = info["env_id"].split("-")[0].lower()
+    for p in paths:
+        named = [d for d in D4RL_ENVS if d in Path(p).name.lower() and d != domain]
+        if named:
+            raise DatasetError(f"{p}: the file name says {named[0]}, but --env is a {domain} dataset ({info['name']}); "
+                               "pass the --env of the data, or rename the file if its name is wrong.")
+    worst = max(float(np.abs(ep["actions"]).max()) for ep in episodes)
+    if worst > 1 + 1e-3:
+        raise DatasetError(f"{', '.join(paths) or info['name']}: actions reach {worst:.3g}, outside {info['env_id']}'s "
+                           "action box [-1, 1]; the action heads are tanh-bounded and TRDT's regions cover [-1, 1]. "
+                           "Rescale the actions into the box.")
+    env, gaps = make_env(info), []
+    inner = env.unwrapped
+    nq = inner.model.nq  # obs = (qpos without the x position, qvel) for hopper, walker2d, halfcheetah
+    for ep in [ep for ep in episodes if len(ep["rewards"]) > 1][:5]:
+        env.reset(seed=0)
+        obs = ep["observations"]
+        inner.set_state(np.concatenate([[0.0], obs[0][: nq - 1]]), obs[0][nq - 1 :])
+        nxt = env.step(ep["actions"][0])[0]
+        gaps.append(np.linalg.norm(nxt - obs[1]) / (np.linalg.norm(obs[1] - obs[0]) + 1e-6))
+    env.close()
+    if gaps and float(np.median(gaps)) > 0.5:  # matching physics gives ~0; another robot gives ~1 or more
+        raise DatasetError(f"{', '.join(paths) or info['name']}: the data does not move like {info['env_id']}: replaying "
+                           f"{len(gaps)} of its transitions in the env misses the next state by {np.median(gaps):.2f}x "
+                           "the step's own change (median). Is --env the dataset's domain?")
+
+
 def load_dataset(name: str, dataset_path: tuple[str, ...] | list[str] | str | None = ()) -> tuple[list[dict], dict]:
     """Episodes and info for a dataset name. D4RL order: `dataset_path` (one or several .hdf5 / .pkl files,
     concatenated, e.g. medium + expert = medium-expert), else the official file in $D4RL_DATASET_DIR,
@@ -262,6 +308,8 @@ def load_dataset(name: str, dataset_path: tuple[str, ...] | list[str] | str | No
     for ep in episodes:
         for k in ("observations", "actions", "rewards"):
             ep[k] = np.asarray(ep[k], dtype=np.float32)
+    if source == "d4rl":
+        check_against_env(episodes, info, paths if info["source"] != "d4rl" else [])
     info["obs_dim"], info["act_dim"] = episodes[0]["observations"].shape[1], episodes[0]["actions"].shape[1]
     info["episodes"], info["transitions"] = len(episodes), int(sum(len(ep["rewards"]) for ep in episodes))
     return episodes, info

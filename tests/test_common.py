@@ -108,6 +108,9 @@ def test_normalized_score_uses_d4rl_references():
         (lambda d: d["actions"].__setitem__((7, 1), -np.inf), "NaN or inf in actions"),
         (lambda d: d.update({k: v[:0] for k, v in d.items()}), "holds no transitions"),
         (lambda d: d.update(actions=np.zeros((len(d["actions"]), 6), np.float32)), "actions have 6 dims but Hopper-v4 has 3"),
+        (lambda d: d.update(rewards=np.stack([d["rewards"]] * 2, 1)), r"rewards has shape \(\d+, 2\); a D4RL file has one"),
+        (lambda d: d.update(terminals=d["terminals"] & False, timeouts=d["timeouts"] & False), "no step is marked as an episode end"),
+        (lambda d: d.update(actions=d["actions"] * 10), r"actions reach 10, outside Hopper-v4's action box \[-1, 1\]"),
     ],
 )
 def test_bad_hdf5_files_get_clear_errors(tmp_path, flat, mutate, message):
@@ -145,11 +148,14 @@ def test_bad_pickle_and_missing_file(tmp_path):
         common.load_dataset("hopper-medium", [str(p)])
 
 
-def test_pickle_accepts_dones_for_terminals(tmp_path):
+def test_pickle_accepts_dones_for_terminals(tmp_path, flat):
     p = tmp_path / "dones.pkl"
-    ep = lambda n, last: {"observations": np.ones((n, 11)), "actions": np.zeros((n, 3)), "rewards": np.ones(n),
-                          "dones": np.array([False] * (n - 1) + [last])}
-    p.write_bytes(pickle.dumps([ep(4, True), ep(3, False)]))
+
+    def ep(start, n, last):  # real Hopper-v4 transitions: the loader replays a few of them in the env
+        part = {k: flat[k][start : start + n] for k in ("observations", "actions", "rewards")}
+        return dict(part, dones=np.array([False] * (n - 1) + [last]))
+
+    p.write_bytes(pickle.dumps([ep(0, 4, True), ep(4, 3, False)]))
     eps, info = common.load_dataset("hopper-medium", [str(p)])
     assert [len(e["rewards"]) for e in eps] == [4, 3] and [e["terminated"] for e in eps] == [True, False]
     assert info["transitions"] == 7 and eps[0]["observations"].dtype == np.float32
@@ -214,3 +220,17 @@ def test_importing_any_script_leaves_torch_defaults_alone():
             "print(before == (torch.get_default_dtype(), torch.get_num_threads()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_data_of_another_domain_with_the_same_dims_is_refused(tmp_path):
+    """Walker2d and HalfCheetah are both 17/6: the dimensions cannot tell them apart, the physics can."""
+    from conftest import random_rollouts
+
+    walker = write_hdf5(tmp_path / "data.hdf5", random_rollouts("Walker2d-v4", steps=300))
+    with pytest.raises(common.DatasetError, match="the data does not move like HalfCheetah-v4"):
+        common.load_dataset("halfcheetah-medium-replay", [str(walker)])
+    episodes, info = common.load_dataset("walker2d-medium-replay", [str(walker)])  # its own domain: accepted
+    assert info["env_id"] == "Walker2d-v4" and episodes
+    named = write_hdf5(tmp_path / "walker2d-medium.hdf5", random_rollouts("Walker2d-v4", steps=300))
+    with pytest.raises(common.DatasetError, match="the file name says walker2d, but --env is a halfcheetah dataset"):
+        common.load_dataset("halfcheetah-medium", [str(named)])

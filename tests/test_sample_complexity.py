@@ -161,7 +161,7 @@ def test_global_reading_runs_and_reports_no_minimum(tmp_path):
     (dict(eps_fig41=(0.0,)), "epsilon"), (dict(n_contexts=0), "C\\^h"), (dict(beta=1.5), "--beta"),
     (dict(nu_reading="fixed-low", beta=0.9), "fixed-beta"), (dict(fractions=(0.5, 2.0)), "1.0"),
     (dict(eps_fig41=(25.0,)), "2 C\\^h"), (dict(calc_n_min=(-1.0,)), "--calc-n-min"),
-    (dict(opt_prob=1.5), "--opt-prob")])
+    (dict(opt_prob=1.5), "--opt-prob"), (dict(eps_tightness=(5.0,)), "epsilon 5 > 1")])
 def test_bad_flags_exit_with_a_clear_message(tmp_path, kw, match):
     with pytest.raises(SystemExit, match="error: .*" + match):
         sc.main(quick_args(tmp_path, **kw))
