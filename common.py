@@ -12,8 +12,10 @@ import os
 import pickle
 import tempfile
 import urllib.request
+import warnings
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 
 # --- names, environments, reference returns -------------------------------------------------------
@@ -315,14 +317,68 @@ def load_dataset(name: str, dataset_path: tuple[str, ...] | list[str] | str | No
     return episodes, info
 
 
-def make_env(info: dict):
-    """The evaluation env for a dataset (gymnasium `*-v4` for D4RL v2 data, the dataset's own for Minari)."""
-    import warnings
-
-    import gymnasium as gym
-
+def make_env(info: dict, video: str | None = None):
+    """The evaluation env for a dataset (gymnasium `*-v4` for D4RL v2 data, the dataset's own for Minari);
+    with `video`, a path, its first episode is rendered offscreen and written there as an MP4."""
     with warnings.catch_warnings():
         # gymnasium suggests v5 for every v4 env; v4 is chosen on purpose (the model and observation layout
         # of the gym v3 envs D4RL v2 was collected in), so the advice would only mislead.
         warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
-        return gym.make(info["env_id"], **info.get("env_kwargs", {}))
+        env = gym.make(info["env_id"], render_mode="rgb_array" if video else None, **info.get("env_kwargs", {}))
+    return env if video is None else FirstEpisodeVideo(env, video)
+
+
+class FirstEpisodeVideo(gym.Wrapper):
+    """Frames of the first episode, written as an MP4 (30 fps) when it ends or the env closes."""
+
+    def __init__(self, env, path: str):
+        super().__init__(env)
+        self.path, self.frames, self.done = path, [], False
+
+    def reset(self, **kwargs):
+        out = self.env.reset(**kwargs)
+        if not self.done:
+            self.frames = [self.env.render()]
+        return out
+
+    def step(self, action):
+        out = self.env.step(action)
+        if not self.done:
+            self.frames.append(self.env.render())
+            if out[2] or out[3]:
+                self.write()
+        return out
+
+    def write(self):
+        import imageio
+
+        if self.frames and not self.done:
+            imageio.mimwrite(self.path, self.frames, fps=30, macro_block_size=1)
+        self.done = True
+
+    def close(self):
+        self.write()
+        super().close()
+
+
+def check_video(info: dict) -> None:
+    """Fail early, with what to install, when --capture-video cannot work here: an MP4 writer and an OpenGL backend
+    for MuJoCo's offscreen renderer (headless machines: MUJOCO_GL=egl or osmesa, set before MuJoCo is imported)."""
+    try:
+        import imageio  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise DatasetError('--capture-video needs imageio and imageio-ffmpeg: pip install -e ".[video]"') from None
+    try:
+        probe = gym.make(info["env_id"], render_mode="rgb_array", **info.get("env_kwargs", {}))
+        probe.reset(seed=0)
+        frame = probe.render()
+        probe.close()
+    except Exception as e:  # GLFW without a display, a missing libEGL / libOSMesa: each raises its own type
+        raise DatasetError(
+            f"--capture-video: MuJoCo cannot render offscreen here (MUJOCO_GL={os.environ.get('MUJOCO_GL', 'unset')}: "
+            f"{type(e).__name__}: {e}). On a machine without a display set MUJOCO_GL=egl (Debian/Ubuntu packages "
+            "libegl1 libgl1-mesa-dri) or MUJOCO_GL=osmesa (libosmesa6) before running."
+        ) from None
+    if frame is None or frame.ndim != 3:
+        raise DatasetError(f"--capture-video: {info['env_id']} renders no RGB frames.")

@@ -15,11 +15,14 @@ method. Shared with the other method files is only common.py (datasets, env ids,
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import math
 import os
 import random
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,6 +122,16 @@ class Args:
     threads: int = 0
     """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow down
     sharply when another program keeps one busy)"""
+    track: bool = False
+    """also send the config, every logged metric and the final results to Weights & Biases (`pip install -e
+    ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept locally to sync later"""
+    wandb_project_name: str = "seqrl"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B team or user of --track (default: your W&B default entity)"""
+    capture_video: bool = False
+    """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's offscreen
+    renderer; headless machines use MUJOCO_GL=egl, the default here when no display is set, or osmesa)"""
 
     def __post_init__(self):
         positive = (
@@ -135,6 +148,10 @@ class Args:
             raise SystemExit(f"error: --target-return {self.target_return}: pass a finite return, e.g. 3600.")
         if self.updates == 0 and self.checkpoint is None:
             raise SystemExit("error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one.")
+        if self.track and importlib.util.find_spec("wandb") is None:
+            raise SystemExit('error: --track needs wandb: pip install -e ".[track]" (or leave out --track).')
+        if self.capture_video and not os.environ.get("DISPLAY"):  # before MuJoCo is imported, which reads it once
+            os.environ.setdefault("MUJOCO_GL", "egl")
         lam = np.asarray(self.lambdas, dtype=float)  # Eq. 1.10: a typo must not silently reweight the tasks
         if lam.shape != (len(TASKS),) or not np.all(np.isfinite(lam) & (lam >= 0)) or abs(lam.sum() - 1) > 1e-6:
             raise SystemExit(
@@ -399,12 +416,13 @@ def update(
 # ---------------------------------------------------------------------------------------------------
 
 
-def make_eval_envs(info: dict, n: int, asynchronous: bool):
-    """PLUMBING: n copies of the dataset's env in one vector env, and the episode horizon (the TimeLimit)."""
+def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
+    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
+    MP4), and the episode horizon (the TimeLimit)."""
     import gymnasium as gym
 
     vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    envs = vector_env([lambda: common.make_env(info)] * n)
+    envs = vector_env([functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)])
     probe = common.make_env(info)
     horizon = probe.spec.max_episode_steps or 1000
     probe.close()
@@ -412,11 +430,11 @@ def make_eval_envs(info: dict, n: int, asynchronous: bool):
 
 
 @torch.no_grad()
-def evaluate(model, info, state_stats, args, target_return, device, autocast, recorder=None) -> dict:
+def evaluate(model, info, state_stats, args, target_return, device, autocast, recorder=None, video=None) -> dict:
     """Roll out args.eval_episodes episodes conditioned on target_return. `recorder(attns, alive)`, when
     given, receives the attention of every step with a full context (benchmarks/attention.py)."""
     n, K = args.eval_episodes, model.K
-    envs, horizon = make_eval_envs(info, n, args.eval_async)
+    envs, horizon = make_eval_envs(info, n, args.eval_async, video)
     low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
     mean, std = (torch.as_tensor(x, device=device) for x in state_stats)
     buf = {m: torch.zeros(n, horizon, d, device=device) for m, d in model.dims.items()}
@@ -547,9 +565,30 @@ def make_run_dir(args, info: dict) -> Path:
 
 
 def log_metrics(path: Path, **metrics) -> None:
-    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged."""
+    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged; also
+    to W&B once --track has started a run there."""
     with open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.log(metrics, step=metrics.get("step"))
+
+
+def start_tracking(args, config: dict, run_dir: Path) -> None:
+    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's convention)."""
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name=run_dir.name,
+                   dir=run_dir)  # fmt: skip
+
+
+def finish_tracking(results: dict) -> None:
+    """PLUMBING: --track: the final numbers become the W&B run's summary."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        wandb.finish()
 
 
 def git_commit() -> Optional[str]:
@@ -615,11 +654,17 @@ def train(args: Args) -> dict:
     target_return = args.target_return if args.target_return is not None else TARGET_RETURNS.get(domain)
     if target_return is None:
         raise SystemExit(f"error: no default target return for {info['env_id']}; pass --target-return.")
+    if args.capture_video:
+        try:
+            common.check_video(info)
+        except common.DatasetError as e:
+            raise SystemExit(f"error: {e}") from None
     run_dir = make_run_dir(args, info)
     metrics = run_dir / "metrics.jsonl"
     config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info, "target_return": target_return}
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    start_tracking(args, config, run_dir)
 
     model = TrustRegionDecisionTransformer(**arch).to(device)
     if ckpt is not None:
@@ -633,8 +678,8 @@ def train(args: Args) -> dict:
         f"{threads} CPU thread(s), {'bf16' if bf16 else 'fp32'}"
     )
 
-    def run_eval(step: int) -> dict:
-        res = evaluate(model, info, state_stats, args, target_return, device, autocast)
+    def run_eval(step: int, video=None) -> dict:
+        res = evaluate(model, info, state_stats, args, target_return, device, autocast, video=video)
         score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
         log_metrics(metrics, step=step, eval_normalized_std=res["normalized_std"], **score)
         return res
@@ -680,11 +725,13 @@ def train(args: Args) -> dict:
                 f"`python {METHOD}.py --checkpoint {run_dir / 'model.pt'} --updates 0`."
             )
 
-    res = run_eval(trained)
+    res = run_eval(trained, video=str(run_dir / "video.mp4") if args.capture_video else None)
     total = trained + (ckpt["trained_updates"] if ckpt is not None else 0)
     speed = {"train_updates_per_s": trained / train_time if trained else None, "wall_time_s": time.time() - t_start}
+    speed["bf16"] = bf16
     results = {**config, **res, "updates": trained, "trained_updates": total, "run_dir": str(run_dir), **speed}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    finish_tracking(results)
     label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]
     column = "TRDT"
     thesis = THESIS.get(info["name"], "no number for this dataset")

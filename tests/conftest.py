@@ -124,8 +124,8 @@ def env_rewards(monkeypatch):
             self.log.append(float(step[1]))
             return step
 
-    def logged_env(info):
-        env = RewardLog(make_env(info))
+    def logged_env(info, video=None):
+        env = RewardLog(make_env(info, video))
         env.log = []
         logs.append(env.log)
         return env

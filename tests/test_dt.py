@@ -375,7 +375,7 @@ def test_evaluation_stops_at_the_horizon_of_an_env_without_a_time_limit(monkeypa
     writing g_{t+1} past the end of its buffers."""
     import gymnasium as gym
 
-    def endless(info):
+    def endless(info, video=None):
         return gym.make("Hopper-v4", terminate_when_unhealthy=False, max_episode_steps=30).env  # TimeLimit stripped
 
     monkeypatch.setattr(common, "make_env", endless)
@@ -463,3 +463,59 @@ def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, hdf5_path):
     (run,) = tmp_path.iterdir()
     saved = torch.load(run / "model.pt", weights_only=True)
     assert 0 < saved["trained_updates"] < 1_000_000 and f"holds {saved['trained_updates']} updates" in out
+
+
+def fake_wandb(monkeypatch):
+    """A stand-in for the wandb package that records what it is sent (no network, no account)."""
+    import importlib.machinery
+    import types
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.calls = {"init": [], "log": [], "summary": {}, "finished": False}
+    fake.run = None
+
+    def init(**kw):
+        fake.calls["init"].append(kw)
+        fake.run = types.SimpleNamespace(summary=fake.calls["summary"])
+
+    def log(metrics, step=None):
+        fake.calls["log"].append(dict(metrics))
+
+    def finish():
+        fake.calls["finished"], fake.run = True, None
+
+    fake.init, fake.log, fake.finish = init, log, finish
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    return fake
+
+
+def test_track_sends_the_config_every_logged_line_and_the_results(tmp_path, hdf5_path, monkeypatch):
+    wandb = fake_wandb(monkeypatch)
+    res = dt.train(tiny_args(tmp_path, hdf5_path, track=True, wandb_project_name="p", wandb_entity="me"))
+    run = Path(res["run_dir"])
+    (init,) = wandb.calls["init"]
+    assert init["project"] == "p" and init["entity"] == "me" and init["name"] == run.name
+    assert init["config"]["args"]["track"] is True and init["config"]["dataset"]["name"] == "hopper-random"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert wandb.calls["log"] == lines  # metrics.jsonl is the record; W&B gets the same history
+    assert wandb.calls["summary"]["normalized_mean"] == res["normalized_mean"] and wandb.calls["finished"]
+
+
+def test_track_without_wandb_is_a_clear_error(tmp_path, hdf5_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit, match=r'--track needs wandb: pip install -e ".\[track\]"'):
+        tiny_args(tmp_path, hdf5_path, track=True)
+
+
+def test_capture_video_films_the_final_evaluations_first_episode(tmp_path, hdf5_path, monkeypatch):
+    imageio = pytest.importorskip("imageio")  # the [video] extra; CI installs it
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))  # headless; the flag sets it when unset
+    res = dt.train(tiny_args(tmp_path, hdf5_path, updates=2, eval_every=0, capture_video=True))
+    reader = imageio.get_reader(Path(res["run_dir"]) / "video.mp4")
+    frames = [f for f in reader]
+    assert frames[0].shape == (480, 480, 3)  # Hopper-v4's default render size
+    assert len(frames) == res["lengths"][0] + 1  # the reset frame and one per step of the first episode
