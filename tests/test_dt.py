@@ -519,3 +519,42 @@ def test_capture_video_films_the_final_evaluations_first_episode(tmp_path, hdf5_
     frames = [f for f in reader]
     assert frames[0].shape == (480, 480, 3)  # Hopper-v4's default render size
     assert len(frames) == res["lengths"][0] + 1  # the reset frame and one per step of the first episode
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline W&B run file (.wandb): a 7-byte header, then LevelDB-log blocks of 32 KiB
+    holding (crc32, length, type) records, each a wandb_internal Record protobuf."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, buf, rows = path.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+    return rows
+
+
+def test_track_offline_history_equals_metrics_jsonl(tmp_path, hdf5_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")  # the [track] extra; CI installs it
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    res = dt.train(tiny_args(tmp_path, hdf5_path, track=True))
+    wandb.teardown()  # W&B's writer is another process: wait until it has written everything (exit does the same)
+    run = Path(res["run_dir"])
+    (wandb_file,) = run.glob("wandb/offline-run-*/*.wandb")  # a local run, synced later with `wandb sync`
+    merged = {}  # W&B keeps one row per step: the lines logged at one step, merged
+    for line in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
+        merged.setdefault(line["step"], {}).update(line)
+    rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in wandb_history(wandb_file)]
+    assert rows == [pytest.approx(m) for m in merged.values()] and len(rows) == len(merged) > 3
