@@ -18,11 +18,14 @@ method. Shared with the other method files is only common.py (datasets, env ids,
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import math
 import os
 import random
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -124,6 +127,16 @@ class Args:
     threads: int = 0
     """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow down
     sharply when another program keeps one busy)"""
+    track: bool = False
+    """also send the config, every logged metric and the final results to Weights & Biases (`pip install -e
+    ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept locally to sync later"""
+    wandb_project_name: str = "seqrl"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B team or user of --track (default: your W&B default entity)"""
+    capture_video: bool = False
+    """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's offscreen
+    renderer; headless machines use MUJOCO_GL=egl, the default here when no display is set, or osmesa)"""
 
     def __post_init__(self):
         positive = (
@@ -144,6 +157,10 @@ class Args:
             if getattr(self, name) == 0 and self.checkpoint is None:
                 flag = "--" + name.replace("_", "-")
                 raise SystemExit(f"error: {flag} 0 leaves a model untrained; add --checkpoint runs/RUN/model.pt.")
+        if self.track and importlib.util.find_spec("wandb") is None:
+            raise SystemExit('error: --track needs wandb: pip install -e ".[track]" (or leave out --track).')
+        if self.capture_video and not os.environ.get("DISPLAY"):  # before MuJoCo is imported, which reads it once
+            os.environ.setdefault("MUJOCO_GL", "egl")
         if self.env is None and self.checkpoint is None:
             self.env = "hopper-medium"  # a Table 2.1 dataset (load_data's own default is dt.py's)
 
@@ -412,12 +429,13 @@ def conditioning_returns(best: np.ndarray, target_return: Optional[float]) -> np
     return best * target_return / best[0]
 
 
-def make_eval_envs(info: dict, n: int, asynchronous: bool):
-    """PLUMBING: n copies of the dataset's env in one vector env, and the episode horizon (the TimeLimit)."""
+def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
+    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
+    MP4), and the episode horizon (the TimeLimit)."""
     import gymnasium as gym
 
     vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    envs = vector_env([lambda: common.make_env(info)] * n)
+    envs = vector_env([functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)])
     probe = common.make_env(info)
     horizon = probe.spec.max_episode_steps or 1000
     probe.close()
@@ -425,13 +443,13 @@ def make_eval_envs(info: dict, n: int, asynchronous: bool):
 
 
 @torch.no_grad()
-def evaluate(model, inv, info, state_stats, conditioning, args, device, autocast, recorder=None) -> dict:
+def evaluate(model, inv, info, state_stats, conditioning, args, device, autocast, recorder=None, video=None) -> dict:
     """Roll out args.eval_episodes episodes of Alg. 2 conditioned on `conditioning` (unscaled returns, one per
     timestep; 0 past its end: no reward is left, as for the returns past an episode's end in training).
     `recorder(attns, alive)`, when given, receives the decoder attention of every step with a full context of K_s
     states (benchmarks/rgdt_analysis.py)."""
     n, K_s, K_r = args.eval_episodes, model.state_len, model.return_len
-    envs, horizon = make_eval_envs(info, n, args.eval_async)
+    envs, horizon = make_eval_envs(info, n, args.eval_async, video)
     low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
     mean, std = (torch.as_tensor(x, device=device) for x in state_stats)
     g = torch.zeros(horizon + K_r, device=device)
@@ -559,9 +577,30 @@ def make_run_dir(args, info: dict) -> Path:
 
 
 def log_metrics(path: Path, **metrics) -> None:
-    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged."""
+    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged; also
+    to W&B once --track has started a run there."""
     with open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.log(metrics, step=metrics.get("step"))
+
+
+def start_tracking(args, config: dict, run_dir: Path) -> None:
+    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's convention)."""
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name=run_dir.name,
+                   dir=run_dir)  # fmt: skip
+
+
+def finish_tracking(results: dict) -> None:
+    """PLUMBING: --track: the final numbers become the W&B run's summary."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        wandb.finish()
 
 
 def git_commit() -> Optional[str]:
@@ -594,11 +633,23 @@ def train(args: Args) -> dict:
     arch = ckpt["arch"] if ckpt is not None else {**{k: getattr(args, k) for k in ARCH + INV_ARCH}, **dims}
     best = best_return_sequence(episodes) if episodes is not None else ckpt["best_returns"].cpu().numpy()
     conditioning = conditioning_returns(best, args.target_return)
+    if args.capture_video:
+        try:
+            common.check_video(info)
+        except common.DatasetError as e:
+            raise SystemExit(f"error: {e}") from None
     run_dir = make_run_dir(args, info)
     metrics = run_dir / "metrics.jsonl"
-    config = {"args": asdict(args), "arch": arch, "dataset": info, "target_return": args.target_return}
+    config = {
+        "method": METHOD,
+        "args": asdict(args),
+        "arch": arch,
+        "dataset": info,
+        "target_return": args.target_return,
+    }
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    start_tracking(args, config, run_dir)
 
     model, inv = make_models(arch, device)
     if ckpt is not None:
@@ -613,8 +664,8 @@ def train(args: Args) -> dict:
         f"{sizes[1]:.2f}M parameters, device {device}, {threads} CPU thread(s), {'bf16' if bf16 else 'fp32'}"
     )
 
-    def run_eval(phase: str, step: int) -> dict:
-        res = evaluate(model, inv, info, state_stats, conditioning, args, device, autocast)
+    def run_eval(phase: str, step: int, video=None) -> dict:
+        res = evaluate(model, inv, info, state_stats, conditioning, args, device, autocast, video=video)
         score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
         log_metrics(metrics, phase=phase, step=step, eval_normalized_std=res["normalized_std"], **score)
         return res
@@ -693,13 +744,15 @@ def train(args: Args) -> dict:
                 f"`python {METHOD}.py --checkpoint {run_dir / 'model.pt'} --updates 0 --inv-updates 0`."
             )
 
-    res = run_eval("final", trained)
+    res = run_eval("final", trained, video=str(run_dir / "video.mp4") if args.capture_video else None)
     total, inv_total = before[0] + trained, before[1] + inv_trained
     speed = {"train_updates_per_s": trained / train_time if trained else None, "wall_time_s": time.time() - t_start}
     speed["inv_train_updates_per_s"] = inv_trained / inv_train_time if inv_trained else None
+    speed["bf16"] = bf16
     counts = {"updates": trained, "trained_updates": total, "inv_updates": inv_trained}
     results = {**config, **res, **counts, "trained_inv_updates": inv_total, "run_dir": str(run_dir), **speed}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    finish_tracking(results)
     label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]
     thesis = THESIS.get(info["name"], "no number for this dataset")
     print(

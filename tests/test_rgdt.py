@@ -19,11 +19,13 @@ import dt
 import rgdt
 
 ROOT = Path(__file__).resolve().parents[1]
-DT_RESULT_KEYS = {"args", "arch", "dataset", "target_return", "device", "threads", "git_commit", "torch", "returns",
-                  "lengths", "normalized", "return_mean", "normalized_mean", "normalized_std", "eval_env_steps_per_s",
-                  "updates", "trained_updates", "run_dir", "train_updates_per_s", "wall_time_s"}  # fmt: skip
-SHARED = ("check_flags setup bf16_native load_checkpoint load_data make_run_dir log_metrics git_commit make_eval_envs "
-          "returns_to_go masked_mean bounded_log_std head_loss make_optimizer").split()  # fmt: skip
+DT_RESULT_KEYS = {"method", "bf16", "args", "arch", "dataset", "target_return", "device", "threads", "git_commit",
+                  "torch", "returns", "lengths", "normalized", "return_mean", "normalized_mean", "normalized_std",
+                  "eval_env_steps_per_s", "updates", "trained_updates", "run_dir", "train_updates_per_s",
+                  "wall_time_s"}  # fmt: skip
+SHARED = ("check_flags setup bf16_native load_checkpoint load_data make_run_dir log_metrics start_tracking "
+          "finish_tracking git_commit make_eval_envs returns_to_go masked_mean bounded_log_std head_loss "
+          "make_optimizer").split()  # fmt: skip
 
 
 def tiny_args(tmp_path, hdf5_path, **kw):
@@ -306,7 +308,7 @@ def test_evaluation_stops_at_the_horizon_of_an_env_without_a_time_limit(monkeypa
     window never runs past its buffer."""
     import gymnasium as gym
 
-    def endless(info):
+    def endless(info, video=None):
         return gym.make("Hopper-v4", terminate_when_unhealthy=False, max_episode_steps=30).env  # TimeLimit stripped
 
     monkeypatch.setattr(common, "make_env", endless)
@@ -513,3 +515,72 @@ def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, hdf5_path):
     saved = torch.load(run / "model.pt", weights_only=True)
     assert saved["trained_inv_updates"] == 3 and 0 < saved["trained_updates"] < 1_000_000
     assert f"holds {saved['trained_updates']} + 3 updates" in out
+
+
+def fake_wandb(monkeypatch):
+    """A stand-in for the wandb package that records what it is sent (no network, no account)."""
+    import importlib.machinery
+    import types
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.calls = {"init": [], "log": [], "summary": {}, "finished": False}
+    fake.run = None
+
+    def init(**kw):
+        fake.calls["init"].append(kw)
+        fake.run = types.SimpleNamespace(summary=fake.calls["summary"])
+
+    def log(metrics, step=None):
+        fake.calls["log"].append(dict(metrics))
+
+    def finish():
+        fake.calls["finished"], fake.run = True, None
+
+    fake.init, fake.log, fake.finish = init, log, finish
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    return fake
+
+
+def test_track_sends_the_config_every_logged_line_and_the_results(tmp_path, hdf5_path, monkeypatch):
+    wandb = fake_wandb(monkeypatch)
+    res = rgdt.train(
+        tiny_args(tmp_path, hdf5_path, updates=4, inv_updates=4, eval_every=2, track=True, wandb_entity="me")
+    )
+    run = Path(res["run_dir"])
+    (init,) = wandb.calls["init"]
+    assert init["project"] == "seqrl" and init["entity"] == "me" and init["name"] == run.name
+    assert init["config"]["args"]["track"] is True and init["config"]["method"] == "rgdt"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert wandb.calls["log"] == lines and {line["phase"] for line in lines} == {"inverse", "translator", "final"}
+    assert wandb.calls["summary"]["normalized_mean"] == res["normalized_mean"] and wandb.calls["finished"]
+
+
+def test_track_without_wandb_is_a_clear_error(tmp_path, hdf5_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def no_wandb(name, *a):
+        return None if name == "wandb" else real(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_wandb)
+    with pytest.raises(SystemExit, match=r'--track needs wandb: pip install -e ".\[track\]"'):
+        tiny_args(tmp_path, hdf5_path, track=True)
+
+
+def test_capture_video_films_the_final_evaluations_first_episode(tmp_path, hdf5_path, monkeypatch):
+    """The wiring: the final evaluation's first env, and only it, films into the run folder's video.mp4. The filming
+    itself (common.make_env's video, ~0.5 s a frame in software OpenGL) is tested in test_dt.py."""
+    make_env, checked, asked = common.make_env, [], []
+
+    def recording_env(info, video=None):
+        asked.append(video)
+        return make_env(info)
+
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))  # the flag sets it when unset: restored after
+    monkeypatch.setattr(common, "make_env", recording_env)
+    monkeypatch.setattr(common, "check_video", checked.append)
+    res = rgdt.train(tiny_args(tmp_path, hdf5_path, updates=2, inv_updates=2, eval_every=0, capture_video=True))
+    assert checked == [res["dataset"]] and [v for v in asked if v] == [str(Path(res["run_dir"]) / "video.mp4")]
+    assert asked.count(None) == len(asked) - 1  # the second env and the horizon probe are not filmed
