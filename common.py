@@ -129,8 +129,12 @@ def split_episodes(obs, act, rew, terminals, timeouts) -> list[dict]:
     episodes, start = [], 0
     for end in ends:
         episodes.append(
-            dict(observations=obs[start:end], actions=act[start:end], rewards=rew[start:end],
-                 terminated=bool(terminals[end - 1]))
+            dict(
+                observations=obs[start:end],
+                actions=act[start:end],
+                rewards=rew[start:end],
+                terminated=bool(terminals[end - 1]),
+            )
         )
         start = end
     return episodes
@@ -153,15 +157,26 @@ def read_hdf5(path: Path) -> list[dict]:
     n = len(data["observations"])
     bad = {k: len(v) for k, v in data.items() if len(v) != n}
     if bad:
-        raise DatasetError(f"{path}: arrays of different lengths: observations {n}, " + ", ".join(f"{k} {v}" for k, v in bad.items()))
+        raise DatasetError(
+            f"{path}: arrays of different lengths: observations {n}, " + ", ".join(f"{k} {v}" for k, v in bad.items())
+        )
     for k in ("rewards", "terminals", "timeouts"):  # one number per step: (N,) or (N, 1), never flattened silently
         if data[k].size != n:
-            raise DatasetError(f"{path}: {k} has shape {data[k].shape}; a D4RL file has one value per step, shape ({n},).")
+            raise DatasetError(
+                f"{path}: {k} has shape {data[k].shape}; a D4RL file has one value per step, shape ({n},)."
+            )
     if n and not (data["terminals"].any() or data["timeouts"].any()):
-        raise DatasetError(f"{path}: no step is marked as an episode end (terminals and timeouts are all false); a "
-                           "D4RL file ends every episode with one of them. Mark the ends, or check the file.")
-    return split_episodes(data["observations"], data["actions"], data["rewards"].reshape(-1),
-                          data["terminals"].reshape(-1), data["timeouts"].reshape(-1))
+        raise DatasetError(
+            f"{path}: no step is marked as an episode end (terminals and timeouts are all false); a "
+            "D4RL file ends every episode with one of them. Mark the ends, or check the file."
+        )
+    return split_episodes(
+        data["observations"],
+        data["actions"],
+        data["rewards"].reshape(-1),
+        data["terminals"].reshape(-1),
+        data["timeouts"].reshape(-1),
+    )
 
 
 def read_pickle(path: Path) -> list[dict]:
@@ -171,7 +186,9 @@ def read_pickle(path: Path) -> list[dict]:
         with open(path, "rb") as f:
             paths = pickle.load(f)
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
-        raise DatasetError(f"{path}: not a readable pickle ({type(e).__name__}: {e}). Pass a D4RL-layout .hdf5 or a DT .pkl.") from None
+        raise DatasetError(
+            f"{path}: not a readable pickle ({type(e).__name__}: {e}). Pass a D4RL-layout .hdf5 or a DT .pkl."
+        ) from None
     if not isinstance(paths, list) or not all(isinstance(p, dict) for p in paths):
         raise DatasetError(f"{path}: a DT pickle must hold a list of per-episode dicts, found {type(paths).__name__}.")
     episodes = []
@@ -179,16 +196,26 @@ def read_pickle(path: Path) -> list[dict]:
         term_key = "terminals" if "terminals" in p else "dones"
         missing = [k for k in ("observations", "actions", "rewards", term_key) if k not in p]
         if missing:
-            raise DatasetError(f"{path}: episode {i} lacks key(s) {missing}; each needs observations, actions, rewards, terminals.")
+            raise DatasetError(
+                f"{path}: episode {i} lacks key(s) {missing}; each needs observations, actions, rewards, terminals."
+            )
         lens = {k: len(p[k]) for k in ("observations", "actions", "rewards", term_key)}
         if len(set(lens.values())) != 1:
             raise DatasetError(f"{path}: episode {i} has arrays of different lengths {lens}.")
         if np.asarray(p["rewards"]).size != lens["rewards"]:
-            raise DatasetError(f"{path}: episode {i}'s rewards have shape {np.shape(p['rewards'])}; one value per step.")
+            raise DatasetError(
+                f"{path}: episode {i}'s rewards have shape {np.shape(p['rewards'])}; one value per step."
+            )
         if lens["observations"] == 0:
             continue
-        episodes.append(dict(observations=np.asarray(p["observations"]), actions=np.asarray(p["actions"]),
-                             rewards=np.asarray(p["rewards"]).reshape(-1), terminated=bool(np.asarray(p[term_key])[-1])))
+        episodes.append(
+            dict(
+                observations=np.asarray(p["observations"]),
+                actions=np.asarray(p["actions"]),
+                rewards=np.asarray(p["rewards"]).reshape(-1),
+                terminated=bool(np.asarray(p[term_key])[-1]),
+            )
+        )
     return episodes
 
 
@@ -212,12 +239,23 @@ def read_minari(dataset_id: str) -> tuple[list[dict], dict]:
         )
     episodes = [
         # Minari stores T+1 observations (the last one after the final action); drop it.
-        dict(observations=ep.observations[:-1], actions=ep.actions, rewards=ep.rewards, terminated=bool(ep.terminations[-1]))
+        dict(
+            observations=ep.observations[:-1],
+            actions=ep.actions,
+            rewards=ep.rewards,
+            terminated=bool(ep.terminations[-1]),
+        )
         for ep in ds.iterate_episodes()
     ]
     spec, meta = ds.spec.env_spec, ds.storage.metadata
-    info = dict(env_id=spec.id, env_kwargs=dict(spec.kwargs or {}), obs_dim=None, act_dim=None,
-                ref_min=meta.get("ref_min_score"), ref_max=meta.get("ref_max_score"))
+    info = dict(
+        env_id=spec.id,
+        env_kwargs=dict(spec.kwargs or {}),
+        obs_dim=None,
+        act_dim=None,
+        ref_min=meta.get("ref_min_score"),
+        ref_max=meta.get("ref_max_score"),
+    )
     return episodes, info
 
 
@@ -231,11 +269,17 @@ def check_episodes(episodes: list[dict], info: dict, where: str) -> None:
     for i, ep in enumerate(episodes):
         o, a = ep["observations"], ep["actions"]
         if o.ndim != 2 or a.ndim != 2 or len(o) != len(a) or len(o) != len(ep["rewards"]):
-            raise DatasetError(f"{where}: episode {i} has shapes observations {o.shape}, actions {a.shape}, rewards {ep['rewards'].shape}.")
+            raise DatasetError(
+                f"{where}: episode {i} has shapes observations {o.shape}, actions {a.shape}, rewards {ep['rewards'].shape}."
+            )
         if obs_dim is not None and o.shape[1] != obs_dim:
-            raise DatasetError(f"{where}: observations have {o.shape[1]} dims but {info['env_id']} has {obs_dim}; is this the right --env?")
+            raise DatasetError(
+                f"{where}: observations have {o.shape[1]} dims but {info['env_id']} has {obs_dim}; is this the right --env?"
+            )
         if act_dim is not None and a.shape[1] != act_dim:
-            raise DatasetError(f"{where}: actions have {a.shape[1]} dims but {info['env_id']} has {act_dim}; is this the right --env?")
+            raise DatasetError(
+                f"{where}: actions have {a.shape[1]} dims but {info['env_id']} has {act_dim}; is this the right --env?"
+            )
         for k in ("observations", "actions", "rewards"):
             if not np.all(np.isfinite(ep[k])):
                 raise DatasetError(f"{where}: episode {i} has NaN or inf in {k}; clean the file before training.")
@@ -256,13 +300,17 @@ def check_against_env(episodes: list[dict], info: dict, paths: list[str]) -> Non
     for p in paths:
         named = [d for d in D4RL_ENVS if d in Path(p).name.lower() and d != domain]
         if named:
-            raise DatasetError(f"{p}: the file name says {named[0]}, but --env is a {domain} dataset ({info['name']}); "
-                               "pass the --env of the data, or rename the file if its name is wrong.")
+            raise DatasetError(
+                f"{p}: the file name says {named[0]}, but --env is a {domain} dataset ({info['name']}); "
+                "pass the --env of the data, or rename the file if its name is wrong."
+            )
     worst = max(float(np.abs(ep["actions"]).max()) for ep in episodes)
     if worst > 1 + 1e-3:
-        raise DatasetError(f"{', '.join(paths) or info['name']}: actions reach {worst:.3g}, outside {info['env_id']}'s "
-                           "action box [-1, 1]; the action heads are tanh-bounded and TRDT's regions cover [-1, 1]. "
-                           "Rescale the actions into the box.")
+        raise DatasetError(
+            f"{', '.join(paths) or info['name']}: actions reach {worst:.3g}, outside {info['env_id']}'s "
+            "action box [-1, 1]; the action heads are tanh-bounded and TRDT's regions cover [-1, 1]. "
+            "Rescale the actions into the box."
+        )
     env, gaps = make_env(info), []
     inner = env.unwrapped
     nq = inner.model.nq  # obs = (qpos without the x position, qvel) for hopper, walker2d, halfcheetah
@@ -274,9 +322,11 @@ def check_against_env(episodes: list[dict], info: dict, paths: list[str]) -> Non
         gaps.append(np.linalg.norm(nxt - obs[1]) / (np.linalg.norm(obs[1] - obs[0]) + 1e-6))
     env.close()
     if gaps and float(np.median(gaps)) > 0.5:  # matching physics gives ~0; another robot gives ~1 or more
-        raise DatasetError(f"{', '.join(paths) or info['name']}: the data does not move like {info['env_id']}: replaying "
-                           f"{len(gaps)} of its transitions in the env misses the next state by {np.median(gaps):.2f}x "
-                           "the step's own change (median). Is --env the dataset's domain?")
+        raise DatasetError(
+            f"{', '.join(paths) or info['name']}: the data does not move like {info['env_id']}: replaying "
+            f"{len(gaps)} of its transitions in the env misses the next state by {np.median(gaps):.2f}x "
+            "the step's own change (median). Is --env the dataset's domain?"
+        )
 
 
 def load_dataset(name: str, dataset_path: tuple[str, ...] | list[str] | str | None = ()) -> tuple[list[dict], dict]:
@@ -329,35 +379,36 @@ def make_env(info: dict, video: str | None = None):
 
 
 class FirstEpisodeVideo(gym.Wrapper):
-    """Frames of the first episode, written as an MP4 (30 fps) when it ends or the env closes."""
+    """The first episode, rendered frame by frame into an MP4 (30 fps) as it runs; closed when it ends."""
 
     def __init__(self, env, path: str):
         super().__init__(env)
-        self.path, self.frames, self.done = path, [], False
+        self.path, self.writer, self.done = path, None, False
 
     def reset(self, **kwargs):
         out = self.env.reset(**kwargs)
         if not self.done:
-            self.frames = [self.env.render()]
+            import imageio
+
+            self.writer = self.writer or imageio.get_writer(self.path, fps=30, macro_block_size=1)
+            self.writer.append_data(self.env.render())
         return out
 
     def step(self, action):
         out = self.env.step(action)
         if not self.done:
-            self.frames.append(self.env.render())
+            self.writer.append_data(self.env.render())
             if out[2] or out[3]:
-                self.write()
+                self.finish()
         return out
 
-    def write(self):
-        import imageio
-
-        if self.frames and not self.done:
-            imageio.mimwrite(self.path, self.frames, fps=30, macro_block_size=1)
+    def finish(self):
+        if self.writer is not None and not self.done:
+            self.writer.close()
         self.done = True
 
     def close(self):
-        self.write()
+        self.finish()
         super().close()
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 import common
 
 METHOD = "mo_dt"
+DEFAULT_ENV = "hopper-medium-replay"  # the dataset without --env or --checkpoint
 
 
 @dataclass
@@ -495,7 +496,7 @@ def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
     recorded = ckpt["dataset"] if ckpt is not None else None
     if recorded is not None and args.env is None and not args.dataset_path and args.updates == 0:
         return None, recorded
-    name = args.env or (recorded["name"] if recorded is not None else "hopper-medium-replay")
+    name = args.env or (recorded["name"] if recorded is not None else DEFAULT_ENV)
     paths = args.dataset_path or (tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ())
     try:
         episodes, info = common.load_dataset(name, paths)
@@ -622,6 +623,8 @@ def train(args: Args) -> dict:
     metrics = run_dir / "metrics.jsonl"
     config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info, "target_return": target_return}
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
+    # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
+    config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     start_tracking(args, config, run_dir)
 

@@ -41,6 +41,7 @@ from tqdm import tqdm
 import common
 
 METHOD = "rgdt"
+DEFAULT_ENV = "hopper-medium"  # the dataset without --env or --checkpoint
 
 
 @dataclass
@@ -161,8 +162,6 @@ class Args:
             raise SystemExit('error: --track needs wandb: pip install -e ".[track]" (or leave out --track).')
         if self.capture_video and not os.environ.get("DISPLAY"):  # before MuJoCo is imported, which reads it once
             os.environ.setdefault("MUJOCO_GL", "egl")
-        if self.env is None and self.checkpoint is None:
-            self.env = "hopper-medium"  # a Table 2.1 dataset (load_data's own default is dt.py's)
 
 
 # Table 2.1 (official D4RL v2, 10 seeds), RGDT column, printed beside our score. Its printed total is 539.0, but these
@@ -548,7 +547,7 @@ def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
     recorded = ckpt["dataset"] if ckpt is not None else None
     if recorded is not None and args.env is None and not args.dataset_path and args.updates == 0:
         return None, recorded
-    name = args.env or (recorded["name"] if recorded is not None else "hopper-medium-replay")
+    name = args.env or (recorded["name"] if recorded is not None else DEFAULT_ENV)
     paths = args.dataset_path or (tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ())
     try:
         episodes, info = common.load_dataset(name, paths)
@@ -648,6 +647,10 @@ def train(args: Args) -> dict:
         "target_return": args.target_return,
     }
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
+    # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
+    config["trained_with"] = (
+        ckpt["args"] if ckpt is not None and not (args.updates or args.inv_updates) else asdict(args)
+    )
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     start_tracking(args, config, run_dir)
 

@@ -19,7 +19,7 @@ import dt
 import rgdt
 
 ROOT = Path(__file__).resolve().parents[1]
-DT_RESULT_KEYS = {"method", "bf16", "args", "arch", "dataset", "target_return", "device", "threads", "git_commit",
+DT_RESULT_KEYS = {"method", "bf16", "args", "trained_with", "arch", "dataset", "target_return", "device", "threads", "git_commit",
                   "torch", "returns", "lengths", "normalized", "return_mean", "normalized_mean", "normalized_std",
                   "eval_env_steps_per_s", "updates", "trained_updates", "run_dir", "train_updates_per_s",
                   "wall_time_s"}  # fmt: skip
@@ -62,7 +62,8 @@ def test_defaults_are_section_2_4():
         150_000,
         256,
     )
-    assert a.full_context_loss is False and a.target_return is None and a.env == "hopper-medium"
+    assert a.full_context_loss is False and a.target_return is None and a.env is None
+    assert rgdt.DEFAULT_ENV == "hopper-medium"  # without --env or --checkpoint: a Table 2.1 dataset
     # inverse dynamics: 2 x 512 hidden, Adam 1e-4, weight decay 1e-4, dropout 0.1, 200k steps, batch 1024
     inv_flags = (
         a.inv_layers,
