@@ -1,0 +1,68 @@
+"""benchmarks/iem_analysis.py: the claim rules on hand-made maps, and the whole pipeline on a tiny budget."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import iem_analysis  # noqa: E402
+
+
+def hand_made(layers, H=4, M=2, past=0.3, future=0.3):
+    T = 1 + M + H
+    return {
+        "layers": [m.tolist() for m in layers],
+        "labels": [f"k{i}" for i in range(T)],
+        "real_tokens": float(T),
+        "masked_query_past_mass": [[past] * H] * len(layers),
+        "masked_query_future_mass": [[future] * H] * len(layers),
+    }
+
+
+def test_claim_rules_on_hand_made_maps():
+    T = 7
+    band = np.full((T, T), 0.3 / (T - 1))
+    band[:, -1] = 0.7  # every query puts 0.7 on the rightmost key: the blog's layer 0
+    dual = np.full((T, T), 0.2 / (T - 2))
+    dual[:, 2], dual[:, 4] = 0.45, 0.35  # two columns: the blog's middle layer
+    uniform = np.full((T, T), 1 / T)  # a distributed grid: the blog's deep layer
+    c = iem_analysis.judge(hand_made([band, dual, uniform]), H=4)
+    assert [c[k]["verdict"] for k in ("layer0_band", "middle_dual", "deep_grid")] == ["holds"] * 3
+    assert "k6 takes 0.70" in c["layer0_band"]["ours"]
+    assert c["past_future"]["verdict"] == "holds"  # 0.3 of the mass on each side, above half its uniform share
+    c = iem_analysis.judge(hand_made([uniform, uniform, band], past=0.0), H=4)
+    assert [c[k]["verdict"] for k in c] == ["does not hold"] * 4  # and the rules can say no
+    assert all(c[k]["blog"] == iem_analysis.CLAIMS[k][0] for k in c)
+
+
+def test_quick_pipeline_writes_summary_and_figures(tmp_path):
+    a = iem_analysis.Args(
+        quick=True,
+        out=str(tmp_path / "out"),
+        runs_dir=str(tmp_path / "runs"),
+        data_dir=str(tmp_path / "data"),
+        attention_states=3,
+    )
+    s = iem_analysis.main(a)
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"summary.json", "energy.png", "attention.png", "success.png"}
+    saved = json.loads((out / "summary.json").read_text())
+    ((level, d),) = saved["levels"].items()
+    assert level == "GoToLocalS7N5" and len(d["runs"]) == 1 and s["levels"][level]["mean"] == d["mean"]
+    maps = np.array(d["attention"]["layers"])
+    T = 1 + d["runs"][0]["arch"]["mission_len"] + d["runs"][0]["arch"]["horizon"]
+    assert maps.shape == (3, T, T) and len(d["attention"]["labels"]) == T
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)  # every row of every layer is a distribution
+    assert {c["verdict"] for c in d["claims"].values()} <= {"holds", "partly", "does not hold"}
+    r = d["runs"][0]
+    assert len(r["energy_per_iteration"]) == 3 and 0 <= r["iem_success"] <= 1 and r["train_updates_per_s"] > 0
+    assert r["energy_per_iteration"] == sorted(r["energy_per_iteration"], reverse=True)  # --accept lower: never up
+    again = iem_analysis.main(iem_analysis.Args(from_summary=str(out / "summary.json"), out=str(tmp_path / "again")))
+    assert again["levels"][level]["claims"] == d["claims"] and (tmp_path / "again" / "attention.png").is_file()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
