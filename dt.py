@@ -580,13 +580,14 @@ def train(args: Args) -> dict:
             for step in bar:
                 t0 = time.time()
                 b = sample_batch(data, args.batch_size, arch["context_len"], gen)
+                lr = sched.get_last_lr()[0]  # the rate this update uses
                 losses, grad_norm = update(fwd, opt, b, args.grad_clip, autocast)
                 sched.step()
                 trained = step + 1
                 if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
                     loss = {f"loss_{k}": v.item() for k, v in losses.items()}
                     loss["loss"] = sum(loss.values())
-                    log_metrics(metrics, step=step, grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0], **loss)
+                    log_metrics(metrics, step=step, grad_norm=grad_norm.item(), lr=lr, **loss)
                     bar.set_postfix(loss=f"{loss['loss']:.4f}")
                 train_time += time.time() - t0
                 if args.eval_every and trained % args.eval_every == 0 and trained < args.updates:

@@ -407,15 +407,16 @@ def evaluate(model, info, state_stats, args, target_return, device, autocast, re
     obs, _ = envs.reset(seed=args.seed + 10_000)
     t0 = time.time()
     for t in range(horizon):
+        # Alg. 1 lines 14 and 24: s_t joins the history (with g_1 at t = 0)
         buf["states"][:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
-        ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps; at the start a shorter context
+        ctx = slice(max(0, t - K + 1), t + 1)  # Alg. 1 line 25: the last K steps; at the start a shorter context
         record = recorder is not None and t + 1 >= K
         with autocast:
             preds, attns = model({k: v[:, ctx] for k, v in buf.items()}, return_attn=record)
         buf["actions"][:, t] = torch.maximum(torch.minimum(preds["action"][0][:, -1].float(), high), low)  # Eq. 1.15
         if record:
             recorder(attns, torch.as_tensor(~done, device=device))
-        obs, r, term, trunc, _ = envs.step(buf["actions"][:, t].cpu().numpy())
+        obs, r, term, trunc, _ = envs.step(buf["actions"][:, t].cpu().numpy())  # Alg. 1 line 22
         returns += r * ~done
         lengths += ~done
         done |= term | trunc
@@ -661,14 +662,15 @@ def train(args: Args) -> dict:
         try:
             for step in bar:
                 t0 = time.time()
-                b = sample_batch(data, args.batch_size, arch["context_len"], gen)
+                b = sample_batch(data, args.batch_size, arch["context_len"], gen)  # Alg. 1 line 3
+                lr = sched.get_last_lr()[0]  # the rate this update uses
                 losses, grad_norm = update(fwd, opt, b, lambdas, args.schedule, args.grad_clip, autocast)
                 sched.step()  # warmup counts updates, so both schedules follow the same learning-rate curve
                 trained = step + 1
                 if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
                     loss = {f"loss_{k}": v.item() for k, v in losses.items()}
                     loss["loss"] = sum(lambdas[k] * loss[f"loss_{k}"] for k in losses)
-                    log_metrics(metrics, step=step, grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0], **loss)
+                    log_metrics(metrics, step=step, grad_norm=grad_norm.item(), lr=lr, **loss)
                     bar.set_postfix(loss=f"{loss['loss']:.4f}")
                 train_time += time.time() - t0
                 if args.eval_every and trained % args.eval_every == 0 and trained < args.updates:

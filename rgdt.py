@@ -716,11 +716,12 @@ def train(args: Args) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                lr = sched.get_last_lr()[0]  # the rate this update used
                 opt.step()
                 sched.step()
                 trained = step + 1
                 if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
-                    norm, lr = grad_norm.item(), sched.get_last_lr()[0]
+                    norm = grad_norm.item()
                     log_metrics(metrics, phase="translator", step=step, loss=loss.item(), grad_norm=norm, lr=lr)
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 train_time += time.time() - t0
