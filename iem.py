@@ -20,6 +20,7 @@ import math
 import os
 import random
 import subprocess
+import sys
 import time
 import zipfile
 from dataclasses import asdict, dataclass
@@ -52,14 +53,16 @@ WORDS = ("a", "the", "go", "to", "pick", "up", "open", "put", "next", "and", "th
          "left", "right", "in", "front", "of", "behind", "door", "ball", "box", "key", "red", "green", "blue",
          "purple", "yellow", "grey")  # fmt: skip
 METHOD = "iem"
+DEFAULT_ENV = "GoToLocalS7N5"  # the level without --env or --checkpoint
 ARCH = "horizon n_layer n_head n_embd dropout".split()  # with the grid size and mission length of the data
 EVAL_SEED_BASE = 1_000_000_000  # evaluation episodes never reuse a demonstration's seed (demos use 0..N-1)
 
 
 @dataclass
 class Args:
-    env: str = "GoToLocalS7N5"
-    """BabyAI level of minigrid, short (GoToLocalS7N5, GoToObjMazeS4, PickupLoc, ...) or full (BabyAI-...-v0)"""
+    env: str | None = None
+    """BabyAI level of minigrid, short (GoToLocalS7N5, GoToObjMazeS4, PickupLoc, ...) or full (BabyAI-...-v0).
+    Default: the checkpoint's level, else GoToLocalS7N5"""
     preset: Literal["paper", "cpu"] = "paper"
     """budget for the flags left unset: `paper` (n-embd 128, 1600 updates, 500 demos) or `cpu` (64, 1000, 5000)"""
     dataset: str | None = None
@@ -119,6 +122,10 @@ class Args:
     sharply when another program keeps one busy)"""
 
     def __post_init__(self):
+        if self.env is None:  # the checkpoint's level (train() reads and checks it again), else the default
+            with contextlib.suppress(Exception):
+                self.env = torch.load(self.checkpoint, map_location="cpu", weights_only=True)["env"]
+            self.env = self.env or DEFAULT_ENV
         if env_id(self.env) not in gym.registry:
             levels = ", ".join(PAPER_LEVELS)
             raise SystemExit(f"error: --env {self.env}: not a BabyAI level of minigrid; e.g. {levels}.")
@@ -464,9 +471,13 @@ def make_run_dir(args, info: dict) -> Path:
 
 
 def log_metrics(path: Path, **metrics) -> None:
-    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged."""
+    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged; also
+    to W&B once --track has started a run there."""
     with open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.log(metrics, step=metrics.get("step"))
 
 
 def git_commit() -> Optional[str]:
@@ -499,6 +510,7 @@ def train(args: Args) -> dict:
     config = {"method": METHOD, "args": asdict(args), "arch": arch, "env": level, "dataset": source}
     config |= {"demos": len(demos["lengths"]) if demos else 0, "device": str(device), "threads": threads}
     config |= {"git_commit": git_commit(), "torch": torch.__version__}
+    config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
     model = IEM(**arch).to(device)

@@ -260,9 +260,12 @@ def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, monkeypatch):
 
     monkeypatch.setattr(iem, "masked_loss", interrupted)
     with pytest.raises(SystemExit, match="holds 2 updates"):
-        iem.train(tiny_args(tmp_path))
+        iem.train(tiny_args(tmp_path, env="GoToObjMazeS4R2"))
     (run,) = (tmp_path / "runs").iterdir()
-    assert torch.load(run / "model.pt", weights_only=True)["trained_updates"] == 2
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["trained_updates"] == 2 and ckpt["env"] == "BabyAI-GoToObjMazeS4R2-v0"
     monkeypatch.setattr(iem, "masked_loss", loss)
-    res = iem.train(tiny_args(tmp_path, exp_name="eval", checkpoint=str(run / "model.pt"), updates=0))
-    assert res["updates"] == 0 and len(res["iem"]["returns"]) == 3
+    # The checkpoint evaluates alone: its level without --env, its architecture, its training flags on record.
+    res = iem.train(tiny_args(tmp_path, env=None, exp_name="eval", checkpoint=str(run / "model.pt"), updates=0))
+    assert res["env"] == "BabyAI-GoToObjMazeS4R2-v0" and res["updates"] == 0 and len(res["iem"]["returns"]) == 3
+    assert res["trained_with"] == ckpt["args"] and res["arch"] == ckpt["arch"]
