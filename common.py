@@ -231,8 +231,7 @@ def read_minari(dataset_id: str) -> tuple[list[dict], dict]:
             "or download it where there is a network (`minari download ID`) and set $MINARI_DATASETS_PATH."
         ) from None
     # The method files feed flat vectors; a Dict/image dataset would otherwise fail deep inside numpy.
-    flat = lambda space: type(space).__name__ == "Box" and len(space.shape) == 1
-    if not (flat(ds.observation_space) and flat(ds.action_space)):
+    if not all(type(sp).__name__ == "Box" and len(sp.shape) == 1 for sp in (ds.observation_space, ds.action_space)):
         raise DatasetError(
             f"Minari dataset {dataset_id!r} has observations {ds.observation_space} and actions {ds.action_space}; "
             "these scripts need flat Box spaces of both (e.g. mujoco/hopper/medium-v0)."
@@ -270,11 +269,13 @@ def check_episodes(episodes: list[dict], info: dict, where: str) -> None:
         o, a = ep["observations"], ep["actions"]
         if o.ndim != 2 or a.ndim != 2 or len(o) != len(a) or len(o) != len(ep["rewards"]):
             raise DatasetError(
-                f"{where}: episode {i} has shapes observations {o.shape}, actions {a.shape}, rewards {ep['rewards'].shape}."
+                f"{where}: episode {i} has shapes observations {o.shape}, actions {a.shape}, "
+                f"rewards {ep['rewards'].shape}."
             )
         if obs_dim is not None and o.shape[1] != obs_dim:
             raise DatasetError(
-                f"{where}: observations have {o.shape[1]} dims but {info['env_id']} has {obs_dim}; is this the right --env?"
+                f"{where}: observations have {o.shape[1]} dims but {info['env_id']} has {obs_dim}; "
+                "is this the right --env?"
             )
         if act_dim is not None and a.shape[1] != act_dim:
             raise DatasetError(

@@ -31,10 +31,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -237,8 +233,9 @@ def beta_for(eps: float, args: Args) -> float:
 
 def required_high(eps: float, args: Args) -> float:
     """The theoretical minimum nu_min^h (high-return samples per context) under the chosen readings."""
-    return min_high_samples(eps, args.n_contexts, args.n_actions, args.nu_reading, args.beta_reading,
-                            beta_for(eps, args), args.low_samples)
+    return min_high_samples(
+        eps, args.n_contexts, args.n_actions, args.nu_reading, args.beta_reading, beta_for(eps, args), args.low_samples
+    )
 
 
 def run_point(rng, fraction: float, eps: float, args: Args, n_datasets: int, pi_opt, pi_low) -> dict:
@@ -248,10 +245,17 @@ def run_point(rng, fraction: float, eps: float, args: Args, n_datasets: int, pi_
     beta = n_high / (n_high + n_low)
     pi = behaviour_policy(beta, pi_opt, pi_low)
     err = l1_error(p, pi_opt)
-    return dict(fraction=fraction, n_high=n_high, n_low=n_low, beta=beta, errors=err.tolist(),
-                mean=float(err.mean()), std=float(err.std(ddof=1)) if n_datasets > 1 else 0.0,
-                variance_term=float(l1_error(p, pi).mean()),  # E||p - E p||_1, Eq. 4.9
-                bias_term=float(args.n_contexts * np.abs(pi - pi_opt).sum()))  # ||E p - pi*||_1, Eq. 4.14
+    return dict(
+        fraction=fraction,
+        n_high=n_high,
+        n_low=n_low,
+        beta=beta,
+        errors=err.tolist(),
+        mean=float(err.mean()),
+        std=float(err.std(ddof=1)) if n_datasets > 1 else 0.0,
+        variance_term=float(l1_error(p, pi).mean()),  # E||p - E p||_1, Eq. 4.9
+        bias_term=float(args.n_contexts * np.abs(pi - pi_opt).sum()),
+    )  # ||E p - pi*||_1, Eq. 4.14
 
 
 def slack_fraction(fractions, means, eps: float) -> tuple[float, str]:
@@ -267,7 +271,7 @@ def slack_fraction(fractions, means, eps: float) -> tuple[float, str]:
     i = above[-1]
     if i == len(fractions) - 1:
         return float(fractions[-1]), f"error above epsilon on the whole grid: slack > {fractions[-1]:g}"
-    lf, le = np.log(fractions[i:i + 2]), np.log(means[i:i + 2])
+    lf, le = np.log(fractions[i : i + 2]), np.log(means[i : i + 2])
     t = (np.log(eps) - le[0]) / (le[1] - le[0])
     return float(np.exp(lf[0] + t * (lf[1] - lf[0]))), "interpolated"
 
@@ -301,11 +305,20 @@ def claims_table(args: Args, sweeps: dict, slack: dict, calc: dict) -> list[dict
 
     # Thm 6 as tested by Fig. 4.1 (and the 1.0x points of Fig. 4.2-4.3): E||p - pi*||_1 < eps at the minimum.
     ok = [e for e, pts in sweeps.items() if pts and at(pts, 1.0)["mean"] < e]
-    ours = "; ".join(f"eps={e:g}: {at(p, 1.0)['mean']:.3f}+-{at(p, 1.0)['std']:.3f} "
-                     f"({sum(x < e for x in at(p, 1.0)['errors'])}/{len(at(p, 1.0)['errors'])} seeds < eps)"
-                     if p else f"eps={e:g}: {none}" for e, p in sweeps.items())
-    rows.append(dict(claim="Thm 6 / Fig. 4.1-4.3: at the theoretical minimum E||p-pi*||_1 < eps",
-                     ours="mean+-std " + ours, verdict=verdict(len(ok), len(sweeps))))
+    ours = "; ".join(
+        f"eps={e:g}: {at(p, 1.0)['mean']:.3f}+-{at(p, 1.0)['std']:.3f} "
+        f"({sum(x < e for x in at(p, 1.0)['errors'])}/{len(at(p, 1.0)['errors'])} seeds < eps)"
+        if p
+        else f"eps={e:g}: {none}"
+        for e, p in sweeps.items()
+    )
+    rows.append(
+        dict(
+            claim="Thm 6 / Fig. 4.1-4.3: at the theoretical minimum E||p-pi*||_1 < eps",
+            ours="mean+-std " + ours,
+            verdict=verdict(len(ok), len(sweeps)),
+        )
+    )
 
     # Fig. 4.2 (eps = 0.2): "0.75x the theoretical sample size yields errors above threshold";
     # Fig. 4.3 (eps = 0.1): "using fewer samples than predicted consistently fails to achieve the target
@@ -319,9 +332,13 @@ def claims_table(args: Args, sweeps: dict, slack: dict, calc: dict) -> list[dict
         fracs = sorted(p["fraction"] for p in pts)
         fails = [at(pts, f)["mean"] > eps for f in fracs if f < 1.0]
         below = ", ".join(f"{f:g}x" for f in fracs if f < 1.0)
-        rows.append(dict(claim=f"{name}: {below} the minimum give mean error above eps",
-                         ours="mean error " + "; ".join(f"{f:g}x: {at(pts, f)['mean']:.3f}" for f in fracs),
-                         verdict=verdict(sum(fails), len(fails))))
+        rows.append(
+            dict(
+                claim=f"{name}: {below} the minimum give mean error above eps",
+                ours="mean error " + "; ".join(f"{f:g}x: {at(pts, f)['mean']:.3f}" for f in fracs),
+                verdict=verdict(sum(fails), len(fails)),
+            )
+        )
 
     # §4.7 Discussion: "confirming our bound's tightness". Rubric (ours, the thesis gives none): tight if
     # the mean error reaches eps at >= 0.75x the minimum (as Fig. 4.2 states), partly if within a factor
@@ -331,32 +348,59 @@ def claims_table(args: Args, sweeps: dict, slack: dict, calc: dict) -> list[dict
     tight_n = sum(s["fraction"] >= 0.75 for s in finite.values())
     half_n = sum(s["fraction"] >= 0.5 for s in finite.values())
     v = "reproduced" if finite and tight_n == len(slack) else ("partly" if half_n else "not reproduced")
-    rows.append(dict(claim="§4.7: the bound is tight (mean error reaches eps near 1x the minimum)",
-                     ours="fraction of the minimum where the mean error reaches eps: " + ours, verdict=v))
+    rows.append(
+        dict(
+            claim="§4.7: the bound is tight (mean error reaches eps near 1x the minimum)",
+            ours="fraction of the minimum where the mean error reaches eps: " + ours,
+            verdict=v,
+        )
+    )
 
     # Proof of Thm 6: each half of the budget, Eq. 4.12 (variance <= eps/2) and Eq. 4.18 (bias <= eps/2).
     parts = [(e, at(p, 1.0)) for e, p in sweeps.items() if p]
     ok = sum(q["variance_term"] <= e / 2 and q["bias_term"] <= e / 2 + 1e-12 for e, q in parts)
-    ours = "; ".join(f"eps={e:g}: variance {q['variance_term'] / (e / 2):.2f}, "
-                     f"bias {q['bias_term'] / (e / 2):.2f}" for e, q in parts) or none
-    rows.append(dict(claim="Eq. 4.12 and 4.18: at the minimum, variance term <= eps/2 and bias term <= eps/2",
-                     ours="as fractions of eps/2: " + ours, verdict=verdict(ok, len(sweeps))))
+    ours = (
+        "; ".join(
+            f"eps={e:g}: variance {q['variance_term'] / (e / 2):.2f}, bias {q['bias_term'] / (e / 2):.2f}"
+            for e, q in parts
+        )
+        or none
+    )
+    rows.append(
+        dict(
+            claim="Eq. 4.12 and 4.18: at the minimum, variance term <= eps/2 and bias term <= eps/2",
+            ours="as fractions of eps/2: " + ours,
+            verdict=verdict(ok, len(sweeps)),
+        )
+    )
 
-    rows.append(dict(claim="Prop. 5 / Eq. 4.20: the two terms of Eq. 4.6 are equal at N*_min",
-                     ours=f"max |term1 - term2| / term1 at N* = {calc['max_gap_at_nstar']:.1e}",
-                     verdict="reproduced" if calc["max_gap_at_nstar"] < 1e-9 else "not reproduced"))
+    rows.append(
+        dict(
+            claim="Prop. 5 / Eq. 4.20: the two terms of Eq. 4.6 are equal at N*_min",
+            ours=f"max |term1 - term2| / term1 at N* = {calc['max_gap_at_nstar']:.1e}",
+            verdict="reproduced" if calc["max_gap_at_nstar"] < 1e-9 else "not reproduced",
+        )
+    )
     x = calc["eps_over_4c_max"]
     # Rubric (ours): "approximates" = relative error below 1% at every eps we test.
-    rows.append(dict(claim="Prop. 6 / Eq. 4.21 approximates N*_min for eps << C^h",
-                     ours=f"largest relative error over our eps {calc['approx_rel_err_max']:.2e} "
-                          f"(= (eps/4C^h)^2 = {x ** 2:.2e}; -> 0 as eps/C^h -> 0)",
-                     verdict="reproduced" if calc["approx_rel_err_max"] < 1e-2 else "partly"))
+    rows.append(
+        dict(
+            claim="Prop. 6 / Eq. 4.21 approximates N*_min for eps << C^h",
+            ours=f"largest relative error over our eps {calc['approx_rel_err_max']:.2e} "
+            f"(= (eps/4C^h)^2 = {x**2:.2e}; -> 0 as eps/C^h -> 0)",
+            verdict="reproduced" if calc["approx_rel_err_max"] < 1e-2 else "partly",
+        )
+    )
     need = 1 - max(calc["eps_all"]) / (4 * args.n_contexts)
     used = "this run uses that reading" if args.beta_reading == "global" else "we read beta per context"
-    rows.append(dict(claim="Thm 6 with beta_c^h = N_c^h / N as defined in §4.3 (global reading)",
-                     ours=f"needs beta_min >= 1 - eps/(4C^h) >= {need:.4f} but beta_min <= 1/C^h = "
-                          f"{1 / args.n_contexts:.4f}: never satisfiable for C^h >= 2 and eps < 2C^h; {used}",
-                     verdict="not reproduced" if args.n_contexts >= 2 else "reproduced"))
+    rows.append(
+        dict(
+            claim="Thm 6 with beta_c^h = N_c^h / N as defined in §4.3 (global reading)",
+            ours=f"needs beta_min >= 1 - eps/(4C^h) >= {need:.4f} but beta_min <= 1/C^h = "
+            f"{1 / args.n_contexts:.4f}: never satisfiable for C^h >= 2 and eps < 2C^h; {used}",
+            verdict="not reproduced" if args.n_contexts >= 2 else "reproduced",
+        )
+    )
     return rows
 
 
@@ -371,13 +415,30 @@ def print_table(rows: list[dict]) -> None:
 # --- figures --------------------------------------------------------------------------------------------
 
 
+def pyplot():
+    """matplotlib, imported when a figure is drawn (not when this file is imported), with a file-only backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_fig41(fig41: dict, path: str) -> None:
     """Fig. 4.1: error at the theoretical minimum next to its threshold, per epsilon."""
+    plt = pyplot()
     eps = [e for e, p in fig41.items() if p]
     fig, ax = plt.subplots(figsize=(5, 3.6))
     x = np.arange(len(eps))
-    ax.bar(x - 0.2, [at(fig41[e], 1.0)["mean"] for e in eps], 0.4,
-           yerr=[at(fig41[e], 1.0)["std"] for e in eps], capsize=3, label="empirical ||p - pi*||_1")
+    ax.bar(
+        x - 0.2,
+        [at(fig41[e], 1.0)["mean"] for e in eps],
+        0.4,
+        yerr=[at(fig41[e], 1.0)["std"] for e in eps],
+        capsize=3,
+        label="empirical ||p - pi*||_1",
+    )
     ax.bar(x + 0.2, eps, 0.4, color="tab:red", alpha=0.6, label="threshold epsilon")
     ax.set_xticks(x, [f"{e:g}" for e in eps])
     ax.set_xlabel("epsilon")
@@ -391,11 +452,17 @@ def plot_fig41(fig41: dict, path: str) -> None:
 
 def plot_tightness(eps: float, pts: list[dict], grid: list[dict], nu: float, title: str, path: str) -> None:
     """Fig. 4.2 / 4.3: error vs high-return samples per context, with the threshold and the minimum."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.plot([g["n_high"] for g in grid], [g["mean"] for g in grid], color="0.6", lw=1,
-            label="mean error, fine grid")
-    ax.errorbar([p["n_high"] for p in pts], [p["mean"] for p in pts], yerr=[p["std"] for p in pts],
-                fmt="o", capsize=3, label="mean +- std at the thesis fractions")
+    ax.plot([g["n_high"] for g in grid], [g["mean"] for g in grid], color="0.6", lw=1, label="mean error, fine grid")
+    ax.errorbar(
+        [p["n_high"] for p in pts],
+        [p["mean"] for p in pts],
+        yerr=[p["std"] for p in pts],
+        fmt="o",
+        capsize=3,
+        label="mean +- std at the thesis fractions",
+    )
     ax.axhline(eps, color="tab:red", ls="--", label=f"epsilon = {eps:g}")
     ax.axvline(nu, color="k", ls=":", label="theoretical minimum (Thm 6)")
     ax.set_xscale("log")
@@ -410,6 +477,7 @@ def plot_tightness(eps: float, pts: list[dict], grid: list[dict], nu: float, tit
 
 def plot_slack(grids: dict, path: str) -> None:
     """Mean error / epsilon against the fraction of the minimum: where each curve crosses 1 is the slack."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for eps, grid in grids.items():
         ax.plot([g["fraction"] for g in grid], [g["mean"] / eps for g in grid], label=f"eps = {eps:g}")
@@ -428,6 +496,7 @@ def plot_slack(grids: dict, path: str) -> None:
 
 def plot_regimes(args: Args, eps: float, beta: float, path: str) -> None:
     """Prop. 5 (required nu vs N_min, the two regimes, N*) and Prop. 6 (error of Eq. 4.21 vs eps/C^h)."""
+    plt = pyplot()
     c, v = args.n_contexts, args.n_actions
     n_star = transition_point(eps, c, v, beta)
     n = np.logspace(np.log10(n_star) - 3, np.log10(n_star) + 3, 200)
@@ -464,11 +533,15 @@ def validate(args: Args) -> None:
     for e in (*args.eps_fig41, *args.eps_tightness):
         check_inputs(e, args.n_contexts, args.n_actions)
         if e >= 2 * args.n_contexts:
-            raise ValueError(f"epsilon {e:g} >= 2 C^h = {2 * args.n_contexts}: ||p - pi*||_1 never exceeds "
-                             "2 C^h, so the claim is empty; use a smaller epsilon")
+            raise ValueError(
+                f"epsilon {e:g} >= 2 C^h = {2 * args.n_contexts}: ||p - pi*||_1 never exceeds "
+                "2 C^h, so the claim is empty; use a smaller epsilon"
+            )
         if e > 1:  # the thesis sweeps eps 0.1-0.5; Prop. 6 and the "near-optimal" reading need eps << C^h
-            raise ValueError(f"epsilon {e:g} > 1: an L1 error of more than 1 over the high-return contexts is not "
-                             "near-optimal, and the thesis's sweeps use 0.1-0.5; pass an epsilon in (0, 1]")
+            raise ValueError(
+                f"epsilon {e:g} > 1: an L1 error of more than 1 over the high-return contexts is not "
+                "near-optimal, and the thesis's sweeps use 0.1-0.5; pass an epsilon in (0, 1]"
+            )
     if not args.fractions or any(f <= 0 for f in args.fractions) or 1.0 not in args.fractions:
         raise ValueError(f"--fractions must be positive and contain 1.0, got {args.fractions}")
     if not 0.0 <= args.opt_prob <= 1.0 or not 0.0 <= args.uniform_share <= 1.0:
@@ -503,8 +576,9 @@ def make_out_dir(args: Args) -> str:
 def git_commit() -> str | None:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except Exception:  # no git, or not a repository: the summary just says null
         return None
 
@@ -536,58 +610,109 @@ def main(args: Args) -> dict:
     pi_opt, pi_low = make_policies(v, args.opt_prob, args.uniform_share)
 
     print("Readings (thesis Ch. 4 leaves these open):")
-    print(f"  beta: {args.beta_reading} -- " + ("beta_c^h = N_c^h / N_c, so nu_min^h = beta N_min is the number "
-          "of high-return samples in a context (§4.5's words)" if args.beta_reading == "per-context" else
-          "beta_c^h = N_c^h / N as in §4.3; Thm 6 then has no finite minimum for C^h >= 2"))
-    print(f"  nu:   {args.nu_reading} -- " + (
-        "share beta of high-return samples fixed per context, context size scaled; beta = "
-        + ("1 - eps/(4C^h) per eps (smallest Thm 6 allows)" if args.beta is None else f"{args.beta:g}")
-        if args.nu_reading == "fixed-beta" else
-        f"{args.low_samples} low-return samples per context, high-return samples added"))
-    print(f"  policies: pi* = optimal ({args.opt_prob:g} on action 0); low-return samples: "
-          f"{args.uniform_share:g} uniform + {1 - args.uniform_share:g} suboptimal ({args.opt_prob:g} on the last "
-          f"action); C^h = {c} high-return contexts, V = {v} actions")
+    print(
+        f"  beta: {args.beta_reading} -- "
+        + (
+            "beta_c^h = N_c^h / N_c, so nu_min^h = beta N_min is the number "
+            "of high-return samples in a context (§4.5's words)"
+            if args.beta_reading == "per-context"
+            else "beta_c^h = N_c^h / N as in §4.3; Thm 6 then has no finite minimum for C^h >= 2"
+        )
+    )
+    print(
+        f"  nu:   {args.nu_reading} -- "
+        + (
+            "share beta of high-return samples fixed per context, context size scaled; beta = "
+            + ("1 - eps/(4C^h) per eps (smallest Thm 6 allows)" if args.beta is None else f"{args.beta:g}")
+            if args.nu_reading == "fixed-beta"
+            else f"{args.low_samples} low-return samples per context, high-return samples added"
+        )
+    )
+    print(
+        f"  policies: pi* = optimal ({args.opt_prob:g} on action 0); low-return samples: "
+        f"{args.uniform_share:g} uniform + {1 - args.uniform_share:g} suboptimal ({args.opt_prob:g} on the last "
+        f"action); C^h = {c} high-return contexts, V = {v} actions"
+    )
 
     # Calculator: Thm 6, Prop. 5, Prop. 6 at the experiment's settings.
     eps_all = sorted(set(args.eps_fig41) | set(args.eps_tightness))
     calc_rows, gaps, rels = [], [], []
     print("\nCalculator (Eq. 4.6, 4.20, 4.21); beta = beta_min^h of the dataset at the minimum (chosen reading)")
-    print(f"{'eps':>5} {'beta':>8} {'(CV/eps)^2':>11} {'N* 4.20':>11} {'N* 4.21':>11} {'rel.err':>9} "
-          f"{'nu_min^h':>10} {'regime at min':>14}")
+    print(
+        f"{'eps':>5} {'beta':>8} {'(CV/eps)^2':>11} {'N* 4.20':>11} {'N* 4.21':>11} {'rel.err':>9} "
+        f"{'nu_min^h':>10} {'regime at min':>14}"
+    )
     for e in eps_all:
         nu = required_high(e, args)
         n_high, n_low = design(1.0, e, args) if math.isfinite(nu) else (0, 0)
         # Without a finite minimum there is no dataset; show the share the design would aim at instead.
-        beta = n_high / (n_high + n_low) if math.isfinite(nu) else beta_for(e, args) / (
-            c if args.beta_reading == "global" else 1)
+        beta = (
+            n_high / (n_high + n_low)
+            if math.isfinite(nu)
+            else beta_for(e, args) / (c if args.beta_reading == "global" else 1)
+        )
         n_star, n_apx = transition_point(e, c, v, beta), transition_point_approx(e, c, v, beta)
         t1, t2 = theorem6_terms(e, c, v, beta, n_star)
         gaps.append(abs(t1 - t2) / t1)
         rels.append(1 - n_apx / n_star)
         reg = regime(n_high + n_low, n_star) if math.isfinite(nu) else "-"
-        calc_rows.append(dict(eps=e, beta=beta, n_variance=(c * v / e) ** 2, n_star=n_star, n_star_approx=n_apx,
-                              approx_rel_err=rels[-1], nu_min=nu, regime_at_min=reg))
-        print(f"{e:>5g} {beta:>8.5f} {(c * v / e) ** 2:>11.0f} {n_star:>11.1f} {n_apx:>11.1f} {rels[-1]:>9.2e} "
-              f"{nu:>10.0f} {reg:>14}")
+        calc_rows.append(
+            dict(
+                eps=e,
+                beta=beta,
+                n_variance=(c * v / e) ** 2,
+                n_star=n_star,
+                n_star_approx=n_apx,
+                approx_rel_err=rels[-1],
+                nu_min=nu,
+                regime_at_min=reg,
+            )
+        )
+        print(
+            f"{e:>5g} {beta:>8.5f} {(c * v / e) ** 2:>11.0f} {n_star:>11.1f} {n_apx:>11.1f} {rels[-1]:>9.2e} "
+            f"{nu:>10.0f} {reg:>14}"
+        )
     for e, r in zip(eps_all, calc_rows):
         if not math.isfinite(r["nu_min"]):
-            print(f"  eps={e:g}: no finite minimum: " + (
-                f"the global reading caps beta_min at 1/C^h = {1 / c:g}" if args.beta_reading == "global" else
-                f"--beta {r['beta']:g} < 1 - eps/(4C^h) = {1 - e / (4 * c):g}")
-                  + ", so the bias condition (Eq. 4.19) fails at every sample size; nothing is sampled")
+            print(
+                f"  eps={e:g}: no finite minimum: "
+                + (
+                    f"the global reading caps beta_min at 1/C^h = {1 / c:g}"
+                    if args.beta_reading == "global"
+                    else f"--beta {r['beta']:g} < 1 - eps/(4C^h) = {1 - e / (4 * c):g}"
+                )
+                + ", so the bias condition (Eq. 4.19) fails at every sample size; nothing is sampled"
+            )
     at_n_min = []
     if args.calc_n_min:
-        print(f"\nProp. 5 regimes: Eq. 4.6 at given N_min (--calc-n-min; '<<' read as a factor 10 from N*)")
+        print("\nProp. 5 regimes: Eq. 4.6 at given N_min (--calc-n-min; '<<' read as a factor 10 from N*)")
         print(f"{'eps':>5} {'N_min':>10} {'variance 4.13':>14} {'bias 4.19':>12} {'required nu':>12} {'regime':>11}")
     for r in calc_rows:
         for n_min in args.calc_n_min:
             t1, t2 = theorem6_terms(r["eps"], c, v, r["beta"], n_min)
-            at_n_min.append(dict(eps=r["eps"], beta=r["beta"], n_min=n_min, variance_term=t1, bias_term=t2,
-                                 required_nu=max(t1, t2), regime=regime(n_min, r["n_star"])))
-            print(f"{r['eps']:>5g} {n_min:>10.3g} {t1:>14.4g} {t2:>12.4g} {max(t1, t2):>12.4g} "
-                  f"{at_n_min[-1]['regime']:>11}")
-    calc = dict(rows=calc_rows, at_n_min=at_n_min, max_gap_at_nstar=max(gaps), approx_rel_err_max=max(rels),
-                eps_over_4c_max=max(eps_all) / (4 * c), eps_all=eps_all)
+            at_n_min.append(
+                dict(
+                    eps=r["eps"],
+                    beta=r["beta"],
+                    n_min=n_min,
+                    variance_term=t1,
+                    bias_term=t2,
+                    required_nu=max(t1, t2),
+                    regime=regime(n_min, r["n_star"]),
+                )
+            )
+            print(
+                f"{r['eps']:>5g} {n_min:>10.3g} {t1:>14.4g} {t2:>12.4g} {max(t1, t2):>12.4g} "
+                f"{at_n_min[-1]['regime']:>11}"
+            )
+    calc = dict(
+        rows=calc_rows,
+        at_n_min=at_n_min,
+        max_gap_at_nstar=max(gaps),
+        approx_rel_err_max=max(rels),
+        eps_over_4c_max=max(eps_all) / (4 * c),
+        eps_all=eps_all,
+    )
 
     # §4.7 experiments: thesis fractions (Fig. 4.1-4.3) and a fine grid to locate the slack.
     grid_fracs = np.logspace(np.log10(args.slack_min_fraction), np.log10(max(args.fractions)), args.slack_points)
@@ -605,10 +730,12 @@ def main(args: Args) -> dict:
     for e in eps_all:
         if sweeps[e]:
             q = at(sweeps[e], 1.0)
-            print(f"  eps={e:g}: error/eps {q['mean'] / e:.2f}; variance term / (eps/2) "
-                  f"{q['variance_term'] / (e / 2):.2f} (Eq. 4.12 allows 1); bias term / (eps/2) "
-                  f"{q['bias_term'] / (e / 2):.2f} (Eq. 4.18 allows 1); mean error reaches eps at "
-                  f"{slack[e]['fraction']:.3f}x the minimum")
+            print(
+                f"  eps={e:g}: error/eps {q['mean'] / e:.2f}; variance term / (eps/2) "
+                f"{q['variance_term'] / (e / 2):.2f} (Eq. 4.12 allows 1); bias term / (eps/2) "
+                f"{q['bias_term'] / (e / 2):.2f} (Eq. 4.18 allows 1); mean error reaches eps at "
+                f"{slack[e]['fraction']:.3f}x the minimum"
+            )
 
     rows = claims_table(args, sweeps, slack, calc)
     print_table(rows)
@@ -621,8 +748,14 @@ def main(args: Args) -> dict:
     for i, e in enumerate(args.eps_tightness):
         if pts := sweeps[e]:
             name = f"fig4_{2 + i}_tightness_eps{e:g}.png"
-            plot_tightness(e, pts, grids[e], required_high(e, args),
-                           f"Fig. 4.{2 + i}: error vs high-return samples, eps = {e:g}", os.path.join(out, name))
+            plot_tightness(
+                e,
+                pts,
+                grids[e],
+                required_high(e, args),
+                f"Fig. 4.{2 + i}: error vs high-return samples, eps = {e:g}",
+                os.path.join(out, name),
+            )
             figures.append(name)
     if any(g for g in grids.values()):
         plot_slack({e: g for e, g in grids.items() if g}, os.path.join(out, "slack.png"))
@@ -632,15 +765,27 @@ def main(args: Args) -> dict:
     figures.append("prop5_prop6_regimes.png")
 
     summary = dict(
-        script="sample_complexity.py", config=asdict(args), git_commit=git_commit(),
-        readings=dict(beta=args.beta_reading, nu=args.nu_reading,
-                      suboptimal_policy="opt_prob on the last action (mirror of the optimal policy)",
-                      high_return_contexts="all n_contexts states", regime_margin=10.0),
-        calculator=calc, thesis_fractions={str(e): p for e, p in sweeps.items()},
+        script="sample_complexity.py",
+        config=asdict(args),
+        git_commit=git_commit(),
+        readings=dict(
+            beta=args.beta_reading,
+            nu=args.nu_reading,
+            suboptimal_policy="opt_prob on the last action (mirror of the optimal policy)",
+            high_return_contexts="all n_contexts states",
+            regime_margin=10.0,
+        ),
+        calculator=calc,
+        thesis_fractions={str(e): p for e, p in sweeps.items()},
         slack={str(e): s for e, s in slack.items()},
-        slack_grid={str(e): g and [{k: x[k] for k in ("fraction", "n_high", "n_low", "mean", "std")} for x in g]
-                    for e, g in grids.items()},
-        claims=rows, figures=figures, wall_time_s=time.time() - t0)
+        slack_grid={
+            str(e): g and [{k: x[k] for k in ("fraction", "n_high", "n_low", "mean", "std")} for x in g]
+            for e, g in grids.items()
+        },
+        claims=rows,
+        figures=figures,
+        wall_time_s=time.time() - t0,
+    )
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(strict_json(summary), fh, indent=1, allow_nan=False)
     print(f"\nwrote {', '.join(figures)} and summary.json to {out} ({summary['wall_time_s']:.1f} s)")

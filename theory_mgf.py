@@ -22,17 +22,11 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.integrate import solve_ivp  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-
 
 
 @dataclass
@@ -104,8 +98,20 @@ class Args:
     """noise draws averaged per magnitude"""
 
 
-QUICK = dict(n_samples=6, n_etas=5, toy_time=2.0, starts="-0.5,0.495;0.3,0.7", mlp_seeds=2, epochs=3,
-             hidden=32, n_train=64, n_test=64, batch_size=16, n_noise=4, noise_draws=2)
+QUICK = dict(
+    n_samples=6,
+    n_etas=5,
+    toy_time=2.0,
+    starts="-0.5,0.495;0.3,0.7",
+    mlp_seeds=2,
+    epochs=3,
+    hidden=32,
+    n_train=64,
+    n_test=64,
+    batch_size=16,
+    n_noise=4,
+    noise_draws=2,
+)
 
 
 def validate(args: Args) -> Args:
@@ -114,8 +120,10 @@ def validate(args: Args) -> Args:
         args = dataclasses.replace(args, **{k: v for k, v in QUICK.items() if getattr(args, k) == getattr(default, k)})
     checks = [
         (args.n_x_tokens >= 1 and args.n_y_tokens >= 1, "--n-x-tokens and --n-y-tokens must be >= 1"),
-        (args.d_in >= args.n_x_tokens + args.n_y_tokens,
-         "--d-in must be >= --n-x-tokens + --n-y-tokens (orthonormal embeddings, Assumption 1)"),
+        (
+            args.d_in >= args.n_x_tokens + args.n_y_tokens,
+            "--d-in must be >= --n-x-tokens + --n-y-tokens (orthonormal embeddings, Assumption 1)",
+        ),
         (args.seq_len >= 3, "--seq-len must be >= 3 (two target positions and a query)"),
         (args.n_samples >= 1, "--n-samples must be >= 1"),
         (0 < args.xi < 1, "--xi must lie in (0, 1) (Def. 7)"),
@@ -129,8 +137,10 @@ def validate(args: Args) -> Args:
         (args.hidden >= 1 and args.input_dim >= 1, "--hidden and --input-dim must be >= 1"),
         (args.n_train >= 2 and args.n_test >= 2, "--n-train and --n-test must be >= 2"),
         (0 <= args.batch_size <= args.n_train, "--batch-size must be in [0, --n-train] (0 = full batch)"),
-        (args.noise_max > 0 and args.n_noise >= 3 and args.noise_draws >= 1,
-         "need --noise-max > 0, --n-noise >= 3, --noise-draws >= 1"),
+        (
+            args.noise_max > 0 and args.n_noise >= 3 and args.noise_draws >= 1,
+            "need --noise-max > 0, --n-noise >= 3, --noise-draws >= 1",
+        ),
         (args.threads >= 1, "--threads must be >= 1"),
     ]
     for ok, msg in checks:
@@ -146,8 +156,10 @@ def parse_starts(text: str) -> np.ndarray:
     except ValueError:
         pts = np.zeros((0, 1))
     if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
-        raise SystemExit(f"error: --starts must look like 'x,y;x,y' (got {text!r}); "
-                         "use --starts='-0.5,0.5;0.3,0.7' when it begins with a minus sign")
+        raise SystemExit(
+            f"error: --starts must look like 'x,y;x,y' (got {text!r}); "
+            "use --starts='-0.5,0.5;0.3,0.7' when it begins with a minus sign"
+        )
     return pts
 
 
@@ -229,8 +241,7 @@ def integrate_flow(rhs, lx, ly, theta0, eta, t_eval, rtol):
         th = torch.as_tensor(y).reshape(shape)
         return rhs(lx, ly, th, eta).reshape(-1).numpy()
 
-    sol = solve_ivp(f, (0.0, float(t_eval[-1])), theta0.reshape(-1).numpy(), t_eval=t_eval,
-                    rtol=rtol, atol=rtol * 1e-2)
+    sol = solve_ivp(f, (0.0, float(t_eval[-1])), theta0.reshape(-1).numpy(), t_eval=t_eval, rtol=rtol, atol=rtol * 1e-2)
     out = np.full((len(t_eval), *shape), np.nan)  # a flow that blows up leaves NaNs after its end
     out[: sol.y.shape[1]] = sol.y.T.reshape(-1, *shape)
     return out
@@ -243,8 +254,12 @@ def flow_local_errors(lx, ly, theta0, etas):
     This is the check of the flow right-hand sides against the discrete updates.
     """
     out = {}
-    pairs = [("joint MGF", joint_step), ("seq MGF", sequential_step),
-             ("seq MGF (thesis-literal)", sequential_step), ("gradient flow vs seq GD", sequential_step)]
+    pairs = [
+        ("joint MGF", joint_step),
+        ("seq MGF", sequential_step),
+        ("seq MGF (thesis-literal)", sequential_step),
+        ("gradient flow vs seq GD", sequential_step),
+    ]
     for name, step in pairs:
         rhs = FLOWS[name.replace(" vs seq GD", "")]
         errs = []
@@ -274,9 +289,12 @@ def theorem3_check(lx, ly, theta, etas):
         lemma9.append(abs(c_seq - (c_multi - eta * gx_hy_gx)))  # Eq. 3.80: remainder O(eta^2)
     return {
         "etas": list(etas),
-        "residual_with_correction": with_corr, "slope_with_correction": fit_slope(etas, with_corr),
-        "residual_without_correction": without_corr, "slope_without_correction": fit_slope(etas, without_corr),
-        "lemma9_residual": lemma9, "lemma9_slope": fit_slope(etas, lemma9),
+        "residual_with_correction": with_corr,
+        "slope_with_correction": fit_slope(etas, with_corr),
+        "residual_without_correction": without_corr,
+        "slope_without_correction": fit_slope(etas, without_corr),
+        "lemma9_residual": lemma9,
+        "lemma9_slope": fit_slope(etas, lemma9),
     }
 
 
@@ -331,8 +349,14 @@ def lemma5_terms(prob, w, target, xi):
     on_target = (prob["tokens"] == target[:, None]).double()  # positions k with h_k = e_target
     v_hat = (zeta * on_target).sum(-1)  # Lemma 2, Eq. 3.34
     u = v_hat[:, None] * prob["emb"][target]  # Eq. 3.38
-    return {"omega": -1.0 / (v_hat + xi), "q": u - v_hat[:, None] * c, "query": query, "zeta": zeta,
-            "on_target": on_target, "v_hat": v_hat}
+    return {
+        "omega": -1.0 / (v_hat + xi),
+        "q": u - v_hat[:, None] * c,
+        "query": query,
+        "zeta": zeta,
+        "on_target": on_target,
+        "v_hat": v_hat,
+    }
 
 
 def lemma5_gradient(prob, w, target, xi):
@@ -400,10 +424,14 @@ def attention_checks(args: Args, gen: torch.Generator, etas):
     thm4 = theorem4_closed_form(prob, w, args.xi, eta=args.eta_max)
     thm5 = theorem5_closed_form(prob, w, args.xi)
     return {
-        "lemma5_rel_err": max(rel_err(lemma5_gradient(prob, w, prob["x"], args.xi), gx),
-                              rel_err(lemma5_gradient(prob, w, prob["y"], args.xi), gy)),
-        "lemma7_rel_err": max(rel_err(lemma7_hvp(prob, w, prob["y"], args.xi, direction), hvp(ly, w, direction)),
-                              rel_err(lemma7_hvp(prob, w, prob["y"], args.xi, gx), hy_gx)),
+        "lemma5_rel_err": max(
+            rel_err(lemma5_gradient(prob, w, prob["x"], args.xi), gx),
+            rel_err(lemma5_gradient(prob, w, prob["y"], args.xi), gy),
+        ),
+        "lemma7_rel_err": max(
+            rel_err(lemma7_hvp(prob, w, prob["y"], args.xi, direction), hvp(ly, w, direction)),
+            rel_err(lemma7_hvp(prob, w, prob["y"], args.xi, gx), hy_gx),
+        ),
         "thm4_rel_err": abs(thm4["total"] - args.eta_max / 4 * float(((gx + gy) ** 2).sum()))
         / (args.eta_max / 4 * float(((gx + gy) ** 2).sum())),
         "thm4_terms": thm4,
@@ -482,7 +510,7 @@ def toy_experiment(args: Args):
             "seq GD": run_gd(sequential_step, toy_l1, toy_l2, starts, eta, n_steps, every),
         }
         both = run_gd(disjoint_step, toy_l1, toy_l2, torch.cat([starts, starts]), eta, n_steps, every)
-        paths["disjoint GD (L1 only)"], paths["disjoint GD (L2 only)"] = both[:, : len(starts)], both[:, len(starts):]
+        paths["disjoint GD (L1 only)"], paths["disjoint GD (L2 only)"] = both[:, : len(starts)], both[:, len(starts) :]
         for name, rhs in FLOWS.items():
             paths[name] = integrate_flow(rhs, toy_l1, toy_l2, starts, eta, t_eval, args.ode_rtol)
         ends = {name: [classify_endpoint(p) for p in path[-1]] for name, path in paths.items()}
@@ -491,10 +519,15 @@ def toy_experiment(args: Args):
             return np.nanmax(np.linalg.norm(paths[a] - paths[b], axis=-1), axis=0)
 
         results[eta] = {
-            "n_steps": n_steps, "t": t_eval, "paths": paths, "ends": ends,
+            "n_steps": n_steps,
+            "t": t_eval,
+            "paths": paths,
+            "ends": ends,
             "end_points": {k: v[-1].tolist() for k, v in paths.items()},
-            "dev_joint_mgf": max_dev("joint GD", "joint MGF"), "dev_joint_gf": max_dev("joint GD", "gradient flow"),
-            "dev_seq_mgf": max_dev("seq GD", "seq MGF"), "dev_seq_gf": max_dev("seq GD", "gradient flow"),
+            "dev_joint_mgf": max_dev("joint GD", "joint MGF"),
+            "dev_joint_gf": max_dev("joint GD", "gradient flow"),
+            "dev_seq_mgf": max_dev("seq GD", "seq MGF"),
+            "dev_seq_gf": max_dev("seq GD", "gradient flow"),
             "dev_seq_literal": max_dev("seq GD", "seq MGF (thesis-literal)"),
         }
     return starts.numpy(), results
@@ -520,14 +553,16 @@ def make_regression_data(args: Args, similar: bool, gen: torch.Generator):
     tx = teacher()
     ty = tx.clone() if similar else teacher()
     y = torch.stack([tx, ty], dim=1)
-    return x[: args.n_train], y[: args.n_train], x[args.n_train:], y[args.n_train:]
+    return x[: args.n_train], y[: args.n_train], x[args.n_train :], y[args.n_train :]
 
 
 def make_mlp(args: Args, regime: str, similar: bool):
     """Two heads on one backbone (joint / sequential) or two separate networks (disjoint)."""
+
     def backbone():
-        return nn.Sequential(nn.Linear(args.input_dim, args.hidden), nn.ReLU(),
-                             nn.Linear(args.hidden, args.hidden), nn.ReLU())
+        return nn.Sequential(
+            nn.Linear(args.input_dim, args.hidden), nn.ReLU(), nn.Linear(args.hidden, args.hidden), nn.ReLU()
+        )
 
     backbones = nn.ModuleList([backbone()] if regime != "disjoint" else [backbone(), backbone()])
     heads = nn.ModuleList([nn.Linear(args.hidden, 1), nn.Linear(args.hidden, 1)])
@@ -558,8 +593,12 @@ def gradient_metrics(model, x, y):
         return torch.cat([d.reshape(-1) for n, d in zip(names, g[k]) if n.startswith(f"backbones.{index}.")])
 
     gx, gy = backbone_grad(0, 0), backbone_grad(1, last)
-    return {"cos": float(gx @ gy / (gx.norm() * gy.norm() + 1e-30)), "sum_norm": float((gx + gy).norm()),
-            "loss": float(losses.detach().sum()), "full_cross": float(sum((a * b).sum() for a, b in zip(*g)))}
+    return {
+        "cos": float(gx @ gy / (gx.norm() * gy.norm() + 1e-30)),
+        "sum_norm": float((gx + gy).norm()),
+        "loss": float(losses.detach().sum()),
+        "full_cross": float(sum((a * b).sum() for a, b in zip(*g))),
+    }
 
 
 def train_mlp(args: Args, regime: str, similar: bool, eta: float, seed: int):
@@ -610,7 +649,8 @@ def flatness(args: Args, model, x, y, gen):
     rise = errors[1:] - errors[0]
     ok = rise > 0
     return {
-        "sigmas": sigmas.tolist(), "test_error": errors.tolist(),
+        "sigmas": sigmas.tolist(),
+        "test_error": errors.tolist(),
         "slope_log_error": fit_slope(sigmas[1:], errors[1:]),
         "slope_log_rise": fit_slope(sigmas[1:][ok], rise[ok]) if ok.sum() >= 2 else float("nan"),
         "rise_at_max": float(rise[-1]),
@@ -626,7 +666,8 @@ def mlp_experiment(args: Args):
     out = {}
     for task, eta, regime, s in tqdm(runs, desc="§3.7.2 MLP runs"):
         out.setdefault(task, {}).setdefault(eta, {}).setdefault(regime, []).append(
-            train_mlp(args, regime, task == "similar", eta, seed=args.seed * 1000 + s))
+            train_mlp(args, regime, task == "similar", eta, seed=args.seed * 1000 + s)
+        )
     return out
 
 
@@ -647,38 +688,86 @@ def verdict(ok: bool, partly: bool = False) -> str:
 def build_claims(args: Args, att, toy, mlp):
     rows = []
     t3, fl = att["thm3"], att["flows"]
-    rows.append(("Thm 3 (Eq. 3.22): seq step = joint step + eta^2 H_y g_x + O(eta^3)",
-                 f"log-log slope of residual {t3['slope_with_correction']:.3f} (without the eta^2 term: "
-                 f"{t3['slope_without_correction']:.3f})", verdict(abs(t3["slope_with_correction"] - 3) < 0.3)))
-    rows.append(("Lemma 9 (Eq. 3.80): C_seq = C_multi - eta g_x^T H_y g_x + O(eta^2)",
-                 f"slope of remainder {t3['lemma9_slope']:.3f}", verdict(abs(t3["lemma9_slope"] - 2) < 0.3)))
-    rows.append(("Lemma 5 (Eq. 3.47-3.48): closed-form attention gradient",
-                 f"max rel. error vs autograd {att['lemma5_rel_err']:.1e}", verdict(att["lemma5_rel_err"] < 1e-8)))
-    rows.append(("Lemma 7 (Eq. 3.51-3.53): Hessian of the task loss (applied to a vector)",
-                 f"max rel. error vs autograd HVP {att['lemma7_rel_err']:.1e}", verdict(att["lemma7_rel_err"] < 1e-8)))
-    rows.append(("Thm 4 (Eq. 3.74): (eta/4)||g_x+g_y||^2 = xx + yy + cross sums (Lemma 8)",
-                 f"rel. error {att['thm4_rel_err']:.1e}; cross term {att['thm4_terms']['cross']:+.2e}",
-                 verdict(att["thm4_rel_err"] < 1e-8)))
+    rows.append(
+        (
+            "Thm 3 (Eq. 3.22): seq step = joint step + eta^2 H_y g_x + O(eta^3)",
+            f"log-log slope of residual {t3['slope_with_correction']:.3f} (without the eta^2 term: "
+            f"{t3['slope_without_correction']:.3f})",
+            verdict(abs(t3["slope_with_correction"] - 3) < 0.3),
+        )
+    )
+    rows.append(
+        (
+            "Lemma 9 (Eq. 3.80): C_seq = C_multi - eta g_x^T H_y g_x + O(eta^2)",
+            f"slope of remainder {t3['lemma9_slope']:.3f}",
+            verdict(abs(t3["lemma9_slope"] - 2) < 0.3),
+        )
+    )
+    rows.append(
+        (
+            "Lemma 5 (Eq. 3.47-3.48): closed-form attention gradient",
+            f"max rel. error vs autograd {att['lemma5_rel_err']:.1e}",
+            verdict(att["lemma5_rel_err"] < 1e-8),
+        )
+    )
+    rows.append(
+        (
+            "Lemma 7 (Eq. 3.51-3.53): Hessian of the task loss (applied to a vector)",
+            f"max rel. error vs autograd HVP {att['lemma7_rel_err']:.1e}",
+            verdict(att["lemma7_rel_err"] < 1e-8),
+        )
+    )
+    rows.append(
+        (
+            "Thm 4 (Eq. 3.74): (eta/4)||g_x+g_y||^2 = xx + yy + cross sums (Lemma 8)",
+            f"rel. error {att['thm4_rel_err']:.1e}; cross term {att['thm4_terms']['cross']:+.2e}",
+            verdict(att["thm4_rel_err"] < 1e-8),
+        )
+    )
     if att["thm5_rel_err"] is None:
-        rows.append(("Thm 5 (Eq. 3.76-3.77): closed form of the eta^2 correction",
-                     f"not defined: q_y (d_in={args.d_in}) (.) O (K={args.seq_len}) needs K = d_in", "not reproduced"))
+        rows.append(
+            (
+                "Thm 5 (Eq. 3.76-3.77): closed form of the eta^2 correction",
+                f"not defined: q_y (d_in={args.d_in}) (.) O (K={args.seq_len}) needs K = d_in",
+                "not reproduced",
+            )
+        )
     else:
-        rows.append(("Thm 5 (Eq. 3.76-3.77): closed form of the eta^2 correction (= H_y g_x)",
-                     f"rel. error vs autograd H_y g_x {att['thm5_rel_err']:.2f}, cosine {att['thm5_cosine']:+.2f}",
-                     verdict(att["thm5_rel_err"] < 1e-6)))
-    rows.append(("Eq. 3.4 / Thm 2: joint GD follows theta' = -g - (eta/2) H g to O(eta^2)",
-                 f"local-error slope {fl['joint MGF']['slope']:.2f} (3 = matches)",
-                 verdict(abs(fl["joint MGF"]["slope"] - 3) < 0.3)))
-    rows.append(("§3.7.1: seq flow 'with Hessian correction' (thesis-literal: -g + eta H_y g_x)",
-                 f"local-error slope literal {fl['seq MGF (thesis-literal)']['slope']:.2f}, plain GF "
-                 f"{fl['gradient flow vs seq GD']['slope']:.2f}, with -(eta/2)Hg added {fl['seq MGF']['slope']:.2f}",
-                 verdict(abs(fl["seq MGF (thesis-literal)"]["slope"] - 3) < 0.3,
-                         partly=abs(fl["seq MGF"]["slope"] - 3) < 0.3)))
-    full_cross = [abs(c) for e in args.mlp_etas for t in TASKS for run in mlp[t][e]["disjoint"] for c in run["full_cross"]]
+        rows.append(
+            (
+                "Thm 5 (Eq. 3.76-3.77): closed form of the eta^2 correction (= H_y g_x)",
+                f"rel. error vs autograd H_y g_x {att['thm5_rel_err']:.2f}, cosine {att['thm5_cosine']:+.2f}",
+                verdict(att["thm5_rel_err"] < 1e-6),
+            )
+        )
+    rows.append(
+        (
+            "Eq. 3.4 / Thm 2: joint GD follows theta' = -g - (eta/2) H g to O(eta^2)",
+            f"local-error slope {fl['joint MGF']['slope']:.2f} (3 = matches)",
+            verdict(abs(fl["joint MGF"]["slope"] - 3) < 0.3),
+        )
+    )
+    rows.append(
+        (
+            "§3.7.1: seq flow 'with Hessian correction' (thesis-literal: -g + eta H_y g_x)",
+            f"local-error slope literal {fl['seq MGF (thesis-literal)']['slope']:.2f}, plain GF "
+            f"{fl['gradient flow vs seq GD']['slope']:.2f}, with -(eta/2)Hg added {fl['seq MGF']['slope']:.2f}",
+            verdict(
+                abs(fl["seq MGF (thesis-literal)"]["slope"] - 3) < 0.3, partly=abs(fl["seq MGF"]["slope"] - 3) < 0.3
+            ),
+        )
+    )
+    full_cross = [
+        abs(c) for e in args.mlp_etas for t in TASKS for run in mlp[t][e]["disjoint"] for c in run["full_cross"]
+    ]
     shared_cross = [abs(run["full_cross"][0]) for t in TASKS for run in mlp[t][args.mlp_etas[0]]["joint"]]
-    rows.append(("Cor 2 (Eq. 3.11): no shared parameters -> <grad L_x, grad L_y> = 0",
-                 f"disjoint max |<gx,gy>| {max(full_cross):.1e}; shared nets at init min {min(shared_cross):.1e}",
-                 verdict(max(full_cross) == 0.0 and min(shared_cross) > 0)))
+    rows.append(
+        (
+            "Cor 2 (Eq. 3.11): no shared parameters -> <grad L_x, grad L_y> = 0",
+            f"disjoint max |<gx,gy>| {max(full_cross):.1e}; shared nets at init min {min(shared_cross):.1e}",
+            verdict(max(full_cross) == 0.0 and min(shared_cross) > 0),
+        )
+    )
 
     # §3.7.1 toy
     big, small = max(args.toy_etas), min(args.toy_etas)
@@ -689,53 +778,108 @@ def build_claims(args: Args, att, toy, mlp):
         return sum(a != b for a, b in zip(e["joint GD"], e["seq GD"]))
 
     d_big, d_small = differ(big), differ(small)
-    rows.append((f"§3.7.1: eta={big}: joint and sequential GD end at different minima",
-                 f"{d_big}/{n} starts end in different places (T={args.toy_time})", verdict(d_big == n, partly=d_big > 0)))
-    rows.append((f"§3.7.1: eta={small}: joint and sequential GD end at the same minimum",
-                 f"{n - d_small}/{n} starts end in the same place", verdict(d_small == 0, partly=d_small < n)))
+    rows.append(
+        (
+            f"§3.7.1: eta={big}: joint and sequential GD end at different minima",
+            f"{d_big}/{n} starts end in different places (T={args.toy_time})",
+            verdict(d_big == n, partly=d_big > 0),
+        )
+    )
+    rows.append(
+        (
+            f"§3.7.1: eta={small}: joint and sequential GD end at the same minimum",
+            f"{n - d_small}/{n} starts end in the same place",
+            verdict(d_small == 0, partly=d_small < n),
+        )
+    )
     for eta in args.toy_etas:
         r = toy[eta]
         better = int(np.sum(r["dev_joint_mgf"] < r["dev_joint_gf"])) + int(np.sum(r["dev_seq_mgf"] < r["dev_seq_gf"]))
-        rows.append((f"§3.7.1: eta={eta}: GD closely follows its modified flow",
-                     f"median max dist joint GD-MGF {np.median(r['dev_joint_mgf']):.1e} (GF {np.median(r['dev_joint_gf']):.1e}); "
-                     f"seq GD-MGF {np.median(r['dev_seq_mgf']):.1e} (GF {np.median(r['dev_seq_gf']):.1e}, literal "
-                     f"{np.median(r['dev_seq_literal']):.1e}); MGF closer in {better}/{2 * n}",
-                     verdict(better == 2 * n, partly=better > n)))
+        rows.append(
+            (
+                f"§3.7.1: eta={eta}: GD closely follows its modified flow",
+                f"median max dist joint GD-MGF {np.median(r['dev_joint_mgf']):.1e} "
+                f"(GF {np.median(r['dev_joint_gf']):.1e}); "
+                f"seq GD-MGF {np.median(r['dev_seq_mgf']):.1e} (GF {np.median(r['dev_seq_gf']):.1e}, literal "
+                f"{np.median(r['dev_seq_literal']):.1e}); MGF closer in {better}/{2 * n}",
+                verdict(better == 2 * n, partly=better > n),
+            )
+        )
 
     # §3.7.2
     hi, lo = max(args.mlp_etas), min(args.mlp_etas)
     cos = {(t, e, r): stack(mlp, t, e, r, "cos") for t in TASKS for e in args.mlp_etas for r in REGIMES}
     jmin = cos["similar", hi, "joint"].min()
-    rows.append((f"§3.7.2 Fig 3.3: similar, eta={hi}: joint keeps cos ~ 1 throughout",
-                 f"min cos over epochs and seeds {jmin:.4f}", verdict(jmin > 0.99, partly=jmin > 0.9)))
+    rows.append(
+        (
+            f"§3.7.2 Fig 3.3: similar, eta={hi}: joint keeps cos ~ 1 throughout",
+            f"min cos over epochs and seeds {jmin:.4f}",
+            verdict(jmin > 0.99, partly=jmin > 0.9),
+        )
+    )
     sfin = cos["similar", hi, "sequential"][:, -1]
-    rows.append((f"§3.7.2 Fig 3.3: similar, eta={hi}: sequential cos trends toward -1",
-                 f"final cos {sfin.mean():+.4f} +- {sfin.std():.4f} (min over training "
-                 f"{cos['similar', hi, 'sequential'].min():+.4f})",
-                 verdict(sfin.mean() < -0.5, partly=sfin.mean() < 0.9)))
+    rows.append(
+        (
+            f"§3.7.2 Fig 3.3: similar, eta={hi}: sequential cos trends toward -1",
+            f"final cos {sfin.mean():+.4f} +- {sfin.std():.4f} (min over training "
+            f"{cos['similar', hi, 'sequential'].min():+.4f})",
+            verdict(sfin.mean() < -0.5, partly=sfin.mean() < 0.9),
+        )
+    )
     lmin = min(cos["similar", lo, r].min() for r in ("joint", "sequential"))
-    rows.append((f"§3.7.2 Fig 3.3: similar, eta={lo}: joint and sequential both keep cos ~ 1",
-                 f"min cos {lmin:.4f}", verdict(lmin > 0.99, partly=lmin > 0.9)))
+    rows.append(
+        (
+            f"§3.7.2 Fig 3.3: similar, eta={lo}: joint and sequential both keep cos ~ 1",
+            f"min cos {lmin:.4f}",
+            verdict(lmin > 0.99, partly=lmin > 0.9),
+        )
+    )
     losses = [stack(mlp, t, e, r, "loss") for t in TASKS for e in args.mlp_etas for r in ("joint", "sequential")]
-    stable = all(np.isfinite(l).all() and (l[:, -1] < l[:, 0]).all() for l in losses)
-    rows.append(("§3.7.2: both regimes keep training loss stable (no divergence)",
-                 f"all runs finite and final < initial loss: {stable}", verdict(stable)))
-    drops = {(e, r): (cos["dissimilar", e, r][:, 0].mean(), cos["dissimilar", e, r][:, -1].mean())
-             for e in args.mlp_etas for r in ("joint", "sequential")}
+    stable = all(np.isfinite(x).all() and (x[:, -1] < x[:, 0]).all() for x in losses)
+    rows.append(
+        (
+            "§3.7.2: both regimes keep training loss stable (no divergence)",
+            f"all runs finite and final < initial loss: {stable}",
+            verdict(stable),
+        )
+    )
+    drops = {
+        (e, r): (cos["dissimilar", e, r][:, 0].mean(), cos["dissimilar", e, r][:, -1].mean())
+        for e in args.mlp_etas
+        for r in ("joint", "sequential")
+    }
     n_drop = sum(a - b > MARGIN for a, b in drops.values())
-    rows.append(("§3.7.2 Fig 3.4: dissimilar: both regimes drive cos down (more disagreement), both eta",
-                 "; ".join(f"{r[:3]} eta={e}: {a:+.3f}->{b:+.3f}" for (e, r), (a, b) in drops.items())
-                 + f" (counts if drop > {MARGIN})", verdict(n_drop == len(drops), partly=n_drop > 0)))
+    rows.append(
+        (
+            "§3.7.2 Fig 3.4: dissimilar: both regimes drive cos down (more disagreement), both eta",
+            "; ".join(f"{r[:3]} eta={e}: {a:+.3f}->{b:+.3f}" for (e, r), (a, b) in drops.items())
+            + f" (counts if drop > {MARGIN})",
+            verdict(n_drop == len(drops), partly=n_drop > 0),
+        )
+    )
     q = max(1, args.epochs // 4)
-    early = {(e, r): cos["dissimilar", e, r][:, 1:q + 1].mean() for e in args.mlp_etas for r in ("joint", "sequential")}
+    early = {
+        (e, r): cos["dissimilar", e, r][:, 1 : q + 1].mean() for e in args.mlp_etas for r in ("joint", "sequential")
+    }
     faster = all(early[hi, r] < early[lo, r] - MARGIN for r in ("joint", "sequential"))
-    rows.append((f"§3.7.2 Fig 3.4: dissimilar: disagreement emerges faster at eta={hi}",
-                 f"mean cos over first {q} epochs: " + "; ".join(f"{r[:3]} eta={e}: {v:+.3f}" for (e, r), v in early.items())
-                 + f" (counts if lower by > {MARGIN})", verdict(faster)))
+    rows.append(
+        (
+            f"§3.7.2 Fig 3.4: dissimilar: disagreement emerges faster at eta={hi}",
+            f"mean cos over first {q} epochs: "
+            + "; ".join(f"{r[:3]} eta={e}: {v:+.3f}" for (e, r), v in early.items())
+            + f" (counts if lower by > {MARGIN})",
+            verdict(faster),
+        )
+    )
     sd_j, sd_s = cos["dissimilar", hi, "joint"][:, -1].std(), cos["dissimilar", hi, "sequential"][:, -1].std()
-    rows.append((f"§3.7.2 Fig 3.4: dissimilar, eta={hi}: joint more consistent across seeds than sequential",
-                 f"std of final cos over {args.mlp_seeds} seeds: joint {sd_j:.3f}, seq {sd_s:.3f} (counts if joint < 0.8 seq, partly if < 0.95 seq)",
-                 verdict(sd_j < 0.8 * sd_s, partly=sd_j < 0.95 * sd_s)))  # a tie is no evidence either way
+    rows.append(
+        (
+            f"§3.7.2 Fig 3.4: dissimilar, eta={hi}: joint more consistent across seeds than sequential",
+            f"std of final cos over {args.mlp_seeds} seeds: joint {sd_j:.3f}, seq {sd_s:.3f} "
+            "(counts if joint < 0.8 seq, partly if < 0.95 seq)",
+            verdict(sd_j < 0.8 * sd_s, partly=sd_j < 0.95 * sd_s),
+        )
+    )  # a tie is no evidence either way
 
     # §3.7.3
     def slopes(t, e, r, key):
@@ -743,20 +887,30 @@ def build_claims(args: Args, att, toy, mlp):
 
     # The same claim, read twice: with the thesis's slope of log E(sigma), and with the rise E(sigma_max) - E(0)
     # (the sharpness itself; the slope of log E also moves with E(0)). The slope of log(E - E(0)) is reported.
-    for key, what, fmt in (("slope_log_error", "slope log E vs log sigma", ".2f"),
-                           ("rise_at_max", f"E(sigma={args.noise_max}) - E(0) [slope of log(E - E(0))]", ".3f")):
+    for key, what, fmt in (
+        ("slope_log_error", "slope log E vs log sigma", ".2f"),
+        ("rise_at_max", f"E(sigma={args.noise_max}) - E(0) [slope of log(E - E(0))]", ".3f"),
+    ):
         parts, n_ok = [], 0
         for t in TASKS:
             for r in REGIMES:
                 a, b = slopes(t, hi, r, key).mean(), slopes(t, lo, r, key).mean()
                 n_ok += a < b
-                extra = (f" [{np.nanmean(slopes(t, lo, r, 'slope_log_rise')):.1f}->"
-                         f"{np.nanmean(slopes(t, hi, r, 'slope_log_rise')):.1f}]" if key == "rise_at_max" else "")
+                extra = (
+                    f" [{np.nanmean(slopes(t, lo, r, 'slope_log_rise')):.1f}->"
+                    f"{np.nanmean(slopes(t, hi, r, 'slope_log_rise')):.1f}]"
+                    if key == "rise_at_max"
+                    else ""
+                )
                 parts.append(f"{t[:3]}/{r[:3]}: {b:{fmt}}->{a:{fmt}}{extra}")
-        rows.append((f"§3.7.3 Fig 3.5 (implied by Lemma 1, not stated): larger eta -> flatter"
-                     + (" (lower slope)" if key == "slope_log_error" else " (smaller rise; ours)"),
-                     f"{what}, eta {lo}->{hi}: " + "; ".join(parts),
-                     verdict(n_ok == len(TASKS) * len(REGIMES), partly=n_ok > 0)))
+        rows.append(
+            (
+                "§3.7.3 Fig 3.5 (implied by Lemma 1, not stated): larger eta -> flatter"
+                + (" (lower slope)" if key == "slope_log_error" else " (smaller rise; ours)"),
+                f"{what}, eta {lo}->{hi}: " + "; ".join(parts),
+                verdict(n_ok == len(TASKS) * len(REGIMES), partly=n_ok > 0),
+            )
+        )
     return rows
 
 
@@ -774,13 +928,30 @@ def print_table(rows):
 # Figures
 # ============================================================================================
 # Joint runs are drawn wider so they stay visible where the sequential run lies on top of them.
-STYLE = {"joint GD": ("tab:blue", "-"), "joint MGF": ("tab:blue", "--"), "seq GD": ("tab:red", "-"),
-         "seq MGF": ("tab:red", "--"), "disjoint GD (L1 only)": ("0.45", ":"), "disjoint GD (L2 only)": ("0.7", ":")}
+STYLE = {
+    "joint GD": ("tab:blue", "-"),
+    "joint MGF": ("tab:blue", "--"),
+    "seq GD": ("tab:red", "-"),
+    "seq MGF": ("tab:red", "--"),
+    "disjoint GD (L1 only)": ("0.45", ":"),
+    "disjoint GD (L2 only)": ("0.7", ":"),
+}
 REG_COLOR = {"joint": "tab:blue", "sequential": "tab:red", "disjoint": "tab:gray"}
 REG_WIDTH = {"joint": 2.8, "sequential": 1.3, "disjoint": 1.3}
 
 
+def pyplot():
+    """matplotlib, imported when a figure is drawn (not when this file is imported), with a file-only backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_toy(args, starts, toy, path):
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(args.toy_etas), figsize=(6.5 * len(args.toy_etas), 6), squeeze=False)
     gx, gy = np.meshgrid(np.linspace(-3.5, 2.5, 300), np.linspace(-2.0, 3.5, 300))
     grid = torch.as_tensor(np.stack([gx, gy], -1))
@@ -790,12 +961,23 @@ def plot_toy(args, starts, toy, path):
         for name, (col, ls) in STYLE.items():
             p = toy[eta]["paths"][name]
             for i in range(p.shape[1]):
-                ax.plot(p[:, i, 0], p[:, i, 1], color=col, ls=ls, lw=2.8 if name.startswith("joint") else 1.3,
-                        label=name if i == 0 else None)
+                ax.plot(
+                    p[:, i, 0],
+                    p[:, i, 1],
+                    color=col,
+                    ls=ls,
+                    lw=2.8 if name.startswith("joint") else 1.3,
+                    label=name if i == 0 else None,
+                )
         ax.plot(*starts.T, "ko", ms=4, label="starts")
         ax.plot([1], [-1], "g*", ms=12, label="global min (1,-1)")
-        ax.set(xlim=(-3.5, 2.5), ylim=(-2.0, 3.5), xlabel="x", ylabel="y",
-               title=f"eta={eta}, flow time T={args.toy_time} ({toy[eta]['n_steps']} steps)")
+        ax.set(
+            xlim=(-3.5, 2.5),
+            ylim=(-2.0, 3.5),
+            xlabel="x",
+            ylabel="y",
+            title=f"eta={eta}, flow time T={args.toy_time} ({toy[eta]['n_steps']} steps)",
+        )
     axes[0, 0].legend(fontsize=7, loc="lower left")
     fig.suptitle("Fig. 3.2: joint vs sequential GD and their modified flows on L1+L2 (Eq. 3.90-3.91)")
     fig.tight_layout()
@@ -804,12 +986,15 @@ def plot_toy(args, starts, toy, path):
 
 
 def plot_checks(att, path):
+    plt = pyplot()
     t3, fl = att["thm3"], att["flows"]
     etas = np.array(t3["etas"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, lab in (("residual_with_correction", "Thm 3 residual (with eta^2 H_y g_x)"),
-                     ("residual_without_correction", "seq - joint (no correction)"),
-                     ("lemma9_residual", "Lemma 9 remainder")):
+    for key, lab in (
+        ("residual_with_correction", "Thm 3 residual (with eta^2 H_y g_x)"),
+        ("residual_without_correction", "seq - joint (no correction)"),
+        ("lemma9_residual", "Lemma 9 remainder"),
+    ):
         axes[0].loglog(etas, t3[key], "o-", label=f"{lab}: slope {fit_slope(etas, t3[key]):.2f}")
     for name, r in fl.items():
         axes[1].loglog(etas, r["errors"], "o-", label=f"{name}: slope {r['slope']:.2f}")
@@ -823,11 +1008,15 @@ def plot_checks(att, path):
 
 
 def plot_mlp(args, mlp, task, path):
+    plt = pyplot()
     etas = sorted(args.mlp_etas)
     fig, axes = plt.subplots(len(etas), 3, figsize=(14, 3.6 * len(etas)), squeeze=False)
     for row, eta in zip(axes, etas):
-        for ax, key, title in zip(row, ("cos", "sum_norm", "loss"),
-                                  ("cos(g_x, g_y) on shared params", "||g_x + g_y||", "training loss L_x + L_y")):
+        for ax, key, title in zip(
+            row,
+            ("cos", "sum_norm", "loss"),
+            ("cos(g_x, g_y) on shared params", "||g_x + g_y||", "training loss L_x + L_y"),
+        ):
             for r in REGIMES:
                 v = stack(mlp, task, eta, r, key)
                 m, s = v.mean(0), v.std(0)
@@ -840,21 +1029,32 @@ def plot_mlp(args, mlp, task, path):
             else:
                 ax.ticklabel_format(axis="y", useOffset=False)  # cosines near 1 differ in the 5th digit
         row[0].legend(fontsize=8)
-    fig.suptitle(f"Fig. {'3.3' if task == 'similar' else '3.4'}: {task} tasks (mean +- std over {args.mlp_seeds} seeds)")
+    fig.suptitle(
+        f"Fig. {'3.3' if task == 'similar' else '3.4'}: {task} tasks (mean +- std over {args.mlp_seeds} seeds)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 FLATNESS = {  # key in flatness() -> (plotted values, slope key, y label, title)
-    "error": (lambda f: np.array(f["test_error"][1:]), "slope_log_error", "test error E(sigma) (sum of MSEs)",
-              "Fig. 3.5: test error under multiplicative Gaussian weight noise (thesis measure)"),
-    "rise": (lambda f: np.array(f["test_error"][1:]) - f["test_error"][0], "slope_log_rise", "E(sigma) - E(0)",
-             "Fig. 3.5 (ours): rise of the test error above E(0); level = sharpness, slope ~2 = smooth minimum"),
+    "error": (
+        lambda f: np.array(f["test_error"][1:]),
+        "slope_log_error",
+        "test error E(sigma) (sum of MSEs)",
+        "Fig. 3.5: test error under multiplicative Gaussian weight noise (thesis measure)",
+    ),
+    "rise": (
+        lambda f: np.array(f["test_error"][1:]) - f["test_error"][0],
+        "slope_log_rise",
+        "E(sigma) - E(0)",
+        "Fig. 3.5 (ours): rise of the test error above E(0); level = sharpness, slope ~2 = smooth minimum",
+    ),
 }
 
 
 def plot_flatness(args, mlp, measure, path):
+    plt = pyplot()
     values, slope_key, ylabel, title = FLATNESS[measure]
     etas = sorted(args.mlp_etas)
     fig, axes = plt.subplots(2, len(etas), figsize=(5.5 * len(etas), 8), squeeze=False)
@@ -866,11 +1066,10 @@ def plot_flatness(args, mlp, measure, path):
                 val = np.mean([values(run["flatness"]) for run in runs], axis=0)
                 slope = np.nanmean([run["flatness"][slope_key] for run in runs])
                 ok = val > 0  # a mean rise can be <= 0 at tiny sigma; log axes cannot show it
-                ax.loglog(sig[ok], val[ok], "o-", color=REG_COLOR[r], lw=REG_WIDTH[r],
-                          label=f"{r}: slope {slope:.2f}")
+                ax.loglog(sig[ok], val[ok], "o-", color=REG_COLOR[r], lw=REG_WIDTH[r], label=f"{r}: slope {slope:.2f}")
             ticks = sig[[0, len(sig) // 2, -1]]  # few plain labels: log-axis defaults overlap here
             ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
-            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
             ax.set(title=f"{task}, eta={eta}", xlabel="noise sigma", ylabel=ylabel)
             ax.legend(fontsize=8)
     fig.suptitle(title)
@@ -890,8 +1089,16 @@ def prepare_out_dir(args: Args) -> str:
 
 def git_commit():
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         return None
 
@@ -950,8 +1157,10 @@ def main(args: Args):
         print(f"  eta={eta}: where each run ends after flow time T={args.toy_time} (start -> {' | '.join(runs)})")
         e, p = toy[eta]["ends"], toy[eta]["end_points"]
         for i, s in enumerate(starts):
-            print(f"    ({s[0]:+.3f},{s[1]:+.3f}) -> " + " | ".join(
-                f"{e[k][i]} ({p[k][i][0]:+.2f},{p[k][i][1]:+.2f})" for k in runs))
+            print(
+                f"    ({s[0]:+.3f},{s[1]:+.3f}) -> "
+                + " | ".join(f"{e[k][i]} ({p[k][i][0]:+.2f},{p[k][i][1]:+.2f})" for k in runs)
+            )
     mlp = mlp_experiment(args)
     print(f"[§3.7.2-3.7.3] MLP done ({time.time() - t0:.0f}s)")
 
@@ -969,11 +1178,21 @@ def main(args: Args):
 
     toy_summary = {eta: {k: v for k, v in r.items() if k not in ("paths", "t")} for eta, r in toy.items()}
     summary = {
-        "config": dataclasses.asdict(args), "git_commit": git_commit(), "choices": CHOICES,
+        "config": dataclasses.asdict(args),
+        "git_commit": git_commit(),
+        "choices": CHOICES,
         "claims": [{"thesis_claim": c, "ours": m, "verdict": v} for c, m, v in rows],
-        "results": {"attention_checks": att, "toy": {"starts": starts, "runs": toy_summary},
-                    "mlp": {t: {e: {r: [{k: v for k, v in run.items()} for run in runs]
-                                    for r, runs in d.items()} for e, d in td.items()} for t, td in mlp.items()}},
+        "results": {
+            "attention_checks": att,
+            "toy": {"starts": starts, "runs": toy_summary},
+            "mlp": {
+                t: {
+                    e: {r: [{k: v for k, v in run.items()} for run in runs] for r, runs in d.items()}
+                    for e, d in td.items()
+                }
+                for t, td in mlp.items()
+            },
+        },
         "wall_time_s": time.time() - t0,
     }
     with open(os.path.join(out, "summary.json"), "w") as f:

@@ -27,10 +27,6 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import cvxpy as cp
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
@@ -208,14 +204,8 @@ def priority_pairs(G):
     node per SCC). Using all ⇒ pairs or only the cross-SCC edges gives the same feasible set."""
     dag = nx.condensation(G)
     members = {c: sorted(dag.nodes[c]["members"]) for c in dag.nodes}
-    equal = [(i, j) for m in members.values() for a, i in enumerate(m) for j in m[a + 1:]]
-    strict = [
-        (i, j)
-        for c in dag.nodes
-        for c2 in nx.descendants(dag, c)
-        for i in members[c]
-        for j in members[c2]
-    ]
+    equal = [(i, j) for m in members.values() for a, i in enumerate(m) for j in m[a + 1 :]]
+    strict = [(i, j) for c in dag.nodes for c2 in nx.descendants(dag, c) for i in members[c] for j in members[c2]]
     return equal, strict
 
 
@@ -357,9 +347,17 @@ def within_modality_selectivity(att, X, state_modality: bool):
 
 def graph_statistics(graphs_a, graphs_m):
     """Counts behind the §1.6.3 claims about G_a and G_m (pairs of nodes of the same G^(k))."""
-    stats = dict(state_reaches_action_a=0, cross_modal_sccs_a=0, action_state_pairs_a=0,
-                 action_over_state_a=0, graphs_m=len(graphs_m), graphs_m_with_cross_scc=0,
-                 a_over_s_to_equal=0, a_over_s_to_reversed=0, a_over_s_kept=0)
+    stats = dict(
+        state_reaches_action_a=0,
+        cross_modal_sccs_a=0,
+        action_state_pairs_a=0,
+        action_over_state_a=0,
+        graphs_m=len(graphs_m),
+        graphs_m_with_cross_scc=0,
+        a_over_s_to_equal=0,
+        a_over_s_to_reversed=0,
+        a_over_s_kept=0,
+    )
     for k, Ga in graphs_a.items():
         nodes = list(Ga.nodes)
         pairs = [(i, j) for i in nodes if not is_state(i) for j in nodes if is_state(j)]
@@ -382,9 +380,7 @@ def graph_statistics(graphs_a, graphs_m):
     stats["state_over_action_m"] = sum(
         is_state(i) and not is_state(j) for G in graphs_m.values() for i, j in priority_pairs(G)[1]
     )
-    stats["graphs_m_with_cross_scc"] = sum(
-        any(len(set(is_state(c))) == 2 for c in sccs(G)) for G in graphs_m.values()
-    )
+    stats["graphs_m_with_cross_scc"] = sum(any(len(set(is_state(c))) == 2 for c in sccs(G)) for G in graphs_m.values())
     return {key: int(value) for key, value in stats.items()}
 
 
@@ -413,41 +409,58 @@ def run_trial(seed: int, args: Args):
         if all(np.linalg.norm(m["W_svm"]) > ZERO_TOL for m in models.values()):
             break
     else:
-        raise SystemExit(f"error: trial with seed {seed} drew data whose Graph-SVM solution is zero "
-                         f"{args.max_redraws + 1} times; use more samples or raise --max-redraws")
+        raise SystemExit(
+            f"error: trial with seed {seed} drew data whose Graph-SVM solution is zero "
+            f"{args.max_redraws + 1} times; use more samples or raise --max-redraws"
+        )
     # Both models start from the same W(0), so their differences come from the loss alone.
     W0 = args.init_std * rng.standard_normal((args.d_in, args.d_in))
     for m in models.values():
         m["W_fin"] = cyclic_component(m["graphs"], E, m["X"], m["y"])
-        m["W"], m["history"] = train(W0, E, C, m["X"], m["y"], m["W_svm"], m["W_fin"],
-                                     args.steps, args.lr)
+        m["W"], m["history"] = train(W0, E, C, m["X"], m["y"], m["W_svm"], m["W_fin"], args.steps, args.lr)
         att = attention(m["W"], E, X)  # attention depends on the sequences only, not the labels
         state_mass, action_mass = modality_mass(att, X)
-        m.update(attention=att, state_mass=float(state_mass.mean()),
-                 action_mass=float(action_mass.mean()),
-                 select_action=within_modality_selectivity(att, X, state_modality=False),
-                 select_state=within_modality_selectivity(att, X, state_modality=True))
+        m.update(
+            attention=att,
+            state_mass=float(state_mass.mean()),
+            action_mass=float(action_mass.mean()),
+            select_action=within_modality_selectivity(att, X, state_modality=False),
+            select_state=within_modality_selectivity(att, X, state_modality=True),
+        )
     stats = graph_statistics(models["action_only"]["graphs"], models["multi_task"]["graphs"])
     return dict(seed=seed, redraws=redraws, X=X, a=a, s=s, models=models, graph_stats=stats)
 
 
 def trial_record(trial):
     """The JSON-serialisable part of a trial."""
-    out = dict(seed=trial["seed"], redraws=trial["redraws"], sequences=trial["X"].tolist(),
-               action_labels=trial["a"].tolist(), state_labels=trial["s"].tolist(),
-               graph_stats=trial["graph_stats"])
+    out = dict(
+        seed=trial["seed"],
+        redraws=trial["redraws"],
+        sequences=trial["X"].tolist(),
+        action_labels=trial["a"].tolist(),
+        state_labels=trial["s"].tolist(),
+        graph_stats=trial["graph_stats"],
+    )
     for name, m in trial["models"].items():
         out[name] = dict(
-            tpgs={token_name(k): dict(edges=[[token_name(i), token_name(j)] for i, j in G.edges],
-                                      sccs=[[token_name(t) for t in c] for c in sccs(G)])
-                  for k, G in m["graphs"].items()},
-            norm_W_svm=float(np.linalg.norm(m["W_svm"])), norm_W_fin=float(np.linalg.norm(m["W_fin"])),
+            tpgs={
+                token_name(k): dict(
+                    edges=[[token_name(i), token_name(j)] for i, j in G.edges],
+                    sccs=[[token_name(t) for t in c] for c in sccs(G)],
+                )
+                for k, G in m["graphs"].items()
+            },
+            norm_W_svm=float(np.linalg.norm(m["W_svm"])),
+            norm_W_fin=float(np.linalg.norm(m["W_fin"])),
             norm_W_final=float(np.linalg.norm(m["W"])),
             final_corr_svm=float(m["history"]["corr_svm"][-1]),
             final_corr_svm_fin=float(m["history"]["corr_svm_fin"][-1]),
             final_loss=float(m["history"]["loss"][-1]),
-            state_mass=m["state_mass"], action_mass=m["action_mass"],
-            selectivity_action=m["select_action"], selectivity_state=m["select_state"])
+            state_mass=m["state_mass"],
+            action_mass=m["action_mass"],
+            selectivity_action=m["select_action"],
+            selectivity_state=m["select_state"],
+        )
     return out
 
 
@@ -471,61 +484,82 @@ def corr_verdict(values):
 def claims_table(records, steps):
     n = len(records)
     g = {key: sum(r["graph_stats"][key] for r in records) for key in records[0]["graph_stats"]}
-    final = {name: {key: [r[name][key] for r in records] for key in records[0][name]
-                    if key != "tpgs"} for name in MODELS}
+    final = {
+        name: {key: [r[name][key] for r in records] for key in records[0][name] if key != "tpgs"} for name in MODELS
+    }
     ao, mt = final["action_only"], final["multi_task"]
     turned = g["a_over_s_to_equal"] + g["a_over_s_to_reversed"]
     more_selective = [np.mean(mt[k]) > np.mean(ao[k]) for k in ("selectivity_action", "selectivity_state")]
     worst_svm_fin = min(np.mean(ao["final_corr_svm_fin"]), np.mean(mt["final_corr_svm_fin"]))
     return [
-        dict(claim="§1.6.3 G_a: no path from a state to an action token; SCCs only inside A",
-             ours=f"{g['state_reaches_action_a']} state->action paths, {g['cross_modal_sccs_a']} "
-                  f"cross-modal SCCs in {n} trials (structural: states are never labels)",
-             verdict=level(g["state_reaches_action_a"] == 0 and g["cross_modal_sccs_a"] == 0, False)),
-        dict(claim="§1.6.3 G_a: (i => j) for ALL i in A, j in S",
-             ours=f"{g['action_over_state_a']}/{g['action_state_pairs_a']} = "
-                  f"{g['action_over_state_a'] / g['action_state_pairs_a']:.0%} of (action, state) node "
-                  "pairs; an action that is never a label out-ranks nothing",
-             verdict=level(g["action_over_state_a"] == g["action_state_pairs_a"],
-                           g["action_over_state_a"] > 0)),
-        dict(claim="§1.6.3 G_m: SCCs spanning both modalities can exist",
-             ours=f"{g['graphs_m_with_cross_scc']}/{g['graphs_m']} graphs G_m^(k) have one "
-                  "(guaranteed: a_i -> s_i and s_i -> a_i for every sample)",
-             verdict=level(g["graphs_m_with_cross_scc"] > 0, False)),
+        dict(
+            claim="§1.6.3 G_a: no path from a state to an action token; SCCs only inside A",
+            ours=f"{g['state_reaches_action_a']} state->action paths, {g['cross_modal_sccs_a']} "
+            f"cross-modal SCCs in {n} trials (structural: states are never labels)",
+            verdict=level(g["state_reaches_action_a"] == 0 and g["cross_modal_sccs_a"] == 0, False),
+        ),
+        dict(
+            claim="§1.6.3 G_a: (i => j) for ALL i in A, j in S",
+            ours=f"{g['action_over_state_a']}/{g['action_state_pairs_a']} = "
+            f"{g['action_over_state_a'] / g['action_state_pairs_a']:.0%} of (action, state) node "
+            "pairs; an action that is never a label out-ranks nothing",
+            verdict=level(g["action_over_state_a"] == g["action_state_pairs_a"], g["action_over_state_a"] > 0),
+        ),
+        dict(
+            claim="§1.6.3 G_m: SCCs spanning both modalities can exist",
+            ours=f"{g['graphs_m_with_cross_scc']}/{g['graphs_m']} graphs G_m^(k) have one "
+            "(guaranteed: a_i -> s_i and s_i -> a_i for every sample)",
+            verdict=level(g["graphs_m_with_cross_scc"] > 0, False),
+        ),
         # The thesis's "reversed" is its own gloss, "when some states get higher priority compared to actions":
         # a state => action pair of G_m. An a => s pair of G_a itself cannot flip (G_a is a subgraph of G_m).
-        dict(claim="§1.6.3 G_m: many action=>state inequalities become equalities, or are reversed when some "
-                   "states get higher priority than actions",
-             ours=f"of {g['action_over_state_a']} a=>s pairs of G_a: {g['a_over_s_to_equal']} become equal, "
-                  f"{g['a_over_s_kept']} kept ({g['a_over_s_to_reversed']} flipped: impossible, G_a is a subgraph "
-                  f"of G_m); {g['state_over_action_m']} s=>a pairs in G_m (states out-ranking actions)",
-             verdict=level(turned >= 0.5 * g["action_over_state_a"] and g["state_over_action_m"] > 0,
-                           turned > 0 or g["state_over_action_m"] > 0)),
-        dict(claim="Thm 1(a), §1.6.5: action-only W(t) aligns with W_a; corr ≈ 0.98 (Eq. 1.35)",
-             ours=f"corr(W({steps}), W_a) = {mean_std(ao['final_corr_svm'])} "
-                  f"(min {min(ao['final_corr_svm']):.3f}, {n} trials)",
-             verdict=corr_verdict(ao["final_corr_svm"])),
-        dict(claim="Thm 1(b), §1.6.5: multi-task W(t) aligns with W_m (Eq. 1.35)",
-             ours=f"corr(W({steps}), W_m) = {mean_std(mt['final_corr_svm'])} "
-                  f"(min {min(mt['final_corr_svm']):.3f})",
-             verdict=corr_verdict(mt["final_corr_svm"])),
-        dict(claim="[33] (source, not thesis): W(t) ≈ R(t) W_svm/||W_svm|| + W_fin",
-             ours=f"corr: action-only {mean_std(ao['final_corr_svm_fin'])}, "
-                  f"multi-task {mean_std(mt['final_corr_svm_fin'])}; "
-                  f"||W_fin|| {mean_std(ao['norm_W_fin'])} vs {mean_std(mt['norm_W_fin'])}",
-             verdict=level(worst_svm_fin >= CORR_REPRODUCED, worst_svm_fin >= CORR_PARTLY)),
-        dict(claim="Fig. 1.6c: action-only model pays negligible attention to state tokens",
-             ours=f"attention mass on states {mean_std(ao['state_mass'])} (threshold {NEGLIGIBLE_MASS})",
-             verdict=level(np.mean(ao["state_mass"]) < NEGLIGIBLE_MASS, np.mean(ao["state_mass"]) < 0.5)),
-        dict(claim="Fig. 1.6d: multi-task attention balanced across modalities",
-             ours=f"attention mass on states {mean_std(mt['state_mass'])}; ≈ 1/2 is forced by the loss "
-                  "(-log p_a - log p_s with p_a + p_s <= 1 peaks at p_a = p_s = 1/2)",
-             verdict=level(BALANCED_MASS[0] <= np.mean(mt["state_mass"]) <= BALANCED_MASS[1], False)),
-        dict(claim="Fig. 1.6d: multi-task attention more selective within each modality",
-             ours=f"top-token share in actions: {mean_std(ao['selectivity_action'])} (action-only) vs "
-                  f"{mean_std(mt['selectivity_action'])} (multi-task); in states: "
-                  f"{mean_std(ao['selectivity_state'])} vs {mean_std(mt['selectivity_state'])}",
-             verdict=level(all(more_selective), any(more_selective))),
+        dict(
+            claim="§1.6.3 G_m: many action=>state inequalities become equalities, or are reversed when some "
+            "states get higher priority than actions",
+            ours=f"of {g['action_over_state_a']} a=>s pairs of G_a: {g['a_over_s_to_equal']} become equal, "
+            f"{g['a_over_s_kept']} kept ({g['a_over_s_to_reversed']} flipped: impossible, G_a is a subgraph "
+            f"of G_m); {g['state_over_action_m']} s=>a pairs in G_m (states out-ranking actions)",
+            verdict=level(
+                turned >= 0.5 * g["action_over_state_a"] and g["state_over_action_m"] > 0,
+                turned > 0 or g["state_over_action_m"] > 0,
+            ),
+        ),
+        dict(
+            claim="Thm 1(a), §1.6.5: action-only W(t) aligns with W_a; corr ≈ 0.98 (Eq. 1.35)",
+            ours=f"corr(W({steps}), W_a) = {mean_std(ao['final_corr_svm'])} "
+            f"(min {min(ao['final_corr_svm']):.3f}, {n} trials)",
+            verdict=corr_verdict(ao["final_corr_svm"]),
+        ),
+        dict(
+            claim="Thm 1(b), §1.6.5: multi-task W(t) aligns with W_m (Eq. 1.35)",
+            ours=f"corr(W({steps}), W_m) = {mean_std(mt['final_corr_svm'])} (min {min(mt['final_corr_svm']):.3f})",
+            verdict=corr_verdict(mt["final_corr_svm"]),
+        ),
+        dict(
+            claim="[33] (source, not thesis): W(t) ≈ R(t) W_svm/||W_svm|| + W_fin",
+            ours=f"corr: action-only {mean_std(ao['final_corr_svm_fin'])}, "
+            f"multi-task {mean_std(mt['final_corr_svm_fin'])}; "
+            f"||W_fin|| {mean_std(ao['norm_W_fin'])} vs {mean_std(mt['norm_W_fin'])}",
+            verdict=level(worst_svm_fin >= CORR_REPRODUCED, worst_svm_fin >= CORR_PARTLY),
+        ),
+        dict(
+            claim="Fig. 1.6c: action-only model pays negligible attention to state tokens",
+            ours=f"attention mass on states {mean_std(ao['state_mass'])} (threshold {NEGLIGIBLE_MASS})",
+            verdict=level(np.mean(ao["state_mass"]) < NEGLIGIBLE_MASS, np.mean(ao["state_mass"]) < 0.5),
+        ),
+        dict(
+            claim="Fig. 1.6d: multi-task attention balanced across modalities",
+            ours=f"attention mass on states {mean_std(mt['state_mass'])}; ≈ 1/2 is forced by the loss "
+            "(-log p_a - log p_s with p_a + p_s <= 1 peaks at p_a = p_s = 1/2)",
+            verdict=level(BALANCED_MASS[0] <= np.mean(mt["state_mass"]) <= BALANCED_MASS[1], False),
+        ),
+        dict(
+            claim="Fig. 1.6d: multi-task attention more selective within each modality",
+            ours=f"top-token share in actions: {mean_std(ao['selectivity_action'])} (action-only) vs "
+            f"{mean_std(mt['selectivity_action'])} (multi-task); in states: "
+            f"{mean_std(ao['selectivity_state'])} vs {mean_std(mt['selectivity_state'])}",
+            verdict=level(all(more_selective), any(more_selective)),
+        ),
     ]
 
 
@@ -540,10 +574,21 @@ def format_table(rows):
 # ----------------------------------------------------------------------------------------------
 
 
+def pyplot():
+    """matplotlib, imported when a figure is drawn (not when this file is imported), with a file-only backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_tpgs(trial, vocab_size, path):
     """Fig. 1.5 (b)-(c) for one trial: every G^(k) of both losses. Tokens of a multi-token SCC
     share a colour (singletons are grey); squares = states, circles = actions; edges inside an SCC
     are black, priority edges between SCCs grey."""
+    plt = pyplot()
     queries = list(trial["models"]["action_only"]["graphs"])
     fig, axes = plt.subplots(2, len(queries), figsize=(3.6 * len(queries), 7.2), squeeze=False)
     pos = nx.circular_layout(range(vocab_size))
@@ -555,24 +600,40 @@ def plot_tpgs(trial, vocab_size, path):
             color = {t: plt.cm.tab10(n % 10) for n, c in enumerate(cyclic) for t in c}
             for shape, want_state in (("s", True), ("o", False)):
                 nodes = [t for t in G.nodes if is_state(t) == want_state]
-                nx.draw_networkx_nodes(G, pos, nodelist=nodes, node_shape=shape, node_size=600, ax=ax,
-                                       node_color=[color.get(t, "0.85") for t in nodes],
-                                       edgecolors="k")
+                nx.draw_networkx_nodes(
+                    G,
+                    pos,
+                    nodelist=nodes,
+                    node_shape=shape,
+                    node_size=600,
+                    ax=ax,
+                    node_color=[color.get(t, "0.85") for t in nodes],
+                    edgecolors="k",
+                )
             inside = [(i, j) for i, j in G.edges if component[i] == component[j]]
             across = [(i, j) for i, j in G.edges if component[i] != component[j]]
             for edges, edge_color in ((across, "0.6"), (inside, "k")):
-                nx.draw_networkx_edges(G, pos, edgelist=edges, edge_color=edge_color, ax=ax, node_size=600,
-                                       arrowsize=14, connectionstyle="arc3,rad=0.12")
+                nx.draw_networkx_edges(
+                    G,
+                    pos,
+                    edgelist=edges,
+                    edge_color=edge_color,
+                    ax=ax,
+                    node_size=600,
+                    arrowsize=14,
+                    connectionstyle="arc3,rad=0.12",
+                )
             nx.draw_networkx_labels(G, pos, {t: token_name(t) for t in G.nodes}, ax=ax, font_size=10)
             graph = "G_a" if name == "action_only" else "G_m"
             names = " ".join("{" + ",".join(token_name(t) for t in c) + "}" for c in cyclic)
-            ax.set_title(f"${graph}^{{({token_name(k)})}}$  SCCs: {names or 'singletons only'}",
-                         fontsize=10)
+            ax.set_title(f"${graph}^{{({token_name(k)})}}$  SCCs: {names or 'singletons only'}", fontsize=10)
             ax.set(xlim=(-1.3, 1.3), ylim=(-1.3, 1.3), aspect="equal")
             ax.axis("off")
-    fig.suptitle(f"Fig. 1.5: token-priority graphs per query token, trial seed {trial['seed']} "
-                 "(top: action-only G_a, bottom: multi-task G_m)\ncolour = multi-token SCC, "
-                 "square = state, circle = action, black edge = inside an SCC")
+    fig.suptitle(
+        f"Fig. 1.5: token-priority graphs per query token, trial seed {trial['seed']} "
+        "(top: action-only G_a, bottom: multi-task G_m)\ncolour = multi-token SCC, "
+        "square = state, circle = action, black edge = inside an SCC"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -581,32 +642,48 @@ def plot_tpgs(trial, vocab_size, path):
 def plot_fig_1_6(trials, shown, path):
     """Fig. 1.6: (a)-(b) Eq. 1.35 over training, mean ± std over trials; (c)-(d) attention of the
     final token over the positions of each training sequence (one trial)."""
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for col, name in enumerate(MODELS):
         ax = axes[0, col]
         # dashed on top: when W_fin ≈ 0 (typical for action-only) the two curves coincide
-        for key, label, style in (("corr_svm", "corr(W(t), W_svm)  (Eq. 1.35)", "-"),
-                                  ("corr_svm_fin", "corr(W(t), R W_svm/|W_svm| + W_fin)  [33]", "--")):
+        for key, label, style in (
+            ("corr_svm", "corr(W(t), W_svm)  (Eq. 1.35)", "-"),
+            ("corr_svm_fin", "corr(W(t), R W_svm/|W_svm| + W_fin)  [33]", "--"),
+        ):
             curves = np.array([t["models"][name]["history"][key] for t in trials])
             mean, std = curves.mean(axis=0), curves.std(axis=0)
             steps = np.arange(len(mean))
             ax.plot(steps, mean, style, label=label)
             ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
-        ax.set(xlabel="iteration t", ylabel="correlation", ylim=(min(0.0, ax.get_ylim()[0]), 1.02),
-               title=f"({'ab'[col]}) {name.replace('_', '-')}: {len(trials)} trials, mean ± std")
+        ax.set(
+            xlabel="iteration t",
+            ylabel="correlation",
+            ylim=(min(0.0, ax.get_ylim()[0]), 1.02),
+            title=f"({'ab'[col]}) {name.replace('_', '-')}: {len(trials)} trials, mean ± std",
+        )
         ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
         m, X = shown["models"][name], shown["X"]
         ax = axes[1, col]
         im = ax.imshow(m["attention"], cmap="viridis", vmin=0, vmax=1)
         for (i, j), value in np.ndenumerate(m["attention"]):
-            ax.text(j, i, f"{token_name(X[i, j])}\n{value:.2f}", ha="center", va="center", fontsize=8,
-                    color="w" if value < 0.6 else "k")
+            ax.text(
+                j,
+                i,
+                f"{token_name(X[i, j])}\n{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="w" if value < 0.6 else "k",
+            )
         ax.set_xticks(range(X.shape[1]), [f"{j} ({'s' if j % 2 == 0 else 'a'})" for j in range(X.shape[1])])
         ax.set_yticks(range(len(X)))
-        ax.set(xlabel="position (even = state, odd = action)", ylabel="training sequence i",
-               title=f"({'cd'[col]}) {name.replace('_', '-')}, seed {shown['seed']}: "
-                     f"state mass {m['state_mass']:.3f}")
+        ax.set(
+            xlabel="position (even = state, odd = action)",
+            ylabel="training sequence i",
+            title=f"({'cd'[col]}) {name.replace('_', '-')}, seed {shown['seed']}: state mass {m['state_mass']:.3f}",
+        )
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -614,14 +691,24 @@ def plot_fig_1_6(trials, shown, path):
 
 
 def plot_attention_mass(records, path):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for offset, (key, label) in enumerate((("state_mass", "state tokens"), ("action_mass", "action tokens"))):
         values = [[r[name][key] for r in records] for name in MODELS]
-        ax.bar(np.arange(len(MODELS)) + 0.35 * offset, [np.mean(v) for v in values], width=0.35,
-               yerr=[np.std(v) for v in values], capsize=4, label=label)
+        ax.bar(
+            np.arange(len(MODELS)) + 0.35 * offset,
+            [np.mean(v) for v in values],
+            width=0.35,
+            yerr=[np.std(v) for v in values],
+            capsize=4,
+            label=label,
+        )
     ax.set_xticks(np.arange(len(MODELS)) + 0.175, [n.replace("_", "-") for n in MODELS])
-    ax.set(ylabel="attention mass of the final token", ylim=(0, 1.05),
-           title=f"Attention per modality ({len(records)} trials)")
+    ax.set(
+        ylabel="attention mass of the final token",
+        ylim=(0, 1.05),
+        title=f"Attention per modality ({len(records)} trials)",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -651,22 +738,30 @@ CHOICES = [
 def validate(args: Args):
     vocab_size = args.n_state_tokens + args.n_action_tokens
     checks = [
-        (0 <= args.seed and args.seed + args.trials <= 2**32,
-         f"--seed ({args.seed}) must be in [0, 2**32 - --trials] (trial i uses seed + i)"),
-        (args.n_state_tokens >= 1 and args.n_action_tokens >= 1,
-         "--n-state-tokens and --n-action-tokens must be >= 1"),
-        (args.d_in >= vocab_size, f"--d-in ({args.d_in}) must be >= |V| = {vocab_size} so the token "
-                                  "embeddings have full row rank (technical condition 1)"),
-        (args.seq_len >= 2 and args.seq_len % 2 == 0,
-         f"--seq-len ({args.seq_len}) must be even and >= 2 (sequences are s, a, s, a, ...)"),
+        (
+            0 <= args.seed and args.seed + args.trials <= 2**32,
+            f"--seed ({args.seed}) must be in [0, 2**32 - --trials] (trial i uses seed + i)",
+        ),
+        (args.n_state_tokens >= 1 and args.n_action_tokens >= 1, "--n-state-tokens and --n-action-tokens must be >= 1"),
+        (
+            args.d_in >= vocab_size,
+            f"--d-in ({args.d_in}) must be >= |V| = {vocab_size} so the token "
+            "embeddings have full row rank (technical condition 1)",
+        ),
+        (
+            args.seq_len >= 2 and args.seq_len % 2 == 0,
+            f"--seq-len ({args.seq_len}) must be even and >= 2 (sequences are s, a, s, a, ...)",
+        ),
         (args.n_samples >= 1, "--n-samples must be >= 1"),
         (args.steps >= 1, "--steps must be >= 1"),
         (args.lr > 0, "--lr must be > 0"),
         (args.trials >= 1, "--trials must be >= 1"),
         (args.init_std > 0, "--init-std must be > 0 (Eq. 1.35 is undefined at W = 0)"),
         (args.max_redraws >= 0, "--max-redraws must be >= 0"),
-        (0 <= args.heatmap_trial < args.trials,
-         f"--heatmap-trial must be in [0, {args.trials - 1}] (one of the --trials)"),
+        (
+            0 <= args.heatmap_trial < args.trials,
+            f"--heatmap-trial must be in [0, {args.trials - 1}] (one of the --trials)",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -676,8 +771,10 @@ def validate(args: Args):
 def prepare_out_dir(args: Args) -> str:
     out_dir = args.out_dir or os.path.join("runs", f"theory_tpg__{args.seed}__{int(time.time())}")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise SystemExit(f"error: output folder {out_dir!r} exists and is not empty; "
-                         "pass a new --out-dir (results are never overwritten)")
+        raise SystemExit(
+            f"error: output folder {out_dir!r} exists and is not empty; "
+            "pass a new --out-dir (results are never overwritten)"
+        )
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"error: --out-dir {out_dir!r} exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
@@ -686,8 +783,13 @@ def prepare_out_dir(args: Args) -> str:
 
 def git_commit():
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
     except Exception:
         return None
 
@@ -713,20 +815,37 @@ def main(args: Args) -> dict:
     plot_attention_mass(records, os.path.join(out_dir, "attention_mass.png"))
 
     summary = dict(
-        config=asdict(args), out_dir=out_dir, git_commit=git_commit(),
-        device=f"CPU, numpy ({platform.machine()}, {os.cpu_count()} cores)", interpretation_choices=CHOICES,
-        verdict_thresholds=dict(corr_reproduced=CORR_REPRODUCED, corr_partly=CORR_PARTLY,
-                                negligible_mass=NEGLIGIBLE_MASS, balanced_mass=BALANCED_MASS),
-        claims=table, trials=records,
-        curves={name: {key: np.mean([t["models"][name]["history"][key] for t in trials], axis=0)
-                       [:: max(1, args.steps // 200)].tolist() for key in ("corr_svm", "corr_svm_fin")}
-                for name in MODELS},
-        wall_time_s=time.time() - start)
+        config=asdict(args),
+        out_dir=out_dir,
+        git_commit=git_commit(),
+        device=f"CPU, numpy ({platform.machine()}, {os.cpu_count()} cores)",
+        interpretation_choices=CHOICES,
+        verdict_thresholds=dict(
+            corr_reproduced=CORR_REPRODUCED,
+            corr_partly=CORR_PARTLY,
+            negligible_mass=NEGLIGIBLE_MASS,
+            balanced_mass=BALANCED_MASS,
+        ),
+        claims=table,
+        trials=records,
+        curves={
+            name: {
+                key: np.mean([t["models"][name]["history"][key] for t in trials], axis=0)[
+                    :: max(1, args.steps // 200)
+                ].tolist()
+                for key in ("corr_svm", "corr_svm_fin")
+            }
+            for name in MODELS
+        },
+        wall_time_s=time.time() - start,
+    )
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(format_table(table))
-    print(f"wrote {out_dir}/ (fig1_5_tpgs.png, fig1_6.png, attention_mass.png, summary.json) "
-          f"in {summary['wall_time_s']:.1f} s")
+    print(
+        f"wrote {out_dir}/ (fig1_5_tpgs.png, fig1_6.png, attention_mass.png, summary.json) "
+        f"in {summary['wall_time_s']:.1f} s"
+    )
     return summary
 
 

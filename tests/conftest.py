@@ -34,8 +34,13 @@ def random_rollouts(env_id="Hopper-v4", steps=2000, seed=0, max_len=200):
         if term or timeout:
             obs, _ = env.reset()
             t = 0
-    return dict(observations=np.array(out["observations"], np.float32), actions=np.array(out["actions"], np.float32),
-                rewards=np.array(out["rewards"], np.float32), terminals=np.array(out["terminals"]), timeouts=np.array(out["timeouts"]))
+    return dict(
+        observations=np.array(out["observations"], np.float32),
+        actions=np.array(out["actions"], np.float32),
+        rewards=np.array(out["rewards"], np.float32),
+        terminals=np.array(out["terminals"]),
+        timeouts=np.array(out["timeouts"]),
+    )
 
 
 def write_hdf5(path, data):
@@ -101,11 +106,19 @@ def minari_id(tmp_path_factory):
             o.append(obs), a.append(act), r.append(rew), te.append(term), tr.append(trunc or t == 59)
             if term or t == 59:
                 break
-        buffers.append(EpisodeBuffer(observations=np.array(o), actions=np.array(a), rewards=np.array(r),
-                                     terminations=np.array(te), truncations=np.array(tr)))
+        buffers.append(
+            EpisodeBuffer(
+                observations=np.array(o),
+                actions=np.array(a),
+                rewards=np.array(r),
+                terminations=np.array(te),
+                truncations=np.array(tr),
+            )
+        )
     dataset_id = "seqrltest/hopper/random-v0"
-    minari.create_dataset_from_buffers(dataset_id, buffers, env="Hopper-v4", algorithm_name="random",
-                                       ref_min_score=-20.272305, ref_max_score=3234.3)
+    minari.create_dataset_from_buffers(
+        dataset_id, buffers, env="Hopper-v4", algorithm_name="random", ref_min_score=-20.272305, ref_max_score=3234.3
+    )
     return dataset_id
 
 

@@ -118,7 +118,8 @@ def test_later_blocks_predominantly_on_actions():
 
 
 def test_attention_recorder_on_hand_made_weights(tmp_path):
-    """Two heads, K = 2; head 0: s_1 -> g_1, s_2 -> s_1 and s_2 halves; head 1: s_1 -> g_1 and s_1 halves, s_2 -> a_1."""
+    """Two heads, K = 2; head 0: s_1 -> g_1, s_2 -> s_1 and s_2 halves;
+    head 1: s_1 -> g_1 and s_1 halves, s_2 -> a_1."""
     M, K = 3, 2
     g, s, a = 0, 1, 2  # token order (g_t, s_t, a_t), Eq. 1.1
     att = torch.zeros(2, 2, M * K, M * K)  # (N, nh, T, T); the second sample is a finished episode
@@ -172,9 +173,20 @@ def test_attention_comparison_from_checkpoints(tmp_path, hdf5_path):
 
 def test_gradient_cosines_are_true_cosines_on_the_shared_parameters():
     torch.manual_seed(0)
-    model = mo_dt.MultiObjectiveDecisionTransformer(state_dim=3, act_dim=2, gaussian_heads=True, timestep_embedding=False,
-                                                    context_len=4, n_layer=1, n_head=1, n_embd=8, dropout=0.0,
-                                                    max_ep_len=10, rtg_scale=1.0)  # fmt: skip
+    arch = dict(
+        state_dim=3,
+        act_dim=2,
+        gaussian_heads=True,
+        timestep_embedding=False,
+        context_len=4,
+        n_layer=1,
+        n_head=1,
+        n_embd=8,
+        dropout=0.0,
+        max_ep_len=10,
+        rtg_scale=1.0,
+    )
+    model = mo_dt.MultiObjectiveDecisionTransformer(**arch)
     shared = grad_cosines.shared_parameters(model)
     assert len(shared) == len(list(model.parameters())) - 2 * len(mo_dt.TASKS)  # every head has a weight and a bias
     x = dict(

@@ -107,9 +107,18 @@ def test_normalized_score_uses_d4rl_references():
         (lambda d: d["rewards"].__setitem__(5, np.inf), "NaN or inf in rewards"),
         (lambda d: d["actions"].__setitem__((7, 1), -np.inf), "NaN or inf in actions"),
         (lambda d: d.update({k: v[:0] for k, v in d.items()}), "holds no transitions"),
-        (lambda d: d.update(actions=np.zeros((len(d["actions"]), 6), np.float32)), "actions have 6 dims but Hopper-v4 has 3"),
-        (lambda d: d.update(rewards=np.stack([d["rewards"]] * 2, 1)), r"rewards has shape \(\d+, 2\); a D4RL file has one"),
-        (lambda d: d.update(terminals=d["terminals"] & False, timeouts=d["timeouts"] & False), "no step is marked as an episode end"),
+        (
+            lambda d: d.update(actions=np.zeros((len(d["actions"]), 6), np.float32)),
+            "actions have 6 dims but Hopper-v4 has 3",
+        ),
+        (
+            lambda d: d.update(rewards=np.stack([d["rewards"]] * 2, 1)),
+            r"rewards has shape \(\d+, 2\); a D4RL file has one",
+        ),
+        (
+            lambda d: d.update(terminals=d["terminals"] & False, timeouts=d["timeouts"] & False),
+            "no step is marked as an episode end",
+        ),
         (lambda d: d.update(actions=d["actions"] * 10), r"actions reach 10, outside Hopper-v4's action box \[-1, 1\]"),
     ],
 )
@@ -122,7 +131,9 @@ def test_bad_hdf5_files_get_clear_errors(tmp_path, flat, mutate, message):
 
 
 def test_dims_that_do_not_match_the_env(hdf5_path):
-    with pytest.raises(common.DatasetError, match=r"^\S*hopper_random-v2.hdf5: observations have 11 dims but HalfCheetah-v4 has 17"):
+    with pytest.raises(
+        common.DatasetError, match=r"^\S*hopper_random-v2.hdf5: observations have 11 dims but HalfCheetah-v4 has 17"
+    ):
         common.load_dataset("halfcheetah-medium", [str(hdf5_path)])
 
 
@@ -142,8 +153,18 @@ def test_bad_pickle_and_missing_file(tmp_path):
     (tmp_path / "junk.pkl").write_text("not a pickle")
     with pytest.raises(common.DatasetError, match="junk.pkl: not a readable pickle"):
         common.load_dataset("hopper-medium", [str(tmp_path / "junk.pkl")])
-    p.write_bytes(pickle.dumps([{"observations": np.zeros((3, 11)), "actions": np.zeros((3, 3)), "rewards": np.zeros(2),
-                                 "terminals": np.zeros(3)}]))
+    p.write_bytes(
+        pickle.dumps(
+            [
+                {
+                    "observations": np.zeros((3, 11)),
+                    "actions": np.zeros((3, 3)),
+                    "rewards": np.zeros(2),
+                    "terminals": np.zeros(3),
+                }
+            ]
+        )
+    )
     with pytest.raises(common.DatasetError, match="episode 0 has arrays of different lengths"):
         common.load_dataset("hopper-medium", [str(p)])
 
@@ -193,14 +214,21 @@ def test_failed_download_names_file_folder_and_alternative(tmp_path, monkeypatch
 def test_truncated_download_is_not_kept(tmp_path, monkeypatch):
     class Resp:  # a server that promises 100 bytes and closes after 10
         headers = {"Content-Length": "100"}
-        def __init__(self): self.sent = False
+
+        def __init__(self):
+            self.sent = False
+
         def read(self, n):
             if self.sent:
                 return b""
             self.sent = True
             return b"x" * 10
-        def __enter__(self): return self
-        def __exit__(self, *a): return False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
 
     monkeypatch.setattr(common.urllib.request, "urlopen", lambda url, timeout: Resp())
     with pytest.raises(OSError, match="10 of 100 bytes"):
@@ -215,9 +243,11 @@ def test_importing_any_script_leaves_torch_defaults_alone():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = ("import torch; before = (torch.get_default_dtype(), torch.get_num_threads()); "
-            "import dt, mo_dt, trdt, rgdt, theory_tpg, theory_mgf, sample_complexity; "
-            "print(before == (torch.get_default_dtype(), torch.get_num_threads()))")
+    code = (
+        "import torch; before = (torch.get_default_dtype(), torch.get_num_threads()); "
+        "import dt, mo_dt, trdt, rgdt, theory_tpg, theory_mgf, sample_complexity; "
+        "print(before == (torch.get_default_dtype(), torch.get_num_threads()))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
 

@@ -19,7 +19,8 @@ import dt
 import rgdt
 
 ROOT = Path(__file__).resolve().parents[1]
-DT_RESULT_KEYS = {"method", "bf16", "args", "trained_with", "arch", "dataset", "target_return", "device", "threads", "git_commit",
+DT_RESULT_KEYS = {"method", "bf16", "args", "trained_with", "arch", "dataset", "target_return", "device", "threads",
+                  "git_commit",
                   "torch", "returns", "lengths", "normalized", "return_mean", "normalized_mean", "normalized_std",
                   "eval_env_steps_per_s", "updates", "trained_updates", "run_dir", "train_updates_per_s",
                   "wall_time_s"}  # fmt: skip

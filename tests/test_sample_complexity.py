@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -43,7 +42,10 @@ def test_transition_point_equalises_the_two_terms_and_splits_the_regimes():
     v_hi, b_hi = sc.theorem6_terms(0.3, C, V, 0.8, n_star * 100)
     assert v_lo > b_lo and b_hi > v_hi
     assert [sc.regime(n_star / 100, n_star), sc.regime(n_star, n_star), sc.regime(n_star * 100, n_star)] == [
-        "small-data", "transition", "large-data"]
+        "small-data",
+        "transition",
+        "large-data",
+    ]
 
 
 def test_approximation_error_of_eq_4_21_shrinks_as_eps_over_c_goes_to_zero():
@@ -55,9 +57,17 @@ def test_approximation_error_of_eq_4_21_shrinks_as_eps_over_c_goes_to_zero():
     assert rel[0] > rel[1] > rel[2] > 0
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(eps=0.0), "epsilon"), (dict(eps=-0.1), "epsilon"), (dict(beta_min=1.5), "beta_min"),
-    (dict(beta_min=-0.1), "beta_min"), (dict(n_contexts=0), "C\\^h"), (dict(n_min=-1), "N_min")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(eps=0.0), "epsilon"),
+        (dict(eps=-0.1), "epsilon"),
+        (dict(beta_min=1.5), "beta_min"),
+        (dict(beta_min=-0.1), "beta_min"),
+        (dict(n_contexts=0), "C\\^h"),
+        (dict(n_min=-1), "N_min"),
+    ],
+)
 def test_invalid_inputs_give_clear_errors(bad, match):
     kw = dict(eps=0.2, n_contexts=C, n_actions=V, beta_min=0.5, n_min=100) | bad
     with pytest.raises(ValueError, match=match):
@@ -157,11 +167,20 @@ def test_global_reading_runs_and_reports_no_minimum(tmp_path):
     assert summary["claims"][0]["verdict"] == "not reproduced"
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(eps_fig41=(0.0,)), "epsilon"), (dict(n_contexts=0), "C\\^h"), (dict(beta=1.5), "--beta"),
-    (dict(nu_reading="fixed-low", beta=0.9), "fixed-beta"), (dict(fractions=(0.5, 2.0)), "1.0"),
-    (dict(eps_fig41=(25.0,)), "2 C\\^h"), (dict(calc_n_min=(-1.0,)), "--calc-n-min"),
-    (dict(opt_prob=1.5), "--opt-prob"), (dict(eps_tightness=(5.0,)), "epsilon 5 > 1")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(eps_fig41=(0.0,)), "epsilon"),
+        (dict(n_contexts=0), "C\\^h"),
+        (dict(beta=1.5), "--beta"),
+        (dict(nu_reading="fixed-low", beta=0.9), "fixed-beta"),
+        (dict(fractions=(0.5, 2.0)), "1.0"),
+        (dict(eps_fig41=(25.0,)), "2 C\\^h"),
+        (dict(calc_n_min=(-1.0,)), "--calc-n-min"),
+        (dict(opt_prob=1.5), "--opt-prob"),
+        (dict(eps_tightness=(5.0,)), "epsilon 5 > 1"),
+    ],
+)
 def test_bad_flags_exit_with_a_clear_message(tmp_path, kw, match):
     with pytest.raises(SystemExit, match="error: .*" + match):
         sc.main(quick_args(tmp_path, **kw))

@@ -69,8 +69,9 @@ def test_lemma7_hessian_vector_product_matches_autograd(attention_problem):
     args, prob = attention_problem
     d = torch.randn(prob["W0"].shape, generator=torch.Generator().manual_seed(2))
     loss = m.attention_loss(prob, prob["y"], args.xi)
-    assert torch.allclose(m.lemma7_hvp(prob, prob["W0"], prob["y"], args.xi, d), m.hvp(loss, prob["W0"], d),
-                          rtol=1e-9, atol=1e-12)
+    assert torch.allclose(
+        m.lemma7_hvp(prob, prob["W0"], prob["y"], args.xi, d), m.hvp(loss, prob["W0"], d), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_theorem4_decomposition_equals_squared_gradient_norm(attention_problem):
@@ -158,9 +159,17 @@ def test_quick_end_to_end(tmp_path):
     saved = json.loads((out / "summary.json").read_text())
     assert saved["config"]["quick"] is True and len(saved["claims"]) == len(summary["claims"]) >= 15
     quick = " (--quick: smoke test, not a measurement)"
-    assert all(c["verdict"] in tuple(v + quick for v in ("reproduced", "partly", "not reproduced")) for c in saved["claims"])
-    for name in ("fig3_2_trajectories", "fig3_3_similar", "fig3_4_dissimilar", "fig3_5_flatness",
-                 "fig3_5_flatness_rise", "theorem_checks"):
+    assert all(
+        c["verdict"] in tuple(v + quick for v in ("reproduced", "partly", "not reproduced")) for c in saved["claims"]
+    )
+    for name in (
+        "fig3_2_trajectories",
+        "fig3_3_similar",
+        "fig3_4_dissimilar",
+        "fig3_5_flatness",
+        "fig3_5_flatness_rise",
+        "theorem_checks",
+    ):
         assert (out / f"{name}.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="not empty"):
         m.main(m.Args(quick=True, out_dir=str(out)))  # never overwrite a run

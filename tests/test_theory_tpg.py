@@ -121,8 +121,7 @@ def test_cyclic_component_hand_case_and_soft_composition():
     np.testing.assert_allclose(W_fin, expected, atol=1e-5)
     # GD then splits attention 2:1 between tokens 0 and 1 and starves token 2.
     W_svm = T.graph_svm(graphs, E)
-    W, hist = T.train(np.zeros((3, 3)) + 1e-3, E, T.prediction_heads(E), X, y, W_svm, W_fin,
-                      steps=3000, lr=0.01)
+    W, hist = T.train(np.zeros((3, 3)) + 1e-3, E, T.prediction_heads(E), X, y, W_svm, W_fin, steps=3000, lr=0.01)
     att = T.attention(W, E, X)[0]
     np.testing.assert_allclose(att, [2 / 3, 1 / 3, 0], atol=0.02)
     assert hist["corr_svm_fin"][-1] > 0.999 > hist["corr_svm"][-1]
@@ -213,8 +212,13 @@ def test_reduced_run_reaches_high_correlation(tmp_path):
     # pair of G_a never flips, so a verdict that waits for a flipped pair could never say "reproduced")
     g = {k: sum(t["graph_stats"][k] for t in on_disk["trials"]) for k in on_disk["trials"][0]["graph_stats"]}
     assert g["a_over_s_to_reversed"] == 0
-    expected = ("reproduced" if g["a_over_s_to_equal"] >= 0.5 * g["action_over_state_a"] and g["state_over_action_m"] > 0
-                else "partly" if g["a_over_s_to_equal"] or g["state_over_action_m"] else "not reproduced")
+    expected = (
+        "reproduced"
+        if g["a_over_s_to_equal"] >= 0.5 * g["action_over_state_a"] and g["state_over_action_m"] > 0
+        else "partly"
+        if g["a_over_s_to_equal"] or g["state_over_action_m"]
+        else "not reproduced"
+    )
     assert verdicts["§1.6.3 G_m"] == expected
     # never overwrite: the same folder is now non-empty
     with pytest.raises(SystemExit, match="not empty"):
@@ -223,8 +227,13 @@ def test_reduced_run_reaches_high_correlation(tmp_path):
 
 @pytest.mark.parametrize(
     "bad, flag",
-    [(dict(d_in=5), "--d-in"), (dict(seq_len=3), "--seq-len"), (dict(lr=0.0), "--lr"),
-     (dict(heatmap_trial=4, trials=2), "--heatmap-trial"), (dict(seed=-1), "--seed")],
+    [
+        (dict(d_in=5), "--d-in"),
+        (dict(seq_len=3), "--seq-len"),
+        (dict(lr=0.0), "--lr"),
+        (dict(heatmap_trial=4, trials=2), "--heatmap-trial"),
+        (dict(seed=-1), "--seed"),
+    ],
 )
 def test_bad_flags_give_clear_errors(tmp_path, bad, flag):
     with pytest.raises(SystemExit, match=flag):
@@ -232,7 +241,8 @@ def test_bad_flags_give_clear_errors(tmp_path, bad, flag):
 
 
 def test_help_documents_every_flag():
-    text = subprocess.run([sys.executable, "theory_tpg.py", "--help"], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "theory_tpg.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     for field in T.Args.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in text
