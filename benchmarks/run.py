@@ -6,6 +6,7 @@
     python benchmarks/run.py --preset thesis                                         # official D4RL files
     python benchmarks/run.py --preset cpu --methods trdt --extra="--lr 1e-3"         # a variant: its own folders
     python benchmarks/aggregate.py benchmarks/results/thesis                         # the tables
+    python benchmarks/run.py --preset thesis --ray auto --gpus-per-job 0.25          # on a Ray cluster, 4 jobs/GPU
 
 Each job runs one method file as a subprocess (exactly the command a user would type) in its own folder
 `{out}/{method}__{dataset}__s{seed}__{key}`, where `key` hashes the job's full command line AND the source
@@ -13,18 +14,25 @@ of the method file and common.py: a different config or code version is a differ
 never mix. A job is finished when its folder holds results.json (written last, atomically); finished jobs
 are skipped, so an interrupted run resumes where it stopped without losing anything. Jobs run several at
 once: one per CPU core on CPU, 4 per GPU spread over every visible GPU (--jobs to change).
+
+With --ray, each job is a task on a Ray cluster instead (README: starting one on SLURM or Kubernetes): the same
+jobs, keys and folders, the same resume rule. The task gets this working tree's code (the code that was hashed),
+runs the method file in a scratch folder on its node and sends the folder back, so the results folder only
+has to exist here; the data files (--data-dir) must be at the same path on every node.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -37,16 +45,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
-# Which file and flags make each column of Table 1.3 / 2.1.
+# fmt: off
+# Which file and flags make each column of Table 1.3 / 2.1, in the thesis's column order (baselines first).
 METHODS = {
+    "bc": dict(script="benchmarks/bc.py", flags=[], label="BC"),
+    "bc-10": dict(script="benchmarks/bc.py", flags=["--top-pct", "10"], label="10%BC"),
     "dt": dict(script="dt.py", flags=[], label="DT"),
     "dt-gaussian": dict(script="dt.py", flags=["--policy", "gaussian"], label="DT-Gaussian (ODT-O-style)"),
     "mo_dt": dict(script="mo_dt.py", flags=[], label="MO-DT"),
     "trdt": dict(script="trdt.py", flags=[], label="TRDT"),
     "rgdt": dict(script="rgdt.py", flags=[], label="RGDT"),
 }
-TABLE_1_3 = [f"{e}-{lvl}" for lvl in ("medium", "medium-replay", "medium-expert") for e in ("halfcheetah", "hopper", "walker2d")]
+TABLE_1_3 = [f"{e}-{lvl}" for lvl in ("medium", "medium-replay", "medium-expert")
+             for e in ("halfcheetah", "hopper", "walker2d")]
 TABLE_2_1 = [f"{e}-{lvl}" for lvl in ("medium", "medium-expert") for e in ("halfcheetah", "hopper", "walker2d")]
+# Files a method file imports besides common.py: part of its code hash. Only bc.py has any (dt.py's plumbing,
+# claims.py's thesis numbers); the method files' keys hash exactly (script, common.py), as before.
+IMPORTS = {"benchmarks/bc.py": ("dt.py", "benchmarks/claims.py")}
 
 # A preset: datasets, seeds and per-method flags. `thesis` = the thesis's budgets (each file's defaults are
 # the thesis's settings: Table 1.1-1.2 for MO-DT/TRDT, the DT paper's for DT, §2.4 for RGDT), 10 seeds.
@@ -57,41 +72,51 @@ PRESETS = {
         common=["--eval-episodes", "3", "--eval-every", "0", "--log-every", "10"],
         flags={"dt": SMALL + ["--updates", "40"], "dt-gaussian": SMALL + ["--updates", "40"],
                "mo_dt": SMALL + ["--updates", "40"], "trdt": SMALL + ["--updates", "40"],
-               "rgdt": ["--updates", "40", "--inv-updates", "40", "--batch-size", "16", "--inv-batch-size", "32", "--warmup-steps", "10"]},
+               "rgdt": ["--updates", "40", "--inv-updates", "40", "--batch-size", "16", "--inv-batch-size", "32",
+                        "--warmup-steps", "10"]}
+        | {m: ["--updates", "40", "--hidden", "32", "32", "--batch-size", "16"] for m in ("bc", "bc-10")},
     ),
     # A budget a 2-core CPU finishes in about an hour: the DT-size network (3 layers, 1 head, 128, batch
     # 64) for every Chapter 1 method, so they compare at equal size and updates; each keeps its own
-    # optimizer, learning rate and loss (AdamW for DT, LAMB for MO-DT/TRDT, as in the thesis).
+    # optimizer, learning rate and loss (AdamW for DT, LAMB for MO-DT/TRDT, as in the thesis). BC and 10%BC
+    # (CORL's MLP and batch 256, about 3 ms of CPU an update) get 10^4 updates, a few CPU minutes: cheap beside
+    # the transformers, and past the 5000 at which 10%BC was still improving on this replica; a baseline cut
+    # short would flatter the methods beside it.
     "cpu": dict(
         datasets=["hopper-medium-replay"], seeds=[0, 1],
         common=["--eval-episodes", "10", "--eval-every", "500"],
-        flags={m: ["--n-layer", "3", "--n-head", "1", "--n-embd", "128", "--batch-size", "64", "--updates", "2000", "--warmup-steps", "500"]
-               for m in ("dt", "dt-gaussian", "mo_dt", "trdt")}
-        | {"rgdt": ["--updates", "2000", "--inv-updates", "2000", "--warmup-steps", "500"]},
+        flags={m: ["--n-layer", "3", "--n-head", "1", "--n-embd", "128", "--batch-size", "64", "--updates", "2000",
+                   "--warmup-steps", "500"] for m in ("dt", "dt-gaussian", "mo_dt", "trdt")}
+        | {"rgdt": ["--updates", "2000", "--inv-updates", "2000", "--warmup-steps", "500"]}
+        | {m: ["--updates", "10000"] for m in ("bc", "bc-10")},
     ),
     # A longer look on the same data (issue "Faithful to Table 1.1"): 2000 updates cannot show the thesis's
-    # ordering. 10^4 updates (about half a day of one CPU core per method and seed), an evaluation every 1000.
+    # ordering. 10^4 updates (about half a day of one CPU core per method and seed), an evaluation every 1000;
+    # BC and 10%BC 10^5 (minutes).
     "cpu-long": dict(
-        datasets=["hopper-medium-replay"], seeds=[0, 1], methods=("dt", "mo_dt", "trdt", "rgdt"),
+        datasets=["hopper-medium-replay"], seeds=[0, 1], methods=("bc", "bc-10", "dt", "mo_dt", "trdt", "rgdt"),
         common=["--eval-episodes", "10", "--eval-every", "1000"],
         flags={m: ["--n-layer", "3", "--n-head", "1", "--n-embd", "128", "--batch-size", "64", "--updates", "10000",
                    "--warmup-steps", "1000"] for m in ("dt", "mo_dt", "trdt")}
-        | {"rgdt": ["--updates", "10000", "--inv-updates", "10000", "--warmup-steps", "1000"]},
+        | {"rgdt": ["--updates", "10000", "--inv-updates", "10000", "--warmup-steps", "1000"]}
+        | {m: ["--updates", "100000"] for m in ("bc", "bc-10")},
     ),
     # Every file's defaults are the thesis's settings (tests/test_benchmarks.py checks them against Tables
     # 1.1-1.2 and §2.4). ODT-O is not the thesis's model: its column is the ODT paper's, run with ODT's
     # configuration (online-dt's main.py: 4 layers, 4 heads, 512 dims, batch 256, lr 1e-4, weight decay 5e-4;
     # §1.5.1 calls MO-DT/TRDT "half the size of the ODT-O model"). dt.py takes that size; it keeps AdamW (ODT:
     # LAMB), DT's timestep embedding and evaluation context 20, and has no entropy bonus, so the column
-    # stays "ODT-O-style".
+    # stays "ODT-O-style". BC and 10%BC run CORL's any_percent_bc defaults (10^6 updates).
     "thesis": dict(
         datasets=TABLE_1_3, seeds=list(range(10)),
         common=["--eval-episodes", "10", "--eval-every", "10000"],
         flags={m: [] for m in METHODS}
-        | {"dt-gaussian": ["--n-layer", "4", "--n-head", "4", "--n-embd", "512", "--batch-size", "256", "--weight-decay", "5e-4"]},
+        | {"dt-gaussian": ["--n-layer", "4", "--n-head", "4", "--n-embd", "512", "--batch-size", "256",
+                           "--weight-decay", "5e-4"]},
         only={"rgdt": TABLE_2_1},  # Table 2.1 has medium and medium-expert rows only
     ),
 }
+# fmt: on
 
 
 @dataclass
@@ -102,7 +127,7 @@ class Args:
     preset: str = "smoke"
     """`smoke` (CPU minutes, tiny models), `cpu` (equal small budget for every method, CPU hours), `cpu-long`
     (DT, MO-DT, TRDT, RGDT for 10^4 updates with an evaluation every 1000, CPU half-days) or `thesis` (the
-    thesis's configurations and 10 seeds; meant for a GPU)"""
+    thesis's configurations and 10 seeds; meant for a GPU); every preset also runs the BC and 10%BC baselines"""
     data_dir: Optional[str] = None
     """folder with local hdf5 files named `{dataset}.hdf5` (the replica's names) or the official
     `{env}_{level}-v2.hdf5`; medium-expert is made from medium + expert when absent. Default: the official
@@ -110,20 +135,30 @@ class Args:
     out: Optional[str] = None
     """results folder (default `benchmarks/results/{preset}`)"""
     methods: tuple[str, ...] = ()
-    """subset of methods (default: all): dt, dt-gaussian, mo_dt, trdt, rgdt"""
+    """subset of methods (default: the preset's): bc, bc-10, dt, dt-gaussian, mo_dt, trdt, rgdt"""
     datasets: tuple[str, ...] = ()
     """datasets (default: the preset's; with --data-dir, those of the preset that have files there, the
     others listed as skipped)"""
     seeds: tuple[int, ...] = ()
     """seeds (default: the preset's)"""
     jobs: int = 0
-    """jobs at once (0: one per CPU core on CPU, 4 per GPU on CUDA; jobs are spread over all visible GPUs)"""
+    """jobs at once here (0: one per CPU core on CPU, 4 per GPU on CUDA; jobs are spread over all visible
+    GPUs); with --ray the cluster's free resources decide instead"""
     device: str = "auto"
     """passed to every job: auto, cpu, cuda"""
     extra: str = ""
     """flags appended to every job's command (part of its key), one quoted string: `--extra="--lr 1e-3"`"""
     dry_run: bool = False
     """list the jobs and whether each is finished, run nothing"""
+    ray: Optional[str] = None
+    """run each job as a task on a Ray cluster: `auto` (the cluster this machine is part of, e.g. after `ray
+    start`), an address (`HOST:6379`, or `ray://HOST:10001` through Ray Client) or `local` (start a Ray
+    instance on this machine). Needs the extra: pip install -e ".[ray]". Default: jobs run here"""
+    cpus_per_job: float = 1.0
+    """with --ray: CPUs Ray reserves for each job; the job's torch threads are this rounded up"""
+    gpus_per_job: float = 0.0
+    """with --ray: GPUs Ray reserves for each job; a fraction shares one GPU (0.25: 4 jobs per GPU), above 1
+    a whole number. 0: the job gets no GPU and runs on CPU"""
 
 
 def dataset_paths(name: str, data_dir: Optional[str]) -> list[str]:
@@ -132,8 +167,10 @@ def dataset_paths(name: str, data_dir: Optional[str]) -> list[str]:
         return []
     d = Path(data_dir)
     if not d.is_dir():
-        raise SystemExit(f"error: --data-dir {data_dir}: no such folder; pass the folder holding the hdf5 files "
-                         "(e.g. ../shared/d4rl-replica), or leave it out for the official D4RL files.")
+        raise SystemExit(
+            f"error: --data-dir {data_dir}: no such folder; pass the folder holding the hdf5 files "
+            "(e.g. ../shared/d4rl-replica), or leave it out for the official D4RL files."
+        )
 
     def find(n):
         return next((str(c.resolve()) for c in (d / f"{n}.hdf5", d / common.d4rl_filename(n)) if c.exists()), None)
@@ -145,15 +182,45 @@ def dataset_paths(name: str, data_dir: Optional[str]) -> list[str]:
         if all(parts):
             return parts
     also = " (or its -medium and -expert files)" if name.endswith("-medium-expert") else ""
-    raise SystemExit(f"error: no file for {name} in {d} (looked for {name}.hdf5 and {common.d4rl_filename(name)}{also}); "
-                     "drop it with --datasets or add the file.")
+    raise SystemExit(
+        f"error: no file for {name} in {d} (looked for {name}.hdf5 and {common.d4rl_filename(name)}{also}); "
+        "drop it with --datasets or add the file."
+    )
 
 
 def source_hash(script: str) -> str:
     h = hashlib.sha256()
-    for f in (script, "common.py"):
+    for f in (script, "common.py", *IMPORTS.get(script, ())):
         h.update((ROOT / f).read_bytes())
     return h.hexdigest()
+
+
+def check_ray_flags(args: Args) -> None:
+    """The resource flags mean something only with --ray, and Ray refuses fractions of more than one GPU."""
+    if args.ray is None:
+        if args.cpus_per_job != 1.0 or args.gpus_per_job != 0.0:
+            raise SystemExit(
+                "error: --cpus-per-job / --gpus-per-job size Ray tasks; add --ray auto (or an address), "
+                "or use --jobs for jobs on this machine."
+            )
+        return
+    if args.jobs:
+        raise SystemExit(
+            f"error: --jobs {args.jobs} is for jobs on this machine; with --ray, --cpus-per-job and "
+            "--gpus-per-job decide how many run at once."
+        )
+    if not args.cpus_per_job > 0:
+        raise SystemExit(f"error: --cpus-per-job {args.cpus_per_job}: must be > 0.")
+    if not args.gpus_per_job >= 0 or (args.gpus_per_job > 1 and args.gpus_per_job != int(args.gpus_per_job)):
+        raise SystemExit(
+            f"error: --gpus-per-job {args.gpus_per_job}: must be a fraction in [0, 1] (0.25: 4 jobs per "
+            "GPU) or a whole number of GPUs."
+        )
+    if args.device.startswith("cuda") and args.gpus_per_job == 0:
+        raise SystemExit(
+            f"error: --device {args.device} with --ray needs GPUs reserved: add --gpus-per-job "
+            "(e.g. 0.25 for 4 jobs per GPU)."
+        )
 
 
 def plan(args: Args) -> list[dict]:
@@ -166,6 +233,7 @@ def plan(args: Args) -> list[dict]:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
     if args.jobs < 0:
         raise SystemExit(f"error: --jobs {args.jobs}: pass a positive number, or 0 for the default.")
+    check_ray_flags(args)
     for d in args.datasets:
         try:
             common.parse_name(d)
@@ -188,15 +256,18 @@ def plan(args: Args) -> list[dict]:
                 continue
             for s in args.seeds or p["seeds"]:
                 cmd = [spec["script"], "--env", d, "--seed", str(s), "--exp-name", m, "--device", args.device,
-                       *spec["flags"], *p["common"], *p["flags"].get(m, []), *shlex.split(args.extra)]
+                       *spec["flags"], *p["common"], *p["flags"].get(m, []), *shlex.split(args.extra)]  # fmt: skip
                 if paths:
                     cmd += ["--dataset-path", *paths]
                 key = hashlib.sha256(json.dumps(dict(cmd=cmd, code=code)).encode()).hexdigest()[:12]
-                jobs.append(dict(method=m, dataset=d, seed=s, key=key, cmd=cmd, code=code, folder=out / f"{m}__{d}__s{s}__{key}"))
+                folder = out / f"{m}__{d}__s{s}__{key}"
+                jobs.append(dict(method=m, dataset=d, seed=s, key=key, cmd=cmd, code=code, folder=folder))
     if skipped:
         print(f"skipped (no file in {args.data_dir}): {', '.join(sorted(skipped))}")
     if not jobs:
-        raise SystemExit(f"error: no jobs: none of the preset's datasets has a file in {args.data_dir}; name them with --datasets.")
+        raise SystemExit(
+            f"error: no jobs: none of the preset's datasets has a file in {args.data_dir}; name them with --datasets."
+        )
     return jobs
 
 
@@ -204,43 +275,46 @@ def is_done(job: dict) -> bool:
     return (job["folder"] / "results.json").exists()
 
 
-def run_job(job: dict, threads: int, gpu: Optional[str] = None) -> dict:
-    """One job in a subprocess (on GPU `gpu` when given). Its results.json (with the job's key, command and
-    code hash) is moved into the job folder only after the method file finished, so a folder with
-    results.json is complete; a failed or killed job leaves none and runs again next time."""
+def run_job(job: dict, threads: int, gpu: Optional[str] = None, root: Path = ROOT) -> dict:
+    """One job in a subprocess (on GPU `gpu` when given), run from the code in `root`. Its results.json (with
+    the job's key, command and code hash) is moved into the job folder only after the method file finished,
+    so a folder with results.json is complete; a failed or killed job leaves none and runs again next time."""
     folder = job["folder"]
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, *job["cmd"], "--runs-dir", str(folder / "runs")] + (["--threads", str(threads)] if threads else [])
+    threads_flag = ["--threads", str(threads)] if threads else []
+    cmd = [sys.executable, *job["cmd"], "--runs-dir", str(folder / "runs"), *threads_flag]
     env = os.environ | ({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})
     t0 = time.time()
     try:
         with open(folder / "log.txt", "a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            rc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         if rc != 0:
             return dict(job, ok=False, error=f"exit code {rc}, see {folder / 'log.txt'}")
         run = max((folder / "runs").iterdir(), key=lambda p: p.stat().st_mtime)  # this attempt's run folder
         res = json.loads((run / "results.json").read_text())
-        res["benchmark"] = dict(method=job["method"], label=METHODS[job["method"]]["label"], dataset=job["dataset"], seed=job["seed"],
-                                key=job["key"], cmd=job["cmd"], code_sha256=job["code"], job_wall_time_s=time.time() - t0)
+        label = METHODS[job["method"]]["label"]
+        res["benchmark"] = dict(method=job["method"], label=label, dataset=job["dataset"], seed=job["seed"],
+                                key=job["key"], cmd=job["cmd"], code_sha256=job["code"],
+                                job_wall_time_s=time.time() - t0)  # fmt: skip
         shutil.copy(run / "metrics.jsonl", folder / "metrics.jsonl")
         tmp = folder / "results.json.tmp"
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, folder / "results.json")
-    except (OSError, ValueError, KeyError) as e:  # e.g. the method file wrote no results.json: this job fails, not the batch
+    except (OSError, ValueError, KeyError) as e:
+        # e.g. the method file wrote no results.json: this job fails, not the batch
         return dict(job, ok=False, error=f"{type(e).__name__}: {e}; see {folder / 'log.txt'}")
     return dict(job, ok=True, score=res["normalized_mean"])
 
 
-def main(args: Args) -> list[dict]:
-    jobs = plan(args)
-    todo = [j for j in jobs if not is_done(j)]
-    print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already finished, {len(todo)} to run")
-    if args.dry_run:
-        for j in jobs:
-            print(f"  {'done' if is_done(j) else 'todo'}  {j['folder'].name}")
-        return []
+def report(r: dict) -> str:
+    outcome = f"{r['score']:.1f}" if r["ok"] else f"FAILED ({r['error']})"
+    return f"{r['method']} {r['dataset']} seed {r['seed']}: {outcome}"
+
+
+def run_here(todo: list[dict], args: Args) -> list[dict]:
+    """The jobs as subprocesses on this machine, several at once."""
     import torch
     from tqdm import tqdm
 
@@ -250,7 +324,8 @@ def main(args: Args) -> list[dict]:
     threads = max(1, (os.cpu_count() or 1) // n)  # split the cores (the env steps on CPU even for GPU jobs)
     # Worker slot i runs its jobs on GPU i % gpus (by CUDA_VISIBLE_DEVICES), so jobs spread over every GPU;
     # not when the user pinned one with --device cuda:N.
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if os.environ.get("CUDA_VISIBLE_DEVICES") else [str(i) for i in range(gpus)]
+    pinned = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = pinned.split(",") if pinned else [str(i) for i in range(gpus)]
     spread = gpus > 1 and args.device in ("auto", "cuda")
     slots = queue.Queue()
     for i in range(n):
@@ -268,14 +343,149 @@ def main(args: Args) -> list[dict]:
         futures = [pool.submit(on_a_slot, j) for j in todo]
         try:
             for f in tqdm(as_completed(futures), total=len(futures), desc=f"jobs ({n} at once)"):
-                r = f.result()
-                finished.append(r)
-                msg = f"{r['method']} {r['dataset']} seed {r['seed']}: " + (f"{r['score']:.1f}" if r["ok"] else f"FAILED ({r['error']})")
-                tqdm.write(msg)
+                finished.append(f.result())
+                tqdm.write(report(finished[-1]))
         except KeyboardInterrupt:  # finished jobs are on disk; running ones are redone next time
             for f in futures:
                 f.cancel()
             raise SystemExit("interrupted: finished jobs are kept; run the same command again to resume.")
+    return finished
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray: the same jobs as tasks on a cluster. Planning, keys and the resume rule stay here on the driver; a
+# task only runs the job's command and hands back its folder.
+# ---------------------------------------------------------------------------------------------------
+
+# Not shipped with the code: history, results, runs, data, caches (Ray caps the upload's size).
+SHIP_EXCLUDES = [".git", "runs", "benchmarks/results", "*.pt", "*.hdf5", "*.h5", "*.pkl", "*.mp4", ".whl", ".gl",
+                 ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", "MUJOCO_LOG.TXT"]  # fmt: skip
+
+
+def ray_job(job: dict, threads: int) -> tuple[dict, dict]:
+    """A Ray task: run one job from the shipped code (Ray makes it the task's working directory) in a scratch
+    folder on the task's node, and return the result and every file of the job folder, so that the results
+    folder needs no filesystem shared with the nodes."""
+    import platform
+
+    scratch = Path(tempfile.mkdtemp(prefix="seqrl-job-"))
+    folder = scratch / job["folder"].name
+    try:
+        r = run_job(dict(job, folder=folder), threads, root=Path.cwd())  # the GPU: Ray's CUDA_VISIBLE_DEVICES
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        return dict(r, folder=job["folder"], scratch=str(folder), node=platform.node()), files
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def land(job: dict, r: dict, files: dict, commit: Optional[str], address: str) -> dict:
+    """A Ray job's files into its folder here, results.json last and atomically (the resume rule, as for a
+    local job). The run folder's path and the commit become this checkout's: the shipped code had no .git."""
+    folder = job["folder"]
+    for rel, data in files.items():
+        if rel not in ("results.json", "log.txt"):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.txt", "ab") as log:  # appended, like a local job's attempts
+        log.write(files.get("log.txt", b""))
+    if not r["ok"]:
+        return dict(job, ok=False, error=r["error"].replace(r["scratch"], str(folder)) + f" (ran on {r['node']})")
+    res = json.loads(files["results.json"])
+    res["run_dir"] = str(folder / "runs" / Path(res["run_dir"]).name)
+    res["git_commit"] = res.get("git_commit") or commit
+    res["benchmark"]["ray"] = dict(address=address, node=r["node"])
+    tmp = folder / "results.json.tmp"
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, folder / "results.json")
+    return dict(job, ok=True, score=res["normalized_mean"])
+
+
+def connect_ray(args: Args, runtime_env: dict):
+    """Ray, connected to --ray's cluster with `runtime_env` for every task (Ray ships a local working_dir
+    only when it is given to ray.init, so this process must be the one that connects)."""
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit('error: --ray needs Ray, an optional extra: pip install -e ".[ray]"') from None
+    if ray.is_initialized():
+        raise SystemExit(
+            "error: Ray is already initialized in this process; run.py connects by itself, to ship "
+            "this checkout's code with ray.init: call ray.shutdown() first, or run run.py as a script."
+        )
+    started_here = dict(include_dashboard=False) if args.ray == "local" else {}  # Ray refuses it for a cluster
+    try:
+        ray.init(address=args.ray, runtime_env=runtime_env, logging_level="WARNING", **started_here)
+    except Exception as e:  # no cluster at that address, a refused connection, a version mismatch: one message
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(
+            f"error: --ray {args.ray}: cannot connect ({why}). Start a cluster first (`ray start "
+            "--head`, README), pass its address, or use --ray local."
+        ) from None
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(n.get("CPU", 0) >= args.cpus_per_job and n.get("GPU", 0) >= args.gpus_per_job for n in nodes):
+        print(f"warning: no node of the Ray cluster has {args.cpus_per_job:g} CPU(s) and {args.gpus_per_job:g} "
+              "GPU(s): the jobs wait until such a node joins (an autoscaler), or Ctrl-C and lower "
+              "--cpus-per-job / --gpus-per-job.")  # fmt: skip
+    return ray
+
+
+def git_head() -> Optional[str]:
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return git.stdout.strip() if git.returncode == 0 else None
+
+
+def run_on_ray(todo: list[dict], args: Args) -> list[dict]:
+    """Every job as a Ray task with --cpus-per-job CPUs and --gpus-per-job GPUs; Ray runs as many at once as
+    the cluster's free resources allow, and retries a task whose worker died."""
+    from tqdm import tqdm
+
+    if not todo:
+        return []
+    excludes = list(SHIP_EXCLUDES)
+    out = todo[0]["folder"].parent.resolve()
+    if out.is_relative_to(ROOT):  # a results folder inside the checkout stays here
+        excludes.append(str(out.relative_to(ROOT)))
+    ray = connect_ray(args, dict(working_dir=str(ROOT), excludes=excludes))
+    if __name__ != "__main__":  # imported (tests, notebooks): the workers cannot import this file by name
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    task = ray.remote(num_cpus=args.cpus_per_job, num_gpus=args.gpus_per_job)(ray_job)
+    threads, commit, finished = math.ceil(args.cpus_per_job), git_head(), []
+    refs = {task.options(name=job["folder"].name).remote(job, threads): job for job in todo}
+    pending = list(refs)
+    bar = tqdm(total=len(refs), desc=f"jobs on Ray ({args.cpus_per_job:g} CPU, {args.gpus_per_job:g} GPU each)")
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            job = refs[ready[0]]
+            try:
+                r, files = ray.get(ready[0])
+            except ray.exceptions.RayError as e:  # the task itself failed (node lost, out of memory): this job only
+                why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                finished.append(dict(job, ok=False, error=f"Ray task failed: {type(e).__name__}: {why}"))
+            else:
+                finished.append(land(job, r, files, commit, args.ray))
+            bar.update()
+            tqdm.write(report(finished[-1]))
+    except KeyboardInterrupt:  # finished jobs are on disk; the cluster's running tasks are stopped
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise SystemExit("interrupted: finished jobs are kept; run the same command again to resume.")
+    finally:
+        bar.close()
+        ray.shutdown()  # disconnects; stops the instance only when --ray local started it
+    return finished
+
+
+def main(args: Args) -> list[dict]:
+    jobs = plan(args)
+    todo = [j for j in jobs if not is_done(j)]
+    print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already finished, {len(todo)} to run")
+    if args.dry_run:
+        for j in jobs:
+            print(f"  {'done' if is_done(j) else 'todo'}  {j['folder'].name}")
+        return []
+    finished = run_on_ray(todo, args) if args.ray is not None else run_here(todo, args)
     failed = [r for r in finished if not r["ok"]]
     if failed:
         raise SystemExit(f"{len(failed)} job(s) failed; see their log.txt. Finished ones are kept.")
