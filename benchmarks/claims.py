@@ -72,7 +72,7 @@ def method_of(results: dict) -> str:
 
 def differences(results: dict) -> list[str]:
     """Settings of a run (results.json) that differ from the configuration behind the thesis's number."""
-    method, args = method_of(results), {**results["args"], **results.get("arch", {})}
+    method, args = method_of(results), {**results.get("trained_with", results["args"]), **results.get("arch", {})}
     args["updates"] = results.get("trained_updates", results.get("updates"))
     if method == "rgdt":
         args["inv_updates"] = results.get("trained_inv_updates", results.get("inv_updates"))
