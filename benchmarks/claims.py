@@ -65,9 +65,11 @@ def verdict(ours: float, thesis: float, std: float) -> str:
 def method_of(results: dict) -> str:
     """The thesis column a run belongs to: its method file, and dt.py's Gaussian policy as ODT-O's."""
     method = results.get("method") or results["args"]["exp_name"]
-    return (
-        "dt-gaussian" if method == "dt" and results.get("arch", results["args"]).get("policy") == "gaussian" else method
-    )
+    if method == "bc":  # X%BC is judged against its own column
+        pct = results["args"].get("top_pct", 100)
+        return "bc" if pct == 100 else f"bc-{pct:g}"
+    gaussian = results.get("arch", results["args"]).get("policy") == "gaussian"
+    return "dt-gaussian" if method == "dt" and gaussian else method
 
 
 def differences(results: dict) -> list[str]:
