@@ -1,11 +1,11 @@
 """Trajectory Transformer (Janner, Li & Levine 2021, "Offline RL as One Big Sequence Modeling Problem"; blog §5.b):
 a GPT over trajectories discretized dimension by dimension, used as world model and policy by beam search.
 
-    python tt.py --env hopper-medium-replay --dataset-path ../shared/d4rl-replica/hopper-medium-replay.hdf5
-    python tt.py --env hopper-medium-replay --dataset-path ../shared/d4rl-replica/hopper-medium-replay.hdf5 \\
-        --n-embd 64 --batch-size 32 --updates 3000 --warmup-epochs 0.1 --horizon 5 --beam-width 8 \\
-        --eval-episodes 5 --eval-max-steps 300        # the CPU preset: about 15 minutes on 2 cores
-    python tt.py --env hopper-medium-replay --checkpoint runs/RUN/model.pt --updates 0 --beam-width 1   # greedy
+    python tt.py --env hopper-medium-replay                       # the TT paper's locomotion configuration
+    python tt.py --env hopper-medium-replay --dataset-path FILE   # any D4RL-layout .hdf5 or DT .pkl
+    python tt.py --env hopper-medium-replay --n-embd 64 --batch-size 32 --seq-len 5 --updates 3000 \
+        --warmup-epochs 0.1 --horizon 5 --beam-width 8 --eval-episodes 5   # CPU preset: ~15 min of training
+    python tt.py --checkpoint runs/RUN/model.pt --updates 0 --beam-width 1   # evaluate again, greedy decoding
 
 One file: arguments, data (discretizer, tokens), model, planning (beam search), evaluation, training.
 Blocks marked PLUMBING are dt.py's, byte for byte; the rest is the method. Shared with the other method files
@@ -15,11 +15,14 @@ is only common.py (datasets, env ids, normalized scores).
 # ruff: noqa: UP045, BLE001  (the PLUMBING blocks are dt.py's, byte for byte)
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import math
 import os
 import random
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,6 +38,7 @@ from tqdm import tqdm
 import common
 
 METHOD = "tt"
+DEFAULT_ENV = "hopper-medium-replay"  # the dataset without --env or --checkpoint
 
 
 @dataclass
@@ -123,14 +127,21 @@ class Args:
     """log the training loss every N updates"""
     threads: int = 0
     """torch CPU threads (0: half of the cores this process may use, at least 1)"""
+    track: bool = False
+    """also send the config, every logged metric and the final results to Weights & Biases (`pip install -e
+    ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept locally to sync later"""
+    wandb_project_name: str = "seqrl"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B team or user of --track (default: your W&B default entity)"""
+    capture_video: bool = False
+    """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's offscreen
+    renderer; headless machines use MUJOCO_GL=egl, the default here when no display is set, or osmesa)"""
 
     def __post_init__(self):
-        positive = (
-            "n_bins seq_len n_layer n_head n_embd batch_size lr grad_clip horizon beam_width n_expand max_context"
-        )
-        check_flags(
-            self, positive + " eval_episodes log_every", "seed updates eval_every eval_max_steps k_act k_obs threads"
-        )
+        positive = "n_bins seq_len n_layer n_head n_embd batch_size lr grad_clip horizon beam_width n_expand"
+        non_negative = "seed updates eval_every eval_max_steps k_act k_obs threads"
+        check_flags(self, positive + " max_context eval_episodes log_every", non_negative)
         for name in ("dropout", "cdf_act", "cdf_obs"):
             if not 0 <= getattr(self, name) < 1:
                 raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1).")
@@ -148,6 +159,10 @@ class Args:
             )
         if self.updates == 0 and self.checkpoint is None:
             raise SystemExit("error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one.")
+        if self.track and importlib.util.find_spec("wandb") is None:
+            raise SystemExit('error: --track needs wandb: pip install -e ".[track]" (or leave out --track).')
+        if self.capture_video and not os.environ.get("DISPLAY"):  # before MuJoCo is imported, which reads it once
+            os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 # TT paper Table 1 (official D4RL v2; TT with beam search, DT from the same table). Their means over the 9
@@ -436,12 +451,13 @@ def plan(model, disc: Discretizer, prefix: torch.Tensor, args: Args, gen: torch.
 # ---------------------------------------------------------------------------------------------------
 
 
-def make_eval_envs(info: dict, n: int, asynchronous: bool):
-    """PLUMBING: n copies of the dataset's env in one vector env, and the episode horizon (the TimeLimit)."""
+def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
+    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
+    MP4), and the episode horizon (the TimeLimit)."""
     import gymnasium as gym
 
     vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    envs = vector_env([lambda: common.make_env(info)] * n)
+    envs = vector_env([functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)])
     probe = common.make_env(info)
     horizon = probe.spec.max_episode_steps or 1000
     probe.close()
@@ -449,10 +465,10 @@ def make_eval_envs(info: dict, n: int, asynchronous: bool):
 
 
 @torch.no_grad()
-def evaluate(model, disc: Discretizer, info: dict, args: Args, device, autocast, hook=None) -> dict:
+def evaluate(model, disc: Discretizer, info: dict, args: Args, device, autocast, hook=None, video=None) -> dict:
     """hook(t, prefix, action_tokens, alive), if given, sees every planning call (for analyses)."""
     n, m_s, m_a, td = args.eval_episodes, model.obs_dim, model.act_dim, model.td
-    envs, horizon = make_eval_envs(info, n, asynchronous=False)
+    envs, horizon = make_eval_envs(info, n, False, video)
     horizon = min(horizon, args.eval_max_steps or horizon)
     low, high = envs.single_action_space.low, envs.single_action_space.high
     gen = torch.Generator(device=device).manual_seed(args.seed + 10_000)
@@ -557,7 +573,7 @@ def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
     recorded = ckpt["dataset"] if ckpt is not None else None
     if recorded is not None and args.env is None and not args.dataset_path and args.updates == 0:
         return None, recorded
-    name = args.env or (recorded["name"] if recorded is not None else "hopper-medium-replay")
+    name = args.env or (recorded["name"] if recorded is not None else DEFAULT_ENV)
     paths = args.dataset_path or (tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ())
     try:
         episodes, info = common.load_dataset(name, paths)
@@ -586,9 +602,30 @@ def make_run_dir(args, info: dict) -> Path:
 
 
 def log_metrics(path: Path, **metrics) -> None:
-    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged."""
+    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged; also
+    to W&B once --track has started a run there."""
     with open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.log(metrics, step=metrics.get("step"))
+
+
+def start_tracking(args, config: dict, run_dir: Path) -> None:
+    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's convention)."""
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name=run_dir.name,
+                   dir=run_dir)  # fmt: skip
+
+
+def finish_tracking(results: dict) -> None:
+    """PLUMBING: --track: the final numbers become the W&B run's summary."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        wandb.finish()
 
 
 def git_commit() -> Optional[str]:
@@ -637,11 +674,20 @@ def train(args: Args) -> dict:
     if ckpt is not None:  # the architecture and token definition are the checkpoint's, whatever the flags say
         args = replace(args, **{k: ckpt["arch"][k] for k in ARCH})
     episodes, info = load_data(args, ckpt)
+    if args.capture_video:
+        try:
+            common.check_video(info)
+        except common.DatasetError as e:
+            raise SystemExit(f"error: {e}") from None
     run_dir = make_run_dir(args, info)
     metrics = run_dir / "metrics.jsonl"
-    config = {"args": asdict(args), "dataset": info}
+    arch = {k: getattr(args, k) for k in ARCH}
+    config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info}
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
+    # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
+    config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    start_tracking(args, config, run_dir)
 
     edges = None if ckpt is None else ckpt["edges"]
     data = make_dataset(episodes, args, device, edges) if args.updates else None
@@ -657,8 +703,8 @@ def train(args: Args) -> dict:
     print(f"run {run_dir.name}: {info['name']} ({info['source']} data), {model.td} tokens per transition, "
           f"{n_params:.2f}M parameters, device {device}, {threads} CPU thread(s), {precision}")  # fmt: skip
 
-    def run_eval(step: int) -> dict:
-        res = evaluate(model, disc, info, args, device, autocast)
+    def run_eval(step: int, video=None) -> dict:
+        res = evaluate(model, disc, info, args, device, autocast, video=video)
         score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
         log_metrics(
             metrics,
@@ -681,13 +727,12 @@ def train(args: Args) -> dict:
         try:
             for step in bar:
                 t0 = time.time()
+                lr = sched.get_last_lr()[0]  # the rate this update uses
                 loss, grad_norm = update(fwd, opt, data, weights, args, gen, autocast)
                 sched.step()
                 trained = step + 1
                 if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
-                    log_metrics(
-                        metrics, step=step, loss=loss.item(), grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0]
-                    )
+                    log_metrics(metrics, step=step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 train_time += time.time() - t0
                 if args.eval_every and trained % args.eval_every == 0 and trained < args.updates:
@@ -697,7 +742,6 @@ def train(args: Args) -> dict:
             bar.close()
             print(f"\ninterrupted (Ctrl-C) after {trained} updates: saving the model trained so far")
         total = trained + (ckpt["trained_updates"] if ckpt is not None else 0)
-        arch = {k: getattr(args, k) for k in ARCH}
         parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": total}
         torch.save({"model": model.state_dict(), "edges": disc.edges.cpu(), **parts}, run_dir / "model.pt")
         if trained < args.updates:
@@ -706,12 +750,14 @@ def train(args: Args) -> dict:
                 f"`python {METHOD}.py --checkpoint {run_dir / 'model.pt'} --updates 0`."
             )
 
-    res = run_eval(trained)
+    res = run_eval(trained, video=str(run_dir / "video.mp4") if args.capture_video else None)
     total = trained + (ckpt["trained_updates"] if ckpt is not None else 0)
     speed = {"train_updates_per_s": trained / train_time if trained else None, "wall_time_s": time.time() - t_start}
+    speed["bf16"] = bf16
     results = {**config, **res, "updates": trained, "trained_updates": total, "run_dir": str(run_dir), **speed}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]
+    finish_tracking(results)
+    label = SOURCE_LABEL[info["source"]]
     mode = "greedy" if args.beam_width == 1 else f"beam {args.beam_width} x {args.n_expand}, horizon {args.horizon}"
     cut = f", episodes cut at {res['max_steps']} steps" if args.eval_max_steps else ""
     print(f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} "

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import subprocess
@@ -220,6 +221,13 @@ def test_cdf_and_topk_filters():
 def test_bad_flags_are_refused_with_one_message(kw, message):
     with pytest.raises(SystemExit, match=message.replace(".", r"\.")):
         tt.Args(**kw)
+
+
+def test_track_without_wandb_is_refused(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(SystemExit, match="--track needs wandb"):
+        tt.Args(track=True)
 
 
 def test_bad_flag_on_the_command_line_is_one_line_without_traceback():
