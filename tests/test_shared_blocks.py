@@ -2,6 +2,7 @@
 method file that has it (dt.py -> mo_dt.py -> trdt.py are diffs of each other), so that a fix reaches all copies."""
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ SAME = {
 }
 
 
+@functools.cache
 def blocks(path: Path) -> dict:
     """Top-level functions and classes of a file: name -> exact source text."""
     text = path.read_text()
