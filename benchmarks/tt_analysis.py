@@ -1,0 +1,916 @@
+"""The blog's DT-versus-TT analyses (blog §7.b-§7.c, issue 17), for DT (dt.py) and TT (tt.py) on one dataset.
+
+    python benchmarks/tt_analysis.py                                  # trains both at the CPU budget, then analyses
+    python benchmarks/tt_analysis.py --dt-checkpoint runs/A/model.pt --tt-checkpoint runs/B/model.pt
+
+Nine analyses, one figure each in --out plus summary.json, and a printed `blog claim | ours | verdict` table:
+ 1 attention maps per layer (head mean) on the same dataset windows;  2 DT's return-to-go tracking;
+ 3 attention allocation over episode time (return tokens / recent steps / old steps);  4 attention mass against
+ distance in timesteps;  5 head entropy per layer and head;  6 error propagation (defined below);  7 attention
+ sparsity, mean and variance;  8 planning cost per episode against beam width K;  9 scores beside published ones.
+Rows analysed in 3-7 are the ones whose output is the action: DT's last state token, TT's last observation token
+and its action tokens but the last (they predict a^1..a^m_a). For TT, "return tokens" are the reward tokens: no
+token may attend to a value token (TT code's mask). Numbers on a replica are labelled replica, never D4RL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import dt  # noqa: E402
+import tt  # noqa: E402
+
+PUBLISHED = {"dt": 74.7, "tt": 78.9}  # blog §7.a = TT paper Table 1 means over 9 D4RL locomotion datasets
+RECENT = 2  # "recent steps": at most this many timesteps back (the current step is 0); "old": further back
+DT_KINDS = np.array(["return-to-go", "state", "action"])
+
+
+def tt_kinds(model) -> np.ndarray:
+    return np.array(["state"] * model.obs_dim + ["action"] * model.act_dim + ["reward", "value"])
+
+
+@dataclass
+class Args:
+    env: str = "hopper-medium-replay"
+    """dataset name; the file `{data_dir}/{env}.hdf5` is read"""
+    data_dir: str = "../shared/d4rl-replica"
+    """folder of the replica (or your own D4RL-layout) files"""
+    out: str = "benchmarks/results/tt"
+    """folder for the figures and summary.json (aggregates only)"""
+    runs_dir: str = "runs/tt_analysis"
+    """where the DT and TT training runs go when no checkpoints are given"""
+    dt_checkpoint: Optional[str] = None
+    """a dt.py model.pt to analyse instead of training DT here"""
+    tt_checkpoint: Optional[str] = None
+    """a tt.py model.pt to analyse instead of training TT here"""
+    dt_updates: int = 1500
+    """DT updates when trained here (dt.py's defaults otherwise, warmup 300)"""
+    tt_updates: int = 3000
+    """TT updates when trained here (tt.py's CPU preset: n_embd 64, batch 32, seq_len 5, warmup 0.1 epoch)"""
+    beam_width: int = 8
+    """TT's beam for the beam-search scores and error propagation (the CPU preset; the paper uses 128)"""
+    horizon: int = 5
+    """TT's planning horizon in transitions (the CPU preset; the paper uses 15)"""
+    eval_episodes: int = 5
+    """episodes per model and decoding mode for analyses 2-5, 7 and 9"""
+    eval_max_steps: int = 1000
+    """cut every evaluation episode after this many steps (1000 = the env's limit: scores comparable)"""
+    error_episodes: int = 6
+    """dataset episodes replayed for the error-propagation analysis"""
+    error_steps: int = 100
+    """steps of each replayed episode"""
+    windows: int = 32
+    """dataset windows averaged into the attention maps"""
+    beam_widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    """K values of the compute-cost analysis"""
+    cost_reps: int = 5
+    """timed planning calls per K (the fastest counts)"""
+    paper_speed: bool = True
+    """also time TT at the paper's size (random weights): 3 training updates and 1 planning call (beam 128,
+    horizon 15); takes a few minutes on a CPU"""
+    seed: int = 0
+    """seed of training, windows, replayed episodes and evaluation envs"""
+    threads: int = 1
+    """torch CPU threads (the machine is shared)"""
+
+    def __post_init__(self):
+        for name in (
+            "dt_updates",
+            "tt_updates",
+            "beam_width",
+            "horizon",
+            "eval_episodes",
+            "eval_max_steps",
+            "error_episodes",
+            "error_steps",
+            "windows",
+            "cost_reps",
+            "threads",
+        ):
+            if getattr(self, name) <= 0:
+                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be > 0.")
+        if not self.beam_widths or min(self.beam_widths) < 1:
+            raise SystemExit(f"error: --beam-widths {self.beam_widths}: give widths >= 1.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: trained here or loaded
+# ---------------------------------------------------------------------------------------------------
+
+
+class DTPolicy:
+    """dt.py's model behind one call, so that this file depends on dt.py's interface in one place only."""
+
+    def __init__(self, ckpt: dict, device):
+        arch = ckpt["arch"]
+        self.model = dt.DecisionTransformer(**arch).to(device).eval()
+        self.model.load_state_dict(ckpt["model"])
+        self.K, self.scale, self.max_ep_len = arch["context_len"], arch["rtg_scale"], arch["max_ep_len"]
+        self.state_dim, self.act_dim = arch["state_dim"], arch["act_dim"]
+        self.mean, self.std = (ckpt[k].float().to(device) for k in ("state_mean", "state_std"))
+        domain = ckpt["dataset"]["env_id"].split("-")[0].lower()
+        self.target = ckpt["args"].get("target_return") or dt.TARGET_RETURNS[domain]
+        self.n_layer, self.n_head = len(self.model.blocks), self.model.blocks[0].attn.n_head
+
+    def __call__(self, rtg, states, actions, timesteps, return_attn=False):
+        """Normalised states, scaled returns-to-go; returns the action means (B, K, m_a) and the attention."""
+        x = {"rtg": rtg, "states": states, "actions": actions, "timesteps": timesteps}
+        preds, attns = self.model(x, return_attn=return_attn)
+        return preds["action"][0].float(), attns
+
+
+def get_dt(args: Args, path: str, device) -> tuple:
+    if args.dt_checkpoint is None:
+        a = dt.Args(env=args.env, dataset_path=(path,), updates=args.dt_updates, warmup_steps=300, eval_every=0,
+                    eval_episodes=2, runs_dir=args.runs_dir, exp_name="dt_analysis", seed=args.seed,
+                    threads=args.threads)  # fmt: skip
+        res = dt.train(a)
+        ckpt_path, info = str(Path(res["run_dir"]) / "model.pt"), {"updates_per_s": res["train_updates_per_s"]}
+    else:
+        ckpt_path, info = args.dt_checkpoint, {"checkpoint": args.dt_checkpoint}
+    ckpt = dt.load_checkpoint(ckpt_path, device)
+    policy = DTPolicy(ckpt, device)
+    arch = ckpt["arch"]
+    info.update(updates=ckpt["trained_updates"], n_layer=arch["n_layer"], n_head=arch["n_head"], n_embd=arch["n_embd"])
+    return policy, info
+
+
+def get_tt(args: Args, path: str, device) -> tuple:
+    if args.tt_checkpoint is None:
+        a = tt.Args(env=args.env, dataset_path=(path,), n_embd=64, batch_size=32, seq_len=5, warmup_epochs=0.1,
+                    updates=args.tt_updates, beam_width=1, eval_episodes=1, eval_max_steps=10,
+                    runs_dir=args.runs_dir, exp_name="tt_analysis", seed=args.seed, threads=args.threads)  # fmt: skip
+        res = tt.train(a)
+        ckpt_path, info = str(Path(res["run_dir"]) / "model.pt"), {"updates_per_s": res["train_updates_per_s"]}
+    else:
+        ckpt_path, info = args.tt_checkpoint, {"checkpoint": args.tt_checkpoint}
+    ckpt = tt.load_checkpoint(ckpt_path, device)
+    plan = {"beam_width": args.beam_width, "horizon": args.horizon, "eval_episodes": args.eval_episodes}
+    plan |= {"eval_max_steps": args.eval_max_steps, "seed": args.seed, "checkpoint": ckpt_path, "updates": 0}
+    targs = replace(tt.Args(**ckpt["args"]), **plan)
+    ds = ckpt["dataset"]
+    model = tt.TrajectoryTransformer(ds["obs_dim"], ds["act_dim"], targs.n_bins, targs.seq_len, targs.n_layer,
+                                     targs.n_head, targs.n_embd, 0.0)  # fmt: skip
+    model.load_state_dict(ckpt["model"])
+    info.update(updates=ckpt["trained_updates"], n_layer=targs.n_layer, n_head=targs.n_head, n_embd=targs.n_embd)
+    return model.to(device).eval(), tt.Discretizer(ckpt["edges"].to(device)), targs, info
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention statistics of the action-predicting rows (analyses 3, 4, 5, 7)
+# ---------------------------------------------------------------------------------------------------
+
+
+class RowStats:
+    """Running sums over rollout steps. atts: per layer (N, H, Q, T) for the Q action-predicting rows;
+    allowed (Q, T); key_step (T,) timestep of each key; q_step: the current timestep; ret (T,) return tokens."""
+
+    def __init__(self, n_layer: int, n_head: int, max_dist: int):
+        self.alloc, self.alloc_n, self.alloc_uniform = {}, {}, np.zeros(3)
+        self.dist, self.dist_uniform, self.n = np.zeros(max_dist + 1), np.zeros(max_dist + 1), 0
+        self.ent, self.ent_norm = np.zeros((n_layer, n_head)), np.zeros((n_layer, n_head))
+        self.gini, self.mean_w, self.var_w, self.cv2 = (np.zeros(n_layer) for _ in range(4))
+
+    def add(self, t: int, atts, allowed, key_step, q_step: int, ret):
+        A = torch.stack([a.float() for a in atts]).cpu()  # (L, N, H, Q, T)
+        allowed, d = allowed.cpu(), (q_step - key_step).cpu()
+        n_allowed = allowed.sum(-1).float()  # (Q,)
+        N = A.shape[1]
+        mean_rows = A.mean((0, 2))  # (N, Q, T) averaged over layers and heads
+        ret_c = ret.cpu()
+        parts = [(mean_rows * m).sum(-1).mean(-1) for m in (ret_c, ~ret_c & (d <= RECENT), ~ret_c & (d > RECENT))]
+        self.alloc[t] = self.alloc.get(t, 0) + torch.stack(parts, -1).sum(0).numpy()
+        self.alloc_n[t] = self.alloc_n.get(t, 0) + N
+        masks = (ret_c, ~ret_c & (d <= RECENT), ~ret_c & (d > RECENT))
+        self.alloc_uniform += N * np.array([((allowed & m).sum(-1) / n_allowed).mean().item() for m in masks])
+        for k in range(len(self.dist)):
+            sel = (d == k)[None, None, :] & allowed[None]
+            self.dist[k] += (mean_rows * sel).sum(-1).mean(-1).sum().item()
+            self.dist_uniform[k] += N * (sel[0].float().sum(-1) / n_allowed).mean().item()
+        self.n += N
+        logn = torch.log(n_allowed).clamp_min(1e-9)
+        H = -(A * A.clamp_min(1e-12).log()).sum(-1)  # (L, N, H, Q)
+        self.ent += H.mean(-1).sum(1).numpy()
+        self.ent_norm += (H / logn).mean(-1).sum(1).numpy()
+        w = A.masked_fill(~allowed, float("nan"))  # only allowed keys count
+        srt = torch.sort(torch.nan_to_num(w, nan=float("inf")), -1).values  # allowed weights first, ascending
+        gini = []
+        for q in range(A.shape[3]):  # Gini coefficient of each row's allowed weights: 0 uniform, -> 1 one-hot
+            m = int(n_allowed[q])
+            x = srt[..., q, :m]
+            i = torch.arange(1, m + 1, dtype=torch.float32)
+            gini.append(((2 * i - m - 1) * x).sum(-1) / (m * x.sum(-1)))
+        self.gini += torch.stack(gini, -1).mean((-1, -2)).sum(1).numpy()
+        self.mean_w += torch.nanmean(w, -1).mean((-1, -2)).sum(1).numpy()
+        var = torch.nanmean((w - torch.nanmean(w, -1, keepdim=True)) ** 2, -1)  # (L, N, H, Q)
+        self.var_w += var.mean((-1, -2)).sum(1).numpy()
+        self.cv2 += (var * n_allowed**2).mean((-1, -2)).sum(1).numpy()  # variance relative to a uniform row's mean
+
+    def summary(self) -> dict:
+        ts = sorted(self.alloc)
+        alloc = np.array([self.alloc[t] / self.alloc_n[t] for t in ts])
+        n = max(self.n, 1)
+        dist, uni = self.dist / n, self.dist_uniform / n
+        return {
+            "alloc_t": ts,
+            "alloc": alloc.tolist(),
+            "alloc_uniform": (self.alloc_uniform / n).tolist(),
+            "alloc_labels": ["return tokens", f"recent (<= {RECENT} steps)", "old"],
+            "mass_by_distance": dist.tolist(),
+            "uniform_by_distance": uni.tolist(),
+            "mean_lookback_steps": float((np.arange(len(dist)) * dist).sum() / max(dist.sum(), 1e-12)),
+            "uniform_lookback_steps": float((np.arange(len(uni)) * uni).sum() / max(uni.sum(), 1e-12)),
+            "entropy": (self.ent / n).tolist(),
+            "entropy_normalized": (self.ent_norm / n).tolist(),
+            "gini": (self.gini / n).tolist(),
+            "mean_weight": (self.mean_w / n).tolist(),
+            "var_weight": (self.var_w / n).tolist(),
+            "cv2_weight": (self.cv2 / n).tolist(),
+            "samples": self.n,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rollouts: DT (its return rule, attention and R-hat recorded) and TT (tt.evaluate with a hook)
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def dt_rollouts(pi: DTPolicy, info, args: Args, device) -> dict:
+    """DT's evaluation (dt.evaluate's loop), recording R-hat and the attention of every step."""
+    n, K = args.eval_episodes, pi.K
+    envs, horizon = dt.make_eval_envs(info, n, asynchronous=False)
+    horizon = min(args.eval_max_steps, horizon)
+    low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
+    S, A = torch.zeros(n, horizon, pi.state_dim, device=device), torch.zeros(n, horizon, pi.act_dim, device=device)
+    R = torch.zeros(n, horizon, 1, device=device)
+    T = torch.arange(horizon, device=device).clamp(max=pi.max_ep_len - 1).expand(n, -1)
+    R[:, 0] = pi.target / pi.scale
+    rewards, done, lengths = np.zeros((n, horizon)), np.zeros(n, dtype=bool), np.zeros(n, dtype=int)
+    stats = RowStats(pi.n_layer, pi.n_head, K - 1)
+    obs, _ = envs.reset(seed=args.seed + 10_000)
+    for t in range(horizon):
+        S[:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - pi.mean) / pi.std
+        ctx = slice(max(0, t - K + 1), t + 1)
+        act, atts = pi(R[:, ctx], S[:, ctx], A[:, ctx], T[:, ctx], return_attn=True)
+        k = t + 1 - ctx.start
+        row, keys = 3 * (k - 1) + 1, torch.arange(3 * k, device=device)  # the current state token predicts a_t
+        alive = torch.as_tensor(~done, device=device)
+        stats.add(
+            t, [x[alive][:, :, row : row + 1] for x in atts], (keys <= row)[None], keys // 3, k - 1, keys % 3 == 0
+        )
+        A[:, t] = torch.maximum(torch.minimum(act[:, -1], high), low)
+        obs, r, term, trunc, _ = envs.step(A[:, t].cpu().numpy())
+        rewards[:, t] = r * ~done
+        lengths += ~done
+        done |= term | trunc
+        if done.all() or t + 1 == horizon:
+            break
+        R[:, t + 1] = R[:, t] - torch.as_tensor(r, device=device, dtype=torch.float32)[:, None] / pi.scale  # DT's rule
+    envs.close()
+    rhat = [(R[i, : lengths[i], 0] * pi.scale).cpu().numpy() for i in range(n)]
+    togo = [np.cumsum(rewards[i, : lengths[i]][::-1])[::-1] for i in range(n)]
+    returns = rewards.sum(1)
+    return {
+        "returns": returns,
+        "lengths": lengths,
+        "rhat": rhat,
+        "togo": togo,
+        "stats": stats.summary(),
+        "target": pi.target,
+    }
+
+
+def tt_rollouts(model, disc, targs: tt.Args, info, args: Args, device, beam: bool) -> dict:
+    run_args = replace(targs, beam_width=args.beam_width if beam else 1)
+    stats = RowStats(len(model.blocks), model.blocks[0].attn.n_head, run_args.max_context - 1)
+    td, m_a = model.td, model.act_dim
+
+    def hook(t, prefix, act_tok, alive):
+        P = prefix.shape[1]
+        x = torch.cat([prefix, act_tok[:, :-1]], 1)
+        with torch.no_grad():
+            atts = model(x, return_attn=True)[2]
+        keys = torch.arange(x.shape[1], device=device)
+        rows = torch.arange(P - 1, P - 1 + m_a, device=device)
+        allowed = (keys[None] <= rows[:, None]) & (keys % td != td - 1)[None]
+        stats.add(t, [a[:, :, P - 1 :] for a in atts], allowed, keys // td, (P - 1) // td, keys % td == td - 2)
+
+    res = tt.evaluate(model, disc, info, run_args, device, contextlib.nullcontext(), hook=hook)
+    return {**res, "stats": stats.summary()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention maps on dataset windows (analysis 1)
+# ---------------------------------------------------------------------------------------------------
+
+
+def map_metrics(maps: np.ndarray, allowed: np.ndarray, step: np.ndarray, ret: np.ndarray, kind=None) -> dict:
+    """maps (L, T, T) head-mean attention; allowed (T, T); step (T,) timestep of each token; ret (T,) return
+    tokens; kind (T,) a name per token. local: mass within the same or previous timestep (diagonal band).
+    stripe: share of the far attention (>= 2 steps back) that the 10% most-attended key columns receive, each
+    column's far weight averaged over the rows that see it (uniform = 0.10; vertical stripes -> higher)."""
+    d = step[:, None] - step[None, :]
+    near, far = allowed & (d <= 1), allowed & (d >= 2)
+    kind = np.array(["token"] * len(step)) if kind is None else np.asarray(kind)
+    out = {"local": [], "stripe": [], "return_far_share": [], "far_share_by_kind": {k: [] for k in dict.fromkeys(kind)}}
+    for m in maps:
+        for k in out["far_share_by_kind"]:
+            out["far_share_by_kind"][k].append(float((m * far * (kind == k)[None]).sum() / max((m * far).sum(), 1e-12)))
+        out["local"].append(float((m * near).sum(1).mean()))
+        col = (m * far).sum(0) / np.maximum(far.sum(0), 1)
+        col = col[far.sum(0) > 0]
+        top = max(1, int(round(0.1 * len(col))))
+        out["stripe"].append(float(np.sort(col)[::-1][:top].sum() / max(col.sum(), 1e-12)))
+        out["return_far_share"].append(float((m * far * ret[None]).sum() / max((m * far).sum(), 1e-12)))
+    out["local_uniform"] = float((near / np.maximum(allowed.sum(1, keepdims=True), 1)).sum(1).mean())
+    out["return_share_uniform"] = float((far * ret[None]).sum() / max(far.sum(), 1))
+    out["far_share_by_kind_uniform"] = {
+        k: float((far * (kind == k)[None]).sum() / max(far.sum(), 1)) for k in out["far_share_by_kind"]
+    }
+    return out
+
+
+@torch.no_grad()
+def attention_maps(pi: DTPolicy, tt_model, tt_disc, targs, episodes, args: Args, device) -> dict:
+    """Head-mean maps of every row on the same kind of input for both: dataset windows of each model's
+    training length (DT: context_len steps; TT: seq_len transitions) that lie inside one episode."""
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    stats = (pi.mean.cpu().numpy(), pi.std.cpu().numpy())
+    data = dt.make_dataset(episodes, device, pi.scale, pi.max_ep_len, state_stats=stats)
+    b = dt.sample_batch(data, 8 * args.windows, pi.K, gen)
+    full = b["mask"].all(1).nonzero()[:, 0][: args.windows]
+    atts = pi(b["rtg"][full], b["states"][full], b["actions"][full], b["timesteps"][full], return_attn=True)[1]
+    T = 3 * pi.K
+    tok = np.arange(T)
+    dt_maps = np.stack([x.mean((0, 1)).float().cpu().numpy() for x in atts])
+    tdata = tt.make_dataset(episodes, targs, device, edges=tt_disc.edges)
+    x, _ = tt.sample_batch(tdata, 8 * args.windows, targs.seq_len, gen)
+    x = x[(x != tt_disc.n_bins).all(1)][: args.windows]  # windows without stop tokens
+    tt_maps = np.stack([m.mean((0, 1)).float().cpu().numpy() for m in tt_model(x, return_attn=True)[2]])
+    td, T2 = tt_model.td, x.shape[1]
+    tok2 = np.arange(T2)
+    allowed2 = np.tril(np.ones((T2, T2), bool)) & (tok2 % td != td - 1)[None]
+    return {
+        "dt_maps": dt_maps,
+        "tt_maps": tt_maps,
+        "windows": [len(full), len(x)],
+        "dt": map_metrics(dt_maps, np.tril(np.ones((T, T), bool)), tok // 3, tok % 3 == 0, DT_KINDS[tok % 3]),
+        "tt": map_metrics(tt_maps, allowed2, tok2 // td, tok2 % td == td - 2, tt_kinds(tt_model)[tok2 % td]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Error propagation (analysis 6)
+# ---------------------------------------------------------------------------------------------------
+# Our definition (the blog gives none): replay logged dataset episodes; at every step t the model predicts
+# a_t from a context whose states and rewards (DT: returns-to-go) are the logged ones and whose past actions
+# are either the logged ones ("teacher-forced") or the model's own earlier predictions ("self-fed", what it
+# sees when it acts). e_t = mean over action dimensions of (a_hat_t - a_t)^2 against the logged action; the
+# cumulative error is E_t = sum_{t' <= t} e_t'. Errors propagate when self-fed e_t grows with t faster than
+# teacher-forced e_t (the only difference between the two is the model's own earlier output).
+
+
+def replay_episodes(episodes, args: Args) -> list[dict]:
+    long = [ep for ep in episodes if len(ep["rewards"]) >= args.error_steps]
+    if not long:
+        raise SystemExit(f"error: --error-steps {args.error_steps}: no episode of the dataset is that long.")
+    rng = np.random.default_rng(args.seed)
+    pick = rng.choice(len(long), size=min(args.error_episodes, len(long)), replace=False)
+    return [long[i] for i in sorted(pick)]
+
+
+def stack(arrays, device) -> torch.Tensor:
+    return torch.as_tensor(np.stack(arrays), dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def dt_replay(pi: DTPolicy, eps, args: Args, device, self_fed: bool) -> np.ndarray:
+    T, K, scale = args.error_steps, pi.K, pi.scale
+    S = (stack([ep["observations"][:T] for ep in eps], device) - pi.mean) / pi.std
+    A = stack([ep["actions"][:T] for ep in eps], device)
+    R = stack([dt.returns_to_go(ep["rewards"])[:T, None] / scale for ep in eps], device)
+    steps = torch.arange(T, device=device).clamp(max=pi.max_ep_len - 1).expand(len(eps), -1)
+    A_in = A.clone() if not self_fed else torch.zeros_like(A)
+    err = np.zeros((len(eps), T))
+    for t in range(T):
+        lo = max(0, t - K + 1)
+        pred = pi(R[:, lo : t + 1], S[:, lo : t + 1], A_in[:, lo : t + 1], steps[:, lo : t + 1])[0][:, -1]
+        err[:, t] = ((pred - A[:, t]) ** 2).mean(-1).cpu().numpy()
+        if self_fed:
+            A_in[:, t] = pred
+    return err
+
+
+@torch.no_grad()
+def tt_replay(model, disc, targs, eps, args: Args, device, self_fed: bool, beam: bool) -> np.ndarray:
+    T, m_s, m_a = args.error_steps, model.obs_dim, model.act_dim
+    run_args = replace(targs, beam_width=args.beam_width if beam else 1)
+    obs = disc.encode(stack([ep["observations"][:T] for ep in eps], device), slice(0, m_s))
+    act_data = stack([ep["actions"][:T] for ep in eps], device)
+    act = disc.encode(act_data, slice(m_s, m_s + m_a))
+    rew = disc.encode(stack([ep["rewards"][:T, None] for ep in eps], device), slice(m_s + m_a, m_s + m_a + 1))
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    context = torch.zeros(len(eps), 0, model.td, dtype=torch.long, device=device)
+    err = np.zeros((len(eps), T))
+    for t in range(T):
+        pred = tt.plan(model, disc, torch.cat([context.flatten(1), obs[:, t]], 1), run_args, gen)
+        err[:, t] = ((disc.decode(pred, slice(m_s, m_s + m_a)) - act_data[:, t]) ** 2).mean(-1).cpu().numpy()
+        step = torch.cat([obs[:, t], pred if self_fed else act[:, t], rew[:, t], torch.zeros_like(rew[:, t])], 1)
+        context = torch.cat([context, step[:, None]], 1)
+        context = context[:, context.shape[1] - min(context.shape[1], run_args.max_context - 1) :]  # as tt.evaluate
+    return err
+
+
+def growth(err: np.ndarray) -> float:
+    """Mean per-step error over the last quarter of the replay divided by that over the first quarter."""
+    q = max(1, err.shape[1] // 4)
+    return float(err[:, -q:].mean() / max(err[:, :q].mean(), 1e-12))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compute cost (analysis 8)
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def compute_cost(pi: DTPolicy, tt_model, disc, targs, eps, args: Args, device) -> dict:
+    """Seconds of one planning call (one env step of one episode) for each K, times 1000 steps = ms per
+    1000-step episode; DT: one forward at its full context per step."""
+    ep, m_s = eps[0], tt_model.obs_dim
+    n_ctx = targs.max_context - 1
+    joined = np.column_stack([ep["observations"], ep["actions"], ep["rewards"], np.zeros(len(ep["rewards"]))])
+    tok = disc.encode(torch.as_tensor(joined[: n_ctx + 1], device=device))
+    prefix = torch.cat([tok[:n_ctx].flatten(), tok[n_ctx, :m_s]])[None]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    def timed(fn, reps):  # the fastest of `reps` calls: on a shared machine, the one least slowed by others
+        fn()  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    tt_s = {
+        k: timed(lambda k=k: tt.plan(tt_model, disc, prefix, replace(targs, beam_width=k), gen), args.cost_reps)
+        for k in args.beam_widths
+    }
+    k_nc = max(k for k in args.beam_widths if k <= max(8, min(args.beam_widths)))
+    no_cache = timed(lambda: tt.plan(tt_model, disc, prefix, replace(targs, beam_width=k_nc, kv_cache=False), gen), 2)
+    K = pi.K
+    x = (torch.zeros(1, K, 1, device=device), torch.zeros(1, K, pi.state_dim, device=device),
+         torch.zeros(1, K, pi.act_dim, device=device), torch.arange(K, device=device)[None])  # fmt: skip
+    dt_s = timed(lambda: pi(*x), 10 * args.cost_reps)
+    ks = np.array([k for k in args.beam_widths if k >= 2], dtype=float)
+    fit = {}
+    if len(ks) >= 2:
+        y = np.array([tt_s[int(k)] for k in ks])
+        slope, icpt = np.polyfit(ks, y, 1)
+        r2 = 1 - ((y - (slope * ks + icpt)) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-18)
+        fit = {
+            "slope_s_per_beam": float(slope),
+            "intercept_s": float(icpt),
+            "r2": float(r2),
+            "ratio_largest_to_smallest": float(y[-1] / y[0]),
+            "k_ratio": float(ks[-1] / ks[0]),
+        }
+    return {
+        "tt_s_per_step": {str(k): v for k, v in tt_s.items()},
+        "dt_s_per_step": dt_s,
+        "fit_k_ge_2": fit,
+        "no_kv_cache": {"k": k_nc, "s_per_step": no_cache, "speedup_of_cache": no_cache / tt_s[k_nc]},
+        "horizon": targs.horizon,
+        "n_expand": targs.n_expand,
+        "episode_steps": 1000,
+    }
+
+
+def paper_speed(episodes, targs, eps, args: Args, device) -> dict:
+    """TT at the paper's size (tt.Args defaults: 4 layers, 4 heads, 128 wide, batch 256, 10 transitions): updates
+    per second of training and seconds of one planning call with the paper's search (beam 128 x 2, horizon 15).
+    The weights are random: speed does not depend on them."""
+    a = tt.Args(updates=1)
+    data = tt.make_dataset(episodes, a, device)
+    ds = (episodes[0]["observations"].shape[1], episodes[0]["actions"].shape[1])
+    model = tt.TrajectoryTransformer(*ds, a.n_bins, a.seq_len, a.n_layer, a.n_head, a.n_embd, a.dropout).to(device)
+    opt, _ = tt.make_optimizer(model, a, updates_per_epoch=1000)
+    weights, gen = (
+        tt.token_weights(model, model.block_size, a).to(device),
+        torch.Generator(device=device).manual_seed(0),
+    )
+    tt.update(model, opt, data, weights, a, gen, contextlib.nullcontext())  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(3):
+        tt.update(model, opt, data, weights, a, gen, contextlib.nullcontext())
+    ups = 3 / (time.perf_counter() - t0)
+    model.eval()
+    ep, m_s, n_ctx = eps[0], ds[0], a.max_context - 1
+    joined = np.column_stack([ep["observations"], ep["actions"], ep["rewards"], np.zeros(len(ep["rewards"]))])
+    tok = data["disc"].encode(torch.as_tensor(joined[: n_ctx + 1], device=device))
+    prefix = torch.cat([tok[:n_ctx].flatten(), tok[n_ctx, :m_s]])[None]
+    t0 = time.perf_counter()
+    tt.plan(model, data["disc"], prefix, a, gen)
+    plan_s = time.perf_counter() - t0
+    size = {"batch_size": a.batch_size, "n_embd": a.n_embd, "beam_width": a.beam_width, "horizon": a.horizon}
+    return {"train_updates_per_s": ups, "plan_s_per_step": plan_s, **size, "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Claims, figures, main
+# ---------------------------------------------------------------------------------------------------
+
+
+def verdict(parts: list[bool]) -> str:
+    return "holds" if all(parts) else ("partly" if any(parts) else "does not hold")
+
+
+def kinds(m: dict) -> str:
+    """Far-attention share of each token kind, first -> last layer (uniform share in brackets)."""
+    uni = m["far_share_by_kind_uniform"]
+    return "; ".join(f"{k} {fmt(v)} ({uni[k]:.2f})" for k, v in m["far_share_by_kind"].items())
+
+
+def fmt(xs, d=2) -> str:
+    return "[" + ", ".join(f"{x:.{d}f}" for x in xs) + "]"
+
+
+def make_claims(r: dict, args: Args, label: str) -> list[dict]:
+    c = []
+
+    def claim(n, blog, ours, parts):
+        c.append({"analysis": n, "blog": blog, "ours": ours, "verdict": verdict(parts) if parts else "n/a"})
+
+    m = r["maps"]["dt"]
+    rs, st = m["return_far_share"], m["stripe"]
+    claim(
+        1,
+        "DT: vertical stripes on return-to-go tokens, more vertical with depth",
+        f"RTG share of far attention by layer {fmt(rs)} (uniform {m['return_share_uniform']:.2f}); stripe score "
+        f"{fmt(st)} (uniform 0.10); far share by token: {kinds(m)}",
+        [rs[-1] > m["return_share_uniform"], rs[-1] > rs[0], st[-1] > st[0]],
+    )
+    m = r["maps"]["tt"]
+    claim(
+        1,
+        "TT: diagonal bands persist while vertical bands emerge",
+        f"mass within 1 step by layer {fmt(m['local'])} (uniform {m['local_uniform']:.2f}); stripe score "
+        f"{fmt(m['stripe'])}; far share by token: {kinds(m)}",
+        [min(m["local"]) > m["local_uniform"], m["stripe"][-1] > m["stripe"][0]],
+    )
+    gap = r["rtg"]["gap_mean"]
+    claim(
+        2,
+        "DT: R-hat decreases toward 0 over an episode as the target is reached; tracking error shows drift",
+        f"R-hat left at the end {r['rtg']['end_mean']:.0f} of {r['rtg']['target']:.0f} "
+        f"({100 * r['rtg']['end_frac']:.0f}%); "
+        f"R-hat minus return-to-come = target - episode return, constant in t: {gap:.0f}",
+        [r["rtg"]["end_frac"] <= 0.1],
+    )
+    a = r["dt_roll"]["stats"]
+    alloc, ts, K = np.array(a["alloc"]), np.array(a["alloc_t"]), r["dt_context"]
+    early, late = ts < K, ts >= K
+    if early.any() and late.sum() >= 10:
+        slope = float(np.polyfit(ts[late], alloc[late, 2], 1)[0]) * 100
+        claim(
+            3,
+            "DT: RTG weighted early, then recent steps; declining attention to old steps",
+            f"RTG share early/late {alloc[early, 0].mean():.2f}/{alloc[late, 0].mean():.2f}; recent "
+            f"{alloc[early, 1].mean():.2f}/{alloc[late, 1].mean():.2f}; old share trend {slope:+.3f} per 100 steps "
+            f"(early: t < {K}, the context filling up)",
+            [alloc[early, 0].mean() > alloc[late, 0].mean(), alloc[late, 1].mean() > alloc[early, 1].mean(), slope < 0],
+        )
+    else:
+        claim(
+            3,
+            "DT: RTG weighted early, then recent steps; declining attention to old steps",
+            f"episodes too short (longest {max(r['dt_roll']['lengths'])} steps) for a context of {K}",
+            [],
+        )
+    td_, tb = r["dt_roll"]["stats"], r["tt_beam"]["stats"]
+    near = lambda s: sum(s["mass_by_distance"][:2]) / max(sum(s["uniform_by_distance"][:2]), 1e-12)  # noqa: E731
+    ret_dt = float(np.mean(np.array(td_["alloc"])[:, 0]))
+    claim(
+        4,
+        "DT checks (recent) RTG values; TT focuses on the immediate past",
+        f"DT mass on RTG tokens {ret_dt:.2f} (uniform {td_['alloc_uniform'][0]:.2f}), mean look-back "
+        f"{td_['mean_lookback_steps']:.1f} steps (uniform {td_['uniform_lookback_steps']:.1f}); TT (beam) mass "
+        f"within 1 step {near(tb):.2f}x uniform, look-back {tb['mean_lookback_steps']:.1f} "
+        f"(uniform {tb['uniform_lookback_steps']:.1f})",
+        [ret_dt > td_["alloc_uniform"][0], near(tb) > 1],
+    )
+    e_dt, e_tt = np.array(td_["entropy_normalized"]), np.array(tb["entropy_normalized"])
+    claim(
+        5,
+        "TT has more specialized (low-entropy) heads, with more variation, than DT",
+        f"normalized entropy min/mean/std over heads: DT {e_dt.min():.2f}/{e_dt.mean():.2f}/{e_dt.std():.2f} "
+        f"({e_dt.size} heads), TT {e_tt.min():.2f}/{e_tt.mean():.2f}/{e_tt.std():.2f} ({e_tt.size} heads)",
+        [e_tt.min() < e_dt.min(), e_tt.std() > e_dt.std()],
+    )
+    g, cum = r["errors"]["growth"], r["errors"]["cumulative_final"]
+    pairs = (("DT", "dt"), ("TT greedy", "tt_greedy"), ("TT beam", "tt_beam"))
+    prop = {m: cum[f"{m}_self"] / max(cum[f"{m}_teacher"], 1e-12) for _, m in pairs}
+    claim(
+        6,
+        "DT's error compounds (exponential growth), TT's stays stable (beam search recovers)",
+        f"self-fed error growth last/first quarter: DT {g['dt_self']:.2f}, TT greedy {g['tt_greedy_self']:.2f}, "
+        f"TT beam {g['tt_beam_self']:.2f}; E_{args.error_steps} self-fed / teacher-forced: "
+        + ", ".join(f"{n} {cum[m + '_self']:.1f}/{cum[m + '_teacher']:.1f} ({prop[m]:.2f}x)" for n, m in pairs),
+        [g["dt_self"] > 1.5, g["tt_beam_self"] <= 1.5, prop["dt"] > prop["tt_beam"]],
+    )
+    gd, gt = float(np.mean(td_["gini"])), float(np.mean(tb["gini"]))
+    claim(
+        7,
+        "TT's attention is sparser than DT's",
+        f"Gini of the attention rows DT {gd:.2f}, TT {gt:.2f}; mean weight DT {np.mean(td_['mean_weight']):.3f}, "
+        f"TT {np.mean(tb['mean_weight']):.3f}; variance x n^2 DT {np.mean(td_['cv2_weight']):.2f}, "
+        f"TT {np.mean(tb['cv2_weight']):.2f}",
+        [gt > gd],
+    )
+    f = r["cost"]["fit_k_ge_2"]
+    ms = {k: 1e6 * v for k, v in r["cost"]["tt_s_per_step"].items()}
+    claim(
+        8,
+        "TT's cost is linear in beam width K (doubling K doubles it); DT's is constant",
+        f"ms per 1000-step episode: TT {', '.join(f'K={k}: {v:.0f}' for k, v in ms.items())}; DT "
+        f"{1e6 * r['cost']['dt_s_per_step']:.0f}; linear fit K>=2: R^2 {f.get('r2', float('nan')):.3f}, "
+        f"t(K max)/t(K min) {f.get('ratio_largest_to_smallest', float('nan')):.1f} "
+        f"for K ratio {f.get('k_ratio', float('nan')):.0f}; the KV cache saves "
+        f"{r['cost']['no_kv_cache']['speedup_of_cache']:.1f}x at K={r['cost']['no_kv_cache']['k']}",
+        [f["r2"] >= 0.95, f["ratio_largest_to_smallest"] >= 0.5 * f["k_ratio"]] if f else [],
+    )
+    sc = r["scores"]
+    paper = f" (TT paper on official {args.env}: TT {sc['paper_tt']}, DT {sc['paper_dt']})" if sc["paper_tt"] else ""
+    claim(
+        9,
+        f"TT ({PUBLISHED['tt']}) scores above DT ({PUBLISHED['dt']}) (official D4RL, locomotion averages)",
+        f"{label} {args.env}: DT {sc['dt']:.1f}, TT greedy {sc['tt_greedy']:.1f}, TT beam {sc['tt_beam']:.1f}{paper}",
+        [sc["tt_beam"] > sc["dt"]],
+    )
+    return c
+
+
+def figures(out: Path, r: dict, args: Args, label: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+
+    maps = r["maps"]
+    L = max(len(maps["dt_maps"]), len(maps["tt_maps"]))
+    fig, ax = plt.subplots(2, L, figsize=(3 * L, 6), squeeze=False)
+    for row, name in enumerate(("dt", "tt")):
+        for i in range(L):
+            if i < len(maps[f"{name}_maps"]):
+                ax[row, i].imshow(maps[f"{name}_maps"][i] ** 0.5, cmap="viridis")  # sqrt: small weights visible
+                ax[row, i].set_title(f"{name.upper()} layer {i + 1}", fontsize=9)
+            ax[row, i].axis("off")
+    fig.suptitle(f"1. attention maps, head mean, sqrt scale ({label} {args.env} windows)")
+    save(fig, "1_attention_maps.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (rh, tg) in enumerate(zip(r["rtg"]["rhat"], r["rtg"]["togo"])):
+        ax.plot(rh, color=f"C{i}", label="R-hat (conditioning)" if i == 0 else None)
+        ax.plot(tg, color=f"C{i}", ls="--", label="return still to come" if i == 0 else None)
+    ax.set_xlabel("episode step")
+    ax.set_ylabel("return")
+    ax.legend()
+    ax.set_title("2. DT return-to-go tracking")
+    save(fig, "2_dt_rtg_tracking.png")
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for j, (name, key) in enumerate((("DT", "dt_roll"), ("TT (beam)", "tt_beam"))):
+        s = r[key]["stats"]
+        ax[j].stackplot(s["alloc_t"], np.array(s["alloc"]).T, labels=s["alloc_labels"])
+        ax[j].set_ylim(0, 1)
+        ax[j].set_title(f"3. {name}: attention allocation")
+        ax[j].set_xlabel("episode step")
+    ax[1].legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
+    save(fig, "3_attention_allocation.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j, (name, key) in enumerate((("DT", "dt_roll"), ("TT greedy", "tt_greedy"), ("TT beam", "tt_beam"))):
+        s = r[key]["stats"]
+        ax.plot(s["mass_by_distance"], marker="o", color=f"C{j}", label=name)
+        ax.plot(s["uniform_by_distance"], ls=":", color=f"C{j}")
+    ax.set_xlabel("distance (timesteps back)")
+    ax.set_ylabel("attention mass (dotted: uniform)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("4. how far back each model looks")
+    save(fig, "4_lookback.png")
+
+    e = {n: np.array(r[k]["stats"]["entropy_normalized"]) for n, k in (("DT", "dt_roll"), ("TT", "tt_beam"))}
+    L = max(len(v) for v in e.values())
+    fig, ax = plt.subplots(1, L, figsize=(3 * L, 3), squeeze=False, sharey=True)
+    for i in range(L):
+        for j, (n, v) in enumerate(e.items()):
+            if i < len(v):
+                ax[0, i].bar(np.arange(len(v[i])) + 0.4 * j, v[i], width=0.4, color=f"C{j}", label=n)
+        ax[0, i].set_title(f"layer {i + 1}")
+        ax[0, i].set_xlabel("head")
+    ax[0, 0].set_ylabel("entropy / log(#keys)")
+    fig.legend(*ax[0, 0].get_legend_handles_labels(), loc="upper right")
+    fig.suptitle("5. head entropy (action-predicting rows)")
+    save(fig, "5_head_entropy.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, err in r["errors"]["per_step"].items():
+        ax.plot(np.cumsum(np.mean(err, 0)), label=name, ls="--" if "teacher" in name else "-")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cumulative action error E_t")
+    ax.legend(fontsize=8)
+    ax.set_title("6. error propagation (replayed dataset episodes)")
+    save(fig, "6_error_propagation.png")
+
+    names = ("Gini sparsity", "mean weight", "variance x n^2")
+    keys = ("gini", "mean_weight", "cv2_weight")
+    fig, ax = plt.subplots(1, 3, figsize=(9, 3))
+    for i, (n, k) in enumerate(zip(names, keys)):
+        ax[i].bar(
+            ["DT", "TT"], [np.mean(r["dt_roll"]["stats"][k]), np.mean(r["tt_beam"]["stats"][k])], color=["C0", "C1"]
+        )
+        ax[i].set_title(n)
+    fig.suptitle("7. attention sparsity (action-predicting rows, layer mean)")
+    save(fig, "7_sparsity.png")
+
+    c = r["cost"]
+    ks = [int(k) for k in c["tt_s_per_step"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ks, [1e6 * v for v in c["tt_s_per_step"].values()], marker="o", label=f"TT (horizon {c['horizon']})")
+    ax.axhline(1e6 * c["dt_s_per_step"], color="C1", label="DT")
+    nc = c["no_kv_cache"]
+    ax.plot([nc["k"]], [1e6 * nc["s_per_step"]], "x", color="C3", label="TT without KV cache")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("beam width K (K = 1: greedy decoding, no look-ahead)")
+    ax.set_ylabel("ms per 1000-step episode")
+    ax.legend()
+    ax.set_title("8. compute cost against beam width")
+    save(fig, "8_compute_cost.png")
+
+    sc = r["scores"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    names = ["DT", "TT greedy", "TT beam"]
+    ax.bar(names, [sc["dt"], sc["tt_greedy"], sc["tt_beam"]], color="C0", label=f"ours ({label})")
+    paper = {"DT avg": PUBLISHED["dt"], "TT avg": PUBLISHED["tt"]}
+    if sc["paper_dt"] is not None:
+        paper.update({f"DT {args.env}": sc["paper_dt"], f"TT {args.env}": sc["paper_tt"]})
+    ax.bar(list(paper), list(paper.values()), color="C7", label="published (TT paper, official D4RL)")
+    ax.tick_params(axis="x", labelsize=7, rotation=20)
+    ax.set_ylabel(f"normalized score, {args.env}")
+    ax.legend(fontsize=8)
+    ax.set_title("9. scores")
+    save(fig, "9_scores.png")
+
+
+def main(args: Args) -> dict:
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = Path(args.data_dir) / f"{args.env}.hdf5"
+    if not path.is_file():
+        raise SystemExit(
+            f"error: --data-dir {args.data_dir}: no {path.name} there; pass the folder of the replica files."
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    episodes, info = common.load_dataset(args.env, (str(path),))
+    label = tt.SOURCE_LABEL[info["source"]]
+    pi, dt_train = get_dt(args, str(path), device)
+    tt_model, disc, targs, tt_train = get_tt(args, str(path), device)
+    print(f"[{time.time() - t_start:.0f} s] models ready; analysing")
+    r = {"maps": attention_maps(pi, tt_model, disc, targs, episodes, args, device)}
+    r["dt_roll"] = dt_rollouts(pi, info, args, device)
+    r["tt_greedy"] = tt_rollouts(tt_model, disc, targs, info, args, device, beam=False)
+    r["tt_beam"] = tt_rollouts(tt_model, disc, targs, info, args, device, beam=True)
+    print(f"[{time.time() - t_start:.0f} s] rollouts done")
+    d = r["dt_roll"]
+    end = np.array([rh[-1] - tg[-1] if len(rh) else d["target"] for rh, tg in zip(d["rhat"], d["togo"])])
+    r["rtg"] = {
+        "rhat": d["rhat"],
+        "togo": d["togo"],
+        "target": d["target"],
+        "end_mean": float(end.mean()),
+        "end_frac": float(end.mean() / d["target"]),
+        "gap_mean": float(np.mean(d["target"] - d["returns"])),
+    }
+    r["dt_context"] = pi.K
+    eps = replay_episodes(episodes, args)
+    per_step = {
+        "DT self-fed": dt_replay(pi, eps, args, device, True),
+        "DT teacher-forced": dt_replay(pi, eps, args, device, False),
+        "TT greedy self-fed": tt_replay(tt_model, disc, targs, eps, args, device, True, False),
+        "TT greedy teacher-forced": tt_replay(tt_model, disc, targs, eps, args, device, False, False),
+        "TT beam self-fed": tt_replay(tt_model, disc, targs, eps, args, device, True, True),
+        "TT beam teacher-forced": tt_replay(tt_model, disc, targs, eps, args, device, False, True),
+    }
+    names = ("dt_self", "dt_teacher", "tt_greedy_self", "tt_greedy_teacher", "tt_beam_self", "tt_beam_teacher")
+    keys = dict(zip(per_step, names))
+    r["errors"] = {
+        "per_step": per_step,
+        "growth": {keys[k]: growth(v) for k, v in per_step.items()},
+        "cumulative_final": {keys[k]: float(v.mean(0).sum()) for k, v in per_step.items()},
+        "episodes": len(eps),
+        "steps": args.error_steps,
+    }
+    print(f"[{time.time() - t_start:.0f} s] error propagation done")
+    r["cost"] = compute_cost(pi, tt_model, disc, targs, eps, args, device)
+    if args.paper_speed:
+        r["cost"]["paper_size"] = paper_speed(episodes, targs, eps, args, device)
+    print(f"[{time.time() - t_start:.0f} s] compute cost done")
+    paper = tt.TT_PAPER_TABLE_1
+    r["scores"] = {
+        "dt": float(common.normalized_score(info, d["returns"]).mean()),
+        "tt_greedy": r["tt_greedy"]["normalized_mean"],
+        "tt_beam": r["tt_beam"]["normalized_mean"],
+        "paper_dt": paper["dt"].get(args.env),
+        "paper_tt": paper["tt"].get(args.env),
+        "published_locomotion_average": PUBLISHED,
+        "source": label,
+    }
+    claims = make_claims(r, args, label)
+    figures(out, r, args, label)
+
+    def lean(res):  # rollouts without the per-step arrays
+        return {k: v for k, v in res.items() if k not in ("rhat", "togo")}
+
+    summary = {
+        "config": asdict(args),
+        "dataset": info,
+        "data_label": label,
+        "device": str(device),
+        "torch": torch.__version__,
+        "dt": {
+            **dt_train,
+            "eval": {
+                "returns": d["returns"].tolist(),
+                "lengths": d["lengths"].tolist(),
+                "normalized_mean": r["scores"]["dt"],
+            },
+        },
+        "tt": {
+            **tt_train,
+            "greedy": lean(r["tt_greedy"]),
+            "beam": lean(r["tt_beam"]),
+            "plan_s_per_step": {"greedy": r["tt_greedy"]["plan_s_per_step"], "beam": r["tt_beam"]["plan_s_per_step"]},
+        },
+        "attention_maps": {"dt": r["maps"]["dt"], "tt": r["maps"]["tt"], "windows": r["maps"]["windows"]},
+        "dt_rollout_attention": d["stats"],
+        "rtg_tracking": {k: v for k, v in r["rtg"].items() if k not in ("rhat", "togo")},
+        "error_definition": "replayed dataset episodes; e_t = mean_dims (a_hat_t - a_t)^2 vs the logged action; "
+        "self-fed: past actions in the context are the model's own predictions, teacher-forced: the logged ones; "
+        "growth = mean e_t over the last quarter / first quarter",
+        "errors": {k: v for k, v in r["errors"].items() if k != "per_step"},
+        "errors_mean_per_step": {k: v.mean(0).tolist() for k, v in per_step.items()},
+        "compute_cost": r["cost"],
+        "scores": r["scores"],
+        "claims": claims,
+        "wall_time_s": time.time() - t_start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    print(f"\n{'#':<2} {'blog claim':<62} | ours | verdict")
+    for c in claims:
+        print(f"{c['analysis']:<2} {c['blog']:<62} | {c['ours']} | {c['verdict']}")
+        if c["verdict"] in ("partly", "does not hold"):
+            print(f"   -> we disagree ({c['verdict']}): the blog says '{c['blog']}'; we measure the above.")
+    print(f"\nscores are on {label} data ({args.env}); published numbers are official D4RL.")
+    c = r["cost"]
+    here = c["tt_s_per_step"].get(str(args.beam_width), float("nan"))
+    print(f"TT speed here ({device}, {args.threads} thread(s)): planning {here:.3f} s per env step of one episode at "
+          f"beam {args.beam_width}, horizon {args.horizon}; beam rollouts {r['tt_beam']['plan_s_per_step']:.3f} s per "
+          f"step for {args.eval_episodes} episodes at once")  # fmt: skip
+    if "paper_size" in c:
+        ps = c["paper_size"]
+        print(
+            f"TT at the paper's size: {ps['train_updates_per_s']:.3f} training updates/s (batch {ps['batch_size']}), "
+            f"{ps['plan_s_per_step']:.1f} s of planning per env step (beam {ps['beam_width']}, horizon {ps['horizon']})"
+        )
+    print(f"figures and summary.json: {out}")
+    print(f"wall time {time.time() - t_start:.0f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))
