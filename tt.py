@@ -3,9 +3,10 @@ a GPT over trajectories discretized dimension by dimension, used as world model 
 
     python tt.py --env hopper-medium-replay                       # the TT paper's locomotion configuration
     python tt.py --env hopper-medium-replay --dataset-path FILE   # any D4RL-layout .hdf5 or DT .pkl
-    python tt.py --env hopper-medium-replay --n-embd 64 --batch-size 32 --seq-len 5 --updates 3000 \
-        --warmup-epochs 0.1 --horizon 5 --beam-width 8 --eval-episodes 5   # CPU preset: ~15 min of training
     python tt.py --checkpoint runs/RUN/model.pt --updates 0 --beam-width 1   # evaluate again, greedy decoding
+
+CPU preset (about 15 minutes of training on 2 free cores; add --env and --dataset-path as above):
+    python tt.py --n-embd 64 --batch-size 32 --seq-len 5 --updates 3000 --warmup-epochs 0.1 --horizon 5 --beam-width 8
 
 One file: arguments, data (discretizer, tokens), model, planning (beam search), evaluation, training.
 Blocks marked PLUMBING are dt.py's, byte for byte; the rest is the method. Shared with the other method files
