@@ -85,7 +85,8 @@ def differences(results: dict) -> list[str]:
     differs += [] if all(abs(x - 1 / len(args["lambdas"])) < 1e-6 for x in args["lambdas"]) else ["lambdas"]
     differs += [] if method == "mo_dt" or args.get("bins") == 3 else ["bins"]
     domain = results["dataset"]["name"].split("-")[0]
-    differs += [] if results.get("target_return") == TABLE_1_2.get(domain) else ["target_return (Table 1.2)"]
+    target = results.get("target_return", args.get("target_return"))  # older results kept it in args only
+    differs += [] if target == TABLE_1_2.get(domain) else ["target_return (Table 1.2)"]
     return differs
 
 
