@@ -85,6 +85,9 @@ class Args:
     """seed of training, windows, replayed episodes and evaluation envs"""
     threads: int = 1
     """torch CPU threads (the machine is shared)"""
+    iem_summary: str = "benchmarks/results/iem/summary.json"
+    """IEM's head-averaged maps (benchmarks/iem_analysis.py), drawn as a third row of figure 1 when the file
+    exists: DT, TT and IEM side by side (blog §7.b); its first level is used"""
 
     def __post_init__(self):
         for name in (
@@ -675,16 +678,20 @@ def figures(out: Path, r: dict, args: Args, label: str):
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
 
-    maps = r["maps"]
-    L = max(len(maps["dt_maps"]), len(maps["tt_maps"]))
-    fig, ax = plt.subplots(2, L, figsize=(3 * L, 6), squeeze=False)
-    for row, name in enumerate(("dt", "tt")):
+    maps = dict(r["maps"])
+    rows = {"DT": maps["dt_maps"], "TT": maps["tt_maps"]}
+    if Path(args.iem_summary).is_file():  # blog §7.b: IEM's maps beside DT's and TT's
+        level, iem = next(iter(json.loads(Path(args.iem_summary).read_text())["levels"].items()))
+        rows[f"IEM ({level})"] = np.asarray(iem["attention"]["layers"])
+    L = max(len(m) for m in rows.values())
+    fig, ax = plt.subplots(len(rows), L, figsize=(3 * L, 3 * len(rows)), squeeze=False)
+    for row, (name, layers) in enumerate(rows.items()):
         for i in range(L):
-            if i < len(maps[f"{name}_maps"]):
-                ax[row, i].imshow(maps[f"{name}_maps"][i] ** 0.5, cmap="viridis")  # sqrt: small weights visible
-                ax[row, i].set_title(f"{name.upper()} layer {i + 1}", fontsize=9)
+            if i < len(layers):
+                ax[row, i].imshow(np.asarray(layers[i]) ** 0.5, cmap="viridis")  # sqrt: small weights visible
+                ax[row, i].set_title(f"{name} layer {i + 1}", fontsize=9)
             ax[row, i].axis("off")
-    fig.suptitle(f"1. attention maps, head mean, sqrt scale ({label} {args.env} windows)")
+    fig.suptitle(f"1. attention maps, head mean, sqrt scale ({label} {args.env} windows; IEM: BabyAI plans)")
     save(fig, "1_attention_maps.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -876,7 +883,13 @@ def main(args: Args) -> dict:
             "beam": lean(r["tt_beam"]),
             "plan_s_per_step": {"greedy": r["tt_greedy"]["plan_s_per_step"], "beam": r["tt_beam"]["plan_s_per_step"]},
         },
-        "attention_maps": {"dt": r["maps"]["dt"], "tt": r["maps"]["tt"], "windows": r["maps"]["windows"]},
+        "attention_maps": {
+            "dt": r["maps"]["dt"],
+            "tt": r["maps"]["tt"],
+            "windows": r["maps"]["windows"],
+            "dt_layers": r["maps"]["dt_maps"].tolist(),
+            "tt_layers": r["maps"]["tt_maps"].tolist(),
+        },
         "dt_rollout_attention": d["stats"],
         "rtg_tracking": {k: v for k, v in r["rtg"].items() if k not in ("rhat", "togo")},
         "error_definition": "replayed dataset episodes; e_t = mean_dims (a_hat_t - a_t)^2 vs the logged action; "
