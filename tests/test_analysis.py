@@ -217,3 +217,31 @@ def test_gradient_cosine_benchmark_end_to_end(tmp_path, hdf5_path):
     )
     with pytest.raises(SystemExit, match="not empty"):
         grad_cosines.main(args)
+
+
+def test_target_sweep_evaluates_a_checkpoint_at_each_target(tmp_path, hdf5_path):
+    import target_sweep
+
+    base = dict(
+        env="hopper-random",
+        dataset_path=(str(hdf5_path),),
+        updates=3,
+        batch_size=4,
+        n_embd=16,
+        n_layer=1,
+        n_head=1,
+        context_len=4,
+        eval_every=0,
+        eval_episodes=1,
+        runs_dir=str(tmp_path / "runs"),
+    )
+    run = Path(dt.train(dt.Args(**base))["run_dir"])
+    out = tmp_path / "sweep"
+    res = target_sweep.main(
+        target_sweep.Args(runs=(f"dt={run}",), targets=(3600.0, 10.0), eval_episodes=2, out=str(out))
+    )
+    rows = res["results"][0]["rows"]
+    assert [r["target"] for r in rows] == [3600.0, 10.0] and all(len(r["lengths"]) == 2 for r in rows)
+    assert (out / "target_sweep.png").stat().st_size > 0 and res["results"][0]["trained_updates"] == 3
+    with pytest.raises(SystemExit, match="nothing is overwritten"):
+        target_sweep.main(target_sweep.Args(runs=(f"dt={run}",), out=str(out)))
