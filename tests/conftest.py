@@ -145,3 +145,29 @@ def env_rewards(monkeypatch):
 
     monkeypatch.setattr(common, "make_env", logged_env)
     return logs
+
+
+def interrupt_after(cmd, marker: str, log_path, settle_s: float = 3.0, timeout_s: float = 180.0):
+    """Run a script as a user would, press Ctrl-C (SIGINT) `settle_s` seconds after `marker` appears in its output,
+    and return (exit code, output). The output goes to a file, not a pipe, so nothing the script leaves behind can
+    hold the pipe open; SIGINT is restored to its default in the child, whatever the test runner set."""
+    import signal
+    import subprocess
+    import time
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+        try:
+            deadline = time.time() + timeout_s
+            while marker not in open(log_path).read():
+                assert proc.poll() is None and time.time() < deadline, open(log_path).read()
+                time.sleep(0.2)
+            time.sleep(settle_s)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=timeout_s)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return proc.returncode, open(log_path).read()

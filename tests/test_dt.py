@@ -2,7 +2,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -421,46 +420,15 @@ def test_a_few_bf16_steps_stay_close_to_fp32():
 
 
 def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, hdf5_path):
-    cmd = [
-        sys.executable,
-        "dt.py",
-        "--env",
-        "hopper-random",
-        "--dataset-path",
-        str(hdf5_path),
-        "--runs-dir",
-        str(tmp_path),
-        "--updates",
-        "1000000",
-        "--batch-size",
-        "4",
-        "--n-embd",
-        "16",
-        "--n-layer",
-        "1",
-        "--eval-episodes",
-        "1",
-        "--eval-every",
-        "1000000",
-        "--threads",
-        "1",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    for line in proc.stdout:
-        if "update 0:" in line:  # training starts right after
-            break
-    time.sleep(3)
-    proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 1 and "Traceback" not in out and "interrupted (Ctrl-C)" in out
-    (run,) = tmp_path.iterdir()
+    from conftest import interrupt_after
+
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "dt.py", "--env", "hopper-random", "--dataset-path", str(hdf5_path), "--runs-dir",
+           str(runs), "--updates", "1000000", "--batch-size", "4", "--n-embd", "16", "--n-layer", "1",
+           "--eval-episodes", "1", "--eval-every", "1000000", "--threads", "1"]  # fmt: skip
+    code, out = interrupt_after(cmd, "update 0:", tmp_path / "log.txt")  # training starts right after that line
+    assert code == 1 and "Traceback" not in out and "interrupted (Ctrl-C)" in out
+    (run,) = runs.iterdir()
     saved = torch.load(run / "model.pt", weights_only=True)
     assert 0 < saved["trained_updates"] < 1_000_000 and f"holds {saved['trained_updates']} updates" in out
 

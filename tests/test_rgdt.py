@@ -4,7 +4,6 @@ import inspect
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -501,19 +500,15 @@ def test_updates_per_second_do_not_count_evaluations(tmp_path, hdf5_path, monkey
 
 def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, hdf5_path):
     cmd = [sys.executable, "rgdt.py", "--env", "hopper-random", "--dataset-path", str(hdf5_path), "--runs-dir",
-           str(tmp_path), "--updates", "1000000", "--inv-updates", "3", "--batch-size", "4", "--inv-batch-size", "8",
-           "--n-embd", "16", "--n-layer", "1", "--n-enc-layer", "1", "--inv-hidden", "16", "--eval-episodes", "1",
+           str(tmp_path / "runs"), "--updates", "1000000", "--inv-updates", "3", "--batch-size", "4",
+           "--inv-batch-size", "8", "--n-embd", "16", "--n-layer", "1", "--n-enc-layer", "1", "--inv-hidden", "16", "--eval-episodes", "1",
            "--eval-every", "1000000", "--threads", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
-    for line in proc.stdout:
-        if "translator update 0" in line:  # the translator's training starts right after
-            break
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 1 and "Traceback" not in out and "interrupted (Ctrl-C)" in out
-    (run,) = tmp_path.iterdir()
+    from conftest import interrupt_after
+
+    # the translator's training starts right after its first evaluation is printed
+    code, out = interrupt_after(cmd, "translator update 0", tmp_path / "log.txt", settle_s=2)
+    assert code == 1 and "Traceback" not in out and "interrupted (Ctrl-C)" in out
+    (run,) = (tmp_path / "runs").iterdir()
     saved = torch.load(run / "model.pt", weights_only=True)
     assert saved["trained_inv_updates"] == 3 and 0 < saved["trained_updates"] < 1_000_000
     assert f"holds {saved['trained_updates']} + 3 updates" in out
