@@ -501,8 +501,8 @@ def test_updates_per_second_do_not_count_evaluations(tmp_path, hdf5_path, monkey
 def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, hdf5_path):
     cmd = [sys.executable, "rgdt.py", "--env", "hopper-random", "--dataset-path", str(hdf5_path), "--runs-dir",
            str(tmp_path / "runs"), "--updates", "1000000", "--inv-updates", "3", "--batch-size", "4",
-           "--inv-batch-size", "8", "--n-embd", "16", "--n-layer", "1", "--n-enc-layer", "1", "--inv-hidden", "16", "--eval-episodes", "1",
-           "--eval-every", "1000000", "--threads", "1"]  # fmt: skip
+           "--inv-batch-size", "8", "--n-embd", "16", "--n-layer", "1", "--n-enc-layer", "1", "--inv-hidden", "16",
+           "--eval-episodes", "1", "--eval-every", "1000000", "--threads", "1"]  # fmt: skip
     from conftest import interrupt_after
 
     # the translator's training starts right after its first evaluation is printed
