@@ -245,3 +245,33 @@ def test_target_sweep_evaluates_a_checkpoint_at_each_target(tmp_path, hdf5_path)
     assert (out / "target_sweep.png").stat().st_size > 0 and res["results"][0]["trained_updates"] == 3
     with pytest.raises(SystemExit, match="nothing is overwritten"):
         target_sweep.main(target_sweep.Args(runs=(f"dt={run}",), out=str(out)))
+
+
+def test_curves_read_a_stopped_run_up_to_its_last_line(tmp_path):
+    """benchmarks/curves.py: a run killed mid-write (no results.json, last line cut) still gives its curve."""
+    import curves
+
+    run = tmp_path / "job" / "runs" / "hopper-medium-replay__dt__0__1"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(dict(method="dt", args=dict(env="hopper-medium-replay", updates=50))))
+    rows = [dict(step=0, eval_normalized=4.0, eval_normalized_std=0.1), dict(step=0, loss=0.5),
+            dict(step=10, loss=0.3), dict(step=20, eval_normalized=30.0, eval_normalized_std=5.0),
+            dict(step=30, eval_normalized=12.0, eval_normalized_std=1.0)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 40, "lo')
+    out = tmp_path / "curves"
+    res = curves.main(curves.Args(runs=(f"DT={tmp_path / 'job'}",), out=str(out)))
+    (r,) = res["runs"]
+    assert [e["step"] for e in r["evals"]] == [0, 20, 30] and [e["loss"] for e in r["losses"]] == [0.5, 0.3]
+    assert r["final"] == dict(step=30, normalized=12.0) and r["best"] == dict(step=20, normalized=30.0)
+    assert not r["finished"] and r["dataset"] == "hopper-medium-replay"
+    assert (
+        "| DT | dt | hopper-medium-replay | 30 of 50 | 12.0 (at 30) | 30.0 (20) | no (stopped) |"
+        in (out / "curves.md").read_text()
+    )
+    assert (out / "curves.png").stat().st_size > 0 and json.loads((out / "curves.json").read_text())["runs"]
+    with pytest.raises(SystemExit, match="nothing is overwritten"):
+        curves.main(curves.Args(runs=(f"DT={run}",), out=str(out)))
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        curves.main(curves.Args(runs=(f"DT={tmp_path / 'curves'}",), out=str(tmp_path / "c2")))
+    with pytest.raises(SystemExit, match="expected label=folder"):
+        curves.main(curves.Args(runs=(str(run),), out=str(tmp_path / "c3")))
