@@ -20,6 +20,13 @@ import mo_dt  # noqa: E402
 import trdt  # noqa: E402
 
 
+def tiny(tmp_path, hdf5_path, **kw) -> dict:
+    """Args of a 3-update run of any method file on the test's hopper data."""
+    base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), updates=3, batch_size=4, n_embd=16, n_layer=1,
+                n_head=1, context_len=4, eval_every=0, eval_episodes=1, runs_dir=str(tmp_path / "runs"))  # fmt: skip
+    return base | kw
+
+
 def results_of(method, args, name="hopper-medium-replay", source="d4rl", mean=79.4, std=0.0, updates=100_000, **kw):
     """A results.json as the method files write it."""
     arch = {
@@ -141,19 +148,7 @@ def test_attention_recorder_on_hand_made_weights(tmp_path):
 
 
 def test_attention_comparison_from_checkpoints(tmp_path, hdf5_path):
-    base = dict(
-        env="hopper-random",
-        dataset_path=(str(hdf5_path),),
-        updates=3,
-        batch_size=4,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        context_len=4,
-        eval_every=0,
-        eval_episodes=1,
-        runs_dir=str(tmp_path / "runs"),
-    )
+    base = tiny(tmp_path, hdf5_path, n_layer=2, n_head=2)
     runs = {m: Path(mod.train(mod.Args(**base))["run_dir"]) for m, mod in (("dt", dt), ("trdt", trdt))}
     out = tmp_path / "cmp"
     summary = attention.main(
@@ -222,19 +217,7 @@ def test_gradient_cosine_benchmark_end_to_end(tmp_path, hdf5_path):
 def test_target_sweep_evaluates_a_checkpoint_at_each_target(tmp_path, hdf5_path):
     import target_sweep
 
-    base = dict(
-        env="hopper-random",
-        dataset_path=(str(hdf5_path),),
-        updates=3,
-        batch_size=4,
-        n_embd=16,
-        n_layer=1,
-        n_head=1,
-        context_len=4,
-        eval_every=0,
-        eval_episodes=1,
-        runs_dir=str(tmp_path / "runs"),
-    )
+    base = tiny(tmp_path, hdf5_path)
     run = Path(dt.train(dt.Args(**base))["run_dir"])
     out = tmp_path / "sweep"
     res = target_sweep.main(
