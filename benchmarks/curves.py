@@ -79,7 +79,7 @@ def table(runs: list[dict]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in runs:
         last = max([e["step"] for e in r["evals"]] + [e["step"] for e in r["losses"]])
-        lines.append(f"| {r['label']} | {r['method']} | {r['dataset']} | {last} of {r['updates_planned']} | "
+        lines.append(f"| {r['label']} | {r['method'] or '—'} | {r['dataset']} | {last} of {r['updates_planned']} | "
                      f"{r['final']['normalized']:.1f} (at {r['final']['step']}) | {r['best']['normalized']:.1f} "
                      f"({r['best']['step']}) | {'yes' if r['finished'] else 'no (stopped)'} |")  # fmt: skip
     return "\n".join(lines)
