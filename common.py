@@ -65,6 +65,10 @@ def d4rl_dir() -> Path:
     return Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")).expanduser()
 
 
+# How a dataset's `info["source"]` is named in printed results
+SOURCE_LABEL = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}
+
+
 def normalized_score(info: dict, returns) -> np.ndarray:
     """D4RL normalized score 100 * (R - min) / (max - min); NaN where the dataset has no reference returns."""
     returns = np.asarray(returns, dtype=np.float64)

@@ -757,7 +757,7 @@ def train(args: Args) -> dict:
     results = {**config, **res, **counts, "trained_inv_updates": inv_total, "run_dir": str(run_dir), **speed}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     finish_tracking(results)
-    label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]
+    label = common.SOURCE_LABEL[info["source"]]
     thesis = THESIS.get(info["name"], "no number for this dataset")
     print(
         f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} "

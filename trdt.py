@@ -737,7 +737,7 @@ def train(args: Args) -> dict:
     results = {**config, **res, "updates": trained, "trained_updates": total, "run_dir": str(run_dir), **speed}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     finish_tracking(results)
-    label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]
+    label = common.SOURCE_LABEL[info["source"]]
     column = "TRDT"
     thesis = THESIS.get(info["name"], "no number for this dataset")
     print(

@@ -178,7 +178,6 @@ TT_PAPER_TABLE_1 = {
            "halfcheetah-medium-replay": 36.6, "hopper-medium-replay": 82.7, "walker2d-medium-replay": 66.6},
 }
 # fmt: on
-SOURCE_LABEL = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}
 ARCH = ("n_bins", "discretizer", "seq_len", "n_layer", "n_head", "n_embd", "discount", "terminal_penalty")
 
 
@@ -758,7 +757,7 @@ def train(args: Args) -> dict:
     results = {**config, **res, "updates": trained, "trained_updates": total, "run_dir": str(run_dir), **speed}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     finish_tracking(results)
-    label = SOURCE_LABEL[info["source"]]
+    label = common.SOURCE_LABEL[info["source"]]
     mode = "greedy" if args.beam_width == 1 else f"beam {args.beam_width} x {args.n_expand}, horizon {args.horizon}"
     cut = f", episodes cut at {res['max_steps']} steps" if args.eval_max_steps else ""
     print(f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} "

@@ -269,7 +269,7 @@ def train(args: Args) -> dict:
     speed = {"train_updates_per_s": trained / train_time if train_time else None, "wall_time_s": time.time() - t_start}
     results = {**config, **res, "updates": trained, "trained_updates": trained, "run_dir": str(run_dir), **speed}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]
+    label = common.SOURCE_LABEL[info["source"]]
     column, numbers = thesis_column(args)
     thesis = numbers.get(info["name"], "no number for this dataset")
     print(

@@ -27,6 +27,7 @@ import tyro
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import rgdt  # noqa: E402
 
 
@@ -274,7 +275,7 @@ def main(args: Args) -> dict:
         arch, stats = {"state_dim": info["obs_dim"], **{k: getattr(rargs, k) for k in rgdt.ARCH}}, None  # §2.4's
     data = rgdt.make_dataset(episodes, device, arch["rtg_scale"], stats)
     out.mkdir(parents=True, exist_ok=True)
-    label = {"d4rl": "official D4RL", "minari": "Minari", "replica": "replica", "file": "local file"}[info["source"]]
+    label = common.SOURCE_LABEL[info["source"]]
     states, ep_start, ep_end = (data[k].cpu().numpy() for k in ("states", "ep_start", "ep_end"))
     corr = state_correlation(states, ep_start, ep_end, max(arch["return_len"], arch["state_len"]))
     regimes = train_two_regimes(data, arch, rargs, device, out / "metrics.jsonl")

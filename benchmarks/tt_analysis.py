@@ -804,7 +804,7 @@ def main(args: Args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     episodes, info = common.load_dataset(args.env, (str(path),))
-    label = tt.SOURCE_LABEL[info["source"]]
+    label = common.SOURCE_LABEL[info["source"]]
     pi, dt_train = get_dt(args, str(path), device)
     tt_model, disc, targs, tt_train = get_tt(args, str(path), device)
     print(f"[{time.time() - t_start:.0f} s] models ready; analysing")
