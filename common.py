@@ -124,24 +124,19 @@ def find_d4rl_file(base: str) -> Path:
 # --- readers ----------------------------------------------------------------------------------------
 
 
+def episode(observations, actions, rewards, terminated) -> dict:
+    """One episode as every reader returns it: (T, m_s), (T, m_a), (T,) arrays and whether it terminated."""
+    return dict(observations=observations, actions=actions, rewards=rewards, terminated=bool(terminated))
+
+
 def split_episodes(obs, act, rew, terminals, timeouts) -> list[dict]:
     """D4RL flat arrays -> episodes. An episode ends at a terminal OR a timeout; the last, unfinished
     episode (the buffer stopped mid-episode) is kept."""
     ends = np.flatnonzero(np.logical_or(terminals, timeouts)) + 1
     if len(obs) and (len(ends) == 0 or ends[-1] != len(obs)):  # an empty file gives no episodes, not one empty one
         ends = np.append(ends, len(obs))
-    episodes, start = [], 0
-    for end in ends:
-        episodes.append(
-            dict(
-                observations=obs[start:end],
-                actions=act[start:end],
-                rewards=rew[start:end],
-                terminated=bool(terminals[end - 1]),
-            )
-        )
-        start = end
-    return episodes
+    starts = np.concatenate([[0], ends[:-1]]).astype(int)
+    return [episode(obs[a:b], act[a:b], rew[a:b], terminals[b - 1]) for a, b in zip(starts, ends)]
 
 
 def read_hdf5(path: Path) -> list[dict]:
@@ -174,13 +169,7 @@ def read_hdf5(path: Path) -> list[dict]:
             f"{path}: no step is marked as an episode end (terminals and timeouts are all false); a "
             "D4RL file ends every episode with one of them. Mark the ends, or check the file."
         )
-    return split_episodes(
-        data["observations"],
-        data["actions"],
-        data["rewards"].reshape(-1),
-        data["terminals"].reshape(-1),
-        data["timeouts"].reshape(-1),
-    )
+    return split_episodes(data["observations"], data["actions"], *(data[k].reshape(-1) for k in D4RL_KEYS[2:]))
 
 
 def read_pickle(path: Path) -> list[dict]:
@@ -212,14 +201,8 @@ def read_pickle(path: Path) -> list[dict]:
             )
         if lens["observations"] == 0:
             continue
-        episodes.append(
-            dict(
-                observations=np.asarray(p["observations"]),
-                actions=np.asarray(p["actions"]),
-                rewards=np.asarray(p["rewards"]).reshape(-1),
-                terminated=bool(np.asarray(p[term_key])[-1]),
-            )
-        )
+        obs, act, rew = (np.asarray(p[k]) for k in ("observations", "actions", "rewards"))
+        episodes.append(episode(obs, act, rew.reshape(-1), np.asarray(p[term_key])[-1]))
     return episodes
 
 
@@ -240,26 +223,13 @@ def read_minari(dataset_id: str) -> tuple[list[dict], dict]:
             f"Minari dataset {dataset_id!r} has observations {ds.observation_space} and actions {ds.action_space}; "
             "these scripts need flat Box spaces of both (e.g. mujoco/hopper/medium-v0)."
         )
+    # Minari stores T+1 observations (the last one after the final action); drop it.
     episodes = [
-        # Minari stores T+1 observations (the last one after the final action); drop it.
-        dict(
-            observations=ep.observations[:-1],
-            actions=ep.actions,
-            rewards=ep.rewards,
-            terminated=bool(ep.terminations[-1]),
-        )
-        for ep in ds.iterate_episodes()
+        episode(ep.observations[:-1], ep.actions, ep.rewards, ep.terminations[-1]) for ep in ds.iterate_episodes()
     ]
     spec, meta = ds.spec.env_spec, ds.storage.metadata
-    info = dict(
-        env_id=spec.id,
-        env_kwargs=dict(spec.kwargs or {}),
-        obs_dim=None,
-        act_dim=None,
-        ref_min=meta.get("ref_min_score"),
-        ref_max=meta.get("ref_max_score"),
-    )
-    return episodes, info
+    ref = {"ref_min": meta.get("ref_min_score"), "ref_max": meta.get("ref_max_score")}
+    return episodes, dict(env_id=spec.id, env_kwargs=dict(spec.kwargs or {}), obs_dim=None, act_dim=None, **ref)
 
 
 # --- the one entry point ----------------------------------------------------------------------------

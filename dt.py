@@ -82,7 +82,7 @@ class Args:
     updates: int = 100_000
     """gradient updates; with --checkpoint, 0 only evaluates it and N > 0 trains on from its weights"""
     grad_clip: float = 0.25
-    """clip the global gradient norm at this value (> 0)"""
+    """clip the global gradient norm at this value (> 0), before every optimizer step"""
     rtg_scale: float = 1000.0
     """returns-to-go are divided by this before they enter the model"""
     target_return: Optional[float] = None
@@ -156,11 +156,7 @@ READ = {"action": "states"}  # a_t is read off the s_t token: it has seen g_t an
 ARCH = "policy timestep_embedding context_len n_layer n_head n_embd dropout max_ep_len rtg_scale".split()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data: trajectories as one set of flat tensors on the training device; a batch is an index gather.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Data: trajectories as one set of flat tensors on the training device; a batch is an index gather.
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (the g tokens of Eq. 1.1)."""
     return np.cumsum(rewards[::-1])[::-1].copy()
@@ -201,11 +197,7 @@ def sample_batch(data: dict, batch_size: int, K: int, gen: torch.Generator) -> d
     return dict(batch, mask=mask)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model: a GPT over interleaved (g_t, s_t, a_t) tokens (Eq. 1.1); a_t is read off the s_t token.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Model: a GPT over interleaved (g_t, s_t, a_t) tokens (Eq. 1.1); a_t is read off the s_t token.
 class SelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
@@ -329,11 +321,7 @@ def update(model, opt, batch: dict, grad_clip: float, autocast) -> tuple[dict, t
     return {"action": loss.detach()}, grad_norm
 
 
-# ---------------------------------------------------------------------------------------------------
-# Evaluation: all episodes at once in a vector env, one batched forward per environment step.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Evaluation: all episodes at once in a vector env, one batched forward per environment step.
 def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
     """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
     MP4), and the episode horizon (the TimeLimit)."""
@@ -388,11 +376,7 @@ def evaluate(model, info, state_stats, args, target_return, device, autocast, re
     return {**episodes, **means, "normalized_std": float(score.std()), "eval_env_steps_per_s": lengths.sum() / elapsed}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Training
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
     for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):

@@ -171,11 +171,7 @@ READ = {"action": "states", "state": "actions", "return": "actions"}
 ARCH = "gaussian_heads timestep_embedding context_len n_layer n_head n_embd dropout max_ep_len rtg_scale".split()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data: trajectories as one set of flat tensors on the training device; a batch is an index gather.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Data: trajectories as one set of flat tensors on the training device; a batch is an index gather.
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (the g tokens of Eq. 1.1)."""
     return np.cumsum(rewards[::-1])[::-1].copy()
@@ -222,11 +218,7 @@ def sample_batch(data: dict, batch_size: int, K: int, gen: torch.Generator) -> d
     return dict(batch, mask=mask)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model: a GPT over interleaved (g_t, s_t, a_t) tokens (Eq. 1.1) with three heads (Eq. 1.3, 1.5, 1.6).
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Model: a GPT over interleaved (g_t, s_t, a_t) tokens (Eq. 1.1) with three heads (Eq. 1.3, 1.5, 1.6).
 class SelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
@@ -373,11 +365,7 @@ def update(
     return measured, torch.stack(norms).mean()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Evaluation (§1.4.3, Alg. 1 lines 14-26): all episodes at once in a vector env, batched forwards.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Evaluation (§1.4.3, Alg. 1 lines 14-26): all episodes at once in a vector env, batched forwards.
 def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
     """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
     MP4), and the episode horizon (the TimeLimit)."""
@@ -437,11 +425,7 @@ def evaluate(model, info, state_stats, args, target_return, device, autocast, re
     return {**episodes, **means, "normalized_std": float(score.std()), "eval_env_steps_per_s": lengths.sum() / elapsed}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Training
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
     for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):

@@ -174,11 +174,7 @@ ARCH = "return_len state_len n_enc_layer n_layer n_head n_embd dropout rtg_scale
 INV_ARCH = "inv_hidden inv_layers inv_dropout".split()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data (§2.2.1): trajectories as flat tensors on the training device; a batch is an index gather.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Data (§2.2.1): trajectories as flat tensors on the training device; a batch is an index gather.
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (the g tokens of Eq. 1.1)."""
     return np.cumsum(rewards[::-1])[::-1].copy()
@@ -234,12 +230,8 @@ def sample_batch(data: dict, batch_size: int, K_r: int, K_s: int, gen: torch.Gen
     return gather_segments(data, sample_steps(data, batch_size, gen), K_r, K_s)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model (§2.3.1, Fig. 2.1): an encoder over returns, a decoder over states with causal self-attention and
+# --- Model (§2.3.1, Fig. 2.1): an encoder over returns, a decoder over states with causal self-attention and
 # cross-attention to the encoder. Each modality has its own weights, the point of the design.
-# ---------------------------------------------------------------------------------------------------
-
-
 class Attention(nn.Module):
     """Multi-head attention of queries from `x` over keys/values from `context`: self-attention when context is x,
     cross-attention when it is the encoder's output."""
@@ -359,11 +351,7 @@ def state_loss(mean, log_std, next_states, mask, full_context: bool) -> torch.Te
     return head_loss(mean[:, -1:], log_std[:, -1:], next_states[:, -1:], mask[:, -1:])
 
 
-# ---------------------------------------------------------------------------------------------------
-# Policy extraction (§2.3.3): inverse dynamics pi_phi(a_t | s_t, s_{t+1}), Eq. 2.8.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Policy extraction (§2.3.3): inverse dynamics pi_phi(a_t | s_t, s_{t+1}), Eq. 2.8.
 def make_inverse_dynamics(state_dim, act_dim, hidden, layers, dropout) -> nn.Sequential:
     """An MLP from (s_t, s_{t+1}) to the mean and log-std of a diagonal Gaussian over a_t."""
     mods, width = [], 2 * state_dim
@@ -401,12 +389,8 @@ def make_inv_optimizer(inv, args) -> torch.optim.Adam:
     return torch.optim.Adam(groups, lr=args.inv_lr)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Inference (Alg. 2): condition on the best return per timestep, propose s_{t+1}, invert it to an action.
+# --- Inference (Alg. 2): condition on the best return per timestep, propose s_{t+1}, invert it to an action.
 # All episodes at once in a vector env, one batched forward of each model per environment step.
-# ---------------------------------------------------------------------------------------------------
-
-
 def best_return_sequence(episodes: list[dict]) -> np.ndarray:
     """§2.3.3: at each timestep the best return-to-go any dataset trajectory has at that timestep (unscaled), up to
     the longest trajectory's length."""
@@ -487,11 +471,7 @@ def evaluate(model, inv, info, state_stats, conditioning, args, device, autocast
     return {**episodes, **means, "normalized_std": float(score.std()), "eval_env_steps_per_s": lengths.sum() / elapsed}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Training
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
     for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):

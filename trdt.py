@@ -179,11 +179,7 @@ READ = {"action": "states", "state": "actions", "return": "actions", "region": "
 ARCH = "bins gaussian_heads timestep_embedding context_len n_layer n_head n_embd dropout max_ep_len rtg_scale".split()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Action regions (Eq. 1.11-1.12): a coarse uniform grid over the action box, ordinally encoded.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Action regions (Eq. 1.11-1.12): a coarse uniform grid over the action box, ordinally encoded.
 def region_edges(bins: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """The b - 1 inner bin boundaries -1 + 2k/b of [-1, 1], computed exactly and then rounded to the actions'
     dtype, so that e.g. float32(-1/3) is on the boundary (torch.linspace misses it by an ulp)."""
@@ -206,11 +202,7 @@ def decode_regions(probs: torch.Tensor, bins: int) -> torch.Tensor:
     return ((probs > 0.5).unflatten(-1, (-1, bins)).long().cumprod(-1).sum(-1) - 1).clamp(min=0)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data: trajectories as one set of flat tensors on the training device; a batch is an index gather.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Data: trajectories as one set of flat tensors on the training device; a batch is an index gather.
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (the g tokens of Eq. 1.1)."""
     return np.cumsum(rewards[::-1])[::-1].copy()
@@ -258,11 +250,7 @@ def sample_batch(data: dict, batch_size: int, K: int, gen: torch.Generator) -> d
     return dict(batch, mask=mask)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model: a GPT over interleaved (g_t, s_t, region_t, a_t) tokens (Eq. 1.11) with four heads.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Model: a GPT over interleaved (g_t, s_t, region_t, a_t) tokens (Eq. 1.11) with four heads.
 class SelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
@@ -412,11 +400,7 @@ def update(
     return measured, torch.stack(norms).mean()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Evaluation (§1.4.3, Alg. 1 lines 14-26): all episodes at once in a vector env, batched forwards.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Evaluation (§1.4.3, Alg. 1 lines 14-26): all episodes at once in a vector env, batched forwards.
 def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
     """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
     MP4), and the episode horizon (the TimeLimit)."""
@@ -478,11 +462,7 @@ def evaluate(model, info, state_stats, args, target_return, device, autocast, re
     return {**episodes, **means, "normalized_std": float(score.std()), "eval_env_steps_per_s": lengths.sum() / elapsed}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Training
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
     for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):

@@ -181,11 +181,7 @@ TT_PAPER_TABLE_1 = {
 ARCH = ("n_bins", "discretizer", "seq_len", "n_layer", "n_head", "n_embd", "discount", "terminal_penalty")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data: each dimension of (s, a, r, V) discretized on its own; a transition is m_s + m_a + 2 tokens.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Data: each dimension of (s, a, r, V) discretized on its own; a transition is m_s + m_a + 2 tokens.
 class Discretizer:
     """Per-dimension bins: `edges` (N+1, D), non-decreasing down each column. A value maps to the last bin
     whose left edge it reaches (values outside [min, max] to the end bins); a bin decodes to its midpoint."""
@@ -261,11 +257,7 @@ def sample_batch(data: dict, batch_size: int, seq_len: int, gen: torch.Generator
     return tok[:, :-1], tok[:, 1:]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model: GPT over the flattened tokens, with per-dimension vocabularies and per-dimension output heads.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Model: GPT over the flattened tokens, with per-dimension vocabularies and per-dimension output heads.
 class SelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
@@ -360,11 +352,7 @@ def tt_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) 
     return (ce * weights).mean()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Planning: beam search with the model (TT paper §3.2, Alg. 1; TT code's beam_plan), batched over episodes.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Planning: beam search with the model (TT paper §3.2, Alg. 1; TT code's beam_plan), batched over episodes.
 class Decoder:
     """Token sequences x (B, L) and the model's next-token logits at their ends. The model sees at most the
     last `max_block` tokens, cut at a transition boundary (TT code's crop). While that view only grows, new
@@ -446,11 +434,7 @@ def plan(model, disc: Discretizer, prefix: torch.Tensor, args: Args, gen: torch.
     return dec.x[base[:, 0] * W, P : P + m_a]  # topk sorts: each episode's first beam is its best
 
 
-# ---------------------------------------------------------------------------------------------------
-# Evaluation: all episodes at once in a vector env; one batched beam search per environment step.
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Evaluation: all episodes at once in a vector env; one batched beam search per environment step.
 def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
     """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
     MP4), and the episode horizon (the TimeLimit)."""
@@ -513,11 +497,7 @@ def evaluate(model, disc: Discretizer, info: dict, args: Args, device, autocast,
             "eval_env_steps_per_s": float(lengths.sum() / elapsed)}  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-
-
+# --- Training
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
     for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
