@@ -11,74 +11,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--updates",
-    "100000",
-    "--batch-size",
-    "8",
-    "--n-embd",
-    "16",
-    "--n-layer",
-    "1",
-    "--n-head",
-    "1",
-    "--eval-episodes",
-    "1",
-    "--eval-every",
-    "50000",
-    "--threads",
-    "1",
-]
+TINY = "--updates 100000 --batch-size 8 --n-embd 16 --n-layer 1 --n-head 1 --eval-episodes 1 --eval-every 50000".split()
+TINY += ["--threads", "1"]
+RGDT = "--updates 100000 --inv-updates 5 --batch-size 8 --inv-batch-size 8 --n-embd 16 --eval-episodes 1".split()
 # What each script prints right after it logs its first evaluation (before any training step)
 SCRIPTS = {
     "dt.py": (TINY, "update 0:"),
     "mo_dt.py": (TINY, "update 0:"),
     "trdt.py": (TINY, "update 0:"),
-    "rgdt.py": (
-        TINY[:2]
-        + [
-            "--inv-updates",
-            "5",
-            "--batch-size",
-            "8",
-            "--inv-batch-size",
-            "8",
-            "--n-embd",
-            "16",
-            "--eval-episodes",
-            "1",
-            "--eval-every",
-            "50000",
-            "--threads",
-            "1",
-        ],
-        "translator update 0",
-    ),
+    "rgdt.py": (RGDT + ["--eval-every", "50000", "--threads", "1"], "translator update 0"),
 }
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sigkill_keeps_every_logged_line(tmp_path, hdf5_path, script):
     flags, marker = SCRIPTS[script]
-    cmd = [
-        sys.executable,
-        script,
-        "--env",
-        "hopper-random",
-        "--dataset-path",
-        str(hdf5_path),
-        "--runs-dir",
-        str(tmp_path),
-        *flags,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
+    where = ["--env", "hopper-random", "--dataset-path", str(hdf5_path), "--runs-dir", str(tmp_path)]
+    cmd = [sys.executable, script, *where]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd + flags, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen, deadline = [], time.time() + 120
     try:
         for line in proc.stdout:  # the evaluation has been logged when its line is printed
