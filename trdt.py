@@ -678,7 +678,8 @@ def train(args: Args) -> dict:
         lambdas = dict(zip(TASKS, args.lambdas))
 
         if args.eval_every:
-            print(f"update 0: normalized score {run_eval(0)['normalized_mean']:.1f}")
+            res = run_eval(0)
+            print(f"update 0: normalized score {res['normalized_mean']:.1f}")
         bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0)
         try:
             for step in bar:

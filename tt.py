@@ -702,7 +702,8 @@ def train(args: Args) -> dict:
         gen = torch.Generator(device=device).manual_seed(args.seed)
         weights = token_weights(model, model.block_size, args).to(device)
         if args.eval_every:
-            print(f"update 0: normalized score {run_eval(0)['normalized_mean']:.1f}")
+            res = run_eval(0)
+            print(f"update 0: normalized score {res['normalized_mean']:.1f}")
         bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0)
         try:
             for step in bar:

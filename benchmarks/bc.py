@@ -241,7 +241,8 @@ def train(args: Args) -> dict:
         return res
 
     if args.eval_every:
-        print(f"update 0: normalized score {run_eval(0)['normalized_mean']:.1f}")
+        res = run_eval(0)
+        print(f"update 0: normalized score {res['normalized_mean']:.1f}")
     trained, train_time = 0, 0.0
     bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0)
     try:
