@@ -102,6 +102,8 @@ def main(args: Args) -> dict:
     import torch
     from tqdm import tqdm
 
+    import common
+
     known = sorted({m for m, _ in CONFIGS})
     if not args.methods or any(m not in known for m in args.methods):
         raise SystemExit(f"error: --methods {' '.join(args.methods)}: choose from {', '.join(known)}.")
@@ -155,7 +157,8 @@ def main(args: Args) -> dict:
         commit = git.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
-    source = "replica" if paths and "replica" in paths[0] else ("official D4RL" if not paths else "local file")
+    # the loader's own verdict on the data (replica, official D4RL, local file), as every run recorded it
+    source = common.SOURCE_LABEL[res["dataset"]["source"]] if rows else None
     report = dict(config=vars(args), rows=rows, device=device, gpu=gpu, cpu=cpu_model(), cpu_bf16_native=native,
                   cpu_threads=torch.get_num_threads(), torch=torch.__version__, git_commit=commit,
                   wall_time_s=time.time() - t0, dataset_source=source, precisions=list(variants))  # fmt: skip
