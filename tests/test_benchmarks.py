@@ -317,9 +317,14 @@ def test_speed_benchmark_end_to_end(tmp_path, hdf5_path, monkeypatch, capsys):
             out_dir=str(tmp_path / "out"),
         )
     )
-    (row,) = report["rows"]
+    # one row per precision this CPU offers: fp32 always, bf16 too where it is native (AVX512-BF16, AMX)
+    assert [r["precision"] for r in report["rows"]] == list(report["precisions"])
+    assert report["precisions"][0] == "fp32" and set(report["precisions"]) <= {"fp32", "bf16"}
+    assert ("bf16" in report["precisions"]) == report["cpu_bf16_native"]
+    row = report["rows"][0]
     assert row["method"] == "dt" and row["updates"] == 2 and row["train_updates_per_s"] > 0
     assert row["vectorized_speedup"] == pytest.approx(row["eval_env_steps_per_s"] / row["eval_single_env_steps_per_s"])
+    assert all(r["bf16_used"] == (r["precision"] == "bf16") for r in report["rows"])
     (out,) = (tmp_path / "out").glob("speed__cpu__*.json")
     saved = json.loads(out.read_text())
     assert (
