@@ -13,8 +13,9 @@ import dt
 
 
 def tiny(tmp_path, hdf5_path, **kw):
-    base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), updates=20, batch_size=8, n_embd=32, n_layer=2,
-                n_head=2, warmup_steps=5, eval_every=10, eval_episodes=2, log_every=3, runs_dir=str(tmp_path))  # fmt: skip
+    base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), updates=20, batch_size=8, n_embd=32,
+                n_layer=2, n_head=2, warmup_steps=5, eval_every=10, eval_episodes=2, log_every=3,
+                runs_dir=str(tmp_path))  # fmt: skip
     return dt.Args(**{**base, **kw})
 
 
