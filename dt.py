@@ -580,9 +580,10 @@ def save_atomic(obj: dict, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def training_state(updates_done: int, opt, sched, gen: torch.Generator, clock: dict) -> dict:
+def training_state(updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path) -> dict:
     """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the schedule's position,
-    every random state (python, numpy, torch, CUDA, the batch sampler's), the updates done and the time spent."""
+    every random state (python, numpy, torch, CUDA, the batch sampler's), the updates done, the time spent and
+    how many lines metrics.jsonl had."""
     kind, key, pos, gauss, cached = np.random.get_state()
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "batch": gen.get_state()}
     rng["numpy"] = (kind, torch.as_tensor(key.astype(np.int64)), pos, gauss, cached)  # as data: no numpy pickles
@@ -590,7 +591,8 @@ def training_state(updates_done: int, opt, sched, gen: torch.Generator, clock: d
     rng["batch_device"] = gen.device.type
     sched_state = sched.state_dict() if sched is not None else None
     state = {"updates_done": updates_done, "optimizer": opt.state_dict(), "scheduler": sched_state, "rng": rng}
-    return state | {"clock": dict(clock)}
+    lines = metrics.read_text().count("\n") if metrics.exists() else 0
+    return state | {"clock": dict(clock), "metrics_lines": lines}
 
 
 def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> None:
@@ -639,22 +641,12 @@ def resumed_args(cls, cli):
     return cls(**(saved | {k: getattr(cli, k) for k in RUN_FLAGS}))
 
 
-def trim_metrics(path: Path, updates_done: int) -> set:
-    """PLUMBING: on --resume, drop the lines logged after the checkpoint was saved (a training line of step s is
-    update s + 1; an evaluation at step s follows update s), so that no step is written twice. Returns the steps
-    whose evaluation is kept."""
-    kept, evaluated = [], set()
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            m = json.loads(line)
-        except ValueError:  # the last line of a killed run may be cut short
-            continue
-        is_eval = any(k.startswith("eval_") for k in m)
-        if m.get("step", 0) < updates_done + is_eval:
-            kept.append(line)
-            evaluated |= {m.get("step")} if is_eval else set()
+def trim_metrics(path: Path, n_lines: int) -> list[dict]:
+    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the checkpoint was saved)
+    and drop the rest, so that no step is written twice; returns the kept lines."""
+    kept = path.read_text().splitlines()[:n_lines] if path.exists() else []
     path.write_text("".join(line + "\n" for line in kept))
-    return evaluated
+    return [json.loads(line) for line in kept]
 
 
 def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
@@ -773,12 +765,13 @@ def train(args: Args) -> dict:
 
             def save(n: int) -> None:
                 wall = {"wall_time_s": clock["wall_time_s"] + time.time() - t_start}
-                state = training_state(n, opt, sched, gen, clock | wall)
+                state = training_state(n, opt, sched, gen, clock | wall, metrics)
                 save_atomic(
                     make_checkpoint(model, arch, args, info, state_stats, parent + n, state), run_dir / "model.pt"
                 )
 
-            evaluated = trim_metrics(metrics, done) if resume else set()
+            logged = trim_metrics(metrics, resume["metrics_lines"]) if resume else []
+            evaluated = {m["step"] for m in logged if "eval_normalized" in m}
             eval_due = lambda n: args.eval_every and n % args.eval_every == 0 and n < args.updates  # noqa: E731
             fwd = torch.compile(model) if args.compile else model
             bar = tqdm(

@@ -11,7 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 METHOD_FILES = ["dt.py", "mo_dt.py", "trdt.py", "rgdt.py", "tt.py", "iem.py"]
 # Plumbing and shared ideas: wherever a method file defines one of these names, it is dt.py's code.
 LIKE_DT = ["check_flags", "setup", "bf16_native", "load_checkpoint", "load_data", "make_run_dir", "log_metrics",
-           "git_commit", "make_eval_envs", "returns_to_go", "masked_mean", "bounded_log_std", "head_loss"]  # fmt: skip
+           "git_commit", "make_eval_envs", "returns_to_go", "masked_mean", "bounded_log_std", "head_loss",
+           # runs that survive: signals, atomic checkpoints, exact resume
+           "catch_stop_signals", "restore_signals", "signals_deferred", "save_atomic", "training_state",
+           "restore_training_state", "resumed_args", "trim_metrics", "save_due", "stop_message", "log_losses",
+           "record_config"]  # fmt: skip
 # The model and batch blocks of the Chapter 1 siblings, and the pieces only two of them share.
 SAME = {
     ("dt.py", "mo_dt.py", "trdt.py"): ["SelfAttention", "Block", "attention_mask", "sample_batch"],
