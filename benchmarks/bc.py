@@ -12,19 +12,21 @@ these itself: its BC numbers are the IQL paper's [65], its 10% BC numbers the DT
 %BC keeps the top X% of *timesteps* (whole trajectories, best first, up to X% of the steps), CORL's the top X%
 of *trajectories*; `--select` picks either.
 
-Reuses the method files' plumbing (seeds and device, run folder, metrics lines, vector-env evaluation) from
-dt.py and the dataset facts from common.py, and writes the same run folder: config.json, metrics.jsonl,
-results.json, model.pt.
+Reuses the method files' plumbing (seeds and device, run folder, metrics lines, vector-env evaluation, signals,
+atomic checkpoints, exact resume) from dt.py and the dataset facts from common.py, and writes the same run
+folder: config.json, metrics.jsonl, results.json, model.pt. A run stopped by Ctrl-C, SIGTERM or SIGUSR1 saves
+and prints the command that continues it (`--resume RUN_DIR`); the continued run equals the one never stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -38,9 +40,26 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 from claims import THESIS  # noqa: E402
-from dt import check_flags, git_commit, log_metrics, make_eval_envs, make_run_dir, setup  # noqa: E402
+from dt import (  # noqa: E402
+    catch_stop_signals,
+    check_flags,
+    git_commit,
+    log_metrics,
+    make_eval_envs,
+    make_run_dir,
+    record_config,
+    restore_signals,
+    restore_training_state,
+    save_atomic,
+    save_due,
+    setup,
+    signals_deferred,
+    training_state,
+    trim_metrics,
+)
 
 METHOD = "bc"
+SCRIPT = "benchmarks/bc.py"  # as a user types it from the repository root
 
 
 @dataclass
@@ -81,6 +100,12 @@ class Args:
     """evaluate before training and every N updates (0: only at the end)"""
     eval_async: bool = False
     """step the evaluation envs in subprocesses (gymnasium AsyncVectorEnv); pays off with many CPU cores"""
+    resume: Optional[str] = None
+    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags, optimizer
+    and random states, to its --updates; the result is the run it would have been without the stop"""
+    save_every: int = 0
+    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10% of the run);
+    also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
     log_every: int = 1000
@@ -89,11 +114,15 @@ class Args:
     """torch CPU threads (0: half of the cores this process may use, at least 1)"""
 
     def __post_init__(self):
-        check_flags(self, "lr batch_size updates eval_episodes log_every", "seed eval_every threads")
+        check_flags(self, "lr batch_size updates eval_episodes log_every", "seed eval_every threads save_every")
         if not 0 < self.top_pct <= 100:  # NaN fails this test too
             raise SystemExit(f"error: --top-pct {self.top_pct}: must be in (0, 100]; 100 is plain BC, 10 is 10% BC.")
         if not all(h > 0 for h in self.hidden):
             raise SystemExit(f"error: --hidden {' '.join(map(str, self.hidden))}: every width must be > 0.")
+
+
+# Flags that say where and how a run runs, not what it computes: --resume takes them from its own command line.
+RUN_FLAGS = "resume device threads eval_async runs_dir".split()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,6 +200,7 @@ def evaluate(policy: MLPPolicy, info: dict, state_stats, args: Args, device) -> 
     returns, lengths, done = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n, dtype=bool)
     policy.eval()
     obs, _ = envs.reset(seed=args.seed + 10_000)
+    bar = tqdm(total=n, desc="evaluate", unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
     t0 = time.time()
     for _ in range(horizon):
         states = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
@@ -178,9 +208,12 @@ def evaluate(policy: MLPPolicy, info: dict, state_stats, args: Args, device) -> 
         returns += r * ~done  # a finished episode's slot is reset by the vector env: its steps no longer count
         lengths += ~done
         done |= term | trunc
+        bar.update(int(done.sum()) - bar.n)
+        bar.set_postfix(env_steps=int(lengths.sum()), refresh=False)
         if done.all():
             break
     elapsed = time.time() - t0
+    bar.close()
     envs.close()
     policy.train()
     score = common.normalized_score(info, returns)
@@ -203,9 +236,58 @@ def thesis_column(args: Args) -> tuple[str, dict]:
     return f"{args.top_pct:g}% BC", {}
 
 
-def train(args: Args) -> dict:
-    t_start = time.time()
-    device, threads = setup(args)
+def resumed_run_args(cli: Args) -> Args:
+    """--resume RUN: that run's own flags from its config.json (dt.py's resumed_args, with bc.py's
+    RUN_FLAGS). This command's run flags replace them; any other flag given is refused, not ignored."""
+    if cli.resume is None:
+        return cli
+    run = Path(cli.resume)
+    error = f"error: --resume {run}"
+    if (run / "results.json").exists():
+        raise SystemExit(f"{error}: that run has finished (results.json is there); nothing to resume.")
+    try:
+        saved = json.loads((run / "config.json").read_text())["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SystemExit(f"{error}: no run of {SCRIPT} there (no readable config.json).") from None
+    if not (run / "model.pt").is_file():
+        raise SystemExit(f"{error}: no model.pt there yet (stopped before its first save); start again.")
+    fields = {f.name: f.default for f in dataclasses.fields(Args)}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
+    for name, value in asdict(cli).items():
+        own = saved.get(name, fields[name])
+        if name not in RUN_FLAGS and value != fields[name] and value != own:
+            flag = f"--{name.replace('_', '-')}"
+            raise SystemExit(
+                f"{error} continues that run with its own flags; leave out {flag} {value} (the run has {own})."
+            )
+    return Args(**(saved | {k: getattr(cli, k) for k in RUN_FLAGS}))
+
+
+def load_resume(run_dir: Path, device) -> dict:
+    """A stopped run's model.pt, read as data only (weights_only: loading cannot run code), onto
+    `device` whatever device wrote it."""
+    path = run_dir / "model.pt"
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = f"not a checkpoint torch can read as data ({type(e).__name__})"
+        raise SystemExit(f"error: --resume {run_dir}: its model.pt is {why}; start again.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD or ckpt.get("resume") is None:
+        why = f"its model.pt holds no training state of {SCRIPT}"
+        raise SystemExit(f"error: --resume {run_dir}: {why}; start again.")
+    return ckpt
+
+
+def stop_note(why: str, done: int, run_dir: Path) -> str:
+    """What a stopped run says: where it is, and the one command that continues it."""
+    return (
+        f"interrupted ({why}): {run_dir / 'model.pt'} holds {done} updates; continue with "
+        f"`python {SCRIPT} --resume {run_dir}`."
+    )
+
+
+def prepare(args: Args, device) -> tuple[dict, dict, dict, dict]:
+    """The dataset's facts, the kept data on the device, what was kept, the policy's architecture."""
     try:
         episodes, info = common.load_dataset(args.env, args.dataset_path)
     except common.DatasetError as e:
@@ -218,67 +300,125 @@ def train(args: Args) -> dict:
     probe = common.make_env(info)
     max_action = np.asarray(probe.action_space.high, np.float64).tolist()
     probe.close()
-    arch = dict(state_dim=info["obs_dim"], act_dim=info["act_dim"], hidden=list(args.hidden), max_action=max_action)
-    run_dir = make_run_dir(args, info)
+    arch = dict(state_dim=info["obs_dim"], act_dim=info["act_dim"], hidden=list(args.hidden))
+    return info, data, kept, arch | {"max_action": max_action}
+
+
+def make_checkpoint(policy, arch, args, info, state_stats, state: dict) -> dict:
+    """model.pt: the weights with what evaluating them needs (architecture, dataset facts, state
+    scale), and the training state that --resume continues from; plain tensors and dicts."""
+    stats = dict(zip(("state_mean", "state_std"), map(torch.as_tensor, state_stats)))
+    parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info}
+    parts["trained_updates"] = state["updates_done"]
+    return {"model": policy.state_dict(), **parts, **stats, "resume": state}
+
+
+def fit(policy, opt, gen, data, args: Args, run_dir: Path, run_eval, save, state: dict) -> int:
+    """args.updates Adam steps, from where a resumed run's `state` left off; evaluations and
+    checkpoints on their schedule. A stop signal lets the current update and its log line finish,
+    saves, and exits with the command that continues the run. Returns the updates done."""
+    metrics, clock = run_dir / "metrics.jsonl", state["clock"]
+    done = state["updates_done"]
+    logged = trim_metrics(metrics, state["metrics_lines"]) if args.resume else []
+    evaluated = {m["step"] for m in logged if "eval_normalized" in m}
+    eval_due = lambda n: args.eval_every and n % args.eval_every == 0 and n < args.updates  # noqa: E731
+    steps = range(done, args.updates)
+    bar = tqdm(steps, "train", args.updates, initial=done, dynamic_ncols=True, mininterval=1)
+    try:
+        if eval_due(done) and done not in evaluated:
+            run_eval(done)
+        for step in bar:
+            with signals_deferred():  # a stop signal waits for the update and its log line
+                t0 = time.time()
+                loss = update(policy, opt, data, args.batch_size, gen)
+                done = step + 1
+                if step % args.log_every == 0 or done == args.updates:  # .item() syncs the GPU
+                    log_metrics(metrics, step=step, loss=loss.item(), loss_action=loss.item())
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                clock["train_time_s"] += time.time() - t0
+            if eval_due(done):
+                run_eval(done)
+            if save_due(done, args.updates, args.eval_every, args.save_every):
+                save(done)
+    except KeyboardInterrupt as stop:
+        bar.close()
+        save(done)
+        raise SystemExit(stop_note(str(stop) or "Ctrl-C", done, run_dir)) from None
+    bar.close()
+    return done
+
+
+def train(args: Args) -> dict:
+    t_start = time.time()
+    args = resumed_run_args(args)
+    device, threads = setup(args)
+    ckpt = load_resume(Path(args.resume), device) if args.resume else None
+    info, data, kept, arch = prepare(args, device)
+    run_dir = Path(args.resume) if args.resume else make_run_dir(args, info)
     metrics = run_dir / "metrics.jsonl"
     config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info, "kept": kept}
-    config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    config |= {"device": str(device), "threads": threads, "git_commit": git_commit()}
+    config |= {"torch": torch.__version__, "bf16": False}  # an fp32 MLP
+    config = record_config(run_dir, config, ckpt["resume"] if ckpt else None)
 
     policy = MLPPolicy(**arch).to(device)
     opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    state = {"updates_done": 0, "metrics_lines": 0, "clock": {"train_time_s": 0.0, "wall_time_s": 0.0}}
+    if ckpt is not None:
+        policy.load_state_dict(ckpt["model"])
+        restore_training_state(ckpt["resume"], opt, None, gen)
+        state = ckpt["resume"] | {"clock": dict(ckpt["resume"]["clock"])}
+    clock = state["clock"]
     print(
         f"run {run_dir.name}: {info['name']} ({info['source']} data), {args.top_pct:g}% BC on {kept['episodes']} of "
         f"{info['episodes']} trajectories ({kept['transitions']} steps, returns {kept['return_min']:.0f} to "
         f"{kept['return_max']:.0f}), device {device}, {threads} CPU thread(s)"
+        + (f", resumed at update {state['updates_done']}" if ckpt else "")
     )
 
     def run_eval(step: int) -> dict:
         res = evaluate(policy, info, data["state_stats"], args, device)
         score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
         log_metrics(metrics, step=step, eval_normalized_std=res["normalized_std"], **score)
+        shown = f"{res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}"
+        tqdm.write(f"update {step}: normalized score {shown}")
         return res
 
-    if args.eval_every:
-        res = run_eval(0)
-        print(f"update 0: normalized score {res['normalized_mean']:.1f}")
-    trained, train_time = 0, 0.0
-    bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0)
-    try:
-        for step in bar:
-            t0 = time.time()
-            loss = update(policy, opt, data, args.batch_size, gen)
-            trained = step + 1
-            if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
-                log_metrics(metrics, step=step, loss=loss.item(), loss_action=loss.item())
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            train_time += time.time() - t0
-            if args.eval_every and trained % args.eval_every == 0 and trained < args.updates:
-                res = run_eval(trained)
-                bar.write(f"update {trained}: score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"\ninterrupted (Ctrl-C) after {trained} updates: saving the model trained so far")
-    stats = dict(zip(("state_mean", "state_std"), map(torch.as_tensor, data["state_stats"])))
-    parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": trained}
-    torch.save({"model": policy.state_dict(), **parts, **stats}, run_dir / "model.pt")  # plain tensors and dicts
-    if trained < args.updates:
-        raise SystemExit(f"stopped: {run_dir / 'model.pt'} holds {trained} updates (no final evaluation).")
+    def save(n: int) -> None:
+        wall = {"wall_time_s": clock["wall_time_s"] + time.time() - t_start}
+        resume = training_state(n, opt, None, gen, clock | wall, metrics)
+        saved = make_checkpoint(policy, arch, args, info, data["state_stats"], resume)
+        save_atomic(saved, run_dir / "model.pt")
 
-    res = run_eval(trained)
-    speed = {"train_updates_per_s": trained / train_time if train_time else None, "wall_time_s": time.time() - t_start}
-    results = {**config, **res, "updates": trained, "trained_updates": trained, "run_dir": str(run_dir), **speed}
+    old_handlers = catch_stop_signals()
+    try:
+        done = fit(policy, opt, gen, data, args, run_dir, run_eval, save, state)
+        res = run_eval(done)
+    except KeyboardInterrupt as stop:  # in the final evaluation: the model is saved
+        why = f"interrupted ({str(stop) or 'Ctrl-C'}) during the final evaluation"
+        raise SystemExit(f"{why}; continue with `python {SCRIPT} --resume {run_dir}`.") from None
+    finally:
+        restore_signals(old_handlers)
+    speed = {"train_updates_per_s": done / clock["train_time_s"] if clock["train_time_s"] else None}
+    speed["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
+    results = {**config, **res, "updates": done, "trained_updates": done, "run_dir": str(run_dir)}
+    results |= speed
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    label = common.SOURCE_LABEL[info["source"]]
+    report(results, args, info)
+    return results
+
+
+def report(results: dict, args: Args, info: dict) -> None:
+    """The score beside the thesis's column for this baseline."""
     column, numbers = thesis_column(args)
     thesis = numbers.get(info["name"], "no number for this dataset")
     print(
-        f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} "
-        f"episodes ({label} data, {trained} updates); thesis Table 1.3 ({column}, official D4RL): {thesis}"
+        f"normalized score {results['normalized_mean']:.1f} ± {results['normalized_std']:.1f} over "
+        f"{args.eval_episodes} episodes ({common.SOURCE_LABEL[info['source']]} data, "
+        f"{results['updates']} updates); thesis Table 1.3 ({column}, official D4RL): {thesis}"
     )
-    print(f"results: {run_dir / 'results.json'}")
-    return results
+    print(f"results: {Path(results['run_dir']) / 'results.json'}")
 
 
 if __name__ == "__main__":

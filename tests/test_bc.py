@@ -3,6 +3,9 @@
 import ast
 import dataclasses
 import json
+import random
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from resume_check import assert_same_run, kill_during_save, needs_sigusr1, run_dir_of, signal_after, signal_on_call
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -183,3 +187,119 @@ def test_defaults_are_corls_any_percent_bc():
     assert (a.top_pct, a.select, a.eval_episodes) == (100.0, "trajectories", 10)
     assert bc.thesis_column(bc.Args(top_pct=10))[1]["hopper-medium-replay"] == 75.9  # Table 1.3, 10% BC
     assert bc.thesis_column(bc.Args())[1]["hopper-medium-replay"] == 18.1  # Table 1.3, BC
+
+
+# --- Runs that survive (issue 24): dt.py's resume design, ported; tests/resume_check.py's checks.
+@pytest.mark.parametrize("stop_at", [10, 7])  # at an evaluation (its score not yet logged), and between two
+def test_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(tmp_path, hdf5_path, monkeypatch, stop_at):
+    whole = bc.train(tiny_args(tmp_path / "whole", hdf5_path))
+    with monkeypatch.context() as m:
+        signal_on_call(bc, m, "update", stop_at)
+        with pytest.raises(SystemExit, match=rf"interrupted \(SIGTERM\): .*holds {stop_at} updates; continue with "):
+            bc.train(tiny_args(tmp_path / "stopped", hdf5_path))
+    run = run_dir_of(tmp_path / "stopped" / "runs")
+    assert torch.load(run / "model.pt", weights_only=True)["resume"]["updates_done"] == stop_at
+    assert not (run / "results.json").exists()
+    resumed = bc.train(bc.Args(resume=str(run)))
+    assert resumed["run_dir"] == str(run) and json.loads((run / "config.json").read_text())["resumed"]
+    assert_same_run(resumed, whole)  # metrics, returns and weights bit for bit (fp32 MLP, deterministic on CPU)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the run put the handlers back
+
+
+def test_stopped_during_an_evaluation_resumes_with_that_evaluation(tmp_path, hdf5_path, monkeypatch):
+    whole = bc.train(tiny_args(tmp_path / "whole", hdf5_path))
+    real, calls = bc.evaluate, {"n": 0}
+
+    def stopped_in_the_second(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("SIGUSR1")
+        return real(*a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(bc, "evaluate", stopped_in_the_second)
+        with pytest.raises(SystemExit, match=r"interrupted \(SIGUSR1\): .*holds 10 updates"):
+            bc.train(tiny_args(tmp_path / "stopped", hdf5_path))
+    assert_same_run(bc.train(bc.Args(resume=str(run_dir_of(tmp_path / "stopped" / "runs")))), whole)
+
+
+def test_evaluation_leaves_the_training_random_streams_alone(hdf5_path):
+    """An evaluation between two updates must not move a random state the training draws from."""
+    _, info = common.load_dataset("hopper-random", (str(hdf5_path),))
+    policy = bc.MLPPolicy(11, 3, (8,), [1.0, 1.0, 1.0])
+    stats = (np.zeros(11, np.float32), np.ones(11, np.float32))
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    bc.evaluate(policy, info, stats, bc.Args(eval_episodes=2), torch.device("cpu"))
+    after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
+    assert before[0] == after[0] and (before[1] == after[1]).all() and torch.equal(before[2], after[2])
+
+
+def test_checkpoints_are_periodic_and_atomic(tmp_path, hdf5_path, monkeypatch):
+    saved = []
+    real = bc.save_atomic
+    monkeypatch.setattr(
+        bc, "save_atomic", lambda obj, path: saved.append(obj["resume"]["updates_done"]) or real(obj, path)
+    )
+    bc.train(tiny_args(tmp_path / "a", hdf5_path, eval_every=0))
+    assert saved == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]  # every 10% of the run without evaluations
+    saved.clear()
+    bc.train(tiny_args(tmp_path / "b", hdf5_path, updates=20, eval_every=10))
+    assert saved == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]  # every evaluation (10, 20) and every 10%
+    saved.clear()
+    bc.train(tiny_args(tmp_path / "c", hdf5_path, updates=20, save_every=7))
+    assert saved == [7, 14, 20]
+    ckpt = torch.load(next((tmp_path / "c" / "runs").iterdir()) / "model.pt", weights_only=True)
+    assert {"model", "arch", "args", "dataset", "trained_updates", "state_mean", "state_std"} <= set(ckpt)
+
+
+def test_a_kill_during_a_save_leaves_the_last_checkpoint_and_resume_succeeds(tmp_path, hdf5_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "benchmarks"))  # the slowed script imports bc by name
+    argv = ["--env", "hopper-random", "--dataset-path", str(hdf5_path), "--runs-dir", str(tmp_path / "runs"),
+            "--updates", "20", "--batch-size", "8", "--hidden", "16", "--eval-every", "0", "--save-every", "5",
+            "--eval-episodes", "1", "--threads", "1"]  # fmt: skip
+    run = kill_during_save("bc", argv, tmp_path, n=2)  # killed while writing the checkpoint of update 10
+    assert (run / "model.pt.tmp").read_bytes().startswith(b"half")
+    assert torch.load(run / "model.pt", weights_only=True)["resume"]["updates_done"] == 5
+    res = bc.train(bc.Args(resume=str(run)))
+    assert res["trained_updates"] == 20 and not (run / "model.pt.tmp").exists()
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(getattr(signal, "SIGUSR1", None), marks=needs_sigusr1)])
+def test_sigterm_and_sigusr1_save_a_resumable_run_and_print_the_resume_command(tmp_path, hdf5_path, sig):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "benchmarks/bc.py", "--env", "hopper-random", "--dataset-path", str(hdf5_path),
+           "--runs-dir", str(runs), "--updates", "100000000", "--batch-size", "4", "--hidden", "8",
+           "--eval-episodes", "1", "--eval-every", "100000000", "--threads", "1"]  # fmt: skip
+    code, out = signal_after(cmd, "update 0:", tmp_path / "log.txt", sig)
+    run = run_dir_of(runs)
+    name = signal.Signals(sig).name
+    assert code == 1 and "Traceback" not in out and f"interrupted ({name})" in out
+    assert f"python benchmarks/bc.py --resume {run}" in out
+    done = torch.load(run / "model.pt", weights_only=True)["resume"]["updates_done"]
+    assert 0 < done < 100_000_000 and f"holds {done} updates" in out
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path, hdf5_path, monkeypatch):
+    with pytest.raises(SystemExit, match="no run of benchmarks/bc.py there"):
+        bc.train(bc.Args(resume=str(tmp_path / "nothing")))
+    finished = Path(bc.train(tiny_args(tmp_path / "f", hdf5_path, updates=4, eval_every=0))["run_dir"])
+    with pytest.raises(SystemExit, match="that run has finished"):
+        bc.train(bc.Args(resume=str(finished)))
+    with monkeypatch.context() as m:
+        signal_on_call(bc, m, "update", 2)
+        with pytest.raises(SystemExit, match="interrupted"):
+            bc.train(tiny_args(tmp_path / "s", hdf5_path, updates=4, eval_every=0))
+    stopped = run_dir_of(tmp_path / "s" / "runs")
+    with pytest.raises(SystemExit, match=r"continues that run with its own flags; leave out --lr 0.5 \(the run has"):
+        bc.train(bc.Args(resume=str(stopped), lr=0.5))
+    broken = Path(shutil.copytree(stopped, tmp_path / "broken"))
+    (broken / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="its model.pt is not a checkpoint torch can read as data"):
+        bc.train(bc.Args(resume=str(broken)))
+    (broken / "model.pt").unlink()
+    with pytest.raises(SystemExit, match="no model.pt there yet"):
+        bc.train(bc.Args(resume=str(broken)))
+    res = bc.train(bc.Args(resume=str(stopped), threads=1, device="cpu"))  # where and how to run may change
+    assert res["trained_updates"] == 4

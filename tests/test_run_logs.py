@@ -14,12 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 EVAL_FIRST_ONLY = "--eval-episodes 1 --eval-every 50000 --threads 1".split()  # one evaluation, then training
 TINY = "--updates 100000 --batch-size 8 --n-embd 16 --n-layer 1 --n-head 1".split() + EVAL_FIRST_ONLY
 RGDT = "--updates 100000 --inv-updates 5 --batch-size 8 --inv-batch-size 8 --n-embd 16".split() + EVAL_FIRST_ONLY
+BC = "--updates 100000 --batch-size 8 --hidden 16".split() + EVAL_FIRST_ONLY
 # What each script prints right after it logs its first evaluation (before any training step)
 SCRIPTS = {
     "dt.py": (TINY, "update 0:"),
     "mo_dt.py": (TINY, "update 0:"),
     "trdt.py": (TINY, "update 0:"),
     "rgdt.py": (RGDT, "translator update 0"),
+    "benchmarks/bc.py": (BC, "update 0:"),
 }
 
 
