@@ -4,6 +4,7 @@ a GPT over trajectories discretized dimension by dimension, used as world model 
     python tt.py --env hopper-medium-replay                       # the TT paper's locomotion configuration
     python tt.py --env hopper-medium-replay --dataset-path FILE   # any D4RL-layout .hdf5 or DT .pkl
     python tt.py --checkpoint runs/RUN/model.pt --updates 0 --beam-width 1   # evaluate again, greedy decoding
+    python tt.py --resume runs/RUN          # continue a run stopped by Ctrl-C, SIGTERM or SIGUSR1, exactly
 
 CPU preset (about 15 minutes of training on 2 free cores; add --env and --dataset-path as above):
     python tt.py --n-embd 64 --batch-size 32 --seq-len 5 --updates 3000 --warmup-epochs 0.1 --horizon 5 --beam-width 8
@@ -16,12 +17,15 @@ is only common.py (datasets, env ids, normalized scores).
 # ruff: noqa: UP045, BLE001  (the PLUMBING blocks are dt.py's, byte for byte)
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -122,6 +126,12 @@ class Args:
     checkpoint: Optional[str] = None
     """a tt.py `model.pt`: start from its weights, architecture and bins (those flags are ignored); `--updates 0`
     only evaluates it, on its own dataset unless --env says"""
+    resume: Optional[str] = None
+    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags, optimizer,
+    schedule and random states, to its --updates; the result is the run it would have been without the stop"""
+    save_every: int = 0
+    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10% of the run);
+    also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
     log_every: int = 100
@@ -141,7 +151,7 @@ class Args:
 
     def __post_init__(self):
         positive = "n_bins seq_len n_layer n_head n_embd batch_size lr grad_clip horizon beam_width n_expand"
-        non_negative = "seed updates eval_every eval_max_steps k_act k_obs threads"
+        non_negative = "seed updates eval_every eval_max_steps k_act k_obs threads save_every"
         check_flags(self, positive + " max_context eval_episodes log_every", non_negative)
         for name in ("dropout", "cdf_act", "cdf_obs"):
             if not 0 <= getattr(self, name) < 1:
@@ -158,7 +168,9 @@ class Args:
             raise SystemExit(
                 f"error: --max-context {self.max_context}: must be <= --seq-len {self.seq_len}, the trained window."
             )
-        if self.updates == 0 and self.checkpoint is None:
+        if self.resume is not None and self.checkpoint is not None:
+            raise SystemExit("error: --resume continues a run with its own model.pt; leave out --checkpoint.")
+        if self.updates == 0 and self.checkpoint is None and self.resume is None:
             raise SystemExit("error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one.")
         if self.track and importlib.util.find_spec("wandb") is None:
             raise SystemExit('error: --track needs wandb: pip install -e ".[track]" (or leave out --track).')
@@ -179,6 +191,8 @@ TT_PAPER_TABLE_1 = {
 }
 # fmt: on
 ARCH = ("n_bins", "discretizer", "seq_len", "n_layer", "n_head", "n_embd", "discount", "terminal_penalty")
+# Flags that say where and how a run runs, not what it computes: --resume takes them from its own command line.
+RUN_FLAGS = "resume device threads runs_dir track wandb_project_name wandb_entity capture_video".split()
 
 
 # --- Data: each dimension of (s, a, r, V) discretized on its own; a transition is m_s + m_a + 2 tokens.
@@ -461,6 +475,9 @@ def evaluate(model, disc: Discretizer, info: dict, args: Args, device, autocast,
     plan_s, calls = 0.0, 0
     model.eval()
     obs, _ = envs.reset(seed=args.seed + 10_000)
+    # One planning call per env step, all episodes at once: the bar counts those calls (hours on a CPU at the
+    # paper's budget, so its rate and ETA are what a user waits on), episodes done and env steps taken.
+    bar = tqdm(total=horizon, desc="evaluate", unit="plan step", leave=False, dynamic_ncols=True, mininterval=1.0)
     t0 = time.time()
     for t in range(horizon):
         obs_tok = disc.encode(torch.as_tensor(obs, device=device), slice(0, m_s))
@@ -484,9 +501,12 @@ def evaluate(model, disc: Discretizer, info: dict, args: Args, device, autocast,
         returns += r * ~done
         lengths += ~done
         done |= term | trunc
+        bar.update()
+        bar.set_postfix(episodes=f"{int(done.sum())}/{n}", env_steps=int(lengths.sum()), refresh=False)
         if done.all():
             break
     elapsed = time.time() - t0
+    bar.close()
     envs.close()
     model.train()
     score = common.normalized_score(info, returns)
@@ -526,24 +546,33 @@ def setup(args) -> tuple[torch.device, int]:
 
 
 def bf16_native(device: torch.device) -> bool:
-    """PLUMBING: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX); elsewhere bf16 is emulated, slower than fp32."""
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with AVX512-BF16 or AMX;
+    elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the test suite's second pass, .ci/run)
+    takes the bf16 path on any CPU, emulated, so that CI runs the code every GPU and bf16 CPU runs."""
+    if os.environ.get("SEQRL_TEST_FORCE_BF16") == "1":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def load_checkpoint(path: Optional[str], device) -> Optional[dict]:
-    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code)."""
+def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:
+    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code), onto
+    `device` whatever device wrote it."""
     if path is None:
         return None
     if not Path(path).is_file():
-        raise SystemExit(f"error: --checkpoint {path}: no such file (expected runs/RUN/model.pt).")
+        raise SystemExit(f"error: {flag} {path}: no such file (expected runs/RUN/model.pt).")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         why = f"not a checkpoint torch can read as data ({type(e).__name__}); pass a model.pt that {METHOD}.py wrote"
-        raise SystemExit(f"error: --checkpoint {path}: {why}.") from None
+        raise SystemExit(f"error: {flag} {path}: {why}.") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise SystemExit(f"error: --checkpoint {path} was written by {found or 'another program'}, not {METHOD}.py.")
+        raise SystemExit(f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py.")
+    if flag == "--resume" and ckpt.get("resume") is None:
+        raise SystemExit(f"error: --resume: {path} holds no training state (an older version's); use --checkpoint.")
     return ckpt
 
 
@@ -569,8 +598,10 @@ def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
 
 
 def make_run_dir(args, info: dict) -> Path:
-    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time}; an existing folder is never reused."""
-    name = f"{info['name'].replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an existing
+    folder is never reused."""
+    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"  # `ls runs` tells evaluations apart
+    name = f"{info['name'].replace('/', '_')}__{kind}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.runs_dir) / name
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -617,6 +648,167 @@ def git_commit() -> Optional[str]:
         return None
 
 
+STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}  # PLUMBING: name -> what it is
+STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signals_deferred
+
+
+def catch_stop_signals() -> dict:
+    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1 (SLURM's --signal)
+    all raise KeyboardInterrupt naming the signal, so that one `except` saves a resumable checkpoint for each.
+    Returns the handlers it replaced (restore_signals puts them back); only the main thread can catch signals."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        why = STOP_SIGNALS[signal.Signals(signum).name]
+        if STOPPING["deferred"]:
+            STOPPING["pending"] = why
+            return
+        raise KeyboardInterrupt(why)
+
+    names = [n for n in STOP_SIGNALS if hasattr(signal, n)]  # no SIGUSR1 on Windows
+    return {getattr(signal, n): signal.signal(getattr(signal, n), stop) for n in names}
+
+
+def restore_signals(old: dict) -> None:
+    """PLUMBING"""
+    for signum, handler in old.items():
+        signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an update or a
+    checkpoint is never left half done."""
+    STOPPING["deferred"] = True
+    try:
+        yield
+    finally:
+        STOPPING["deferred"] = False
+        why, STOPPING["pending"] = STOPPING["pending"], None
+        if why is not None:
+            raise KeyboardInterrupt(why)
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on POSIX and
+    Windows): a kill at any instant leaves the last complete checkpoint readable."""
+    tmp = path.with_name(path.name + ".tmp")
+    with signals_deferred():
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def training_state(updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path) -> dict:
+    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the schedule's position,
+    every random state (python, numpy, torch, CUDA, the batch sampler's), the updates done, the time spent and
+    how many lines metrics.jsonl had."""
+    kind, key, pos, gauss, cached = np.random.get_state()
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "batch": gen.get_state()}
+    rng["numpy"] = (kind, torch.as_tensor(key.astype(np.int64)), pos, gauss, cached)  # as data: no numpy pickles
+    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng["batch_device"] = gen.device.type
+    sched_state = sched.state_dict() if sched is not None else None
+    state = {"updates_done": updates_done, "optimizer": opt.state_dict(), "scheduler": sched_state, "rng": rng}
+    lines = metrics.read_text().count("\n") if metrics.exists() else 0
+    return state | {"clock": dict(clock), "metrics_lines": lines}
+
+
+def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> None:
+    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of device: resumed
+    on another, the sampler goes on from a fresh stream (said once; the run is then not bit-exact)."""
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    kind, key, pos, gauss, cached = rng["numpy"]
+    np.random.set_state((kind, key.cpu().numpy().astype(np.uint32), pos, gauss, cached))
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    if rng["batch_device"] == gen.device.type:
+        gen.set_state(rng["batch"].cpu())
+    else:
+        gen.manual_seed(int(torch.randint(2**62, (1,)).item()))
+        print(f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch stream (not bit-exact)")
+
+
+def resumed_args(cls, cli):
+    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags (RUN_FLAGS:
+    where and how to run, not what) replace them; any other flag given is refused rather than ignored."""
+    if cli.resume is None:
+        return cli
+    run = Path(cli.resume)
+    if (run / "results.json").exists():
+        raise SystemExit(f"error: --resume {run}: that run has finished (results.json is there); nothing to resume.")
+    try:
+        saved = json.loads((run / "config.json").read_text())["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SystemExit(f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json).") from None
+    if not (run / "model.pt").is_file():
+        raise SystemExit(f"error: --resume {run}: no model.pt there yet (stopped before its first save); start again.")
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
+    for name, value in dataclasses.asdict(cli).items():
+        if name not in RUN_FLAGS and value != fields[name] and value != saved.get(name, fields[name]):
+            flag = f"--{name.replace('_', '-')}"
+            raise SystemExit(
+                f"error: --resume {run} continues that run with its own flags; leave out {flag} {value} "
+                f"(the run has {saved.get(name, fields[name])})."
+            )
+    return cls(**(saved | {k: getattr(cli, k) for k in RUN_FLAGS}))
+
+
+def trim_metrics(path: Path, n_lines: int) -> list[dict]:
+    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the checkpoint was saved)
+    and drop the rest, so that no step is written twice; returns the kept lines."""
+    kept = path.read_text().splitlines()[:n_lines] if path.exists() else []
+    path.write_text("".join(line + "\n" for line in kept))
+    return [json.loads(line) for line in kept]
+
+
+def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
+    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the run."""
+    if n == updates:
+        return True
+    if save_every:
+        return n % save_every == 0
+    return bool(eval_every and n % eval_every == 0) or n % max(1, math.ceil(updates / 10)) == 0
+
+
+def log_losses(path: Path, step: int, losses: dict, grad_norm: torch.Tensor, lr: float, bar) -> None:
+    """PLUMBING: one update's losses and their sum, its gradient norm before clipping and its learning rate."""
+    loss = {f"loss_{k}": v.item() for k, v in losses.items()}
+    loss["loss"] = sum(loss.values())
+    log_metrics(path, step=step, grad_norm=grad_norm.item(), lr=lr, **loss)
+    bar.set_postfix(loss=f"{loss['loss']:.4f}")
+
+
+def stop_message(why: str, done: int, run_dir: Path) -> str:
+    """PLUMBING: what a stopped run says: where it is, and the one command that continues it."""
+    return (
+        f"interrupted ({why}): {run_dir / 'model.pt'} holds {done} updates; continue with "
+        f"`python {METHOD}.py --resume {run_dir}`, or evaluate it with "
+        f"`python {METHOD}.py --checkpoint {run_dir / 'model.pt'} --updates 0`."
+    )
+
+
+def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
+    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it went on."""
+    if resume is not None:
+        where = {k: config[k] for k in ("device", "threads", "git_commit", "torch")}
+        config = json.loads((run_dir / "config.json").read_text())
+        config["resumed"] = config.get("resumed", []) + [{"at_update": resume["updates_done"], **where}]
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return config
+
+
 def make_optimizer(model, args, updates_per_epoch: float):
     """AdamW as in the TT code: betas (0.9, 0.95), weight decay 0.1 on linear and head matrices only; linear
     warmup, then cosine decay to 10% (the TT code counts tokens, we count updates: the same up to stop tokens)."""
@@ -647,10 +839,33 @@ def update(model, opt, data: dict, weights, args: Args, gen, autocast) -> tuple[
     return loss.detach(), grad_norm
 
 
-def train(args: Args) -> dict:
-    t_start = time.time()
+def make_checkpoint(model, disc: Discretizer, arch: dict, args: Args, info: dict, total: int, state: dict) -> dict:
+    """model.pt: the weights with what evaluating them needs (architecture, bins, dataset facts), and the
+    training state that --resume continues from."""
+    parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": total}
+    return {"model": model.state_dict(), "edges": disc.edges.cpu(), **parts, "resume": state}
+
+
+def report(res: dict, args: Args, info: dict, total: int) -> None:
+    """The final score, how it was planned, and the TT paper's numbers for the same dataset."""
+    label = common.SOURCE_LABEL[info["source"]]
+    mode = "greedy" if args.beam_width == 1 else f"beam {args.beam_width} x {args.n_expand}, horizon {args.horizon}"
+    cut = f", episodes cut at {res['max_steps']} steps" if args.eval_max_steps else ""
+    print(f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} "
+          f"episodes ({label} data, {total} updates, {mode}{cut}); planning {res['plan_s_per_step']:.3f} s per env "
+          f"step (all episodes at once)")  # fmt: skip
+    if info["name"] in TT_PAPER_TABLE_1["tt"]:
+        print(f"TT paper Table 1 (official D4RL, full training, beam 128): TT {TT_PAPER_TABLE_1['tt'][info['name']]}, "
+              f"DT {TT_PAPER_TABLE_1['dt'][info['name']]}; locomotion averages TT 78.9, DT 74.7")  # fmt: skip
+
+
+def start(args: Args) -> tuple:
+    """The run's arguments, device, checkpoint (--resume: the run's own), dataset and folder, all checked before
+    the folder is made."""
+    args = resumed_args(Args, args)
     device, threads = setup(args)
-    ckpt = load_checkpoint(args.checkpoint, device)
+    resume_path = str(Path(args.resume) / "model.pt") if args.resume else None
+    ckpt = load_checkpoint(resume_path, device, "--resume") if args.resume else load_checkpoint(args.checkpoint, device)
     if ckpt is not None:  # the architecture and token definition are the checkpoint's, whatever the flags say
         args = replace(args, **{k: ckpt["arch"][k] for k in ARCH})
     episodes, info = load_data(args, ckpt)
@@ -659,14 +874,21 @@ def train(args: Args) -> dict:
             common.check_video(info)
         except common.DatasetError as e:
             raise SystemExit(f"error: {e}") from None
-    run_dir = make_run_dir(args, info)
+    run_dir = Path(args.resume) if args.resume else make_run_dir(args, info)
+    return args, device, threads, ckpt, episodes, info, run_dir
+
+
+def train(args: Args) -> dict:
+    t_start = time.time()
+    args, device, threads, ckpt, episodes, info, run_dir = start(args)
+    resume = ckpt["resume"] if args.resume else None
     metrics = run_dir / "metrics.jsonl"
     arch = {k: getattr(args, k) for k in ARCH}
     config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info}
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
     # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
     config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    config = record_config(run_dir, config, resume)
     start_tracking(args, config, run_dir)
 
     edges = None if ckpt is None else ckpt["edges"]
@@ -686,67 +908,69 @@ def train(args: Args) -> dict:
     def run_eval(step: int, video=None) -> dict:
         res = evaluate(model, disc, info, args, device, autocast, video=video)
         score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
-        log_metrics(
-            metrics,
-            step=step,
-            eval_normalized_std=res["normalized_std"],
-            plan_s_per_step=res["plan_s_per_step"],
-            **score,
-        )
+        speed = {"plan_steps_per_s": 1 / max(res["plan_s_per_step"], 1e-9)}  # a rate: not compared on resume
+        log_metrics(metrics, step=step, eval_normalized_std=res["normalized_std"], **speed, **score)
+        tqdm.write(f"update {step}: normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
         return res
 
-    trained, train_time = 0, 0.0
-    if args.updates:
-        opt, sched = make_optimizer(model, args, updates_per_epoch=len(data["starts"]) / args.batch_size)
-        fwd = torch.compile(model) if args.compile else model
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        weights = token_weights(model, model.block_size, args).to(device)
-        if args.eval_every:
-            res = run_eval(0)
-            print(f"update 0: normalized score {res['normalized_mean']:.1f}")
-        bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0)
-        try:
-            for step in bar:
-                t0 = time.time()
-                lr = sched.get_last_lr()[0]  # the rate this update uses
-                loss, grad_norm = update(fwd, opt, data, weights, args, gen, autocast)
-                sched.step()
-                trained = step + 1
-                if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
-                    log_metrics(metrics, step=step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                train_time += time.time() - t0
-                if args.eval_every and trained % args.eval_every == 0 and trained < args.updates:
-                    res = run_eval(trained)
-                    bar.write(f"update {trained}: score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
-        except KeyboardInterrupt:
-            bar.close()
-            print(f"\ninterrupted (Ctrl-C) after {trained} updates: saving the model trained so far")
-        total = trained + (ckpt["trained_updates"] if ckpt is not None else 0)
-        parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": total}
-        torch.save({"model": model.state_dict(), "edges": disc.edges.cpu(), **parts}, run_dir / "model.pt")
-        if trained < args.updates:
-            raise SystemExit(
-                f"stopped: {run_dir / 'model.pt'} holds {total} updates; evaluate it with "
-                f"`python {METHOD}.py --checkpoint {run_dir / 'model.pt'} --updates 0`."
-            )
+    done = resume["updates_done"] if resume else 0
+    parent = ckpt["trained_updates"] - done if ckpt is not None else 0  # updates of the model it started from
+    clock = dict(resume["clock"]) if resume else {"train_time_s": 0.0, "wall_time_s": 0.0}
+    old_handlers = catch_stop_signals()
+    try:
+        if args.updates:
+            opt, sched = make_optimizer(model, args, updates_per_epoch=len(data["starts"]) / args.batch_size)
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+            if resume:
+                restore_training_state(resume, opt, sched, gen)
 
-    res = run_eval(trained, video=str(run_dir / "video.mp4") if args.capture_video else None)
-    total = trained + (ckpt["trained_updates"] if ckpt is not None else 0)
-    speed = {"train_updates_per_s": trained / train_time if trained else None, "wall_time_s": time.time() - t_start}
-    speed["bf16"] = bf16
-    results = {**config, **res, "updates": trained, "trained_updates": total, "run_dir": str(run_dir), **speed}
+            def save(n: int) -> None:
+                wall = {"wall_time_s": clock["wall_time_s"] + time.time() - t_start}
+                state = training_state(n, opt, sched, gen, clock | wall, metrics)
+                save_atomic(make_checkpoint(model, disc, arch, args, info, parent + n, state), run_dir / "model.pt")
+
+            logged = trim_metrics(metrics, resume["metrics_lines"]) if resume else []
+            evaluated = {m["step"] for m in logged if "eval_normalized" in m}
+            eval_due = lambda n: args.eval_every and n % args.eval_every == 0 and n < args.updates  # noqa: E731
+            fwd = torch.compile(model) if args.compile else model
+            weights = token_weights(model, model.block_size, args).to(device)
+            bar = tqdm(
+                range(done, args.updates), "train", args.updates, initial=done, dynamic_ncols=True, mininterval=1
+            )
+            try:
+                if eval_due(done) and done not in evaluated:
+                    run_eval(done)
+                for step in bar:
+                    with signals_deferred():  # a stop signal waits for the update and its log line
+                        t0 = time.time()
+                        lr = sched.get_last_lr()[0]  # the rate this update uses
+                        loss, grad_norm = update(fwd, opt, data, weights, args, gen, autocast)
+                        sched.step()
+                        done = step + 1
+                        if step % args.log_every == 0 or done == args.updates:  # .item() syncs the GPU
+                            log_losses(metrics, step, {"ce": loss}, grad_norm, lr, bar)
+                        clock["train_time_s"] += time.time() - t0
+                    if eval_due(done):
+                        run_eval(done)
+                    if save_due(done, args.updates, args.eval_every, args.save_every):
+                        save(done)
+            except KeyboardInterrupt as stop:
+                save(done)
+                raise SystemExit(stop_message(str(stop) or "Ctrl-C", parent + done, run_dir)) from None
+        res = run_eval(done, video=str(run_dir / "video.mp4") if args.capture_video else None)
+    except KeyboardInterrupt as stop:  # evaluating only, or in the final evaluation (the model is saved)
+        raise SystemExit(
+            f"interrupted ({str(stop) or 'Ctrl-C'}) during the evaluation; {run_dir} keeps what it logged."
+        ) from None
+    finally:
+        restore_signals(old_handlers)
+    total = parent + done
+    speed = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": bf16}
+    speed["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
+    results = {**config, **res, "updates": done, "trained_updates": total, "run_dir": str(run_dir), **speed}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     finish_tracking(results)
-    label = common.SOURCE_LABEL[info["source"]]
-    mode = "greedy" if args.beam_width == 1 else f"beam {args.beam_width} x {args.n_expand}, horizon {args.horizon}"
-    cut = f", episodes cut at {res['max_steps']} steps" if args.eval_max_steps else ""
-    print(f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} "
-          f"episodes ({label} data, {total} updates, {mode}{cut}); planning {res['plan_s_per_step']:.3f} s per env "
-          f"step (all episodes at once)")  # fmt: skip
-    if info["name"] in TT_PAPER_TABLE_1["tt"]:
-        print(f"TT paper Table 1 (official D4RL, full training, beam 128): TT {TT_PAPER_TABLE_1['tt'][info['name']]}, "
-              f"DT {TT_PAPER_TABLE_1['dt'][info['name']]}; locomotion averages TT 78.9, DT 74.7")  # fmt: skip
+    report(res, args, info, total)
     print(f"results: {run_dir / 'results.json'}")
     return results
 
