@@ -299,8 +299,8 @@ class DecisionTransformer(nn.Module):
         for task, head in self.heads.items():
             out = head(h[:, :, MODALITIES.index(READ[task])])
             mean, log_std = out.chunk(2, dim=-1) if self.gaussian[task] else (out, None)
-            # Actions live in [-1, 1]: the mean is tanh-squashed, as in DT's deterministic head. Where Eq. 1.3 is
-            # silent, the Gaussian policy keeps that mean and the plain NLL of Eq. 1.4, without ODT's
+            # Actions live in [-1, 1]: the action mean is tanh-squashed, as in DT's deterministic head. Where Eq. 1.3
+            # is silent, a Gaussian action head keeps that mean and the plain NLL of Eq. 1.4, without ODT's
             # tanh-transformed distribution and entropy constraint; evaluation acts with the mean.
             mean = torch.tanh(mean) if task == "action" else mean
             preds[task] = (mean, None if log_std is None else bounded_log_std(log_std))

@@ -15,12 +15,15 @@ method. Shared with the other method files is only common.py (datasets, env ids,
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -112,6 +115,12 @@ class Args:
     checkpoint: Optional[str] = None
     """a `model.pt` from an earlier run: start from its weights, architecture and state normalisation (the
     architecture flags are ignored); `--updates 0` only evaluates it, on its own dataset unless --env says"""
+    resume: Optional[str] = None
+    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags, optimizer,
+    schedule and random states, to its --updates; the result is the run it would have been without the stop"""
+    save_every: int = 0
+    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10% of the run);
+    also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
     log_every: int = 100
@@ -134,14 +143,16 @@ class Args:
         positive = (
             "context_len n_layer n_head n_embd max_ep_len batch_size lr grad_clip rtg_scale eval_episodes log_every"
         )
-        check_flags(self, positive, "seed weight_decay warmup_steps updates eval_every threads")
+        check_flags(self, positive, "seed weight_decay warmup_steps updates eval_every threads save_every")
         if not 0 <= self.dropout < 1:
             raise SystemExit(f"error: --dropout {self.dropout}: must be in [0, 1).")
         if self.n_embd % self.n_head:
             raise SystemExit(f"error: --n-embd {self.n_embd} must be divisible by --n-head {self.n_head}.")
         if self.target_return is not None and not math.isfinite(self.target_return):
             raise SystemExit(f"error: --target-return {self.target_return}: pass a finite return, e.g. 3600.")
-        if self.updates == 0 and self.checkpoint is None:
+        if self.resume is not None and self.checkpoint is not None:
+            raise SystemExit("error: --resume continues a run with its own model.pt; leave out --checkpoint.")
+        if self.updates == 0 and self.checkpoint is None and self.resume is None:
             raise SystemExit("error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one.")
         if self.track and importlib.util.find_spec("wandb") is None:
             raise SystemExit('error: --track needs wandb: pip install -e ".[track]" (or leave out --track).')
@@ -170,6 +181,9 @@ TASKS = ("action", "state", "return")  # the order of lambda = [lambda_DT, lambd
 READ = {"action": "states", "state": "actions", "return": "actions"}
 ARCH = "gaussian_heads timestep_embedding context_len n_layer n_head n_embd dropout max_ep_len rtg_scale".split()
 
+# Flags that say where and how a run runs, not what it computes: --resume takes them from its own command line.
+RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name wandb_entity capture_video".split()
+
 
 # --- Data: trajectories as one set of flat tensors on the training device; a batch is an index gather.
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
@@ -182,6 +196,7 @@ def make_dataset(episodes: list[dict], device, rtg_scale: float, max_ep_len: int
     `state_stats` (mean, std): a checkpoint's, so that training on and evaluating see its state scale."""
     obs = np.concatenate([ep["observations"] for ep in episodes])
     mean, std = state_stats if state_stats is not None else (obs.mean(0), obs.std(0) + 1e-6)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)  # as saved: a resumed run sees the same
     lengths = np.array([len(ep["rewards"]) for ep in episodes])
     last = np.cumsum(lengths) - 1  # an episode's last step has no s_{t+1} in the data
     rtg = np.concatenate([returns_to_go(ep["rewards"]) for ep in episodes])[:, None] / rtg_scale
@@ -196,11 +211,10 @@ def make_dataset(episodes: list[dict], device, rtg_scale: float, max_ep_len: int
     }
     steps["next_states"] = torch.roll(steps["states"], -1, dims=0) * steps["has_next"][:, None]
     bounds = {"ep_start": torch.as_tensor(np.cumsum(lengths) - lengths), "ep_len": torch.as_tensor(lengths)}
-    state_stats = (np.asarray(mean, np.float32), np.asarray(std, np.float32))
     return {
         "steps": {k: v.to(device) for k, v in steps.items()},
         **{k: v.to(device) for k, v in bounds.items()},
-        "state_stats": state_stats,
+        "state_stats": (mean, std),
     }
 
 
@@ -310,8 +324,9 @@ class MultiObjectiveDecisionTransformer(nn.Module):
         for task, head in self.heads.items():
             out = head(h[:, :, MODALITIES.index(READ[task])])
             mean, log_std = out.chunk(2, dim=-1) if self.gaussian[task] else (out, None)
-            # Actions live in [-1, 1]: their mean is tanh-squashed (states and returns are unbounded); the loss is
-            # the plain NLL of Eq. 1.4, without ODT's tanh-transformed distribution; evaluation acts with the mean.
+            # Actions live in [-1, 1]: the action mean is tanh-squashed, as in DT's deterministic head. Where Eq. 1.3
+            # is silent, a Gaussian action head keeps that mean and the plain NLL of Eq. 1.4, without ODT's
+            # tanh-transformed distribution and entropy constraint; evaluation acts with the mean.
             mean = torch.tanh(mean) if task == "action" else mean
             preds[task] = (mean, None if log_std is None else bounded_log_std(log_std))
         return preds, attns
@@ -389,25 +404,28 @@ def evaluate(model, info, state_stats, args, target_return, device, autocast, re
     mean, std = (torch.as_tensor(x, device=device) for x in state_stats)
     buf = {m: torch.zeros(n, horizon, d, device=device) for m, d in model.dims.items()}
     buf["timesteps"] = torch.arange(horizon, device=device).clamp(max=model.max_ep_len - 1).expand(n, -1)
-    buf["rtg"][:, 0] = target_return / model.rtg_scale  # g_1 (Alg. 1 "Require: target return g_1")
+    buf["rtg"][:, 0] = target_return / model.rtg_scale  # g_1
     returns, lengths, done = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n, dtype=bool)
     model.eval()
     obs, _ = envs.reset(seed=args.seed + 10_000)
+    bar = tqdm(total=n, desc="evaluate", unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
     t0 = time.time()
     for t in range(horizon):
-        # Alg. 1 lines 14 and 24: s_t joins the history (with g_1 at t = 0)
+        # Alg. 1 lines 14-25: s_t joins the history, a_t (Eq. 1.15) is executed (line 22), then g_{t+1} (line 23)
         buf["states"][:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
-        ctx = slice(max(0, t - K + 1), t + 1)  # Alg. 1 line 25: the last K steps; at the start a shorter context
+        ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps; at the start a shorter context
         record = recorder is not None and t + 1 >= K
         with autocast:
             preds, attns = model({k: v[:, ctx] for k, v in buf.items()}, return_attn=record)
-        buf["actions"][:, t] = torch.maximum(torch.minimum(preds["action"][0][:, -1].float(), high), low)  # Eq. 1.15
+        buf["actions"][:, t] = torch.maximum(torch.minimum(preds["action"][0][:, -1].float(), high), low)
         if record:
             recorder(attns, torch.as_tensor(~done, device=device))
-        obs, r, term, trunc, _ = envs.step(buf["actions"][:, t].cpu().numpy())  # Alg. 1 line 22
+        obs, r, term, trunc, _ = envs.step(buf["actions"][:, t].cpu().numpy())
         returns += r * ~done
         lengths += ~done
         done |= term | trunc
+        bar.update(int(done.sum()) - bar.n)
+        bar.set_postfix(env_steps=int(lengths.sum()), refresh=False)
         if done.all() or t + 1 == horizon:  # no slot for g_{t+1} past the horizon
             break
         if args.rtg_update == "model":  # Eq. 1.16, Alg. 1 line 23: g_{t+1} from the return head on the a_t token,
@@ -417,6 +435,7 @@ def evaluate(model, info, state_stats, args, target_return, device, autocast, re
             r = torch.as_tensor(r, device=device, dtype=torch.float32)[:, None]
             buf["rtg"][:, t + 1] = buf["rtg"][:, t] - r / model.rtg_scale  # DT's rule: g_{t+1} = g_t - r_t
     elapsed = time.time() - t0
+    bar.close()
     envs.close()
     model.train()
     score = common.normalized_score(info, returns)
@@ -454,24 +473,33 @@ def setup(args) -> tuple[torch.device, int]:
 
 
 def bf16_native(device: torch.device) -> bool:
-    """PLUMBING: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX); elsewhere bf16 is emulated, slower than fp32."""
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with AVX512-BF16 or AMX;
+    elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the test suite's second pass, .ci/run)
+    takes the bf16 path on any CPU, emulated, so that CI runs the code every GPU and bf16 CPU runs."""
+    if os.environ.get("SEQRL_TEST_FORCE_BF16") == "1":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def load_checkpoint(path: Optional[str], device) -> Optional[dict]:
-    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code)."""
+def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:
+    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code), onto
+    `device` whatever device wrote it."""
     if path is None:
         return None
     if not Path(path).is_file():
-        raise SystemExit(f"error: --checkpoint {path}: no such file (expected runs/RUN/model.pt).")
+        raise SystemExit(f"error: {flag} {path}: no such file (expected runs/RUN/model.pt).")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         why = f"not a checkpoint torch can read as data ({type(e).__name__}); pass a model.pt that {METHOD}.py wrote"
-        raise SystemExit(f"error: --checkpoint {path}: {why}.") from None
+        raise SystemExit(f"error: {flag} {path}: {why}.") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise SystemExit(f"error: --checkpoint {path} was written by {found or 'another program'}, not {METHOD}.py.")
+        raise SystemExit(f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py.")
+    if flag == "--resume" and ckpt.get("resume") is None:
+        raise SystemExit(f"error: --resume: {path} holds no training state (an older version's); use --checkpoint.")
     return ckpt
 
 
@@ -497,8 +525,10 @@ def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
 
 
 def make_run_dir(args, info: dict) -> Path:
-    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time}; an existing folder is never reused."""
-    name = f"{info['name'].replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an existing
+    folder is never reused."""
+    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"  # `ls runs` tells evaluations apart
+    name = f"{info['name'].replace('/', '_')}__{kind}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.runs_dir) / name
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -545,6 +575,158 @@ def git_commit() -> Optional[str]:
         return None
 
 
+STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}  # PLUMBING: name -> what it is
+STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signals_deferred
+
+
+def catch_stop_signals() -> dict:
+    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1 (SLURM's --signal)
+    all raise KeyboardInterrupt naming the signal, so that one `except` saves a resumable checkpoint for each.
+    Returns the handlers it replaced (restore_signals puts them back); only the main thread can catch signals."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        why = STOP_SIGNALS[signal.Signals(signum).name]
+        if STOPPING["deferred"]:
+            STOPPING["pending"] = why
+            return
+        raise KeyboardInterrupt(why)
+
+    names = [n for n in STOP_SIGNALS if hasattr(signal, n)]  # no SIGUSR1 on Windows
+    return {getattr(signal, n): signal.signal(getattr(signal, n), stop) for n in names}
+
+
+def restore_signals(old: dict) -> None:
+    """PLUMBING"""
+    for signum, handler in old.items():
+        signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an update or a
+    checkpoint is never left half done."""
+    STOPPING["deferred"] = True
+    try:
+        yield
+    finally:
+        STOPPING["deferred"] = False
+        why, STOPPING["pending"] = STOPPING["pending"], None
+        if why is not None:
+            raise KeyboardInterrupt(why)
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on POSIX and
+    Windows): a kill at any instant leaves the last complete checkpoint readable."""
+    tmp = path.with_name(path.name + ".tmp")
+    with signals_deferred():
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def training_state(updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path) -> dict:
+    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the schedule's position,
+    every random state (python, numpy, torch, CUDA, the batch sampler's), the updates done, the time spent and
+    how many lines metrics.jsonl had."""
+    kind, key, pos, gauss, cached = np.random.get_state()
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "batch": gen.get_state()}
+    rng["numpy"] = (kind, torch.as_tensor(key.astype(np.int64)), pos, gauss, cached)  # as data: no numpy pickles
+    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng["batch_device"] = gen.device.type
+    sched_state = sched.state_dict() if sched is not None else None
+    state = {"updates_done": updates_done, "optimizer": opt.state_dict(), "scheduler": sched_state, "rng": rng}
+    lines = metrics.read_text().count("\n") if metrics.exists() else 0
+    return state | {"clock": dict(clock), "metrics_lines": lines}
+
+
+def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> None:
+    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of device: resumed
+    on another, the sampler goes on from a fresh stream (said once; the run is then not bit-exact)."""
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    kind, key, pos, gauss, cached = rng["numpy"]
+    np.random.set_state((kind, key.cpu().numpy().astype(np.uint32), pos, gauss, cached))
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    if rng["batch_device"] == gen.device.type:
+        gen.set_state(rng["batch"].cpu())
+    else:
+        gen.manual_seed(int(torch.randint(2**62, (1,)).item()))
+        print(f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch stream (not bit-exact)")
+
+
+def resumed_args(cls, cli):
+    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags (RUN_FLAGS:
+    where and how to run, not what) replace them; any other flag given is refused rather than ignored."""
+    if cli.resume is None:
+        return cli
+    run = Path(cli.resume)
+    if (run / "results.json").exists():
+        raise SystemExit(f"error: --resume {run}: that run has finished (results.json is there); nothing to resume.")
+    try:
+        saved = json.loads((run / "config.json").read_text())["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SystemExit(f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json).") from None
+    if not (run / "model.pt").is_file():
+        raise SystemExit(f"error: --resume {run}: no model.pt there yet (stopped before its first save); start again.")
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
+    for name, value in dataclasses.asdict(cli).items():
+        if name not in RUN_FLAGS and value != fields[name] and value != saved.get(name, fields[name]):
+            flag = f"--{name.replace('_', '-')}"
+            raise SystemExit(
+                f"error: --resume {run} continues that run with its own flags; leave out {flag} {value} "
+                f"(the run has {saved.get(name, fields[name])})."
+            )
+    return cls(**(saved | {k: getattr(cli, k) for k in RUN_FLAGS}))
+
+
+def trim_metrics(path: Path, n_lines: int) -> list[dict]:
+    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the checkpoint was saved)
+    and drop the rest, so that no step is written twice; returns the kept lines."""
+    kept = path.read_text().splitlines()[:n_lines] if path.exists() else []
+    path.write_text("".join(line + "\n" for line in kept))
+    return [json.loads(line) for line in kept]
+
+
+def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
+    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the run."""
+    if n == updates:
+        return True
+    if save_every:
+        return n % save_every == 0
+    return bool(eval_every and n % eval_every == 0) or n % max(1, math.ceil(updates / 10)) == 0
+
+
+def log_task_losses(path: Path, step: int, losses: dict, lambdas: dict, grad_norm: torch.Tensor, lr: float, bar):
+    """One update's task losses and their weighted sum (Eq. 1.9), its gradient norm before clipping and its
+    learning rate."""
+    loss = {f"loss_{k}": v.item() for k, v in losses.items()}
+    loss["loss"] = sum(lambdas[k] * loss[f"loss_{k}"] for k in losses)
+    log_metrics(path, step=step, grad_norm=grad_norm.item(), lr=lr, **loss)
+    bar.set_postfix(loss=f"{loss['loss']:.4f}")
+
+
+def stop_message(why: str, done: int, run_dir: Path) -> str:
+    """PLUMBING: what a stopped run says: where it is, and the one command that continues it."""
+    return (
+        f"interrupted ({why}): {run_dir / 'model.pt'} holds {done} updates; continue with "
+        f"`python {METHOD}.py --resume {run_dir}`, or evaluate it with "
+        f"`python {METHOD}.py --checkpoint {run_dir / 'model.pt'} --updates 0`."
+    )
+
+
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al., 2020; Table 1.1, Alg. 1 line 12) as timm's `Lamb`, the one the ODT code, and so the
     thesis, used: Adam moments with bias correction, the weight decay added to the Adam update, and each
@@ -588,10 +770,31 @@ def make_optimizer(model, args):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
 
 
+def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
+    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it went on."""
+    if resume is not None:
+        where = {k: config[k] for k in ("device", "threads", "git_commit", "torch")}
+        config = json.loads((run_dir / "config.json").read_text())
+        config["resumed"] = config.get("resumed", []) + [{"at_update": resume["updates_done"], **where}]
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return config
+
+
+def make_checkpoint(model, arch, args, info, state_stats, total: int, state: dict) -> dict:
+    """model.pt: the weights with what evaluating them needs (architecture, dataset facts, state normalisation),
+    and the training state that --resume continues from."""
+    stats = {"state_mean": torch.as_tensor(state_stats[0]), "state_std": torch.as_tensor(state_stats[1])}
+    parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": total}
+    return {"model": model.state_dict(), **parts, **stats, "resume": state}
+
+
 def train(args: Args) -> dict:
     t_start = time.time()
+    args = resumed_args(Args, args)
     device, threads = setup(args)
-    ckpt = load_checkpoint(args.checkpoint, device)
+    resume_path = str(Path(args.resume) / "model.pt") if args.resume else None
+    ckpt = load_checkpoint(resume_path, device, "--resume") if args.resume else load_checkpoint(args.checkpoint, device)
+    resume = ckpt["resume"] if args.resume else None
     episodes, info = load_data(args, ckpt)
     dims = {"state_dim": info["obs_dim"], "act_dim": info["act_dim"]}
     arch = ckpt["arch"] if ckpt is not None else {**{k: getattr(args, k) for k in ARCH}, **dims}
@@ -604,13 +807,13 @@ def train(args: Args) -> dict:
             common.check_video(info)
         except common.DatasetError as e:
             raise SystemExit(f"error: {e}") from None
-    run_dir = make_run_dir(args, info)
+    run_dir = Path(args.resume) if args.resume else make_run_dir(args, info)
     metrics = run_dir / "metrics.jsonl"
     config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info, "target_return": target_return}
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
     # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
     config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    config = record_config(run_dir, config, resume)
     start_tracking(args, config, run_dir)
 
     model = MultiObjectiveDecisionTransformer(**arch).to(device)
@@ -629,56 +832,69 @@ def train(args: Args) -> dict:
         res = evaluate(model, info, state_stats, args, target_return, device, autocast, video=video)
         score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
         log_metrics(metrics, step=step, eval_normalized_std=res["normalized_std"], **score)
+        tqdm.write(f"update {step}: normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
         return res
 
-    trained, train_time = 0, 0.0
-    if args.updates:
-        data = make_dataset(episodes, device, arch["rtg_scale"], arch["max_ep_len"], state_stats)
-        state_stats = data["state_stats"]
-        opt, sched = make_optimizer(model, args)
-        fwd = torch.compile(model) if args.compile else model
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        lambdas = dict(zip(TASKS, args.lambdas))
+    done = resume["updates_done"] if resume else 0
+    parent = ckpt["trained_updates"] - done if ckpt is not None else 0  # updates of the model it started from
+    clock = dict(resume["clock"]) if resume else {"train_time_s": 0.0, "wall_time_s": 0.0}
+    old_handlers = catch_stop_signals()
+    try:
+        if args.updates:
+            data = make_dataset(episodes, device, arch["rtg_scale"], arch["max_ep_len"], state_stats)
+            state_stats = data["state_stats"]
+            opt, sched = make_optimizer(model, args)
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+            lambdas = dict(zip(TASKS, args.lambdas))
+            if resume:
+                restore_training_state(resume, opt, sched, gen)
 
-        if args.eval_every:
-            res = run_eval(0)
-            print(f"update 0: normalized score {res['normalized_mean']:.1f}")
-        bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0)
-        try:
-            for step in bar:
-                t0 = time.time()
-                b = sample_batch(data, args.batch_size, arch["context_len"], gen)  # Alg. 1 line 3
-                lr = sched.get_last_lr()[0]  # the rate this update uses
-                losses, grad_norm = update(fwd, opt, b, lambdas, args.schedule, args.grad_clip, autocast)
-                sched.step()  # warmup counts updates, so both schedules follow the same learning-rate curve
-                trained = step + 1
-                if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
-                    loss = {f"loss_{k}": v.item() for k, v in losses.items()}
-                    loss["loss"] = sum(lambdas[k] * loss[f"loss_{k}"] for k in losses)
-                    log_metrics(metrics, step=step, grad_norm=grad_norm.item(), lr=lr, **loss)
-                    bar.set_postfix(loss=f"{loss['loss']:.4f}")
-                train_time += time.time() - t0
-                if args.eval_every and trained % args.eval_every == 0 and trained < args.updates:
-                    res = run_eval(trained)
-                    bar.write(f"update {trained}: score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
-        except KeyboardInterrupt:
-            bar.close()
-            print(f"\ninterrupted (Ctrl-C) after {trained} updates: saving the model trained so far")
-        total = trained + (ckpt["trained_updates"] if ckpt is not None else 0)
-        stats = {"state_mean": torch.as_tensor(state_stats[0]), "state_std": torch.as_tensor(state_stats[1])}
-        parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": total}
-        torch.save({"model": model.state_dict(), **parts, **stats}, run_dir / "model.pt")
-        if trained < args.updates:
-            raise SystemExit(
-                f"stopped: {run_dir / 'model.pt'} holds {total} updates; evaluate it with "
-                f"`python {METHOD}.py --checkpoint {run_dir / 'model.pt'} --updates 0`."
+            def save(n: int) -> None:
+                wall = {"wall_time_s": clock["wall_time_s"] + time.time() - t_start}
+                state = training_state(n, opt, sched, gen, clock | wall, metrics)
+                save_atomic(
+                    make_checkpoint(model, arch, args, info, state_stats, parent + n, state), run_dir / "model.pt"
+                )
+
+            logged = trim_metrics(metrics, resume["metrics_lines"]) if resume else []
+            evaluated = {m["step"] for m in logged if "eval_normalized" in m}
+            eval_due = lambda n: args.eval_every and n % args.eval_every == 0 and n < args.updates  # noqa: E731
+            fwd = torch.compile(model) if args.compile else model
+            bar = tqdm(
+                range(done, args.updates), "train", args.updates, initial=done, dynamic_ncols=True, mininterval=1
             )
-
-    res = run_eval(trained, video=str(run_dir / "video.mp4") if args.capture_video else None)
-    total = trained + (ckpt["trained_updates"] if ckpt is not None else 0)
-    speed = {"train_updates_per_s": trained / train_time if trained else None, "wall_time_s": time.time() - t_start}
-    speed["bf16"] = bf16
-    results = {**config, **res, "updates": trained, "trained_updates": total, "run_dir": str(run_dir), **speed}
+            try:
+                if eval_due(done) and done not in evaluated:
+                    run_eval(done)
+                for step in bar:  # Alg. 1
+                    with signals_deferred():  # a stop signal waits for the update and its log line
+                        t0 = time.time()
+                        b = sample_batch(data, args.batch_size, arch["context_len"], gen)
+                        lr = sched.get_last_lr()[0]  # the rate this update uses
+                        losses, grad_norm = update(fwd, opt, b, lambdas, args.schedule, args.grad_clip, autocast)
+                        sched.step()  # warmup counts updates, so both schedules follow the same learning-rate curve
+                        done = step + 1
+                        if step % args.log_every == 0 or done == args.updates:  # .item() syncs the GPU
+                            log_task_losses(metrics, step, losses, lambdas, grad_norm, lr, bar)
+                        clock["train_time_s"] += time.time() - t0
+                    if eval_due(done):
+                        run_eval(done)
+                    if save_due(done, args.updates, args.eval_every, args.save_every):
+                        save(done)
+            except KeyboardInterrupt as stop:
+                save(done)
+                raise SystemExit(stop_message(str(stop) or "Ctrl-C", parent + done, run_dir)) from None
+        res = run_eval(done, video=str(run_dir / "video.mp4") if args.capture_video else None)
+    except KeyboardInterrupt as stop:  # evaluating only, or in the final evaluation (the model is saved)
+        raise SystemExit(
+            f"interrupted ({str(stop) or 'Ctrl-C'}) during the evaluation; {run_dir} keeps what it logged."
+        )
+    finally:
+        restore_signals(old_handlers)
+    total = parent + done
+    speed = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": bf16}
+    speed["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
+    results = {**config, **res, "updates": done, "trained_updates": total, "run_dir": str(run_dir), **speed}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     finish_tracking(results)
     label = common.SOURCE_LABEL[info["source"]]

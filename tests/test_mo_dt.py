@@ -522,7 +522,11 @@ def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, hdf5_path, monkeypatch)
         return update(*args, **kwargs)
 
     monkeypatch.setattr(mo_dt, "update", interrupted_after_3)
-    with pytest.raises(SystemExit, match=r"stopped: .*model\.pt holds 3 updates; evaluate it with `python mo_dt\.py"):
+    with pytest.raises(
+        SystemExit,
+        match=r"interrupted \(Ctrl-C\): .*model\.pt holds 3 updates; continue with "
+        r"`python mo_dt\.py --resume .*, or evaluate it with `python mo_dt\.py --checkpoint ",
+    ):
         mo_dt.train(tiny_args(tmp_path, hdf5_path, eval_every=0))
     (run,) = (tmp_path / "runs").iterdir()
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "model.pt"}  # no results: not evaluated

@@ -596,7 +596,11 @@ def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, hdf5_path, monkeypatch)
         return update(*args, **kwargs)
 
     monkeypatch.setattr(trdt, "update", interrupted_after_3)
-    with pytest.raises(SystemExit, match=r"stopped: .*model\.pt holds 3 updates; evaluate it with `python trdt\.py"):
+    with pytest.raises(
+        SystemExit,
+        match=r"interrupted \(Ctrl-C\): .*model\.pt holds 3 updates; continue with "
+        r"`python trdt\.py --resume .*, or evaluate it with `python trdt\.py --checkpoint ",
+    ):
         trdt.train(tiny_args(tmp_path, hdf5_path, eval_every=0))
     (run,) = (tmp_path / "runs").iterdir()
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "model.pt"}  # no results: not evaluated
