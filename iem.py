@@ -14,11 +14,13 @@ Blocks marked PLUMBING are the same, byte for byte, as in dt.py and the other me
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +58,9 @@ METHOD = "iem"
 DEFAULT_ENV = "GoToLocalS7N5"  # the level without --env or --checkpoint
 ARCH = "horizon n_layer n_head n_embd dropout".split()  # with the grid size and mission length of the data
 EVAL_SEED_BASE = 1_000_000_000  # evaluation episodes never reuse a demonstration's seed (demos use 0..N-1)
+# Flags that say where and how a run runs, not what it computes: --resume takes them from its own
+# command line.
+RUN_FLAGS = "resume device threads runs_dir data_dir".split()
 
 
 @dataclass
@@ -113,6 +118,13 @@ class Args:
     checkpoint: str | None = None
     """a `model.pt` of an earlier run: start from its weights and architecture (--n-layer, --n-head, --n-embd and
     --horizon are then the checkpoint's); with --updates 0 only evaluate it"""
+    resume: str | None = None
+    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags,
+    optimizer, schedule and random states, to its --updates; the result is the run it would have
+    been without the stop"""
+    save_every: int = 0
+    """write the resumable checkpoint model.pt every N updates (0: every 10% of the run); also at
+    the end and on Ctrl-C, SIGTERM or SIGUSR1"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
     log_every: int = 50
@@ -122,6 +134,9 @@ class Args:
     sharply when another program keeps one busy)"""
 
     def __post_init__(self):
+        if self.resume is not None:  # the other flags are the run's own, from its config (resumed_args)
+            check_flags(self, "", "threads")
+            return
         if self.env is None:  # the checkpoint's level (train() reads and checks it again), else the default
             with contextlib.suppress(Exception):
                 self.env = torch.load(self.checkpoint, map_location="cpu", weights_only=True)["env"]
@@ -134,7 +149,7 @@ class Args:
             if getattr(self, k) is None:
                 setattr(self, k, v)  # during construction: the preset's or level's value for a flag left unset
         check_flags(self, "horizon resample collect n_layer n_head n_embd batch_size lr eval_episodes log_every",
-                    "seed iterations temperature updates threads")  # fmt: skip
+                    "seed iterations temperature updates threads save_every")  # fmt: skip
         H, rp = self.horizon, self.replan_every
         problems = [("resample", self.resample > H, f"resample at most --horizon {H} tokens"),
                     ("replan-every", rp is not None and not 1 <= rp <= H, f"execute 1..{H} (--horizon) actions"),
@@ -383,6 +398,9 @@ def evaluate(model, args: Args, arch: dict, device, refine: bool, seed: int) -> 
     returns, lengths, queue, alive = np.zeros(n), np.zeros(n, dtype=int), [[] for _ in range(n)], set(range(n))
     traces, plan_time, calls, was_training = [], 0.0, 0, model.training
     model.eval()
+    name = "IEM" if refine else "BC"
+    bar = tqdm(total=n, desc=f"evaluate {name}", unit="episode", leave=False, dynamic_ncols=True,
+               mininterval=1.0)  # fmt: skip
     while alive:
         if need := sorted(i for i in alive if not queue[i]):
             t0 = time.perf_counter()
@@ -398,6 +416,9 @@ def evaluate(model, args: Args, arch: dict, device, refine: bool, seed: int) -> 
             returns[i], lengths[i] = returns[i] + r, lengths[i] + 1
             if term or trunc:
                 alive.discard(i)
+        bar.update(n - len(alive) - bar.n)
+        bar.set_postfix(env_steps=int(lengths.sum()), plans=calls, refresh=False)
+    bar.close()
     model.train(was_training)
     success = returns > 0  # BabyAI rewards success only: 1 - 0.9 * steps / max_steps
     out = {"success_rate": float(success.mean()), "return_mean": float(returns.mean()), "planning_calls": calls}
@@ -436,30 +457,41 @@ def setup(args) -> tuple[torch.device, int]:
 
 
 def bf16_native(device: torch.device) -> bool:
-    """PLUMBING: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX); elsewhere bf16 is emulated, slower than fp32."""
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with AVX512-BF16 or AMX;
+    elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the test suite's second pass, .ci/run)
+    takes the bf16 path on any CPU, emulated, so that CI runs the code every GPU and bf16 CPU runs."""
+    if os.environ.get("SEQRL_TEST_FORCE_BF16") == "1":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def load_checkpoint(path: Optional[str], device) -> Optional[dict]:
-    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code)."""
+def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:
+    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code), onto
+    `device` whatever device wrote it."""
     if path is None:
         return None
     if not Path(path).is_file():
-        raise SystemExit(f"error: --checkpoint {path}: no such file (expected runs/RUN/model.pt).")
+        raise SystemExit(f"error: {flag} {path}: no such file (expected runs/RUN/model.pt).")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         why = f"not a checkpoint torch can read as data ({type(e).__name__}); pass a model.pt that {METHOD}.py wrote"
-        raise SystemExit(f"error: --checkpoint {path}: {why}.") from None
+        raise SystemExit(f"error: {flag} {path}: {why}.") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise SystemExit(f"error: --checkpoint {path} was written by {found or 'another program'}, not {METHOD}.py.")
+        raise SystemExit(f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py.")
+    if flag == "--resume" and ckpt.get("resume") is None:
+        raise SystemExit(f"error: --resume: {path} holds no training state (an older version's); use --checkpoint.")
     return ckpt
 
 
 def make_run_dir(args, info: dict) -> Path:
-    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time}; an existing folder is never reused."""
-    name = f"{info['name'].replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an existing
+    folder is never reused."""
+    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"  # `ls runs` tells evaluations apart
+    name = f"{info['name'].replace('/', '_')}__{kind}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.runs_dir) / name
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -489,92 +521,345 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def train(args: Args) -> dict:
-    t_start = time.time()
-    device, threads = setup(args)
-    ckpt = load_checkpoint(args.checkpoint, device)
+STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}  # PLUMBING: name -> what it is
+STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signals_deferred
+
+
+def catch_stop_signals() -> dict:
+    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1 (SLURM's --signal)
+    all raise KeyboardInterrupt naming the signal, so that one `except` saves a resumable checkpoint for each.
+    Returns the handlers it replaced (restore_signals puts them back); only the main thread can catch signals."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        why = STOP_SIGNALS[signal.Signals(signum).name]
+        if STOPPING["deferred"]:
+            STOPPING["pending"] = why
+            return
+        raise KeyboardInterrupt(why)
+
+    names = [n for n in STOP_SIGNALS if hasattr(signal, n)]  # no SIGUSR1 on Windows
+    return {getattr(signal, n): signal.signal(getattr(signal, n), stop) for n in names}
+
+
+def restore_signals(old: dict) -> None:
+    """PLUMBING"""
+    for signum, handler in old.items():
+        signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an update or a
+    checkpoint is never left half done."""
+    STOPPING["deferred"] = True
+    try:
+        yield
+    finally:
+        STOPPING["deferred"] = False
+        why, STOPPING["pending"] = STOPPING["pending"], None
+        if why is not None:
+            raise KeyboardInterrupt(why)
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on POSIX and
+    Windows): a kill at any instant leaves the last complete checkpoint readable."""
+    tmp = path.with_name(path.name + ".tmp")
+    with signals_deferred():
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def training_state(updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path) -> dict:
+    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the schedule's position,
+    every random state (python, numpy, torch, CUDA, the batch sampler's), the updates done, the time spent and
+    how many lines metrics.jsonl had."""
+    kind, key, pos, gauss, cached = np.random.get_state()
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "batch": gen.get_state()}
+    rng["numpy"] = (kind, torch.as_tensor(key.astype(np.int64)), pos, gauss, cached)  # as data: no numpy pickles
+    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng["batch_device"] = gen.device.type
+    sched_state = sched.state_dict() if sched is not None else None
+    state = {"updates_done": updates_done, "optimizer": opt.state_dict(), "scheduler": sched_state, "rng": rng}
+    lines = metrics.read_text().count("\n") if metrics.exists() else 0
+    return state | {"clock": dict(clock), "metrics_lines": lines}
+
+
+def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> None:
+    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of device: resumed
+    on another, the sampler goes on from a fresh stream (said once; the run is then not bit-exact)."""
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    kind, key, pos, gauss, cached = rng["numpy"]
+    np.random.set_state((kind, key.cpu().numpy().astype(np.uint32), pos, gauss, cached))
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    if rng["batch_device"] == gen.device.type:
+        gen.set_state(rng["batch"].cpu())
+    else:
+        gen.manual_seed(int(torch.randint(2**62, (1,)).item()))
+        print(f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch stream (not bit-exact)")
+
+
+def resumed_args(cls, cli):
+    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags (RUN_FLAGS:
+    where and how to run, not what) replace them; any other flag given is refused rather than ignored."""
+    if cli.resume is None:
+        return cli
+    run = Path(cli.resume)
+    if (run / "results.json").exists():
+        raise SystemExit(f"error: --resume {run}: that run has finished (results.json is there); nothing to resume.")
+    try:
+        saved = json.loads((run / "config.json").read_text())["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SystemExit(f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json).") from None
+    if not (run / "model.pt").is_file():
+        raise SystemExit(f"error: --resume {run}: no model.pt there yet (stopped before its first save); start again.")
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
+    for name, value in dataclasses.asdict(cli).items():
+        if name not in RUN_FLAGS and value != fields[name] and value != saved.get(name, fields[name]):
+            flag = f"--{name.replace('_', '-')}"
+            raise SystemExit(
+                f"error: --resume {run} continues that run with its own flags; leave out {flag} {value} "
+                f"(the run has {saved.get(name, fields[name])})."
+            )
+    return cls(**(saved | {k: getattr(cli, k) for k in RUN_FLAGS}))
+
+
+def trim_metrics(path: Path, n_lines: int) -> list[dict]:
+    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the checkpoint was saved)
+    and drop the rest, so that no step is written twice; returns the kept lines."""
+    kept = path.read_text().splitlines()[:n_lines] if path.exists() else []
+    path.write_text("".join(line + "\n" for line in kept))
+    return [json.loads(line) for line in kept]
+
+
+def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
+    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the run."""
+    if n == updates:
+        return True
+    if save_every:
+        return n % save_every == 0
+    return bool(eval_every and n % eval_every == 0) or n % max(1, math.ceil(updates / 10)) == 0
+
+
+def log_losses(path: Path, step: int, losses: dict, grad_norm: torch.Tensor, lr: float, bar) -> None:
+    """PLUMBING: one update's losses and their sum, its gradient norm before clipping and its learning rate."""
+    loss = {f"loss_{k}": v.item() for k, v in losses.items()}
+    loss["loss"] = sum(loss.values())
+    log_metrics(path, step=step, grad_norm=grad_norm.item(), lr=lr, **loss)
+    bar.set_postfix(loss=f"{loss['loss']:.4f}")
+
+
+def stop_message(why: str, done: int, run_dir: Path) -> str:
+    """PLUMBING: what a stopped run says: where it is, and the one command that continues it."""
+    return (
+        f"interrupted ({why}): {run_dir / 'model.pt'} holds {done} updates; continue with "
+        f"`python {METHOD}.py --resume {run_dir}`, or evaluate it with "
+        f"`python {METHOD}.py --checkpoint {run_dir / 'model.pt'} --updates 0`."
+    )
+
+
+def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
+    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it went on."""
+    if resume is not None:
+        where = {k: config[k] for k in ("device", "threads", "git_commit", "torch")}
+        config = json.loads((run_dir / "config.json").read_text())
+        config["resumed"] = config.get("resumed", []) + [{"at_update": resume["updates_done"], **where}]
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return config
+
+
+def make_optimizer(model, args):
+    """The paper's code's optimizer: AdamW (0.9, 0.95), weight decay 0.1 on weight matrices only.
+    The rate warms up linearly over 5% of the updates, then decays on a cosine to 10% at the last
+    update. The paper's code (minGPT's rule) counts tokens instead: at its budget its warmup and
+    decay end after about 16 and 47 updates, and its cosine, not clamped past the end, then swings
+    back up; ours spans the run."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    warmup = max(1, args.updates // 20)
+
+    def lr_factor(step):
+        cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.updates - warmup)))
+        return min((step + 1) / warmup, max(0.1, cosine))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+
+def update(model, opt, batch, all_masked: bool, autocast) -> tuple[dict, torch.Tensor]:
+    """One gradient step of the masked model on a batch of plans, the gradient norm clipped at 1
+    (the paper's code). Returns the loss and the norm before clipping, as tensors: reading them
+    would wait for the device."""
+    images, words, plan, valid = batch
+    with autocast:
+        loss = masked_loss(model, images, words, plan, valid, all_masked)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return {"masked": loss.detach()}, grad_norm
+
+
+def make_checkpoint(model, arch, args, level: str, total: int, state: dict) -> dict:
+    """model.pt: the weights with what planning with them needs (architecture, level), and the
+    training state that --resume continues from."""
+    parts = {"method": METHOD, "arch": arch, "env": level, "args": asdict(args)}
+    return {"model": model.state_dict(), **parts, "trained_updates": total, "resume": state}
+
+
+def load_run(args: Args, device) -> tuple:
+    """The checkpoint (--resume's or --checkpoint's) and its training state, the demos when training
+    (and where they came from), and the architecture: the checkpoint's, whatever the flags say, else
+    the flags' with the data's grid size and mission length."""
+    run_ckpt = str(Path(args.resume) / "model.pt") if args.resume else None
+    if args.resume:
+        ckpt = load_checkpoint(run_ckpt, device, "--resume")
+    else:
+        ckpt = load_checkpoint(args.checkpoint, device)
     level = env_id(args.env)
     if ckpt is not None and ckpt["env"] != level:
-        raise SystemExit(f"error: --checkpoint {args.checkpoint} learnt {ckpt['env']}, not {level}; pass its --env.")
+        learnt = f"learnt {ckpt['env']}, not {level}; pass its --env"
+        raise SystemExit(f"error: --checkpoint {args.checkpoint} {learnt}.")
     demos, source = load_demos(args) if args.updates else (None, None)
     if ckpt is not None:
-        arch = ckpt["arch"]  # the checkpoint's architecture, whatever the flags say
+        arch = ckpt["arch"]
     else:
-        grid, mission_len = list(demos["images"].shape[1:3]), max(len(str(m).split()) for m in demos["missions"])
+        grid = list(demos["images"].shape[1:3])
+        mission_len = max(len(str(m).split()) for m in demos["missions"])
         arch = {k: getattr(args, k) for k in ARCH} | {"grid": grid, "mission_len": mission_len}
     if (args.replan_every or 0) > arch["horizon"]:
-        raise SystemExit(f"error: --replan-every {args.replan_every}: the checkpoint plans {arch['horizon']} actions.")
+        why = f"the checkpoint plans {arch['horizon']} actions"
+        raise SystemExit(f"error: --replan-every {args.replan_every}: {why}.")
+    return ckpt, (ckpt["resume"] if args.resume else None), demos, source, arch
+
+
+def run_updates(model, arch, data, args, autocast, parent, resume, run_dir, clock, t_start) -> int:
+    """Training: sample a batch of plans, one update of the masked model, log, save when due. A stop
+    signal lets the update in progress finish, saves, and exits with the command that continues the
+    run. `parent`: the updates of the checkpoint it started from. Returns the updates done."""
+    metrics, device, H = run_dir / "metrics.jsonl", next(model.parameters()).device, arch["horizon"]
+    done = resume["updates_done"] if resume else 0
+    opt, sched = make_optimizer(model, args)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    if resume:
+        restore_training_state(resume, opt, sched, gen)
+        trim_metrics(metrics, resume["metrics_lines"])
+
+    def save(n: int) -> None:
+        wall = {"wall_time_s": clock["wall_time_s"] + time.time() - t_start}
+        state = training_state(n, opt, sched, gen, clock | wall, metrics)
+        ckpt = make_checkpoint(model, arch, args, env_id(args.env), parent + n, state)
+        save_atomic(ckpt, run_dir / "model.pt")
+
+    steps = range(done, args.updates)
+    bar = tqdm(steps, "train", args.updates, initial=done, dynamic_ncols=True, mininterval=1)
+    try:
+        for step in bar:
+            with signals_deferred():  # a stop signal waits for the update and its log line
+                t0 = time.time()
+                batch = sample_batch(data, args.batch_size, H, gen)
+                lr = sched.get_last_lr()[0]  # the rate this update uses
+                losses, grad_norm = update(model, opt, batch, args.train_all_masked, autocast)
+                sched.step()
+                done = step + 1
+                if step % args.log_every == 0 or done == args.updates:  # .item() waits for the GPU
+                    log_losses(metrics, step, losses, grad_norm, lr, bar)
+                clock["train_time_s"] += time.time() - t0
+            if save_due(done, args.updates, 0, args.save_every):
+                save(done)
+    except KeyboardInterrupt as stop:
+        bar.close()
+        save(done)
+        raise SystemExit(stop_message(str(stop) or "Ctrl-C", parent + done, run_dir)) from None
+    bar.close()
+    return done
+
+
+def report(config: dict, iem: dict, bc: dict, done: int, total: int, run_dir, timing: dict) -> dict:
+    """results.json, the final metrics line and the printed summary."""
+    curve, args = iem["energy_per_iteration"], config["args"]
+    success = {"iem_success": iem["success_rate"], "bc_success": bc["success_rate"]}
+    log_metrics(run_dir / "metrics.jsonl", step=done, **success, energy=curve)
+    results = config | {"updates": done, "trained_updates": total, "iem": iem, "bc": bc}
+    results |= {"energy_drop": curve[0] - curve[-1], "run_dir": str(run_dir), **timing}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    ms_iem, ms_bc = 1e3 * iem["planning_s_per_step"], 1e3 * bc["planning_s_per_step"]
+    success = f"success IEM {iem['success_rate']:.2f}, BC {bc['success_rate']:.2f}"
+    returns = f"returns {iem['return_mean']:.3f}, {bc['return_mean']:.3f}"
+    energy = f"energy {curve[0]:.2f} -> {curve[-1]:.2f} over {args['iterations']} refinements"
+    episodes = f"{config['env']}, {args['eval_episodes']} episodes"
+    cost = f"planning {ms_iem:.1f} ms/step (BC {ms_bc:.1f})"
+    print(f"{episodes}: {success} ({returns}); {energy}; {cost}")
+    print(f"results: {run_dir / 'results.json'}")
+    return results
+
+
+def train(args: Args) -> dict:
+    t_start = time.time()
+    if args.resume is not None and args.checkpoint is not None:
+        why = "continues a run with its own model.pt; leave out --checkpoint"
+        raise SystemExit(f"error: --resume {args.resume} {why}.")
+    args = resumed_args(Args, args)
+    device, threads = setup(args)
+    ckpt, resume, demos, source, arch = load_run(args, device)
     data = make_dataset(demos, arch["mission_len"], device) if demos is not None else None
-    run_dir = make_run_dir(args, {"name": level})
-    metrics = run_dir / "metrics.jsonl"
+    level = env_id(args.env)
+    run_dir = Path(args.resume) if args.resume else make_run_dir(args, {"name": level})
     config = {"method": METHOD, "args": asdict(args), "arch": arch, "env": level, "dataset": source}
-    config |= {"demos": len(demos["lengths"]) if demos else 0, "device": str(device), "threads": threads}
-    config |= {"git_commit": git_commit(), "torch": torch.__version__}
+    config |= {"demos": len(demos["lengths"]) if demos else 0, "device": str(device)}
+    config |= {"threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
+    # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
     config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    config = record_config(run_dir, config, resume)
 
     model = IEM(**arch).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    # The paper's code's optimiser: AdamW (0.9, 0.95), decay 0.1 on weight matrices, gradient norm clipped at 1.
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
-    warmup = max(1, args.updates // 20)
-
-    def lr_factor(step):  # linear warmup, then cosine decay to 10%: the paper's code's schedule
-        cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.updates - warmup)))
-        return min((step + 1) / warmup, max(0.1, cosine))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     bf16 = args.bf16 and bf16_native(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # training only: planning stays fp32
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    # training only: planning stays fp32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"run {run_dir.name}: {config['demos']} demos, {n_params} parameters, H={arch['horizon']}, device {device}")
+    H = arch["horizon"]
+    sizes = f"{config['demos']} demos, {n_params} parameters, H={H}"
+    print(f"run {run_dir.name}: {sizes}, device {device}")
 
-    trained, train_time = 0, 0.0
-    if args.updates:
-        bar = tqdm(range(args.updates), desc="train", dynamic_ncols=True, mininterval=1.0)
-        try:
-            for step in bar:
-                t0 = time.time()
-                images, words, plan, valid = sample_batch(data, args.batch_size, arch["horizon"], gen)
-                with autocast:
-                    loss = masked_loss(model, images, words, plan, valid, args.train_all_masked)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                trained = step + 1
-                if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
-                    value = loss.item()
-                    log_metrics(metrics, step=step, loss=value, grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0])
-                    bar.set_postfix(loss=f"{value:.3f}")
-                train_time += time.time() - t0
-        except KeyboardInterrupt:
-            bar.close()
-            print(f"\ninterrupted (Ctrl-C) after {trained} updates: saving the model trained so far")
-        total = trained + (ckpt.get("trained_updates", 0) if ckpt is not None else 0)
-        parts = {"method": METHOD, "arch": arch, "env": level, "args": asdict(args), "trained_updates": total}
-        torch.save({"model": model.state_dict(), **parts}, run_dir / "model.pt")
-        if trained < args.updates:
-            raise SystemExit(f"stopped: {run_dir / 'model.pt'} holds {total} updates; evaluate it with --updates 0.")
-
-    iem, bc = (evaluate(model, args, arch, device, refine=m == "iem", seed=args.seed) for m in ("iem", "bc"))
-    curve = iem["energy_per_iteration"]
-    log_metrics(metrics, step=trained, iem_success=iem["success_rate"], bc_success=bc["success_rate"], energy=curve)
-    results = config | {"updates": trained, "iem": iem, "bc": bc, "energy_drop": curve[0] - curve[-1]}
-    results |= {"run_dir": str(run_dir), "train_updates_per_s": trained / train_time if trained else None}
-    results |= {"wall_time_s": time.time() - t_start}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    ms_iem, ms_bc = 1e3 * iem["planning_s_per_step"], 1e3 * bc["planning_s_per_step"]
-    print(f"{level}, {args.eval_episodes} episodes: success IEM {iem['success_rate']:.2f}, BC {bc['success_rate']:.2f} "
-          f"(returns {iem['return_mean']:.3f}, {bc['return_mean']:.3f}); energy {curve[0]:.2f} -> {curve[-1]:.2f} over "
-          f"{args.iterations} refinements; planning {ms_iem:.1f} ms/step (BC {ms_bc:.1f})")  # fmt: skip
-    print(f"results: {run_dir / 'results.json'}")
-    return results
+    done = resume["updates_done"] if resume else 0
+    # the updates of the model it started from (a --checkpoint's)
+    parent = ckpt.get("trained_updates", 0) - done if ckpt is not None else 0
+    clock = dict(resume["clock"]) if resume else {"train_time_s": 0.0, "wall_time_s": 0.0}
+    old_handlers = catch_stop_signals()
+    try:
+        if args.updates:
+            progress = (parent, resume, run_dir, clock, t_start)
+            done = run_updates(model, arch, data, args, autocast, *progress)
+        iem = evaluate(model, args, arch, device, refine=True, seed=args.seed)
+        bc = evaluate(model, args, arch, device, refine=False, seed=args.seed)
+    except KeyboardInterrupt as stop:  # outside an update: before the first, or in the evaluation
+        why = str(stop) or "Ctrl-C"
+        if args.updates and (run_dir / "model.pt").exists():  # it holds the `done` updates
+            raise SystemExit(stop_message(why, parent + done, run_dir)) from None
+        when = "before the first update" if args.updates else "during the evaluation"
+        raise SystemExit(f"interrupted ({why}) {when}; {run_dir} keeps what it logged.") from None
+    finally:
+        restore_signals(old_handlers)
+    timing = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": bf16}
+    timing["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
+    return report(config, iem, bc, done, parent + done, run_dir, timing)
 
 
 if __name__ == "__main__":

@@ -221,7 +221,7 @@ def test_end_to_end_deterministic_and_checkpoint_evaluation(tmp_path):
     ev = iem.train(
         tiny_args(tmp_path, exp_name="eval", checkpoint=str(run / "model.pt"), updates=0, n_embd=64, horizon=5)
     )
-    assert ev["arch"] == first["arch"] and ev["demos"] == 0
+    assert ev["arch"] == first["arch"] and ev["demos"] == 0 and "__eval-eval__" in ev["run_dir"]
     for k in ("iem", "bc"):
         assert ev[k]["returns"] == first[k]["returns"] and ev[k]["lengths"] == first[k]["lengths"]
 
@@ -259,9 +259,13 @@ def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, monkeypatch):
         return loss(*a, **kw)
 
     monkeypatch.setattr(iem, "masked_loss", interrupted)
-    with pytest.raises(SystemExit, match="holds 2 updates"):
+    with pytest.raises(SystemExit) as stop:
         iem.train(tiny_args(tmp_path, env="GoToObjMazeS4R2"))
     (run,) = (tmp_path / "runs").iterdir()
+    assert str(stop.value) == (
+        f"interrupted (Ctrl-C): {run / 'model.pt'} holds 2 updates; continue with `python iem.py --resume {run}`, "
+        f"or evaluate it with `python iem.py --checkpoint {run / 'model.pt'} --updates 0`."
+    )
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["trained_updates"] == 2 and ckpt["env"] == "BabyAI-GoToObjMazeS4R2-v0"
     monkeypatch.setattr(iem, "masked_loss", loss)
