@@ -49,6 +49,7 @@ PAPER_LEVELS = {"GoToLocalS7N5": (5, 9), "GoToLocalS8N7": (5, 9), "PickupLoc": (
 PRESETS = {"paper": dict(n_embd=128, updates=1600, collect=500), "cpu": dict(n_embd=64, updates=1000, collect=5000)}
 N_ACTIONS = 7  # minigrid: left, right, forward, pickup, drop, toggle, done
 MASK, PAD = N_ACTIONS, N_ACTIONS + 1  # plan-token ids after the actions
+IGNORE = -100  # F.cross_entropy's ignore_index: positions that are not training targets
 AGENT = 10  # minigrid's OBJECT_TO_IDX["agent"]
 # The words of the BabyAI grammar (minigrid.envs.babyai.core.verifier); any other word is UNK.
 WORDS = ("a", "the", "go", "to", "pick", "up", "open", "put", "next", "and", "then", "after", "you", "your", "on",
@@ -267,8 +268,11 @@ def egocentric(images: torch.Tensor) -> torch.Tensor:
     R, b = max(W, H) - 1, torch.arange(B, device=images.device)
     where = (images[..., 0] == AGENT).flatten(1).float().argmax(1)
     ax, ay = where // H, where % H
-    dirs = torch.tensor([[1, 0], [0, 1], [-1, 0], [0, -1]], device=images.device)[images[b, ax, ay, 2]]  # DIR_TO_VEC
-    dx, dy, ax, ay = dirs[:, 0, None, None], dirs[:, 1, None, None], ax[:, None, None], ay[:, None, None]
+    # minigrid's DIR_TO_VEC, (1, 0), (0, 1), (-1, 0), (0, -1), computed rather than looked up in a table
+    # that every forward would copy to the device
+    d = images[b, ax, ay, 2]
+    dx, dy = (d == 0).long() - (d == 2).long(), (d == 1).long() - (d == 3).long()
+    dx, dy, ax, ay = dx[:, None, None], dy[:, None, None], ax[:, None, None], ay[:, None, None]
     off = torch.arange(-R, R + 1, device=images.device)
     ahead, right = -off[None, :, None], off[None, None, :]  # row r is R - r cells ahead, column c is c - R right
     x, y = ax + ahead * dx - right * dy, ay + ahead * dy + right * dx  # minigrid's right_vec is (-dy, dx)
@@ -336,11 +340,14 @@ def single_masks(plan: torch.Tensor, all_masked: bool = False):
 
 
 def masked_loss(model, images, words, plan, valid, all_masked):
-    """Cross-entropy of the hidden actions given the rest: the training loss of a masked language model."""
+    """Cross-entropy of the hidden actions given the rest: the training loss of a masked language
+    model, averaged over the hidden actions inside the episode. The other positions are labelled
+    IGNORE rather than cut out with a boolean mask, whose size the host would wait for."""
     copies, hidden, C = single_masks(plan, all_masked)
     target = hidden & valid.repeat_interleave(C, 0)
     logits = model(images, words, copies, copies=C)[0]
-    return F.cross_entropy(logits[target].float(), plan.repeat_interleave(C, 0)[target])
+    labels = torch.where(target, plan.repeat_interleave(C, 0), IGNORE)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
 
 # --- Planning: iterative energy minimization (the paper's §3, blog §5.c). ---
@@ -351,9 +358,10 @@ def energy(model, images, words, plan) -> torch.Tensor:
     """E(tau) = sum_t -log p(a_t | s_0, mission, tau without a_t): the negative pseudo-log-likelihood of the masked
     model, the paper's trajectory energy; one batched forward over the H single-masked copies. Returns (B,)."""
     B, H = plan.shape
-    copies, hidden, _ = single_masks(plan)
-    logits = model(images, words, copies, copies=H)[0]
-    nll = -logits[hidden].float().log_softmax(-1).gather(1, plan.reshape(-1, 1))  # rows in (plan, position) order
+    copies, _, _ = single_masks(plan)
+    logits = model(images, words, copies, copies=H)[0].view(B, H, H, -1)  # (plan, copy, position)
+    own = logits.diagonal(dim1=1, dim2=2).transpose(1, 2)  # copy j's logits at the action it hides
+    nll = -own.float().log_softmax(-1).gather(2, plan[..., None])
     return nll.view(B, H).sum(1)
 
 

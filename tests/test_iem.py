@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import iem
 
@@ -119,6 +120,53 @@ def test_energy_is_the_sum_of_single_masked_nlls():
         logp = model(images, words, masked)[0][:, j].log_softmax(-1)
         expected -= logp[torch.arange(3), plan[:, j]]
     torch.testing.assert_close(iem.energy(model, images, words, plan), expected)
+
+
+def fixed_batch(demos_path, H=4, mission_len=5, n=32):
+    with np.load(demos_path) as z:
+        d = {k: z[k] for k in z.files}
+    data = iem.make_dataset(d, mission_len, torch.device("cpu"))
+    return iem.sample_batch(data, n, H, torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("all_masked", [False, True])
+def test_masked_loss_is_the_mean_nll_of_the_hidden_actions(demos_path, bf16, all_masked):
+    """The loss without boolean-mask indexing (issue 28) equals the formula it replaced, which cut out the
+    hidden actions inside the episode, on a fixed batch, to the rounding of a sum taken in another order."""
+    model, batch = tiny_model(), fixed_batch(demos_path)
+    images, words, plan, valid = batch
+    assert (~valid).any() and valid.any()  # the batch has padded steps past an episode's end
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        copies, hidden, C = iem.single_masks(plan, all_masked)
+        target = hidden & valid.repeat_interleave(C, 0)
+        logits = model(images, words, copies, copies=C)[0]
+        before = F.cross_entropy(logits[target].float(), plan.repeat_interleave(C, 0)[target])
+        now = iem.masked_loss(model, images, words, plan, valid, all_masked)
+    torch.testing.assert_close(now, before, rtol=1e-6, atol=0)
+
+
+# Ops that make the host wait for the device: a boolean mask's size (nonzero, masked_select), a value read
+# (item), and a tensor made from host data (torch.tensor: a copy to the device).
+SYNCING = {"aten::nonzero", "aten::masked_select", "aten::item", "aten::_local_scalar_dense", "aten::lift_fresh"}
+
+
+def test_a_training_update_never_waits_for_the_device(demos_path):
+    """Issue 28: sampling, forward, loss, backward and clipping of an update run no op that syncs a GPU with
+    the host. Profiled on the CPU, where the same ops run (the optimizer's step is left out: on the CPU its
+    step counters are read with item(), on CUDA they stay on the host without a sync)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model().train()
+    with np.load(demos_path) as z:
+        data = iem.make_dataset({k: z[k] for k in z.files}, 5, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        images, words, plan, valid = iem.sample_batch(data, 8, 4, gen)
+        iem.masked_loss(model, images, words, plan, valid, True).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    ran = {e.name for e in prof.events()}
+    assert "aten::embedding" in ran and not ran & SYNCING, ran & SYNCING
 
 
 class Potts(torch.nn.Module):
