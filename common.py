@@ -1,5 +1,6 @@
 """Shared by every method file: dataset names, loading (D4RL hdf5, DT pickle, Minari), evaluation env
-ids and D4RL normalized scores. Nothing else lives here, so each method file stays readable on its own.
+ids and D4RL normalized scores; and the one rule for where the analyses write (output_folder). Nothing
+else lives here, so each method file stays readable on its own.
 
 A dataset is returned as a list of episodes (dicts of numpy arrays: observations (T, m_s), actions
 (T, m_a), rewards (T,), and a bool `terminated`) plus an `info` dict that says where it came from and
@@ -8,9 +9,12 @@ how to evaluate on it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import sys
 import tempfile
+import time
 import urllib.request
 import warnings
 from pathlib import Path
@@ -152,7 +156,13 @@ def read_hdf5(path: Path) -> list[dict]:
             raise DatasetError(
                 f"{path}: missing key(s) {missing}; a D4RL hdf5 needs {list(D4RL_KEYS)} (found {sorted(f.keys())})."
             )
-        data = {k: f[k][()] for k in D4RL_KEYS}
+        try:
+            data = {k: f[k][()] for k in D4RL_KEYS}
+        except OSError as e:  # e.g. a compressed chunk that no longer decodes; h5py's message names no file
+            raise DatasetError(
+                f"{path}: the file is damaged, its data cannot be read ({e}). Download or copy it "
+                "again; a partial copy or a disk error leaves a file like this."
+            ) from None
     n = len(data["observations"])
     bad = {k: len(v) for k, v in data.items() if len(v) != n}
     if bad:
@@ -318,8 +328,8 @@ def load_dataset(name: str, dataset_path: tuple[str, ...] | list[str] | str | No
     else:
         info = dict(D4RL_TABLE[base.split("-")[0]], env_kwargs={}, name=base)
         if paths:
-            # A file whose path says "replica" (../shared/d4rl-replica) is labelled so: its numbers must never
-            # pass for official D4RL ones.
+            # A file whose path says "replica" (the replica datasets, see README) is labelled so: its
+            # numbers must never pass for official D4RL ones.
             resolved = [str(Path(p).resolve()) for p in paths]
             info.update(source="replica" if any("replica" in p for p in resolved) else "file", path=resolved)
         else:
@@ -342,14 +352,49 @@ def load_dataset(name: str, dataset_path: tuple[str, ...] | list[str] | str | No
     return episodes, info
 
 
-def make_env(info: dict, video: str | None = None):
-    """The evaluation env for a dataset (gymnasium `*-v4` for D4RL v2 data, the dataset's own for Minari);
-    with `video`, a path, its first episode is rendered offscreen and written there as an MP4."""
-    with warnings.catch_warnings():
+@contextlib.contextmanager
+def no_settotalmass_warning():
+    """Recent MuJoCo (4.0 here) warns, each time it compiles gymnasium's half_cheetah.xml (every
+    HalfCheetah env, so several per run), that the xml's `<compiler settotalmass="14">` is deprecated.
+    The attribute still applies: the masses are the ones D4RL's data was collected with, which is why
+    the v4 xml is kept. So that one warning is dropped while an env is made; MuJoCo's other warnings
+    still print."""
+    try:
+        import mujoco
+
+        previous = mujoco.get_mju_user_warning()
+    except (ImportError, AttributeError):  # no MuJoCo, or one too old for the hook (and the warning)
+        yield
+        return
+
+    def handler(message: str) -> None:
+        if "settotalmass" in message:
+            return
+        if previous is not None:
+            previous(message)
+        else:  # MuJoCo's own default: the message on stderr
+            print(f"WARNING: {message}", file=sys.stderr)
+
+    mujoco.set_mju_user_warning(handler)
+    try:
+        yield
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
+
+def gym_make(info: dict, render_mode: str | None = None):
+    """gym.make of the dataset's eval env, without the two warnings that would only mislead."""
+    with warnings.catch_warnings(), no_settotalmass_warning():
         # gymnasium suggests v5 for every v4 env; v4 is chosen on purpose (the model and observation layout
         # of the gym v3 envs D4RL v2 was collected in), so the advice would only mislead.
         warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
-        env = gym.make(info["env_id"], render_mode="rgb_array" if video else None, **info.get("env_kwargs", {}))
+        return gym.make(info["env_id"], render_mode=render_mode, **info.get("env_kwargs", {}))
+
+
+def make_env(info: dict, video: str | None = None):
+    """The evaluation env for a dataset (gymnasium `*-v4` for D4RL v2 data, the dataset's own for
+    Minari); with `video`, a path, its first episode is rendered offscreen and written there as an MP4."""
+    env = gym_make(info, render_mode="rgb_array" if video else None)
     return env if video is None else FirstEpisodeVideo(env, video)
 
 
@@ -396,7 +441,7 @@ def check_video(info: dict) -> None:
     except ImportError:
         raise DatasetError('--capture-video needs imageio and imageio-ffmpeg: pip install -e ".[video]"') from None
     try:
-        probe = gym.make(info["env_id"], render_mode="rgb_array", **info.get("env_kwargs", {}))
+        probe = gym_make(info, render_mode="rgb_array")
         probe.reset(seed=0)
         frame = probe.render()
         probe.close()
@@ -408,3 +453,36 @@ def check_video(info: dict) -> None:
         ) from None
     if frame is None or frame.ndim != 3:
         raise DatasetError(f"--capture-video: {info['env_id']} renders no RGB frames.")
+
+
+# --- where the analyses write --------------------------------------------------------------------
+
+
+def output_folder(out: str | None, name: str, force: bool = False, flag: str = "--out") -> Path:
+    """The folder an analysis (benchmarks/, theory_*.py, sample_complexity.py) writes into: `out`, else
+    a new runs/{name}__{unix time}, so that no default command ever writes over committed results
+    (benchmarks/results/ is regenerated only by naming it). Checked before any work and not made here:
+    the caller makes it when it first writes, so a refused or failed run leaves nothing behind. Refused,
+    with one line: a folder that already holds files (unless `force`), a file, a path under a file, a
+    place this user cannot write."""
+    path = Path(out).expanduser() if out else Path("runs") / f"{name}__{int(time.time())}"
+    where = f"{flag} {out}" if out else f"output folder {path}"
+    if path.is_file():
+        raise SystemExit(f"error: {where}: is a file, not a folder; pass a new folder.")
+    if path.is_dir() and not force and any(path.iterdir()):
+        raise SystemExit(
+            f"error: {where}: the folder exists and holds files; pass a new folder, or add --force to "
+            "overwrite the files of the same name (nothing is overwritten otherwise)."
+        )
+    parent = path
+    while not parent.exists():  # the nearest existing folder: the first new one would be made in it
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SystemExit(f"error: {where}: {parent} is a file, so no folder can be made under it; pass another path.")
+    try:  # os.access trusts permission bits (root passes them all); only making something tells for sure
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise SystemExit(
+            f"error: {where}: cannot write in {parent} ({e.strerror}); pass a folder you can write."
+        ) from None
+    return path

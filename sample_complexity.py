@@ -35,6 +35,8 @@ import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import common  # noqa: E402
+
 
 @dataclass
 class Args:
@@ -78,7 +80,10 @@ class Args:
     seed: int = 0
     """random seed (random, numpy)"""
     out_dir: str | None = None
-    """output folder; default runs/sample_complexity__{seed}__{unix time}; must not exist or be empty"""
+    """output folder; default a new runs/sample_complexity__{seed}__{unix time}; one that holds files
+    only with --force"""
+    force: bool = False
+    """write into an --out-dir that already holds files, overwriting those of the same name"""
 
 
 # --- §4.3-4.4: policies, behaviour mixture, empirical estimator ------------------------------------
@@ -566,11 +571,10 @@ def validate(args: Args) -> None:
 
 
 def make_out_dir(args: Args) -> str:
-    out = args.out_dir or os.path.join("runs", f"sample_complexity__{args.seed}__{int(time.time())}")
-    if os.path.isdir(out) and os.listdir(out):
-        raise SystemExit(f"error: output folder {out!r} exists and is not empty; pass a new --out-dir")
-    os.makedirs(out, exist_ok=True)
-    return out
+    """Checked before the work, made at the first write (common.output_folder's rule): a refused or
+    failed run leaves no folder behind."""
+    name = f"sample_complexity__{args.seed}"
+    return str(common.output_folder(args.out_dir, name, args.force, "--out-dir"))
 
 
 def git_commit() -> str | None:
@@ -741,6 +745,7 @@ def main(args: Args) -> dict:
     print_table(rows)
 
     figures = []
+    os.makedirs(out, exist_ok=True)
     fig41 = {e: sweeps[e] for e in args.eps_fig41}
     if any(fig41.values()):
         plot_fig41(fig41, os.path.join(out, "fig4_1_error_at_minimum.png"))

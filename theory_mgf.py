@@ -28,6 +28,8 @@ from scipy.integrate import solve_ivp  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import common  # noqa: E402
+
 
 @dataclass
 class Args:
@@ -36,7 +38,10 @@ class Args:
     seed: int = 1
     """random seed (python, numpy, torch); every random problem below is drawn from it"""
     out_dir: str = ""
-    """output folder; default runs/theory_mgf__{seed}__{unix time}. Must not exist or be empty"""
+    """output folder; default a new runs/theory_mgf__{seed}__{unix time}. One that holds files only
+    with --force"""
+    force: bool = False
+    """write into an --out-dir that already holds files, overwriting those of the same name"""
     quick: bool = False
     """smoke-test mode: tiny sizes for every setting left at its default (used by the tests); the numbers are
     not meaningful"""
@@ -1020,14 +1025,21 @@ def plot_mlp(args, mlp, task, path):
             for r in REGIMES:
                 v = stack(mlp, task, eta, r, key)
                 m, s = v.mean(0), v.std(0)
+                lo, hi = m - s, m + s
+                if key == "cos":  # 1 + 1e-16 is rounding, and the band is clipped to where a cosine can be
+                    m, lo, hi = (np.clip(x, -1.0, 1.0) for x in (m, lo, hi))
                 ep = np.arange(len(m))
-                ax.plot(ep, m, color=REG_COLOR[r], lw=REG_WIDTH[r], label=r)
-                ax.fill_between(ep, m - s, m + s, color=REG_COLOR[r], alpha=0.2)
+                # a cosine of exactly 1 (joint, similar tasks) lies on the top edge: drawn over it, not under
+                ax.plot(ep, m, color=REG_COLOR[r], lw=REG_WIDTH[r], label=r, zorder=3, clip_on=key != "cos")
+                ax.fill_between(ep, lo, hi, color=REG_COLOR[r], alpha=0.2)
             ax.set(title=f"{title}, eta={eta}", xlabel="epoch")
             if key == "loss":
                 ax.set_yscale("log")
             else:
                 ax.ticklabel_format(axis="y", useOffset=False)  # cosines near 1 differ in the 5th digit
+            if key == "cos":  # a cosine lies in [-1, 1]: the autoscale margin must not draw the axis past them
+                bottom, top = ax.get_ylim()
+                ax.set_ylim(max(bottom, -1.0), min(top, 1.0))
         row[0].legend(fontsize=8)
     fig.suptitle(
         f"Fig. {'3.3' if task == 'similar' else '3.4'}: {task} tasks (mean +- std over {args.mlp_seeds} seeds)"
@@ -1080,11 +1092,9 @@ def plot_flatness(args, mlp, measure, path):
 
 # ============================================================================================
 def prepare_out_dir(args: Args) -> str:
-    out = args.out_dir or os.path.join("runs", f"theory_mgf__{args.seed}__{int(time.time())}")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise SystemExit(f"error: output folder {out!r} exists and is not empty; pass a new --out-dir")
-    os.makedirs(out, exist_ok=True)
-    return out
+    """Checked before the work, made at the first write (common.output_folder's rule): a refused or
+    failed run leaves no folder behind."""
+    return str(common.output_folder(args.out_dir, f"theory_mgf__{args.seed}", args.force, "--out-dir"))
 
 
 def git_commit():
@@ -1169,6 +1179,7 @@ def main(args: Args):
         rows = [(c, m, f"{v} (--quick: smoke test, not a measurement)") for c, m, v in rows]
     print()
     print_table(rows)
+    os.makedirs(out, exist_ok=True)
     plot_checks(att, os.path.join(out, "theorem_checks.png"))
     plot_toy(args, starts, toy, os.path.join(out, "fig3_2_trajectories.png"))
     plot_mlp(args, mlp, "similar", os.path.join(out, "fig3_3_similar.png"))

@@ -34,6 +34,8 @@ from scipy.linalg import orth  # noqa: E402
 from scipy.special import softmax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import common  # noqa: E402
+
 
 @dataclass
 class Args:
@@ -62,7 +64,10 @@ class Args:
     heatmap_trial: int = 0
     """which trial's attention maps and TPGs are drawn (Fig. 1.5, Fig. 1.6c-d)"""
     out_dir: Optional[str] = None
-    """output folder; default runs/theory_tpg__{seed}__{unix time}; must not exist or be empty"""
+    """output folder; default a new runs/theory_tpg__{seed}__{unix time}; one that holds files only
+    with --force"""
+    force: bool = False
+    """write into an --out-dir that already holds files, overwriting those of the same name"""
 
 
 # Verdict thresholds, fixed before looking at any result (see claims_table).
@@ -769,16 +774,9 @@ def validate(args: Args):
 
 
 def prepare_out_dir(args: Args) -> str:
-    out_dir = args.out_dir or os.path.join("runs", f"theory_tpg__{args.seed}__{int(time.time())}")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise SystemExit(
-            f"error: output folder {out_dir!r} exists and is not empty; "
-            "pass a new --out-dir (results are never overwritten)"
-        )
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise SystemExit(f"error: --out-dir {out_dir!r} exists and is not a folder")
-    os.makedirs(out_dir, exist_ok=True)
-    return out_dir
+    """Checked before the work, made at the first write (common.output_folder's rule): a refused or
+    failed run leaves no folder behind."""
+    return str(common.output_folder(args.out_dir, f"theory_tpg__{args.seed}", args.force, "--out-dir"))
 
 
 def git_commit():
@@ -810,6 +808,7 @@ def main(args: Args) -> dict:
     records = [trial_record(t) for t in trials]
     table = claims_table(records, args.steps)
     vocab_size = args.n_state_tokens + args.n_action_tokens
+    os.makedirs(out_dir, exist_ok=True)
     plot_tpgs(trials[args.heatmap_trial], vocab_size, os.path.join(out_dir, "fig1_5_tpgs.png"))
     plot_fig_1_6(trials, trials[args.heatmap_trial], os.path.join(out_dir, "fig1_6.png"))
     plot_attention_mass(records, os.path.join(out_dir, "attention_mass.png"))

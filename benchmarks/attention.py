@@ -8,7 +8,8 @@ that predict actions (the s_t tokens) at every step with a full context of K ste
 whole context (Fig. 1.1-1.3 top), per block and head the mass on each modality (Fig. 1.1-1.3 bottom), and per head
 the entropy of the rows. Writes `{out}/{method}_{i}.png` and `.json` per model, `{out}/attention_comparison.png`
 (rows: models; columns: blocks, mean mass per modality with the spread across heads; last column: head entropy)
-and `attention_comparison.json`, and prints thesis claim | ours | verdict for §1.5.2. Nothing is overwritten.
+and `attention_comparison.json`, and prints thesis claim | ours | verdict for §1.5.2.
+--out defaults to a new runs/attention__{time}; a folder that already holds files is refused unless --force.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
 from claims import later_blocks_claim, print_claims  # noqa: E402
 
 MODELS = {
@@ -40,8 +43,11 @@ MODELS = {
 class Args:
     runs: tyro.conf.Positional[tuple[str, ...]]
     """`method=run_folder` (or `method=model.pt`) pairs, method one of dt, mo_dt, trdt"""
-    out: str = "attention_comparison"
-    """output folder (created; existing files in it are never overwritten)"""
+    out: Optional[str] = None
+    """output folder (default: a new runs/attention__{unix time}); one that holds files only with
+    --force"""
+    force: bool = False
+    """write into an --out that already holds files, overwriting those of the same name"""
     eval_episodes: int = 10
     """evaluation episodes per model, all at once; only steps with a full context of K steps are recorded"""
     device: str = "cpu"
@@ -151,16 +157,14 @@ def main(args: Args) -> dict:
         if not path.is_file():
             raise SystemExit(f"error: {where}: no model.pt there; pass a run folder of {method}.py or its model.pt.")
         pairs.append((method, path))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not pairs:
+        raise SystemExit("error: no checkpoint given; pass method=run_folder pairs, e.g. dt=runs/RUN.")
+    out = common.output_folder(args.out, "attention", args.force)
     names = [f"{m}_{i}" for i, (m, _) in enumerate(pairs)]
-    for name in ["attention_comparison"] + names:
-        for ext in (".png", ".json"):
-            if (out / (name + ext)).exists():
-                raise SystemExit(f"error: {out / (name + ext)} exists; choose another --out (nothing is overwritten).")
     results, claims = {}, []
     for name, (method, path) in zip(names, pairs):
         s = record(method, path, args.eval_episodes, args.device, args.seed)
+        out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}.json").write_text(json.dumps(s))
         plot_one(s, out / f"{name}.png", f"{method} on {s['dataset']}: attention from state tokens")
         claims.append(later_blocks_claim(method, s["modality_mass_mean"], s["modalities"], s["samples"]))

@@ -6,8 +6,9 @@ parameters of MO-DT or TRDT, under the joint or the alternating (sequential) sch
 
 It trains with the method file's own data, model, losses and update (imported, not copied), and every
 --every updates takes the gradient of each unweighted task loss on the shared parameters (everything but the
-heads) on that update's batch, before its step. Writes grad_cosines.json and grad_cosines.png into --out and
-prints thesis claim | ours | verdict for "gradient descent drives the task gradients toward disagreement".
+heads) on that update's batch, before its step. Writes grad_cosines.json and grad_cosines.png into
+--out (default: a new runs/grad_cosines__{method}__{schedule}__{seed}__{time}) and prints thesis claim |
+ours | verdict for "gradient descent drives the task gradients toward disagreement".
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class Args:
     seed: int = 0
     """seed of the model, batches and everything else"""
     out: Optional[str] = None
-    """output folder (default runs/grad_cosines__{method}__{schedule}__{seed}); never overwritten"""
+    """output folder (default: a new runs/grad_cosines__{method}__{schedule}__{seed}__{unix time});
+    one that holds files only with --force"""
+    force: bool = False
+    """write into an --out that already holds files, overwriting those of the same name"""
 
 
 def shared_parameters(model) -> list:
@@ -78,9 +82,8 @@ def main(args: Args) -> dict:
     margs = tyro.cli(mod.Args, args=["--env", args.env, "--schedule", args.schedule, "--seed", str(args.seed),
                                      "--updates", str(args.updates), *args.sizes.split()]
                      + (["--dataset-path", *args.dataset_path] if args.dataset_path else []))  # fmt: skip
-    out = Path(args.out or f"runs/grad_cosines__{args.method}__{args.schedule}__{args.seed}")
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: {out} is not empty; choose another --out (nothing is overwritten).")
+    name = f"grad_cosines__{args.method}__{args.schedule}__{args.seed}"
+    out = common.output_folder(args.out, name, args.force)
     device, _ = mod.setup(margs)
     try:
         episodes, info = common.load_dataset(args.env, args.dataset_path)

@@ -2,11 +2,13 @@
 forward, no refinement) over levels and seeds, energy against refinement iteration, and attention maps per layer
 averaged over heads, with the blog's §7.b claims about them measured ("blog claim | ours | verdict").
 
-    python benchmarks/iem_analysis.py            # the committed CPU results: 2 levels x 2 seeds, ~30 min on 2 cores
+    python benchmarks/iem_analysis.py            # the committed results' setup: 2 levels x 2 seeds, ~30 min
     python benchmarks/iem_analysis.py --quick    # seconds: the whole pipeline on a tiny budget
+    python benchmarks/iem_analysis.py --out benchmarks/results/iem --force  # regenerate the committed ones
 
-Writes summary.json (with every layer's head-averaged map as arrays, for the DT/TT/IEM side-by-side figure),
-energy.png, attention.png and success.png to --out; run folders go to --runs-dir.
+Writes summary.json (with every layer's head-averaged map as arrays, for the DT/TT/IEM side-by-side
+figure), energy.png, attention.png and success.png to --out (default: a new runs/iem_analysis__{time};
+a folder that holds files only with --force); run folders go to --runs-dir.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from __future__ import annotations
 import json
 import math
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import iem  # noqa: E402
 
 # The blog's words (§7.b, "LEAP Attention Evolution" and the IEM caption), each with the rule that judges it.
@@ -74,8 +78,11 @@ class Args:
     """parent folder of the iem.py run folders"""
     data_dir: str = "~/.cache/seqrl/babyai"
     """iem.py's demonstration cache"""
-    out: str = "benchmarks/results/iem"
-    """folder of summary.json and the figures"""
+    out: Optional[str] = None
+    """folder of summary.json and the figures (default: a new runs/iem_analysis__{unix time}); the
+    committed results are regenerated with --out benchmarks/results/iem --force"""
+    force: bool = False
+    """write into an --out that already holds files, overwriting those of the same name"""
     threads: int = 1
     """torch CPU threads per run (the 2 cores of the reference machine are shared)"""
 
@@ -172,6 +179,12 @@ def judge(att: dict, H: int) -> dict:
     return {k: {"blog": CLAIMS[k][0], "rule": CLAIMS[k][1], "ours": o, "verdict": v} for k, (o, v) in out.items()}
 
 
+def fit(text: str, fig) -> str:
+    """A title wrapped to the figure's width (about 12 characters per inch at the default size): a
+    one-level --quick figure is narrower than its title."""
+    return textwrap.fill(text, max(20, int(12 * fig.get_figwidth())))
+
+
 def figures(summary: dict, out: Path) -> None:
     import matplotlib
 
@@ -185,9 +198,9 @@ def figures(summary: dict, out: Path) -> None:
             ax[0, i].plot(r["energy_per_iteration"], marker=".", label=f"seed {r['seed']}")
         ax[0, i].set(title=lv, xlabel="refinement iteration", ylabel="plan energy (sum of NLLs, nats)")
         ax[0, i].legend()
-    fig.suptitle("IEM: energy of the plan against iteration (mean over planning calls)")
+    fig.suptitle(fit("IEM: energy of the plan against iteration (mean over planning calls)", fig))
     fig.tight_layout()
-    fig.savefig(out / "energy.png", dpi=110)
+    fig.savefig(out / "energy.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     L = len(summary["levels"][levels[0]]["attention"]["layers"])
@@ -200,9 +213,10 @@ def figures(summary: dict, out: Path) -> None:
             ax[i, k].set_yticks(range(len(att["labels"])), att["labels"], fontsize=6)
             ax[i, k].set_title(f"{lv}: layer {k}", fontsize=9)
             fig.colorbar(im, ax=ax[i, k], fraction=0.046)
-    fig.suptitle("IEM attention per layer, averaged over heads (rows: queries, columns: keys)")
+    title = "IEM attention per layer, averaged over heads (rows: queries, columns: keys)"
+    fig.suptitle(fit(title, fig))
     fig.tight_layout()
-    fig.savefig(out / "attention.png", dpi=110)
+    fig.savefig(out / "attention.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     keys = [
@@ -219,17 +233,22 @@ def figures(summary: dict, out: Path) -> None:
         for xi, v in zip(x, vals):
             ax.plot([xi] * len(v), v, "k.", ms=4)
     ax.set_xticks(range(len(levels)), levels)
-    ax.set(ylabel="success rate", ylim=(0, 1), title="IEM against BC (bars: mean over seeds, dots: seeds)")
+    ax.set(ylabel="success rate", ylim=(0, 1))
+    ax.set_title(fit("IEM against BC (bars: mean over seeds, dots: seeds)", fig), fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
-    fig.savefig(out / "success.png", dpi=110)
+    fig.savefig(out / "success.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 def main(a: Args) -> dict:
-    t0, out = time.time(), Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    out = common.output_folder(a.out, "iem_analysis" + ("_quick" if a.quick else ""), a.force)
     if a.from_summary is not None:
+        if not Path(a.from_summary).is_file():
+            raise SystemExit(
+                f"error: --from-summary {a.from_summary}: no such file; pass a summary.json of this script."
+            )
         summary = json.loads(Path(a.from_summary).read_text())
         for d in summary["levels"].values():
             d["claims"] = judge(d["attention"], d["runs"][0]["arch"]["horizon"])
@@ -291,9 +310,11 @@ def main(a: Args) -> dict:
 
 
 def finish(summary: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     figures(summary, out)
     report(summary)
+    print(f"\nwrote summary.json, energy.png, attention.png and success.png to {out}")
     return summary
 
 

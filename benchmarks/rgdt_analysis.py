@@ -9,7 +9,8 @@ final-token loss (Eq. 2.7's indicator 1 and 0), and the decoder self-attention o
 With --checkpoint, also the trained model's decoder self- and cross-attention during an Alg. 2 evaluation.
 
 Writes fig2_2.png / .json, metrics.jsonl and (with --checkpoint) attention.png / .json into --out, and prints each
-statement of Fig. 2.2's caption with our measurement and a verdict. Existing files are never overwritten.
+statement of Fig. 2.2's caption with our measurement and a verdict. --out defaults to a new
+runs/rgdt_analysis__{time}; a folder that already holds files is refused unless --force.
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ class Args:
     checkpoint: Optional[str] = None
     """a `model.pt` written by rgdt.py: its decoder attention during an evaluation is recorded too, and the two Fig.
     2.2 translators take its architecture and state normalisation (default: §2.4's architecture)"""
-    out: str = "rgdt_analysis"
-    """output folder (made if missing; existing output files in it are never overwritten)"""
+    out: Optional[str] = None
+    """output folder (default: a new runs/rgdt_analysis__{unix time}); one that holds files only with
+    --force"""
+    force: bool = False
+    """write into an --out that already holds files, overwriting those of the same name"""
     updates: int = 1000
     """updates of each of the two Fig. 2.2 translators; their warmup is a tenth of this, else short runs would never
     reach the learning rate"""
@@ -255,13 +259,7 @@ def print_claims(claims: list[dict]) -> None:
 
 def main(args: Args) -> dict:
     device, _ = rgdt.setup(args)
-    out = Path(args.out)
-    names = ["fig2_2.png", "fig2_2.json", "metrics.jsonl"] + (
-        ["attention.png", "attention.json"] if args.checkpoint else []
-    )
-    for name in names:
-        if (out / name).exists():
-            raise SystemExit(f"error: {out / name} exists; choose another --out (nothing is overwritten).")
+    out = common.output_folder(args.out, "rgdt_analysis", args.force)
     ckpt = rgdt.load_checkpoint(args.checkpoint, device)
     rargs = rgdt.Args(
         env=args.env, dataset_path=args.dataset_path, checkpoint=args.checkpoint, seed=args.seed,
@@ -275,6 +273,7 @@ def main(args: Args) -> dict:
         arch, stats = {"state_dim": info["obs_dim"], **{k: getattr(rargs, k) for k in rgdt.ARCH}}, None  # §2.4's
     data = rgdt.make_dataset(episodes, device, arch["rtg_scale"], stats)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # --force: a new log, not the last run's extended
     label = common.SOURCE_LABEL[info["source"]]
     states, ep_start, ep_end = (data[k].cpu().numpy() for k in ("states", "ep_start", "ep_end"))
     corr = state_correlation(states, ep_start, ep_end, max(arch["return_len"], arch["state_len"]))

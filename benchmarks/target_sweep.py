@@ -5,7 +5,8 @@
 Each checkpoint is evaluated with its own method file's `evaluate` (all episodes at once, the method's seeds)
 at every target. The question it answers: is a score that falls during training a property of the model, or of
 a target return the data never reached (hopper-medium-replay's replica tops out at 3115; DT's default is 3600)?
-Writes target_sweep.json and target_sweep.png into --out (never overwriting) and prints a table.
+Writes target_sweep.json and target_sweep.png into --out (default: a new runs/target_sweep__{time}; a
+folder that already holds files only with --force) and prints a table.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
 from attention import MODELS, pyplot  # noqa: E402
 
 
@@ -34,8 +37,11 @@ class Args:
     """target returns to condition on (environment units, before the return scale)"""
     eval_episodes: int = 10
     """episodes per target, all at once"""
-    out: str = "target_sweep"
-    """output folder (created; existing files are never overwritten)"""
+    out: Optional[str] = None
+    """output folder (default: a new runs/target_sweep__{unix time}); one that holds files only with
+    --force"""
+    force: bool = False
+    """write into an --out that already holds files, overwriting those of the same name"""
     seed: int = 0
     """seed of the evaluation envs (the method file's rule: seed + 10000 + episode)"""
 
@@ -70,11 +76,11 @@ def main(args: Args) -> dict:
         if method not in MODELS or not path.is_file():
             raise SystemExit(f"error: {item!r}: expected method=run_folder (dt, mo_dt, trdt) with a model.pt.")
         pairs.append((method, path))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if any((out / n).exists() for n in ("target_sweep.json", "target_sweep.png")):
-        raise SystemExit(f"error: {out} already holds a sweep; choose another --out (nothing is overwritten).")
+    if not pairs:
+        raise SystemExit("error: no checkpoint given; pass method=run_folder pairs, e.g. dt=runs/RUN.")
+    out = common.output_folder(args.out, "target_sweep", args.force)
     results = [sweep(m, p, args.targets, args.eval_episodes, args.seed) for m, p in pairs]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "target_sweep.json").write_text(json.dumps(dict(config=vars(args), results=results), indent=1))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))

@@ -1,9 +1,13 @@
 """The blog's DT-versus-TT analyses (blog §7.b-§7.c, issue 17), for DT (dt.py) and TT (tt.py) on one dataset.
 
-    python benchmarks/tt_analysis.py                                  # trains both at the CPU budget, then analyses
-    python benchmarks/tt_analysis.py --dt-checkpoint runs/A/model.pt --tt-checkpoint runs/B/model.pt
+    python benchmarks/tt_analysis.py --data-dir DIR       # trains DT and TT on DIR/{env}.hdf5, analyses
+    python benchmarks/tt_analysis.py --dataset-path FILE --dt-checkpoint A/model.pt --tt-checkpoint B/model.pt
 
-Nine analyses, one figure each in --out plus summary.json, and a printed `blog claim | ours | verdict` table:
+Without --data-dir or --dataset-path the official D4RL file is read (downloaded once), as in the method
+files.
+
+Nine analyses, one figure each in --out (default: a new runs/tt_analysis__{time}) plus summary.json, and a
+printed `blog claim | ours | verdict` table:
  1 attention maps per layer (head mean) on the same dataset windows;  2 DT's return-to-go tracking;
  3 attention allocation over episode time (return tokens / recent steps / old steps);  4 attention mass against
  distance in timesteps;  5 head entropy per layer and head;  6 error propagation (defined below);  7 attention
@@ -45,11 +49,18 @@ def tt_kinds(model) -> np.ndarray:
 @dataclass
 class Args:
     env: str = "hopper-medium-replay"
-    """dataset name; the file `{data_dir}/{env}.hdf5` is read"""
-    data_dir: str = "../shared/d4rl-replica"
-    """folder of the replica (or your own D4RL-layout) files"""
-    out: str = "benchmarks/results/tt"
-    """folder for the figures and summary.json (aggregates only)"""
+    """dataset name (a D4RL name)"""
+    data_dir: Optional[str] = None
+    """folder holding `{env}.hdf5`, e.g. the replica datasets (see README's Data); or use
+    --dataset-path"""
+    dataset_path: Optional[str] = None
+    """the D4RL-layout .hdf5 file itself; without it and --data-dir, the official D4RL file (downloaded
+    once)"""
+    out: Optional[str] = None
+    """folder for the figures and summary.json (default: a new runs/tt_analysis__{unix time}); the
+    committed results are regenerated with --out benchmarks/results/tt --force"""
+    force: bool = False
+    """write into an --out that already holds files, overwriting those of the same name"""
     runs_dir: str = "runs/tt_analysis"
     """where the DT and TT training runs go when no checkpoints are given"""
     dt_checkpoint: Optional[str] = None
@@ -107,6 +118,28 @@ class Args:
                 raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be > 0.")
         if not self.beam_widths or min(self.beam_widths) < 1:
             raise SystemExit(f"error: --beam-widths {self.beam_widths}: give widths >= 1.")
+        if self.data_dir is not None and self.dataset_path is not None:
+            raise SystemExit(
+                f"error: --data-dir {self.data_dir} and --dataset-path {self.dataset_path}: pass one of them."
+            )
+
+
+def dataset_paths(args: Args) -> tuple[str, ...]:
+    """The file to read: --dataset-path, or {--data-dir}/{env}.hdf5; none (the official D4RL file)
+    without both."""
+    if args.dataset_path is not None:
+        if not Path(args.dataset_path).is_file():
+            raise SystemExit(f"error: --dataset-path {args.dataset_path}: no such file; pass a D4RL-layout .hdf5.")
+        return (args.dataset_path,)
+    if args.data_dir is not None:
+        path = Path(args.data_dir) / f"{args.env}.hdf5"
+        if not path.is_file():
+            raise SystemExit(
+                f"error: --data-dir {args.data_dir}: no {path.name} there; pass the folder of the "
+                "replica (or your own D4RL-layout) files, or the file itself with --dataset-path."
+            )
+        return (str(path),)
+    return ()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -135,11 +168,11 @@ class DTPolicy:
         return preds["action"][0].float(), attns
 
 
-def get_dt(args: Args, path: str, device) -> tuple:
+def get_dt(args: Args, paths: tuple, device) -> tuple:
     if args.dt_checkpoint is None:
-        a = dt.Args(env=args.env, dataset_path=(path,), updates=args.dt_updates, warmup_steps=300, eval_every=0,
-                    eval_episodes=2, runs_dir=args.runs_dir, exp_name="dt_analysis", seed=args.seed,
-                    threads=args.threads)  # fmt: skip
+        a = dt.Args(env=args.env, dataset_path=paths, updates=args.dt_updates, warmup_steps=300,
+                    eval_every=0, eval_episodes=2, runs_dir=args.runs_dir, exp_name="dt_analysis",
+                    seed=args.seed, threads=args.threads)  # fmt: skip
         res = dt.train(a)
         ckpt_path, info = str(Path(res["run_dir"]) / "model.pt"), {"updates_per_s": res["train_updates_per_s"]}
     else:
@@ -151,11 +184,12 @@ def get_dt(args: Args, path: str, device) -> tuple:
     return policy, info
 
 
-def get_tt(args: Args, path: str, device) -> tuple:
+def get_tt(args: Args, paths: tuple, device) -> tuple:
     if args.tt_checkpoint is None:
-        a = tt.Args(env=args.env, dataset_path=(path,), n_embd=64, batch_size=32, seq_len=5, warmup_epochs=0.1,
-                    updates=args.tt_updates, beam_width=1, eval_episodes=1, eval_max_steps=10,
-                    runs_dir=args.runs_dir, exp_name="tt_analysis", seed=args.seed, threads=args.threads)  # fmt: skip
+        a = tt.Args(env=args.env, dataset_path=paths, n_embd=64, batch_size=32, seq_len=5,
+                    warmup_epochs=0.1, updates=args.tt_updates, beam_width=1, eval_episodes=1,
+                    eval_max_steps=10, runs_dir=args.runs_dir, exp_name="tt_analysis", seed=args.seed,
+                    threads=args.threads)  # fmt: skip
         res = tt.train(a)
         ckpt_path, info = str(Path(res["run_dir"]) / "model.pt"), {"updates_per_s": res["train_updates_per_s"]}
     else:
@@ -796,17 +830,15 @@ def main(args: Args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    path = Path(args.data_dir) / f"{args.env}.hdf5"
-    if not path.is_file():
-        raise SystemExit(
-            f"error: --data-dir {args.data_dir}: no {path.name} there; pass the folder of the replica files."
-        )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    episodes, info = common.load_dataset(args.env, (str(path),))
+    paths = dataset_paths(args)
+    out = common.output_folder(args.out, "tt_analysis", args.force)
+    try:
+        episodes, info = common.load_dataset(args.env, paths)
+    except common.DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
     label = common.SOURCE_LABEL[info["source"]]
-    pi, dt_train = get_dt(args, str(path), device)
-    tt_model, disc, targs, tt_train = get_tt(args, str(path), device)
+    pi, dt_train = get_dt(args, paths, device)
+    tt_model, disc, targs, tt_train = get_tt(args, paths, device)
     print(f"[{time.time() - t_start:.0f} s] models ready; analysing")
     r = {"maps": attention_maps(pi, tt_model, disc, targs, episodes, args, device)}
     r["dt_roll"] = dt_rollouts(pi, info, args, device)
@@ -858,6 +890,7 @@ def main(args: Args) -> dict:
         "source": label,
     }
     claims = make_claims(r, args, label)
+    out.mkdir(parents=True, exist_ok=True)
     figures(out, r, args, label)
 
     def lean(res):  # rollouts without the per-step arrays

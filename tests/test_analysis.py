@@ -160,7 +160,7 @@ def test_attention_comparison_from_checkpoints(tmp_path, hdf5_path):
         assert len(s["modality_mass_mean"]) == 2 and len(s["modalities"]) == k
         assert abs(sum(s["modality_mass_mean"][0]) - 1) < 1e-4
     assert [c["claim"][:8] for c in summary["claims"]] == ["Fig. 1.1", "Fig. 1.3"]
-    with pytest.raises(SystemExit, match="nothing is overwritten"):
+    with pytest.raises(SystemExit, match="holds files; .* --force"):
         attention.main(attention.Args(runs=(f"dt={runs['dt']}",), out=str(out)))
     with pytest.raises(SystemExit, match="expected method=run_folder"):
         attention.main(attention.Args(runs=(f"ppo={runs['dt']}",), out=str(tmp_path / "x")))
@@ -210,7 +210,7 @@ def test_gradient_cosine_benchmark_end_to_end(tmp_path, hdf5_path):
     assert (tmp_path / "gc" / "grad_cosines.png").stat().st_size > 0 and summary["claims"][0]["claim"].startswith(
         "Ch. 3"
     )
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(SystemExit, match="holds files; .* --force"):
         grad_cosines.main(args)
 
 
@@ -226,7 +226,7 @@ def test_target_sweep_evaluates_a_checkpoint_at_each_target(tmp_path, hdf5_path)
     rows = res["results"][0]["rows"]
     assert [r["target"] for r in rows] == [3600.0, 10.0] and all(len(r["lengths"]) == 2 for r in rows)
     assert (out / "target_sweep.png").stat().st_size > 0 and res["results"][0]["trained_updates"] == 3
-    with pytest.raises(SystemExit, match="nothing is overwritten"):
+    with pytest.raises(SystemExit, match="holds files; .* --force"):
         target_sweep.main(target_sweep.Args(runs=(f"dt={run}",), out=str(out)))
 
 

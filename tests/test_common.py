@@ -52,7 +52,8 @@ def test_hdf5_and_pickle_give_the_same_episodes(hdf5_path, pickle_path, flat):
 
 
 def test_replica_files_are_labelled_replica(tmp_path, hdf5_path):
-    """Numbers from ../shared/d4rl-replica must never pass for official D4RL ones."""
+    """Numbers from the replica datasets (a folder named d4rl-replica, see README) must never pass for official
+    D4RL ones."""
     (tmp_path / "d4rl-replica").mkdir()
     copy = tmp_path / "d4rl-replica" / "hopper-medium.hdf5"
     copy.write_bytes(hdf5_path.read_bytes())
@@ -128,6 +129,41 @@ def test_bad_hdf5_files_get_clear_errors(tmp_path, flat, mutate, message):
     path = write_hdf5(tmp_path / "bad.hdf5", data)
     with pytest.raises(common.DatasetError, match=message):
         common.load_dataset("hopper-medium", [str(path)])
+
+
+def test_a_damaged_compressed_file_is_a_clear_error(tmp_path, flat):
+    """A gzip-compressed chunk whose bytes were changed (a bad copy, a disk error) no longer decodes; h5py says
+    only "filter returned failure during read", with no file name."""
+    import h5py
+
+    path = tmp_path / "hopper-medium.hdf5"
+    with h5py.File(path, "w") as f:
+        for k, v in flat.items():
+            f.create_dataset(k, data=v, compression="gzip", chunks=True)
+        chunk = f["observations"].id.get_chunk_info(0)
+    data = bytearray(path.read_bytes())
+    middle = chunk.byte_offset + chunk.size // 2
+    data[middle : middle + 32] = bytes(32)
+    path.write_bytes(bytes(data))
+    with pytest.raises(common.DatasetError, match=rf"^{path}: the file is damaged, .* Download or copy it again"):
+        common.load_dataset("hopper-medium", [str(path)])
+
+
+def test_halfcheetah_env_prints_no_settotalmass_warning(capfd):
+    """MuJoCo prints (from C, so only capfd sees it) that half_cheetah.xml's settotalmass is deprecated, once per
+    env; the eval envs are made without it, and MuJoCo's warning hook is left as it was."""
+    import gymnasium as gym
+    import mujoco
+
+    before = mujoco.get_mju_user_warning()
+    gym.make("HalfCheetah-v4").close()
+    raw = capfd.readouterr()
+    common.make_env(dict(common.D4RL_TABLE["halfcheetah"], env_kwargs={})).close()
+    ours = capfd.readouterr()
+    assert "settotalmass" not in ours.out + ours.err
+    assert mujoco.get_mju_user_warning() is before
+    if "settotalmass" not in raw.out + raw.err:
+        pytest.skip(f"MuJoCo {mujoco.__version__} does not print the warning: nothing to silence")
 
 
 def test_dims_that_do_not_match_the_env(hdf5_path):
@@ -264,3 +300,15 @@ def test_data_of_another_domain_with_the_same_dims_is_refused(tmp_path):
     named = write_hdf5(tmp_path / "walker2d-medium.hdf5", random_rollouts("Walker2d-v4", steps=300))
     with pytest.raises(common.DatasetError, match="the file name says walker2d, but --env is a halfcheetah dataset"):
         common.load_dataset("halfcheetah-medium", [str(named)])
+
+
+def test_no_workspace_paths_in_common_and_the_analyses():
+    """A clone has no ../shared: a default or a hint that names it fails at once for a newcomer."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = ["common.py", "theory_mgf.py", "theory_tpg.py", "sample_complexity.py"] + [
+        f"benchmarks/{f}.py"
+        for f in ("iem_analysis", "tt_analysis", "rgdt_analysis", "attention", "target_sweep", "grad_cosines")
+    ]
+    assert [f for f in files if "../shared" in (root / f).read_text()] == []

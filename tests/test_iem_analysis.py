@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import iem_analysis  # noqa: E402
 
 
@@ -62,6 +63,29 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path):
     assert r["energy_per_iteration"] == sorted(r["energy_per_iteration"], reverse=True)  # --accept lower: never up
     again = iem_analysis.main(iem_analysis.Args(from_summary=str(out / "summary.json"), out=str(tmp_path / "again")))
     assert again["levels"][level]["claims"] == d["claims"] and (tmp_path / "again" / "attention.png").is_file()
+    with pytest.raises(SystemExit, match="holds files; .* --force"):
+        iem_analysis.main(iem_analysis.Args(from_summary=str(out / "summary.json"), out=str(out)))
+
+
+def test_titles_fit_their_figures(tmp_path, monkeypatch):
+    """One level (--quick) makes narrow figures; every title must still lie inside the figure."""
+    import matplotlib.figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    summary = json.loads((ROOT / "benchmarks" / "results" / "iem" / "summary.json").read_text())
+    for n in (1, len(summary["levels"])):
+        one = {**summary, "levels": dict(list(summary["levels"].items())[:n])}
+        iem_analysis.figures(one, tmp_path)
+    assert len(drawn) == 6
+    for fig in drawn:
+        renderer = FigureCanvasAgg(fig).get_renderer()  # the closed figure's canvas no longer renders
+        texts = [fig._suptitle] + [ax.title for ax in fig.axes]
+        for t in texts:
+            if t is not None and t.get_text():
+                box = t.get_window_extent(renderer)
+                assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, t.get_text()
 
 
 if __name__ == "__main__":

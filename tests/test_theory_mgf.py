@@ -171,5 +171,27 @@ def test_quick_end_to_end(tmp_path):
         "theorem_checks",
     ):
         assert (out / f"{name}.png").stat().st_size > 0
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(SystemExit, match="holds files; .* --force"):
         m.main(m.Args(quick=True, out_dir=str(out)))  # never overwrite a run
+
+
+def test_cosine_axis_stays_within_the_range_of_a_cosine(tmp_path, monkeypatch):
+    """Fig. 3.3: joint training keeps the cosine of similar tasks at 1; the band of the seeds' spread and
+    matplotlib's margin must not draw the axis above 1."""
+    import matplotlib.figure
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    args = m.validate(m.Args(quick=True))
+    run = lambda cos: {"cos": np.array(cos), "sum_norm": np.ones(3), "loss": np.ones(3)}  # noqa: E731
+    seeds = [run([1.0, 1.0 + 4e-16, 1.0]), run([0.9, 0.99, 1.0])]  # rounding, and mean + std pass 1
+    mlp = {"similar": {eta: {r: seeds for r in m.REGIMES} for eta in args.mlp_etas}}
+    m.plot_mlp(args, mlp, "similar", str(tmp_path / "fig3_3_similar.png"))
+    (fig,) = drawn
+    cos_axes = fig.axes[0::3]  # one row per eta: cosine, ||g_x + g_y||, loss
+    assert len(cos_axes) == len(args.mlp_etas)
+    for ax in cos_axes:
+        bottom, top = ax.get_ylim()
+        assert -1.0 <= bottom < 0.9 and top == 1.0
+        assert max(p.vertices[:, 1].max() for c in ax.collections for p in c.get_paths()) <= 1.0
+        assert max(line.get_ydata().max() for line in ax.lines) <= 1.0

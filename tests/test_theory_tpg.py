@@ -221,7 +221,7 @@ def test_reduced_run_reaches_high_correlation(tmp_path):
     )
     assert verdicts["§1.6.3 G_m"] == expected
     # never overwrite: the same folder is now non-empty
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(SystemExit, match="holds files; .* --force"):
         T.main(T.Args(steps=10, trials=1, out_dir=str(out)))
 
 

@@ -60,8 +60,14 @@ def test_verdicts():
 def test_bad_flags_and_missing_data(tmp_path):
     with pytest.raises(SystemExit, match="--error-steps 0"):
         tt_analysis.Args(error_steps=0)
-    with pytest.raises(SystemExit, match="--data-dir"):
+    with pytest.raises(SystemExit, match="--data-dir .*: no hopper-medium-replay.hdf5 there"):
         tt_analysis.main(tt_analysis.Args(data_dir=str(tmp_path), out=str(tmp_path / "out")))
+    with pytest.raises(SystemExit, match="--dataset-path .*none.hdf5: no such file"):
+        tt_analysis.main(tt_analysis.Args(dataset_path=str(tmp_path / "none.hdf5"), out=str(tmp_path / "out")))
+    with pytest.raises(SystemExit, match="pass one of them"):
+        tt_analysis.Args(data_dir=str(tmp_path), dataset_path=str(tmp_path / "x.hdf5"))
+    assert not (tmp_path / "out").exists()
+    assert tt_analysis.Args().data_dir is None and tt_analysis.Args().out is None  # no workspace path by default
 
 
 def test_all_nine_analyses_on_a_tiny_budget(tmp_path, hdf5_path, capsys):
