@@ -60,7 +60,7 @@ class Args:
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
     n_bins: int = 100
-    """N, bins per dimension (TT code: 100)"""
+    """N, bins per dimension, at least 2 (TT code: 100)"""
     discretizer: Literal["quantile", "uniform"] = "quantile"
     """`quantile`: equal-mass bins per dimension (TT code's default); `uniform`: equal-width bins"""
     seq_len: int = 10
@@ -109,16 +109,18 @@ class Args:
     """as --cdf-act, for observation tokens (TT code: off)"""
     k_obs: int = 1
     """as --k-act, for observation tokens (TT code: 1, the most likely observation)"""
-    max_context: int = 5
-    """transitions the planner sees, the current one included (TT code: 5)"""
+    max_context: Optional[int] = None
+    """transitions the planner sees, the current one included; at most the model's --seq-len. Default: TT code's 5,
+    or the model's --seq-len (a checkpoint's) when that is shorter"""
     kv_cache: bool = True
     """reuse keys/values across generated tokens while the view only grows (exact); off: a full forward per token"""
     eval_episodes: int = 10
     """episodes per evaluation, all planned at once (batched over episodes x beams) in a vector env"""
     eval_every: int = 0
     """evaluate before training and every N updates (0: only at the end; planning is expensive)"""
-    eval_max_steps: int = 0
-    """cut evaluation episodes after N steps (0: the env's limit, 1000); cut scores are not comparable to papers'"""
+    eval_max_steps: Optional[int] = None
+    """cut evaluation episodes after N > 0 steps (default: the env's limit, 1000); cut scores are not comparable
+    to papers'"""
     compile: bool = False
     """torch.compile the model for training (CUDA)"""
     bf16: bool = True
@@ -151,8 +153,11 @@ class Args:
 
     def __post_init__(self):
         positive = "n_bins seq_len n_layer n_head n_embd batch_size lr grad_clip horizon beam_width n_expand"
-        non_negative = "seed updates eval_every eval_max_steps k_act k_obs threads save_every"
-        check_flags(self, positive + " max_context eval_episodes log_every", non_negative)
+        non_negative = "seed updates eval_every k_act k_obs threads save_every"
+        check_flags(self, positive + " eval_episodes log_every", non_negative)
+        check_given(self, "max_context eval_max_steps", "")
+        if self.n_bins < 2:
+            raise SystemExit(f"error: --n-bins {self.n_bins}: must be >= 2; one bin cannot tell two values apart.")
         for name in ("dropout", "cdf_act", "cdf_obs"):
             if not 0 <= getattr(self, name) < 1:
                 raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1).")
@@ -164,7 +169,7 @@ class Args:
             raise SystemExit(
                 f"error: --warmup-epochs {self.warmup_epochs}: must be in [0, --decay-epochs {self.decay_epochs}]."
             )
-        if self.max_context > self.seq_len:
+        if self.max_context is not None and self.checkpoint is None and self.max_context > self.seq_len:
             raise SystemExit(
                 f"error: --max-context {self.max_context}: must be <= --seq-len {self.seq_len}, the trained window."
             )
@@ -190,6 +195,8 @@ TT_PAPER_TABLE_1 = {
            "halfcheetah-medium-replay": 36.6, "hopper-medium-replay": 82.7, "walker2d-medium-replay": 66.6},
 }
 # fmt: on
+# TT code, config/offline.py `base`: the settings used where no flag and no per-dataset entry says otherwise.
+TT_BASE = {"max_context": 5}
 ARCH = ("n_bins", "discretizer", "seq_len", "n_layer", "n_head", "n_embd", "discount", "terminal_penalty")
 # Flags that say where and how a run runs, not what it computes: --resume takes them from its own command line.
 RUN_FLAGS = "resume device threads runs_dir track wandb_project_name wandb_entity capture_video".split()
@@ -412,10 +419,18 @@ def sample_tokens(dec: Decoder, n: int, k: int, cdf: float, gen: torch.Generator
         dec.append(torch.multinomial(filter_logits(dec.logits, k, cdf).softmax(-1), 1, generator=gen))
 
 
+def with_base(args: Args) -> Args:
+    """The settings train() resolves per run that are still None (plan or evaluate called from elsewhere, e.g.
+    benchmarks/) take the TT code's base values."""
+    unset = {k: v for k, v in TT_BASE.items() if getattr(args, k) is None}
+    return replace(args, **unset) if unset else args
+
+
 @torch.no_grad()
 def plan(model, disc: Discretizer, prefix: torch.Tensor, args: Args, gen: torch.Generator) -> torch.Tensor:
     """prefix (E, P): each episode's context transitions and current observation tokens. Returns the action
     tokens (E, m_a) that start each episode's best plan (replanned every step)."""
+    args = with_base(args)
     E, P = prefix.shape
     m_s, m_a, W, X, dev = model.obs_dim, model.act_dim, args.beam_width, args.n_expand, prefix.device
     dec = Decoder(model, prefix, min(args.max_context * model.td - 1, model.block_size), args.kv_cache)
@@ -465,6 +480,7 @@ def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] 
 @torch.no_grad()
 def evaluate(model, disc: Discretizer, info: dict, args: Args, device, autocast, hook=None, video=None) -> dict:
     """hook(t, prefix, action_tokens, alive), if given, sees every planning call (for analyses)."""
+    args = with_base(args)
     n, m_s, m_a, td = args.eval_episodes, model.obs_dim, model.act_dim, model.td
     envs, horizon = make_eval_envs(info, n, False, video)
     horizon = min(horizon, args.eval_max_steps or horizon)
@@ -502,7 +518,8 @@ def evaluate(model, disc: Discretizer, info: dict, args: Args, device, autocast,
         lengths += ~done
         done |= term | trunc
         bar.update()
-        bar.set_postfix(episodes=f"{int(done.sum())}/{n}", env_steps=int(lengths.sum()), refresh=False)
+        finished = n if t + 1 == horizon else int(done.sum())  # episodes cut by --eval-max-steps count as done
+        bar.set_postfix(episodes=f"{finished}/{n}", env_steps=int(lengths.sum()), refresh=False)
         if done.all():
             break
     elapsed = time.time() - t0
@@ -524,6 +541,12 @@ def check_flags(args, positive: str, non_negative: str) -> None:
         for name in names.split():
             if not ok(getattr(args, name)):
                 raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}.")
+
+
+def check_given(args, positive: str, non_negative: str) -> None:
+    """check_flags for the flags whose default None means "resolved at run time": only those given."""
+    given = lambda names: " ".join(n for n in names.split() if getattr(args, n) is not None)  # noqa: E731
+    check_flags(args, given(positive), given(non_negative))
 
 
 def setup(args) -> tuple[torch.device, int]:
@@ -859,6 +882,36 @@ def report(res: dict, args: Args, info: dict, total: int) -> None:
               f"DT {TT_PAPER_TABLE_1['dt'][info['name']]}; locomotion averages TT 78.9, DT 74.7")  # fmt: skip
 
 
+def resolve_context(args: Args, ckpt: Optional[dict]) -> tuple[Args, dict]:
+    """--max-context left out: the TT code's 5 transitions, or fewer when the model's window (a checkpoint's
+    --seq-len) is shorter. Returns the arguments and where the value came from."""
+    if args.max_context is None:
+        value = min(TT_BASE["max_context"], args.seq_len)
+        model = "the checkpoint's" if ckpt is not None else "the model's"
+        capped = f", capped at {model} --seq-len {args.seq_len}" if value < TT_BASE["max_context"] else ""
+        return replace(args, max_context=value), {"max_context": f"TT base{capped}"}
+    if args.max_context > args.seq_len:  # only a checkpoint's --seq-len gets here; Args checks the flag's own
+        raise SystemExit(
+            f"error: --max-context {args.max_context}: must be <= the checkpoint's --seq-len {args.seq_len}, its "
+            f"trained window; leave out --max-context to plan with {args.seq_len}."
+        )
+    return args, {"max_context": "flag"}
+
+
+def planning_cost(args: Args, m_s: int, m_a: int) -> str:
+    """What one planning call costs (one env step of every episode at once), counted as plan() runs: a forward
+    pass over the prefix, then one pass per generated token (kv cache) for the action tokens, r and V of every
+    horizon step, and the observation tokens of every step but the last."""
+    steps = f"episodes cut at {args.eval_max_steps} steps" if args.eval_max_steps else "episodes run to the env's limit"
+    if args.beam_width == 1:
+        return f"greedy decoding: {1 + m_a} forward passes of 1 sequence per episode per env step; {steps}"
+    n = 1 + args.horizon * (m_a + 2) + (args.horizon - 1) * m_s
+    return (
+        f"beam {args.beam_width} x horizon {args.horizon}: about {n} forward passes of "
+        f"{args.beam_width * args.n_expand} sequences per episode per env step; {steps}"
+    )
+
+
 def start(args: Args) -> tuple:
     """The run's arguments, device, checkpoint (--resume: the run's own), dataset and folder, all checked before
     the folder is made."""
@@ -868,6 +921,7 @@ def start(args: Args) -> tuple:
     ckpt = load_checkpoint(resume_path, device, "--resume") if args.resume else load_checkpoint(args.checkpoint, device)
     if ckpt is not None:  # the architecture and token definition are the checkpoint's, whatever the flags say
         args = replace(args, **{k: ckpt["arch"][k] for k in ARCH})
+    args, sources = resolve_context(args, ckpt)
     episodes, info = load_data(args, ckpt)
     if args.capture_video:
         try:
@@ -875,16 +929,16 @@ def start(args: Args) -> tuple:
         except common.DatasetError as e:
             raise SystemExit(f"error: {e}") from None
     run_dir = Path(args.resume) if args.resume else make_run_dir(args, info)
-    return args, device, threads, ckpt, episodes, info, run_dir
+    return args, sources, device, threads, ckpt, episodes, info, run_dir
 
 
 def train(args: Args) -> dict:
     t_start = time.time()
-    args, device, threads, ckpt, episodes, info, run_dir = start(args)
+    args, sources, device, threads, ckpt, episodes, info, run_dir = start(args)
     resume = ckpt["resume"] if args.resume else None
     metrics = run_dir / "metrics.jsonl"
     arch = {k: getattr(args, k) for k in ARCH}
-    config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info}
+    config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info, "sources": sources}
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
     # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
     config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
@@ -904,6 +958,8 @@ def train(args: Args) -> dict:
     precision = "bf16" if bf16 else "fp32"
     print(f"run {run_dir.name}: {info['name']} ({info['source']} data), {model.td} tokens per transition, "
           f"{n_params:.2f}M parameters, device {device}, {threads} CPU thread(s), {precision}")  # fmt: skip
+    print("settings: " + ", ".join(f"{k} {getattr(args, k)} ({v})" for k, v in config.get("sources", sources).items()))
+    print(f"planning: {planning_cost(args, model.obs_dim, model.act_dim)}")
 
     def run_eval(step: int, video=None) -> dict:
         res = evaluate(model, disc, info, args, device, autocast, video=video)

@@ -216,7 +216,8 @@ def test_cdf_and_topk_filters():
     "kw, message",
     [({"beam_width": 0}, "--beam-width 0"), ({"n_embd": 30}, "--n-embd 30"), ({"cdf_act": 1.0}, "--cdf-act 1.0"),
      ({"max_context": 11}, "--max-context 11"), ({"updates": 0}, "--updates 0"), ({"discount": 0.0}, "--discount"),
-     ({"decay_epochs": 0.5}, "--decay-epochs 0.5"), ({"n_bins": 0}, "--n-bins 0")],
+     ({"decay_epochs": 0.5}, "--decay-epochs 0.5"), ({"n_bins": 0}, "--n-bins 0"), ({"n_bins": 1}, "--n-bins 1"),
+     ({"eval_max_steps": 0}, "--eval-max-steps 0"), ({"max_context": 0}, "--max-context 0")],
 )  # fmt: skip
 def test_bad_flags_are_refused_with_one_message(kw, message):
     with pytest.raises(SystemExit, match=message.replace(".", r"\.")):
@@ -286,3 +287,63 @@ def test_end_to_end_checkpoint_and_determinism(tmp_path, hdf5_path):
     )
     greedy = tt.train(tiny_args(tmp_path / "d", hdf5_path, checkpoint=str(run / "model.pt"), updates=0, beam_width=1))
     assert len(greedy["returns"]) == 2 and greedy["args"]["beam_width"] == 1 and greedy["plan_s_per_step"] > 0
+
+
+# --- evaluating a checkpoint (issue 25, item 3) -------------------------------------------------------
+
+
+def test_evaluating_a_checkpoint_takes_its_context_and_names_the_run(tmp_path, hdf5_path, capsys):
+    """`--checkpoint CK --updates 0` alone: the planner's context comes from the checkpoint's window (seq_len 3,
+    shorter than the TT code's 5 transitions) instead of failing; the run is named -eval and the cost of planning
+    is printed before the wait."""
+    ck = Path(tt.train(tiny_args(tmp_path / "a", hdf5_path))["run_dir"]) / "model.pt"  # seq_len 3
+    capsys.readouterr()
+    ev = tt.train(tt.Args(checkpoint=str(ck), updates=0, horizon=2, beam_width=3, eval_episodes=2, eval_max_steps=8,
+                          runs_dir=str(tmp_path / "ev")))  # fmt: skip
+    out = capsys.readouterr().out
+    assert ev["args"]["max_context"] == 3 and "capped at the checkpoint's --seq-len 3" in ev["sources"]["max_context"]
+    assert "max_context 3 (TT base, capped at the checkpoint's --seq-len 3)" in out
+    assert "__tt-eval__" in Path(ev["run_dir"]).name and not (Path(ev["run_dir"]) / "model.pt").exists()
+    assert out.index("planning: beam 3 x horizon 2: about ") < out.index("normalized score")  # before the wait
+    with pytest.raises(SystemExit, match=r"--max-context 5: must be <= the checkpoint's --seq-len 3"):
+        tt.train(tt.Args(checkpoint=str(ck), updates=0, max_context=5, runs_dir=str(tmp_path / "refused")))
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("beam_width", [1, 3])
+def test_the_printed_planning_cost_counts_the_forward_passes(beam_width):
+    model, calls = tiny_model(obs_dim=2, act_dim=2, seq_len=3), []
+    model.register_forward_hook(lambda m, i, o: calls.append(1))
+    args = tt.Args(horizon=2, beam_width=beam_width, n_expand=2, max_context=3, updates=1)
+    disc = tt.Discretizer(torch.linspace(0, 1, 8)[:, None].repeat(1, 6).double())
+    tt.plan(model, disc, torch.zeros(2, 2 * 6 + 2, dtype=torch.long), args, torch.Generator().manual_seed(0))
+    said = tt.planning_cost(args, 2, 2)
+    assert f"about {len(calls)} forward passes" in said or f": {len(calls)} forward passes" in said
+
+
+def test_evaluation_shows_plan_steps_episodes_and_env_steps(tmp_path, hdf5_path, monkeypatch):
+    bars = []
+
+    class Bar:
+        def __init__(self, *a, **kw):
+            self.kw, self.n, self.postfix = kw, 0, {}
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix(self, refresh=True, **kw):
+            self.postfix = kw
+
+        def close(self):
+            pass
+
+        write = staticmethod(print)
+
+    ck = Path(tt.train(tiny_args(tmp_path, hdf5_path))["run_dir"]) / "model.pt"
+    monkeypatch.setattr(tt, "tqdm", Bar)
+    res = tt.train(tiny_args(tmp_path / "ev", hdf5_path, checkpoint=str(ck), updates=0))
+    (bar,) = bars
+    assert bar.kw["desc"] == "evaluate" and bar.kw["total"] == 8 and bar.kw["unit"] == "plan step"
+    assert bar.n == max(res["lengths"])  # one planning step per env step of the longest episode
+    assert bar.postfix == {"episodes": "2/2", "env_steps": sum(res["lengths"])}
