@@ -1,13 +1,17 @@
 """Trajectory Transformer (Janner, Li & Levine 2021, "Offline RL as One Big Sequence Modeling Problem"; blog §5.b):
 a GPT over trajectories discretized dimension by dimension, used as world model and policy by beam search.
 
-    python tt.py --env hopper-medium-replay                       # the TT paper's locomotion configuration
+    python tt.py --env hopper-medium-replay                       # the TT code's configuration for that dataset
     python tt.py --env hopper-medium-replay --dataset-path FILE   # any D4RL-layout .hdf5 or DT .pkl
     python tt.py --checkpoint runs/RUN/model.pt --updates 0 --beam-width 1   # evaluate again, greedy decoding
     python tt.py --resume runs/RUN          # continue a run stopped by Ctrl-C, SIGTERM or SIGUSR1, exactly
 
 CPU preset (about 15 minutes of training on 2 free cores; add --env and --dataset-path as above):
     python tt.py --n-embd 64 --batch-size 32 --seq-len 5 --updates 3000 --warmup-epochs 0.1 --horizon 5 --beam-width 8
+
+Settings no flag gives (updates, beam width, horizon, action filters, context) are the TT code's for the dataset
+(config/offline.py: its per-dataset entry, else its base); the run banner and results.json name each one's source.
+Training may use bf16 (--bf16, where native); planning runs in fp32 like the TT code (--plan-bf16 to change that).
 
 One file: arguments, data (discretizer, tokens), model, planning (beam search), evaluation, training.
 Blocks marked PLUMBING are dt.py's, byte for byte; the rest is the method. Shared with the other method files
@@ -90,21 +94,36 @@ class Args:
     warmup_epochs: float = 1.0
     """linear warmup in epochs; an epoch = (window starts in the data) / batch size updates (TT code: 1)"""
     decay_epochs: float = 20.0
-    """epochs until the cosine decay reaches 10% of --lr, flat after that (TT code: 20)"""
-    updates: int = 195_000
-    """gradient updates (TT code: 50 epochs of 10^6 windows at batch 256); with --checkpoint, 0 only evaluates"""
+    """epochs at which the cosine reaches its floor, 10% of --lr (TT code: 20); see --lr-schedule for after"""
+    lr_schedule: Literal["tt", "clamped"] = "tt"
+    """`tt`: the TT code's schedule: the first update at --lr (the rate is set after each update), then a linear
+    warmup, then 0.5 (1 + cos(pi p)) floored at 10%, with the progress p not clamped at 1, so after
+    --decay-epochs the rate climbs back to the peak (at epoch 2 x decay - warmup, 39) and keeps cycling (period
+    2 x (decay - warmup) epochs); `clamped`: ours before, the same warmup shifted by one update and the rate held
+    at 10% after --decay-epochs"""
+    n_epochs_ref: Optional[int] = None
+    """epochs for a dataset of 10^6 windows, the TT code's measure of the training budget (see --updates).
+    Default: TT code's 50, 80 on hopper-medium-replay and walker2d-medium-replay"""
+    updates: Optional[int] = None
+    """gradient updates; with --checkpoint, 0 only evaluates. Default: the TT code's rule for W windows in the
+    data, int(10^6 / W x --n-epochs-ref) epochs of ceil(W / --batch-size) updates (about 195k; 312.5k on
+    hopper-medium-replay and walker2d-medium-replay)"""
     grad_clip: float = 1.0
     """clip the global gradient norm at this value (TT code: 1.0)"""
-    horizon: int = 15
-    """planning horizon in transitions (TT code: 15)"""
-    beam_width: int = 128
-    """beams kept per step (TT code: 128); 1 = greedy decoding of the action, no look-ahead (DT-like baseline)"""
+    horizon: Optional[int] = None
+    """planning horizon in transitions. Default: TT code's per dataset: 15; 5 on halfcheetah-medium,
+    halfcheetah-medium-replay and walker2d-medium-expert; 20 on walker2d-medium-replay"""
+    beam_width: Optional[int] = None
+    """beams kept per step; 1 = greedy decoding of the action, no look-ahead (DT-like baseline). Default: TT
+    code's per dataset: 128; 32 on halfcheetah-medium, -medium-replay, -medium-expert, walker2d-medium-replay"""
     n_expand: int = 2
     """candidates sampled per beam and step (TT code: 2)"""
-    cdf_act: float = 0.6
-    """drop the least likely action tokens whose total probability is below this (TT code: 0.6; 0 = off)"""
-    k_act: int = 0
-    """keep only the k most likely action tokens (TT code: off; 0 = off)"""
+    cdf_act: Optional[float] = None
+    """drop the least likely action tokens whose total probability is below this (0 = off). Default: TT code's
+    per dataset: 0.6; off on walker2d-medium-replay"""
+    k_act: Optional[int] = None
+    """keep only the k most likely action tokens (0 = off). Default: TT code's per dataset: off; 40 on
+    walker2d-medium-replay"""
     cdf_obs: float = 0.0
     """as --cdf-act, for observation tokens (TT code: off)"""
     k_obs: int = 1
@@ -124,7 +143,11 @@ class Args:
     compile: bool = False
     """torch.compile the model for training (CUDA)"""
     bf16: bool = True
-    """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX); fp32 elsewhere"""
+    """bfloat16 autocast for training where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX);
+    fp32 elsewhere. Planning stays fp32 unless --plan-bf16"""
+    plan_bf16: bool = False
+    """also plan under bf16 autocast (with --bf16, where native): faster, but not the TT code's fp32, and a
+    bf16 forward can change which action wins; the beam scores are summed in fp32 either way"""
     checkpoint: Optional[str] = None
     """a tt.py `model.pt`: start from its weights, architecture and bins (those flags are ignored); `--updates 0`
     only evaluates it, on its own dataset unless --env says"""
@@ -152,14 +175,14 @@ class Args:
     renderer; headless machines use MUJOCO_GL=egl, the default here when no display is set, or osmesa)"""
 
     def __post_init__(self):
-        positive = "n_bins seq_len n_layer n_head n_embd batch_size lr grad_clip horizon beam_width n_expand"
-        non_negative = "seed updates eval_every k_act k_obs threads save_every"
+        positive = "n_bins seq_len n_layer n_head n_embd batch_size lr grad_clip n_expand"
+        non_negative = "seed eval_every k_obs threads save_every"
         check_flags(self, positive + " eval_episodes log_every", non_negative)
-        check_given(self, "max_context eval_max_steps", "")
+        check_given(self, "horizon beam_width n_epochs_ref max_context eval_max_steps", "updates k_act")
         if self.n_bins < 2:
             raise SystemExit(f"error: --n-bins {self.n_bins}: must be >= 2; one bin cannot tell two values apart.")
         for name in ("dropout", "cdf_act", "cdf_obs"):
-            if not 0 <= getattr(self, name) < 1:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
                 raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1).")
         if self.n_embd % self.n_head:
             raise SystemExit(f"error: --n-embd {self.n_embd}: must be divisible by --n-head {self.n_head}.")
@@ -195,8 +218,18 @@ TT_PAPER_TABLE_1 = {
            "halfcheetah-medium-replay": 36.6, "hopper-medium-replay": 82.7, "walker2d-medium-replay": 66.6},
 }
 # fmt: on
-# TT code, config/offline.py `base`: the settings used where no flag and no per-dataset entry says otherwise.
-TT_BASE = {"max_context": 5}
+# TT code (jannerm/trajectory-transformer), config/offline.py: `base` and the per-dataset overrides of the
+# datasets we load, in our flags' terms (its k_act / cdf_act None = our 0, off). A setting no flag gives takes
+# the dataset's entry, else the base; the other datasets (random, expert, Minari ids) get the base.
+TT_BASE = {"n_epochs_ref": 50, "beam_width": 128, "horizon": 15, "k_act": 0, "cdf_act": 0.6, "max_context": 5}
+TT_DATASETS = {
+    "halfcheetah-medium": {"horizon": 5, "beam_width": 32},
+    "halfcheetah-medium-replay": {"horizon": 5, "beam_width": 32},
+    "halfcheetah-medium-expert": {"beam_width": 32},
+    "hopper-medium-replay": {"n_epochs_ref": 80},  # "train on the medium-replay datasets longer"
+    "walker2d-medium-expert": {"horizon": 5},
+    "walker2d-medium-replay": {"n_epochs_ref": 80, "horizon": 20, "beam_width": 32, "k_act": 40, "cdf_act": 0.0},
+}
 ARCH = ("n_bins", "discretizer", "seq_len", "n_layer", "n_head", "n_embd", "discount", "terminal_penalty")
 # Flags that say where and how a run runs, not what it computes: --resume takes them from its own command line.
 RUN_FLAGS = "resume device threads runs_dir track wandb_project_name wandb_entity capture_video".split()
@@ -368,8 +401,9 @@ def token_weights(model: TrajectoryTransformer, T: int, args: Args) -> torch.Ten
 
 
 def tt_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted cross-entropy averaged over all target tokens, stop tokens included (TT code)."""
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    """Weighted cross-entropy averaged over all target tokens, stop tokens included (TT code); in fp32 whatever
+    the logits' precision."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     return (ce * weights).mean()
 
 
@@ -426,6 +460,13 @@ def with_base(args: Args) -> Args:
     return replace(args, **unset) if unset else args
 
 
+def expected_value(probs: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """sum_i p_i mid_i over the bins, in fp32 even under bf16 autocast (--plan-bf16): the beam scores decide
+    which plan wins, and bf16's 8-bit mantissa cannot tell apart returns that differ by under 1%."""
+    with torch.autocast(probs.device.type, enabled=False):
+        return probs.float() @ mid.float()
+
+
 @torch.no_grad()
 def plan(model, disc: Discretizer, prefix: torch.Tensor, args: Args, gen: torch.Generator) -> torch.Tensor:
     """prefix (E, P): each episode's context transitions and current observation tokens. Returns the action
@@ -452,7 +493,7 @@ def plan(model, disc: Discretizer, prefix: torch.Tensor, args: Args, gen: torch.
             # TT code: the most likely r and V tokens are appended and the score uses their expectation over
             # bin midpoints. Our choice: the expectation is over the N bins, renormalised without the stop token.
             probs = dec.logits.softmax(-1)
-            rewards[:, t + j] = probs @ mid
+            rewards[:, t + j] = expected_value(probs, mid)
             dec.append(probs.argmax(-1, keepdim=True))
         # score of a plan: sum_{t' <= t} gamma^t' r_t' + gamma^(t+1) V_t (the next step overwrites rewards[:, t+1])
         keep = ((rewards * discounts).sum(1).view(E, W * X).topk(W, dim=1).indices + base * W * X).flatten()
@@ -834,17 +875,27 @@ def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
 
 def make_optimizer(model, args, updates_per_epoch: float):
     """AdamW as in the TT code: betas (0.9, 0.95), weight decay 0.1 on linear and head matrices only; linear
-    warmup, then cosine decay to 10% (the TT code counts tokens, we count updates: the same up to stop tokens)."""
+    warmup, then a cosine floored at 10% (--lr-schedule). The TT code counts tokens, we count updates: the same
+    up to stop tokens."""
     decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("tok_emb", "pos_emb"))}
     groups = [{"params": [p for n, p in model.named_parameters() if (n in decayed) == d], "weight_decay": 0.1 * d}
               for d in (True, False)]  # fmt: skip
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     warm, end = args.warmup_epochs * updates_per_epoch, args.decay_epochs * updates_per_epoch
 
-    def factor(step):
+    def clamped(step):
         if step < warm:
             return (step + 1) / warm
         return max(0.1, 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(end - warm, 1)))))
+
+    def tt_code(step):  # utils/training.py: the rate update `step` uses was set after `step` updates were done
+        if step == 0:
+            return 1.0  # the optimizer starts at --lr
+        if step < warm:
+            return step / warm
+        return max(0.1, 0.5 * (1 + math.cos(math.pi * (step - warm) / max(end - warm, 1))))  # p not clamped
+
+    factor = tt_code if args.lr_schedule == "tt" else clamped
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
@@ -882,27 +933,39 @@ def report(res: dict, args: Args, info: dict, total: int) -> None:
               f"DT {TT_PAPER_TABLE_1['dt'][info['name']]}; locomotion averages TT 78.9, DT 74.7")  # fmt: skip
 
 
-def resolve_context(args: Args, ckpt: Optional[dict]) -> tuple[Args, dict]:
-    """--max-context left out: the TT code's 5 transitions, or fewer when the model's window (a checkpoint's
-    --seq-len) is shorter. Returns the arguments and where the value came from."""
-    if args.max_context is None:
-        value = min(TT_BASE["max_context"], args.seq_len)
-        model = "the checkpoint's" if ckpt is not None else "the model's"
-        capped = f", capped at {model} --seq-len {args.seq_len}" if value < TT_BASE["max_context"] else ""
-        return replace(args, max_context=value), {"max_context": f"TT base{capped}"}
-    if args.max_context > args.seq_len:  # only a checkpoint's --seq-len gets here; Args checks the flag's own
-        raise SystemExit(
-            f"error: --max-context {args.max_context}: must be <= the checkpoint's --seq-len {args.seq_len}, its "
-            f"trained window; leave out --max-context to plan with {args.seq_len}."
-        )
-    return args, {"max_context": "flag"}
+def resolve_settings(args: Args, name: str, windows: Optional[int], ckpt: Optional[dict]) -> tuple[Args, dict]:
+    """Each setting left out (None) takes the TT code's value for dataset `name` (TT_DATASETS, else TT_BASE); a
+    flag wins. --max-context is capped at the model's --seq-len; --updates follows the TT code's epoch rule on
+    the data's `windows`. Returns the arguments and the source of each setting."""
+    entry, values, sources = TT_DATASETS.get(name, {}), {}, {}
+    for k, base in TT_BASE.items():
+        given = getattr(args, k) is not None
+        values[k] = getattr(args, k) if given else entry.get(k, base)
+        sources[k] = "flag" if given else f"TT config/offline.py for {name}" if k in entry else "TT base"
+    model = "the checkpoint's" if ckpt is not None else "the model's"
+    if values["max_context"] > args.seq_len:
+        if args.max_context is not None:  # only a checkpoint's --seq-len gets here; Args checks the flag's own
+            raise SystemExit(
+                f"error: --max-context {args.max_context}: must be <= {model} --seq-len {args.seq_len}, its "
+                f"trained window; leave out --max-context to plan with {args.seq_len}."
+            )
+        values["max_context"] = args.seq_len
+        sources["max_context"] += f", capped at {model} --seq-len {args.seq_len}"
+    values["updates"], sources["updates"] = args.updates, "flag"
+    if args.updates is None:
+        if not windows:
+            raise SystemExit(f"error: --env {name}: every episode has a single step; TT windows need two or more.")
+        epochs, per_epoch = int(1e6 / windows * values["n_epochs_ref"]), math.ceil(windows / args.batch_size)
+        values["updates"] = epochs * per_epoch  # TT code (scripts/train.py): about 10^6 x n_epochs_ref windows
+        sources["updates"] = f"TT rule: {epochs} epochs of {per_epoch} updates ({windows} windows)"
+    return replace(args, **values), sources
 
 
 def planning_cost(args: Args, m_s: int, m_a: int) -> str:
     """What one planning call costs (one env step of every episode at once), counted as plan() runs: a forward
     pass over the prefix, then one pass per generated token (kv cache) for the action tokens, r and V of every
     horizon step, and the observation tokens of every step but the last."""
-    steps = f"episodes cut at {args.eval_max_steps} steps" if args.eval_max_steps else "episodes run to the env's limit"
+    steps = f"episodes cut at {args.eval_max_steps} steps" if args.eval_max_steps else "up to the env's limit"
     if args.beam_width == 1:
         return f"greedy decoding: {1 + m_a} forward passes of 1 sequence per episode per env step; {steps}"
     n = 1 + args.horizon * (m_a + 2) + (args.horizon - 1) * m_s
@@ -921,8 +984,9 @@ def start(args: Args) -> tuple:
     ckpt = load_checkpoint(resume_path, device, "--resume") if args.resume else load_checkpoint(args.checkpoint, device)
     if ckpt is not None:  # the architecture and token definition are the checkpoint's, whatever the flags say
         args = replace(args, **{k: ckpt["arch"][k] for k in ARCH})
-    args, sources = resolve_context(args, ckpt)
     episodes, info = load_data(args, ckpt)
+    windows = sum(len(ep["rewards"]) - 1 for ep in episodes) if episodes is not None else None
+    args, sources = resolve_settings(args, info["name"], windows, ckpt)
     if args.capture_video:
         try:
             common.check_video(info)
@@ -954,15 +1018,17 @@ def train(args: Args) -> dict:
         model.load_state_dict(ckpt["model"])
     bf16 = args.bf16 and bf16_native(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    # TT plans in fp32; bf16 planning only on request (--plan-bf16)
+    plan_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and args.plan_bf16)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    precision = "bf16" if bf16 else "fp32"
+    precision = f"training {'bf16' if bf16 else 'fp32'}, planning {'bf16' if bf16 and args.plan_bf16 else 'fp32'}"
     print(f"run {run_dir.name}: {info['name']} ({info['source']} data), {model.td} tokens per transition, "
           f"{n_params:.2f}M parameters, device {device}, {threads} CPU thread(s), {precision}")  # fmt: skip
     print("settings: " + ", ".join(f"{k} {getattr(args, k)} ({v})" for k, v in config.get("sources", sources).items()))
     print(f"planning: {planning_cost(args, model.obs_dim, model.act_dim)}")
 
     def run_eval(step: int, video=None) -> dict:
-        res = evaluate(model, disc, info, args, device, autocast, video=video)
+        res = evaluate(model, disc, info, args, device, plan_autocast, video=video)
         score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
         speed = {"plan_steps_per_s": 1 / max(res["plan_s_per_step"], 1e-9)}  # a rate: not compared on resume
         log_metrics(metrics, step=step, eval_normalized_std=res["normalized_std"], **speed, **score)
@@ -1022,6 +1088,7 @@ def train(args: Args) -> dict:
         restore_signals(old_handlers)
     total = parent + done
     speed = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": bf16}
+    speed["plan_bf16"] = bf16 and args.plan_bf16
     speed["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
     results = {**config, **res, "updates": done, "trained_updates": total, "run_dir": str(run_dir), **speed}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))

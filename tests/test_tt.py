@@ -347,3 +347,107 @@ def test_evaluation_shows_plan_steps_episodes_and_env_steps(tmp_path, hdf5_path,
     assert bar.kw["desc"] == "evaluate" and bar.kw["total"] == 8 and bar.kw["unit"] == "plan step"
     assert bar.n == max(res["lengths"])  # one planning step per env step of the longest episode
     assert bar.postfix == {"episodes": "2/2", "env_steps": sum(res["lengths"])}
+
+
+# --- the TT code's configuration per dataset (issue 27, item 1) and fp32 planning (issue 28, item 8) -----
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("walker2d-medium-replay", dict(beam_width=32, horizon=20, k_act=40, cdf_act=0.0, n_epochs_ref=80)),
+     ("hopper-medium-replay", dict(beam_width=128, horizon=15, k_act=0, cdf_act=0.6, n_epochs_ref=80)),
+     ("halfcheetah-medium", dict(beam_width=32, horizon=5, k_act=0, cdf_act=0.6, n_epochs_ref=50)),
+     ("halfcheetah-medium-replay", dict(beam_width=32, horizon=5, n_epochs_ref=50)),
+     ("halfcheetah-medium-expert", dict(beam_width=32, horizon=15)),
+     ("walker2d-medium-expert", dict(beam_width=128, horizon=5, cdf_act=0.6)),
+     ("hopper-medium", dict(beam_width=128, horizon=15, k_act=0, cdf_act=0.6, n_epochs_ref=50, max_context=5))],
+)  # fmt: skip
+def test_settings_left_out_follow_the_tt_config_of_the_dataset(name, expected):
+    args, sources = tt.resolve_settings(tt.Args(), name, 400_000, None)
+    assert {k: getattr(args, k) for k in expected} == expected
+    for k in expected:
+        entry = k in tt.TT_DATASETS.get(name, {})
+        assert sources[k] == (f"TT config/offline.py for {name}" if entry else "TT base")
+    # the TT code's budget: int(10^6 / W x n_epochs_ref) epochs of ceil(W / 256) updates
+    assert args.updates == int(1e6 / 400_000 * args.n_epochs_ref) * math.ceil(400_000 / 256)
+    assert args.updates == pytest.approx(1e6 * args.n_epochs_ref / 256, rel=0.01)  # 195k, or 312.5k for replay
+    given, sources = tt.resolve_settings(
+        tt.Args(beam_width=7, horizon=3, k_act=2, cdf_act=0.1, updates=9), name, 9, None
+    )
+    assert (given.beam_width, given.horizon, given.k_act, given.cdf_act, given.updates) == (7, 3, 2, 0.1, 9)
+    assert all(sources[k] == "flag" for k in ("beam_width", "horizon", "k_act", "cdf_act", "updates"))
+
+
+def test_a_walker2d_medium_replay_run_plans_with_its_tt_config_and_says_so(tmp_path, capsys):
+    from conftest import random_rollouts, write_hdf5
+
+    path = write_hdf5(tmp_path / "walker2d_medium_replay-v2.hdf5", random_rollouts("Walker2d-v4", steps=300))
+    args = tt.Args(env="walker2d-medium-replay", dataset_path=(str(path),), n_bins=10, seq_len=3, n_layer=1,
+                   n_head=1, n_embd=16, batch_size=8, updates=2, eval_episodes=1, eval_max_steps=1,
+                   runs_dir=str(tmp_path / "runs"))  # fmt: skip
+    res = tt.train(args)
+    out = capsys.readouterr().out
+    saved = json.loads((Path(res["run_dir"]) / "results.json").read_text())
+    tt_config = "TT config/offline.py for walker2d-medium-replay"
+    assert {k: saved["args"][k] for k in ("beam_width", "horizon", "k_act", "cdf_act")} == dict(
+        beam_width=32, horizon=20, k_act=40, cdf_act=0.0
+    )
+    assert all(saved["sources"][k] == tt_config for k in ("beam_width", "horizon", "k_act", "cdf_act", "n_epochs_ref"))
+    assert saved["sources"]["updates"] == "flag" and saved["sources"]["max_context"].startswith("TT base, capped")
+    assert f"beam_width 32 ({tt_config})" in out and "horizon 20" in out and "updates 2 (flag)" in out
+
+
+def test_the_tt_learning_rate_schedule_is_the_tt_codes_unclamped_cosine():
+    model = tiny_model()
+    rates = {}
+    for schedule in ("tt", "clamped"):
+        args = tt.Args(lr=1.0, warmup_epochs=1.0, decay_epochs=3.0, lr_schedule=schedule, updates=1)
+        opt, sched = tt.make_optimizer(model, args, updates_per_epoch=10)
+        rates[schedule] = []
+        for _ in range(71):
+            rates[schedule].append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+    tt_rates, ours = rates["tt"], rates["clamped"]
+    assert tt_rates[0] == 1.0 and tt_rates[5] == pytest.approx(0.5)  # the first update at the peak, then k / warm
+    assert tt_rates[20] == pytest.approx(0.5) and tt_rates[30] == pytest.approx(0.1)  # cosine to 10% at epoch 3
+    assert tt_rates[50] == pytest.approx(1.0) and tt_rates[70] == pytest.approx(0.1)  # back at the peak at epoch 5
+    assert ours[0] == pytest.approx(0.1) and ours[30:] == [pytest.approx(0.1)] * 41  # ours holds the floor
+
+
+def test_planning_runs_in_fp32_while_training_uses_bf16(tmp_path, hdf5_path, monkeypatch):
+    """With bf16 active (forced here, native on GPUs), training runs in bf16 but every planning forward in fp32
+    (TT plans in fp32): the evaluation equals the one of a --no-bf16 run of the same checkpoint."""
+    ck = str(Path(tt.train(tiny_args(tmp_path / "a", hdf5_path))["run_dir"]) / "model.pt")
+    monkeypatch.setattr(tt, "bf16_native", lambda device: True)
+    real, dtypes = tt.evaluate, set()
+
+    def spy(model, *a, **kw):
+        hook = model.register_forward_hook(lambda m, i, o: dtypes.add(o[0].dtype))
+        try:
+            return real(model, *a, **kw)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(tt, "evaluate", spy)
+    bf16 = tt.train(tiny_args(tmp_path / "b", hdf5_path, checkpoint=ck, updates=0))
+    assert dtypes == {torch.float32} and bf16["bf16"] and not bf16["plan_bf16"]
+    fp32 = tt.train(tiny_args(tmp_path / "c", hdf5_path, checkpoint=ck, updates=0, bf16=False))
+    assert bf16["returns"] == fp32["returns"]
+    dtypes.clear()
+    tt.train(tiny_args(tmp_path / "d", hdf5_path, checkpoint=ck, updates=0, plan_bf16=True))
+    assert dtypes == {torch.bfloat16}  # on request
+
+
+def test_beam_scores_and_the_nll_are_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, 100, generator=g).softmax(-1)
+    mid = torch.linspace(-1, 1000, 100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = tt.expected_value(probs, mid)
+    assert e.dtype == torch.float32
+    torch.testing.assert_close(e, (probs.double() @ mid.double()).float(), rtol=1e-6, atol=1e-4)
+    logits, targets = torch.randn(2, 5, 8, generator=g), torch.randint(0, 8, (2, 5), generator=g)
+    loss = tt.tt_loss(logits.bfloat16(), targets, torch.ones(5))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, tt.tt_loss(logits.bfloat16().float(), targets, torch.ones(5)), rtol=0, atol=0)
