@@ -1,10 +1,13 @@
 """Iterative energy minimization (LEAP; Chen et al., "Planning with Sequence Models through Iterative Energy
 Minimization", ICLR 2023) on BabyAI: the blog's third system (§5.c), a BERT-like bidirectional masked model over a
-whole plan of actions, used as an energy function and minimized by iterative Gibbs-style refinement.
+whole plan of actions, used as an energy function and minimized by iterative refinement: by default
+LEAP's code's rule (re-mask one action, take the argmax, keep it); --temperature 1 is the paper's
+Gibbs sampling.
 
     python iem.py --env GoToLocalS7N5 --preset cpu      # bot demos collected on first use; minutes on 2 CPU cores
     python iem.py --env GoToObjMazeS4                   # the paper's settings for the level (H=10, 29 refinements)
-    python iem.py --env GoToLocalS7N5 --checkpoint runs/RUN/model.pt --updates 0 --iterations 30   # only plan
+    python iem.py --checkpoint runs/RUN/model.pt --updates 0 --iterations 29   # only plan
+    python iem.py --resume runs/RUN         # continue a run stopped by Ctrl-C, SIGTERM or SIGUSR1
 
 One file: arguments, data (minigrid's BabyAI bot), model, planning, evaluation (IEM against the BC baseline: the
 same network, one forward, no refinement), training. benchmarks/iem_analysis.py measures the blog's §7.b claims.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -40,10 +44,16 @@ from torch import nn
 from tqdm import tqdm
 
 # The paper's BabyAI levels with its code's planning settings (test_run.sh): horizon H and refinements. Its
-# `sample_iteration` counts the first fill of all positions as an iteration, so its 10 is our 9. Its
-# GoToObjMazeS4R2Close is minigrid's GoToObjMazeS4R2 (doors closed by default).
+# `sample_iteration` counts the first fill of all positions as an iteration, so its 10 is our 9 (its
+# 30, our 29).
+# Its GoToObjMazeS4R2Close is minigrid's GoToObjMazeS4R2 (doors closed, the same arguments).
 PAPER_LEVELS = {"GoToLocalS7N5": (5, 9), "GoToLocalS8N7": (5, 9), "PickupLoc": (5, 9), "GoToObjMazeS4R2": (5, 9),
                 "GoToObjMazeS4": (10, 29), "GoToObjMazeS7": (10, 29)}  # fmt: skip
+# LEAP's fork of BabyAI (babyai/levels/iclr19_levels.py) builds GoToObjMazeS4 and S7 as minigrid's
+# GoTo class with minigrid's arguments plus doors_open=True; minigrid registers them with the doors
+# closed. We construct minigrid's class with the fork's arguments: the names are the paper's levels.
+OPEN = {"doors_open": True}
+LEAP_ENV_ARGS = {"BabyAI-GoToObjMazeS4-v0": OPEN, "BabyAI-GoToObjMazeS7-v0": OPEN}
 # Budgets. paper: its code's width 128 and 200 epochs over 500 demos in batches of 64 (1600 updates); cpu: narrower,
 # more demos, minutes on 2 CPU cores.
 PRESETS = {"paper": dict(n_embd=128, updates=1600, collect=500), "cpu": dict(n_embd=64, updates=1000, collect=5000)}
@@ -61,20 +71,22 @@ ARCH = "horizon n_layer n_head n_embd dropout".split()  # with the grid size and
 EVAL_SEED_BASE = 1_000_000_000  # evaluation episodes never reuse a demonstration's seed (demos use 0..N-1)
 # Flags that say where and how a run runs, not what it computes: --resume takes them from its own
 # command line.
-RUN_FLAGS = "resume device threads runs_dir data_dir".split()
+RUN_FLAGS = "resume device threads runs_dir data_dir track wandb_project_name wandb_entity".split()
 
 
 @dataclass
 class Args:
     env: str | None = None
     """BabyAI level of minigrid, short (GoToLocalS7N5, GoToObjMazeS4, PickupLoc, ...) or full (BabyAI-...-v0).
-    Default: the checkpoint's level, else GoToLocalS7N5"""
+    GoToObjMazeS4 and S7 are built with their doors open, as LEAP's fork builds them. Default: the
+    checkpoint's level, else GoToLocalS7N5"""
     preset: Literal["paper", "cpu"] = "paper"
     """budget for the flags left unset: `paper` (n-embd 128, 1600 updates, 500 demos) or `cpu` (64, 1000, 5000)"""
     dataset: str | None = None
     """your demos instead of the bot's: an .npz of images (N, W, H, 3), actions (N,), lengths (E,), missions (E,)"""
     data_dir: str = "~/.cache/seqrl/babyai"
-    """where bot demonstrations are cached as `{level}__bot{N}.npz`; nothing is downloaded"""
+    """where bot demonstrations are cached as `{level}__bot{N}.npz` (a level built with its doors
+    open: `{level}__doors_open=True__bot{N}.npz`); nothing is downloaded"""
     collect: int | None = None
     """bot demonstrations (episode seeds 0..N-1) collected on first use and cached; default: the preset's"""
     exp_name: str = METHOD
@@ -89,10 +101,12 @@ class Args:
     """refinement iterations after the first fill; default: the paper's for --env (PAPER_LEVELS), else 9"""
     resample: int = 1
     """plan tokens masked and resampled per iteration (the paper's code: 1)"""
-    temperature: float = 1.0
-    """of the resampled tokens: 1 samples the conditionals (Gibbs, the paper's text), 0 argmax (the paper's code)"""
-    accept: Literal["lower", "all"] = "lower"
-    """`lower`: keep a resampled plan only if its energy does not rise; `all`: keep every sample (plain Gibbs)"""
+    temperature: float = 0.0
+    """of the resampled tokens: 0 takes the argmax (LEAP's code), 1 samples the model's
+    conditionals (Gibbs sampling, the paper's text)"""
+    accept: Literal["all", "lower"] = "all"
+    """`all`: keep every resampled plan (LEAP's code; a plain Gibbs chain at --temperature 1);
+    `lower`: keep it only if its energy does not rise (our rule, in neither source)"""
     replan_every: int | None = None
     """actions executed from each plan before replanning; default: H (the paper's code executes the whole plan)"""
     train_all_masked: bool = True
@@ -130,12 +144,22 @@ class Args:
     """parent folder of the run folder"""
     log_every: int = 50
     """log the training loss every N updates"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install -e ".[track]"`); metrics.jsonl stays the
+    record"""
+    wandb_project_name: str = "seqrl"
+    """W&B project of --track"""
+    wandb_entity: str | None = None
+    """W&B team or user of --track (default: your W&B default entity)"""
     threads: int = 0
     """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow down
     sharply when another program keeps one busy)"""
 
     def __post_init__(self):
-        if self.resume is not None:  # the other flags are the run's own, from its config (resumed_args)
+        if self.track and importlib.util.find_spec("wandb") is None:
+            fix = 'pip install -e ".[track]" (or leave out --track)'
+            raise SystemExit(f"error: --track needs wandb: {fix}.")
+        if self.resume is not None:  # the other flags are the run's own (resumed_args)
             check_flags(self, "", "threads")
             return
         if self.env is None:  # the checkpoint's level (train() reads and checks it again), else the default
@@ -173,8 +197,19 @@ def env_id(name: str) -> str:
 
 def make_env(level: str):
     """Fully observed (the paper plans from the full image too): obs["image"] is (W, H, 3) of minigrid's (object,
-    colour, state) codes, the agent and its direction in its cell."""
-    return FullyObsWrapper(gym.make(env_id(level)))
+    colour, state) codes, the agent and its direction in its cell. Built with LEAP's arguments
+    (LEAP_ENV_ARGS)."""
+    return FullyObsWrapper(gym.make(env_id(level), **env_args(level)))
+
+
+def env_args(level: str) -> dict:
+    return LEAP_ENV_ARGS.get(env_id(level), {})
+
+
+def level_file_name(level: str) -> str:
+    """The level in cache file names; a level built with LEAP's arguments gets its own name, so
+    that demos of minigrid's registration of the same id are never read for it."""
+    return env_id(level) + "".join(f"__{k}={v}" for k, v in env_args(level).items())
 
 
 def reset(env, seed: int):
@@ -219,7 +254,8 @@ def collect_demos(level: str, n: int, path: Path) -> None:
 
 def load_demos(args: Args) -> tuple[dict, str]:
     level = env_id(args.env)
-    path = Path(args.dataset) if args.dataset else Path(args.data_dir).expanduser() / f"{level}__bot{args.collect}.npz"
+    cache = Path(args.data_dir).expanduser() / f"{level_file_name(level)}__bot{args.collect}.npz"
+    path = Path(args.dataset) if args.dataset else cache
     if args.dataset is None and not path.exists():
         collect_demos(level, args.collect, path)
     try:
@@ -268,8 +304,8 @@ def egocentric(images: torch.Tensor) -> torch.Tensor:
     R, b = max(W, H) - 1, torch.arange(B, device=images.device)
     where = (images[..., 0] == AGENT).flatten(1).float().argmax(1)
     ax, ay = where // H, where % H
-    # minigrid's DIR_TO_VEC, (1, 0), (0, 1), (-1, 0), (0, -1), computed rather than looked up in a table
-    # that every forward would copy to the device
+    # minigrid's DIR_TO_VEC, (1, 0), (0, 1), (-1, 0), (0, -1), computed rather than looked up in a
+    # table that every forward would copy to the device
     d = images[b, ax, ay, 2]
     dx, dy = (d == 0).long() - (d == 2).long(), (d == 1).long() - (d == 3).long()
     dx, dy, ax, ay = dx[:, None, None], dy[:, None, None], ax[:, None, None], ay[:, None, None]
@@ -366,20 +402,23 @@ def energy(model, images, words, plan) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plan_actions(model, images, words, args: Args, H: int, gen: torch.Generator, refine: bool = True):
-    """The all-masked plan filled in one forward (argmax: the first iteration of the paper's code, and alone the BC
-    baseline); then `args.iterations` times mask `args.resample` random positions, resample them from the model at
-    `args.temperature`, and keep the candidate if its energy did not rise (`--accept lower`) or always (`all`).
-    Returns the plans (B, H) and the energy after every iteration (B, iterations + 1), or None without refining."""
+def plan_actions(model, images, words, args, H: int, gen: torch.Generator, refine=True, trace=True):
+    """The all-masked plan filled in one forward (argmax: the first iteration of LEAP's code, and
+    alone the BC baseline); then `args.iterations` times mask `args.resample` random positions,
+    resample them from the model at `args.temperature` (0: argmax), and keep the candidate always
+    (`--accept all`, LEAP's code) or only if its energy did not rise (`lower`). Returns the plans
+    (B, H) and, with `trace`, the energy after every iteration (B, iterations + 1), else None. The
+    energy costs H forwards per iteration, which `--accept all` needs only for the trace."""
     B = len(images)
     plan = model(images, words, torch.full((B, H), MASK, device=images.device))[0].argmax(-1)
     if not refine:
         return plan, None
-    E = energy(model, images, words, plan)
-    trace = [E]
+    needs_energy = trace or args.accept == "lower"
+    E = energy(model, images, words, plan) if needs_energy else None
+    energies = [E]
     for _ in range(args.iterations):
-        pos = torch.rand(B, H, generator=gen, device=gen.device).argsort(1)[:, : args.resample].to(plan.device)
-        hide = torch.zeros_like(plan, dtype=torch.bool).scatter(1, pos, True)
+        pos = torch.rand(B, H, generator=gen, device=gen.device).argsort(1)[:, : args.resample]
+        hide = torch.zeros_like(plan, dtype=torch.bool).scatter(1, pos.to(plan.device), True)
         logits = model(images, words, plan.masked_fill(hide, MASK))[0].float()
         if args.temperature > 0:
             probs = (logits / args.temperature).softmax(-1).view(-1, N_ACTIONS).to(gen.device)
@@ -387,11 +426,33 @@ def plan_actions(model, images, words, args: Args, H: int, gen: torch.Generator,
         else:
             new = logits.argmax(-1)
         cand = torch.where(hide, new, plan)
-        E_cand = energy(model, images, words, cand)
-        keep = E_cand <= E if args.accept == "lower" else torch.ones_like(E, dtype=torch.bool)
-        plan, E = torch.where(keep[:, None], cand, plan), torch.where(keep, E_cand, E)
-        trace.append(E)
-    return plan, torch.stack(trace, 1)
+        if args.accept == "all":
+            plan, E = cand, energy(model, images, words, cand) if needs_energy else None
+        else:
+            E_cand = energy(model, images, words, cand)
+            keep = E_cand <= E
+            plan, E = torch.where(keep[:, None], cand, plan), torch.where(keep, E_cand, E)
+        energies.append(E)
+    return plan, torch.stack(energies, 1) if trace else None
+
+
+def timed_plans(model, images, words, args, H: int, gen: torch.Generator, refine: bool):
+    """The plans (lists) and their energy trace, and the seconds they took with the trace and
+    without it. Under `--accept all` the energy serves the trace only: the same plans are made first
+    without it, from the same random state, and timed apart. Under `--accept lower` the rule needs
+    the energy anyway."""
+    untraced = None
+    if refine and args.accept == "all":
+        state, t0 = gen.get_state(), time.perf_counter()
+        bare, _ = plan_actions(model, images, words, args, H, gen, refine, trace=False)
+        bare.tolist()  # waits for the device
+        untraced = time.perf_counter() - t0
+        gen.set_state(state)
+    t0 = time.perf_counter()
+    plan, energies = plan_actions(model, images, words, args, H, gen, refine)
+    plans = plan.tolist()
+    traced = time.perf_counter() - t0
+    return plans, energies, traced, traced if untraced is None else untraced
 
 
 # --- Evaluation: all episodes at once; every env whose plan is used up gets a new one in a shared batch. ---
@@ -399,12 +460,15 @@ def plan_actions(model, images, words, args: Args, H: int, gen: torch.Generator,
 
 @torch.no_grad()
 def evaluate(model, args: Args, arch: dict, device, refine: bool, seed: int) -> dict:
+    """IEM (refine) or BC on `args.eval_episodes` episodes of their own seeds, planned in batches
+    with their own random generator: the training's random streams are left as they were."""
     n, H, M = args.eval_episodes, arch["horizon"], arch["mission_len"]
     envs = [make_env(args.env) for _ in range(n)]
     obs = [reset(env, EVAL_SEED_BASE + 1000 * seed + i) for i, env in enumerate(envs)]
     gen = torch.Generator(device=device).manual_seed(seed)
     returns, lengths, queue, alive = np.zeros(n), np.zeros(n, dtype=int), [[] for _ in range(n)], set(range(n))
-    traces, plan_time, calls, was_training = [], 0.0, 0, model.training
+    traces, seconds, untraced_seconds, calls, planned = [], 0.0, 0.0, 0, 0
+    was_training = model.training
     model.eval()
     name = "IEM" if refine else "BC"
     bar = tqdm(total=n, desc=f"evaluate {name}", unit="episode", leave=False, dynamic_ncols=True,
@@ -413,11 +477,15 @@ def evaluate(model, args: Args, arch: dict, device, refine: bool, seed: int) -> 
         if need := sorted(i for i in alive if not queue[i]):
             t0 = time.perf_counter()
             images = torch.as_tensor(np.stack([obs[i]["image"] for i in need]), device=device).long()
-            words = torch.tensor([tokenize(obs[i]["mission"], M) for i in need], device=device).view(len(need), M)
-            plan, trace = plan_actions(model, images, words, args, H, gen, refine)
-            for i, p in zip(need, plan.tolist()):
+            words = [tokenize(obs[i]["mission"], M) for i in need]
+            words = torch.tensor(words, device=device).view(len(need), M)
+            inputs = time.perf_counter() - t0
+            plans, trace, traced, untraced = timed_plans(model, images, words, args, H, gen, refine)
+            for i, p in zip(need, plans):
                 queue[i] = p[: args.replan_every or H]
-            plan_time, calls = plan_time + time.perf_counter() - t0, calls + 1
+            seconds += inputs + traced
+            untraced_seconds += inputs + untraced
+            calls, planned = calls + 1, planned + len(need)
             traces += [] if trace is None else [trace.cpu()]
         for i in sorted(alive):
             obs[i], r, term, trunc, _ = envs[i].step(queue[i].pop(0))
@@ -425,12 +493,16 @@ def evaluate(model, args: Args, arch: dict, device, refine: bool, seed: int) -> 
             if term or trunc:
                 alive.discard(i)
         bar.update(n - len(alive) - bar.n)
-        bar.set_postfix(env_steps=int(lengths.sum()), plans=calls, refresh=False)
+        bar.set_postfix(env_steps=int(lengths.sum()), planning_steps=planned, refresh=False)
     bar.close()
     model.train(was_training)
     success = returns > 0  # BabyAI rewards success only: 1 - 0.9 * steps / max_steps
-    out = {"success_rate": float(success.mean()), "return_mean": float(returns.mean()), "planning_calls": calls}
-    out |= {"returns": returns.tolist(), "lengths": lengths.tolist(), "planning_s_per_step": plan_time / lengths.sum()}
+    out = {"success_rate": float(success.mean()), "return_mean": float(returns.mean())}
+    out |= {"planning_calls": calls, "plans": planned}
+    out |= {"returns": returns.tolist(), "lengths": lengths.tolist()}
+    steps = lengths.sum()
+    out |= {"planning_s_per_step": seconds / steps}
+    out |= {"planning_s_per_step_untraced": untraced_seconds / steps}
     return out | {"energy_per_iteration": torch.cat(traces).mean(0).tolist() if traces else None}
 
 
@@ -518,6 +590,23 @@ def log_metrics(path: Path, **metrics) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.log(metrics, step=metrics.get("step"))
+
+
+def start_tracking(args, config: dict, run_dir: Path) -> None:
+    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's convention)."""
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name=run_dir.name,
+                   dir=run_dir)  # fmt: skip
+
+
+def finish_tracking(results: dict) -> None:
+    """PLUMBING: --track: the final numbers become the W&B run's summary."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        wandb.finish()
 
 
 def git_commit() -> Optional[str]:
@@ -726,7 +815,8 @@ def update(model, opt, batch, all_masked: bool, autocast) -> tuple[dict, torch.T
 def make_checkpoint(model, arch, args, level: str, total: int, state: dict) -> dict:
     """model.pt: the weights with what planning with them needs (architecture, level), and the
     training state that --resume continues from."""
-    parts = {"method": METHOD, "arch": arch, "env": level, "args": asdict(args)}
+    parts = {"method": METHOD, "arch": arch, "env": level, "env_args": env_args(level)}
+    parts["args"] = asdict(args)
     return {"model": model.state_dict(), **parts, "trained_updates": total, "resume": state}
 
 
@@ -743,6 +833,10 @@ def load_run(args: Args, device) -> tuple:
     if ckpt is not None and ckpt["env"] != level:
         learnt = f"learnt {ckpt['env']}, not {level}; pass its --env"
         raise SystemExit(f"error: --checkpoint {args.checkpoint} {learnt}.")
+    built_with = ckpt.get("env_args", {}) if ckpt is not None else None  # {}: doors as minigrid's
+    if ckpt is not None and built_with != env_args(level):
+        built = f"learnt {level} built with {built_with}, not LEAP's {env_args(level)}"
+        raise SystemExit(f"error: --checkpoint {args.checkpoint} {built}; train a new model.")
     demos, source = load_demos(args) if args.updates else (None, None)
     if ckpt is not None:
         arch = ckpt["arch"]
@@ -806,12 +900,15 @@ def report(config: dict, iem: dict, bc: dict, done: int, total: int, run_dir, ti
     results = config | {"updates": done, "trained_updates": total, "iem": iem, "bc": bc}
     results |= {"energy_drop": curve[0] - curve[-1], "run_dir": str(run_dir), **timing}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    finish_tracking(results)
     ms_iem, ms_bc = 1e3 * iem["planning_s_per_step"], 1e3 * bc["planning_s_per_step"]
+    ms_untraced = 1e3 * iem["planning_s_per_step_untraced"]
     success = f"success IEM {iem['success_rate']:.2f}, BC {bc['success_rate']:.2f}"
     returns = f"returns {iem['return_mean']:.3f}, {bc['return_mean']:.3f}"
     energy = f"energy {curve[0]:.2f} -> {curve[-1]:.2f} over {args['iterations']} refinements"
     episodes = f"{config['env']}, {args['eval_episodes']} episodes"
-    cost = f"planning {ms_iem:.1f} ms/step (BC {ms_bc:.1f})"
+    untraced = f"{ms_untraced:.1f} without the energy trace"
+    cost = f"planning {ms_iem:.1f} ms/step, {untraced} (BC {ms_bc:.1f})"
     print(f"{episodes}: {success} ({returns}); {energy}; {cost}")
     print(f"results: {run_dir / 'results.json'}")
     return results
@@ -828,12 +925,15 @@ def train(args: Args) -> dict:
     data = make_dataset(demos, arch["mission_len"], device) if demos is not None else None
     level = env_id(args.env)
     run_dir = Path(args.resume) if args.resume else make_run_dir(args, {"name": level})
-    config = {"method": METHOD, "args": asdict(args), "arch": arch, "env": level, "dataset": source}
+    config = {"method": METHOD, "args": asdict(args), "arch": arch, "env": level}
+    config["env_args"] = env_args(level)
+    config["dataset"] = source
     config |= {"demos": len(demos["lengths"]) if demos else 0, "device": str(device)}
     config |= {"threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
     # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
     config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
     config = record_config(run_dir, config, resume)
+    start_tracking(args, config, run_dir)
 
     model = IEM(**arch).to(device)
     if ckpt is not None:

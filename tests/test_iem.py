@@ -208,6 +208,84 @@ def test_refinement_never_raises_the_energy_on_a_hand_made_model():
     assert none is None and (bc == model.u.argmax(-1)).all()
 
 
+def test_default_refinement_is_leaps_code_argmax_of_one_re_masked_action_always_kept():
+    """LEAP's code: each iteration re-masks one random action and writes the argmax of its conditional, kept
+    whatever the energy. On the hand-made model that is iterated conditional modes: enough iterations end in
+    a plan where every action is the argmax of its conditional given the others."""
+    defaults = iem.Args()
+    assert (defaults.temperature, defaults.accept, defaults.resample) == (0.0, "all", 1)
+    H, B = 5, 64
+    model, images, words = Potts(H), torch.zeros(B, 1), torch.zeros(B, 1, dtype=torch.long)
+    args = SimpleNamespace(iterations=60, **{k: getattr(defaults, k) for k in ("resample", "temperature", "accept")})
+    first, _ = iem.plan_actions(model, images, words, args, H, torch.Generator(), refine=False)
+    plan, trace = iem.plan_actions(model, images, words, args, H, torch.Generator().manual_seed(0))
+    for j in range(H):
+        masked = plan.clone()
+        masked[:, j] = iem.MASK
+        assert (model(images, words, masked)[0][:, j].argmax(-1) == plan[:, j]).all()
+    assert (plan != first).any()  # refinement changed the first fill's plans
+    steps = [
+        iem.plan_actions(model, images, words, SimpleNamespace(**{**vars(args), "iterations": n}), H, g)[0]
+        for n, g in ((3, torch.Generator().manual_seed(1)), (4, torch.Generator().manual_seed(1)))
+    ]
+    assert ((steps[0] != steps[1]).sum(1) <= 1).all()  # one iteration changes at most one action
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_leaps_rule_evaluates_the_energy_only_for_its_trace(monkeypatch, temperature):
+    """Under --accept all the energy decides nothing: without the trace it is never computed, and the plans
+    are the same (what the untraced planning time measures); --accept lower needs it either way."""
+    H, B = 4, 16
+    model, images, words = Potts(H), torch.zeros(B, 1), torch.zeros(B, 1, dtype=torch.long)
+    calls, real = [], iem.energy
+    monkeypatch.setattr(iem, "energy", lambda *a: calls.append(1) or real(*a))
+    args = SimpleNamespace(iterations=5, resample=1, temperature=temperature, accept="all")
+    traced, trace = iem.plan_actions(model, images, words, args, H, torch.Generator().manual_seed(2))
+    assert len(calls) == 6 and trace.shape == (B, 6)
+    calls.clear()
+    bare, none = iem.plan_actions(model, images, words, args, H, torch.Generator().manual_seed(2), trace=False)
+    assert calls == [] and none is None and torch.equal(bare, traced)
+    lower = SimpleNamespace(**{**vars(args), "accept": "lower"})
+    iem.plan_actions(model, images, words, lower, H, torch.Generator().manual_seed(2), trace=False)
+    assert len(calls) == 6
+
+
+DOOR = 4  # minigrid's OBJECT_TO_IDX["door"]; a door's state is 0 open, 1 closed, 2 locked
+
+
+def door_states(image):
+    return image[image[..., 0] == DOOR][:, 2]
+
+
+@pytest.mark.parametrize("level", ["GoToObjMazeS4", "GoToObjMazeS7"])
+def test_leap_maze_levels_are_built_with_every_door_open(level, tmp_path):
+    """LEAP's fork builds GoToObjMazeS4 and S7 with doors_open=True; minigrid registers them closed."""
+    import gymnasium as gym
+    from minigrid.wrappers import FullyObsWrapper
+
+    plain_closed = []
+    for seed in range(3):
+        ours = iem.reset(iem.make_env(level), seed)["image"]
+        assert len(door_states(ours)) and (door_states(ours) == 0).all()
+        plain = iem.reset(FullyObsWrapper(gym.make(iem.env_id(level))), seed)["image"]
+        plain_closed.append((door_states(plain) > 0).any())
+    assert any(plain_closed)  # the test could fail: minigrid's own build has closed doors
+    # the paper's GoToObjMazeS4R2Close is minigrid's GoToObjMazeS4R2 as registered, doors closed
+    assert (door_states(iem.reset(iem.make_env("GoToObjMazeS4R2"), 0)["image"]) > 0).any()
+    # cached demos of this build have their own name, never those of minigrid's closed build
+    assert iem.level_file_name(level) == f"BabyAI-{level}-v0__doors_open=True"
+
+
+def test_a_checkpoint_of_the_closed_door_build_is_refused(tmp_path):
+    model = tiny_model()
+    arch = dict(grid=[10, 10], mission_len=5, horizon=4, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    ckpt = {"method": "iem", "env": "BabyAI-GoToObjMazeS4-v0", "arch": arch, "model": model.state_dict(), "args": {}}
+    torch.save(ckpt, tmp_path / "old.pt")  # written before the doors were open: no env_args
+    with pytest.raises(SystemExit, match=r"built with \{\}, not LEAP's \{'doors_open': True\}; train a new model"):
+        iem.train(tiny_args(tmp_path, env="GoToObjMazeS4", checkpoint=str(tmp_path / "old.pt"), updates=0))
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     "kw, flag",
     [
@@ -254,6 +332,7 @@ def test_end_to_end_deterministic_and_checkpoint_evaluation(tmp_path):
     saved = json.loads((run / "results.json").read_text())
     assert saved["iem"]["success_rate"] == first["iem"]["success_rate"] and len(saved["iem"]["returns"]) == 3
     assert len(saved["iem"]["energy_per_iteration"]) == 4 and saved["bc"]["energy_per_iteration"] is None
+    assert saved["iem"]["planning_s_per_step_untraced"] > 0 and saved["iem"]["plans"] >= 3
     lines = read_metrics(run)
     assert [m["step"] for m in lines if "loss" in m] == [0, 2, 4, 5] and "iem_success" in lines[-1]
     assert (tmp_path / "data" / f"BabyAI-{LEVEL}-v0__bot12.npz").is_file()  # collected once, cached
@@ -321,3 +400,48 @@ def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, monkeypatch):
     res = iem.train(tiny_args(tmp_path, env=None, exp_name="eval", checkpoint=str(run / "model.pt"), updates=0))
     assert res["env"] == "BabyAI-GoToObjMazeS4R2-v0" and res["updates"] == 0 and len(res["iem"]["returns"]) == 3
     assert res["trained_with"] == ckpt["args"] and res["arch"] == ckpt["arch"]
+
+
+def fake_wandb(monkeypatch):
+    """A stand-in for the wandb package that records what it is sent (no network, no account)."""
+    import importlib.machinery
+    import types
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.calls = {"init": [], "log": [], "summary": {}, "finished": False}
+    fake.run = None
+
+    def init(**kw):
+        fake.calls["init"].append(kw)
+        fake.run = SimpleNamespace(summary=fake.calls["summary"])
+
+    def log(metrics, step=None):
+        fake.calls["log"].append(dict(metrics))
+
+    def finish():
+        fake.calls["finished"], fake.run = True, None
+
+    fake.init, fake.log, fake.finish = init, log, finish
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    return fake
+
+
+def test_track_sends_the_config_every_logged_line_and_the_results(tmp_path, monkeypatch):
+    wandb = fake_wandb(monkeypatch)
+    res = iem.train(tiny_args(tmp_path, track=True, wandb_project_name="p", wandb_entity="me", eval_episodes=1))
+    run = Path(res["run_dir"])
+    (init,) = wandb.calls["init"]
+    assert init["project"] == "p" and init["entity"] == "me" and init["name"] == run.name
+    assert init["config"]["args"]["track"] is True and init["config"]["env"] == f"BabyAI-{LEVEL}-v0"
+    assert wandb.calls["log"] == read_metrics(run)  # metrics.jsonl is the record; W&B gets the same history
+    assert wandb.calls["summary"]["energy_drop"] == res["energy_drop"] and wandb.calls["finished"]
+
+
+def test_track_without_wandb_is_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit, match=r'--track needs wandb: pip install -e ".\[track\]"'):
+        tiny_args(tmp_path, track=True)
