@@ -4,12 +4,15 @@ of future returns to a sequence of past states, with actions from an inverse dyn
     python rgdt.py --env hopper-medium                            # §2.4's settings, final-token loss
     python rgdt.py --env hopper-medium --full-context-loss        # Fig. 2.3 ablation (indicator of Eq. 2.7 = 1)
     python rgdt.py --env hopper-medium --dataset-path FILE        # any D4RL-layout .hdf5 or DT .pkl
-    python rgdt.py --checkpoint runs/RUN/model.pt --updates 0 --inv-updates 0   # evaluate a trained model again
+    python rgdt.py --checkpoint runs/RUN/model.pt --updates 0     # evaluate a model (trains nothing)
+    python rgdt.py --resume runs/RUN                              # continue a stopped run
 
 Defaults are §2.4's. Flags shared with dt.py keep dt.py's names and meanings; dt.py's --context-len becomes two
 context lengths (--return-len K_r, --state-len K_s), and there is no timestep embedding. Two models train one after
 the other, each with its own progress bar and losses (`phase` in metrics.jsonl): the inverse dynamics (Eq. 2.8), then
 the translator (Eq. 2.7). Fig. 2.2 and the decoder's attention: benchmarks/rgdt_analysis.py.
+Ctrl-C, SIGTERM or SIGUSR1 save a checkpoint that --resume continues, in either phase, as if the run
+had never stopped.
 
 One file: arguments, data, model, losses, inverse dynamics, inference, training, in the order the thesis introduces
 them. Blocks marked PLUMBING are the same, byte for byte, in every method file that has them; the rest is the
@@ -18,12 +21,15 @@ method. Shared with the other method files is only common.py (datasets, env ids,
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -100,8 +106,10 @@ class Args:
     """Adam learning rate of the inverse dynamics"""
     inv_weight_decay: float = 1e-4
     """Adam (L2) weight decay of the inverse dynamics, applied to weight matrices only"""
-    inv_updates: int = 200_000
-    """inverse dynamics gradient updates; with --checkpoint, 0 keeps its inverse dynamics and N > 0 trains on"""
+    inv_updates: Optional[int] = None
+    """inverse dynamics gradient updates. Default (None): §2.4's 200000, but 0 with --checkpoint and
+    --updates 0, which then only evaluates; with --checkpoint, 0 keeps its inverse dynamics and N > 0
+    trains it on"""
     rtg_scale: float = 1000.0
     """returns-to-go are divided by this before they enter the model"""
     target_return: Optional[float] = None
@@ -118,9 +126,16 @@ class Args:
     bf16: bool = True
     """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX); fp32 elsewhere"""
     checkpoint: Optional[str] = None
-    """a `model.pt` from an earlier run: start from its two models, architecture, state normalisation and best
-    returns (the architecture flags are ignored); `--updates 0 --inv-updates 0` only evaluates it, on its own
-    dataset unless --env says"""
+    """a `model.pt` from an earlier run: start from its two models, architecture, state
+    normalisation and best returns (the architecture flags are ignored); `--updates 0` only evaluates
+    it, on its own dataset unless --env says (add --inv-updates N to train its inverse dynamics on)"""
+    resume: Optional[str] = None
+    """a run folder (runs/RUN) that stopped before its end: continue it there, in the phase it was
+    in, with its own flags, optimizers, schedule and random states, to its --updates; the result is
+    the run it would have been without the stop"""
+    save_every: int = 0
+    """write the resumable checkpoint model.pt every N updates of each phase (0: at every evaluation
+    and every 10% of each phase); also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
     log_every: int = 100
@@ -140,11 +155,15 @@ class Args:
     renderer; headless machines use MUJOCO_GL=egl, the default here when no display is set, or osmesa)"""
 
     def __post_init__(self):
+        if self.inv_updates is None and self.resume is None:  # --resume: the run's own
+            evaluating = self.checkpoint is not None and self.updates == 0
+            self.inv_updates = 0 if evaluating else INV_UPDATES
         positive = (
             "return_len state_len n_enc_layer n_layer n_head n_embd batch_size lr grad_clip rtg_scale eval_episodes"
         )
         positive += " log_every inv_hidden inv_layers inv_batch_size inv_lr"
-        non_negative = "seed weight_decay warmup_steps updates inv_weight_decay inv_updates eval_every threads"
+        non_negative = "seed weight_decay warmup_steps updates inv_weight_decay eval_every threads"
+        non_negative += " save_every" + (" inv_updates" if self.inv_updates is not None else "")
         check_flags(self, positive, non_negative)
         for name in ("dropout", "inv_dropout"):
             if not 0 <= getattr(self, name) < 1:
@@ -172,6 +191,14 @@ THESIS = {"halfcheetah-medium": 44.4, "hopper-medium": 93.2, "walker2d-medium": 
 # fmt: on
 ARCH = "return_len state_len n_enc_layer n_layer n_head n_embd dropout rtg_scale".split()  # the translator's
 INV_ARCH = "inv_hidden inv_layers inv_dropout".split()
+INV_UPDATES = 200_000  # §2.4's inverse dynamics budget, --inv-updates' default when training
+# The two trainings in their order (the translator's evaluations need the inverse dynamics): label.
+PHASES = {"inverse": "inverse dynamics", "translator": "translator"}
+CLOCK = {"inverse": "inv_train_time_s", "translator": "train_time_s"}  # each phase's training time
+# Flags that say where and how a run runs, not what it computes: --resume takes them from its own
+# command line.
+RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name wandb_entity".split()
+RUN_FLAGS += ["capture_video"]
 
 
 # --- Data (§2.2.1): trajectories as flat tensors on the training device; a batch is an index gather.
@@ -185,6 +212,8 @@ def make_dataset(episodes: list[dict], device, rtg_scale: float, state_stats=Non
     training on and evaluating see its state scale."""
     obs = np.concatenate([ep["observations"] for ep in episodes])
     mean, std = state_stats if state_stats is not None else (obs.mean(0), obs.std(0) + 1e-6)
+    # as saved in model.pt, so that a resumed run normalises exactly as the run it continues
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     lengths = np.array([len(ep["rewards"]) for ep in episodes])
     starts = np.cumsum(lengths) - lengths
     has_next = np.concatenate([np.arange(n) < n - 1 for n in lengths])
@@ -196,8 +225,7 @@ def make_dataset(episodes: list[dict], device, rtg_scale: float, state_stats=Non
         "ep_end": torch.as_tensor(np.repeat(starts + lengths, lengths)),  # per step: one past its episode's last
         "valid": torch.as_tensor(np.flatnonzero(has_next)),  # steps with a successor: examples of both models
     }
-    state_stats = (np.asarray(mean, np.float32), np.asarray(std, np.float32))
-    return {**{k: v.to(device) for k, v in data.items()}, "state_stats": state_stats}
+    return {**{k: v.to(device) for k, v in data.items()}, "state_stats": (mean, std)}
 
 
 def gather_segments(data: dict, t: torch.Tensor, K_r: int, K_s: int) -> dict:
@@ -443,6 +471,7 @@ def evaluate(model, inv, info, state_stats, conditioning, args, device, autocast
     model.eval()
     inv.eval()
     obs, _ = envs.reset(seed=args.seed + 10_000)
+    bar = tqdm(total=n, desc="evaluate", unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
     t0 = time.time()
     for t in range(horizon):  # t counts from 0, the thesis's timesteps from 1
         states[:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
@@ -459,9 +488,12 @@ def evaluate(model, inv, info, state_stats, conditioning, args, device, autocast
         returns += r * ~done
         lengths += ~done
         done |= term | trunc
+        bar.update(int(done.sum()) - bar.n)
+        bar.set_postfix(env_steps=int(lengths.sum()), refresh=False)
         if done.all():
             break
     elapsed = time.time() - t0
+    bar.close()
     envs.close()
     model.train()
     inv.train()
@@ -500,24 +532,33 @@ def setup(args) -> tuple[torch.device, int]:
 
 
 def bf16_native(device: torch.device) -> bool:
-    """PLUMBING: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX); elsewhere bf16 is emulated, slower than fp32."""
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with AVX512-BF16 or AMX;
+    elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the test suite's second pass, .ci/run)
+    takes the bf16 path on any CPU, emulated, so that CI runs the code every GPU and bf16 CPU runs."""
+    if os.environ.get("SEQRL_TEST_FORCE_BF16") == "1":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def load_checkpoint(path: Optional[str], device) -> Optional[dict]:
-    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code)."""
+def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:
+    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code), onto
+    `device` whatever device wrote it."""
     if path is None:
         return None
     if not Path(path).is_file():
-        raise SystemExit(f"error: --checkpoint {path}: no such file (expected runs/RUN/model.pt).")
+        raise SystemExit(f"error: {flag} {path}: no such file (expected runs/RUN/model.pt).")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         why = f"not a checkpoint torch can read as data ({type(e).__name__}); pass a model.pt that {METHOD}.py wrote"
-        raise SystemExit(f"error: --checkpoint {path}: {why}.") from None
+        raise SystemExit(f"error: {flag} {path}: {why}.") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise SystemExit(f"error: --checkpoint {path} was written by {found or 'another program'}, not {METHOD}.py.")
+        raise SystemExit(f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py.")
+    if flag == "--resume" and ckpt.get("resume") is None:
+        raise SystemExit(f"error: --resume: {path} holds no training state (an older version's); use --checkpoint.")
     return ckpt
 
 
@@ -543,8 +584,10 @@ def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
 
 
 def make_run_dir(args, info: dict) -> Path:
-    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time}; an existing folder is never reused."""
-    name = f"{info['name'].replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an existing
+    folder is never reused."""
+    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"  # `ls runs` tells evaluations apart
+    name = f"{info['name'].replace('/', '_')}__{kind}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.runs_dir) / name
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -591,6 +634,140 @@ def git_commit() -> Optional[str]:
         return None
 
 
+STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}  # PLUMBING: name -> what it is
+STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signals_deferred
+
+
+def catch_stop_signals() -> dict:
+    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1 (SLURM's --signal)
+    all raise KeyboardInterrupt naming the signal, so that one `except` saves a resumable checkpoint for each.
+    Returns the handlers it replaced (restore_signals puts them back); only the main thread can catch signals."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        why = STOP_SIGNALS[signal.Signals(signum).name]
+        if STOPPING["deferred"]:
+            STOPPING["pending"] = why
+            return
+        raise KeyboardInterrupt(why)
+
+    names = [n for n in STOP_SIGNALS if hasattr(signal, n)]  # no SIGUSR1 on Windows
+    return {getattr(signal, n): signal.signal(getattr(signal, n), stop) for n in names}
+
+
+def restore_signals(old: dict) -> None:
+    """PLUMBING"""
+    for signum, handler in old.items():
+        signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an update or a
+    checkpoint is never left half done."""
+    STOPPING["deferred"] = True
+    try:
+        yield
+    finally:
+        STOPPING["deferred"] = False
+        why, STOPPING["pending"] = STOPPING["pending"], None
+        if why is not None:
+            raise KeyboardInterrupt(why)
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on POSIX and
+    Windows): a kill at any instant leaves the last complete checkpoint readable."""
+    tmp = path.with_name(path.name + ".tmp")
+    with signals_deferred():
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def training_state(updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path) -> dict:
+    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the schedule's position,
+    every random state (python, numpy, torch, CUDA, the batch sampler's), the updates done, the time spent and
+    how many lines metrics.jsonl had."""
+    kind, key, pos, gauss, cached = np.random.get_state()
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "batch": gen.get_state()}
+    rng["numpy"] = (kind, torch.as_tensor(key.astype(np.int64)), pos, gauss, cached)  # as data: no numpy pickles
+    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng["batch_device"] = gen.device.type
+    sched_state = sched.state_dict() if sched is not None else None
+    state = {"updates_done": updates_done, "optimizer": opt.state_dict(), "scheduler": sched_state, "rng": rng}
+    lines = metrics.read_text().count("\n") if metrics.exists() else 0
+    return state | {"clock": dict(clock), "metrics_lines": lines}
+
+
+def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> None:
+    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of device: resumed
+    on another, the sampler goes on from a fresh stream (said once; the run is then not bit-exact)."""
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    kind, key, pos, gauss, cached = rng["numpy"]
+    np.random.set_state((kind, key.cpu().numpy().astype(np.uint32), pos, gauss, cached))
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    if rng["batch_device"] == gen.device.type:
+        gen.set_state(rng["batch"].cpu())
+    else:
+        gen.manual_seed(int(torch.randint(2**62, (1,)).item()))
+        print(f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch stream (not bit-exact)")
+
+
+def resumed_args(cls, cli):
+    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags (RUN_FLAGS:
+    where and how to run, not what) replace them; any other flag given is refused rather than ignored."""
+    if cli.resume is None:
+        return cli
+    run = Path(cli.resume)
+    if (run / "results.json").exists():
+        raise SystemExit(f"error: --resume {run}: that run has finished (results.json is there); nothing to resume.")
+    try:
+        saved = json.loads((run / "config.json").read_text())["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SystemExit(f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json).") from None
+    if not (run / "model.pt").is_file():
+        raise SystemExit(f"error: --resume {run}: no model.pt there yet (stopped before its first save); start again.")
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
+    for name, value in dataclasses.asdict(cli).items():
+        if name not in RUN_FLAGS and value != fields[name] and value != saved.get(name, fields[name]):
+            flag = f"--{name.replace('_', '-')}"
+            raise SystemExit(
+                f"error: --resume {run} continues that run with its own flags; leave out {flag} {value} "
+                f"(the run has {saved.get(name, fields[name])})."
+            )
+    return cls(**(saved | {k: getattr(cli, k) for k in RUN_FLAGS}))
+
+
+def trim_metrics(path: Path, n_lines: int) -> list[dict]:
+    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the checkpoint was saved)
+    and drop the rest, so that no step is written twice; returns the kept lines."""
+    kept = path.read_text().splitlines()[:n_lines] if path.exists() else []
+    path.write_text("".join(line + "\n" for line in kept))
+    return [json.loads(line) for line in kept]
+
+
+def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
+    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the run."""
+    if n == updates:
+        return True
+    if save_every:
+        return n % save_every == 0
+    return bool(eval_every and n % eval_every == 0) or n % max(1, math.ceil(updates / 10)) == 0
+
+
 def make_optimizer(model, args):
     """AdamW with weight decay on matrices only, as in nanoGPT (learned positions are not weights), and a
     linear warmup."""
@@ -601,151 +778,299 @@ def make_optimizer(model, args):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
 
 
-def train(args: Args) -> dict:
-    t_start = time.time()
-    device, threads = setup(args)
-    ckpt = load_checkpoint(args.checkpoint, device)
+def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
+    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it went on."""
+    if resume is not None:
+        where = {k: config[k] for k in ("device", "threads", "git_commit", "torch")}
+        config = json.loads((run_dir / "config.json").read_text())
+        config["resumed"] = config.get("resumed", []) + [{"at_update": resume["updates_done"], **where}]
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return config
+
+
+def checkpoint_frame(arch: dict, args, info: dict, state_stats, best: np.ndarray) -> dict:
+    """What every model.pt of a run holds besides the weights: what evaluating them needs
+    (architecture, dataset facts, state normalisation, best returns) and the flags."""
+    mean, std = (torch.as_tensor(x) for x in state_stats)
+    parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info}
+    return {**parts, "state_mean": mean, "state_std": std, "best_returns": torch.as_tensor(best)}
+
+
+def make_checkpoint(model, inv, frame: dict, totals: dict, state: dict) -> dict:
+    """model.pt: both models, the updates each has had, the state --resume continues from."""
+    nets = {"model": model.state_dict(), "inverse_dynamics": inv.state_dict()}
+    counts = {"trained_updates": totals["translator"], "trained_inv_updates": totals["inverse"]}
+    return {**nets, **frame, **counts, "resume": state}
+
+
+def inverse_update(inv, opt, data: dict, args, gen: torch.Generator, log: bool):
+    """One Adam step on Eq. 2.8's likelihood; the loss, the gradient norm (when `log`: it costs a
+    pass over the gradients; nothing clips them, §2.4 names no clipping) and the learning rate."""
+    loss = inverse_dynamics_loss(inv, data, args.inv_batch_size, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in inv.parameters()]
+    grad_norm = torch.nn.utils.get_total_norm(grads) if log else None
+    opt.step()
+    return loss, grad_norm, args.inv_lr
+
+
+def translator_update(fwd, model, opt, sched, data: dict, args, gen, autocast, log: bool):
+    """One AdamW step on Eq. 2.7; the loss, the gradient norm before clipping (the clipping computes
+    it, `log` or not) and the learning rate it used."""
+    b = sample_batch(data, args.batch_size, model.return_len, model.state_len, gen)
+    with autocast:
+        mean, log_std, _ = fwd(b["returns"], b["states"], b["mask"])
+    loss = state_loss(mean, log_std, b["next_states"], b["mask"], args.full_context_loss)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    lr = sched.get_last_lr()[0]  # the rate this update uses
+    opt.step()
+    sched.step()
+    return loss, grad_norm, lr
+
+
+def make_phases(model, inv, data: dict, args, device, autocast) -> dict:
+    """The two trainings in PHASES' order, each with its update count, optimizer, schedule, batch
+    generator and update."""
+    inv_opt = make_inv_optimizer(inv, args)
+    opt, sched = make_optimizer(model, args)
+    fwd = torch.compile(model) if args.compile else model
+    inv_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    def inverse(log):
+        return inverse_update(inv, inv_opt, data, args, inv_gen, log)
+
+    def translator(log):
+        return translator_update(fwd, model, opt, sched, data, args, gen, autocast, log)
+
+    inverse_phase = {"opt": inv_opt, "sched": None, "gen": inv_gen, "update": inverse}
+    translator_phase = {"opt": opt, "sched": sched, "gen": gen, "update": translator}
+    inverse_phase["total"], translator_phase["total"] = args.inv_updates, args.updates
+    return {"inverse": inverse_phase, "translator": translator_phase}
+
+
+def eval_due(phase: str, n: int, args) -> bool:
+    """Evaluations while training: once before the inverse dynamics trains, then every --eval-every
+    translator updates from 0 (the final one follows the last); none if the translator does not
+    train."""
+    if not (args.eval_every and args.updates):
+        return False
+    if phase == "inverse":
+        return n == 0 < args.inv_updates
+    return n % args.eval_every == 0 and n < args.updates
+
+
+def totals(run: dict) -> dict:
+    """Each model's updates: those of the checkpoint it started from and this run's."""
+    return {k: run["before"][k] + run["progress"][k] for k in PHASES}
+
+
+def update_counts(counts: dict) -> str:
+    return f"translator {counts['translator']}, inverse dynamics {counts['inverse']} updates"
+
+
+def run_phase(phase: str, p: dict, run: dict, args, run_eval, save, evaluated: set) -> None:
+    """One phase from the updates it has done to its total. An update and its log line run whole
+    before a stop signal takes effect; then the evaluation and the checkpoint, when due.
+    `evaluated`: the (phase, step) evaluations a resumed run logged already."""
+    progress, total = run["progress"], p["total"]
+    progress["phase"], done = phase, progress[phase]
+    if eval_due(phase, done, args) and (phase, done) not in evaluated:
+        run_eval(phase, done)
+    every = args.eval_every if phase == "translator" else 0  # the evaluations save_due counts
+    bar = tqdm(range(done, total), phase, total, initial=done, mininterval=1, disable=not total)
+    with bar:  # closed on a stop too
+        for step in bar:
+            with signals_deferred():
+                t0 = time.time()
+                log = step % args.log_every == 0 or step + 1 == total  # .item() syncs the GPU
+                loss, grad_norm, lr = p["update"](log)
+                progress[phase] = done = step + 1
+                if log:
+                    line = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+                    log_metrics(run["metrics"], phase=phase, step=step, **line)
+                    bar.set_postfix(loss=f"{line['loss']:.4f}")
+                run["clock"][CLOCK[phase]] += time.time() - t0
+            if eval_due(phase, done, args):
+                run_eval(phase, done)
+            if save_due(done, total, every, args.save_every):
+                save()
+
+
+def fit(model, inv, data: dict, args, device, autocast, frame: dict, run: dict, run_eval, resume):
+    """Both phases, from where a resumed run stopped; a stop signal saves a resumable checkpoint and
+    exits with the command that continues."""
+    phases = make_phases(model, inv, data, args, device, autocast)
+    progress, clock = run["progress"], run["clock"]
+    if resume:  # only the phase in progress has a state: the next starts fresh, as it would have
+        p = phases[progress["phase"]]
+        restore_training_state(resume, p["opt"], p["sched"], p["gen"])
+
+    def save() -> None:
+        phase, wall = progress["phase"], clock["wall_time_s"] + time.time() - run["t_start"]
+        p, clocks = phases[phase], clock | {"wall_time_s": wall}
+        n, metrics = progress[phase], run["metrics"]
+        state = training_state(n, p["opt"], p["sched"], p["gen"], clocks, metrics)
+        state["progress"] = dict(progress)
+        save_atomic(make_checkpoint(model, inv, frame, totals(run), state), run["dir"] / "model.pt")
+
+    logged = trim_metrics(run["metrics"], resume["metrics_lines"]) if resume else []
+    evaluated = {(m["phase"], m["step"]) for m in logged if "eval_normalized" in m}
+    try:
+        for phase in list(PHASES)[list(PHASES).index(progress["phase"]) :]:
+            run_phase(phase, phases[phase], run, args, run_eval, save, evaluated)
+    except KeyboardInterrupt as stop:
+        save()
+        why, ckpt = str(stop) or "Ctrl-C", run["dir"] / "model.pt"
+        raise SystemExit(
+            f"interrupted ({why}): {ckpt} holds {update_counts(totals(run))}; continue with "
+            f"`python {METHOD}.py --resume {run['dir']}`, or evaluate it with "
+            f"`python {METHOD}.py --checkpoint {ckpt} --updates 0`."
+        ) from None
+
+
+def evaluation_cost(info: dict, n: int) -> str:
+    """What an evaluation-only run is about to do, said before it starts (minutes on a CPU)."""
+    probe = common.make_env(info)
+    horizon = probe.spec.max_episode_steps or 1000
+    probe.close()
+    return (
+        f"evaluating only: {n} episodes of at most {horizon} steps ({n * horizon} environment steps "
+        "at most, one batched forward of each model per step)"
+    )
+
+
+def open_run(args: Args, device):
+    """The checkpoint (--resume's or --checkpoint's), the training state it holds, the dataset and
+    the architecture."""
+    if args.resume:
+        ckpt = load_checkpoint(str(Path(args.resume) / "model.pt"), device, "--resume")
+    else:
+        ckpt = load_checkpoint(args.checkpoint, device)
     episodes, info = load_data(args, ckpt)
-    if episodes is None and args.inv_updates:  # load_data reads no data when --updates is 0; the inverse dynamics does
+    if episodes is None and args.inv_updates:  # no data is read with --updates 0; this needs it
         episodes, info = load_data(replace(args, updates=args.inv_updates), ckpt)
     dims = {"state_dim": info["obs_dim"], "act_dim": info["act_dim"]}
-    arch = ckpt["arch"] if ckpt is not None else {**{k: getattr(args, k) for k in ARCH + INV_ARCH}, **dims}
-    best = best_return_sequence(episodes) if episodes is not None else ckpt["best_returns"].cpu().numpy()
-    conditioning = conditioning_returns(best, args.target_return)
+    arch = {**{k: getattr(args, k) for k in ARCH + INV_ARCH}, **dims}
+    arch = ckpt["arch"] if ckpt is not None else arch
     if args.capture_video:
         try:
             common.check_video(info)
         except common.DatasetError as e:
             raise SystemExit(f"error: {e}") from None
-    run_dir = make_run_dir(args, info)
-    metrics = run_dir / "metrics.jsonl"
-    config = {
-        "method": METHOD,
-        "args": asdict(args),
-        "arch": arch,
-        "dataset": info,
-        "target_return": args.target_return,
-    }
-    config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
+    return ckpt, (ckpt["resume"] if args.resume else None), episodes, info, arch
+
+
+def start_run(args, device, threads: int, info, arch, ckpt, resume, training: bool):
+    """The run folder (a resumed run's own; `-eval` when nothing trains) and its config.json."""
+    if args.resume:
+        run_dir = Path(args.resume)
+    else:  # make_run_dir reads --updates: here, training either model is training
+        run_dir = make_run_dir(replace(args, updates=int(training)), info)
+    config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info}
+    config |= {"target_return": args.target_return, "device": str(device), "threads": threads}
+    config |= {"git_commit": git_commit(), "torch": torch.__version__}
     # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
-    config["trained_with"] = (
-        ckpt["args"] if ckpt is not None and not (args.updates or args.inv_updates) else asdict(args)
-    )
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    config["trained_with"] = ckpt["args"] if ckpt is not None and not training else asdict(args)
+    config = record_config(run_dir, config, resume)
+    if resume is not None:  # and the phase it went on in
+        config["resumed"][-1]["phase"] = resume["progress"]["phase"]
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     start_tracking(args, config, run_dir)
+    return run_dir, config
 
-    model, inv = make_models(arch, device)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        inv.load_state_dict(ckpt["inverse_dynamics"])
-    state_stats = tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std")) if ckpt is not None else None
-    bf16 = args.bf16 and bf16_native(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    sizes = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (model, inv)]
-    print(
-        f"run {run_dir.name}: {info['name']} ({info['source']} data), translator {sizes[0]:.2f}M + inverse dynamics "
-        f"{sizes[1]:.2f}M parameters, device {device}, {threads} CPU thread(s), {'bf16' if bf16 else 'fp32'}"
-    )
 
-    def run_eval(phase: str, step: int, video=None) -> dict:
-        res = evaluate(model, inv, info, state_stats, conditioning, args, device, autocast, video=video)
-        score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
-        log_metrics(metrics, phase=phase, step=step, eval_normalized_std=res["normalized_std"], **score)
-        return res
-
-    before = (ckpt["trained_updates"], ckpt["trained_inv_updates"]) if ckpt is not None else (0, 0)
-    trained, inv_trained, train_time, inv_train_time = 0, 0, 0.0, 0.0
-    if args.updates or args.inv_updates:
-        data = make_dataset(episodes, device, arch["rtg_scale"], state_stats)
-        state_stats = data["state_stats"]
-        inv_opt = make_inv_optimizer(inv, args)
-        opt, sched = make_optimizer(model, args)
-        fwd = torch.compile(model) if args.compile else model
-        inv_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        evaluating = args.eval_every and args.updates
-        if evaluating and args.inv_updates:
-            res = run_eval("inverse", 0)
-            print(f"before training: normalized score {res['normalized_mean']:.1f}")
-        try:
-            # The inverse dynamics first (Eq. 2.8): the translator's evaluations need it to turn states into actions.
-            bar = tqdm(range(args.inv_updates), desc="inverse", mininterval=1.0, disable=not args.inv_updates)
-            for step in bar:
-                t0 = time.time()
-                loss = inverse_dynamics_loss(inv, data, args.inv_batch_size, inv_gen)
-                inv_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                inv_opt.step()
-                inv_trained = step + 1
-                if step % args.log_every == 0 or inv_trained == args.inv_updates:  # .item() syncs the GPU
-                    norm = torch.nn.utils.get_total_norm([p.grad for p in inv.parameters()]).item()
-                    log_metrics(metrics, phase="inverse", step=step, loss=loss.item(), grad_norm=norm, lr=args.inv_lr)
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                inv_train_time += time.time() - t0
-            bar.close()
-            if evaluating:
-                res = run_eval("translator", 0)
-                print(f"translator update 0 (inverse dynamics trained): normalized score {res['normalized_mean']:.1f}")
-            bar = tqdm(range(args.updates), desc="translator", mininterval=1.0, disable=not args.updates)
-            for step in bar:
-                t0 = time.time()
-                b = sample_batch(data, args.batch_size, model.return_len, model.state_len, gen)
-                with autocast:
-                    mean, log_std, _ = fwd(b["returns"], b["states"], b["mask"])
-                loss = state_loss(mean, log_std, b["next_states"], b["mask"], args.full_context_loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                lr = sched.get_last_lr()[0]  # the rate this update used
-                opt.step()
-                sched.step()
-                trained = step + 1
-                if step % args.log_every == 0 or trained == args.updates:  # .item() syncs the GPU: not every step
-                    norm = grad_norm.item()
-                    log_metrics(metrics, phase="translator", step=step, loss=loss.item(), grad_norm=norm, lr=lr)
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                train_time += time.time() - t0
-                if args.eval_every and trained % args.eval_every == 0 and trained < args.updates:
-                    res = run_eval("translator", trained)
-                    bar.write(
-                        f"translator update {trained}: score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}"
-                    )
-        except KeyboardInterrupt:
-            bar.close()
-            print(f"\ninterrupted (Ctrl-C) after {inv_trained} + {trained} updates: saving the models trained so far")
-        total, inv_total = before[0] + trained, before[1] + inv_trained
-        stats = {"state_mean": torch.as_tensor(state_stats[0]), "state_std": torch.as_tensor(state_stats[1])}
-        parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": total}
-        nets = {
-            "model": model.state_dict(),
-            "inverse_dynamics": inv.state_dict(),
-            "best_returns": torch.as_tensor(best),
-        }
-        torch.save({**nets, **parts, **stats, "trained_inv_updates": inv_total}, run_dir / "model.pt")
-        if trained < args.updates or inv_trained < args.inv_updates:
-            raise SystemExit(
-                f"stopped: {run_dir / 'model.pt'} holds {total} + {inv_total} updates; evaluate it with "
-                f"`python {METHOD}.py --checkpoint {run_dir / 'model.pt'} --updates 0 --inv-updates 0`."
-            )
-
-    res = run_eval("final", trained, video=str(run_dir / "video.mp4") if args.capture_video else None)
-    total, inv_total = before[0] + trained, before[1] + inv_trained
-    speed = {"train_updates_per_s": trained / train_time if trained else None, "wall_time_s": time.time() - t_start}
-    speed["inv_train_updates_per_s"] = inv_trained / inv_train_time if inv_trained else None
-    speed["bf16"] = bf16
-    counts = {"updates": trained, "trained_updates": total, "inv_updates": inv_trained}
-    results = {**config, **res, **counts, "trained_inv_updates": inv_total, "run_dir": str(run_dir), **speed}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+def finish(run: dict, config: dict, res: dict, args, info: dict, bf16: bool) -> dict:
+    """results.json (as if the run had never stopped), W&B's summary and the closing lines."""
+    progress, clock, done = run["progress"], run["clock"], totals(run)
+    speed = {"bf16": bf16, "wall_time_s": clock["wall_time_s"] + time.time() - run["t_start"]}
+    for phase, key in CLOCK.items():  # training time only: evaluations are not counted
+        n = progress[phase]
+        speed[key.replace("time_s", "updates_per_s")] = n / clock[key] if n else None
+    counts = {"updates": progress["translator"], "trained_updates": done["translator"]}
+    counts |= {"inv_updates": progress["inverse"], "trained_inv_updates": done["inverse"]}
+    results = {**config, **res, **counts, "run_dir": str(run["dir"]), **speed}
+    (run["dir"] / "results.json").write_text(json.dumps(results, indent=2))
     finish_tracking(results)
     label = common.SOURCE_LABEL[info["source"]]
     thesis = THESIS.get(info["name"], "no number for this dataset")
     print(
-        f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} "
-        f"episodes ({label} data, {total} + {inv_total} updates); thesis Table 2.1 (RGDT, official D4RL, 150k + 200k "
-        f"updates): {thesis}"
+        f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over "
+        f"{args.eval_episodes} episodes ({label} data, {update_counts(done)}); thesis Table 2.1 "
+        f"(RGDT, official D4RL, translator 150k, inverse dynamics 200k updates): {thesis}"
     )
-    print(f"results: {run_dir / 'results.json'}")
+    print(f"results: {run['dir'] / 'results.json'}")
     return results
+
+
+def train(args: Args) -> dict:
+    t_start = time.time()
+    args = resumed_args(Args, args)
+    device, threads = setup(args)
+    ckpt, resume, episodes, info, arch = open_run(args, device)
+    best = ckpt["best_returns"].cpu().numpy() if episodes is None else best_return_sequence(episodes)
+    conditioning = conditioning_returns(best, args.target_return)
+    training = bool(args.updates or args.inv_updates)
+    run_dir, config = start_run(args, device, threads, info, arch, ckpt, resume, training)
+
+    model, inv = make_models(arch, device)
+    stats = None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        inv.load_state_dict(ckpt["inverse_dynamics"])
+        stats = tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std"))
+    bf16 = args.bf16 and bf16_native(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    sizes = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (model, inv)]
+    print(
+        f"run {run_dir.name}: {info['name']} ({info['source']} data), translator {sizes[0]:.2f}M + "
+        f"inverse dynamics {sizes[1]:.2f}M parameters, device {device}, {threads} CPU thread(s), "
+        f"{'bf16' if bf16 else 'fp32'}"
+    )
+    zero = {"phase": "inverse", "inverse": 0, "translator": 0}
+    progress = dict(resume["progress"]) if resume else zero
+    keys = {"translator": "trained_updates", "inverse": "trained_inv_updates"}
+    before = {k: ckpt[key] - progress[k] if ckpt is not None else 0 for k, key in keys.items()}
+    clock = dict.fromkeys(["inv_train_time_s", "train_time_s", "wall_time_s"], 0.0)
+    clock = dict(resume["clock"]) if resume else clock
+    run = {"dir": run_dir, "metrics": run_dir / "metrics.jsonl", "t_start": t_start}
+    run |= {"progress": progress, "before": before, "clock": clock}
+
+    def run_eval(phase: str, step: int, video=None) -> dict:
+        res = evaluate(model, inv, info, stats, conditioning, args, device, autocast, video=video)
+        mean, std = res["normalized_mean"], res["normalized_std"]
+        score = {"eval_return": res["return_mean"], "eval_normalized": mean}
+        log_metrics(run["metrics"], phase=phase, step=step, eval_normalized_std=std, **score)
+        label = PHASES.get(phase, "translator")  # the final evaluation follows the translator's last
+        tqdm.write(f"{label} update {step}: normalized score {mean:.1f} ± {std:.1f}")
+        return res
+
+    old_handlers = catch_stop_signals()
+    try:
+        if training:
+            data = make_dataset(episodes, device, arch["rtg_scale"], stats)
+            stats = data["state_stats"]
+            frame = checkpoint_frame(arch, args, info, stats, best)
+            fit(model, inv, data, args, device, autocast, frame, run, run_eval, resume)
+        else:
+            print(evaluation_cost(info, args.eval_episodes))
+        video = str(run_dir / "video.mp4") if args.capture_video else None
+        res = run_eval("final", progress["translator"], video=video)
+    except KeyboardInterrupt as stop:  # evaluating only, or in the final evaluation
+        why = str(stop) or "Ctrl-C"
+        if not training:
+            where = f"{run_dir} keeps its log"
+            raise SystemExit(f"interrupted ({why}) during the evaluation; {where}.") from None
+        raise SystemExit(
+            f"interrupted ({why}) during the final evaluation; {run_dir / 'model.pt'} holds the "
+            f"trained models; finish the run with `python {METHOD}.py --resume {run_dir}`."
+        ) from None
+    finally:
+        restore_signals(old_handlers)
+    return finish(run, config, res, args, info, bf16)
 
 
 if __name__ == "__main__":

@@ -333,7 +333,9 @@ def test_end_to_end_with_evaluation(tmp_path, hdf5_path, full_context, monkeypat
     assert flags == [full_context] * 20
     out, err = capsys.readouterr()
     assert "inverse: 100%" in err and "translator: 100%" in err  # each training has its own progress bar
-    assert "thesis Table 2.1" in out and "20 + 20 updates" in out and "local file data" in out
+    assert (
+        "thesis Table 2.1" in out and "translator 20, inverse dynamics 20 updates" in out and "local file data" in out
+    )
     run = Path(res["run_dir"])
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "results.json", "model.pt"}
     saved = json.loads((run / "results.json").read_text())
@@ -480,7 +482,9 @@ def test_cli_help_explains_every_flag():
     assert set(docs) == {f.name for f in dataclasses.fields(rgdt.Args)}, "a field without a docstring"
     for name, doc in docs.items():
         assert "--" + name.replace("_", "-") in flat and " ".join(doc.split()) in flat, name
-    assert "--checkpoint runs/RUN/model.pt --updates 0 --inv-updates 0" in flat  # the usage examples are shown too
+    assert (
+        "--checkpoint runs/RUN/model.pt --updates 0 " in flat and "--resume runs/RUN" in flat
+    )  # the usage examples are shown too
     assert "indicator" in flat and "best return" in flat and "§2.4" in flat and "Alg. 2" in flat
 
 
@@ -511,7 +515,8 @@ def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, hdf5_path):
     (run,) = (tmp_path / "runs").iterdir()
     saved = torch.load(run / "model.pt", weights_only=True)
     assert saved["trained_inv_updates"] == 3 and 0 < saved["trained_updates"] < 1_000_000
-    assert f"holds {saved['trained_updates']} + 3 updates" in out
+    assert f"holds translator {saved['trained_updates']}, inverse dynamics 3 updates;" in out
+    assert f"python rgdt.py --resume {run}" in out
 
 
 def fake_wandb(monkeypatch):
