@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tyro
 
 import common
 import dt
@@ -78,6 +79,17 @@ def test_defaults_are_section_2_4():
     inv = rgdt.make_inverse_dynamics(11, 3, a.inv_hidden, a.inv_layers, a.inv_dropout)
     assert [m.out_features for m in inv if isinstance(m, torch.nn.Linear)] == [512, 512, 6]  # mean and log-std of a_t
     assert rgdt.Args(checkpoint="x.pt").env is None  # with a checkpoint: its own dataset
+
+
+def test_inv_updates_default_trains_unless_a_checkpoint_is_only_evaluated():
+    """Issue 25, item 3: `--checkpoint CK --updates 0` evaluates; the inverse dynamics trains only when asked."""
+    assert rgdt.Args().inv_updates == 200_000 and rgdt.Args(checkpoint="x.pt").inv_updates == 200_000
+    assert rgdt.Args(checkpoint="x.pt", updates=0).inv_updates == 0
+    assert rgdt.Args(checkpoint="x.pt", updates=0, inv_updates=5).inv_updates == 5
+    assert rgdt.Args(checkpoint="x.pt", updates=0, inv_updates=200_000).inv_updates == 200_000  # given: trains
+    assert rgdt.Args(resume="runs/RUN").inv_updates is None  # the run's own, from its config.json
+    with pytest.raises(SystemExit, match="--updates 0 leaves a model untrained"):
+        rgdt.Args(updates=0)
 
 
 def test_segments_hold_past_states_next_states_and_future_returns():
@@ -372,17 +384,21 @@ def test_same_seed_same_run(tmp_path, hdf5_path):
     assert losses(a) != losses(c)
 
 
-def test_a_checkpoint_alone_evaluates_and_trains_on(tmp_path, hdf5_path):
+def test_a_checkpoint_alone_evaluates_and_trains_on(tmp_path, hdf5_path, capsys):
     trained = rgdt.train(tiny_args(tmp_path, hdf5_path, updates=6, inv_updates=4, eval_every=0))
     ckpt = Path(trained["run_dir"]) / "model.pt"
-    # only the checkpoint: its own dataset facts, architecture, state normalisation and best returns; no data file read
-    alone = rgdt.Args(checkpoint=str(ckpt), updates=0, inv_updates=0, eval_episodes=2, n_layer=5, state_len=3,
-                      runs_dir=str(tmp_path / "ev"))  # fmt: skip
-    res = rgdt.train(alone)
+    # `--checkpoint CK --updates 0` alone (issue 25, item 3): only the checkpoint, its own dataset facts, architecture,
+    # state normalisation and best returns; no data file read, and neither model trains
+    cli = ["--checkpoint", str(ckpt), "--updates", "0", "--eval-episodes", "2", "--n-layer", "5", "--state-len", "3",
+           "--runs-dir", str(tmp_path / "ev")]  # fmt: skip
+    capsys.readouterr()
+    res = rgdt.train(tyro.cli(rgdt.Args, args=cli))
+    assert "evaluating only: 2 episodes of at most 1000 steps (2000 environment steps" in capsys.readouterr().out
     assert res["returns"] == trained["returns"] and res["arch"]["n_layer"] == 2
     assert res["arch"]["state_len"] == 5 and res["dataset"] == trained["dataset"]
     assert (res["updates"], res["inv_updates"], res["trained_updates"], res["trained_inv_updates"]) == (0, 0, 6, 4)
     assert not (Path(res["run_dir"]) / "model.pt").exists()  # nothing trained, nothing saved
+    assert "__rgdt-eval__" in Path(res["run_dir"]).name and res["trained_with"] == trained["args"]
     # trained updates add up across checkpoints, for each model
     more = rgdt.train(tiny_args(tmp_path, hdf5_path, checkpoint=str(ckpt), updates=3, inv_updates=0, eval_every=0,
                                 exp_name="more"))  # fmt: skip
@@ -398,6 +414,7 @@ def test_a_checkpoint_alone_evaluates_and_trains_on(tmp_path, hdf5_path):
             runs_dir=str(tmp_path / "inv"),
         )
     )  # the checkpoint's data is read
+    assert "__rgdt__" in Path(inv_more["run_dir"]).name  # it trains: not an evaluation
     saved = torch.load(Path(inv_more["run_dir"]) / "model.pt", weights_only=True)
     assert (saved["trained_updates"], saved["trained_inv_updates"]) == (9, 6) and saved["method"] == "rgdt"
     first = torch.load(ckpt, weights_only=True)
