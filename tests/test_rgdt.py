@@ -1,9 +1,11 @@
 import ast
 import dataclasses
 import inspect
+import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -316,6 +318,25 @@ def test_inference_follows_algorithm_2(hdf5_path):
     assert recorded[0][1] == [{"self": None, "cross": None}] and recorded[0][2] == [True, True]
 
 
+def test_evaluation_shows_its_progress_in_episodes_and_env_steps(hdf5_path, monkeypatch):
+    """Issue 25, item 4: a bar of the episodes done, with the env steps taken, that leaves nothing behind."""
+    from tqdm import tqdm
+
+    bars = []
+
+    class Recorded(tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **{**kw, "mininterval": 0, "file": io.StringIO()})
+            bars.append(self)
+
+    monkeypatch.setattr(rgdt, "tqdm", Recorded)
+    _, info = common.load_dataset("hopper-random", (str(hdf5_path),))
+    res = evaluate(RecordingTranslator(), RecordingInverse(), info, np.arange(6.0))
+    (bar,) = bars
+    assert bar.desc == "evaluate" and bar.total == 2 and bar.n == 2 and not bar.leave
+    assert bar.postfix == f"env_steps={sum(res['lengths'])}"
+
+
 def test_evaluation_stops_at_the_horizon_of_an_env_without_a_time_limit(monkeypatch):
     """An env that never ends by itself and has no TimeLimit: evaluation stops at the horizon, and the conditioning
     window never runs past its buffer."""
@@ -345,9 +366,11 @@ def test_end_to_end_with_evaluation(tmp_path, hdf5_path, full_context, monkeypat
     assert flags == [full_context] * 20
     out, err = capsys.readouterr()
     assert "inverse: 100%" in err and "translator: 100%" in err  # each training has its own progress bar
-    assert (
-        "thesis Table 2.1" in out and "translator 20, inverse dynamics 20 updates" in out and "local file data" in out
-    )
+    assert "thesis Table 2.1" in out and "local file data" in out
+    assert "(local file data, translator 20, inverse dynamics 20 updates)" in out  # both counts, labelled
+    # every evaluation says the same thing the same way (issue 25, item 10), the last one before the final line
+    said = re.findall(r"^(inverse dynamics|translator) update (\d+): normalized score -?\d+\.\d ± \d+\.\d$", out, re.M)
+    assert said == [("inverse dynamics", "0"), ("translator", "0"), ("translator", "10"), ("translator", "20")]
     run = Path(res["run_dir"])
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "results.json", "model.pt"}
     saved = json.loads((run / "results.json").read_text())
