@@ -57,18 +57,23 @@ def test_aggregate_builds_the_table_with_thesis_columns_and_totals(tmp_path):
     fake_result(tmp_path, "trdt", "walker2d-medium", 0, 70.0)
     fake_result(tmp_path, "rgdt", "hopper-medium", 0, 50.0)
     fake_result(tmp_path, "rgdt", "hopper-medium-replay", 0, 40.0)  # not a Table 2.1 row: listed, thesis "—"
-    summary = aggregate.main(aggregate.Args(folders=(str(tmp_path),)))
+    summary = aggregate.main(aggregate.Args(folders=(str(tmp_path),), reps=50))
     text = (tmp_path / "tables.md").read_text()
-    assert "| hopper-medium-replay | 85.0 ± 5.0 (n=2) | 97.82 ± 2.30 |" in text  # the thesis's ± beside its mean
-    assert "| walker2d-medium | 70.0 ± 0.0 (n=1) | 75.89 ± 7.26 |" in text
-    assert "| **total** (same rows) | 155.0 | 173.71 |" in text  # thesis total over the same two rows
+    # mean over seeds [95% bootstrap CI] (n), the thesis's ± beside its mean
+    assert "| hopper-medium-replay | 85.0 [80.0, 90.0] (n=2) | 97.82 ± 2.30 |" in text
+    assert "| walker2d-medium | 70.0 [70.0, 70.0] (n=1) | 75.89 ± 7.26 |" in text
+    assert "| **total of means** (same rows) | 155.0 | 173.71 |" in text  # thesis total over the same two rows
     assert "| thesis's printed total (all rows) | — | 726.77 |" in text
-    assert "| hopper-medium | 50.0 ± 0.0 (n=1) | 93.20 |" in text and "539.0" in text
-    assert "| hopper-medium-replay | 40.0 ± 0.0 (n=1) | — |" in text
+    assert "| hopper-medium | 50.0 [50.0, 50.0] (n=1) | 93.20 |" in text and "539.0" in text
+    assert "| hopper-medium-replay | 40.0 [40.0, 40.0] (n=1) | — |" in text
     assert "replica (not D4RL)" in text and "abcdef1234" in text
     assert "wall time per seed 1.0 min (median)" in text  # TRDT: 1, 2 and 1 minutes (seed 1 took 2)
     col = summary["columns"]["TRDT"]
-    assert col["curves"]["hopper-medium-replay"] == dict(steps=[0, 10], mean=[1.5, 5.5], std=[0.5, 0.5])
+    cv = col["curves"]["hopper-medium-replay"]
+    assert {k: cv[k] for k in ("steps", "mean", "std", "iqm")} == dict(
+        steps=[0, 10], mean=[1.5, 5.5], std=[0.5, 0.5], iqm=[1.5, 5.5]
+    )  # the IQM of two seeds is their mean
+    assert cv["lo"] == [1.0, 5.0] and cv["hi"] == [2.0, 6.0]  # its CI: from either seed to the other
     prov = col["stats"]["walker2d-medium"]["provenance"]  # every number carries its own provenance
     assert (
         prov["data"] == ["replica (not D4RL)"]
@@ -83,13 +88,16 @@ def test_aggregate_never_averages_different_configs_or_code(tmp_path):
     fake_result(tmp_path, "dt", "hopper-medium", 0, 10.0)
     fake_result(tmp_path, "dt", "hopper-medium", 1, 20.0)
     fake_result(tmp_path, "dt", "hopper-medium", 0, 60.0, cmd_extra=("--updates", "5"))
-    fake_result(tmp_path, "dt", "hopper-medium", 0, 99.0, code="other")
-    summary = aggregate.main(aggregate.Args(folders=(str(tmp_path),)))
-    means = sorted(c["stats"]["hopper-medium"]["mean"] for c in summary["columns"].values())
-    assert means == [15.0, 60.0, 99.0]
-    labels = sorted(summary["columns"])
+    newest = fake_result(tmp_path, "dt", "hopper-medium", 0, 99.0, code="other") / "results.json"
+    os.utime(newest, (newest.stat().st_mtime + 100,) * 2)  # the newest code: the column; the others: History
+    summary = aggregate.main(aggregate.Args(folders=(str(tmp_path),), reps=50))
+    (col,) = summary["columns"].values()
+    means = sorted([col["stats"]["hopper-medium"]["mean"]] + [h["stats"]["mean"] for h in summary["history"]])
+    assert means == [15.0, 60.0, 99.0] and col["stats"]["hopper-medium"]["mean"] == 99.0
+    labels = sorted(h["label"] for h in summary["history"])
     assert labels[0] == "DT [--updates 5]"  # a reader sees what differs, not a hash
-    assert all(k.startswith("DT [defaults, code ") for k in labels[1:]) and labels[1] != labels[2]
+    assert labels[1].startswith("DT [defaults, code ") and labels[1] != f"DT [defaults, code {col['config']}]"
+    assert "### History" in (tmp_path / "tables.md").read_text()
 
 
 def test_aggregate_never_averages_replica_with_official_d4rl(tmp_path):
@@ -374,7 +382,8 @@ def test_smoke_preset_end_to_end(smoke_here):
     assert res["run_dir"] == str(out / next(out.glob("bc-10__*")).name / "runs" / Path(res["run_dir"]).name)
     tables = (out / "tables.md").read_text()
     assert "| BC (ours) | BC (thesis) | 10%BC (ours) | 10%BC (thesis) | DT (ours) |" in tables
-    assert "| 10%BC (ours) | 10%BC (thesis) | RGDT (ours) | RGDT (thesis) |" in tables  # Table 2.1
+    t21 = "| 10%BC (ours) | 10%BC (thesis) | DT (ours) | DT (thesis) | RGDT (ours) | RGDT (thesis) |"
+    assert t21 in tables  # Table 2.1: the thesis's 10% BC and DT columns beside RGDT
 
 
 def comparable(tables: str) -> str:
@@ -530,18 +539,21 @@ def test_bc_columns_beside_the_thesis_baselines(tmp_path):
     fake_result(tmp_path, "bc", "hopper-medium-replay", 1, 30.0)
     fake_result(tmp_path, "bc-10", "hopper-medium-replay", 0, 50.0, cmd_extra=("--top-pct", "10"))
     fake_result(tmp_path, "dt", "hopper-medium-replay", 0, 60.0)
-    aggregate.main(aggregate.Args(folders=(str(tmp_path),)))
+    aggregate.main(aggregate.Args(folders=(str(tmp_path),), reps=50))
     text = (tmp_path / "tables.md").read_text()
     assert "| BC (ours) | BC (thesis) | 10%BC (ours) | 10%BC (thesis) | DT (ours) | DT (thesis) |" in text
-    assert "| hopper-medium-replay | 25.0 ± 5.0 (n=2) | 18.10 | 50.0 ± 0.0 (n=1) | 75.90 | 60.0 ± 0.0 (n=1) |" in text
+    assert (
+        "| hopper-medium-replay | 25.0 [20.0, 30.0] (n=2) | 18.10 | 50.0 [50.0, 50.0] (n=1) | 75.90 | "
+        "60.0 [60.0, 60.0] (n=1) |" in text
+    )
     assert "| thesis's printed total (all rows) | — | 466.7 | — | 666.2 | — | 672.6 |" in text
-    assert "Table 2.1" not in text  # no RGDT: 10%BC would only repeat Table 1.3's column
+    assert "### Table 2.1 layout" not in text  # no RGDT: 10%BC would only repeat Table 1.3's column
     fake_result(tmp_path, "rgdt", "hopper-medium", 0, 70.0)
     fake_result(tmp_path, "bc-10", "hopper-medium", 0, 40.0, cmd_extra=("--top-pct", "10"))
-    aggregate.main(aggregate.Args(folders=(str(tmp_path),)))
+    aggregate.main(aggregate.Args(folders=(str(tmp_path),), reps=50))
     t21 = (tmp_path / "tables.md").read_text().split("### Table 2.1")[1]
     assert "| dataset | 10%BC (ours) | 10%BC (thesis) | RGDT (ours) | RGDT (thesis) |" in t21
-    assert "| hopper-medium | 40.0 ± 0.0 (n=1) | 56.90 | 70.0 ± 0.0 (n=1) | 93.20 |" in t21
+    assert "| hopper-medium | 40.0 [40.0, 40.0] (n=1) | 56.90 | 70.0 [70.0, 70.0] (n=1) | 93.20 |" in t21
     assert "| thesis's printed total (all rows) | — | 487.2 | — | 539.0 |" in t21
 
 
