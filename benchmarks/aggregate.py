@@ -77,6 +77,9 @@ class Args:
     """results folders written by benchmarks/run.py"""
     out: str = ""
     """where to write tables.md, summary.json and the PNGs (default: the first folder)"""
+    force: bool = False
+    """replace the tables and figures a folder already holds (committed ones under benchmarks/results/ among
+    them); without it such a folder is refused and nothing is written"""
     reps: int = 2000
     """bootstrap resamples per confidence interval (from a fixed seed: same results, same CIs)"""
 
@@ -625,6 +628,12 @@ def check(args: Args) -> list[dict]:
 def main(args: Args) -> dict:
     results = check(args)
     out = Path(args.out or args.folders[0])
+    made = [f for f in ("tables.md", "summary.json") if (out / f).exists()]
+    if made and not args.force:  # e.g. the committed tables of benchmarks/results/cpu: regenerated only on purpose
+        raise SystemExit(
+            f"error: {out} already holds {' and '.join(made)}; add --force to replace them with tables of these "
+            "results, or pass --out NEW_FOLDER."
+        )
     out.mkdir(parents=True, exist_ok=True)
     cols, history = columns(results, args.reps)
     title = "layout (normalized score, mean over seeds)"

@@ -174,3 +174,15 @@ def test_curves_iqm_over_the_seeds_of_a_label(tmp_path):
         curves.main(curves.Args(runs=twice, out=str(tmp_path / "d")))
     with pytest.raises(SystemExit, match="mixes methods"):
         curves.main(curves.Args(runs=(f"X={tmp_path}",), out=str(tmp_path / "e")))
+
+
+def test_aggregate_never_replaces_tables_a_folder_already_holds_without_force(tmp_path):
+    import aggregate
+
+    job(tmp_path, "dt", "hopper-medium-replay", 0, [10.0, 20.0])
+    (tmp_path / "tables.md").write_text("committed")
+    with pytest.raises(SystemExit, match=r"already holds tables\.md; add --force"):
+        aggregate.main(aggregate.Args(folders=(str(tmp_path),), reps=20))
+    assert (tmp_path / "tables.md").read_text() == "committed" and not (tmp_path / "scores.png").exists()
+    aggregate.main(aggregate.Args(folders=(str(tmp_path),), reps=20, force=True))
+    assert (tmp_path / "tables.md").read_text() != "committed"
