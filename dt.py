@@ -270,8 +270,9 @@ class DecisionTransformer(nn.Module):
     ):  # fmt: skip
         super().__init__()
         self.K, self.max_ep_len, self.rtg_scale = context_len, max_ep_len, rtg_scale
-        # One linear embedding per modality, in token order (Eq. 1.1), plus (--timestep-embedding) a timestep
-        # embedding added to every token of a step; no positional embedding (the DT code removes GPT-2's).
+        # One linear embedding per modality, in token order (Eq. 1.1), and no positional embedding (the
+        # DT code removes GPT-2's, the ODT code never uses its own); --timestep-embedding adds DT's
+        # timestep embedding to every token of a step.
         self.dims = {"rtg": 1, "states": state_dim, "actions": act_dim}
         self.embed = nn.ModuleDict({m: nn.Linear(self.dims[m], n_embd) for m in MODALITIES})
         self.embed_t = nn.Embedding(max_ep_len, n_embd) if timestep_embedding else None
@@ -329,7 +330,7 @@ def update(model, opt, batch: dict, grad_clip: float, autocast) -> tuple[dict, t
     loss = head_loss(*preds["action"], batch["actions"], batch["mask"])
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     opt.step()
     return {"action": loss.detach()}, grad_norm
 
@@ -681,7 +682,8 @@ def make_optimizer(model, args):
     wd, named = args.weight_decay, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p.dim() >= 2 and not n.startswith("pos_") for n, p in named]
     groups = [{"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on} for on in (1, 0)]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    # fused: one kernel for the whole step, on CPU and CUDA (foreach reads each step count back)
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
 
 

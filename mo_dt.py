@@ -292,8 +292,9 @@ class MultiObjectiveDecisionTransformer(nn.Module):
     ):  # fmt: skip
         super().__init__()
         self.K, self.max_ep_len, self.rtg_scale = context_len, max_ep_len, rtg_scale
-        # One linear embedding per modality, in token order (Eq. 1.1). No positional embedding (Table 1.1): as in
-        # the ODT code, nothing but the causal order tells a token its time; --timestep-embedding adds DT's.
+        # One linear embedding per modality, in token order (Eq. 1.1), and no positional embedding (the
+        # DT code removes GPT-2's, the ODT code never uses its own); --timestep-embedding adds DT's
+        # timestep embedding to every token of a step.
         self.dims = {"rtg": 1, "states": state_dim, "actions": act_dim}
         self.embed = nn.ModuleDict({m: nn.Linear(self.dims[m], n_embd) for m in MODALITIES})
         self.embed_t = nn.Embedding(max_ep_len, n_embd) if timestep_embedding else None
@@ -375,7 +376,7 @@ def update(
         measured |= {k: v.detach() for k, v in losses.items() if task in (None, k)}
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True))
         opt.step()
     return measured, torch.stack(norms).mean()
 
@@ -411,7 +412,7 @@ def evaluate(model, info, state_stats, args, target_return, device, autocast, re
     bar = tqdm(total=n, desc="evaluate", unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
     t0 = time.time()
     for t in range(horizon):
-        # Alg. 1 lines 14-25: s_t joins the history, a_t (Eq. 1.15) is executed (line 22), then g_{t+1} (line 23)
+        # Alg. 1 lines 14-25: s_t joins the history, a_t (Eq. 1.15) is executed, g_{t+1} follows
         buf["states"][:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
         ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps; at the start a shorter context
         record = recorder is not None and t + 1 >= K
@@ -709,9 +710,8 @@ def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
     return bool(eval_every and n % eval_every == 0) or n % max(1, math.ceil(updates / 10)) == 0
 
 
-def log_task_losses(path: Path, step: int, losses: dict, lambdas: dict, grad_norm: torch.Tensor, lr: float, bar):
-    """One update's task losses and their weighted sum (Eq. 1.9), its gradient norm before clipping and its
-    learning rate."""
+def log_task_losses(path: Path, step: int, losses: dict, lambdas: dict, grad_norm, lr: float, bar):
+    """One update's task losses, their weighted sum (Eq. 1.9), its pre-clip gradient norm and rate."""
     loss = {f"loss_{k}": v.item() for k, v in losses.items()}
     loss["loss"] = sum(lambdas[k] * loss[f"loss_{k}"] for k in losses)
     log_metrics(path, step=step, grad_norm=grad_norm.item(), lr=lr, **loss)
@@ -728,36 +728,45 @@ def stop_message(why: str, done: int, run_dir: Path) -> str:
 
 
 class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al., 2020; Table 1.1, Alg. 1 line 12) as timm's `Lamb`, the one the ODT code, and so the
-    thesis, used: Adam moments with bias correction, the weight decay added to the Adam update, and each
-    tensor's step scaled by its trust ratio ||w|| / ||update|| (1 where either norm is 0), uncapped. Written
-    out because timm pulls torchvision and pytorch-optimizer's Lamb is another variant (no bias correction,
-    ||w|| capped at 10 in the ratio). timm's clip of the global gradient norm at 1.0 is left out: we clip at
-    --grad-clip (0.25) before every step, which leaves it nothing to do. The trust ratio scales every tensor,
-    decayed or not: ODT passed one parameter group with decay, so timm adapted every tensor there too."""
+    """LAMB (You et al., 2020; Table 1.1, Alg. 1 line 12) as timm's `Lamb`, the ODT code's and so
+    the thesis's: bias-corrected Adam moments, the decay added to the Adam update, each tensor's
+    step scaled by its trust ratio ||w|| / ||update|| (1 where a norm is 0), uncapped, decayed or
+    not (ODT had one group, with decay). Written out: timm pulls torchvision; pytorch-optimizer's
+    Lamb has no bias correction and caps ||w|| at 10. timm's clip at 1.0 is left out (--grad-clip
+    0.25 comes first). Each line of the math is one multi-tensor op (one GPU launch, not one per
+    tensor); no value is read back."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
+        done = []  # (tensors, their updates, lr) of each group
         for group in self.param_groups:
             (beta1, beta2), step = group["betas"], group.get("step", 0) + 1
-            group["step"] = step  # one count per group, as in timm (a head without a gradient skips, the count not)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                update = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + group["eps"])
-                update.add_(p, alpha=group["weight_decay"])
-                w_norm, u_norm = p.norm(), update.norm()
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
-                p.sub_(update * (trust * group["lr"]))
+            group["step"] = step  # one count per group as in timm, even when a head has no gradient
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            for p in [p for p in ps if not self.state[p]]:  # the moments start at 0
+                self.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            grads = [p.grad for p in ps]
+            m, v = ([self.state[p][k] for p in ps] for k in ("exp_avg", "exp_avg_sq"))
+            torch._foreach_lerp_(m, grads, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(torch._foreach_div(v, 1 - beta2**step))
+            torch._foreach_add_(denom, group["eps"])
+            update = torch._foreach_div(torch._foreach_div(m, 1 - beta1**step), denom)
+            torch._foreach_add_(update, ps, alpha=group["weight_decay"])
+            done.append((ps, update, group["lr"]))
+        params, updates = [p for ps, _, _ in done for p in ps], [u for _, us, _ in done for u in us]
+        if params:  # the trust ratios of all groups at once, kept on the device
+            w_norm, u_norm = (torch.stack(torch._foreach_norm(x)) for x in (params, updates))
+            trust = torch.where(torch.minimum(w_norm, u_norm) > 0, w_norm / u_norm, 1.0)
+            torch._foreach_mul_(updates, trust.unbind())
+        for ps, update, lr in done:
+            torch._foreach_sub_(ps, update, alpha=lr)
 
 
 def make_optimizer(model, args):
@@ -872,7 +881,7 @@ def train(args: Args) -> dict:
                         b = sample_batch(data, args.batch_size, arch["context_len"], gen)
                         lr = sched.get_last_lr()[0]  # the rate this update uses
                         losses, grad_norm = update(fwd, opt, b, lambdas, args.schedule, args.grad_clip, autocast)
-                        sched.step()  # warmup counts updates, so both schedules follow the same learning-rate curve
+                        sched.step()  # warmup counts updates: one curve for both schedules
                         done = step + 1
                         if step % args.log_every == 0 or done == args.updates:  # .item() syncs the GPU
                             log_task_losses(metrics, step, losses, lambdas, grad_norm, lr, bar)
