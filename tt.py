@@ -94,43 +94,45 @@ class Args:
     warmup_epochs: float = 1.0
     """linear warmup in epochs; an epoch = (window starts in the data) / batch size updates (TT code: 1)"""
     decay_epochs: float = 20.0
-    """epochs at which the cosine reaches its floor, 10% of --lr (TT code: 20); see --lr-schedule for after"""
+    """epochs at which the cosine reaches its floor, 10% of --lr (TT code: 20); see --lr-schedule
+    for after"""
     lr_schedule: Literal["tt", "clamped"] = "tt"
-    """`tt`: the TT code's schedule: the first update at --lr (the rate is set after each update), then a linear
-    warmup, then 0.5 (1 + cos(pi p)) floored at 10%, with the progress p not clamped at 1, so after
-    --decay-epochs the rate climbs back to the peak (at epoch 2 x decay - warmup, 39) and keeps cycling (period
-    2 x (decay - warmup) epochs); `clamped`: ours before, the same warmup shifted by one update and the rate held
-    at 10% after --decay-epochs"""
+    """`tt`: the TT code's schedule: the first update at --lr (the rate is set after each update),
+    then a linear warmup, then 0.5 (1 + cos(pi p)) floored at 10%, with the progress p not clamped
+    at 1, so after --decay-epochs the rate climbs back to the peak (at epoch 2 x decay - warmup, 39)
+    and keeps cycling (period 2 x (decay - warmup) epochs); `clamped`: ours before, the same warmup
+    shifted by one update and the rate held at 10% after --decay-epochs"""
     n_epochs_ref: Optional[int] = None
-    """epochs for a dataset of 10^6 windows, the TT code's measure of the training budget (see --updates).
-    Default: TT code's 50, 80 on hopper-medium-replay and walker2d-medium-replay"""
+    """epochs for a dataset of 10^6 windows, the TT code's measure of the training budget (see
+    --updates). Default: TT code's 50, 80 on hopper-medium-replay and walker2d-medium-replay"""
     updates: Optional[int] = None
-    """gradient updates; with --checkpoint, 0 only evaluates. Default: the TT code's rule for W windows in the
-    data, int(10^6 / W x --n-epochs-ref) epochs of ceil(W / --batch-size) updates (about 195k; 312.5k on
-    hopper-medium-replay and walker2d-medium-replay)"""
+    """gradient updates; with --checkpoint, 0 only evaluates. Default: the TT code's rule for W
+    windows in the data, int(10^6 / W x --n-epochs-ref) epochs of ceil(W / --batch-size) updates
+    (about 195k; 312.5k on hopper-medium-replay and walker2d-medium-replay)"""
     grad_clip: float = 1.0
     """clip the global gradient norm at this value (TT code: 1.0)"""
     horizon: Optional[int] = None
     """planning horizon in transitions. Default: TT code's per dataset: 15; 5 on halfcheetah-medium,
     halfcheetah-medium-replay and walker2d-medium-expert; 20 on walker2d-medium-replay"""
     beam_width: Optional[int] = None
-    """beams kept per step; 1 = greedy decoding of the action, no look-ahead (DT-like baseline). Default: TT
-    code's per dataset: 128; 32 on halfcheetah-medium, -medium-replay, -medium-expert, walker2d-medium-replay"""
+    """beams kept per step; 1 = greedy decoding of the action, no look-ahead (DT-like baseline).
+    Default: TT code's per dataset: 128; 32 on halfcheetah-medium, -medium-replay, -medium-expert,
+    walker2d-medium-replay"""
     n_expand: int = 2
     """candidates sampled per beam and step (TT code: 2)"""
     cdf_act: Optional[float] = None
-    """drop the least likely action tokens whose total probability is below this (0 = off). Default: TT code's
-    per dataset: 0.6; off on walker2d-medium-replay"""
+    """drop the least likely action tokens whose total probability is below this (0 = off). Default:
+    TT code's per dataset: 0.6; off on walker2d-medium-replay"""
     k_act: Optional[int] = None
-    """keep only the k most likely action tokens (0 = off). Default: TT code's per dataset: off; 40 on
-    walker2d-medium-replay"""
+    """keep only the k most likely action tokens (0 = off). Default: TT code's per dataset: off; 40
+    on walker2d-medium-replay"""
     cdf_obs: float = 0.0
     """as --cdf-act, for observation tokens (TT code: off)"""
     k_obs: int = 1
     """as --k-act, for observation tokens (TT code: 1, the most likely observation)"""
     max_context: Optional[int] = None
-    """transitions the planner sees, the current one included; at most the model's --seq-len. Default: TT code's 5,
-    or the model's --seq-len (a checkpoint's) when that is shorter"""
+    """transitions the planner sees, the current one included; at most the model's --seq-len.
+    Default: TT code's 5, or the model's --seq-len (a checkpoint's) when that is shorter"""
     kv_cache: bool = True
     """reuse keys/values across generated tokens while the view only grows (exact); off: a full forward per token"""
     eval_episodes: int = 10
@@ -138,16 +140,17 @@ class Args:
     eval_every: int = 0
     """evaluate before training and every N updates (0: only at the end; planning is expensive)"""
     eval_max_steps: Optional[int] = None
-    """cut evaluation episodes after N > 0 steps (default: the env's limit, 1000); cut scores are not comparable
-    to papers'"""
+    """cut evaluation episodes after N > 0 steps (default: the env's limit, 1000); cut scores are
+    not comparable to papers'"""
     compile: bool = False
     """torch.compile the model for training (CUDA)"""
     bf16: bool = True
-    """bfloat16 autocast for training where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX);
-    fp32 elsewhere. Planning stays fp32 unless --plan-bf16"""
+    """bfloat16 autocast for training where the hardware has it natively (CUDA; CPUs with
+    AVX512-BF16 or AMX); fp32 elsewhere. Planning stays fp32 unless --plan-bf16"""
     plan_bf16: bool = False
-    """also plan under bf16 autocast (with --bf16, where native): faster, but not the TT code's fp32, and a
-    bf16 forward can change which action wins; the beam scores are summed in fp32 either way"""
+    """also plan under bf16 autocast (with --bf16, where native): faster, but not the TT code's
+    fp32, and a bf16 forward can change which action wins; the beam scores are summed in fp32 either
+    way"""
     checkpoint: Optional[str] = None
     """a tt.py `model.pt`: start from its weights, architecture and bins (those flags are ignored); `--updates 0`
     only evaluates it, on its own dataset unless --env says"""
@@ -401,8 +404,8 @@ def token_weights(model: TrajectoryTransformer, T: int, args: Args) -> torch.Ten
 
 
 def tt_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted cross-entropy averaged over all target tokens, stop tokens included (TT code); in fp32 whatever
-    the logits' precision."""
+    """Weighted cross-entropy averaged over all target tokens, stop tokens included (TT code); in
+    fp32 whatever the logits' precision."""
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     return (ce * weights).mean()
 
@@ -454,15 +457,16 @@ def sample_tokens(dec: Decoder, n: int, k: int, cdf: float, gen: torch.Generator
 
 
 def with_base(args: Args) -> Args:
-    """The settings train() resolves per run that are still None (plan or evaluate called from elsewhere, e.g.
-    benchmarks/) take the TT code's base values."""
+    """The settings train() resolves per run that are still None (plan or evaluate called from
+    elsewhere, e.g. benchmarks/) take the TT code's base values."""
     unset = {k: v for k, v in TT_BASE.items() if getattr(args, k) is None}
     return replace(args, **unset) if unset else args
 
 
 def expected_value(probs: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
-    """sum_i p_i mid_i over the bins, in fp32 even under bf16 autocast (--plan-bf16): the beam scores decide
-    which plan wins, and bf16's 8-bit mantissa cannot tell apart returns that differ by under 1%."""
+    """sum_i p_i mid_i over the bins, in fp32 even under bf16 autocast (--plan-bf16): the beam
+    scores decide which plan wins, and bf16's 8-bit mantissa cannot tell apart returns that differ
+    by under 1%."""
     with torch.autocast(probs.device.type, enabled=False):
         return probs.float() @ mid.float()
 
@@ -585,7 +589,8 @@ def check_flags(args, positive: str, non_negative: str) -> None:
 
 
 def check_given(args, positive: str, non_negative: str) -> None:
-    """check_flags for the flags whose default None means "resolved at run time": only those given."""
+    """check_flags for the flags whose default None means "resolved at run time": only those
+    given."""
     given = lambda names: " ".join(n for n in names.split() if getattr(args, n) is not None)  # noqa: E731
     check_flags(args, given(positive), given(non_negative))
 
@@ -874,9 +879,9 @@ def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
 
 
 def make_optimizer(model, args, updates_per_epoch: float):
-    """AdamW as in the TT code: betas (0.9, 0.95), weight decay 0.1 on linear and head matrices only; linear
-    warmup, then a cosine floored at 10% (--lr-schedule). The TT code counts tokens, we count updates: the same
-    up to stop tokens."""
+    """AdamW as in the TT code: betas (0.9, 0.95), weight decay 0.1 on linear and head matrices
+    only; linear warmup, then a cosine floored at 10% (--lr-schedule). The TT code counts tokens, we
+    count updates: the same up to stop tokens."""
     decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("tok_emb", "pos_emb"))}
     groups = [{"params": [p for n, p in model.named_parameters() if (n in decayed) == d], "weight_decay": 0.1 * d}
               for d in (True, False)]  # fmt: skip
@@ -914,14 +919,18 @@ def update(model, opt, data: dict, weights, args: Args, gen, autocast) -> tuple[
 
 
 def make_checkpoint(model, disc: Discretizer, arch: dict, args: Args, info: dict, total: int, state: dict) -> dict:
-    """model.pt: the weights with what evaluating them needs (architecture, bins, dataset facts), and the
-    training state that --resume continues from."""
+    """model.pt: the weights with what evaluating them needs (architecture, bins, dataset facts),
+    and the training state that --resume continues from."""
     parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": total}
     return {"model": model.state_dict(), "edges": disc.edges.cpu(), **parts, "resume": state}
 
 
-def report(res: dict, args: Args, info: dict, total: int) -> None:
-    """The final score, how it was planned, and the TT paper's numbers for the same dataset."""
+def report(run_dir: Path, config: dict, res: dict, args: Args, info: dict, done: int, total: int, speed) -> dict:
+    """results.json (config, evaluation, updates, speed) and the final score, how it was planned, and the TT
+    paper's numbers for the same dataset."""
+    results = {**config, **res, "updates": done, "trained_updates": total, "run_dir": str(run_dir), **speed}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    finish_tracking(results)
     label = common.SOURCE_LABEL[info["source"]]
     mode = "greedy" if args.beam_width == 1 else f"beam {args.beam_width} x {args.n_expand}, horizon {args.horizon}"
     cut = f", episodes cut at {res['max_steps']} steps" if args.eval_max_steps else ""
@@ -931,12 +940,15 @@ def report(res: dict, args: Args, info: dict, total: int) -> None:
     if info["name"] in TT_PAPER_TABLE_1["tt"]:
         print(f"TT paper Table 1 (official D4RL, full training, beam 128): TT {TT_PAPER_TABLE_1['tt'][info['name']]}, "
               f"DT {TT_PAPER_TABLE_1['dt'][info['name']]}; locomotion averages TT 78.9, DT 74.7")  # fmt: skip
+    print(f"results: {run_dir / 'results.json'}")
+    return results
 
 
 def resolve_settings(args: Args, name: str, windows: Optional[int], ckpt: Optional[dict]) -> tuple[Args, dict]:
-    """Each setting left out (None) takes the TT code's value for dataset `name` (TT_DATASETS, else TT_BASE); a
-    flag wins. --max-context is capped at the model's --seq-len; --updates follows the TT code's epoch rule on
-    the data's `windows`. Returns the arguments and the source of each setting."""
+    """Each setting left out (None) takes the TT code's value for dataset `name` (TT_DATASETS, else
+    TT_BASE); a flag wins. --max-context is capped at the model's --seq-len; --updates follows the
+    TT code's epoch rule on the data's `windows`. Returns the arguments and the source of each
+    setting."""
     entry, values, sources = TT_DATASETS.get(name, {}), {}, {}
     for k, base in TT_BASE.items():
         given = getattr(args, k) is not None
@@ -962,10 +974,14 @@ def resolve_settings(args: Args, name: str, windows: Optional[int], ckpt: Option
 
 
 def planning_cost(args: Args, m_s: int, m_a: int) -> str:
-    """What one planning call costs (one env step of every episode at once), counted as plan() runs: a forward
-    pass over the prefix, then one pass per generated token (kv cache) for the action tokens, r and V of every
-    horizon step, and the observation tokens of every step but the last."""
-    steps = f"episodes cut at {args.eval_max_steps} steps" if args.eval_max_steps else "up to the env's limit"
+    """What one planning call costs (one env step of every episode at once), counted as plan() runs:
+    a forward pass over the prefix, then one pass per generated token (kv cache) for the action
+    tokens, r and V of every horizon step, and the observation tokens of every step but the last."""
+    steps = (
+        f"episodes cut at {args.eval_max_steps} steps"
+        if args.eval_max_steps
+        else "episodes run to the env's step limit"
+    )
     if args.beam_width == 1:
         return f"greedy decoding: {1 + m_a} forward passes of 1 sequence per episode per env step; {steps}"
     n = 1 + args.horizon * (m_a + 2) + (args.horizon - 1) * m_s
@@ -976,8 +992,8 @@ def planning_cost(args: Args, m_s: int, m_a: int) -> str:
 
 
 def start(args: Args) -> tuple:
-    """The run's arguments, device, checkpoint (--resume: the run's own), dataset and folder, all checked before
-    the folder is made."""
+    """The run's arguments, device, checkpoint (--resume: the run's own), dataset and folder, all
+    checked before the folder is made."""
     args = resumed_args(Args, args)
     device, threads = setup(args)
     resume_path = str(Path(args.resume) / "model.pt") if args.resume else None
@@ -996,19 +1012,19 @@ def start(args: Args) -> tuple:
     return args, sources, device, threads, ckpt, episodes, info, run_dir
 
 
-def train(args: Args) -> dict:
-    t_start = time.time()
-    args, sources, device, threads, ckpt, episodes, info, run_dir = start(args)
-    resume = ckpt["resume"] if args.resume else None
-    metrics = run_dir / "metrics.jsonl"
-    arch = {k: getattr(args, k) for k in ARCH}
+def run_config(args: Args, arch: dict, ckpt, info: dict, sources: dict, device, threads: int) -> dict:
+    """config.json: the flags, the architecture, the dataset's facts, each setting's source, and where the
+    run runs."""
     config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info, "sources": sources}
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
     # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
     config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
-    config = record_config(run_dir, config, resume)
-    start_tracking(args, config, run_dir)
+    return config
 
+
+def build(args: Args, info: dict, ckpt: Optional[dict], episodes, device) -> tuple:
+    """The tokenized data (None when the run only evaluates), the bins (a checkpoint's, else fitted to the
+    data) and the model (a checkpoint's weights, if any)."""
     edges = None if ckpt is None else ckpt["edges"]
     data = make_dataset(episodes, args, device, edges) if args.updates else None
     disc = data["disc"] if data is not None else Discretizer(edges.to(device))
@@ -1016,16 +1032,36 @@ def train(args: Args) -> dict:
                                   args.n_head, args.n_embd, args.dropout).to(device)  # fmt: skip
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    return data, disc, model
+
+
+def banner(run_dir: Path, info: dict, model, args: Args, config: dict, where: str, bf16: bool) -> None:
+    """What runs where, each resolved setting with its source, and what a planning call costs."""
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    plan = "bf16" if bf16 and args.plan_bf16 else "fp32"
+    print(f"run {run_dir.name}: {info['name']} ({info['source']} data), {model.td} tokens per transition, "
+          f"{n_params:.2f}M parameters, device {where}, training {'bf16' if bf16 else 'fp32'}, "
+          f"planning {plan}")  # fmt: skip
+    print("settings: " + ", ".join(f"{k} {getattr(args, k)} ({v})" for k, v in config["sources"].items()))
+    print(f"planning: {planning_cost(args, model.obs_dim, model.act_dim)}")
+
+
+def train(args: Args) -> dict:
+    t_start = time.time()
+    args, sources, device, threads, ckpt, episodes, info, run_dir = start(args)
+    resume = ckpt["resume"] if args.resume else None
+    metrics = run_dir / "metrics.jsonl"
+    arch = {k: getattr(args, k) for k in ARCH}
+    config = record_config(run_dir, run_config(args, arch, ckpt, info, sources, device, threads), resume)
+    config.setdefault("sources", sources)  # a run resumed from before sources were recorded
+    start_tracking(args, config, run_dir)
+
+    data, disc, model = build(args, info, ckpt, episodes, device)
     bf16 = args.bf16 and bf16_native(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     # TT plans in fp32; bf16 planning only on request (--plan-bf16)
     plan_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and args.plan_bf16)
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    precision = f"training {'bf16' if bf16 else 'fp32'}, planning {'bf16' if bf16 and args.plan_bf16 else 'fp32'}"
-    print(f"run {run_dir.name}: {info['name']} ({info['source']} data), {model.td} tokens per transition, "
-          f"{n_params:.2f}M parameters, device {device}, {threads} CPU thread(s), {precision}")  # fmt: skip
-    print("settings: " + ", ".join(f"{k} {getattr(args, k)} ({v})" for k, v in config.get("sources", sources).items()))
-    print(f"planning: {planning_cost(args, model.obs_dim, model.act_dim)}")
+    banner(run_dir, info, model, args, config, f"{device}, {threads} CPU thread(s)", bf16)
 
     def run_eval(step: int, video=None) -> dict:
         res = evaluate(model, disc, info, args, device, plan_autocast, video=video)
@@ -1056,9 +1092,8 @@ def train(args: Args) -> dict:
             eval_due = lambda n: args.eval_every and n % args.eval_every == 0 and n < args.updates  # noqa: E731
             fwd = torch.compile(model) if args.compile else model
             weights = token_weights(model, model.block_size, args).to(device)
-            bar = tqdm(
-                range(done, args.updates), "train", args.updates, initial=done, dynamic_ncols=True, mininterval=1
-            )
+            bar = tqdm(range(done, args.updates), "train", args.updates, initial=done, dynamic_ncols=True,
+                       mininterval=1)  # fmt: skip
             try:
                 if eval_due(done) and done not in evaluated:
                     run_eval(done)
@@ -1086,16 +1121,9 @@ def train(args: Args) -> dict:
         ) from None
     finally:
         restore_signals(old_handlers)
-    total = parent + done
     speed = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": bf16}
-    speed["plan_bf16"] = bf16 and args.plan_bf16
-    speed["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
-    results = {**config, **res, "updates": done, "trained_updates": total, "run_dir": str(run_dir), **speed}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    finish_tracking(results)
-    report(res, args, info, total)
-    print(f"results: {run_dir / 'results.json'}")
-    return results
+    speed |= {"plan_bf16": bf16 and args.plan_bf16, "wall_time_s": clock["wall_time_s"] + time.time() - t_start}
+    return report(run_dir, config, res, args, info, done, parent + done, speed)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def test_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(tmp_path, h
     resumed = tt.train(tt.Args(resume=str(run)))
     assert resumed["run_dir"] == str(run) and json.loads((run / "config.json").read_text())["resumed"]
     assert_same_run(resumed, whole)
+    assert resumed["sources"] == whole["sources"] and resumed["sources"]["k_act"] == "TT base"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the run put the handlers back
     # model.pt stays a --checkpoint: evaluating it again gives the run's final score
     again = tt.train(tt.Args(checkpoint=str(run / "model.pt"), updates=0, horizon=2, beam_width=3, max_context=2,
