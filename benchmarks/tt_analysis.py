@@ -541,7 +541,7 @@ def paper_speed(episodes, targs, eps, args: Args, device) -> dict:
     """TT at the paper's size (tt.Args defaults: 4 layers, 4 heads, 128 wide, batch 256, 10 transitions): updates
     per second of training and seconds of one planning call with the paper's search (beam 128 x 2, horizon 15).
     The weights are random: speed does not depend on them."""
-    a = tt.Args(updates=1)
+    a = tt.with_base(tt.Args(updates=1))  # the TT code's base planning settings, resolved
     data = tt.make_dataset(episodes, a, device)
     ds = (episodes[0]["observations"].shape[1], episodes[0]["actions"].shape[1])
     model = tt.TrajectoryTransformer(*ds, a.n_bins, a.seq_len, a.n_layer, a.n_head, a.n_embd, a.dropout).to(device)
