@@ -295,16 +295,20 @@ class DecisionTransformer(nn.Module):
         for block in self.blocks:
             h, att = block(h, allowed, return_attn)
             attns.append(att)
-        h = self.ln_f(h).reshape(B, K, M, -1)
-        preds = {}
-        for task, head in self.heads.items():
-            out = head(h[:, :, MODALITIES.index(READ[task])])
-            mean, log_std = out.chunk(2, dim=-1) if self.gaussian[task] else (out, None)
-            # Actions live in [-1, 1]: the action mean is tanh-squashed, as in DT's deterministic head. Where Eq. 1.3
-            # is silent, a Gaussian action head keeps that mean and the plain NLL of Eq. 1.4, without ODT's
-            # tanh-transformed distribution and entropy constraint; evaluation acts with the mean.
-            mean = torch.tanh(mean) if task == "action" else mean
-            preds[task] = (mean, None if log_std is None else bounded_log_std(log_std))
+        # The heads run in fp32, autocast or not: their outputs are fed back (the actions; MO-DT's returns
+        # at evaluation, Eq. 1.16) and enter every NLL. bf16 keeps 8 bits: above a return-to-go of ~500
+        # its spacing exceeds one hopper step's reward. The heads are small; fp32 costs nothing there.
+        h, preds = self.ln_f(h).reshape(B, K, M, -1).to(self.ln_f.weight.dtype), {}  # the weights' fp32
+        with torch.autocast(h.device.type, enabled=False):
+            for task, head in self.heads.items():
+                out = head(h[:, :, MODALITIES.index(READ[task])])
+                mean, log_std = out.chunk(2, dim=-1) if self.gaussian[task] else (out, None)
+                # Actions live in [-1, 1]: the action mean is tanh-squashed, as in DT's deterministic
+                # head. Where Eq. 1.3 is silent, a Gaussian action head keeps that mean and the plain NLL
+                # of Eq. 1.4, without ODT's tanh-transformed distribution and entropy constraint;
+                # evaluation acts with the mean.
+                mean = torch.tanh(mean) if task == "action" else mean
+                preds[task] = (mean, None if log_std is None else bounded_log_std(log_std))
         return preds, attns
 
 

@@ -647,6 +647,47 @@ def test_inference_with_the_subtraction_rule(tmp_path, hdf5_path, env_rewards):
                 assert g == pytest.approx(g_before - rewards[i][t - 1] / 400.0, abs=1e-5)
 
 
+BF16 = torch.autocast("cpu", dtype=torch.bfloat16)  # forced, whatever the CPU: the path every GPU takes
+
+
+def fed_back_returns(module, model, args, info) -> tuple:
+    """Evaluate under bf16 autocast. For each return forward (Eq. 1.16): the return-to-go the loop fed
+    back, and the return head applied in plain fp32 to that forward's final hidden state."""
+    hidden, calls, forward, body = [], [], model.forward, []
+    model.ln_f.register_forward_hook(lambda m, i, out: hidden.append(out))
+    model.blocks[0].register_forward_hook(lambda m, i, out: body.append(out[0].dtype))
+
+    def spy(x, return_attn=False):
+        calls.append({k: v.clone() for k, v in x.items()})
+        return forward(x, return_attn)
+
+    model.forward = spy
+    stats = (np.zeros(11, np.float32), np.ones(11, np.float32))
+    module.evaluate(model, info, stats, args, 3600.0, torch.device("cpu"), BF16)
+    assert set(body) == {torch.bfloat16}  # the transformer itself ran in bf16
+    read, fed, fp32 = module.MODALITIES.index("actions"), [], []
+    for c in range(1, len(calls) - 1, 2):  # the return forwards; the next call holds what they fed back
+        B, K = calls[c]["states"].shape[:2]
+        h = hidden[c].reshape(B, K, len(module.MODALITIES), -1)[:, -1, read].float()
+        with torch.no_grad():
+            fp32.append(model.heads["return"](h)[:, 0])
+        fed.append(calls[c + 1]["rtg"][:, -1, 0])
+    assert len(fed) > 3
+    return torch.stack(fed), torch.stack(fp32)
+
+
+def test_a_return_fed_back_under_bf16_is_the_fp32_heads(tmp_path, hdf5_path):
+    """Issue 28: in bf16 a fed-back return-to-go above ~500 could not move by one step's reward."""
+    args = tiny_args(tmp_path, hdf5_path)
+    _, info = common.load_dataset(args.env, args.dataset_path)
+    model = small_model(state_dim=11, act_dim=3, context_len=3, rtg_scale=400.0, max_ep_len=1000)
+    fed, fp32 = fed_back_returns(mo_dt, model, args, info)
+    torch.testing.assert_close(fed, fp32)  # fp32's tolerance
+    with BF16:
+        preds, _ = small_model()(random_inputs())
+    assert {t.dtype for pred in preds.values() for t in pred if t is not None} == {torch.float32}
+
+
 # --- arguments, checkpoints, run folders -----------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import common
 import trdt
+from test_mo_dt import BF16, fed_back_returns
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
@@ -722,6 +723,18 @@ def test_inference_with_the_subtraction_rule(tmp_path, hdf5_path, env_rewards):
                 g, g_before = calls[t][0]["rtg"][i, -1, 0].item(), calls[t - 1][0]["rtg"][i, -1, 0].item()
                 assert g == pytest.approx(g_before - rewards[i][t - 1] / 400.0, abs=1e-5)
         torch.testing.assert_close(calls[t][0]["regions"][:, -2], trdt.encode_regions(calls[t][0]["actions"][:, -2], 3))
+
+
+def test_a_return_fed_back_under_bf16_is_the_fp32_heads(tmp_path, hdf5_path):
+    """Issue 28: in bf16 a fed-back return-to-go above ~500 could not move by one step's reward."""
+    args = tiny_args(tmp_path, hdf5_path)
+    _, info = common.load_dataset(args.env, args.dataset_path)
+    model = small_model(state_dim=11, act_dim=3, context_len=3, rtg_scale=400.0, max_ep_len=1000)
+    fed, fp32 = fed_back_returns(trdt, model, args, info)
+    torch.testing.assert_close(fed, fp32)  # fp32's tolerance
+    with BF16:
+        preds, _ = small_model()(random_inputs())
+    assert {t.dtype for pred in preds.values() for t in pred if t is not None} == {torch.float32}
 
 
 # --- arguments, checkpoints, run folders -------------------------------------------------------------------------
