@@ -62,13 +62,17 @@ def assert_same_iem_run(resumed: dict, whole: dict) -> None:
         assert torch.equal(wa[name], wb[name]), f"{name} differs after the resume"
 
 
+# --bf16: bf16 autocast where native (or forced by SEQRL_TEST_FORCE_BF16=1), else fp32; --no-bf16: fp32.
+# Either way the resumed run is the same run bit for bit: every kernel here is deterministic on the CPU.
+@pytest.mark.parametrize("bf16", [True, False])
 @pytest.mark.parametrize("stop_at", [4, 8])  # half way, and in the last update (the evaluation not yet run)
-def test_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(tmp_path, data_dir, monkeypatch, stop_at):
-    whole = iem.train(tiny(tmp_path / "whole", data_dir))
+def test_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(tmp_path, data_dir, monkeypatch, stop_at, bf16):
+    whole = iem.train(tiny(tmp_path / "whole", data_dir, bf16=bf16))
+    assert whole["bf16"] == (bf16 and iem.bf16_native(torch.device("cpu")))
     with monkeypatch.context() as m:
         signal_on_call(iem, m, "update", stop_at)
         with pytest.raises(SystemExit, match=rf"interrupted \(SIGTERM\): .*holds {stop_at} updates; continue with "):
-            iem.train(tiny(tmp_path / "stopped", data_dir))
+            iem.train(tiny(tmp_path / "stopped", data_dir, bf16=bf16))
     run = run_dir_of(tmp_path / "stopped")
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["resume"]["updates_done"] == stop_at and ckpt["trained_updates"] == stop_at
