@@ -112,6 +112,10 @@ class Args:
     """evaluate before training and every N updates (0: only at the end)"""
     eval_async: bool = False
     """step the evaluation envs in subprocesses (gymnasium AsyncVectorEnv); pays off with many CPU cores"""
+    eval_context: Optional[int] = None
+    """K' <= K: evaluate on the last K' steps instead of K (§1.3.2: the context "may be shorter during
+    evaluation than the one used during training"; the ODT code evaluates with 5). Default: K, the
+    checkpoint's with --checkpoint"""
     compile: bool = False
     """torch.compile the model for training (CUDA)"""
     bf16: bool = True
@@ -156,6 +160,8 @@ class Args:
             raise SystemExit(f"error: --n-embd {self.n_embd} must be divisible by --n-head {self.n_head}.")
         if self.target_return is not None and not math.isfinite(self.target_return):
             raise SystemExit(f"error: --target-return {self.target_return}: pass a finite return, e.g. 3600.")
+        if self.eval_context is not None and self.eval_context < 1:
+            raise SystemExit(f"error: --eval-context {self.eval_context}: must be >= 1 (and <= K).")
         if self.resume is not None and self.checkpoint is not None:
             raise SystemExit("error: --resume continues a run with its own model.pt; leave out --checkpoint.")
         if self.updates == 0 and self.checkpoint is None and self.resume is None:
@@ -439,7 +445,7 @@ def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] 
 def evaluate(model, info, state_stats, args, target_return, device, autocast, recorder=None, video=None) -> dict:
     """Roll out args.eval_episodes episodes conditioned on target_return. `recorder(attns, alive)`, when
     given, receives the attention of every step with a full context (benchmarks/attention.py)."""
-    n, K = args.eval_episodes, model.K
+    n, K = args.eval_episodes, args.eval_context or model.K  # K' <= K with --eval-context
     envs, horizon = make_eval_envs(info, n, args.eval_async, video)
     low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
     mean, std = (torch.as_tensor(x, device=device) for x in state_stats)
@@ -853,6 +859,9 @@ def train(args: Args) -> dict:
     target_return = args.target_return if args.target_return is not None else TARGET_RETURNS.get(domain)
     if target_return is None:
         raise SystemExit(f"error: no default target return for {info['env_id']}; pass --target-return.")
+    if args.eval_context is not None and args.eval_context > arch["context_len"]:
+        k, why = arch["context_len"], "the checkpoint's context" if ckpt is not None else "--context-len"
+        raise SystemExit(f"error: --eval-context {args.eval_context}: must be <= K = {k} ({why}); or leave it out.")
     if args.capture_video:
         try:
             common.check_video(info)
