@@ -60,7 +60,8 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path):
     assert {c["verdict"] for c in d["claims"].values()} <= {"holds", "partly", "does not hold"}
     r = d["runs"][0]
     assert len(r["energy_per_iteration"]) == 3 and 0 <= r["iem_success"] <= 1 and r["train_updates_per_s"] > 0
-    assert r["energy_per_iteration"] == sorted(r["energy_per_iteration"], reverse=True)  # --accept lower: never up
+    # LEAP's rule (iem.py's default, --accept all) may raise the energy; only --accept lower never does
+    assert np.isfinite(r["energy_per_iteration"]).all() and r["energy_per_iteration"][0] > 0
     again = iem_analysis.main(iem_analysis.Args(from_summary=str(out / "summary.json"), out=str(tmp_path / "again")))
     assert again["levels"][level]["claims"] == d["claims"] and (tmp_path / "again" / "attention.png").is_file()
     with pytest.raises(SystemExit, match="holds files; .* --force"):
