@@ -12,13 +12,19 @@ Each job runs one method file as a subprocess (exactly the command a user would 
 `{out}/{method}__{dataset}__s{seed}__{key}`, where `key` hashes the job's full command line AND the source
 of the method file and common.py: a different config or code version is a different folder, so results
 never mix. A job is finished when its folder holds results.json (written last, atomically); finished jobs
-are skipped, so an interrupted run resumes where it stopped without losing anything. Jobs run several at
+are skipped. A job that stopped half way (Ctrl-C, SIGTERM, a time limit, a lost node) left a run with a
+checkpoint (model.pt, saved periodically) and no results.json in its folder: rerunning the same command
+continues that run with the job's command plus `--resume RUN`, to the result it would have had without the
+stop; it does not start over. The key holds the code, so this works within one code version: after an edit
+to the method file or common.py the job is a new folder and starts from update 0 (the stopped run stays in
+the old folder; continue it by hand at its commit, `python SCRIPT --resume RUN`). Jobs run several at
 once: one per CPU core on CPU, 4 per GPU spread over every visible GPU (--jobs to change).
 
 With --ray, each job is a task on a Ray cluster instead (README: starting one on SLURM or Kubernetes): the same
-jobs, keys and folders, the same resume rule. The task gets this working tree's code (the code that was hashed),
-runs the method file in a scratch folder on its node and sends the folder back, so the results folder only
-has to exist here; the data files (--data-dir) must be at the same path on every node.
+jobs, keys and folders, the same resume rule. The task gets this working tree's code (the code that was hashed)
+and the job's stopped run if it has one, runs the method file in a scratch folder on its node and sends the
+folder back (a failed task's checkpoint too), so the results folder only has to exist here; the data files
+(--data-dir) must be at the same path on every node.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 import math
 import os
 import queue
+import re
 import shlex
 import shutil
 import subprocess
@@ -275,14 +282,34 @@ def is_done(job: dict) -> bool:
     return (job["folder"] / "results.json").exists()
 
 
+def takes_resume(script: Path) -> bool:
+    """Whether a method file has --resume (an `Args.resume` field): those that do save resumable checkpoints."""
+    return re.search(r"^    resume: Optional\[str\] = None$", script.read_text(), re.M) is not None
+
+
+def stopped_run(job: dict, root: Path = ROOT) -> Optional[Path]:
+    """The job's run that stopped half way with a checkpoint (model.pt, no results.json), newest checkpoint
+    first, when its method file (in `root`) can continue it; None: the job starts a new run."""
+    runs = job["folder"] / "runs"
+    if not runs.is_dir() or not takes_resume(root / job["cmd"][0]):
+        return None
+    stopped = [r for r in runs.iterdir() if (r / "model.pt").is_file() and (r / "config.json").is_file()]
+    stopped = [r for r in stopped if not (r / "results.json").exists()]
+    return max(stopped, key=lambda r: (r / "model.pt").stat().st_mtime, default=None)
+
+
 def run_job(job: dict, threads: int, gpu: Optional[str] = None, root: Path = ROOT) -> dict:
-    """One job in a subprocess (on GPU `gpu` when given), run from the code in `root`. Its results.json (with
-    the job's key, command and code hash) is moved into the job folder only after the method file finished,
-    so a folder with results.json is complete; a failed or killed job leaves none and runs again next time."""
+    """One job in a subprocess (on GPU `gpu` when given), run from the code in `root`; a run of the job that
+    stopped half way is continued (the job's command plus --resume RUN: the same flags, so the method file
+    accepts them). Its results.json (with the job's key, command and code hash) is moved into the job folder
+    only after the method file finished, so a folder with results.json is complete; a failed or killed job
+    leaves none and runs again next time, from its last checkpoint."""
     folder = job["folder"]
     folder.mkdir(parents=True, exist_ok=True)
+    stopped = stopped_run(job, root)
     threads_flag = ["--threads", str(threads)] if threads else []
-    cmd = [sys.executable, *job["cmd"], "--runs-dir", str(folder / "runs"), *threads_flag]
+    resume_flag = ["--resume", str(stopped)] if stopped is not None else []
+    cmd = [sys.executable, *job["cmd"], "--runs-dir", str(folder / "runs"), *threads_flag, *resume_flag]
     env = os.environ | ({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})
     t0 = time.time()
     try:
@@ -292,7 +319,8 @@ def run_job(job: dict, threads: int, gpu: Optional[str] = None, root: Path = ROO
             rc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         if rc != 0:
             return dict(job, ok=False, error=f"exit code {rc}, see {folder / 'log.txt'}")
-        run = max((folder / "runs").iterdir(), key=lambda p: p.stat().st_mtime)  # this attempt's run folder
+        # this attempt's run folder: the one it continued, else the newest
+        run = stopped or max((folder / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
         res = json.loads((run / "results.json").read_text())
         label = METHODS[job["method"]]["label"]
         res["benchmark"] = dict(method=job["method"], label=label, dataset=job["dataset"], seed=job["seed"],
@@ -348,7 +376,10 @@ def run_here(todo: list[dict], args: Args) -> list[dict]:
         except KeyboardInterrupt:  # finished jobs are on disk; running ones are redone next time
             for f in futures:
                 f.cancel()
-            raise SystemExit("interrupted: finished jobs are kept; run the same command again to resume.")
+            raise SystemExit(
+                "interrupted: finished jobs are kept, stopped ones saved a checkpoint; run the same command "
+                "again to continue them."
+            )
     return finished
 
 
@@ -362,20 +393,34 @@ SHIP_EXCLUDES = [".git", "runs", "benchmarks/results", "*.pt", "*.hdf5", "*.h5",
                  ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", "MUJOCO_LOG.TXT"]  # fmt: skip
 
 
-def ray_job(job: dict, threads: int) -> tuple[dict, dict]:
+def ray_job(job: dict, threads: int, stopped: Optional[dict] = None) -> tuple[dict, dict]:
     """A Ray task: run one job from the shipped code (Ray makes it the task's working directory) in a scratch
     folder on the task's node, and return the result and every file of the job folder, so that the results
-    folder needs no filesystem shared with the nodes."""
+    folder needs no filesystem shared with the nodes. `stopped`: the files of the job's stopped run (path in
+    the job folder -> bytes), put back into the scratch folder first, so that run_job continues that run."""
     import platform
 
     scratch = Path(tempfile.mkdtemp(prefix="seqrl-job-"))
     folder = scratch / job["folder"].name
+    for rel, data in (stopped or {}).items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
     try:
         r = run_job(dict(job, folder=folder), threads, root=Path.cwd())  # the GPU: Ray's CUDA_VISIBLE_DEVICES
         files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
         return dict(r, folder=job["folder"], scratch=str(folder), node=platform.node()), files
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def stopped_run_files(job: dict) -> dict:
+    """The files of the job's stopped run, for ray_job to continue it (a checkpoint's unfinished .tmp left
+    out); {} when the job has none."""
+    run = stopped_run(job)
+    if run is None:
+        return {}
+    files = [p for p in sorted(run.rglob("*")) if p.is_file() and not p.name.endswith(".tmp")]
+    return {str(p.relative_to(job["folder"])): p.read_bytes() for p in files}
 
 
 def land(job: dict, r: dict, files: dict, commit: Optional[str], address: str) -> dict:
@@ -451,7 +496,7 @@ def run_on_ray(todo: list[dict], args: Args) -> list[dict]:
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     task = ray.remote(num_cpus=args.cpus_per_job, num_gpus=args.gpus_per_job)(ray_job)
     threads, commit, finished = math.ceil(args.cpus_per_job), git_head(), []
-    refs = {task.options(name=job["folder"].name).remote(job, threads): job for job in todo}
+    refs = {task.options(name=job["folder"].name).remote(job, threads, stopped_run_files(job)): job for job in todo}
     pending = list(refs)
     bar = tqdm(total=len(refs), desc=f"jobs on Ray ({args.cpus_per_job:g} CPU, {args.gpus_per_job:g} GPU each)")
     try:
@@ -470,7 +515,10 @@ def run_on_ray(todo: list[dict], args: Args) -> list[dict]:
     except KeyboardInterrupt:  # finished jobs are on disk; the cluster's running tasks are stopped
         for ref in pending:
             ray.cancel(ref, force=True)
-        raise SystemExit("interrupted: finished jobs are kept; run the same command again to resume.")
+        raise SystemExit(
+            "interrupted: finished jobs are kept, stopped ones keep the checkpoint they last sent back; run the "
+            "same command again to continue them."
+        )
     finally:
         bar.close()
         ray.shutdown()  # disconnects; stops the instance only when --ray local started it
@@ -480,10 +528,15 @@ def run_on_ray(todo: list[dict], args: Args) -> list[dict]:
 def main(args: Args) -> list[dict]:
     jobs = plan(args)
     todo = [j for j in jobs if not is_done(j)]
-    print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already finished, {len(todo)} to run")
+    resumed = {j["key"] for j in todo if stopped_run(j) is not None}
+    print(
+        f"{len(jobs)} jobs, {len(jobs) - len(todo)} already finished, {len(todo)} to run"
+        + (f" ({len(resumed)} continue a stopped run)" if resumed else "")
+    )
     if args.dry_run:
         for j in jobs:
-            print(f"  {'done' if is_done(j) else 'todo'}  {j['folder'].name}")
+            state = "done" if is_done(j) else "resume" if j["key"] in resumed else "todo"
+            print(f"  {state:6}  {j['folder'].name}")
         return []
     finished = run_on_ray(todo, args) if args.ray is not None else run_here(todo, args)
     failed = [r for r in finished if not r["ok"]]
