@@ -1,9 +1,12 @@
 """Behaviour cloning baselines on the same data as the method files: BC and X%BC, the BC and 10% BC columns of
 Table 1.3 and the 10% BC column of Table 2.1.
 
-    python benchmarks/bc.py --env hopper-medium-replay --dataset-path ../shared/d4rl-replica/hopper-medium-replay.hdf5
+    python benchmarks/bc.py --env hopper-medium-replay --dataset-path REPLICA/hopper-medium-replay.hdf5
     python benchmarks/bc.py --env hopper-medium-replay --top-pct 10 --exp-name bc-10     # 10% BC, official file
-    python benchmarks/run.py --preset cpu --methods bc bc-10 --data-dir ../shared/d4rl-replica   # beside the others
+    python benchmarks/run.py --preset cpu --methods bc bc-10 --data-dir REPLICA           # beside the others
+    python benchmarks/bc.py --resume runs/RUN                                             # continue a stopped run
+
+REPLICA: a folder of hdf5 files, e.g. the replica datasets (README).
 
 BC regresses the dataset's action on the state (mean squared error) with an MLP; X%BC first keeps only the
 best X% of the trajectories by return (CORL's any_percent_bc: 256x256 ReLU MLP, tanh output, Adam 3e-4,

@@ -1,12 +1,14 @@
 """Train and evaluate methods x datasets x seeds from a preset; the raw material of Tables 1.3 and 2.1.
 
-    python benchmarks/run.py --preset smoke  --data-dir ../shared/d4rl-replica      # CPU minutes
-    python benchmarks/run.py --preset thesis --data-dir ../shared/d4rl-replica      # thesis budgets (GPU), the
+    python benchmarks/run.py --preset smoke  --data-dir REPLICA                     # CPU minutes
+    python benchmarks/run.py --preset thesis --data-dir REPLICA                     # thesis budgets (GPU), the
                                                                                      # replica's datasets only
     python benchmarks/run.py --preset thesis                                         # official D4RL files
     python benchmarks/run.py --preset cpu --methods trdt --extra="--lr 1e-3"         # a variant: its own folders
     python benchmarks/aggregate.py benchmarks/results/thesis                         # the tables
     python benchmarks/run.py --preset thesis --ray auto --gpus-per-job 0.25          # on a Ray cluster, 4 jobs/GPU
+
+REPLICA: a folder of hdf5 files, e.g. the replica datasets (README).
 
 Each job runs one method file as a subprocess (exactly the command a user would type) in its own folder
 `{out}/{method}__{dataset}__s{seed}__{key}`, where `key` hashes the job's full command line AND the source
@@ -136,9 +138,9 @@ class Args:
     (DT, MO-DT, TRDT, RGDT for 10^4 updates with an evaluation every 1000, CPU half-days) or `thesis` (the
     thesis's configurations and 10 seeds; meant for a GPU); every preset also runs the BC and 10%BC baselines"""
     data_dir: Optional[str] = None
-    """folder with local hdf5 files named `{dataset}.hdf5` (the replica's names) or the official
-    `{env}_{level}-v2.hdf5`; medium-expert is made from medium + expert when absent. Default: the official
-    D4RL files ($D4RL_DATASET_DIR, downloaded if missing)"""
+    """a folder of hdf5 files, e.g. the replica datasets (README), named `{dataset}.hdf5` (the replica's
+    names) or as the official `{env}_{level}-v2.hdf5`; medium-expert is made from medium + expert when
+    absent. Default: the official D4RL files ($D4RL_DATASET_DIR, downloaded if missing)"""
     out: Optional[str] = None
     """results folder (default `benchmarks/results/{preset}`)"""
     methods: tuple[str, ...] = ()
@@ -175,8 +177,8 @@ def dataset_paths(name: str, data_dir: Optional[str]) -> list[str]:
     d = Path(data_dir)
     if not d.is_dir():
         raise SystemExit(
-            f"error: --data-dir {data_dir}: no such folder; pass the folder holding the hdf5 files "
-            "(e.g. ../shared/d4rl-replica), or leave it out for the official D4RL files."
+            f"error: --data-dir {data_dir}: no such folder; pass a folder of hdf5 files, e.g. the replica "
+            "datasets (README), or leave it out for the official D4RL files."
         )
 
     def find(n):
@@ -240,6 +242,9 @@ def plan(args: Args) -> list[dict]:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
     if args.jobs < 0:
         raise SystemExit(f"error: --jobs {args.jobs}: pass a positive number, or 0 for the default.")
+    if any(s < 0 for s in args.seeds):  # numpy and the env seeds take no negative seed
+        seeds = " ".join(map(str, args.seeds))
+        raise SystemExit(f"error: --seeds {seeds}: every seed must be >= 0, e.g. --seeds 0 1 2.")
     check_ray_flags(args)
     for d in args.datasets:
         try:
@@ -284,7 +289,8 @@ def is_done(job: dict) -> bool:
 
 def takes_resume(script: Path) -> bool:
     """Whether a method file has --resume (an `Args.resume` field): those that do save resumable checkpoints."""
-    return re.search(r"^    resume: Optional\[str\] = None$", script.read_text(), re.M) is not None
+    text = script.read_text() if script.is_file() else ""
+    return re.search(r"^    resume: Optional\[str\] = None$", text, re.M) is not None
 
 
 def stopped_run(job: dict, root: Path = ROOT) -> Optional[Path]:
@@ -296,6 +302,19 @@ def stopped_run(job: dict, root: Path = ROOT) -> Optional[Path]:
     stopped = [r for r in runs.iterdir() if (r / "model.pt").is_file() and (r / "config.json").is_file()]
     stopped = [r for r in stopped if not (r / "results.json").exists()]
     return max(stopped, key=lambda r: (r / "model.pt").stat().st_mtime, default=None)
+
+
+def last_error(log: Path) -> Optional[str]:
+    """The one line that says why the last attempt in a job's log.txt failed: its last `error: ...` line (a
+    method file's message for bad input), else the exception line of a traceback, else the line a stopped
+    run printed (`interrupted (SIGTERM): ...`)."""
+    attempt = log.read_text(errors="replace").rsplit("\n$ ", 1)[-1].splitlines()[1:]  # after its command
+    lines = [x.strip() for x in attempt if x.strip()]
+    for pattern in (r"^error: ", r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*", r"^interrupted \("):
+        found = [x for x in lines if re.match(pattern, x)]
+        if found:
+            return found[-1]
+    return None
 
 
 def run_job(job: dict, threads: int, gpu: Optional[str] = None, root: Path = ROOT) -> dict:
@@ -318,7 +337,8 @@ def run_job(job: dict, threads: int, gpu: Optional[str] = None, root: Path = ROO
             log.flush()
             rc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         if rc != 0:
-            return dict(job, ok=False, error=f"exit code {rc}, see {folder / 'log.txt'}")
+            why = last_error(folder / "log.txt")
+            return dict(job, ok=False, error=f"exit code {rc}, see {folder / 'log.txt'}", why=why)
         # this attempt's run folder: the one it continued, else the newest
         run = stopped or max((folder / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
         res = json.loads((run / "results.json").read_text())
@@ -338,6 +358,8 @@ def run_job(job: dict, threads: int, gpu: Optional[str] = None, root: Path = ROO
 
 def report(r: dict) -> str:
     outcome = f"{r['score']:.1f}" if r["ok"] else f"FAILED ({r['error']})"
+    if not r["ok"] and r.get("why"):  # the failed job's own last error line
+        outcome += f": {r['why']}"
     return f"{r['method']} {r['dataset']} seed {r['seed']}: {outcome}"
 
 
@@ -435,7 +457,8 @@ def land(job: dict, r: dict, files: dict, commit: Optional[str], address: str) -
     with open(folder / "log.txt", "ab") as log:  # appended, like a local job's attempts
         log.write(files.get("log.txt", b""))
     if not r["ok"]:
-        return dict(job, ok=False, error=r["error"].replace(r["scratch"], str(folder)) + f" (ran on {r['node']})")
+        here = {k: r[k].replace(r["scratch"], str(folder)) for k in ("error", "why") if r.get(k)}
+        return dict(job, ok=False, why=here.get("why"), error=here["error"] + f" (ran on {r['node']})")
     res = json.loads(files["results.json"])
     res["run_dir"] = str(folder / "runs" / Path(res["run_dir"]).name)
     res["git_commit"] = res.get("git_commit") or commit

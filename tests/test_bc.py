@@ -303,3 +303,9 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, hdf5_path, monkeypatch
         bc.train(bc.Args(resume=str(broken)))
     res = bc.train(bc.Args(resume=str(stopped), threads=1, device="cpu"))  # where and how to run may change
     assert res["trained_updates"] == 4
+
+
+def test_no_workspace_paths_in_bc_and_run():
+    """A clone has no ../shared: docstrings, help and hints name a folder of hdf5 files instead (issue 25)."""
+    for script in ("benchmarks/bc.py", "benchmarks/run.py"):
+        assert "../shared" not in (ROOT / script).read_text(), script

@@ -257,6 +257,8 @@ def test_bad_runner_input_is_a_clear_error(tmp_path):
         run.plan(run.Args(data_dir=str(tmp_path / "nope"), out=str(tmp_path)))
     with pytest.raises(SystemExit, match="--jobs -1"):
         run.plan(run.Args(jobs=-1, out=str(tmp_path)))
+    with pytest.raises(SystemExit, match=r"^error: --seeds 0 -1: every seed must be >= 0"):
+        run.plan(run.Args(seeds=(0, -1), out=str(tmp_path)))
 
 
 def test_a_failed_or_killed_job_leaves_no_results_and_runs_again(tmp_path):
@@ -265,6 +267,21 @@ def test_a_failed_or_killed_job_leaves_no_results_and_runs_again(tmp_path):
     assert not r["ok"] and "exit code 3" in r["error"] and not run.is_done(job)
     r = run.run_job(dict(job, cmd=["-c", "pass"]), threads=1)  # exits 0 but wrote no run: fails, the batch goes on
     assert not r["ok"] and "log.txt" in r["error"] and not run.is_done(job)
+
+
+def test_a_failed_job_is_reported_with_its_own_last_error_line(tmp_path):
+    """The one line that says why (a method file's `error: ...`, else a traceback's exception) is printed,
+    from the job's last attempt only."""
+    job = dict(method="dt", dataset="hopper-medium", seed=0, key="k", code="c", folder=tmp_path / "job")
+    bad_flag = "import sys; print('loading'); sys.exit('error: --lr -1.0: must be > 0.')"
+    r = run.run_job(dict(job, cmd=["-c", bad_flag]), threads=1)
+    assert r["why"] == "error: --lr -1.0: must be > 0."
+    assert run.report(r).endswith(
+        f"FAILED (exit code 1, see {job['folder'] / 'log.txt'}): error: --lr -1.0: must be > 0."
+    )
+    r = run.run_job(dict(job, cmd=["-c", "raise RuntimeError('out of memory')"]), threads=1)  # the next attempt
+    assert r["why"] == "RuntimeError: out of memory" and "--lr" not in run.report(r)
+    assert run.run_job(dict(job, cmd=["-c", "import sys; sys.exit(2)"]), threads=1)["why"] is None
 
 
 def test_finished_jobs_are_skipped_and_unfinished_ones_rerun(tmp_path, hdf5_path, monkeypatch):
@@ -496,9 +513,11 @@ def test_a_ray_jobs_files_land_in_its_folder_results_last(tmp_path):
     assert saved["benchmark"]["ray"] == dict(address="auto", node="n1")
     assert (job["folder"] / "runs" / "R" / "config.json").read_text() == "{}"
     failed = dict(job, folder=tmp_path / "out" / "job2")
-    err = dict(ok=False, error="exit code 1, see /scratch/y/job2/log.txt", scratch="/scratch/y/job2", node="n2")
+    err = dict(ok=False, error="exit code 1, see /scratch/y/job2/log.txt", scratch="/scratch/y/job2", node="n2",
+               why="error: --resume /scratch/y/job2/runs/R: no model.pt there yet")  # fmt: skip
     r = run.land(failed, err, {"log.txt": b"Traceback"}, "abc123", "auto")
     assert not r["ok"] and not run.is_done(failed) and str(failed["folder"] / "log.txt") in r["error"]
+    assert r["why"] == f"error: --resume {failed['folder']}/runs/R: no model.pt there yet"
     assert "n2" in r["error"] and (failed["folder"] / "log.txt").read_text() == "Traceback"
 
 
