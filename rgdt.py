@@ -4,6 +4,7 @@ of future returns to a sequence of past states, with actions from an inverse dyn
     python rgdt.py --env hopper-medium                            # §2.4's settings, final-token loss
     python rgdt.py --env hopper-medium --full-context-loss        # Fig. 2.3 ablation (indicator of Eq. 2.7 = 1)
     python rgdt.py --env hopper-medium --dataset-path FILE        # any D4RL-layout .hdf5 or DT .pkl
+    python rgdt.py --env hopper-medium --arch gpt --full-context-loss   # decoder-only (Fig. 2.2b)
     python rgdt.py --checkpoint runs/RUN/model.pt --updates 0     # evaluate a model (trains nothing)
     python rgdt.py --resume runs/RUN                              # continue a stopped run
 
@@ -35,7 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -79,6 +80,12 @@ class Args:
     """embedding (hidden) size of encoder and decoder"""
     dropout: float = 0.1
     """dropout on embeddings, attention weights and residual branches of the translator"""
+    arch: Literal["seq2seq", "gpt"] = "seq2seq"
+    """state predictor: `seq2seq`, the translator (Fig. 2.1: an encoder over the K_r future
+    returns, a decoder over the K_s past states); `gpt`, one causal decoder over the tokens g_{j+1},
+    s_j of each step of the state window (Fig. 2.2b's GPT, §2.4 aim 3; --n-layer blocks,
+    --return-len and --n-enc-layer unused), with the same loss, data, inverse dynamics and
+    inference. Fig. 2.2b's GPT is `--arch gpt --full-context-loss`"""
     full_context_loss: bool = False
     """train on the next state at every decoder position (indicator of Eq. 2.7 = 1, the Fig. 2.3 ablation);
     default: the final position only (indicator = 0), the thesis's choice"""
@@ -194,6 +201,8 @@ INV_ARCH = "inv_hidden inv_layers inv_dropout".split()
 INV_UPDATES = 200_000  # §2.4's inverse dynamics budget, --inv-updates' default when training
 # The two trainings in their order (the translator's evaluations need the inverse dynamics): label.
 PHASES = {"inverse": "inverse dynamics", "translator": "translator"}
+# --arch's state predictors by name (None: a checkpoint from before --arch)
+PREDICTOR = {"gpt": "GPT state predictor", "seq2seq": "translator", None: "translator"}
 CLOCK = {"inverse": "inv_train_time_s", "translator": "train_time_s"}  # each phase's training time
 # Flags that say where and how a run runs, not what it computes: --resume takes them from its own
 # command line.
@@ -243,7 +252,9 @@ def gather_segments(data: dict, t: torch.Tensor, K_r: int, K_s: int) -> dict:
     inside = g_idx < data["ep_end"][t, None]
     returns = torch.where(inside, data["rtg"][g_idx.clamp(max=len(data["rtg"]) - 1)], 0.0)
     states, next_states = data["states"][s_idx] * real, data["states"][s_idx + 1] * real
-    return {"states": states, "next_states": next_states, "returns": returns[..., None], "mask": mask}
+    step_returns = data["rtg"][s_idx + 1, None] * real  # g_{j+1} beside each s_j: --arch gpt's
+    batch = {"states": states, "next_states": next_states, "returns": returns[..., None]}
+    return batch | {"mask": mask, "step_returns": step_returns}
 
 
 def sample_steps(data: dict, batch_size: int, gen: torch.Generator) -> torch.Tensor:
@@ -319,6 +330,8 @@ def bounded_log_std(x: torch.Tensor) -> torch.Tensor:
 class DecisionTranslator(nn.Module):
     """rho_theta(s_{t+1} | S_{-K_s}, g_{+K_r}) of Eq. 2.6: a diagonal Gaussian over the next state."""
 
+    conditioning = "returns"  # the batch key of the returns it reads: g_{t+1..t+K_r}
+
     def __init__(self, state_dim, return_len, state_len, n_enc_layer, n_layer, n_head, n_embd, dropout, rtg_scale):
         super().__init__()
         self.state_dim, self.return_len, self.state_len, self.rtg_scale = state_dim, return_len, state_len, rtg_scale
@@ -352,6 +365,51 @@ class DecisionTranslator(nn.Module):
             x, att = block(x, allowed, memory, return_attn)
             attns.append(att)
         mean, log_std = self.head(self.ln_dec(x)).split(self.state_dim, dim=-1)
+        return mean, bounded_log_std(log_std), attns
+
+
+class StateGPT(nn.Module):
+    """--arch gpt, the decoder-only state predictor (Fig. 2.2b's "GPT model", §2.4 aim 3): one
+    causal decoder of the translator's blocks (self-attention only) over Eq. 2.1's interleaving
+    without actions, the tokens g_{j+1}, s_j of each step j of the state window. The mean and
+    log-std of s_{j+1} are read at the s_j token, which sees its step's return and every earlier
+    token. Each step is thus conditioned on its scalar return-to-go, where the translator reads the
+    sequence of K_r future returns: the contrast §2.3 draws between the two formulations. The
+    translator's constructor; return_len and n_enc_layer are not used."""
+
+    conditioning = "step_returns"  # g_{j+1} beside each s_j (gather_segments; evaluate)
+
+    def __init__(self, state_dim, return_len, state_len, n_enc_layer, n_layer, n_head, n_embd, dropout, rtg_scale):
+        super().__init__()
+        self.state_dim, self.return_len, self.state_len = state_dim, return_len, state_len
+        self.rtg_scale = rtg_scale
+        self.embed_g, self.embed_s = nn.Linear(1, n_embd), nn.Linear(state_dim, n_embd)
+        # one learned position per step, shared by its two tokens (as DT's timestep embedding)
+        self.pos_s = nn.Parameter(0.02 * torch.randn(state_len, n_embd))
+        self.drop = nn.Dropout(dropout)
+        blocks = (Block(n_embd, n_head, dropout, cross=False) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(blocks)
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, 2 * state_dim)
+
+    def forward(self, returns, states, mask=None, return_attn=False):
+        """returns (B, T, 1), g_{j+1} beside each state; states (B, T <= K_s, m_s); mask (B, T) bool
+        or None -> the mean and log-std of the next state at every state token (B, T, m_s) and, per
+        layer, {"self": (B, nh, 2T, 2T) weights over the tokens g, s, g, s, ... or None,
+        "cross": None}."""
+        B, T, _ = states.shape
+        pos = self.pos_s[self.state_len - T :]  # counted back from the newest step, as the translator's
+        tokens = torch.stack([self.embed_g(returns) + pos, self.embed_s(states) + pos], dim=2)
+        x = self.drop(tokens.reshape(B, 2 * T, -1))
+        allowed = torch.ones(2 * T, 2 * T, dtype=torch.bool, device=x.device).tril()
+        if mask is not None:  # a padded step's two tokens are hidden; every token still sees itself
+            keys = mask.repeat_interleave(2, dim=1)[:, None, None, :]
+            allowed = (allowed & keys) | torch.eye(2 * T, dtype=torch.bool, device=x.device)
+        attns = []
+        for block in self.blocks:
+            x, att = block(x, allowed, None, return_attn)
+            attns.append(att)
+        mean, log_std = self.head(self.ln_f(x[:, 1::2])).split(self.state_dim, dim=-1)
         return mean, bounded_log_std(log_std), attns
 
 
@@ -402,9 +460,11 @@ def inverse_dynamics_loss(inv, data: dict, batch_size: int, gen: torch.Generator
     return head_loss(mean, log_std, data["actions"][t], torch.ones_like(t, dtype=torch.bool))
 
 
-def make_models(arch: dict, device) -> tuple[DecisionTranslator, nn.Sequential]:
-    """The translator and the inverse dynamics that an `arch` dict (a checkpoint's, or this run's flags) describes."""
-    model = DecisionTranslator(arch["state_dim"], **{k: arch[k] for k in ARCH})
+def make_models(arch: dict, device) -> tuple[nn.Module, nn.Sequential]:
+    """The state predictor and the inverse dynamics that an `arch` dict (a checkpoint's, or this
+    run's flags) describes; a checkpoint from before --arch holds a translator."""
+    cls = StateGPT if arch.get("arch") == "gpt" else DecisionTranslator
+    model = cls(arch["state_dim"], **{k: arch[k] for k in ARCH})
     inv = make_inverse_dynamics(arch["state_dim"], arch["act_dim"], *[arch[k] for k in INV_ARCH])
     return model.to(device), inv.to(device)
 
@@ -477,6 +537,8 @@ def evaluate(model, inv, info, state_stats, conditioning, args, device, autocast
         states[:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
         ctx = slice(max(0, t - K_s + 1), t + 1)  # S_{-K_s}: the last K_s states; at the start a shorter sequence
         cond = g[t + 1 : t + 1 + K_r].expand(n, K_r)[..., None]  # g_{+K_r} = g_{t+1..t+K_r}, the same in every env
+        if model.conditioning == "step_returns":  # --arch gpt: g_{j+1} beside each state s_j
+            cond = g[ctx.start + 1 : t + 2].expand(n, -1)[..., None]
         record = recorder is not None and t + 1 >= K_s
         with autocast:  # the translator as it was trained; the inverse dynamics (trained in fp32) outside
             s_next, _, attns = model(cond, states[:, ctx], return_attn=record)  # Alg. 2 line 6: the mean s^_{t+1}
@@ -774,7 +836,8 @@ def make_optimizer(model, args):
     wd, named = args.weight_decay, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p.dim() >= 2 and not n.startswith("pos_") for n, p in named]
     groups = [{"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on} for on in (1, 0)]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    # fused: one kernel for the whole step, on CPU and CUDA (foreach reads each step count back)
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
 
 
@@ -820,7 +883,7 @@ def translator_update(fwd, model, opt, sched, data: dict, args, gen, autocast, l
     it, `log` or not) and the learning rate it used."""
     b = sample_batch(data, args.batch_size, model.return_len, model.state_len, gen)
     with autocast:
-        mean, log_std, _ = fwd(b["returns"], b["states"], b["mask"])
+        mean, log_std, _ = fwd(b[model.conditioning], b["states"], b["mask"])
     loss = state_loss(mean, log_std, b["next_states"], b["mask"], args.full_context_loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -954,7 +1017,7 @@ def open_run(args: Args, device):
     if episodes is None and args.inv_updates:  # no data is read with --updates 0; this needs it
         episodes, info = load_data(replace(args, updates=args.inv_updates), ckpt)
     dims = {"state_dim": info["obs_dim"], "act_dim": info["act_dim"]}
-    arch = {**{k: getattr(args, k) for k in ARCH + INV_ARCH}, **dims}
+    arch = {**{k: getattr(args, k) for k in ARCH + INV_ARCH}, **dims, "arch": args.arch}
     arch = ckpt["arch"] if ckpt is not None else arch
     if args.capture_video:
         try:
@@ -1025,8 +1088,9 @@ def train(args: Args) -> dict:
     bf16 = args.bf16 and bf16_native(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     sizes = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (model, inv)]
+    name = PREDICTOR[arch.get("arch")]
     print(
-        f"run {run_dir.name}: {info['name']} ({info['source']} data), translator {sizes[0]:.2f}M + "
+        f"run {run_dir.name}: {info['name']} ({info['source']} data), {name} {sizes[0]:.2f}M + "
         f"inverse dynamics {sizes[1]:.2f}M parameters, device {device}, {threads} CPU thread(s), "
         f"{'bf16' if bf16 else 'fp32'}"
     )

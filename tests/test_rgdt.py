@@ -107,6 +107,8 @@ def test_segments_hold_past_states_next_states_and_future_returns():
     torch.testing.assert_close(b["next_states"][1], S[3:6])
     # g_{t+1..t+K_r}: t = 1 -> g_2..g_5; t = 4 -> g_5 then 0 (the episode is over, ep1's returns must not leak)
     assert b["returns"][..., 0].tolist() == [[18, 15, 11, 6], [6, 0, 0, 0], [21, 14, 7, 0]]
+    # --arch gpt's returns: g_{j+1} beside each state s_j (0 beside padding)
+    assert b["step_returns"][..., 0].tolist() == [[0, 20, 18], [15, 11, 6], [0, 0, 21]]
 
 
 def test_a_checkpoints_normalization_is_kept():
@@ -199,6 +201,52 @@ def test_attention_weights_match_the_fast_path():
     torch.testing.assert_close(cross.sum(-1), torch.ones(2, 2, 5))
 
 
+def small_gpt():
+    torch.manual_seed(0)
+    arch = dict(state_dim=3, return_len=4, state_len=5, n_enc_layer=2, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    return rgdt.StateGPT(**arch, rtg_scale=1.0).eval()
+
+
+def test_gpt_reads_interleaved_return_and_state_tokens_causally():
+    """--arch gpt (issue 27, item 5): tokens g_{j+1}, s_j per step; step j's prediction sees its own two tokens and
+    every earlier one, never a later step's."""
+    model = small_gpt()
+    gen = torch.Generator().manual_seed(1)
+    returns, s, mask = torch.randn(2, 5, 1, generator=gen), torch.randn(2, 5, 3, generator=gen), torch.ones(2, 5).bool()
+    mean, log_std, atts = model(returns, s, mask)
+    assert mean.shape == log_std.shape == (2, 5, 3) and len(atts) == 2
+    for j in range(5):
+        for which in ("returns", "states"):
+            g2, s2 = returns.clone(), s.clone()
+            (g2 if which == "returns" else s2)[:, j] += 5.0
+            mean2 = model(g2, s2, mask)[0]
+            torch.testing.assert_close(mean2[:, :j], mean[:, :j])  # earlier steps never see step j
+            assert all(not torch.allclose(mean2[:, i], mean[:, i]) for i in range(j, 5)), (which, j)
+    slow, _, atts = model(returns, s, mask, return_attn=True)
+    torch.testing.assert_close(slow, mean, atol=1e-5, rtol=1e-5)
+    att = atts[0]["self"]
+    assert att.shape == (2, 2, 10, 10) and atts[0]["cross"] is None and (att.triu(1) == 0).all()
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 2, 10))
+    # padding: both tokens of a padded step are hidden, and a short context (an episode's start) reads the same
+    mask[:, :2] = False
+    padded = model(returns, s, mask)[0]
+    g2, s2 = returns.clone(), s.clone()
+    g2[:, :2], s2[:, :2] = 9.0, 9.0
+    torch.testing.assert_close(model(g2, s2, mask)[0][:, 2:], padded[:, 2:])
+    torch.testing.assert_close(model(returns[:, 2:], s[:, 2:])[0], padded[:, 2:])
+
+
+def test_gpt_trains_evaluates_and_is_reloaded_from_its_checkpoint(tmp_path, hdf5_path, capsys):
+    short = dict(updates=6, inv_updates=4, eval_every=0, arch="gpt", full_context_loss=True)
+    res = rgdt.train(tiny_args(tmp_path, hdf5_path, **short))
+    assert "GPT state predictor" in capsys.readouterr().out
+    ckpt = torch.load(Path(res["run_dir"]) / "model.pt", weights_only=True)
+    assert ckpt["arch"]["arch"] == "gpt" and any(k.startswith("blocks.") for k in ckpt["model"])
+    alone = rgdt.train(rgdt.Args(checkpoint=str(Path(res["run_dir"]) / "model.pt"), updates=0, eval_episodes=2,
+                                 runs_dir=str(tmp_path / "ev")))  # fmt: skip
+    assert alone["returns"] == res["returns"]  # the checkpoint rebuilds the GPT, not a translator
+
+
 def test_state_loss_indicator_on_hand_computed_values():
     mean, log_std = torch.zeros(1, 3, 1), torch.zeros(1, 3, 1)
     target = torch.tensor([[[1.0], [2.0], [3.0]]])
@@ -269,6 +317,8 @@ def test_optimizers_decay_matrices_only_and_warm_up():
 class RecordingTranslator(torch.nn.Module):
     """Stands in for the translator in evaluate(): records what Alg. 2 feeds it, proposes s_{t+1} = s_t + 1."""
 
+    conditioning = "returns"
+
     def __init__(self, state_len=3, return_len=4):
         super().__init__()
         self.state_len, self.return_len, self.rtg_scale, self.calls = state_len, return_len, 1.0, []
@@ -316,6 +366,18 @@ def test_inference_follows_algorithm_2(hdf5_path):
     assert [t for t, _, _ in recorded] == list(range(2, len(model.calls)))
     assert [call[2] for call in model.calls] == [t >= 2 for t in range(len(model.calls))]
     assert recorded[0][1] == [{"self": None, "cross": None}] and recorded[0][2] == [True, True]
+
+
+def test_gpt_inference_reads_each_context_state_with_its_own_return(hdf5_path):
+    """--arch gpt in Alg. 2: beside each context state s_j the conditioning sequence's g_{j+1}."""
+    _, info = common.load_dataset("hopper-random", (str(hdf5_path),))
+    model = RecordingTranslator()
+    model.conditioning = "step_returns"
+    evaluate(model, RecordingInverse(), info, np.arange(6.0))
+    for t, (returns, states, _) in enumerate(model.calls[:6]):
+        window = range(max(0, t - 2), t + 1)  # K_s = 3
+        assert returns.shape == (2, len(window), 1) and states.shape == (2, len(window), 11)
+        assert returns[0, :, 0].tolist() == [float(j + 1) if j + 1 < 6 else 0.0 for j in window]
 
 
 def test_evaluation_shows_its_progress_in_episodes_and_env_steps(hdf5_path, monkeypatch):
