@@ -223,3 +223,13 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, hdf5_path, monkeypatch
     (tmp_path / "bare" / "config.json").write_text((stopped / "config.json").read_text())
     with pytest.raises(SystemExit, match="no model.pt there yet"):
         rgdt.train(rgdt.Args(resume=str(tmp_path / "bare")))
+
+
+def test_the_decoder_only_state_predictor_resumes_too(tmp_path, hdf5_path, monkeypatch):
+    gpt = dict(arch="gpt", full_context_loss=True, updates=6, inv_updates=4, eval_every=3)
+    whole = rgdt.train(tiny(tmp_path / "whole", hdf5_path, **gpt))
+    with monkeypatch.context() as m:
+        signal_on_call(rgdt, m, "translator_update", 4)
+        with pytest.raises(SystemExit, match="holds translator 4, inverse dynamics 4 updates"):
+            rgdt.train(tiny(tmp_path / "stopped", hdf5_path, **gpt))
+    assert_same_run(rgdt.train(rgdt.Args(resume=str(run_dir_of(tmp_path / "stopped")))), whole)
