@@ -81,6 +81,17 @@ def normalized_score(info: dict, returns) -> np.ndarray:
     return 100.0 * (returns - info["ref_min"]) / (info["ref_max"] - info["ref_min"])
 
 
+def episode_scores(info: dict, returns, lengths, elapsed_s: float) -> dict:
+    """What every method file's evaluation reports: each episode's return, length and normalized score, their
+    means, the normalized score's std over episodes, and env steps per second."""
+    returns, lengths = np.asarray(returns, dtype=np.float64), np.asarray(lengths)
+    score = normalized_score(info, returns)
+    episodes = {"returns": returns.tolist(), "lengths": lengths.tolist(), "normalized": score.tolist()}
+    means = {"return_mean": float(returns.mean()), "normalized_mean": float(score.mean())}
+    speed = {"eval_env_steps_per_s": float(lengths.sum() / max(elapsed_s, 1e-9))}
+    return {**episodes, **means, "normalized_std": float(score.std()), **speed}
+
+
 # --- download ---------------------------------------------------------------------------------------
 
 

@@ -312,3 +312,11 @@ def test_no_workspace_paths_in_common_and_the_analyses():
         for f in ("iem_analysis", "tt_analysis", "rgdt_analysis", "attention", "target_sweep", "grad_cosines")
     ]
     assert [f for f in files if "../shared" in (root / f).read_text()] == []
+
+
+def test_episode_scores_is_the_summary_every_evaluation_reports():
+    info = {"ref_min": 0.0, "ref_max": 200.0}
+    res = common.episode_scores(info, [100.0, 300.0], [10, 30], elapsed_s=2.0)
+    assert res["returns"] == [100.0, 300.0] and res["lengths"] == [10, 30] and res["normalized"] == [50.0, 150.0]
+    assert res["return_mean"] == 200.0 and res["normalized_mean"] == 100.0 and res["normalized_std"] == 50.0
+    assert res["eval_env_steps_per_s"] == 20.0
