@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import queue
 import re
 import shlex
@@ -64,6 +65,9 @@ METHODS = {
     "mo_dt": dict(script="mo_dt.py", flags=[], label="MO-DT"),
     "trdt": dict(script="trdt.py", flags=[], label="TRDT"),
     "rgdt": dict(script="rgdt.py", flags=[], label="RGDT"),
+    # Fig. 2.3's ablation: only where a preset or --methods names it (default=False), not in every table.
+    "rgdt-full": dict(script="rgdt.py", flags=["--full-context-loss"], label="RGDT full-context (Fig. 2.3)",
+                      default=False),
 }
 TABLE_1_3 = [f"{e}-{lvl}" for lvl in ("medium", "medium-replay", "medium-expert")
              for e in ("halfcheetah", "hopper", "walker2d")]
@@ -81,8 +85,8 @@ PRESETS = {
         common=["--eval-episodes", "3", "--eval-every", "0", "--log-every", "10"],
         flags={"dt": SMALL + ["--updates", "40"], "dt-gaussian": SMALL + ["--updates", "40"],
                "mo_dt": SMALL + ["--updates", "40"], "trdt": SMALL + ["--updates", "40"],
-               "rgdt": ["--updates", "40", "--inv-updates", "40", "--batch-size", "16", "--inv-batch-size", "32",
-                        "--warmup-steps", "10"]}
+               **{m: ["--updates", "40", "--inv-updates", "40", "--batch-size", "16", "--inv-batch-size", "32",
+                      "--warmup-steps", "10"] for m in ("rgdt", "rgdt-full")}}
         | {m: ["--updates", "40", "--hidden", "32", "32", "--batch-size", "16"] for m in ("bc", "bc-10")},
     ),
     # A budget a 2-core CPU finishes in about an hour: the DT-size network (3 layers, 1 head, 128, batch
@@ -96,7 +100,7 @@ PRESETS = {
         common=["--eval-episodes", "10", "--eval-every", "500"],
         flags={m: ["--n-layer", "3", "--n-head", "1", "--n-embd", "128", "--batch-size", "64", "--updates", "2000",
                    "--warmup-steps", "500"] for m in ("dt", "dt-gaussian", "mo_dt", "trdt")}
-        | {"rgdt": ["--updates", "2000", "--inv-updates", "2000", "--warmup-steps", "500"]}
+        | {m: ["--updates", "2000", "--inv-updates", "2000", "--warmup-steps", "500"] for m in ("rgdt", "rgdt-full")}
         | {m: ["--updates", "10000"] for m in ("bc", "bc-10")},
     ),
     # A longer look on the same data (issue "Faithful to Table 1.1"): 2000 updates cannot show the thesis's
@@ -107,8 +111,33 @@ PRESETS = {
         common=["--eval-episodes", "10", "--eval-every", "1000"],
         flags={m: ["--n-layer", "3", "--n-head", "1", "--n-embd", "128", "--batch-size", "64", "--updates", "10000",
                    "--warmup-steps", "1000"] for m in ("dt", "mo_dt", "trdt")}
-        | {"rgdt": ["--updates", "10000", "--inv-updates", "10000", "--warmup-steps", "1000"]}
+        | {m: ["--updates", "10000", "--inv-updates", "10000", "--warmup-steps", "1000"] for m in ("rgdt", "rgdt-full")}
         | {m: ["--updates", "100000"] for m in ("bc", "bc-10")},
+    ),
+    # Table 1.3's hopper-medium-replay row with five seeds (issue 26): cpu-long's DT-size networks and
+    # budget for every Chapter 1 method, 20 evaluation episodes every 1000 updates, and BC and 10%BC at the
+    # same 10^4 updates, so that every column has the same budget.
+    "table13-hmr": dict(
+        datasets=["hopper-medium-replay"], seeds=[0, 1, 2, 3, 4], methods=("dt", "mo_dt", "trdt", "bc", "bc-10"),
+        common=["--eval-episodes", "20", "--eval-every", "1000"],
+        flags={m: ["--n-layer", "3", "--n-head", "1", "--n-embd", "128", "--batch-size", "64", "--updates", "10000",
+                   "--warmup-steps", "1000"] for m in ("dt", "mo_dt", "trdt")}
+        | {m: ["--updates", "10000"] for m in ("bc", "bc-10")},
+    ),
+    # Table 2.1's hopper-medium row and Fig. 2.3 (issue 26), 3 seeds: RGDT at §2.4's config with both
+    # loss variants, DT at the DT size, 10%BC. The budget is the CPU's, not §2.4's: 1.5·10^5 translator and
+    # 2·10^5 inverse-dynamics updates are five times these, days of a 2-core CPU for the six RGDT runs
+    # (README's speed table); 3·10^4 and 5·10^4 keep the two phases near §2.4's ratio (0.6 vs 0.75) and fit
+    # in CPU hours. RGDT is evaluated every 5000 translator updates (its inverse dynamics trains first),
+    # DT and 10%BC every 1000 of their 10^4.
+    "table21-hm": dict(
+        datasets=["hopper-medium"], seeds=[0, 1, 2], methods=("rgdt", "rgdt-full", "dt", "bc-10"),
+        common=["--eval-episodes", "20"],
+        flags={m: ["--updates", "30000", "--inv-updates", "50000", "--eval-every", "5000"]
+               for m in ("rgdt", "rgdt-full")}
+        | {"dt": ["--n-layer", "3", "--n-head", "1", "--n-embd", "128", "--batch-size", "64", "--updates", "10000",
+                  "--warmup-steps", "1000", "--eval-every", "1000"],
+           "bc-10": ["--updates", "10000", "--eval-every", "1000"]},
     ),
     # Every file's defaults are the thesis's settings (tests/test_benchmarks.py checks them against Tables
     # 1.1-1.2 and §2.4). ODT-O is not the thesis's model: its column is the ODT paper's, run with ODT's
@@ -122,7 +151,7 @@ PRESETS = {
         flags={m: [] for m in METHODS}
         | {"dt-gaussian": ["--n-layer", "4", "--n-head", "4", "--n-embd", "512", "--batch-size", "256",
                            "--weight-decay", "5e-4"]},
-        only={"rgdt": TABLE_2_1},  # Table 2.1 has medium and medium-expert rows only
+        only={"rgdt": TABLE_2_1, "rgdt-full": TABLE_2_1},  # Table 2.1 has medium and medium-expert rows only
     ),
 }
 # fmt: on
@@ -135,8 +164,11 @@ class Args:
 
     preset: str = "smoke"
     """`smoke` (CPU minutes, tiny models), `cpu` (equal small budget for every method, CPU hours), `cpu-long`
-    (DT, MO-DT, TRDT, RGDT for 10^4 updates with an evaluation every 1000, CPU half-days) or `thesis` (the
-    thesis's configurations and 10 seeds; meant for a GPU); every preset also runs the BC and 10%BC baselines"""
+    (DT, MO-DT, TRDT, RGDT for 10^4 updates with an evaluation every 1000, CPU half-days), `table13-hmr`
+    (Table 1.3's hopper-medium-replay row: DT, MO-DT, TRDT, BC, 10%BC, 10^4 updates, 20 episodes every
+    1000, seeds 0-4), `table21-hm` (Table 2.1's hopper-medium row and Fig. 2.3: RGDT and RGDT full-context at
+    3·10^4 + 5·10^4 updates, DT, 10%BC, seeds 0-2) or `thesis` (the thesis's configurations and 10 seeds;
+    meant for a GPU); every preset also runs the BC and/or 10%BC baselines"""
     data_dir: Optional[str] = None
     """a folder of hdf5 files, e.g. the replica datasets (README), named `{dataset}.hdf5` (the replica's
     names) or as the official `{env}_{level}-v2.hdf5`; medium-expert is made from medium + expert when
@@ -144,7 +176,8 @@ class Args:
     out: Optional[str] = None
     """results folder (default `benchmarks/results/{preset}`)"""
     methods: tuple[str, ...] = ()
-    """subset of methods (default: the preset's): bc, bc-10, dt, dt-gaussian, mo_dt, trdt, rgdt"""
+    """subset of methods (default: the preset's): bc, bc-10, dt, dt-gaussian, mo_dt, trdt, rgdt, and
+    rgdt-full (RGDT with --full-context-loss, Fig. 2.3; run only where named here or by a preset)"""
     datasets: tuple[str, ...] = ()
     """datasets (default: the preset's; with --data-dir, those of the preset that have files there, the
     others listed as skipped)"""
@@ -236,7 +269,7 @@ def plan(args: Args) -> list[dict]:
     if args.preset not in PRESETS:
         raise SystemExit(f"error: unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}.")
     p = PRESETS[args.preset]
-    methods = args.methods or p.get("methods", tuple(METHODS))
+    methods = args.methods or p.get("methods", tuple(m for m, spec in METHODS.items() if spec.get("default", True)))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
@@ -345,8 +378,10 @@ def run_job(job: dict, threads: int, gpu: Optional[str] = None, root: Path = ROO
         label = METHODS[job["method"]]["label"]
         res["benchmark"] = dict(method=job["method"], label=label, dataset=job["dataset"], seed=job["seed"],
                                 key=job["key"], cmd=job["cmd"], code_sha256=job["code"],
-                                job_wall_time_s=time.time() - t0)  # fmt: skip
+                                job_wall_time_s=time.time() - t0, machine=machine(res, gpu))  # fmt: skip
         shutil.copy(run / "metrics.jsonl", folder / "metrics.jsonl")
+        config = json.loads((run / "config.json").read_text()) | {"machine": res["benchmark"]["machine"]}
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
         tmp = folder / "results.json.tmp"
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, folder / "results.json")
@@ -354,6 +389,36 @@ def run_job(job: dict, threads: int, gpu: Optional[str] = None, root: Path = ROO
         # e.g. the method file wrote no results.json: this job fails, not the batch
         return dict(job, ok=False, error=f"{type(e).__name__}: {e}; see {folder / 'log.txt'}")
     return dict(job, ok=True, score=res["normalized_mean"])
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform says."""
+    try:
+        names = [x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0].split(":", 1)[1].strip() if names else platform.processor() or platform.machine() or "unknown"
+
+
+def gpu_model(gpu: Optional[str]) -> Optional[str]:
+    """The name of the job's GPU (`gpu`, else the first of CUDA_VISIBLE_DEVICES, as Ray sets it), from
+    nvidia-smi; None where it cannot tell."""
+    which = gpu if gpu is not None else (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    try:
+        query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", str(which)]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=60)
+    except Exception:  # no nvidia-smi, or it hangs
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def machine(res: dict, gpu: Optional[str]) -> dict:
+    """Where a job's numbers were measured (issue 26): the device, the CPU model (and the GPU's on CUDA),
+    whether bf16 was active, the torch version. The method files record the device, bf16 and torch; the
+    models are added here, by the process that ran the job on its machine (a Ray task: on its node)."""
+    cuda = str(res.get("device", "")).startswith("cuda")
+    gpu_name = gpu_model(gpu) if cuda else None
+    return dict(device=res.get("device"), cpu=cpu_model(), gpu=gpu_name, bf16=res.get("bf16"), torch=res.get("torch"))
 
 
 def report(r: dict) -> str:

@@ -172,7 +172,8 @@ def test_thesis_preset_is_the_thesis_configuration(tmp_path):
     """The preset passes no flags to MO-DT, TRDT, RGDT and DT: their defaults must be Tables 1.1-1.2, §2.4
     and the DT paper's, on Table 1.3's nine datasets (Table 2.1's six for RGDT), 10 seeds."""
     jobs = run.plan(run.Args(preset="thesis", out=str(tmp_path)))
-    for m in run.METHODS:
+    assert "rgdt-full" not in {j["method"] for j in jobs}  # Fig. 2.3's ablation runs where it is named
+    for m in [m for m, spec in run.METHODS.items() if spec.get("default", True)]:
         mine = [j for j in jobs if j["method"] == m]
         assert {j["dataset"] for j in mine} == set(run.TABLE_2_1 if m == "rgdt" else run.TABLE_1_3)
         assert sorted({j["seed"] for j in mine}) == list(range(10)) and len(mine) == 10 * len(
@@ -363,6 +364,38 @@ def test_speed_benchmark_end_to_end(tmp_path, hdf5_path, monkeypatch, capsys):
         speed.main(speed.Args(methods=("ppo",)))
 
 
+def test_issue_26_presets_list_their_jobs(tmp_path, hdf5_path, capsys):
+    """--dry-run of table13-hmr (Table 1.3's hopper-medium-replay row, 5 seeds) and table21-hm (Table 2.1's
+    hopper-medium row and Fig. 2.3, 3 seeds) lists each method x seed once, with the issue's budgets."""
+    data = write_tiny_data(tmp_path / "data", hdf5_path, names=("hopper-medium-replay", "hopper-medium"))
+    dt_size = "--n-layer 3 --n-head 1 --n-embd 128 --batch-size 64 --updates 10000 --warmup-steps 1000"
+    expect = {
+        "table13-hmr": {m: ("--eval-episodes 20 --eval-every 1000 " + f) for m, f in [
+            ("dt", dt_size), ("mo_dt", dt_size), ("trdt", dt_size), ("bc", "--updates 10000"),
+            ("bc-10", "--updates 10000")]},
+        "table21-hm": {
+            "rgdt": "--eval-episodes 20 --updates 30000 --inv-updates 50000 --eval-every 5000",
+            "rgdt-full": "--eval-episodes 20 --updates 30000 --inv-updates 50000 --eval-every 5000",
+            "dt": f"--eval-episodes 20 {dt_size} --eval-every 1000",
+            "bc-10": "--eval-episodes 20 --updates 10000 --eval-every 1000"},
+    }  # fmt: skip
+    for preset, seeds, dataset in (("table13-hmr", range(5), "hopper-medium-replay"), ("table21-hm", range(3),
+                                   "hopper-medium")):  # fmt: skip
+        args = run.Args(preset=preset, data_dir=str(data), out=str(tmp_path / preset), dry_run=True)
+        capsys.readouterr()
+        assert run.main(args) == []
+        listed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+        jobs = run.plan(args)
+        assert sorted((j["method"], j["seed"]) for j in jobs) == sorted((m, s) for m in expect[preset] for s in seeds)
+        assert sorted(name for _, name in listed) == sorted(j["folder"].name for j in jobs)
+        assert all(state == "todo" and name.split("__")[1] == dataset for state, name in listed)
+        for j in jobs:
+            flags = " ".join(j["cmd"][j["cmd"].index("auto") + 1 : j["cmd"].index("--dataset-path")])
+            assert flags.endswith(expect[preset][j["method"]]), (preset, j["method"], flags)
+            assert ("--full-context-loss" in j["cmd"]) == (j["method"] == "rgdt-full")
+            assert ("--top-pct" in j["cmd"]) == (j["method"] == "bc-10")
+
+
 def test_unknown_preset_or_method(tmp_path):
     with pytest.raises(SystemExit, match="unknown --preset"):
         run.plan(run.Args(preset="huge"))
@@ -393,6 +426,10 @@ def test_smoke_preset_end_to_end(smoke_here):
     out = Path(args.out)
     res = json.loads(next(out.glob("dt__*/results.json")).read_text())
     assert res["benchmark"]["seed"] == 0 and res["dataset"]["source"] == "file" and res["updates"] == 40
+    machine = res["benchmark"]["machine"]  # where the number was measured (issue 26)
+    assert machine["cpu"] and machine["torch"] == res["torch"] and machine["device"] == res["device"] == "cpu"
+    assert isinstance(machine["bf16"], bool) and machine["bf16"] == res["bf16"]
+    assert json.loads(next(out.glob("dt__*/config.json")).read_text())["machine"] == machine
     res = json.loads(next(out.glob("bc-10__*/results.json")).read_text())
     assert res["method"] == "bc" and res["args"]["exp_name"] == "bc-10" and res["args"]["top_pct"] == 10
     assert res["updates"] == 40 and res["args"]["hidden"] == [32, 32] and len(res["returns"]) == 3
@@ -454,7 +491,10 @@ def test_smoke_preset_through_ray_gives_the_same_jobs_folders_and_tables(smoke_h
     assert comparable(tables) == comparable((here / "tables.md").read_text())
     bc_job = next(there.glob("bc-10__*"))
     res = json.loads((bc_job / "results.json").read_text())
-    assert res["benchmark"]["ray"]["address"] == "local" and res["git_commit"] == run.git_head()
+    assert res["benchmark"]["ray"]["address"] == "local" and res["git_commit"]
+    import subprocess  # the commit the driver saw: HEAD then, an ancestor of HEAD if others committed since
+
+    assert subprocess.run(["git", "merge-base", "--is-ancestor", res["git_commit"], "HEAD"], cwd=ROOT).returncode == 0
     assert Path(res["run_dir"]).parent == bc_job / "runs" and Path(res["run_dir"]).is_dir()
     assert (bc_job / "metrics.jsonl").read_text() and "$ " in (bc_job / "log.txt").read_text()
 
