@@ -309,3 +309,13 @@ def test_no_workspace_paths_in_bc_and_run():
     """A clone has no ../shared: docstrings, help and hints name a folder of hdf5 files instead (issue 25)."""
     for script in ("benchmarks/bc.py", "benchmarks/run.py"):
         assert "../shared" not in (ROOT / script).read_text(), script
+
+
+def test_bc_trains_in_fp32_on_every_machine(tmp_path, hdf5_path, monkeypatch):
+    """BC's MLP has no bf16 path, even where the method files take it (a bf16-native CPU, a GPU, the suite's
+    forced-bf16 pass): its exact checks above need no bf16 tolerance, and its records say fp32."""
+    monkeypatch.setenv("SEQRL_TEST_FORCE_BF16", "1")
+    res = bc.train(tiny_args(tmp_path, hdf5_path, updates=4, eval_every=0))
+    assert res["bf16"] is False and json.loads((Path(res["run_dir"]) / "config.json").read_text())["bf16"] is False
+    ckpt = torch.load(Path(res["run_dir"]) / "model.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())

@@ -132,8 +132,14 @@ def test_a_stopped_job_continues_from_its_checkpoint_when_the_preset_is_rerun(pr
     run.main(run.Args(**{**vars(args), "dry_run": True}))
     finished = run.main(args)
     assert len(finished) == 1 and finished[0]["ok"]
-    assert_continued(args, stopped, before, done, whole(method))
+    res = assert_continued(args, stopped, before, done, whole(method))
     assert run.main(args) == []  # finished: nothing runs again
+    if method == "dt":  # equal bit for bit at the precision the job took: bf16 where native or forced (CI's
+        import torch  # second pass), fp32 elsewhere; no tolerance either way
+
+        import dt
+
+        assert res["bf16"] == dt.bf16_native(torch.device("cpu")) == res["benchmark"]["machine"]["bf16"]
 
 
 def test_a_method_file_without_resume_starts_over(preset, monkeypatch, tmp_path):
