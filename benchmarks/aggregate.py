@@ -160,7 +160,7 @@ def label_of(key: str) -> str:
 
 def claim_key(r: dict) -> str:
     """The method as claims.ORDERINGS names it: run.py's; RGDT's full-context loss apart."""
-    method = r["benchmark"]["method"]
+    method = r["benchmark"]["method"].removesuffix("-full")  # run.py's rgdt-full is rgdt with the flag
     return method + FULL if "--full-context-loss" in r["benchmark"]["cmd"] else method
 
 

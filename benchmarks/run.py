@@ -76,6 +76,9 @@ TABLE_2_1 = [f"{e}-{lvl}" for lvl in ("medium", "medium-expert") for e in ("half
 # claims.py's thesis numbers); the method files' keys hash exactly (script, common.py), as before.
 IMPORTS = {"benchmarks/bc.py": ("dt.py", "benchmarks/claims.py")}
 
+# The two results presets run in fp32 on every machine: their seeds are run on several machines over several
+# sessions (some with native bf16, some without), and one column must not mix precisions.
+FP32 = ["--no-bf16"]
 # A preset: datasets, seeds and per-method flags. `thesis` = the thesis's budgets (each file's defaults are
 # the thesis's settings: Table 1.1-1.2 for MO-DT/TRDT, the DT paper's for DT, §2.4 for RGDT), 10 seeds.
 SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "16", "--warmup-steps", "10"]
@@ -121,7 +124,7 @@ PRESETS = {
         datasets=["hopper-medium-replay"], seeds=[0, 1, 2, 3, 4], methods=("dt", "mo_dt", "trdt", "bc", "bc-10"),
         common=["--eval-episodes", "20", "--eval-every", "1000"],
         flags={m: ["--n-layer", "3", "--n-head", "1", "--n-embd", "128", "--batch-size", "64", "--updates", "10000",
-                   "--warmup-steps", "1000"] for m in ("dt", "mo_dt", "trdt")}
+                   "--warmup-steps", "1000", *FP32] for m in ("dt", "mo_dt", "trdt")}
         | {m: ["--updates", "10000"] for m in ("bc", "bc-10")},
     ),
     # Table 2.1's hopper-medium row and Fig. 2.3 (issue 26), 3 seeds: RGDT at §2.4's config with both
@@ -133,10 +136,10 @@ PRESETS = {
     "table21-hm": dict(
         datasets=["hopper-medium"], seeds=[0, 1, 2], methods=("rgdt", "rgdt-full", "dt", "bc-10"),
         common=["--eval-episodes", "20"],
-        flags={m: ["--updates", "30000", "--inv-updates", "50000", "--eval-every", "5000"]
+        flags={m: ["--updates", "30000", "--inv-updates", "50000", "--eval-every", "5000", *FP32]
                for m in ("rgdt", "rgdt-full")}
         | {"dt": ["--n-layer", "3", "--n-head", "1", "--n-embd", "128", "--batch-size", "64", "--updates", "10000",
-                  "--warmup-steps", "1000", "--eval-every", "1000"],
+                  "--warmup-steps", "1000", "--eval-every", "1000", *FP32],
            "bc-10": ["--updates", "10000", "--eval-every", "1000"]},
     ),
     # Every file's defaults are the thesis's settings (tests/test_benchmarks.py checks them against Tables
