@@ -8,8 +8,14 @@ that predict actions (the s_t tokens) at every step with a full context of K ste
 whole context (Fig. 1.1-1.3 top), per block and head the mass on each modality (Fig. 1.1-1.3 bottom), and per head
 the entropy of the rows. Writes `{out}/{method}_{i}.png` and `.json` per model, `{out}/attention_comparison.png`
 (rows: models; columns: blocks, mean mass per modality with the spread across heads; last column: head entropy)
-and `attention_comparison.json`, and prints thesis claim | ours | verdict for §1.5.2.
+and `attention_comparison.json`, and prints thesis claim | ours | random-init control | verdict for §1.5.2.
 --out defaults to a new runs/attention__{time}; a folder that already holds files is refused unless --force.
+
+Every attention and behaviour verdict in benchmarks/ (here, tt_analysis, iem_analysis, rgdt_analysis) follows
+one rule, `beyond_control` below: the trained model is measured beside a random-init control (its model class
+constructed fresh, never trained) on the same evaluation data, and a claim "holds" only where ours clears the
+control by a stated margin; it "does not hold" where ours is not beyond the control at all, and is "not
+decidable at this budget" in between. Here the control reads the very contexts the trained policy visits.
 """
 
 from __future__ import annotations
@@ -30,13 +36,53 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
-from claims import later_blocks_claim, print_claims  # noqa: E402
+from claims import later_blocks_claim  # noqa: E402
 
 MODELS = {
     "dt": "DecisionTransformer",
     "mo_dt": "MultiObjectiveDecisionTransformer",
     "trdt": "TrustRegionDecisionTransformer",
 }
+
+# --- The rule of every attention and behaviour verdict in benchmarks/ (issue 27, item 3) ---
+HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "not decidable at this budget"
+MARGIN = 1.2  # a trained model's effect must reach this many times its random-init control's
+CONTROL_SEED = 1000  # the weights of every random-init control (the evaluation data keep the run's seed)
+
+
+def beyond_control(ours, control, neutral=None, factor=MARGIN, spread=0.0, lower=False) -> str:
+    """One measured effect that a claim says is large (`lower`: small), against the random-init
+    control of the same architecture measured the same way on the same data. The baseline is the
+    control's value, or `neutral` (what no effect at all gives, e.g. uniform attention's share)
+    where that is stricter. "holds": ours is beyond the baseline by `factor` (ours >= factor x
+    baseline; lower: ours <= baseline / factor) and by more than `spread` (a noise margin: an
+    episode or seed-to-seed spread, or a stated difference); "does not hold": ours is not beyond
+    the baseline at all; "not decidable at this budget": beyond it, but within the margin."""
+    values = [ours, control] + ([] if neutral is None else [neutral])
+    if not all(np.isfinite(v) for v in values):
+        return UNDECIDED
+    base = control if neutral is None else (min if lower else max)(control, neutral)
+    gap = base - ours if lower else ours - base
+    clears = ours * factor <= base if lower else ours >= factor * base
+    if gap <= 0:
+        return FAILS
+    return HOLDS if clears and gap > spread else UNDECIDED
+
+
+def all_of(verdicts) -> str:
+    """A claim of several parts: it holds when every part holds and fails when any part fails."""
+    verdicts = list(verdicts)
+    if FAILS in verdicts:
+        return FAILS
+    return HOLDS if verdicts and all(v == HOLDS for v in verdicts) else UNDECIDED
+
+
+def random_init(cls, *args, seed: int = CONTROL_SEED, **kwargs) -> torch.nn.Module:
+    """The control: `cls(*args, **kwargs)` constructed fresh from `seed`, never trained, in eval
+    mode; the global random state is left as it was (the evaluation's own draws do not move)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(*args, **kwargs).eval()
 
 
 @dataclass
@@ -129,22 +175,89 @@ def plot_one(summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+class WithControl(torch.nn.Module):
+    """The trained model as the method file's evaluate() calls it. At every step whose attention is
+    recorded it also runs the random-init control on the same inputs, the contexts the trained
+    policy visits (the control's own episodes end after a few steps, before any full context)."""
+
+    def __init__(self, model, control):
+        super().__init__()
+        self.model, self.control, self.control_attns = model, control, None
+
+    def __getattr__(self, name):  # K, dims, rtg_scale, bins, ...: the trained model's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+    def forward(self, x, return_attn=False):
+        if return_attn:
+            self.control_attns = self.control(x, return_attn=True)[1]
+        return self.model(x, return_attn=return_attn)
+
+
+def measure(mod, model, control, ckpt: dict, checkpoint: str, episodes: int, dev, seed: int) -> tuple[dict, dict]:
+    """Evaluate `model` with the method file's own evaluate(), recording its attention and the
+    control's on the same contexts. Returns (ours, control) summaries."""
+    info = ckpt["dataset"]
+    target = mod.TARGET_RETURNS[info["env_id"].split("-")[0].lower()]
+    args = mod.Args(checkpoint=checkpoint, updates=0, eval_episodes=episodes, seed=seed)
+    shape = (len(model.blocks), model.blocks[0].attn.n_head, model.K, mod.MODALITIES)
+    rec, rec_c, both = AttentionRecorder(*shape), AttentionRecorder(*shape), WithControl(model, control)
+
+    def recorder(attns, alive):
+        rec(attns, alive)
+        rec_c(both.control_attns, alive)
+
+    stats = (ckpt["state_mean"].cpu().numpy(), ckpt["state_std"].cpu().numpy())
+    off = torch.autocast(dev.type, enabled=False)
+    res = mod.evaluate(both, info, stats, args, target, dev, off, recorder=recorder)
+    return dict(rec.summary(), normalized_mean=res["normalized_mean"]), rec_c.summary()
+
+
 def record(method: str, checkpoint: Path, episodes: int, device: str, seed: int) -> dict:
-    """Evaluate a checkpoint with the method file's own evaluate(), recording attention."""
+    """A checkpoint's attention during evaluation, with its random-init control's (key `control`)."""
     mod = importlib.import_module(method)
     dev = torch.device(device)
     ckpt = mod.load_checkpoint(str(checkpoint), dev)
-    model = getattr(mod, MODELS[method])(**ckpt["arch"]).to(dev)
+    cls = getattr(mod, MODELS[method])
+    model = cls(**ckpt["arch"]).to(dev)
     model.load_state_dict(ckpt["model"])
-    info = ckpt["dataset"]
-    target = mod.TARGET_RETURNS[info["env_id"].split("-")[0].lower()]
-    args = mod.Args(checkpoint=str(checkpoint), updates=0, eval_episodes=episodes, seed=seed)
-    rec = AttentionRecorder(len(model.blocks), model.blocks[0].attn.n_head, model.K, mod.MODALITIES)
-    stats = (ckpt["state_mean"].cpu().numpy(), ckpt["state_std"].cpu().numpy())
-    res = mod.evaluate(model, info, stats, args, target, dev, torch.autocast(dev.type, enabled=False), recorder=rec)
-    if not rec.count:
+    control = random_init(cls, **ckpt["arch"]).to(dev)
+    ours, ctrl = measure(mod, model, control, ckpt, str(checkpoint), episodes, dev, seed)
+    if not ours["samples"]:
         print(f"warning: {checkpoint}: every evaluation episode ended before step K = {model.K}; nothing recorded.")
-    return dict(rec.summary(), normalized_mean=res["normalized_mean"], dataset=info["name"], checkpoint=str(checkpoint))
+    return dict(ours, control=ctrl, dataset=ckpt["dataset"]["name"], checkpoint=str(checkpoint))
+
+
+def later_blocks_verdict(method: str, ours: dict, control: dict) -> dict:
+    """§1.5.2's "later blocks predominantly engage with action tokens" (TRDT: action regions and
+    actions together), by the rule above: in every block after the first, the favoured share must
+    reach MARGIN x both the control's favoured share in that block and ours on any other modality."""
+    mods, mass = ours["modalities"], ours["modality_mass_mean"]
+    row = later_blocks_claim(method, mass, mods, ours["samples"])
+    favoured = ("actions", "regions") if method == "trdt" else ("actions",)
+
+    def share(m):
+        return sum(v for k, v in zip(mods, m) if k in favoured)
+
+    row["control"] = "; ".join(
+        f"block {i + 1}: {'+'.join(favoured)} {share(m):.2f}" for i, m in enumerate(control["modality_mass_mean"])
+    )
+    if not ours["samples"] or len(mass) < 2:
+        return dict(row, verdict=UNDECIDED)
+    parts = []
+    for m, mc in zip(mass[1:], control["modality_mass_mean"][1:]):
+        other = max(v for k, v in zip(mods, m) if k not in favoured)
+        parts.append(beyond_control(share(m), share(mc), neutral=other))
+    return dict(row, verdict=all_of(parts))
+
+
+def print_table(rows: list[dict], head: str = "thesis claim") -> None:
+    """claim | ours | random-init control | verdict, one line per claim."""
+    print(f"{head} | ours | random-init control | verdict")
+    for row in rows:
+        print(f"{row['claim']} | {row['ours']} | {row.get('control', '-')} | {row['verdict']}")
 
 
 def main(args: Args) -> dict:
@@ -165,9 +278,10 @@ def main(args: Args) -> dict:
     for name, (method, path) in zip(names, pairs):
         s = record(method, path, args.eval_episodes, args.device, args.seed)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.json").write_text(json.dumps(s))
+        (out / f"{name}.json").write_text(json.dumps({k: v for k, v in s.items() if k != "control"}))
         plot_one(s, out / f"{name}.png", f"{method} on {s['dataset']}: attention from state tokens")
-        claims.append(later_blocks_claim(method, s["modality_mass_mean"], s["modalities"], s["samples"]))
+        (out / f"{name}_control.json").write_text(json.dumps(s["control"]))
+        claims.append(later_blocks_verdict(method, s, s["control"]))
         results[f"{method} ({path.parent.name})"] = s
 
     plt = pyplot()
@@ -192,16 +306,18 @@ def main(args: Args) -> dict:
     summary = {
         name: dict(modalities=a["modalities"], modality_mass_mean=a["modality_mass_mean"], samples=a["samples"],
                    modality_mass_std_across_heads=a["modality_mass_std_across_heads"],
-                   mean_head_entropy_per_block=np.array(a["entropy_per_head"]).mean(1).tolist())
+                   mean_head_entropy_per_block=np.array(a["entropy_per_head"]).mean(1).tolist(),
+                   control_modality_mass_mean=a["control"]["modality_mass_mean"])
         for name, a in results.items()
     }  # fmt: skip
     (out / "attention_comparison.json").write_text(json.dumps(dict(models=summary, claims=claims), indent=1))
     for name, s in summary.items():
         print(name)
-        for b, (m, e) in enumerate(zip(s["modality_mass_mean"], s["mean_head_entropy_per_block"])):
-            mass = ", ".join(f"{k} {v:.2f}" for k, v in zip(s["modalities"], m))
-            print(f"  block {b + 1}: {mass}; mean head entropy {e:.2f}")
-    print_claims(claims)
+        blocks = zip(s["modality_mass_mean"], s["control_modality_mass_mean"], s["mean_head_entropy_per_block"])
+        for b, (m, mc, e) in enumerate(blocks):
+            mass, control = (", ".join(f"{k} {v:.2f}" for k, v in zip(s["modalities"], x)) for x in (m, mc))
+            print(f"  block {b + 1}: {mass}; mean head entropy {e:.2f} (random-init control: {control})")
+    print_table(claims)
     print(f"wrote {out / 'attention_comparison.png'}")
     return dict(models=summary, claims=claims)
 

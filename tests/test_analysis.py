@@ -160,6 +160,11 @@ def test_attention_comparison_from_checkpoints(tmp_path, hdf5_path):
         assert len(s["modality_mass_mean"]) == 2 and len(s["modalities"]) == k
         assert abs(sum(s["modality_mass_mean"][0]) - 1) < 1e-4
     assert [c["claim"][:8] for c in summary["claims"]] == ["Fig. 1.1", "Fig. 1.3"]
+    # beside a random-init control on the same contexts, with one of the three verdicts
+    assert all(c["verdict"] in ("holds", "does not hold", "not decidable at this budget") for c in summary["claims"])
+    control = json.loads((out / "dt_0_control.json").read_text())
+    assert control["samples"] == json.loads((out / "dt_0.json").read_text())["samples"]
+    assert all("control_modality_mass_mean" in s for s in summary["models"].values())
     with pytest.raises(SystemExit, match="holds files; .* --force"):
         attention.main(attention.Args(runs=(f"dt={runs['dt']}",), out=str(out)))
     with pytest.raises(SystemExit, match="expected method=run_folder"):
