@@ -6,37 +6,84 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import iem_analysis  # noqa: E402
 
 
-def hand_made(layers, H=4, M=2, past=0.3, future=0.3):
+def summary_of(layers, H=4, M=2, past=0.3, future=0.3):
+    """An attention summary as iem_analysis.attention_on writes it, from hand-made maps (one sample)."""
     T = 1 + M + H
+    keys = torch.ones(T, T, dtype=torch.bool)
+    spreads = [iem_analysis.row_spread(torch.as_tensor(m), keys) for m in layers]
     return {
         "layers": [m.tolist() for m in layers],
         "labels": [f"k{i}" for i in range(T)],
         "real_tokens": float(T),
         "masked_query_past_mass": [[past] * H] * len(layers),
         "masked_query_future_mass": [[future] * H] * len(layers),
+        "row_effective_keys": [n for n, _ in spreads],
+        "row_distance_from_uniform": [d for _, d in spreads],
     }
 
 
-def test_claim_rules_on_hand_made_maps():
-    T = 7
+def hand_made(layers, control=None, H=4, **kw):
+    """Hand-made maps beside a control (default: uniform maps and uniform masses, a random-init IEM's)."""
+    T = len(layers[0])
+    uni = 1 / T  # a uniform map's mass on each other plan token
+    control = control or [np.full((T, T), 1 / T)] * len(layers)
+    return {**summary_of(layers, H, **kw), "control": summary_of(control, H, past=uni, future=uni)}
+
+
+T = 7
+
+
+def maps():
     band = np.full((T, T), 0.3 / (T - 1))
     band[:, -1] = 0.7  # every query puts 0.7 on the rightmost key: the blog's layer 0
     dual = np.full((T, T), 0.2 / (T - 2))
     dual[:, 2], dual[:, 4] = 0.45, 0.35  # two columns: the blog's middle layer
-    uniform = np.full((T, T), 1 / T)  # a distributed grid: the blog's deep layer
-    c = iem_analysis.judge(hand_made([band, dual, uniform]), H=4)
-    assert [c[k]["verdict"] for k in ("layer0_band", "middle_dual", "deep_grid")] == ["holds"] * 3
-    assert "k6 takes 0.70" in c["layer0_band"]["ours"]
-    assert c["past_future"]["verdict"] == "holds"  # 0.3 of the mass on each side, above half its uniform share
+    grid = np.zeros((T, T))  # a distributed grid: each row spread over 4 keys, the columns balanced
+    for i in range(T):
+        grid[i, [(i + k) % T for k in range(4)]] = 0.25
+    return band, dual, grid
+
+
+def test_claim_rules_on_hand_made_maps():
+    band, dual, grid = maps()
+    c = iem_analysis.judge(hand_made([band, dual, grid]), H=4)
+    assert [c[k]["verdict"] for k in c] == ["holds"] * 4  # 0.3 on each side, 2.1x the uniform share
+    assert "k6 takes 0.70" in c["layer0_band"]["ours"] and "largest key 0.14" in c["layer0_band"]["control"]
+    uniform = np.full((T, T), 1 / T)
     c = iem_analysis.judge(hand_made([uniform, uniform, band], past=0.0), H=4)
     assert [c[k]["verdict"] for k in c] == ["does not hold"] * 4  # and the rules can say no
     assert all(c[k]["blog"] == iem_analysis.CLAIMS[k][0] for k in c)
+
+
+def test_a_diagonal_deep_layer_is_no_grid():
+    """Its mean row is flat (no dominant column, T effective keys): the old rule, on the mean row, said holds."""
+    band, dual, _ = maps()
+    c = iem_analysis.judge(hand_made([band, dual, np.eye(T)]), H=4)
+    assert c["deep_grid"]["verdict"] == "does not hold" and "per row 1.0 effective keys" in c["deep_grid"]["ours"]
+
+
+def test_the_control_decides_what_holds():
+    """The same maps hold against a uniform control but not against a control that shows them already (the
+    architecture, not training, would then make the pattern), nor without any control."""
+    band, dual, grid = maps()
+    layers = [band, dual, grid]
+    same = hand_made(layers, control=layers)
+    same["control"] = {**same["control"], "masked_query_past_mass": same["masked_query_past_mass"]}
+    same["control"]["masked_query_future_mass"] = same["masked_query_future_mass"]
+    c = iem_analysis.judge(same, H=4)
+    assert all(c[k]["verdict"] != "holds" for k in c)
+    bare = {k: v for k, v in hand_made(layers).items() if k != "control"}
+    c = iem_analysis.judge(bare, H=4)
+    assert {c[k]["verdict"] for k in c} == {"not decidable at this budget"} and "not recorded" in c["layer0_band"][
+        "control"
+    ]
 
 
 def test_quick_pipeline_writes_summary_and_figures(tmp_path):
@@ -57,7 +104,9 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path):
     T = 1 + d["runs"][0]["arch"]["mission_len"] + d["runs"][0]["arch"]["horizon"]
     assert maps.shape == (3, T, T) and len(d["attention"]["labels"]) == T
     np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)  # every row of every layer is a distribution
-    assert {c["verdict"] for c in d["claims"].values()} <= {"holds", "partly", "does not hold"}
+    assert {c["verdict"] for c in d["claims"].values()} <= {"holds", "not decidable at this budget", "does not hold"}
+    control = np.array(d["attention"]["control"]["layers"])  # a random-init model's, on the same plan copies
+    assert control.shape == maps.shape and not np.allclose(control, maps)
     r = d["runs"][0]
     assert len(r["energy_per_iteration"]) == 3 and 0 <= r["iem_success"] <= 1 and r["train_updates_per_s"] > 0
     # LEAP's rule (iem.py's default, --accept all) may raise the energy; only --accept lower never does
