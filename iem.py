@@ -1,16 +1,17 @@
-"""Iterative energy minimization (LEAP; Chen et al., "Planning with Sequence Models through Iterative Energy
-Minimization", ICLR 2023) on BabyAI: the blog's third system (§5.c), a BERT-like bidirectional masked model over a
-whole plan of actions, used as an energy function and minimized by iterative refinement: by default
-LEAP's code's rule (re-mask one action, take the argmax, keep it); --temperature 1 is the paper's
-Gibbs sampling.
+"""Iterative energy minimization (LEAP; Chen et al., "Planning with Sequence Models through
+Iterative Energy Minimization", ICLR 2023) on BabyAI: the blog's third system (§5.c), a BERT-like
+bidirectional masked model over a whole plan of actions, used as an energy function and minimized
+by iterative refinement: by default LEAP's code's rule (re-mask one action, take the argmax, keep
+it); --temperature 1 is the paper's Gibbs sampling.
 
-    python iem.py --env GoToLocalS7N5 --preset cpu      # bot demos collected on first use; minutes on 2 CPU cores
-    python iem.py --env GoToObjMazeS4                   # the paper's settings for the level (H=10, 29 refinements)
+    python iem.py --env GoToLocalS7N5 --preset cpu  # bot demos collected on first use; minutes
+    python iem.py --env GoToObjMazeS4               # the paper's settings (H=10, 29 refinements)
     python iem.py --checkpoint runs/RUN/model.pt --updates 0 --iterations 29   # only plan
-    python iem.py --resume runs/RUN         # continue a run stopped by Ctrl-C, SIGTERM or SIGUSR1
+    python iem.py --resume runs/RUN  # continue a run stopped by Ctrl-C, SIGTERM or SIGUSR1
 
-One file: arguments, data (minigrid's BabyAI bot), model, planning, evaluation (IEM against the BC baseline: the
-same network, one forward, no refinement), training. benchmarks/iem_analysis.py measures the blog's §7.b claims.
+One file, in reading order: flags, data (minigrid's BabyAI bot), model, loss and update, planning,
+evaluation (IEM against the BC baseline: the same network, one forward, no refinement), training;
+below them the run infrastructure. benchmarks/iem_analysis.py measures the blog's §7.b claims.
 Blocks marked PLUMBING are the same, byte for byte, as in dt.py and the other method files.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import io
 import json
@@ -43,32 +45,42 @@ from minigrid.wrappers import FullyObsWrapper
 from torch import nn
 from tqdm import tqdm
 
-# The paper's BabyAI levels with its code's planning settings (test_run.sh): horizon H and refinements. Its
-# `sample_iteration` counts the first fill of all positions as an iteration, so its 10 is our 9 (its
-# 30, our 29).
-# Its GoToObjMazeS4R2Close is minigrid's GoToObjMazeS4R2 (doors closed, the same arguments).
-PAPER_LEVELS = {"GoToLocalS7N5": (5, 9), "GoToLocalS8N7": (5, 9), "PickupLoc": (5, 9), "GoToObjMazeS4R2": (5, 9),
-                "GoToObjMazeS4": (10, 29), "GoToObjMazeS7": (10, 29)}  # fmt: skip
+# The paper's BabyAI levels with its code's planning settings (test_run.sh): horizon H and
+# refinements. Its `sample_iteration` counts the first fill of all positions as an iteration, so
+# its 10 is our 9 (its 30, our 29). Its GoToObjMazeS4R2Close is minigrid's GoToObjMazeS4R2 (doors
+# closed, the same arguments).
+PAPER_LEVELS = {
+    "GoToLocalS7N5": (5, 9),
+    "GoToLocalS8N7": (5, 9),
+    "PickupLoc": (5, 9),
+    "GoToObjMazeS4R2": (5, 9),
+    "GoToObjMazeS4": (10, 29),
+    "GoToObjMazeS7": (10, 29),
+}
 # LEAP's fork of BabyAI (babyai/levels/iclr19_levels.py) builds GoToObjMazeS4 and S7 as minigrid's
 # GoTo class with minigrid's arguments plus doors_open=True; minigrid registers them with the doors
 # closed. We construct minigrid's class with the fork's arguments: the names are the paper's levels.
 OPEN = {"doors_open": True}
 LEAP_ENV_ARGS = {"BabyAI-GoToObjMazeS4-v0": OPEN, "BabyAI-GoToObjMazeS7-v0": OPEN}
-# Budgets. paper: its code's width 128 and 200 epochs over 500 demos in batches of 64 (1600 updates); cpu: narrower,
-# more demos, minutes on 2 CPU cores.
-PRESETS = {"paper": dict(n_embd=128, updates=1600, collect=500), "cpu": dict(n_embd=64, updates=1000, collect=5000)}
+# Budgets. paper: its code's width 128 and 200 epochs over 500 demos in batches of 64 (1600
+# updates); cpu: narrower, more demos, minutes on 2 CPU cores.
+PAPER_BUDGET = dict(n_embd=128, updates=1600, collect=500)
+PRESETS = {"paper": PAPER_BUDGET, "cpu": dict(n_embd=64, updates=1000, collect=5000)}
 N_ACTIONS = 7  # minigrid: left, right, forward, pickup, drop, toggle, done
 MASK, PAD = N_ACTIONS, N_ACTIONS + 1  # plan-token ids after the actions
 IGNORE = -100  # F.cross_entropy's ignore_index: positions that are not training targets
 AGENT = 10  # minigrid's OBJECT_TO_IDX["agent"]
 # The words of the BabyAI grammar (minigrid.envs.babyai.core.verifier); any other word is UNK.
-WORDS = ("a", "the", "go", "to", "pick", "up", "open", "put", "next", "and", "then", "after", "you", "your", "on",
-         "left", "right", "in", "front", "of", "behind", "door", "ball", "box", "key", "red", "green", "blue",
-         "purple", "yellow", "grey")  # fmt: skip
+WORDS = tuple(
+    "a the go to pick up open put next and then after you your on left right in front of behind "
+    "door ball box key red green blue purple yellow grey".split()
+)
 METHOD = "iem"
 DEFAULT_ENV = "GoToLocalS7N5"  # the level without --env or --checkpoint
-ARCH = "horizon n_layer n_head n_embd dropout".split()  # with the grid size and mission length of the data
-EVAL_SEED_BASE = 1_000_000_000  # evaluation episodes never reuse a demonstration's seed (demos use 0..N-1)
+# The architecture's flags; a checkpoint records them with the data's grid size and mission length.
+ARCH = "horizon n_layer n_head n_embd dropout".split()
+# Evaluation episodes' seeds start here, never a demonstration's (demos use 0..N-1).
+EVAL_SEED_BASE = 1_000_000_000
 # Flags that say where and how a run runs, not what it computes: --resume takes them from its own
 # command line.
 RUN_FLAGS = "resume device threads runs_dir data_dir track wandb_project_name wandb_entity".split()
@@ -76,29 +88,51 @@ RUN_FLAGS = "resume device threads runs_dir data_dir track wandb_project_name wa
 
 @dataclass
 class Args:
-    env: str | None = None
-    """BabyAI level of minigrid, short (GoToLocalS7N5, GoToObjMazeS4, PickupLoc, ...) or full (BabyAI-...-v0).
-    GoToObjMazeS4 and S7 are built with their doors open, as LEAP's fork builds them. Default: the
-    checkpoint's level, else GoToLocalS7N5"""
+    # --- architecture
+    horizon: int | None = None
+    """H, action tokens per plan; default: the paper's for --env (PAPER_LEVELS), else 5"""
+    n_layer: int = 3
+    """transformer blocks (the paper's 3)"""
+    n_head: int = 4
+    """attention heads per block (the paper's 4)"""
+    n_embd: int | None = None
+    """embedding width; default: the preset's (the paper's 128)"""
+    dropout: float = 0.1
+    """dropout on embeddings, attention weights and residual branches (the paper's 0.1)"""
+    # --- loss
+    train_all_masked: bool = True
+    """also train each plan fully masked (where planning starts, and the BC baseline's input);
+    the paper masks one action at a time only"""
+    # --- optimizer and budget
     preset: Literal["paper", "cpu"] = "paper"
-    """budget for the flags left unset: `paper` (n-embd 128, 1600 updates, 500 demos) or `cpu` (64, 1000, 5000)"""
+    """budget for the flags left unset: `paper` (n-embd 128, 1600 updates, 500 demos) or `cpu`
+    (64, 1000, 5000)"""
+    batch_size: int = 64
+    """demonstration plans per update (the paper's 64); each is trained as its H (+1) masked
+    copies"""
+    lr: float = 6e-4
+    """AdamW peak learning rate (the paper's); linear warmup over 5% of the updates, cosine decay
+    to 10%"""
+    updates: int | None = None
+    """gradient updates; default: the preset's. With --checkpoint, 0 only evaluates it"""
+    # --- data
+    env: str | None = None
+    """BabyAI level of minigrid, short (GoToLocalS7N5, GoToObjMazeS4, PickupLoc, ...) or full
+    (BabyAI-...-v0). GoToObjMazeS4 and S7 are built with their doors open, as LEAP's fork builds
+    them. Default: the checkpoint's level, else GoToLocalS7N5"""
     dataset: str | None = None
-    """your demos instead of the bot's: an .npz of images (N, W, H, 3), actions (N,), lengths (E,), missions (E,)"""
+    """your demos instead of the bot's: an .npz of images (N, W, H, 3), actions (N,), lengths
+    (E,), missions (E,)"""
     data_dir: str = "~/.cache/seqrl/babyai"
     """where bot demonstrations are cached as `{level}__bot{N}.npz` (a level built with its doors
     open: `{level}__doors_open=True__bot{N}.npz`); nothing is downloaded"""
     collect: int | None = None
-    """bot demonstrations (episode seeds 0..N-1) collected on first use and cached; default: the preset's"""
-    exp_name: str = METHOD
-    """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
-    seed: int = 0
-    """seed of python, numpy, torch, the batch sampler, the planner and the evaluation episodes"""
-    device: str = "auto"
-    """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
-    horizon: int | None = None
-    """H, action tokens per plan; default: the paper's for --env (PAPER_LEVELS), else 5"""
+    """bot demonstrations (episode seeds 0..N-1) collected on first use and cached; default: the
+    preset's"""
+    # --- inference: planning and evaluation
     iterations: int | None = None
-    """refinement iterations after the first fill; default: the paper's for --env (PAPER_LEVELS), else 9"""
+    """refinement iterations after the first fill; default: the paper's for --env
+    (PAPER_LEVELS), else 9"""
     resample: int = 1
     """plan tokens masked and resampled per iteration (the paper's code: 1)"""
     temperature: float = 0.0
@@ -108,42 +142,25 @@ class Args:
     """`all`: keep every resampled plan (LEAP's code; a plain Gibbs chain at --temperature 1);
     `lower`: keep it only if its energy does not rise (our rule, in neither source)"""
     replan_every: int | None = None
-    """actions executed from each plan before replanning; default: H (the paper's code executes the whole plan)"""
-    train_all_masked: bool = True
-    """also train each plan fully masked (where planning starts, and the BC baseline's input); the paper masks
-    one action at a time only"""
-    n_layer: int = 3
-    """transformer blocks (the paper's 3)"""
-    n_head: int = 4
-    """attention heads per block (the paper's 4)"""
-    n_embd: int | None = None
-    """embedding width; default: the preset's (the paper's 128)"""
-    dropout: float = 0.1
-    """dropout on embeddings, attention weights and residual branches (the paper's 0.1)"""
-    batch_size: int = 64
-    """demonstration plans per update (the paper's 64); each is trained as its H (+1) masked copies"""
-    lr: float = 6e-4
-    """AdamW peak learning rate (the paper's); linear warmup over 5% of the updates, cosine decay to 10%"""
-    updates: int | None = None
-    """gradient updates; default: the preset's. With --checkpoint, 0 only evaluates it"""
+    """actions executed from each plan before replanning; default: H (the paper's code executes
+    the whole plan)"""
     eval_episodes: int = 100
     """evaluation episodes, planned together in batches; the same episodes for IEM and BC"""
+    # --- the run: where and how it runs, what it keeps
+    exp_name: str = METHOD
+    """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
+    seed: int = 0
+    """seed of python, numpy, torch, the batch sampler, the planner and the evaluation episodes"""
+    device: str = "auto"
+    """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
     bf16: bool = True
-    """bfloat16 autocast for training where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX)"""
-    checkpoint: str | None = None
-    """a `model.pt` of an earlier run: start from its weights and architecture (--n-layer, --n-head, --n-embd and
-    --horizon are then the checkpoint's); with --updates 0 only evaluate it"""
-    resume: str | None = None
-    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags,
-    optimizer, schedule and random states, to its --updates; the result is the run it would have
-    been without the stop"""
-    save_every: int = 0
-    """write the resumable checkpoint model.pt every N updates (0: every 10% of the run); also at
-    the end and on Ctrl-C, SIGTERM or SIGUSR1"""
+    """bfloat16 autocast for training where the hardware has it natively (CUDA; CPUs with
+    AVX512-BF16 or AMX)"""
+    threads: int = 0
+    """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow
+    down sharply when another program keeps one busy)"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
-    log_every: int = 50
-    """log the training loss every N updates"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install -e ".[track]"`); metrics.jsonl stays the
     record"""
@@ -151,9 +168,19 @@ class Args:
     """W&B project of --track"""
     wandb_entity: str | None = None
     """W&B team or user of --track (default: your W&B default entity)"""
-    threads: int = 0
-    """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow down
-    sharply when another program keeps one busy)"""
+    checkpoint: str | None = None
+    """a `model.pt` of an earlier run: start from its weights and architecture (--n-layer,
+    --n-head, --n-embd and --horizon are then the checkpoint's); with --updates 0 only evaluate
+    it"""
+    resume: str | None = None
+    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags,
+    optimizer, schedule and random states, to its --updates; the result is the run it would have
+    been without the stop"""
+    save_every: int = 0
+    """write the resumable checkpoint model.pt every N updates (0: every 10% of the run); also at
+    the end and on Ctrl-C, SIGTERM or SIGUSR1"""
+    log_every: int = 50
+    """log the training loss every N updates"""
 
     def __post_init__(self):
         if self.track and importlib.util.find_spec("wandb") is None:
@@ -162,33 +189,43 @@ class Args:
         if self.resume is not None:  # the other flags are the run's own (resumed_args)
             check_flags(self, "", "threads")
             return
-        if self.env is None:  # the checkpoint's level (train() reads and checks it again), else the default
+        if self.env is None:  # the checkpoint's level (train() checks it again), else the default
             with contextlib.suppress(Exception):
-                self.env = torch.load(self.checkpoint, map_location="cpu", weights_only=True)["env"]
+                ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+                self.env = ckpt["env"]
             self.env = self.env or DEFAULT_ENV
         if env_id(self.env) not in gym.registry:
             levels = ", ".join(PAPER_LEVELS)
-            raise SystemExit(f"error: --env {self.env}: not a BabyAI level of minigrid; e.g. {levels}.")
+            why = f"not a BabyAI level of minigrid; e.g. {levels}"
+            raise SystemExit(f"error: --env {self.env}: {why}.")
         h, it = PAPER_LEVELS.get(env_id(self.env)[7:-3], (5, 9))
         for k, v in {**PRESETS[self.preset], "horizon": h, "iterations": it}.items():
             if getattr(self, k) is None:
-                setattr(self, k, v)  # during construction: the preset's or level's value for a flag left unset
-        check_flags(self, "horizon resample collect n_layer n_head n_embd batch_size lr eval_episodes log_every",
-                    "seed iterations temperature updates threads save_every")  # fmt: skip
-        H, rp = self.horizon, self.replan_every
-        problems = [("resample", self.resample > H, f"resample at most --horizon {H} tokens"),
-                    ("replan-every", rp is not None and not 1 <= rp <= H, f"execute 1..{H} (--horizon) actions"),
-                    ("n-embd", self.n_embd % self.n_head, f"must be a multiple of --n-head {self.n_head}"),
-                    ("dropout", not 0 <= self.dropout < 1, "must be in [0, 1)"),
-                    ("updates", self.updates == 0 and not self.checkpoint, "trains nothing; add --checkpoint"),
-                    ("dataset", self.dataset and not Path(self.dataset).is_file(), "no such file")]  # fmt: skip
+                # during construction: the preset's or level's value for a flag left unset
+                setattr(self, k, v)
+        positive = "horizon resample collect n_layer n_head n_embd batch_size lr eval_episodes"
+        non_negative = "seed iterations temperature updates threads save_every"
+        check_flags(self, positive + " log_every", non_negative)
+        H, rp, heads = self.horizon, self.replan_every, self.n_head
+        bad_replan = rp is not None and not 1 <= rp <= H
+        trains_nothing = self.updates == 0 and not self.checkpoint
+        no_file = self.dataset and not Path(self.dataset).is_file()
+        problems = [
+            ("resample", self.resample > H, f"resample at most --horizon {H} tokens"),
+            ("replan-every", bad_replan, f"execute 1..{H} (--horizon) actions"),
+            ("n-embd", self.n_embd % heads, f"must be a multiple of --n-head {heads}"),
+            ("dropout", not 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("updates", trains_nothing, "trains nothing; add --checkpoint"),
+            ("dataset", no_file, "no such file"),
+        ]
         for flag, bad, hint in problems:
             value = getattr(self, flag.replace("-", "_"))
             if bad:
                 raise SystemExit(f"error: --{flag} {value}: {hint}.")
 
 
-# --- Data: minigrid's BabyAI bot on fully observed grids, cached as .npz; on the device as flat tensors. ---
+# --- Data: minigrid's BabyAI bot on fully observed grids, cached as .npz; on the device as flat
+# tensors.
 
 
 def env_id(name: str) -> str:
@@ -196,9 +233,9 @@ def env_id(name: str) -> str:
 
 
 def make_env(level: str):
-    """Fully observed (the paper plans from the full image too): obs["image"] is (W, H, 3) of minigrid's (object,
-    colour, state) codes, the agent and its direction in its cell. Built with LEAP's arguments
-    (LEAP_ENV_ARGS)."""
+    """Fully observed (the paper plans from the full image too): obs["image"] is (W, H, 3) of
+    minigrid's (object, colour, state) codes, the agent and its direction in its cell. Built with
+    LEAP's arguments (LEAP_ENV_ARGS)."""
     return FullyObsWrapper(gym.make(env_id(level), **env_args(level)))
 
 
@@ -219,13 +256,15 @@ def reset(env, seed: int):
 
 def tokenize(mission: str, length: int) -> list[int]:
     """Mission words as ids (0 PAD, 1 UNK, then WORDS), cut or padded to `length`."""
-    ids = [WORDS.index(w) + 2 if w in WORDS else 1 for w in mission.replace(",", "").split()][:length]
+    words = mission.replace(",", "").split()
+    ids = [WORDS.index(w) + 2 if w in WORDS else 1 for w in words][:length]
     return ids + [0] * (length - len(ids))
 
 
 def collect_demos(level: str, n: int, path: Path) -> None:
-    """Episodes of minigrid's BabyAI bot (`BabyAIBot(env).replan()` once per step) on seeds 0..n-1; failures are
-    left out. Written to a temporary name first, so an interrupted collection leaves no cache behind."""
+    """Episodes of minigrid's BabyAI bot (`BabyAIBot(env).replan()` once per step) on seeds
+    0..n-1; failures are left out. Written to a temporary name first, so an interrupted collection
+    leaves no cache behind."""
     from minigrid.utils.baby_ai_bot import BabyAIBot
 
     env, images, actions, lengths, missions = make_env(level), [], [], [], []
@@ -247,43 +286,49 @@ def collect_demos(level: str, n: int, path: Path) -> None:
         print(f"warning: the bot failed {failed} of {n} {level} episodes; they are left out")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part.npz")
-    arrays = {"images": np.stack(images).astype(np.uint8), "actions": np.array(actions), "lengths": np.array(lengths)}
+    images = np.stack(images).astype(np.uint8)
+    arrays = {"images": images, "actions": np.array(actions), "lengths": np.array(lengths)}
     np.savez_compressed(tmp, missions=np.array(missions), **arrays)
     os.replace(tmp, path)
 
 
-def load_demos(args: Args) -> tuple[dict, str]:
-    level = env_id(args.env)
-    cache = Path(args.data_dir).expanduser() / f"{level_file_name(level)}__bot{args.collect}.npz"
-    path = Path(args.dataset) if args.dataset else cache
-    if args.dataset is None and not path.exists():
-        collect_demos(level, args.collect, path)
+def load_demos(level: str, dataset: Optional[str], data_dir: str, collect: int) -> tuple[dict, str]:
+    """The demos of `level`: the .npz `dataset`, else the bot's `collect` episodes cached in
+    `data_dir` (collected on first use). Returns the arrays and the file they came from."""
+    level = env_id(level)
+    cache = Path(data_dir).expanduser() / f"{level_file_name(level)}__bot{collect}.npz"
+    path = Path(dataset) if dataset else cache
+    if dataset is None and not path.exists():
+        collect_demos(level, collect, path)
     try:
         with np.load(path) as z:
             d = {k: z[k] for k in ("images", "actions", "lengths", "missions")}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         why = f"{e.__class__.__name__}: {e}"
-        raise SystemExit(
-            f"error: --dataset {path}: not an .npz of images, actions, lengths, missions ({why})."
-        ) from None
+        what = "not an .npz of images, actions, lengths, missions"
+        raise SystemExit(f"error: --dataset {path}: {what} ({why}).") from None
     n, grid = len(d["actions"]), make_env(level).observation_space["image"].shape
-    ok = d["images"].shape == (n, *grid) and d["lengths"].sum() == n and len(d["missions"]) == len(d["lengths"])
-    if not ok:
+    episodes = d["lengths"].sum() == n and len(d["missions"]) == len(d["lengths"])
+    if not (d["images"].shape == (n, *grid) and episodes):
         shapes = {k: v.shape for k, v in d.items()}
-        raise SystemExit(f"error: --dataset {path}: arrays {shapes} are not episodes of {level} (grids {grid}).")
+        what = f"arrays {shapes} are not episodes of {level} (grids {grid})"
+        raise SystemExit(f"error: --dataset {path}: {what}.")
     return d, str(path)
 
 
 def make_dataset(d: dict, mission_len: int, device: torch.device) -> dict:
+    """Per step of every demo: its grid, action, mission words and where its episode ends."""
     ep = np.repeat(np.arange(len(d["lengths"])), d["lengths"])
-    words = np.array([tokenize(str(m), mission_len) for m in d["missions"]], np.int64).reshape(-1, mission_len)
-    arrays = {"images": d["images"], "actions": d["actions"], "end": np.cumsum(d["lengths"])[ep], "words": words[ep]}
+    words = [tokenize(str(m), mission_len) for m in d["missions"]]
+    words = np.array(words, np.int64).reshape(-1, mission_len)
+    end = np.cumsum(d["lengths"])[ep]
+    arrays = {"images": d["images"], "actions": d["actions"], "end": end, "words": words[ep]}
     return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}
 
 
 def sample_batch(data: dict, batch_size: int, H: int, gen: torch.Generator):
-    """Plans of H actions from uniformly drawn steps; past the episode's end a plan holds PAD tokens (inputs saying
-    that the mission is done, never targets), as in the paper's code."""
+    """Plans of H actions from uniformly drawn steps; past the episode's end a plan holds PAD
+    tokens (inputs saying that the mission is done, never targets), as in the paper's code."""
     n = len(data["actions"])
     idx = torch.randint(n, (batch_size,), generator=gen, device=gen.device)
     steps = idx[:, None] + torch.arange(H, device=idx.device)
@@ -292,14 +337,16 @@ def sample_batch(data: dict, batch_size: int, H: int, gen: torch.Generator):
     return data["images"][idx].long(), data["words"][idx], plan, valid
 
 
-# --- Model: a bidirectional encoder over [start observation, mission words, a_1..a_H]; logits per plan token. ---
+# --- Model: a bidirectional encoder over [start observation, mission words, a_1..a_H]; logits per
+# plan token.
 
 
 def egocentric(images: torch.Tensor) -> torch.Tensor:
-    """(B, W, H, 3) fully observed grids -> (B, S, S, 3), S = 2 max(W, H) - 1, re-centred on the agent and turned
-    so that it faces up (row 0 = farthest ahead); cells off the grid are 0 ('unseen'). Our choice: the paper feeds
-    the absolute image plus the agent's and the goal's positions (the goal from the bot, privileged); invariance to
-    translation and rotation lets a small model learn from few demos, without the goal."""
+    """(B, W, H, 3) fully observed grids -> (B, S, S, 3), S = 2 max(W, H) - 1, re-centred on the
+    agent and turned so that it faces up (row 0 = farthest ahead); cells off the grid are 0
+    ('unseen'). Our choice: the paper feeds the absolute image plus the agent's and the goal's
+    positions (the goal from the bot, privileged); invariance to translation and rotation lets a
+    small model learn from few demos, without the goal."""
     B, W, H, _ = images.shape
     R, b = max(W, H) - 1, torch.arange(B, device=images.device)
     where = (images[..., 0] == AGENT).flatten(1).float().argmax(1)
@@ -310,54 +357,72 @@ def egocentric(images: torch.Tensor) -> torch.Tensor:
     dx, dy = (d == 0).long() - (d == 2).long(), (d == 1).long() - (d == 3).long()
     dx, dy, ax, ay = dx[:, None, None], dy[:, None, None], ax[:, None, None], ay[:, None, None]
     off = torch.arange(-R, R + 1, device=images.device)
-    ahead, right = -off[None, :, None], off[None, None, :]  # row r is R - r cells ahead, column c is c - R right
-    x, y = ax + ahead * dx - right * dy, ay + ahead * dy + right * dx  # minigrid's right_vec is (-dy, dx)
+    # row r is R - r cells ahead, column c is c - R right
+    ahead, right = -off[None, :, None], off[None, None, :]
+    # minigrid's right_vec is (-dy, dx)
+    x, y = ax + ahead * dx - right * dy, ay + ahead * dy + right * dx
     inside = (x >= 0) & (x < W) & (y >= 0) & (y < H)
     return images[b[:, None, None], x.clamp(0, W - 1), y.clamp(0, H - 1)] * inside[..., None]
 
 
 class EncoderBlock(nn.Module):
-    """Pre-LayerNorm block with GELU, as the minGPT block of the paper's code, without its causal mask."""
+    """Pre-LayerNorm block with GELU, as the minGPT block of the paper's code, without its causal
+    mask."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
-        self.ln1, self.ln2, self.drop = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd), nn.Dropout(dropout)
+        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.drop = nn.Dropout(dropout)
         self.attn = nn.MultiheadAttention(n_embd, n_head, dropout=dropout, batch_first=True)
-        mlp = (nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
-        self.mlp = nn.Sequential(*mlp)
+        mlp = (nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+        self.mlp = nn.Sequential(*mlp, nn.Dropout(dropout))
 
     def forward(self, x, hidden_keys, return_attn=False):
         h = self.ln1(x)
-        y, att = self.attn(h, h, h, key_padding_mask=hidden_keys, need_weights=return_attn, average_attn_weights=False)
+        weights = dict(need_weights=return_attn, average_attn_weights=False)  # per head
+        y, att = self.attn(h, h, h, key_padding_mask=hidden_keys, **weights)
         x = x + self.drop(y)
         return x + self.mlp(self.ln2(x)), att
 
 
-class IEM(nn.Module):
+class MaskedPlanModel(nn.Module):
+    """The masked model over plans (BERT-like, blog §5.c): each plan position's logits over the 7
+    actions given the start observation, the mission and the rest of the plan. The paper's energy
+    and its planner are built from it (energy, plan_actions)."""
+
     def __init__(self, grid, mission_len, horizon, n_layer, n_head, n_embd, dropout):
         super().__init__()
+        self.horizon, self.mission_len = horizon, mission_len
         S = 2 * max(grid) - 1
-        self.cells = nn.ModuleList(nn.Embedding(n, 16) for n in (11, 6, 4))  # minigrid's object, colour, state codes
-        convs = (nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU())
-        self.conv = nn.Sequential(*convs, nn.Flatten(), nn.Linear(32 * ((S + 1) // 2) ** 2, n_embd))
+        # minigrid's object, colour, state codes
+        self.cells = nn.ModuleList(nn.Embedding(n, 16) for n in (11, 6, 4))
+        convs = (nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+        convs += (nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU())
+        flat = 32 * ((S + 1) // 2) ** 2
+        self.conv = nn.Sequential(*convs, nn.Flatten(), nn.Linear(flat, n_embd))
         self.word = nn.Embedding(len(WORDS) + 2, n_embd)
         self.act = nn.Embedding(N_ACTIONS + 2, n_embd)  # the actions, MASK, PAD
-        self.pos = nn.Parameter(0.02 * torch.randn(1, 1 + mission_len + horizon, n_embd))  # one per sequence slot
+        slots = 1 + mission_len + horizon  # one position embedding per sequence slot
+        self.pos = nn.Parameter(0.02 * torch.randn(1, slots, n_embd))
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(EncoderBlock(n_embd, n_head, dropout) for _ in range(n_layer))
+        blocks = (EncoderBlock(n_embd, n_head, dropout) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(n_embd)
-        self.head = nn.Linear(n_embd, N_ACTIONS)  # never predicts MASK or PAD, like the paper's action head
+        # never predicts MASK or PAD, like the paper's action head
+        self.head = nn.Linear(n_embd, N_ACTIONS)
 
     def forward(self, images, words, plan, copies=1, return_attn=False):
-        """images (B, W, H, 3), words (B, M), plan (B * copies, H) tokens, each context serving `copies` consecutive
-        plans (the masked copies of one plan). Returns logits (B * copies, H, N_ACTIONS) and, with return_attn, per
-        block the attention weights (B * copies, n_head, T, T), T = 1 + M + H: [obs, words, plan]."""
+        """images (B, W, H, 3), words (B, M), plan (B * copies, H) tokens, each context serving
+        `copies` consecutive plans (the masked copies of one plan). Returns logits (B * copies, H,
+        N_ACTIONS) and, with return_attn, per block the attention weights (B * copies, n_head, T,
+        T), T = 1 + M + H: [obs, words, plan]."""
         ego = egocentric(images)
-        obs = self.conv(sum(e(ego[..., i]) for i, e in enumerate(self.cells)).permute(0, 3, 1, 2))
+        cells = sum(e(ego[..., i]) for i, e in enumerate(self.cells))
+        obs = self.conv(cells.permute(0, 3, 1, 2))
         ctx = torch.cat([obs[:, None], self.word(words)], 1).repeat_interleave(copies, 0)
         x = self.drop(torch.cat([ctx, self.act(plan)], 1) + self.pos)
-        # Bidirectional (blog §5.c): no causal mask; every token sees every real token, earlier and later plan steps
-        # alike. Only padded mission words are hidden.
+        # Bidirectional (blog §5.c): no causal mask; every token sees every real token, earlier
+        # and later plan steps alike. Only padded mission words are hidden.
         hidden = F.pad(words == 0, (1, plan.shape[1])).repeat_interleave(copies, 0)
         attns = []
         for block in self.blocks:
@@ -366,13 +431,18 @@ class IEM(nn.Module):
         return self.head(self.ln_f(x[:, -plan.shape[1] :])), attns
 
 
+# --- Loss and update: the masked language model's, on masked copies of demonstration plans.
+
+
 def single_masks(plan: torch.Tensor, all_masked: bool = False):
-    """Masked copies of each plan: copy j hides action j (one token at a time, the paper's masking, whose NLLs are
-    the energy's terms), plus a fully masked copy if asked. Returns (copies (B*C, H), hidden (B*C, H), C)."""
+    """Masked copies of each plan: copy j hides action j (one token at a time, the paper's masking,
+    whose NLLs are the energy's terms), plus a fully masked copy if asked. Returns (copies (B*C,
+    H), hidden (B*C, H), C)."""
     B, H = plan.shape
     hide = torch.eye(H, dtype=torch.bool, device=plan.device)
     hide = torch.cat([hide, torch.ones_like(hide[:1])]) if all_masked else hide
-    return plan.repeat_interleave(len(hide), 0).masked_fill(hide.repeat(B, 1), MASK), hide.repeat(B, 1), len(hide)
+    copies = plan.repeat_interleave(len(hide), 0).masked_fill(hide.repeat(B, 1), MASK)
+    return copies, hide.repeat(B, 1), len(hide)
 
 
 def masked_loss(model, images, words, plan, valid, all_masked):
@@ -386,47 +456,96 @@ def masked_loss(model, images, words, plan, valid, all_masked):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
 
-# --- Planning: iterative energy minimization (the paper's §3, blog §5.c). ---
+def make_optimizer(model, lr: float, updates: int):
+    """The paper's code's optimizer: AdamW (0.9, 0.95), weight decay 0.1 on weight matrices only.
+    The rate warms up linearly over 5% of the updates, then decays on a cosine to 10% at the last
+    update. The paper's code (minGPT's rule) counts tokens instead: at its budget its warmup and
+    decay end after about 16 and 47 updates, and its cosine, not clamped past the end, then swings
+    back up; ours spans the run."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    warmup = max(1, updates // 20)
+
+    def lr_factor(step):
+        cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, updates - warmup)))
+        return min((step + 1) / warmup, max(0.1, cosine))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+
+def update(model, opt, batch, all_masked: bool, autocast) -> tuple[dict, torch.Tensor]:
+    """One gradient step of the masked model on a batch of plans, the gradient norm clipped at 1
+    (the paper's code). Returns the loss and the norm before clipping, as tensors: reading them
+    would wait for the device."""
+    images, words, plan, valid = batch
+    with autocast:
+        loss = masked_loss(model, images, words, plan, valid, all_masked)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return {"masked": loss.detach()}, grad_norm
+
+
+# --- Planning: iterative energy minimization (the paper's §3, blog §5.c).
+
+
+@dataclass(frozen=True)
+class Planning:
+    """How a plan is made (--iterations, --resample, --temperature, --accept) and how much of it
+    is executed before the next (--replan-every; None: all H actions)."""
+
+    iterations: int
+    resample: int = 1
+    temperature: float = 0.0
+    accept: str = "all"
+    replan_every: Optional[int] = None
 
 
 @torch.no_grad()
 def energy(model, images, words, plan) -> torch.Tensor:
-    """E(tau) = sum_t -log p(a_t | s_0, mission, tau without a_t): the negative pseudo-log-likelihood of the masked
-    model, the paper's trajectory energy; one batched forward over the H single-masked copies. Returns (B,)."""
+    """E(tau) = sum_t -log p(a_t | s_0, mission, tau without a_t): the negative
+    pseudo-log-likelihood of the masked model, the paper's trajectory energy; one batched forward
+    over the H single-masked copies. Returns (B,)."""
     B, H = plan.shape
     copies, _, _ = single_masks(plan)
-    logits = model(images, words, copies, copies=H)[0].view(B, H, H, -1)  # (plan, copy, position)
+    # (plan, copy, position)
+    logits = model(images, words, copies, copies=H)[0].view(B, H, H, -1)
     own = logits.diagonal(dim1=1, dim2=2).transpose(1, 2)  # copy j's logits at the action it hides
     nll = -own.float().log_softmax(-1).gather(2, plan[..., None])
     return nll.view(B, H).sum(1)
 
 
 @torch.no_grad()
-def plan_actions(model, images, words, args, H: int, gen: torch.Generator, refine=True, trace=True):
+def plan_actions(model, images, words, H: int, planning: Planning, gen, refine=True, trace=True):
     """The all-masked plan filled in one forward (argmax: the first iteration of LEAP's code, and
-    alone the BC baseline); then `args.iterations` times mask `args.resample` random positions,
-    resample them from the model at `args.temperature` (0: argmax), and keep the candidate always
-    (`--accept all`, LEAP's code) or only if its energy did not rise (`lower`). Returns the plans
-    (B, H) and, with `trace`, the energy after every iteration (B, iterations + 1), else None. The
-    energy costs H forwards per iteration, which `--accept all` needs only for the trace."""
+    alone the BC baseline); then `planning.iterations` times mask `planning.resample` random
+    positions, resample them from the model at `planning.temperature` (0: argmax), and keep the
+    candidate always (`--accept all`, LEAP's code) or only if its energy did not rise (`lower`).
+    Returns the plans (B, H) and, with `trace`, the energy after every iteration (B, iterations +
+    1), else None. The energy costs H forwards per iteration, which `--accept all` needs only for
+    the trace."""
     B = len(images)
     plan = model(images, words, torch.full((B, H), MASK, device=images.device))[0].argmax(-1)
     if not refine:
         return plan, None
-    needs_energy = trace or args.accept == "lower"
+    needs_energy = trace or planning.accept == "lower"
     E = energy(model, images, words, plan) if needs_energy else None
     energies = [E]
-    for _ in range(args.iterations):
-        pos = torch.rand(B, H, generator=gen, device=gen.device).argsort(1)[:, : args.resample]
+    for _ in range(planning.iterations):
+        order = torch.rand(B, H, generator=gen, device=gen.device).argsort(1)
+        pos = order[:, : planning.resample]
         hide = torch.zeros_like(plan, dtype=torch.bool).scatter(1, pos.to(plan.device), True)
         logits = model(images, words, plan.masked_fill(hide, MASK))[0].float()
-        if args.temperature > 0:
-            probs = (logits / args.temperature).softmax(-1).view(-1, N_ACTIONS).to(gen.device)
+        if planning.temperature > 0:
+            probs = (logits / planning.temperature).softmax(-1).view(-1, N_ACTIONS).to(gen.device)
             new = torch.multinomial(probs, 1, generator=gen).view(B, H).to(plan.device)
         else:
             new = logits.argmax(-1)
         cand = torch.where(hide, new, plan)
-        if args.accept == "all":
+        if planning.accept == "all":
             plan, E = cand, energy(model, images, words, cand) if needs_energy else None
         else:
             E_cand = energy(model, images, words, cand)
@@ -436,37 +555,47 @@ def plan_actions(model, images, words, args, H: int, gen: torch.Generator, refin
     return plan, torch.stack(energies, 1) if trace else None
 
 
-def timed_plans(model, images, words, args, H: int, gen: torch.Generator, refine: bool):
+def timed_plans(model, images, words, H: int, planning: Planning, gen, refine: bool):
     """The plans (lists) and their energy trace, and the seconds they took with the trace and
     without it. Under `--accept all` the energy serves the trace only: the same plans are made first
     without it, from the same random state, and timed apart. Under `--accept lower` the rule needs
     the energy anyway."""
     untraced = None
-    if refine and args.accept == "all":
+    if refine and planning.accept == "all":
         state, t0 = gen.get_state(), time.perf_counter()
-        bare, _ = plan_actions(model, images, words, args, H, gen, refine, trace=False)
+        bare, _ = plan_actions(model, images, words, H, planning, gen, refine, trace=False)
         bare.tolist()  # waits for the device
         untraced = time.perf_counter() - t0
         gen.set_state(state)
     t0 = time.perf_counter()
-    plan, energies = plan_actions(model, images, words, args, H, gen, refine)
+    plan, energies = plan_actions(model, images, words, H, planning, gen, refine)
     plans = plan.tolist()
     traced = time.perf_counter() - t0
     return plans, energies, traced, traced if untraced is None else untraced
 
 
-# --- Evaluation: all episodes at once; every env whose plan is used up gets a new one in a shared batch. ---
+# --- Evaluation: all episodes at once; every env whose plan is used up gets a new one in a shared
+# batch.
+
+
+def start_states(obs: list, M: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The planner's inputs from observations: grids (B, W, H, 3) and mission word ids (B, M)."""
+    images = torch.as_tensor(np.stack([o["image"] for o in obs]), device=device).long()
+    words = [tokenize(o["mission"], M) for o in obs]
+    return images, torch.tensor(words, device=device).view(len(obs), M)
 
 
 @torch.no_grad()
-def evaluate(model, args: Args, arch: dict, device, refine: bool, seed: int) -> dict:
-    """IEM (refine) or BC on `args.eval_episodes` episodes of their own seeds, planned in batches
-    with their own random generator: the training's random streams are left as they were."""
-    n, H, M = args.eval_episodes, arch["horizon"], arch["mission_len"]
-    envs = [make_env(args.env) for _ in range(n)]
+def evaluate(model, level: str, episodes: int, planning: Planning, refine: bool, seed: int) -> dict:
+    """IEM (refine) or BC on `episodes` episodes of `level` with their own seeds, planned in
+    batches with their own random generator: the training's random streams are left as they
+    were."""
+    n, H, device = episodes, model.horizon, next(model.parameters()).device
+    envs = [make_env(level) for _ in range(n)]
     obs = [reset(env, EVAL_SEED_BASE + 1000 * seed + i) for i, env in enumerate(envs)]
     gen = torch.Generator(device=device).manual_seed(seed)
-    returns, lengths, queue, alive = np.zeros(n), np.zeros(n, dtype=int), [[] for _ in range(n)], set(range(n))
+    returns, lengths = np.zeros(n), np.zeros(n, dtype=int)
+    queue, alive = [[] for _ in range(n)], set(range(n))  # each env's actions left to execute
     traces, seconds, untraced_seconds, calls, planned = [], 0.0, 0.0, 0, 0
     was_training = model.training
     model.eval()
@@ -476,13 +605,12 @@ def evaluate(model, args: Args, arch: dict, device, refine: bool, seed: int) -> 
     while alive:
         if need := sorted(i for i in alive if not queue[i]):
             t0 = time.perf_counter()
-            images = torch.as_tensor(np.stack([obs[i]["image"] for i in need]), device=device).long()
-            words = [tokenize(obs[i]["mission"], M) for i in need]
-            words = torch.tensor(words, device=device).view(len(need), M)
+            images, words = start_states([obs[i] for i in need], model.mission_len, device)
             inputs = time.perf_counter() - t0
-            plans, trace, traced, untraced = timed_plans(model, images, words, args, H, gen, refine)
+            timed = timed_plans(model, images, words, H, planning, gen, refine)
+            plans, trace, traced, untraced = timed
             for i, p in zip(need, plans):
-                queue[i] = p[: args.replan_every or H]
+                queue[i] = p[: planning.replan_every or H]
             seconds += inputs + traced
             untraced_seconds += inputs + untraced
             calls, planned = calls + 1, planned + len(need)
@@ -496,17 +624,83 @@ def evaluate(model, args: Args, arch: dict, device, refine: bool, seed: int) -> 
         bar.set_postfix(env_steps=int(lengths.sum()), planning_steps=planned, refresh=False)
     bar.close()
     model.train(was_training)
+    timing = {"calls": calls, "planned": planned, "s": seconds, "untraced_s": untraced_seconds}
+    return evaluation_summary(returns, lengths, traces, timing)
+
+
+def evaluation_summary(returns, lengths, traces: list, timing: dict) -> dict:
+    """Success rate and returns of the episodes, the planning cost per env step, and the mean
+    energy after each refinement iteration."""
     success = returns > 0  # BabyAI rewards success only: 1 - 0.9 * steps / max_steps
     out = {"success_rate": float(success.mean()), "return_mean": float(returns.mean())}
-    out |= {"planning_calls": calls, "plans": planned}
+    out |= {"planning_calls": timing["calls"], "plans": timing["planned"]}
     out |= {"returns": returns.tolist(), "lengths": lengths.tolist()}
     steps = lengths.sum()
-    out |= {"planning_s_per_step": seconds / steps}
-    out |= {"planning_s_per_step_untraced": untraced_seconds / steps}
-    return out | {"energy_per_iteration": torch.cat(traces).mean(0).tolist() if traces else None}
+    out |= {"planning_s_per_step": timing["s"] / steps}
+    out |= {"planning_s_per_step_untraced": timing["untraced_s"] / steps}
+    curve = torch.cat(traces).mean(0).tolist() if traces else None
+    return out | {"energy_per_iteration": curve}
 
 
-# --- Training ---
+# --- Training: the paper's code's loop, then IEM and BC planned on the same evaluation episodes.
+
+
+def train(args: Args) -> dict:
+    """Updates of the masked model on batches of demonstration plans, then IEM (refined plans)
+    against BC (the first fill alone) on the same evaluation episodes. A stop signal lets the update
+    in progress finish, saves, and exits with the command that continues the run."""
+    t_start = time.time()
+    args, device, threads = start(args)
+    ckpt, resume, demos, source, arch = load_run(args, device)
+    data = make_dataset(demos, arch["mission_len"], device) if demos is not None else None
+    run_dir, config = open_run(args, arch, ckpt, resume, demos, source, device, threads)
+    model = MaskedPlanModel(**arch).to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    bf16 = args.bf16 and bf16_native(device)
+    # training only: planning stays fp32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    print_banner(run_dir, config, model, arch, device)
+    opt, sched = make_optimizer(model, args.lr, args.updates)
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # the batch sampler's stream
+    done, parent, clock = progress(run_dir, ckpt, resume, opt, sched, gen)
+    saving = (run_dir, model, arch, args, opt, sched, gen, clock, t_start, parent)
+    save = functools.partial(save_run, *saving)
+    saved = done if resume else None  # the updates model.pt holds
+    H, metrics = arch["horizon"], run_dir / "metrics.jsonl"
+    bar = train_bar(done, args.updates)
+    old_handlers = catch_stop_signals()
+    try:
+        for step in bar:
+            with signals_deferred():  # a stop signal waits for the update and its log line
+                t0 = time.time()
+                batch = sample_batch(data, args.batch_size, H, gen)
+                lr = sched.get_last_lr()[0]  # the rate this update uses
+                losses, grad_norm = update(model, opt, batch, args.train_all_masked, autocast)
+                sched.step()
+                done = step + 1
+                if step % args.log_every == 0 or done == args.updates:  # .item() waits for the GPU
+                    log_losses(metrics, step, losses, grad_norm, lr, bar)
+                clock["train_time_s"] += time.time() - t0
+            if save_due(done, args.updates, eval_every=0, save_every=args.save_every):
+                saved = save(done)
+        bar.close()
+        planning, n = planning_of(args), args.eval_episodes
+        iem = evaluate(model, args.env, n, planning, refine=True, seed=args.seed)
+        bc = evaluate(model, args.env, n, planning, refine=False, seed=args.seed)
+    except KeyboardInterrupt as stop:
+        bar.close()
+        if args.updates and saved != done:  # stopped in training: keep what it has learnt
+            save(done)
+        raise SystemExit(stopped(str(stop) or "Ctrl-C", args, parent + done, run_dir)) from None
+    finally:
+        restore_signals(old_handlers)
+    timing = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": bf16}
+    timing["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
+    return report(config, iem, bc, done, parent + done, run_dir, timing)
+
+
+# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------------
 
 
 def check_flags(args, positive: str, non_negative: str) -> None:
@@ -779,45 +973,24 @@ def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
     return config
 
 
-def make_optimizer(model, args):
-    """The paper's code's optimizer: AdamW (0.9, 0.95), weight decay 0.1 on weight matrices only.
-    The rate warms up linearly over 5% of the updates, then decays on a cosine to 10% at the last
-    update. The paper's code (minGPT's rule) counts tokens instead: at its budget its warmup and
-    decay end after about 16 and 47 updates, and its cosine, not clamped past the end, then swings
-    back up; ours spans the run."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
-    warmup = max(1, args.updates // 20)
-
-    def lr_factor(step):
-        cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.updates - warmup)))
-        return min((step + 1) / warmup, max(0.1, cosine))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+# The run flags' handling for iem.py: from flags to the method's settings, the run's folder,
+# checkpoints and report.
 
 
-def update(model, opt, batch, all_masked: bool, autocast) -> tuple[dict, torch.Tensor]:
-    """One gradient step of the masked model on a batch of plans, the gradient norm clipped at 1
-    (the paper's code). Returns the loss and the norm before clipping, as tensors: reading them
-    would wait for the device."""
-    images, words, plan, valid = batch
-    with autocast:
-        loss = masked_loss(model, images, words, plan, valid, all_masked)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return {"masked": loss.detach()}, grad_norm
+def planning_of(args: Args) -> Planning:
+    """The planner's settings among the flags."""
+    names = [f.name for f in dataclasses.fields(Planning)]
+    return Planning(**{k: getattr(args, k) for k in names})
 
 
-def make_checkpoint(model, arch, args, level: str, total: int, state: dict) -> dict:
-    """model.pt: the weights with what planning with them needs (architecture, level), and the
-    training state that --resume continues from."""
-    parts = {"method": METHOD, "arch": arch, "env": level, "env_args": env_args(level)}
-    parts["args"] = asdict(args)
-    return {"model": model.state_dict(), **parts, "trained_updates": total, "resume": state}
+def start(args: Args) -> tuple[Args, torch.device, int]:
+    """--resume's own flags, then threads, seeds and the device."""
+    if args.resume is not None and args.checkpoint is not None:
+        why = "continues a run with its own model.pt; leave out --checkpoint"
+        raise SystemExit(f"error: --resume {args.resume} {why}.")
+    args = resumed_args(Args, args)
+    device, threads = setup(args)
+    return args, device, threads
 
 
 def load_run(args: Args, device) -> tuple:
@@ -837,7 +1010,9 @@ def load_run(args: Args, device) -> tuple:
     if ckpt is not None and built_with != env_args(level):
         built = f"learnt {level} built with {built_with}, not LEAP's {env_args(level)}"
         raise SystemExit(f"error: --checkpoint {args.checkpoint} {built}; train a new model.")
-    demos, source = load_demos(args) if args.updates else (None, None)
+    demos, source = None, None
+    if args.updates:
+        demos, source = load_demos(args.env, args.dataset, args.data_dir, args.collect)
     if ckpt is not None:
         arch = ckpt["arch"]
     else:
@@ -850,46 +1025,70 @@ def load_run(args: Args, device) -> tuple:
     return ckpt, (ckpt["resume"] if args.resume else None), demos, source, arch
 
 
-def run_updates(model, arch, data, args, autocast, parent, resume, run_dir, clock, t_start) -> int:
-    """Training: sample a batch of plans, one update of the masked model, log, save when due. A stop
-    signal lets the update in progress finish, saves, and exits with the command that continues the
-    run. `parent`: the updates of the checkpoint it started from. Returns the updates done."""
-    metrics, device, H = run_dir / "metrics.jsonl", next(model.parameters()).device, arch["horizon"]
+def open_run(args: Args, arch: dict, ckpt, resume, demos, source, device, threads) -> tuple:
+    """The run folder (--resume's own), its config.json and the W&B run of --track."""
+    level = env_id(args.env)
+    run_dir = Path(args.resume) if args.resume else make_run_dir(args, {"name": level})
+    config = {"method": METHOD, "args": asdict(args), "arch": arch, "env": level}
+    config["env_args"] = env_args(level)
+    config["dataset"] = source
+    config |= {"demos": len(demos["lengths"]) if demos else 0, "device": str(device)}
+    config |= {"threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
+    # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
+    trained_with = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
+    config["trained_with"] = trained_with
+    config = record_config(run_dir, config, resume)
+    start_tracking(args, config, run_dir)
+    return run_dir, config
+
+
+def print_banner(run_dir: Path, config: dict, model, arch: dict, device) -> None:
+    n_params = sum(p.numel() for p in model.parameters())
+    sizes = f"{config['demos']} demos, {n_params} parameters, H={arch['horizon']}"
+    print(f"run {run_dir.name}: {sizes}, device {device}")
+
+
+def progress(run_dir: Path, ckpt, resume, opt, sched, gen) -> tuple[int, int, dict]:
+    """Where training starts: the updates done (a resumed run's), those of the checkpoint it started
+    from (`parent`), and the time spent; a resumed run gets its training state and metrics back."""
     done = resume["updates_done"] if resume else 0
-    opt, sched = make_optimizer(model, args)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    parent = ckpt.get("trained_updates", 0) - done if ckpt is not None else 0
+    clock = dict(resume["clock"]) if resume else {"train_time_s": 0.0, "wall_time_s": 0.0}
     if resume:
         restore_training_state(resume, opt, sched, gen)
-        trim_metrics(metrics, resume["metrics_lines"])
+        trim_metrics(run_dir / "metrics.jsonl", resume["metrics_lines"])
+    return done, parent, clock
 
-    def save(n: int) -> None:
-        wall = {"wall_time_s": clock["wall_time_s"] + time.time() - t_start}
-        state = training_state(n, opt, sched, gen, clock | wall, metrics)
-        ckpt = make_checkpoint(model, arch, args, env_id(args.env), parent + n, state)
-        save_atomic(ckpt, run_dir / "model.pt")
 
-    steps = range(done, args.updates)
-    bar = tqdm(steps, "train", args.updates, initial=done, dynamic_ncols=True, mininterval=1)
-    try:
-        for step in bar:
-            with signals_deferred():  # a stop signal waits for the update and its log line
-                t0 = time.time()
-                batch = sample_batch(data, args.batch_size, H, gen)
-                lr = sched.get_last_lr()[0]  # the rate this update uses
-                losses, grad_norm = update(model, opt, batch, args.train_all_masked, autocast)
-                sched.step()
-                done = step + 1
-                if step % args.log_every == 0 or done == args.updates:  # .item() waits for the GPU
-                    log_losses(metrics, step, losses, grad_norm, lr, bar)
-                clock["train_time_s"] += time.time() - t0
-            if save_due(done, args.updates, 0, args.save_every):
-                save(done)
-    except KeyboardInterrupt as stop:
-        bar.close()
-        save(done)
-        raise SystemExit(stop_message(str(stop) or "Ctrl-C", parent + done, run_dir)) from None
-    bar.close()
-    return done
+def train_bar(done: int, updates: int):
+    """The training progress bar over the updates left (none when the run only evaluates)."""
+    bar = dict(initial=done, dynamic_ncols=True, mininterval=1, disable=not updates)
+    return tqdm(range(done, updates), "train", updates, **bar)
+
+
+def make_checkpoint(model, arch, args, level: str, total: int, state: dict) -> dict:
+    """model.pt: the weights with what planning with them needs (architecture, level), and the
+    training state that --resume continues from."""
+    parts = {"method": METHOD, "arch": arch, "env": level, "env_args": env_args(level)}
+    parts["args"] = asdict(args)
+    return {"model": model.state_dict(), **parts, "trained_updates": total, "resume": state}
+
+
+def save_run(run_dir, model, arch, args, opt, sched, gen, clock, t_start, parent, n: int) -> int:
+    """model.pt after `n` updates here (`parent` before), resumable; returns n."""
+    wall = {"wall_time_s": clock["wall_time_s"] + time.time() - t_start}
+    state = training_state(n, opt, sched, gen, clock | wall, run_dir / "metrics.jsonl")
+    ckpt = make_checkpoint(model, arch, args, env_id(args.env), parent + n, state)
+    save_atomic(ckpt, run_dir / "model.pt")
+    return n
+
+
+def stopped(why: str, args: Args, total: int, run_dir: Path) -> str:
+    """What a stopped run says: a training run the command that continues it (its model.pt holds
+    `total` updates), an evaluation where its folder is."""
+    if args.updates:
+        return stop_message(why, total, run_dir)
+    return f"interrupted ({why}) during the evaluation; {run_dir} keeps what it logged."
 
 
 def report(config: dict, iem: dict, bc: dict, done: int, total: int, run_dir, timing: dict) -> dict:
@@ -912,62 +1111,6 @@ def report(config: dict, iem: dict, bc: dict, done: int, total: int, run_dir, ti
     print(f"{episodes}: {success} ({returns}); {energy}; {cost}")
     print(f"results: {run_dir / 'results.json'}")
     return results
-
-
-def train(args: Args) -> dict:
-    t_start = time.time()
-    if args.resume is not None and args.checkpoint is not None:
-        why = "continues a run with its own model.pt; leave out --checkpoint"
-        raise SystemExit(f"error: --resume {args.resume} {why}.")
-    args = resumed_args(Args, args)
-    device, threads = setup(args)
-    ckpt, resume, demos, source, arch = load_run(args, device)
-    data = make_dataset(demos, arch["mission_len"], device) if demos is not None else None
-    level = env_id(args.env)
-    run_dir = Path(args.resume) if args.resume else make_run_dir(args, {"name": level})
-    config = {"method": METHOD, "args": asdict(args), "arch": arch, "env": level}
-    config["env_args"] = env_args(level)
-    config["dataset"] = source
-    config |= {"demos": len(demos["lengths"]) if demos else 0, "device": str(device)}
-    config |= {"threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
-    # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
-    config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
-    config = record_config(run_dir, config, resume)
-    start_tracking(args, config, run_dir)
-
-    model = IEM(**arch).to(device)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    bf16 = args.bf16 and bf16_native(device)
-    # training only: planning stays fp32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    n_params = sum(p.numel() for p in model.parameters())
-    H = arch["horizon"]
-    sizes = f"{config['demos']} demos, {n_params} parameters, H={H}"
-    print(f"run {run_dir.name}: {sizes}, device {device}")
-
-    done = resume["updates_done"] if resume else 0
-    # the updates of the model it started from (a --checkpoint's)
-    parent = ckpt.get("trained_updates", 0) - done if ckpt is not None else 0
-    clock = dict(resume["clock"]) if resume else {"train_time_s": 0.0, "wall_time_s": 0.0}
-    old_handlers = catch_stop_signals()
-    try:
-        if args.updates:
-            progress = (parent, resume, run_dir, clock, t_start)
-            done = run_updates(model, arch, data, args, autocast, *progress)
-        iem = evaluate(model, args, arch, device, refine=True, seed=args.seed)
-        bc = evaluate(model, args, arch, device, refine=False, seed=args.seed)
-    except KeyboardInterrupt as stop:  # outside an update: before the first, or in the evaluation
-        why = str(stop) or "Ctrl-C"
-        if args.updates and (run_dir / "model.pt").exists():  # it holds the `done` updates
-            raise SystemExit(stop_message(why, parent + done, run_dir)) from None
-        when = "before the first update" if args.updates else "during the evaluation"
-        raise SystemExit(f"interrupted ({why}) {when}; {run_dir} keeps what it logged.") from None
-    finally:
-        restore_signals(old_handlers)
-    timing = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": bf16}
-    timing["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
-    return report(config, iem, bc, done, parent + done, run_dir, timing)
 
 
 if __name__ == "__main__":

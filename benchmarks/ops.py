@@ -266,7 +266,8 @@ def iem_optimizer(mod, model, args):
     """iem.train()'s optimizer, built inline there: AdamW (0.9, 0.95), decay 0.1 on weight matrices.
     The file's own make_optimizer is used once it has one."""
     if hasattr(mod, "make_optimizer"):
-        return optimizer_of(call(mod.make_optimizer, model=model, args=args))
+        made = call(mod.make_optimizer, model=model, args=args, lr=args.lr, updates=args.updates)
+        return optimizer_of(made)
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
@@ -284,7 +285,8 @@ def iem_update(config: str) -> Harness:
     grid = list(demos["images"].shape[1:3])
     arch = {k: getattr(args, k) for k in mod.ARCH} | {"grid": grid, "mission_len": mission_len}
     data = mod.make_dataset(demos, mission_len, torch.device("cpu"))
-    model = mod.IEM(**arch)
+    model = getattr(mod, "MaskedPlanModel", None) or mod.IEM  # named IEM before issue 29
+    model = model(**arch)
     opt = iem_optimizer(mod, model, args)
     gen, autocast = torch.Generator().manual_seed(0), torch.autocast("cpu", enabled=False)
     pool = dict(model=model, opt=opt, all_masked=args.train_all_masked, autocast=autocast)

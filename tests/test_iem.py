@@ -1,5 +1,6 @@
 """iem.py: bot data, masking, the energy and its minimisation, flags, runs end to end. Tiny models, no network."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def demos_path(tmp_path_factory):
 
 def tiny_model(horizon=4, mission_len=5):
     torch.manual_seed(0)
-    return iem.IEM(
+    return iem.MaskedPlanModel(
         grid=(7, 7), mission_len=mission_len, horizon=horizon, n_layer=2, n_head=2, n_embd=16, dropout=0.0
     ).eval()
 
@@ -169,6 +170,10 @@ def test_a_training_update_never_waits_for_the_device(demos_path):
     assert "aten::embedding" in ran and not ran & SYNCING, ran & SYNCING
 
 
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 class Potts(torch.nn.Module):
     """A hand-made energy: p(plan) ~ exp(sum_t u[t, a_t] + sum_{s<t} J[a_s, a_t]); its single-site conditionals
     are exactly what a masked model would give, so the planner's energy is this model's pseudo-likelihood."""
@@ -190,8 +195,8 @@ class Potts(torch.nn.Module):
 def test_refinement_never_raises_the_energy_on_a_hand_made_model():
     H, B = 5, 64
     model, images, words = Potts(H), torch.zeros(B, 1), torch.zeros(B, 1, dtype=torch.long)
-    args = SimpleNamespace(iterations=25, resample=1, temperature=1.0, accept="lower")
-    plan, trace = iem.plan_actions(model, images, words, args, H, torch.Generator().manual_seed(0))
+    planning = iem.Planning(iterations=25, resample=1, temperature=1.0, accept="lower")
+    plan, trace = iem.plan_actions(model, images, words, H, planning, seeded(0))
     assert trace.shape == (B, 26)
     assert (trace[:, 1:] <= trace[:, :-1]).all()  # each accepted step lowers the energy or leaves it
     assert (trace[:, -1] < trace[:, 0] - 1e-3).float().mean() > 0.5  # and refinement does lower it
@@ -199,12 +204,11 @@ def test_refinement_never_raises_the_energy_on_a_hand_made_model():
         trace[:, -1], iem.energy(model, images, words, plan)
     )  # the recorded energy is the plan's
     # Without the acceptance rule (a plain Gibbs chain) the energy does rise at some steps: the rule is doing work.
-    _, trace_all = iem.plan_actions(
-        model, images, words, args.__class__(**{**vars(args), "accept": "all"}), H, torch.Generator().manual_seed(0)
-    )
+    gibbs = dataclasses.replace(planning, accept="all")
+    _, trace_all = iem.plan_actions(model, images, words, H, gibbs, seeded(0))
     assert (trace_all[:, 1:] > trace_all[:, :-1] + 1e-3).any()
     # BC (no refinement) is the first fill alone: the argmax of every position's unary term.
-    bc, none = iem.plan_actions(model, images, words, args, H, torch.Generator(), refine=False)
+    bc, none = iem.plan_actions(model, images, words, H, planning, torch.Generator(), refine=False)
     assert none is None and (bc == model.u.argmax(-1)).all()
 
 
@@ -216,16 +220,16 @@ def test_default_refinement_is_leaps_code_argmax_of_one_re_masked_action_always_
     assert (defaults.temperature, defaults.accept, defaults.resample) == (0.0, "all", 1)
     H, B = 5, 64
     model, images, words = Potts(H), torch.zeros(B, 1), torch.zeros(B, 1, dtype=torch.long)
-    args = SimpleNamespace(iterations=60, **{k: getattr(defaults, k) for k in ("resample", "temperature", "accept")})
-    first, _ = iem.plan_actions(model, images, words, args, H, torch.Generator(), refine=False)
-    plan, trace = iem.plan_actions(model, images, words, args, H, torch.Generator().manual_seed(0))
+    planning = dataclasses.replace(iem.planning_of(defaults), iterations=60)
+    first, _ = iem.plan_actions(model, images, words, H, planning, torch.Generator(), refine=False)
+    plan, trace = iem.plan_actions(model, images, words, H, planning, seeded(0))
     for j in range(H):
         masked = plan.clone()
         masked[:, j] = iem.MASK
         assert (model(images, words, masked)[0][:, j].argmax(-1) == plan[:, j]).all()
     assert (plan != first).any()  # refinement changed the first fill's plans
     steps = [
-        iem.plan_actions(model, images, words, SimpleNamespace(**{**vars(args), "iterations": n}), H, g)[0]
+        iem.plan_actions(model, images, words, H, dataclasses.replace(planning, iterations=n), g)[0]
         for n, g in ((3, torch.Generator().manual_seed(1)), (4, torch.Generator().manual_seed(1)))
     ]
     assert ((steps[0] != steps[1]).sum(1) <= 1).all()  # one iteration changes at most one action
@@ -239,14 +243,14 @@ def test_leaps_rule_evaluates_the_energy_only_for_its_trace(monkeypatch, tempera
     model, images, words = Potts(H), torch.zeros(B, 1), torch.zeros(B, 1, dtype=torch.long)
     calls, real = [], iem.energy
     monkeypatch.setattr(iem, "energy", lambda *a: calls.append(1) or real(*a))
-    args = SimpleNamespace(iterations=5, resample=1, temperature=temperature, accept="all")
-    traced, trace = iem.plan_actions(model, images, words, args, H, torch.Generator().manual_seed(2))
+    planning = iem.Planning(iterations=5, resample=1, temperature=temperature, accept="all")
+    traced, trace = iem.plan_actions(model, images, words, H, planning, seeded(2))
     assert len(calls) == 6 and trace.shape == (B, 6)
     calls.clear()
-    bare, none = iem.plan_actions(model, images, words, args, H, torch.Generator().manual_seed(2), trace=False)
+    bare, none = iem.plan_actions(model, images, words, H, planning, seeded(2), trace=False)
     assert calls == [] and none is None and torch.equal(bare, traced)
-    lower = SimpleNamespace(**{**vars(args), "accept": "lower"})
-    iem.plan_actions(model, images, words, lower, H, torch.Generator().manual_seed(2), trace=False)
+    lower = dataclasses.replace(planning, accept="lower")
+    iem.plan_actions(model, images, words, H, lower, torch.Generator().manual_seed(2), trace=False)
     assert len(calls) == 6
 
 

@@ -105,12 +105,13 @@ def test_evaluation_leaves_the_training_random_streams_alone(data_dir):
     states (dropout's) are as they were, and it plays the same episodes twice."""
     args = tiny("unused", data_dir, temperature=1.0)  # sampled refinement: the planner does draw numbers
     arch = {k: getattr(args, k) for k in iem.ARCH} | {"grid": [7, 7], "mission_len": 8}
-    model = iem.IEM(**arch)
+    model = iem.MaskedPlanModel(**arch)
     before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
-    first = iem.evaluate(model, args, arch, torch.device("cpu"), refine=True, seed=0)
+    planning = iem.planning_of(args)
+    first = iem.evaluate(model, args.env, args.eval_episodes, planning, refine=True, seed=0)
     after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
     assert before[0] == after[0] and (before[1] == after[1]).all() and torch.equal(before[2], after[2])
-    again = iem.evaluate(model, args, arch, torch.device("cpu"), refine=True, seed=0)
+    again = iem.evaluate(model, args.env, args.eval_episodes, planning, refine=True, seed=0)
     assert again["returns"] == first["returns"] and again["energy_per_iteration"] == first["energy_per_iteration"]
 
 
