@@ -78,3 +78,33 @@ def test_fig_1_1_to_1_3_verdict_on_a_random_init_model(tmp_path, hdf5_path, modu
     assert s["samples"] > 0 and c["samples"] == s["samples"]
     row = attention.later_blocks_verdict(module.__name__, s, c)
     assert row["verdict"] in THREE - {HOLDS}
+
+
+def test_tt_analysis_never_holds_for_random_init_models(tmp_path, hdf5_path):
+    """All nine analyses with a never-trained DT and TT as "ours" (other seeds than their controls): no
+    attention or behaviour claim holds. Claim 8 (compute cost against beam width) is no claim about the
+    weights: a random-init TT costs what a trained one does."""
+    import tt_analysis
+
+    import tt
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hopper-random.hdf5").write_bytes(Path(hdf5_path).read_bytes())
+    args = tt_analysis.Args(env="hopper-random", data_dir=str(data), runs_dir=str(tmp_path / "runs"), dt_updates=1,
+                            tt_updates=1, beam_width=2, horizon=1, eval_episodes=3, eval_max_steps=30,
+                            error_episodes=3, error_steps=8, windows=4, beam_widths=(1, 2), cost_reps=1,
+                            paper_speed=False)  # fmt: skip
+    dev = torch.device("cpu")
+    paths = tt_analysis.dataset_paths(args)
+    pi, dt_train = tt_analysis.get_dt(args, paths, dev)  # one update: only the arch and data facts are used
+    model, tt_c, disc, targs, tt_train = tt_analysis.get_tt(args, paths, dev)
+    ours_tt = attention.random_init(tt.TrajectoryTransformer, *tt_analysis.tt_size({"obs_dim": model.obs_dim,
+                                    "act_dim": model.act_dim}, targs), seed=1)  # fmt: skip
+    m = dict(pi=pi.control(1), pi_c=pi.control(args.control_seed), tt=ours_tt, tt_c=tt_c, disc=disc, targs=targs)
+    episodes, info = tt_analysis.common.load_dataset(args.env, paths)
+    r = tt_analysis.analyse(m, episodes, info, args, dev, {"dt": dt_train, "tt": tt_train}, lambda what: None)
+    claims = tt_analysis.make_claims(r, args, "local file")
+    assert len(claims) == 10 and {c["verdict"] for c in claims} <= THREE
+    held = [c["analysis"] for c in claims if c["verdict"] == HOLDS and c["analysis"] != 8]
+    assert not held, [c for c in claims if c["analysis"] in held]
