@@ -183,45 +183,7 @@ class Args:
     """log the training loss every N updates"""
 
     def __post_init__(self):
-        if self.track and importlib.util.find_spec("wandb") is None:
-            fix = 'pip install -e ".[track]" (or leave out --track)'
-            raise SystemExit(f"error: --track needs wandb: {fix}.")
-        if self.resume is not None:  # the other flags are the run's own (resumed_args)
-            check_flags(self, "", "threads")
-            return
-        if self.env is None:  # the checkpoint's level (train() checks it again), else the default
-            with contextlib.suppress(Exception):
-                ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-                self.env = ckpt["env"]
-            self.env = self.env or DEFAULT_ENV
-        if env_id(self.env) not in gym.registry:
-            levels = ", ".join(PAPER_LEVELS)
-            why = f"not a BabyAI level of minigrid; e.g. {levels}"
-            raise SystemExit(f"error: --env {self.env}: {why}.")
-        h, it = PAPER_LEVELS.get(env_id(self.env)[7:-3], (5, 9))
-        for k, v in {**PRESETS[self.preset], "horizon": h, "iterations": it}.items():
-            if getattr(self, k) is None:
-                # during construction: the preset's or level's value for a flag left unset
-                setattr(self, k, v)
-        positive = "horizon resample collect n_layer n_head n_embd batch_size lr eval_episodes"
-        non_negative = "seed iterations temperature updates threads save_every"
-        check_flags(self, positive + " log_every", non_negative)
-        H, rp, heads = self.horizon, self.replan_every, self.n_head
-        bad_replan = rp is not None and not 1 <= rp <= H
-        trains_nothing = self.updates == 0 and not self.checkpoint
-        no_file = self.dataset and not Path(self.dataset).is_file()
-        problems = [
-            ("resample", self.resample > H, f"resample at most --horizon {H} tokens"),
-            ("replan-every", bad_replan, f"execute 1..{H} (--horizon) actions"),
-            ("n-embd", self.n_embd % heads, f"must be a multiple of --n-head {heads}"),
-            ("dropout", not 0 <= self.dropout < 1, "must be in [0, 1)"),
-            ("updates", trains_nothing, "trains nothing; add --checkpoint"),
-            ("dataset", no_file, "no such file"),
-        ]
-        for flag, bad, hint in problems:
-            value = getattr(self, flag.replace("-", "_"))
-            if bad:
-                raise SystemExit(f"error: --{flag} {value}: {hint}.")
+        complete_and_check(self)  # the preset's and level's values for unset flags; one-line errors
 
 
 # --- Data: minigrid's BabyAI bot on fully observed grids, cached as .npz; on the device as flat
@@ -975,6 +937,51 @@ def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
 
 # The run flags' handling for iem.py: from flags to the method's settings, the run's folder,
 # checkpoints and report.
+
+
+def complete_and_check(args: Args) -> None:
+    """Args.__post_init__: the flags left unset get the preset's or the level's value (the
+    checkpoint's level without --env); a bad value, or a bad combination, exits with one line
+    naming the flag."""
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fix = 'pip install -e ".[track]" (or leave out --track)'
+        raise SystemExit(f"error: --track needs wandb: {fix}.")
+    if args.resume is not None:  # the other flags are the run's own (resumed_args)
+        check_flags(args, "", "threads")
+        return
+    if args.env is None:  # the checkpoint's level (train() checks it again), else the default
+        with contextlib.suppress(Exception):
+            ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            args.env = ckpt["env"]
+        args.env = args.env or DEFAULT_ENV
+    if env_id(args.env) not in gym.registry:
+        levels = ", ".join(PAPER_LEVELS)
+        why = f"not a BabyAI level of minigrid; e.g. {levels}"
+        raise SystemExit(f"error: --env {args.env}: {why}.")
+    h, it = PAPER_LEVELS.get(env_id(args.env)[7:-3], (5, 9))
+    for k, v in {**PRESETS[args.preset], "horizon": h, "iterations": it}.items():
+        if getattr(args, k) is None:
+            # during construction: the preset's or level's value for a flag left unset
+            setattr(args, k, v)
+    positive = "horizon resample collect n_layer n_head n_embd batch_size lr eval_episodes"
+    non_negative = "seed iterations temperature updates threads save_every"
+    check_flags(args, positive + " log_every", non_negative)
+    H, rp, heads = args.horizon, args.replan_every, args.n_head
+    bad_replan = rp is not None and not 1 <= rp <= H
+    trains_nothing = args.updates == 0 and not args.checkpoint
+    no_file = args.dataset and not Path(args.dataset).is_file()
+    problems = [
+        ("resample", args.resample > H, f"resample at most --horizon {H} tokens"),
+        ("replan-every", bad_replan, f"execute 1..{H} (--horizon) actions"),
+        ("n-embd", args.n_embd % heads, f"must be a multiple of --n-head {heads}"),
+        ("dropout", not 0 <= args.dropout < 1, "must be in [0, 1)"),
+        ("updates", trains_nothing, "trains nothing; add --checkpoint"),
+        ("dataset", no_file, "no such file"),
+    ]
+    for flag, bad, hint in problems:
+        value = getattr(args, flag.replace("-", "_"))
+        if bad:
+            raise SystemExit(f"error: --{flag} {value}: {hint}.")
 
 
 def planning_of(args: Args) -> Planning:
