@@ -1,21 +1,25 @@
-"""Trajectory Transformer (Janner, Li & Levine 2021, "Offline RL as One Big Sequence Modeling Problem"; blog §5.b):
-a GPT over trajectories discretized dimension by dimension, used as world model and policy by beam search.
+"""Trajectory Transformer (Janner, Li & Levine 2021, "Offline RL as One Big Sequence Modeling
+Problem"; blog §5.b): a GPT over trajectories discretized dimension by dimension, used as world
+model and policy by beam search.
 
-    python tt.py --env hopper-medium-replay                       # the TT code's configuration for that dataset
+    python tt.py --env hopper-medium-replay       # the TT code's configuration for that dataset
     python tt.py --env hopper-medium-replay --dataset-path FILE   # any D4RL-layout .hdf5 or DT .pkl
-    python tt.py --checkpoint runs/RUN/model.pt --updates 0 --beam-width 1   # evaluate again, greedy decoding
-    python tt.py --resume runs/RUN          # continue a run stopped by Ctrl-C, SIGTERM or SIGUSR1, exactly
+    python tt.py --checkpoint runs/RUN/model.pt --updates 0 --beam-width 1   # evaluate, greedy
+    python tt.py --resume runs/RUN   # continue a run stopped by Ctrl-C, SIGTERM or SIGUSR1, exactly
 
 CPU preset (about 15 minutes of training on 2 free cores; add --env and --dataset-path as above):
-    python tt.py --n-embd 64 --batch-size 32 --seq-len 5 --updates 3000 --warmup-epochs 0.1 --horizon 5 --beam-width 8
+    python tt.py --n-embd 64 --batch-size 32 --seq-len 5 --updates 3000 --warmup-epochs 0.1 \\
+        --horizon 5 --beam-width 8
 
-Settings no flag gives (updates, beam width, horizon, action filters, context) are the TT code's for the dataset
-(config/offline.py: its per-dataset entry, else its base); the run banner and results.json name each one's source.
-Training may use bf16 (--bf16, where native); planning runs in fp32 like the TT code (--plan-bf16 to change that).
+Settings no flag gives (updates, beam width, horizon, action filters, context) are the TT code's
+for the dataset (config/offline.py: its per-dataset entry, else its base); the run banner and
+results.json name each one's source. Training may use bf16 (--bf16, where native); planning runs
+in fp32 like the TT code (--plan-bf16 to change that).
 
-One file: arguments, data (discretizer, tokens), model, planning (beam search), evaluation, training.
-Blocks marked PLUMBING are dt.py's, byte for byte; the rest is the method. Shared with the other method files
-is only common.py (datasets, env ids, normalized scores).
+One file, in reading order: the method's flags, data (discretizer, tokens), model, loss and
+update, planning (beam search), evaluation, training; below the PLUMBING banner, the run's
+infrastructure. Blocks marked PLUMBING are dt.py's, byte for byte. Shared with the other method
+files is only common.py (datasets, env ids, normalized scores).
 """
 
 # ruff: noqa: UP045, BLE001  (the PLUMBING blocks are dt.py's, byte for byte)
@@ -52,23 +56,14 @@ DEFAULT_ENV = "hopper-medium-replay"  # the dataset without --env or --checkpoin
 
 @dataclass
 class Args:
-    env: Optional[str] = None
-    """dataset: a D4RL gym-mujoco name such as `hopper-medium-replay` (with or without `-v2`), or a Minari id.
-    Default: the checkpoint's dataset, else hopper-medium-replay"""
-    dataset_path: tuple[str, ...] = ()
-    """local D4RL-layout .hdf5 or DT .pkl file(s) to read instead of the official file (several: concatenated)"""
-    exp_name: str = METHOD
-    """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
-    seed: int = 0
-    """seed of python, numpy, torch, the batch sampler, the beam-search sampler and the evaluation envs"""
-    device: str = "auto"
-    """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
+    # --- the method: architecture (tokens and the GPT over them)
     n_bins: int = 100
     """N, bins per dimension, at least 2 (TT code: 100)"""
     discretizer: Literal["quantile", "uniform"] = "quantile"
     """`quantile`: equal-mass bins per dimension (TT code's default); `uniform`: equal-width bins"""
     seq_len: int = 10
-    """transitions per training window (TT code: 10); the model's block is seq_len * (m_s + m_a + 2) - 1 tokens"""
+    """K, transitions per training window (TT code: 10); the model's block is
+    K * (m_s + m_a + 2) - 1 tokens"""
     n_layer: int = 4
     """transformer blocks (TT code: 4)"""
     n_head: int = 4
@@ -77,6 +72,7 @@ class Args:
     """embedding size (TT code: 32 per head x 4 heads)"""
     dropout: float = 0.1
     """dropout on embeddings, attention weights and residual branches (TT code: 0.1 each)"""
+    # loss: the reward and value tokens' targets and each kind of token's weight
     discount: float = 0.99
     """gamma of the value targets and of the beam-search score (TT code: 0.99)"""
     terminal_penalty: float = -100.0
@@ -87,12 +83,14 @@ class Args:
     """cross-entropy weight of reward tokens (TT code: 1)"""
     value_weight: float = 1.0
     """cross-entropy weight of value tokens (TT code: 1)"""
+    # optimizer
     batch_size: int = 256
     """windows per update (TT code: 256)"""
     lr: float = 6e-4
     """AdamW peak learning rate (TT code: 6e-4, betas 0.9/0.95, weight decay 0.1 on matrices)"""
     warmup_epochs: float = 1.0
-    """linear warmup in epochs; an epoch = (window starts in the data) / batch size updates (TT code: 1)"""
+    """linear warmup in epochs; an epoch = (window starts in the data) / batch size updates
+    (TT code: 1)"""
     decay_epochs: float = 20.0
     """epochs at which the cosine reaches its floor, 10% of --lr (TT code: 20); see --lr-schedule
     for after"""
@@ -111,6 +109,14 @@ class Args:
     (about 195k; 312.5k on hopper-medium-replay and walker2d-medium-replay)"""
     grad_clip: float = 1.0
     """clip the global gradient norm at this value (TT code: 1.0)"""
+    # data
+    env: Optional[str] = None
+    """dataset: a D4RL gym-mujoco name such as `hopper-medium-replay` (with or without `-v2`), or a
+    Minari id. Default: the checkpoint's dataset, else hopper-medium-replay"""
+    dataset_path: tuple[str, ...] = ()
+    """local D4RL-layout .hdf5 or DT .pkl file(s) to read instead of the official file (several:
+    concatenated)"""
+    # inference: beam search (TT paper §3.2) and its evaluation
     horizon: Optional[int] = None
     """planning horizon in transitions. Default: TT code's per dataset: 15; 5 on halfcheetah-medium,
     halfcheetah-medium-replay and walker2d-medium-expert; 20 on walker2d-medium-replay"""
@@ -134,16 +140,22 @@ class Args:
     """transitions the planner sees, the current one included; at most the model's --seq-len.
     Default: TT code's 5, or the model's --seq-len (a checkpoint's) when that is shorter"""
     kv_cache: bool = True
-    """reuse keys/values across generated tokens while the view only grows (exact); off: a full forward per token"""
+    """reuse keys/values across generated tokens while the view only grows (exact); off: a full
+    forward per token"""
     eval_episodes: int = 10
-    """episodes per evaluation, all planned at once (batched over episodes x beams) in a vector env"""
-    eval_every: int = 0
-    """evaluate before training and every N updates (0: only at the end; planning is expensive)"""
+    """episodes per evaluation, all planned at once (batched over episodes x beams) in a vector
+    env"""
     eval_max_steps: Optional[int] = None
     """cut evaluation episodes after N > 0 steps (default: the env's limit, 1000); cut scores are
     not comparable to papers'"""
-    compile: bool = False
-    """torch.compile the model for training (CUDA)"""
+    # --- the run: where and how it runs, what it keeps
+    exp_name: str = METHOD
+    """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
+    seed: int = 0
+    """seed of python, numpy, torch, the batch sampler, the beam-search sampler and the evaluation
+    envs"""
+    device: str = "auto"
+    """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
     bf16: bool = True
     """bfloat16 autocast for training where the hardware has it natively (CUDA; CPUs with
     AVX512-BF16 or AMX); fp32 elsewhere. Planning stays fp32 unless --plan-bf16"""
@@ -151,109 +163,64 @@ class Args:
     """also plan under bf16 autocast (with --bf16, where native): faster, but not the TT code's
     fp32, and a bf16 forward can change which action wins; the beam scores are summed in fp32 either
     way"""
-    checkpoint: Optional[str] = None
-    """a tt.py `model.pt`: start from its weights, architecture and bins (those flags are ignored); `--updates 0`
-    only evaluates it, on its own dataset unless --env says"""
-    resume: Optional[str] = None
-    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags, optimizer,
-    schedule and random states, to its --updates; the result is the run it would have been without the stop"""
-    save_every: int = 0
-    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10% of the run);
-    also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
-    runs_dir: str = "runs"
-    """parent folder of the run folder"""
-    log_every: int = 100
-    """log the training loss every N updates"""
+    compile: bool = False
+    """torch.compile the model for training (CUDA)"""
     threads: int = 0
     """torch CPU threads (0: half of the cores this process may use, at least 1)"""
+    checkpoint: Optional[str] = None
+    """a tt.py `model.pt`: start from its weights, architecture and bins (those flags are ignored);
+    `--updates 0` only evaluates it, on its own dataset unless --env says"""
+    resume: Optional[str] = None
+    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags,
+    optimizer, schedule and random states, to its --updates; the result is the run it would have
+    been without the stop"""
+    save_every: int = 0
+    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10%
+    of the run); also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
+    runs_dir: str = "runs"
+    """parent folder of the run folder"""
+    eval_every: int = 0
+    """evaluate before training and every N updates (0: only at the end; planning is expensive)"""
+    log_every: int = 100
+    """log the training loss every N updates"""
     track: bool = False
-    """also send the config, every logged metric and the final results to Weights & Biases (`pip install -e
-    ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept locally to sync later"""
+    """also send the config, every logged metric and the final results to Weights & Biases (`pip
+    install -e ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept
+    locally to sync later"""
     wandb_project_name: str = "seqrl"
     """W&B project of --track"""
     wandb_entity: Optional[str] = None
     """W&B team or user of --track (default: your W&B default entity)"""
     capture_video: bool = False
-    """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's offscreen
-    renderer; headless machines use MUJOCO_GL=egl, the default here when no display is set, or osmesa)"""
+    """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's
+    offscreen renderer; headless machines use MUJOCO_GL=egl, the default here when no display is
+    set, or osmesa)"""
 
     def __post_init__(self):
-        positive = "n_bins seq_len n_layer n_head n_embd batch_size lr grad_clip n_expand"
-        non_negative = "seed eval_every k_obs threads save_every"
-        check_flags(self, positive + " eval_episodes log_every", non_negative)
-        check_given(self, "horizon beam_width n_epochs_ref max_context eval_max_steps", "updates k_act")
-        if self.n_bins < 2:
-            raise SystemExit(f"error: --n-bins {self.n_bins}: must be >= 2; one bin cannot tell two values apart.")
-        for name in ("dropout", "cdf_act", "cdf_obs"):
-            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
-                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1).")
-        if self.n_embd % self.n_head:
-            raise SystemExit(f"error: --n-embd {self.n_embd}: must be divisible by --n-head {self.n_head}.")
-        if not 0 < self.discount <= 1:
-            raise SystemExit(f"error: --discount {self.discount}: must be in (0, 1].")
-        if not 0 <= self.warmup_epochs <= self.decay_epochs:
-            raise SystemExit(
-                f"error: --warmup-epochs {self.warmup_epochs}: must be in [0, --decay-epochs {self.decay_epochs}]."
-            )
-        if self.max_context is not None and self.checkpoint is None and self.max_context > self.seq_len:
-            raise SystemExit(
-                f"error: --max-context {self.max_context}: must be <= --seq-len {self.seq_len}, the trained window."
-            )
-        if self.resume is not None and self.checkpoint is not None:
-            raise SystemExit("error: --resume continues a run with its own model.pt; leave out --checkpoint.")
-        if self.updates == 0 and self.checkpoint is None and self.resume is None:
-            raise SystemExit("error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one.")
-        if self.track and importlib.util.find_spec("wandb") is None:
-            raise SystemExit('error: --track needs wandb: pip install -e ".[track]" (or leave out --track).')
-        if self.capture_video and not os.environ.get("DISPLAY"):  # before MuJoCo is imported, which reads it once
-            os.environ.setdefault("MUJOCO_GL", "egl")
+        check_args(self)
 
 
-# TT paper Table 1 (official D4RL v2; TT with beam search, DT from the same table). Their means over the 9
-# datasets are the blog's locomotion averages, TT 78.9 and DT 74.7.
-# fmt: off
-TT_PAPER_TABLE_1 = {
-    "tt": {"halfcheetah-medium-expert": 95.0, "hopper-medium-expert": 110.0, "walker2d-medium-expert": 101.9,
-           "halfcheetah-medium": 46.9, "hopper-medium": 61.1, "walker2d-medium": 79.0,
-           "halfcheetah-medium-replay": 41.9, "hopper-medium-replay": 91.5, "walker2d-medium-replay": 82.6},
-    "dt": {"halfcheetah-medium-expert": 86.8, "hopper-medium-expert": 107.6, "walker2d-medium-expert": 108.1,
-           "halfcheetah-medium": 42.6, "hopper-medium": 67.6, "walker2d-medium": 74.0,
-           "halfcheetah-medium-replay": 36.6, "hopper-medium-replay": 82.7, "walker2d-medium-replay": 66.6},
-}
-# fmt: on
-# TT code (jannerm/trajectory-transformer), config/offline.py: `base` and the per-dataset overrides of the
-# datasets we load, in our flags' terms (its k_act / cdf_act None = our 0, off). A setting no flag gives takes
-# the dataset's entry, else the base; the other datasets (random, expert, Minari ids) get the base.
-TT_BASE = {"n_epochs_ref": 50, "beam_width": 128, "horizon": 15, "k_act": 0, "cdf_act": 0.6, "max_context": 5}
-TT_DATASETS = {
-    "halfcheetah-medium": {"horizon": 5, "beam_width": 32},
-    "halfcheetah-medium-replay": {"horizon": 5, "beam_width": 32},
-    "halfcheetah-medium-expert": {"beam_width": 32},
-    "hopper-medium-replay": {"n_epochs_ref": 80},  # "train on the medium-replay datasets longer"
-    "walker2d-medium-expert": {"horizon": 5},
-    "walker2d-medium-replay": {"n_epochs_ref": 80, "horizon": 20, "beam_width": 32, "k_act": 40, "cdf_act": 0.0},
-}
-ARCH = ("n_bins", "discretizer", "seq_len", "n_layer", "n_head", "n_embd", "discount", "terminal_penalty")
-# Flags that say where and how a run runs, not what it computes: --resume takes them from its own command line.
-RUN_FLAGS = "resume device threads runs_dir track wandb_project_name wandb_entity capture_video".split()
-
-
-# --- Data: each dimension of (s, a, r, V) discretized on its own; a transition is m_s + m_a + 2 tokens.
+# --- Data: each dimension of (s, a, r, V) discretized on its own; a transition is m_s + m_a + 2
+# tokens.
 class Discretizer:
-    """Per-dimension bins: `edges` (N+1, D), non-decreasing down each column. A value maps to the last bin
-    whose left edge it reaches (values outside [min, max] to the end bins); a bin decodes to its midpoint."""
+    """Per-dimension bins: `edges` (N+1, D), non-decreasing down each column. A value maps to the
+    last bin whose left edge it reaches (values outside [min, max] to the end bins); a bin decodes
+    to its midpoint."""
 
     def __init__(self, edges: torch.Tensor):
-        self.edges, self.n_bins = edges.double(), edges.shape[0] - 1
+        self.edges = edges.double()
+        self.n_bins = edges.shape[0] - 1
         self.mid = (self.edges[:-1] + self.edges[1:]) / 2
 
     @classmethod
     def fit(cls, x: np.ndarray, n_bins: int, kind: str, device) -> Discretizer:
         if kind == "quantile":
-            # Our choice: edges at evenly spaced ranks of each sorted column (min and max included), the rule
-            # the TT code leaves commented out; its active rule (every ceil(n/N)-th point) can give fewer than
-            # N bins on small data. Repeated values give empty bins, which encode never produces.
-            edges = np.sort(x, axis=0)[np.round(np.linspace(0, len(x) - 1, n_bins + 1)).astype(int)]
+            # Our choice: edges at evenly spaced ranks of each sorted column (min and max
+            # included), the rule the TT code leaves commented out; its active rule (every
+            # ceil(n/N)-th point) can give fewer than N bins on small data. Repeated values give
+            # empty bins, which encode never produces.
+            ranks = np.round(np.linspace(0, len(x) - 1, n_bins + 1)).astype(int)
+            edges = np.sort(x, axis=0)[ranks]
         else:
             edges = np.linspace(x.min(0), x.max(0), n_bins + 1)
         return cls(torch.as_tensor(edges, dtype=torch.float64, device=device))
@@ -266,73 +233,86 @@ class Discretizer:
 
     def decode(self, idx: torch.Tensor, dims=slice(None)) -> torch.Tensor:
         mid = self.mid[:, dims]
-        return mid.gather(0, idx.reshape(-1, mid.shape[1]).clamp(0, self.n_bins - 1)).reshape(idx.shape).float()
+        bins = idx.reshape(-1, mid.shape[1]).clamp(0, self.n_bins - 1)
+        return mid.gather(0, bins).reshape(idx.shape).float()
 
 
 def value_targets(rewards: np.ndarray, discount: float) -> np.ndarray:
-    """V_t = sum_k gamma^k r_{t+1+k} (TT code): the value token follows r_t, so it scores s_{t+1} onwards; an
-    episode's end (terminal or timeout) is its end, nothing is bootstrapped."""
-    v, acc = np.zeros(len(rewards)), 0.0
+    """V_t = sum_k gamma^k r_{t+1+k} (TT code): the value token follows r_t, so it scores s_{t+1}
+    onwards; an episode's end (terminal or timeout) is its end, nothing is bootstrapped."""
+    v = np.zeros(len(rewards))
+    acc = 0.0
     for t in range(len(rewards) - 2, -1, -1):
         acc = rewards[t + 1] + discount * acc
         v[t] = acc
     return v
 
 
-def make_dataset(episodes: list[dict], args: Args, device: torch.device, edges=None) -> dict:
-    """Tokens (n, m_s + m_a + 2) of all transitions on the device, where each transition's episode ends, and the
-    window starts: every step but an episode's last (TT code). `edges`: a checkpoint's bins instead of new ones."""
+def make_dataset(
+    episodes, device, n_bins, discretizer, discount, terminal_penalty, edges=None
+) -> dict:
+    """Tokens (n, m_s + m_a + 2) of all transitions on the device, where each transition's episode
+    ends, and the window starts: every step but an episode's last (TT code). `edges`: a
+    checkpoint's bins instead of new ones."""
     joined = []
     for ep in episodes:
         r = ep["rewards"].astype(np.float64)
         if ep["terminated"]:
-            r = np.append(r[:-1], args.terminal_penalty)  # TT code: the penalty replaces the last reward
-        joined.append(np.column_stack([ep["observations"], ep["actions"], r, value_targets(r, args.discount)]))
+            r = np.append(r[:-1], terminal_penalty)  # TT code: the penalty replaces the last reward
+        v = value_targets(r, discount)
+        joined.append(np.column_stack([ep["observations"], ep["actions"], r, v]))
     joined = np.concatenate(joined)
     if edges is None:
-        disc = Discretizer.fit(joined, args.n_bins, args.discretizer, device)
+        disc = Discretizer.fit(joined, n_bins, discretizer, device)
     else:
         disc = Discretizer(edges.to(device))
     lengths = np.array([len(ep["rewards"]) for ep in episodes])
     ends = np.cumsum(lengths)
     starts = np.concatenate([np.arange(e - n, e - 1) for e, n in zip(ends, lengths)])
-    if len(starts) == 0:
-        raise SystemExit(f"error: --env {args.env}: every episode has a single step; TT windows need two or more.")
-    return {"tokens": disc.encode(torch.as_tensor(joined, device=device)), "disc": disc,
-            "end": torch.as_tensor(np.repeat(ends, lengths), device=device),
-            "starts": torch.as_tensor(starts, device=device)}  # fmt: skip
+    tokens = disc.encode(torch.as_tensor(joined, device=device))
+    episode_end = torch.as_tensor(np.repeat(ends, lengths), device=device)
+    starts = torch.as_tensor(starts, device=device)
+    return {"tokens": tokens, "disc": disc, "end": episode_end, "starts": starts}
 
 
-def sample_batch(data: dict, batch_size: int, seq_len: int, gen: torch.Generator) -> tuple:
-    """Windows of `seq_len` transitions flattened to tokens: inputs and next-token targets. A window that runs
-    past its episode's end continues with stop tokens (index N), as in the TT code."""
+def sample_batch(data: dict, batch_size: int, K: int, gen: torch.Generator) -> tuple:
+    """Windows of K transitions flattened to tokens: inputs and next-token targets. A window that
+    runs past its episode's end continues with stop tokens (index N), as in the TT code."""
     starts, tokens = data["starts"], data["tokens"]
     s = starts[torch.randint(len(starts), (batch_size,), generator=gen, device=starts.device)]
-    idx = s[:, None] + torch.arange(seq_len, device=s.device)
+    idx = s[:, None] + torch.arange(K, device=s.device)
     tok = tokens[idx.clamp(max=len(tokens) - 1)]
-    tok = torch.where((idx >= data["end"][s, None])[..., None], data["disc"].n_bins, tok).flatten(1)
+    past_end = (idx >= data["end"][s, None])[..., None]
+    tok = torch.where(past_end, data["disc"].n_bins, tok).flatten(1)
     return tok[:, :-1], tok[:, 1:]
 
 
-# --- Model: GPT over the flattened tokens, with per-dimension vocabularies and per-dimension output heads.
+# --- Model: GPT over the flattened tokens, with per-dimension vocabularies and per-dimension
+# output heads.
 class SelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
-        self.n_head, self.dropout = n_head, dropout
+        self.n_head = n_head
+        self.dropout = dropout
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x, allowed, past=None, return_attn=False):
         B, T, C = x.shape
-        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in self.qkv(x).split(C, dim=2))
+        heads = (z.view(B, T, self.n_head, C // self.n_head) for z in self.qkv(x).split(C, dim=2))
+        q, k, v = (z.transpose(1, 2) for z in heads)
         if past is not None:  # keys/values of the earlier tokens of this view (planning)
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        if return_attn:  # explicit softmax, only for analysis: the weights themselves are the output
-            att = ((q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))).masked_fill(~allowed, float("-inf")).softmax(-1)
+            k = torch.cat([past[0], k], 2)
+            v = torch.cat([past[1], v], 2)
+        # return_attn: an explicit softmax, only for analysis, whose weights are the output
+        if return_attn:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+            att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
             y = att @ v
         else:
-            att, p = None, self.dropout if self.training else 0.0
+            att = None
+            p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), (k, v), att
 
@@ -342,10 +322,14 @@ class Block(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.ln2 = nn.LayerNorm(n_embd)
         self.attn = SelfAttention(n_embd, n_head, dropout)
         self.mlp = nn.Sequential(
-            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
+            nn.Linear(n_embd, 4 * n_embd),
+            nn.GELU(),
+            nn.Linear(4 * n_embd, n_embd),
+            nn.Dropout(dropout),
         )
 
     def forward(self, x, allowed, past=None, return_attn=False):
@@ -355,40 +339,46 @@ class Block(nn.Module):
 
 
 class TrajectoryTransformer(nn.Module):
-    def __init__(self, obs_dim, act_dim, n_bins, seq_len, n_layer, n_head, n_embd, dropout):
+    def __init__(self, obs_dim, act_dim, n_bins, K, n_layer, n_head, n_embd, dropout):
         super().__init__()
-        self.obs_dim, self.act_dim, self.n_bins = obs_dim, act_dim, n_bins
-        self.td = obs_dim + act_dim + 2  # one transition: s^1..s^m_s, a^1..a^m_a, r, V
-        self.block_size = seq_len * self.td - 1
-        # Dimension j of a transition has its own N token embeddings; the stop token is shared (TT code).
-        self.tok_emb = nn.Embedding(self.td * n_bins + 1, n_embd)
+        self.obs_dim = obs_dim
+        self.act_dim = act_dim
+        self.n_bins = n_bins
+        # tokens per transition, s^1..s^m_s, a^1..a^m_a, r, V (the TT code's transition_dim)
+        self.transition_dim = obs_dim + act_dim + 2
+        self.block_size = K * self.transition_dim - 1
+        # Dimension j of a transition has its own N token embeddings; the stop token is shared (TT
+        # code).
+        self.tok_emb = nn.Embedding(self.transition_dim * n_bins + 1, n_embd)
         self.pos_emb = nn.Parameter(torch.zeros(1, self.block_size, n_embd))
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
-        # One output layer (no bias) per position in the transition of the *input* token (TT code's EinLinear).
-        self.head = nn.Parameter(torch.empty(self.td, n_bins + 1, n_embd))
+        # One output layer (no bias) per position in the transition of the *input* token (TT code's
+        # EinLinear).
+        self.head = nn.Parameter(torch.empty(self.transition_dim, n_bins + 1, n_embd))
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)  # GPT's init (TT code); ours for the heads too (TT: kaiming)
+                # GPT's init (TT code); ours for the heads too (TT: kaiming)
+                nn.init.normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.head, std=0.02)
 
     def forward(self, tokens, start: int = 0, cache=None, return_attn=False):
-        """tokens (B, T): bin indices (N = stop) at view positions start..start+T-1; a view starts at s^1 of a
-        transition. cache: per-block (k, v) of positions 0..start-1. Returns next-token logits (B, T, N+1), the
-        new cache and per-block attention (B, n_head, T, start+T) when return_attn."""
+        """tokens (B, T): bin indices (N = stop) at view positions start..start+T-1; a view starts
+        at s^1 of a transition. cache: per-block (k, v) of positions 0..start-1. Returns next-token
+        logits (B, T, N+1), the new cache and per-block attention (B, n_head, T, start+T) when
+        return_attn."""
+        D = self.transition_dim
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        dim = pos % self.td
-        x = self.drop(
-            self.tok_emb(torch.where(tokens == self.n_bins, self.td * self.n_bins, tokens + dim * self.n_bins))
-            + self.pos_emb[:, pos]
-        )
+        dim = pos % D
+        vocab = torch.where(tokens == self.n_bins, D * self.n_bins, tokens + dim * self.n_bins)
+        x = self.drop(self.tok_emb(vocab) + self.pos_emb[:, pos])
         keys = torch.arange(start + tokens.shape[1], device=tokens.device)
-        # Causal, and no token attends to a value token (TT code): in the planner's context the value is a
-        # placeholder (the true one is unknown), so values are predicted but never read.
-        allowed = (keys[None] <= pos[:, None]) & (keys % self.td != self.td - 1)[None]
+        # Causal, and no token attends to a value token (TT code): in the planner's context the
+        # value is a placeholder (the true one is unknown), so values are predicted but never read.
+        allowed = (keys[None] <= pos[:, None]) & (keys % D != D - 1)[None]
         presents, attns = [], []
         for i, block in enumerate(self.blocks):
             x, present, att = block(x, allowed, None if cache is None else cache[i], return_attn)
@@ -397,70 +387,139 @@ class TrajectoryTransformer(nn.Module):
         return torch.einsum("btc,tvc->btv", self.ln_f(x), self.head[dim]), presents, attns
 
 
-def token_weights(model: TrajectoryTransformer, T: int, args: Args) -> torch.Tensor:
-    """Cross-entropy weight of the target of input position p (the token at p+1): the TT code's weighting."""
-    w = [1.0] * model.obs_dim + [args.action_weight] * model.act_dim + [args.reward_weight, args.value_weight]
-    return torch.tensor(w).repeat(T // model.td + 2)[1 : T + 1]
+# --- Loss and update (TT paper §3.1): teacher forcing on a weighted token cross-entropy.
+def token_weights(model, T: int, action_weight, reward_weight, value_weight) -> torch.Tensor:
+    """Cross-entropy weight of the target of input position p (the token at p+1): the TT code's
+    weighting; observation tokens weigh 1."""
+    w = [1.0] * model.obs_dim + [action_weight] * model.act_dim + [reward_weight, value_weight]
+    return torch.tensor(w).repeat(T // model.transition_dim + 2)[1 : T + 1]
 
 
 def tt_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted cross-entropy averaged over all target tokens, stop tokens included (TT code); in
     fp32 whatever the logits' precision."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-    return (ce * weights).mean()
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (ce.view_as(targets) * weights).mean()
 
 
-# --- Planning: beam search with the model (TT paper §3.2, Alg. 1; TT code's beam_plan), batched over episodes.
-class Decoder:
-    """Token sequences x (B, L) and the model's next-token logits at their ends. The model sees at most the
-    last `max_block` tokens, cut at a transition boundary (TT code's crop). While that view only grows, new
-    tokens reuse the cached keys/values (exact); a crop shifts every position, so it needs a fresh forward."""
+def make_optimizer(model, lr: float, lr_schedule: str, warmup_updates: float, decay_updates: float):
+    """AdamW as in the TT code: betas (0.9, 0.95), weight decay 0.1 on linear and head matrices
+    only; linear warmup, then a cosine floored at 10% (--lr-schedule). The TT code counts tokens, we
+    count updates: the same up to stop tokens."""
+    params = list(model.named_parameters())
+    embeddings = ("tok_emb", "pos_emb")
+    decayed = [p for n, p in params if p.dim() >= 2 and not n.startswith(embeddings)]
+    rest = [p for n, p in params if p.dim() < 2 or n.startswith(embeddings)]
+    groups = [{"params": decayed, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    warm, end = warmup_updates, decay_updates
+
+    def clamped(step):
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(end - warm, 1))
+        return max(0.1, 0.5 * (1 + math.cos(math.pi * progress)))
+
+    # utils/training.py: the rate update `step` uses was set after `step` updates were done
+    def tt_code(step):
+        if step == 0:
+            return 1.0  # the optimizer starts at --lr
+        if step < warm:
+            return step / warm
+        progress = (step - warm) / max(end - warm, 1)  # not clamped: the rate cycles back up
+        return max(0.1, 0.5 * (1 + math.cos(math.pi * progress)))
+
+    factor = tt_code if lr_schedule == "tt" else clamped
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def update(model, opt, batch: tuple, weights, grad_clip: float, autocast) -> tuple:
+    """One gradient step on the weighted token cross-entropy; returns the loss (detached) and the
+    gradient norm."""
+    x, y = batch
+    with autocast:
+        logits = model(x)[0]
+    loss = tt_loss(logits.float(), y, weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.detach(), grad_norm
+
+
+# --- Planning: beam search with the model (TT paper §3.2, Alg. 1; TT code's beam_plan), batched
+# over episodes.
+@dataclass(frozen=True)
+class PlanSettings:
+    """Beam search's settings, each the flag of the same name (plan_settings reads them from
+    Args)."""
+
+    beam_width: int  # 1: greedy decoding of the action, no look-ahead
+    n_expand: int
+    horizon: int
+    discount: float
+    k_act: int
+    cdf_act: float
+    k_obs: int
+    cdf_obs: float
+    max_context: int
+    kv_cache: bool = True
+
+
+class Sequences:
+    """Token sequences x (B, L) and the model's next-token logits at their ends. The model sees at
+    most the last `max_block` tokens, cut at a transition boundary (TT code's crop). While that view
+    only grows, new tokens reuse the cached keys/values (exact); a crop shifts every position, so it
+    needs a fresh forward."""
 
     def __init__(self, model, x, max_block: int, use_cache: bool):
-        self.model, self.max_block, self.use_cache = model, max_block, use_cache
-        self.x, self.lo, self.cache = x[:, :0], 0, None
+        self.model = model
+        self.max_block = max_block
+        self.use_cache = use_cache
+        self.x = x[:, :0]
+        self.lo = 0
+        self.cache = None
         self.append(x)
 
     def append(self, new: torch.Tensor):
         self.x = torch.cat([self.x, new], 1)
-        L, td = self.x.shape[1], self.model.td
+        L, D = self.x.shape[1], self.model.transition_dim
         if self.cache is not None and L - self.lo <= self.max_block:
-            logits, self.cache, _ = self.model(new, start=L - new.shape[1] - self.lo, cache=self.cache)
+            start = L - new.shape[1] - self.lo
+            logits, self.cache, _ = self.model(new, start=start, cache=self.cache)
         else:
-            self.lo = -(-max(0, L - self.max_block) // td) * td  # drop whole transitions, oldest first
+            # drop whole transitions, oldest first
+            self.lo = -(-max(0, L - self.max_block) // D) * D
             logits, cache, _ = self.model(self.x[:, self.lo :])
             self.cache = cache if self.use_cache else None
         self.logits = logits[:, -1, : self.model.n_bins].float()  # the stop token is never planned
 
     def select(self, rows: torch.Tensor):
-        self.x, self.logits = self.x[rows], self.logits[rows]
+        self.x = self.x[rows]
+        self.logits = self.logits[rows]
         if self.cache is not None:
             self.cache = [(k[rows], v[rows]) for k, v in self.cache]
 
 
 def filter_logits(logits: torch.Tensor, k: int, cdf: float) -> torch.Tensor:
-    """TT code's filters. cdf: drop the least likely tokens whose summed probability stays below `cdf` (the most
-    likely token always survives, our guard against an all-masked row); k: keep the k most likely."""
+    """TT code's filters. cdf: drop the least likely tokens whose summed probability stays below
+    `cdf` (the most likely token always survives, our guard against an all-masked row); k: keep the
+    k most likely."""
     if cdf > 0:
         p = logits.softmax(-1)
         ps = p.sort(-1).values
         cut = ps.gather(-1, ((ps.cumsum(-1) < cdf).sum(-1, keepdim=True) - 1).clamp(min=0))
         logits = logits.masked_fill((p <= cut) & (p < p.amax(-1, keepdim=True)), float("-inf"))
     if k > 0:
-        logits = logits.masked_fill(logits < logits.topk(min(k, logits.shape[-1]), -1).values[:, -1:], float("-inf"))
+        kth = logits.topk(min(k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     return logits
 
 
-def sample_tokens(dec: Decoder, n: int, k: int, cdf: float, gen: torch.Generator):
+def sample_tokens(seqs: Sequences, n: int, k: int, cdf: float, gen: torch.Generator):
     for _ in range(n):
-        dec.append(torch.multinomial(filter_logits(dec.logits, k, cdf).softmax(-1), 1, generator=gen))
-
-
-def with_base(args: Args) -> Args:
-    """The settings train() resolves per run that are still None (plan or evaluate called from
-    elsewhere, e.g. benchmarks/) take the TT code's base values."""
-    unset = {k: v for k, v in TT_BASE.items() if getattr(args, k) is None}
-    return replace(args, **unset) if unset else args
+        probs = filter_logits(seqs.logits, k, cdf).softmax(-1)
+        seqs.append(torch.multinomial(probs, 1, generator=gen))
 
 
 def expected_value(probs: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
@@ -472,43 +531,583 @@ def expected_value(probs: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plan(model, disc: Discretizer, prefix: torch.Tensor, args: Args, gen: torch.Generator) -> torch.Tensor:
-    """prefix (E, P): each episode's context transitions and current observation tokens. Returns the action
-    tokens (E, m_a) that start each episode's best plan (replanned every step)."""
-    args = with_base(args)
+def plan(model, disc: Discretizer, prefix, planner: PlanSettings, gen) -> torch.Tensor:
+    """prefix (E, P): each episode's context transitions and current observation tokens. Returns the
+    action tokens (E, m_a) that start each episode's best plan (replanned every step)."""
     E, P = prefix.shape
-    m_s, m_a, W, X, dev = model.obs_dim, model.act_dim, args.beam_width, args.n_expand, prefix.device
-    dec = Decoder(model, prefix, min(args.max_context * model.td - 1, model.block_size), args.kv_cache)
-    if W == 1:  # greedy decoding: the most likely token, dimension by dimension; no value, no look-ahead
+    m_s, m_a = model.obs_dim, model.act_dim
+    W, X, H, dev = planner.beam_width, planner.n_expand, planner.horizon, prefix.device
+    view = min(planner.max_context * model.transition_dim - 1, model.block_size)
+    seqs = Sequences(model, prefix, view, planner.kv_cache)
+    # greedy decoding: the most likely token, dimension by dimension; no value, no look-ahead
+    if W == 1:
         for _ in range(m_a):
-            dec.append(dec.logits.argmax(-1, keepdim=True))
-        return dec.x[:, P:]
+            seqs.append(seqs.logits.argmax(-1, keepdim=True))
+        return seqs.x[:, P:]
     base = torch.arange(E, device=dev)[:, None]
-    dec.select(base.repeat_interleave(W))  # one forward per episode's prefix, copied to its beams
-    rewards = torch.zeros(E * W, args.horizon + 1, device=dev)
-    discounts = args.discount ** torch.arange(args.horizon + 1, device=dev, dtype=torch.float32)
+    seqs.select(base.repeat_interleave(W))  # one forward per episode's prefix, copied to its beams
+    rewards = torch.zeros(E * W, H + 1, device=dev)
+    discounts = planner.discount ** torch.arange(H + 1, device=dev, dtype=torch.float32)
     mids = disc.mid[:, m_s + m_a].float(), disc.mid[:, m_s + m_a + 1].float()
-    for t in range(args.horizon):
-        rows = (base * W + torch.arange(W, device=dev).repeat(X)).flatten()  # every beam X times, per episode
-        dec.select(rows)
+    for t in range(H):
+        rows = (base * W + torch.arange(W, device=dev).repeat(X)).flatten()  # every beam X times
+        seqs.select(rows)
         rewards = rewards[rows]
-        sample_tokens(dec, m_a, args.k_act, args.cdf_act, gen)
+        sample_tokens(seqs, m_a, planner.k_act, planner.cdf_act, gen)
         for j, mid in enumerate(mids):
-            # TT code: the most likely r and V tokens are appended and the score uses their expectation over
-            # bin midpoints. Our choice: the expectation is over the N bins, renormalised without the stop token.
-            probs = dec.logits.softmax(-1)
+            # TT code: the most likely r and V tokens are appended and the score uses their
+            # expectation over bin midpoints. Our choice: the expectation is over the N bins,
+            # renormalised without the stop token.
+            probs = seqs.logits.softmax(-1)
             rewards[:, t + j] = expected_value(probs, mid)
-            dec.append(probs.argmax(-1, keepdim=True))
-        # score of a plan: sum_{t' <= t} gamma^t' r_t' + gamma^(t+1) V_t (the next step overwrites rewards[:, t+1])
-        keep = ((rewards * discounts).sum(1).view(E, W * X).topk(W, dim=1).indices + base * W * X).flatten()
-        dec.select(keep)
+            seqs.append(probs.argmax(-1, keepdim=True))
+        # score of a plan: sum_{t' <= t} gamma^t' r_t' + gamma^(t+1) V_t (the next step overwrites
+        # rewards[:, t+1])
+        scores = (rewards * discounts).sum(1).view(E, W * X)
+        keep = (scores.topk(W, dim=1).indices + base * W * X).flatten()
+        seqs.select(keep)
         rewards = rewards[keep]
-        if t < args.horizon - 1:
-            sample_tokens(dec, m_s, args.k_obs, args.cdf_obs, gen)
-    return dec.x[base[:, 0] * W, P : P + m_a]  # topk sorts: each episode's first beam is its best
+        if t < H - 1:
+            sample_tokens(seqs, m_s, planner.k_obs, planner.cdf_obs, gen)
+    return seqs.x[base[:, 0] * W, P : P + m_a]  # topk sorts: each episode's first beam is its best
 
 
-# --- Evaluation: all episodes at once in a vector env; one batched beam search per environment step.
+# --- Evaluation: all episodes at once in a vector env; one batched beam search per environment
+# step.
+@torch.no_grad()
+def evaluate(
+    model, disc, facts, planner, n, max_steps, seed, device, autocast, hook=None, video=None
+) -> dict:
+    """n episodes (cut after max_steps, if given), each env step planned for all of them at once.
+    hook(t, prefix, action_tokens, alive), if given, sees every planning call (for analyses)."""
+    m_s, m_a, D = model.obs_dim, model.act_dim, model.transition_dim
+    envs, horizon = make_eval_envs(facts, n, False, video)
+    horizon = min(horizon, max_steps or horizon)
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    act_dims, r_dim = slice(m_s, m_s + m_a), slice(m_s + m_a, m_s + m_a + 1)
+    gen = torch.Generator(device=device).manual_seed(seed + 10_000)
+    context = torch.zeros(n, 0, D, dtype=torch.long, device=device)
+    returns, lengths, done = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n, dtype=bool)
+    plan_s, calls = 0.0, 0
+    model.eval()
+    obs, _ = envs.reset(seed=seed + 10_000)
+    # One planning call per env step, all episodes at once: the bar counts those calls (hours on a
+    # CPU at the paper's budget, so its rate and ETA are what a user waits on), episodes done and
+    # env steps taken.
+    shown = dict(leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=horizon, desc="evaluate", unit="plan step", **shown)
+    t0 = time.time()
+    for t in range(horizon):
+        obs_tok = disc.encode(torch.as_tensor(obs, device=device), slice(0, m_s))
+        prefix = torch.cat([context.flatten(1), obs_tok], 1)
+        alive = torch.as_tensor(~done, device=device)
+        act_tok = torch.zeros(n, m_a, dtype=torch.long, device=device)
+        tp = time.time()
+        with autocast:
+            act_tok[alive] = plan(model, disc, prefix[alive], planner, gen)
+        plan_s += time.time() - tp
+        calls += 1
+        if hook is not None:
+            hook(t, prefix[alive], act_tok[alive], alive)
+        action = disc.decode(act_tok, act_dims).cpu().numpy()
+        obs, r, term, trunc, _ = envs.step(np.clip(action, low, high))
+        r_tok = disc.encode(torch.as_tensor(r, device=device)[:, None], r_dim)
+        # The context gets the executed action and the observed reward; the value is a placeholder
+        # (token 0) that no token attends to (TT code: a placeholder too). It keeps max_context - 1
+        # past transitions.
+        step = torch.cat([obs_tok, act_tok, r_tok, torch.zeros_like(r_tok)], 1)
+        context = torch.cat([context, step[:, None]], 1)
+        context = context[:, context.shape[1] - min(context.shape[1], planner.max_context - 1) :]
+        returns += r * ~done
+        lengths += ~done
+        done |= term | trunc
+        bar.update()
+        # episodes cut by --eval-max-steps count as done
+        finished = n if t + 1 == horizon else int(done.sum())
+        bar.set_postfix(episodes=f"{finished}/{n}", env_steps=int(lengths.sum()), refresh=False)
+        if done.all():
+            break
+    elapsed = time.time() - t0
+    bar.close()
+    envs.close()
+    model.train()
+    plan_time = {"plan_s_per_step": plan_s / max(calls, 1)}
+    plan_time["plan_s_per_episode_step"] = plan_s / max(lengths.sum(), 1)
+    scores = common.episode_scores(facts, returns, lengths, elapsed)
+    return {**scores, **plan_time, "max_steps": horizon}
+
+
+# --- Training
+def train(args: Args) -> dict:
+    """TT paper §3: fit the token model by teacher forcing on the weighted cross-entropy (§3.1),
+    then plan with it by beam search in the env (§3.2). The bookkeeping is below the banner."""
+    run = open_run(args)  # flags, checkpoint and dataset checked; then the run folder, config.json
+    args, device = run.args, run.device
+    data, disc, model = build(args, run.facts, run.ckpt, run.episodes, device)
+    bf16, autocast, plan_autocast = precisions(args, device)
+    banner(run, model, bf16)
+    planner = plan_settings(args)
+
+    def run_eval(step: int, video=None) -> dict:
+        n, max_steps, seed = args.eval_episodes, args.eval_max_steps, args.seed
+        res = evaluate(
+            model, disc, run.facts, planner, n, max_steps, seed, device, plan_autocast, video=video
+        )
+        return log_evaluation(run.metrics, step, res)
+
+    with catching_stops(run):  # Ctrl-C, SIGTERM, SIGUSR1: a clean stop, never a traceback
+        if args.updates:
+            epoch = len(data["starts"]) / args.batch_size  # updates per epoch
+            warmup, decay = args.warmup_epochs * epoch, args.decay_epochs * epoch
+            opt, sched = make_optimizer(model, args.lr, args.lr_schedule, warmup, decay)
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+            evaluated = restore_run(run, opt, sched, gen)  # --resume: continue where it stopped
+            loss_weights = (args.action_weight, args.reward_weight, args.value_weight)
+            weights = token_weights(model, model.block_size, *loss_weights).to(device)
+            fwd = torch.compile(model) if args.compile else model
+            steps = range(run.done, args.updates)
+            bar = tqdm(
+                steps, "train", args.updates, initial=run.done, dynamic_ncols=True, mininterval=1
+            )
+            with saving_on_stop(run, model, disc, opt, sched, gen):  # then say how to resume
+                if eval_due(run.done, args) and run.done not in evaluated:
+                    run_eval(run.done)
+                for step in bar:
+                    # a stop signal waits for the update and its log line
+                    with signals_deferred(), timed(run.clock, "train_time_s"):
+                        lr = sched.get_last_lr()[0]  # the rate this update uses
+                        batch = sample_batch(data, args.batch_size, args.seq_len, gen)
+                        loss, grad_norm = update(fwd, opt, batch, weights, args.grad_clip, autocast)
+                        sched.step()
+                        run.done = step + 1
+                        # .item() syncs the GPU: only on log lines
+                        if step % args.log_every == 0 or run.done == args.updates:
+                            log_losses(run.metrics, step, {"ce": loss}, grad_norm, lr, bar)
+                    if eval_due(run.done, args):
+                        run_eval(run.done)
+                    if save_due(run.done, args.updates, args.eval_every, args.save_every):
+                        save_run(run, model, disc, opt, sched, gen)
+        res = run_eval(run.done, video=str(run.dir / "video.mp4") if args.capture_video else None)
+    return report(run, res, bf16)
+
+
+# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------------
+# First tt.py's own: the flags' checks, the TT code's settings per dataset, the run's bookkeeping;
+# then the blocks marked PLUMBING, dt.py's byte for byte.
+def check_args(args: Args) -> None:
+    """Each flag's own rule (Args.__post_init__): one line naming the flag, its value and the
+    fix."""
+    positive = "n_bins seq_len n_layer n_head n_embd batch_size lr grad_clip n_expand"
+    non_negative = "seed eval_every k_obs threads save_every"
+    check_flags(args, positive + " eval_episodes log_every", non_negative)
+    check_given(args, "horizon beam_width n_epochs_ref max_context eval_max_steps", "updates k_act")
+    if args.n_bins < 2:
+        raise SystemExit(
+            f"error: --n-bins {args.n_bins}: must be >= 2; one bin cannot tell two values apart."
+        )
+    for name in ("dropout", "cdf_act", "cdf_obs"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be in [0, 1).")
+    if args.n_embd % args.n_head:
+        raise SystemExit(
+            f"error: --n-embd {args.n_embd}: must be divisible by --n-head {args.n_head}."
+        )
+    if not 0 < args.discount <= 1:
+        raise SystemExit(f"error: --discount {args.discount}: must be in (0, 1].")
+    if not 0 <= args.warmup_epochs <= args.decay_epochs:
+        raise SystemExit(
+            f"error: --warmup-epochs {args.warmup_epochs}: must be in [0, --decay-epochs "
+            f"{args.decay_epochs}]."
+        )
+    if args.max_context is not None and args.checkpoint is None and args.max_context > args.seq_len:
+        raise SystemExit(
+            f"error: --max-context {args.max_context}: must be <= --seq-len {args.seq_len}, the "
+            "trained window."
+        )
+    if args.resume is not None and args.checkpoint is not None:
+        raise SystemExit(
+            "error: --resume continues a run with its own model.pt; leave out --checkpoint."
+        )
+    if args.updates == 0 and args.checkpoint is None and args.resume is None:
+        raise SystemExit(
+            "error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one."
+        )
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit(
+            'error: --track needs wandb: pip install -e ".[track]" (or leave out --track).'
+        )
+    if args.capture_video and not os.environ.get("DISPLAY"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # before MuJoCo is imported, which reads it once
+
+
+def check_given(args, positive: str, non_negative: str) -> None:
+    """check_flags for the flags whose default None means "resolved at run time": only those
+    given."""
+
+    def given(names: str) -> str:
+        return " ".join(n for n in names.split() if getattr(args, n) is not None)
+
+    check_flags(args, given(positive), given(non_negative))
+
+
+# TT paper Table 1 (official D4RL v2; TT with beam search, DT from the same table). Their means over
+# the 9 datasets are the blog's locomotion averages, TT 78.9 and DT 74.7.
+TT_PAPER_TABLE_1 = {
+    "tt": {
+        "halfcheetah-medium-expert": 95.0,
+        "hopper-medium-expert": 110.0,
+        "walker2d-medium-expert": 101.9,
+        "halfcheetah-medium": 46.9,
+        "hopper-medium": 61.1,
+        "walker2d-medium": 79.0,
+        "halfcheetah-medium-replay": 41.9,
+        "hopper-medium-replay": 91.5,
+        "walker2d-medium-replay": 82.6,
+    },
+    "dt": {
+        "halfcheetah-medium-expert": 86.8,
+        "hopper-medium-expert": 107.6,
+        "walker2d-medium-expert": 108.1,
+        "halfcheetah-medium": 42.6,
+        "hopper-medium": 67.6,
+        "walker2d-medium": 74.0,
+        "halfcheetah-medium-replay": 36.6,
+        "hopper-medium-replay": 82.7,
+        "walker2d-medium-replay": 66.6,
+    },
+}
+# TT code (jannerm/trajectory-transformer), config/offline.py: `base` and the per-dataset overrides
+# of the datasets we load, in our flags' terms (its k_act / cdf_act None = our 0, off). A setting no
+# flag gives takes the dataset's entry, else the base; the other datasets (random, expert, Minari
+# ids) get the base.
+# fmt: off
+TT_BASE = {"n_epochs_ref": 50, "beam_width": 128, "horizon": 15, "k_act": 0, "cdf_act": 0.6,
+           "max_context": 5}
+TT_DATASETS = {
+    "halfcheetah-medium": {"horizon": 5, "beam_width": 32},
+    "halfcheetah-medium-replay": {"horizon": 5, "beam_width": 32},
+    "halfcheetah-medium-expert": {"beam_width": 32},
+    "hopper-medium-replay": {"n_epochs_ref": 80},  # "train on the medium-replay datasets longer"
+    "walker2d-medium-expert": {"horizon": 5},
+    "walker2d-medium-replay": {"n_epochs_ref": 80, "horizon": 20, "beam_width": 32, "k_act": 40,
+                               "cdf_act": 0.0},
+}
+# the flags that define the model and its tokens: a checkpoint's win over the command line's
+ARCH = ("n_bins", "discretizer", "seq_len", "n_layer", "n_head", "n_embd", "discount",
+        "terminal_penalty")
+# fmt: on
+# Flags that say where and how a run runs, not what it computes: --resume takes them from its own
+# command line.
+RUN_FLAGS = (
+    "resume device threads runs_dir track wandb_project_name wandb_entity capture_video".split()
+)
+
+
+def with_base(args: Args) -> Args:
+    """The settings train() resolves per run that are still None (plan or evaluate called from
+    elsewhere, e.g. benchmarks/) take the TT code's base values."""
+    unset = {k: v for k, v in TT_BASE.items() if getattr(args, k) is None}
+    return replace(args, **unset) if unset else args
+
+
+def plan_settings(args: Args) -> PlanSettings:
+    """plan()'s settings from the flags; those still None take the TT code's base values."""
+    args = with_base(args)
+    return PlanSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PlanSettings)})
+
+
+def resolve_settings(args: Args, name: str, windows: Optional[int], ckpt: Optional[dict]) -> tuple:
+    """Each setting left out (None) takes the TT code's value for dataset `name` (TT_DATASETS, else
+    TT_BASE); a flag wins. --max-context is capped at the model's --seq-len; --updates follows the
+    TT code's epoch rule on the data's `windows`. Returns the arguments and the source of each
+    setting."""
+    entry, values, sources = TT_DATASETS.get(name, {}), {}, {}
+    for k, base in TT_BASE.items():
+        given = getattr(args, k) is not None
+        values[k] = getattr(args, k) if given else entry.get(k, base)
+        default = f"TT config/offline.py for {name}" if k in entry else "TT base"
+        sources[k] = "flag" if given else default
+    model = "the checkpoint's" if ckpt is not None else "the model's"
+    if values["max_context"] > args.seq_len:
+        # only a checkpoint's --seq-len gets here; Args checks the flag's own
+        if args.max_context is not None:
+            raise SystemExit(
+                f"error: --max-context {args.max_context}: must be <= {model} --seq-len "
+                f"{args.seq_len}, its trained window; leave out --max-context to plan with "
+                f"{args.seq_len}."
+            )
+        values["max_context"] = args.seq_len
+        sources["max_context"] += f", capped at {model} --seq-len {args.seq_len}"
+    if windows == 0 and args.updates != 0:
+        why = "every episode has a single step; TT windows need two or more"
+        raise SystemExit(f"error: --env {name}: {why}.")
+    values["updates"], sources["updates"] = args.updates, "flag"
+    if args.updates is None:
+        # TT code (scripts/train.py): about 10^6 x n_epochs_ref windows
+        epochs = int(1e6 / windows * values["n_epochs_ref"])
+        per_epoch = math.ceil(windows / args.batch_size)
+        values["updates"] = epochs * per_epoch
+        sources["updates"] = f"TT rule: {epochs} epochs of {per_epoch} updates ({windows} windows)"
+    return replace(args, **values), sources
+
+
+def planning_cost(args: Args, m_s: int, m_a: int) -> str:
+    """What one planning call costs (one env step of every episode at once), counted as plan() runs:
+    a forward pass over the prefix, then one pass per generated token (kv cache) for the action
+    tokens, r and V of every horizon step, and the observation tokens of every step but the last."""
+    steps = (
+        f"episodes cut at {args.eval_max_steps} steps"
+        if args.eval_max_steps
+        else "episodes run to the env's step limit"
+    )
+    if args.beam_width == 1:
+        passes = f"{1 + m_a} forward passes of 1 sequence per episode per env step"
+        return f"greedy decoding: {passes}; {steps}"
+    n = 1 + args.horizon * (m_a + 2) + (args.horizon - 1) * m_s
+    return (
+        f"beam {args.beam_width} x horizon {args.horizon}: about {n} forward passes of "
+        f"{args.beam_width * args.n_expand} sequences per episode per env step; {steps}"
+    )
+
+
+@dataclass
+class Run:
+    """What train() keeps about its run besides the model and optimizer: the resolved flags, where
+    it runs and writes, and how far it got."""
+
+    args: Args
+    sources: dict  # each resolved setting's source (a flag, the TT code's config)
+    device: torch.device
+    threads: int
+    ckpt: Optional[dict]  # --checkpoint's model.pt, or --resume's own
+    episodes: Optional[list]  # None when only evaluating a checkpoint on its own dataset
+    facts: dict  # the dataset's facts (common.load_dataset's info)
+    dir: Path
+    t_start: float
+    config: dict = dataclasses.field(default_factory=dict)
+    done: int = 0  # updates done, before a stop too
+    parent: int = 0  # updates of the model it started from
+    clock: dict = dataclasses.field(default_factory=lambda: dict(train_time_s=0.0, wall_time_s=0.0))
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def arch(self) -> dict:
+        return {k: getattr(self.args, k) for k in ARCH}
+
+
+def start(args: Args) -> tuple:
+    """The run's arguments, each setting's source, device, threads, checkpoint (--resume: the run's
+    own), dataset and folder, all checked before the folder is made."""
+    args = resumed_args(Args, args)
+    device, threads = setup(args)
+    resume_path = str(Path(args.resume) / "model.pt") if args.resume else None
+    if args.resume:
+        ckpt = load_checkpoint(resume_path, device, "--resume")
+    else:
+        ckpt = load_checkpoint(args.checkpoint, device)
+    # the architecture and token definition are the checkpoint's, whatever the flags say
+    if ckpt is not None:
+        args = replace(args, **{k: ckpt["arch"][k] for k in ARCH})
+    episodes, facts = load_data(args, ckpt)
+    windows = sum(len(ep["rewards"]) - 1 for ep in episodes) if episodes is not None else None
+    args, sources = resolve_settings(args, facts["name"], windows, ckpt)
+    if args.capture_video:
+        try:
+            common.check_video(facts)
+        except common.DatasetError as e:
+            raise SystemExit(f"error: {e}") from None
+    run_dir = Path(args.resume) if args.resume else make_run_dir(args, facts)
+    return args, sources, device, threads, ckpt, episodes, facts, run_dir
+
+
+def open_run(args: Args) -> Run:
+    """start(), then config.json, W&B (--track), and where a resumed run had got to."""
+    t_start = time.time()
+    run = Run(*start(args), t_start=t_start)
+    resume = run.ckpt["resume"] if run.args.resume else None
+    run.config = record_config(run.dir, run_config(run), resume)
+    run.config.setdefault("sources", run.sources)  # a run resumed from before sources were recorded
+    start_tracking(run.args, run.config, run.dir)
+    if resume:
+        run.done = resume["updates_done"]
+        run.clock = dict(resume["clock"])
+    if run.ckpt is not None:
+        run.parent = run.ckpt["trained_updates"] - run.done
+    return run
+
+
+def run_config(run: Run) -> dict:
+    """config.json: the flags, the architecture, the dataset's facts, each setting's source, and
+    where the run runs."""
+    args, ckpt = run.args, run.ckpt
+    config = {"method": METHOD, "args": asdict(args), "arch": run.arch, "dataset": run.facts}
+    config |= {"sources": run.sources, "device": str(run.device), "threads": run.threads}
+    config |= {"git_commit": git_commit(), "torch": torch.__version__}
+    # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
+    config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
+    return config
+
+
+def build(args: Args, facts: dict, ckpt: Optional[dict], episodes, device) -> tuple:
+    """The tokenized data (None when the run only evaluates), the bins (a checkpoint's, else fitted
+    to the data) and the model (a checkpoint's weights, if any)."""
+    edges = None if ckpt is None else ckpt["edges"]
+    data = None
+    if args.updates:
+        tokens = (args.n_bins, args.discretizer, args.discount, args.terminal_penalty)
+        data = make_dataset(episodes, device, *tokens, edges=edges)
+    disc = data["disc"] if data is not None else Discretizer(edges.to(device))
+    dims = (facts["obs_dim"], facts["act_dim"], args.n_bins, args.seq_len)
+    model = TrajectoryTransformer(*dims, args.n_layer, args.n_head, args.n_embd, args.dropout)
+    model = model.to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    return data, disc, model
+
+
+def precisions(args: Args, device) -> tuple:
+    """Whether training runs in bf16, and the autocasts of training and of planning: TT plans in
+    fp32, so bf16 planning only on request (--plan-bf16)."""
+    bf16 = args.bf16 and bf16_native(device)
+    train_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    plan_bf16 = bf16 and args.plan_bf16
+    plan_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=plan_bf16)
+    return bf16, train_autocast, plan_autocast
+
+
+def banner(run: Run, model, bf16: bool) -> None:
+    """What runs where, each resolved setting with its source, and what a planning call costs."""
+    args, facts = run.args, run.facts
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    plan = "bf16" if bf16 and args.plan_bf16 else "fp32"
+    where = f"{run.device}, {run.threads} CPU thread(s)"
+    train = "bf16" if bf16 else "fp32"
+    data = f"{facts['name']} ({facts['source']} data)"
+    print(
+        f"run {run.dir.name}: {data}, {model.transition_dim} tokens per transition, "
+        f"{n_params:.2f}M parameters, device {where}, training {train}, planning {plan}"
+    )
+    sources = run.config["sources"].items()
+    print("settings: " + ", ".join(f"{k} {getattr(args, k)} ({v})" for k, v in sources))
+    print(f"planning: {planning_cost(args, model.obs_dim, model.act_dim)}")
+
+
+def log_evaluation(path: Path, step: int, res: dict) -> dict:
+    """An evaluation's score into metrics.jsonl (and W&B) and onto the terminal."""
+    score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
+    # a rate: not compared on resume
+    speed = {"plan_steps_per_s": 1 / max(res["plan_s_per_step"], 1e-9)}
+    log_metrics(path, step=step, eval_normalized_std=res["normalized_std"], **speed, **score)
+    score_std = f"{res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}"
+    tqdm.write(f"update {step}: normalized score {score_std}")
+    return res
+
+
+def eval_due(n: int, args: Args) -> bool:
+    """--eval-every N: before training and every N updates; the final evaluation is train()'s."""
+    return bool(args.eval_every and n % args.eval_every == 0 and n < args.updates)
+
+
+@contextlib.contextmanager
+def timed(clock: dict, key: str):
+    """Adds the block's seconds to clock[key]."""
+    t0 = time.time()
+    yield
+    clock[key] += time.time() - t0
+
+
+def restore_run(run: Run, opt, sched, gen: torch.Generator) -> set:
+    """--resume: the optimizer, schedule and random states where the run stopped, and metrics.jsonl
+    cut back to that point. Returns the steps whose evaluation is logged."""
+    if not run.args.resume:
+        return set()
+    resume = run.ckpt["resume"]
+    restore_training_state(resume, opt, sched, gen)
+    logged = trim_metrics(run.metrics, resume["metrics_lines"])
+    return {m["step"] for m in logged if "eval_normalized" in m}
+
+
+def make_checkpoint(
+    model, disc: Discretizer, arch: dict, args: Args, facts: dict, total: int, state: dict
+) -> dict:
+    """model.pt: the weights with what evaluating them needs (architecture, bins, dataset facts),
+    and the training state that --resume continues from."""
+    parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": facts}
+    parts["trained_updates"] = total
+    return {"model": model.state_dict(), "edges": disc.edges.cpu(), **parts, "resume": state}
+
+
+def save_run(run: Run, model, disc: Discretizer, opt, sched, gen: torch.Generator) -> None:
+    """model.pt after run.done updates, written atomically: a --checkpoint, and --resume's start."""
+    wall = {"wall_time_s": run.clock["wall_time_s"] + time.time() - run.t_start}
+    state = training_state(run.done, opt, sched, gen, run.clock | wall, run.metrics)
+    ckpt = make_checkpoint(model, disc, run.arch, run.args, run.facts, run.parent + run.done, state)
+    save_atomic(ckpt, run.dir / "model.pt")
+
+
+@contextlib.contextmanager
+def catching_stops(run: Run):
+    """Ctrl-C, SIGTERM and SIGUSR1 raise KeyboardInterrupt inside the block (catch_stop_signals);
+    one that training does not handle (while only evaluating, or in the final evaluation, the model
+    saved) ends the run in one line. The signal handlers are put back after."""
+    old_handlers = catch_stop_signals()
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        why = str(stop) or "Ctrl-C"
+        message = f"interrupted ({why}) during the evaluation; {run.dir} keeps what it logged."
+        raise SystemExit(message) from None
+    finally:
+        restore_signals(old_handlers)
+
+
+@contextlib.contextmanager
+def saving_on_stop(run: Run, model, disc: Discretizer, opt, sched, gen: torch.Generator):
+    """A stop signal during training: save a resumable model.pt, then exit with the command that
+    continues the run."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        save_run(run, model, disc, opt, sched, gen)
+        message = stop_message(str(stop) or "Ctrl-C", run.parent + run.done, run.dir)
+        raise SystemExit(message) from None
+
+
+def report(run: Run, res: dict, bf16: bool) -> dict:
+    """results.json (config, evaluation, updates, speed) and the final score, how it was planned,
+    and the TT paper's numbers for the same dataset."""
+    args, facts, done, total = run.args, run.facts, run.done, run.parent + run.done
+    results = {**run.config, **res, "updates": done, "trained_updates": total}
+    results["run_dir"] = str(run.dir)
+    results["train_updates_per_s"] = done / run.clock["train_time_s"] if done else None
+    results["bf16"] = bf16
+    results["plan_bf16"] = bf16 and args.plan_bf16
+    results["wall_time_s"] = run.clock["wall_time_s"] + time.time() - run.t_start
+    (run.dir / "results.json").write_text(json.dumps(results, indent=2))
+    finish_tracking(results)
+    label = common.SOURCE_LABEL[facts["source"]]
+    beam = f"beam {args.beam_width} x {args.n_expand}, horizon {args.horizon}"
+    mode = "greedy" if args.beam_width == 1 else beam
+    cut = f", episodes cut at {res['max_steps']} steps" if args.eval_max_steps else ""
+    print(
+        f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over "
+        f"{args.eval_episodes} episodes ({label} data, {total} updates, {mode}{cut}); planning "
+        f"{res['plan_s_per_step']:.3f} s per env step (all episodes at once)"
+    )
+    if facts["name"] in TT_PAPER_TABLE_1["tt"]:
+        tt_score, dt_score = (TT_PAPER_TABLE_1[m][facts["name"]] for m in ("tt", "dt"))
+        print(
+            f"TT paper Table 1 (official D4RL, full training, beam 128): TT {tt_score}, "
+            f"DT {dt_score}; locomotion averages TT 78.9, DT 74.7"
+        )
+    print(f"results: {run.dir / 'results.json'}")
+    return results
+
+
 def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
     """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
     MP4), and the episode horizon (the TimeLimit)."""
@@ -522,77 +1121,12 @@ def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] 
     return envs, horizon
 
 
-@torch.no_grad()
-def evaluate(model, disc: Discretizer, info: dict, args: Args, device, autocast, hook=None, video=None) -> dict:
-    """hook(t, prefix, action_tokens, alive), if given, sees every planning call (for analyses)."""
-    args = with_base(args)
-    n, m_s, m_a, td = args.eval_episodes, model.obs_dim, model.act_dim, model.td
-    envs, horizon = make_eval_envs(info, n, False, video)
-    horizon = min(horizon, args.eval_max_steps or horizon)
-    low, high = envs.single_action_space.low, envs.single_action_space.high
-    gen = torch.Generator(device=device).manual_seed(args.seed + 10_000)
-    context = torch.zeros(n, 0, td, dtype=torch.long, device=device)
-    returns, lengths, done = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n, dtype=bool)
-    plan_s, calls = 0.0, 0
-    model.eval()
-    obs, _ = envs.reset(seed=args.seed + 10_000)
-    # One planning call per env step, all episodes at once: the bar counts those calls (hours on a CPU at the
-    # paper's budget, so its rate and ETA are what a user waits on), episodes done and env steps taken.
-    bar = tqdm(total=horizon, desc="evaluate", unit="plan step", leave=False, dynamic_ncols=True, mininterval=1.0)
-    t0 = time.time()
-    for t in range(horizon):
-        obs_tok = disc.encode(torch.as_tensor(obs, device=device), slice(0, m_s))
-        prefix = torch.cat([context.flatten(1), obs_tok], 1)
-        alive = torch.as_tensor(~done, device=device)
-        act_tok = torch.zeros(n, m_a, dtype=torch.long, device=device)
-        tp = time.time()
-        with autocast:
-            act_tok[alive] = plan(model, disc, prefix[alive], args, gen)
-        plan_s, calls = plan_s + time.time() - tp, calls + 1
-        if hook is not None:
-            hook(t, prefix[alive], act_tok[alive], alive)
-        obs, r, term, trunc, _ = envs.step(
-            np.clip(disc.decode(act_tok, slice(m_s, m_s + m_a)).cpu().numpy(), low, high)
-        )
-        r_tok = disc.encode(torch.as_tensor(r, device=device)[:, None], slice(m_s + m_a, m_s + m_a + 1))
-        # The context gets the executed action and the observed reward; the value is a placeholder (token 0)
-        # that no token attends to (TT code: a placeholder too). It keeps max_context - 1 past transitions.
-        context = torch.cat([context, torch.cat([obs_tok, act_tok, r_tok, torch.zeros_like(r_tok)], 1)[:, None]], 1)
-        context = context[:, context.shape[1] - min(context.shape[1], args.max_context - 1) :]
-        returns += r * ~done
-        lengths += ~done
-        done |= term | trunc
-        bar.update()
-        finished = n if t + 1 == horizon else int(done.sum())  # episodes cut by --eval-max-steps count as done
-        bar.set_postfix(episodes=f"{finished}/{n}", env_steps=int(lengths.sum()), refresh=False)
-        if done.all():
-            break
-    elapsed = time.time() - t0
-    bar.close()
-    envs.close()
-    model.train()
-    score = common.normalized_score(info, returns)
-    episodes = {"returns": returns.tolist(), "lengths": lengths.tolist(), "normalized": score.tolist()}
-    means = {"return_mean": float(returns.mean()), "normalized_mean": float(score.mean())}
-    plan_time = {"plan_s_per_step": plan_s / max(calls, 1), "plan_s_per_episode_step": plan_s / max(lengths.sum(), 1)}
-    return {**episodes, **means, "normalized_std": float(score.std()), **plan_time, "max_steps": horizon,
-            "eval_env_steps_per_s": float(lengths.sum() / elapsed)}  # fmt: skip
-
-
-# --- Training
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
     for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
         for name in names.split():
             if not ok(getattr(args, name)):
                 raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}.")
-
-
-def check_given(args, positive: str, non_negative: str) -> None:
-    """check_flags for the flags whose default None means "resolved at run time": only those
-    given."""
-    given = lambda names: " ".join(n for n in names.split() if getattr(args, n) is not None)  # noqa: E731
-    check_flags(args, given(positive), given(non_negative))
 
 
 def setup(args) -> tuple[torch.device, int]:
@@ -876,254 +1410,6 @@ def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
         config["resumed"] = config.get("resumed", []) + [{"at_update": resume["updates_done"], **where}]
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     return config
-
-
-def make_optimizer(model, args, updates_per_epoch: float):
-    """AdamW as in the TT code: betas (0.9, 0.95), weight decay 0.1 on linear and head matrices
-    only; linear warmup, then a cosine floored at 10% (--lr-schedule). The TT code counts tokens, we
-    count updates: the same up to stop tokens."""
-    decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("tok_emb", "pos_emb"))}
-    groups = [{"params": [p for n, p in model.named_parameters() if (n in decayed) == d], "weight_decay": 0.1 * d}
-              for d in (True, False)]  # fmt: skip
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
-    warm, end = args.warmup_epochs * updates_per_epoch, args.decay_epochs * updates_per_epoch
-
-    def clamped(step):
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.1, 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(end - warm, 1)))))
-
-    def tt_code(step):  # utils/training.py: the rate update `step` uses was set after `step` updates were done
-        if step == 0:
-            return 1.0  # the optimizer starts at --lr
-        if step < warm:
-            return step / warm
-        return max(0.1, 0.5 * (1 + math.cos(math.pi * (step - warm) / max(end - warm, 1))))  # p not clamped
-
-    factor = tt_code if args.lr_schedule == "tt" else clamped
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def update(model, opt, data: dict, weights, args: Args, gen, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """One gradient step on the weighted token cross-entropy; returns the loss (detached) and the gradient norm."""
-    x, y = sample_batch(data, args.batch_size, args.seq_len, gen)
-    with autocast:
-        logits = model(x)[0]
-    loss = tt_loss(logits.float(), y, weights)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    opt.step()
-    return loss.detach(), grad_norm
-
-
-def make_checkpoint(model, disc: Discretizer, arch: dict, args: Args, info: dict, total: int, state: dict) -> dict:
-    """model.pt: the weights with what evaluating them needs (architecture, bins, dataset facts),
-    and the training state that --resume continues from."""
-    parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": total}
-    return {"model": model.state_dict(), "edges": disc.edges.cpu(), **parts, "resume": state}
-
-
-def report(run_dir: Path, config: dict, res: dict, args: Args, info: dict, done: int, total: int, speed) -> dict:
-    """results.json (config, evaluation, updates, speed) and the final score, how it was planned, and the TT
-    paper's numbers for the same dataset."""
-    results = {**config, **res, "updates": done, "trained_updates": total, "run_dir": str(run_dir), **speed}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    finish_tracking(results)
-    label = common.SOURCE_LABEL[info["source"]]
-    mode = "greedy" if args.beam_width == 1 else f"beam {args.beam_width} x {args.n_expand}, horizon {args.horizon}"
-    cut = f", episodes cut at {res['max_steps']} steps" if args.eval_max_steps else ""
-    print(f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} "
-          f"episodes ({label} data, {total} updates, {mode}{cut}); planning {res['plan_s_per_step']:.3f} s per env "
-          f"step (all episodes at once)")  # fmt: skip
-    if info["name"] in TT_PAPER_TABLE_1["tt"]:
-        print(f"TT paper Table 1 (official D4RL, full training, beam 128): TT {TT_PAPER_TABLE_1['tt'][info['name']]}, "
-              f"DT {TT_PAPER_TABLE_1['dt'][info['name']]}; locomotion averages TT 78.9, DT 74.7")  # fmt: skip
-    print(f"results: {run_dir / 'results.json'}")
-    return results
-
-
-def resolve_settings(args: Args, name: str, windows: Optional[int], ckpt: Optional[dict]) -> tuple[Args, dict]:
-    """Each setting left out (None) takes the TT code's value for dataset `name` (TT_DATASETS, else
-    TT_BASE); a flag wins. --max-context is capped at the model's --seq-len; --updates follows the
-    TT code's epoch rule on the data's `windows`. Returns the arguments and the source of each
-    setting."""
-    entry, values, sources = TT_DATASETS.get(name, {}), {}, {}
-    for k, base in TT_BASE.items():
-        given = getattr(args, k) is not None
-        values[k] = getattr(args, k) if given else entry.get(k, base)
-        sources[k] = "flag" if given else f"TT config/offline.py for {name}" if k in entry else "TT base"
-    model = "the checkpoint's" if ckpt is not None else "the model's"
-    if values["max_context"] > args.seq_len:
-        if args.max_context is not None:  # only a checkpoint's --seq-len gets here; Args checks the flag's own
-            raise SystemExit(
-                f"error: --max-context {args.max_context}: must be <= {model} --seq-len {args.seq_len}, its "
-                f"trained window; leave out --max-context to plan with {args.seq_len}."
-            )
-        values["max_context"] = args.seq_len
-        sources["max_context"] += f", capped at {model} --seq-len {args.seq_len}"
-    values["updates"], sources["updates"] = args.updates, "flag"
-    if args.updates is None:
-        if not windows:
-            raise SystemExit(f"error: --env {name}: every episode has a single step; TT windows need two or more.")
-        epochs, per_epoch = int(1e6 / windows * values["n_epochs_ref"]), math.ceil(windows / args.batch_size)
-        values["updates"] = epochs * per_epoch  # TT code (scripts/train.py): about 10^6 x n_epochs_ref windows
-        sources["updates"] = f"TT rule: {epochs} epochs of {per_epoch} updates ({windows} windows)"
-    return replace(args, **values), sources
-
-
-def planning_cost(args: Args, m_s: int, m_a: int) -> str:
-    """What one planning call costs (one env step of every episode at once), counted as plan() runs:
-    a forward pass over the prefix, then one pass per generated token (kv cache) for the action
-    tokens, r and V of every horizon step, and the observation tokens of every step but the last."""
-    steps = (
-        f"episodes cut at {args.eval_max_steps} steps"
-        if args.eval_max_steps
-        else "episodes run to the env's step limit"
-    )
-    if args.beam_width == 1:
-        return f"greedy decoding: {1 + m_a} forward passes of 1 sequence per episode per env step; {steps}"
-    n = 1 + args.horizon * (m_a + 2) + (args.horizon - 1) * m_s
-    return (
-        f"beam {args.beam_width} x horizon {args.horizon}: about {n} forward passes of "
-        f"{args.beam_width * args.n_expand} sequences per episode per env step; {steps}"
-    )
-
-
-def start(args: Args) -> tuple:
-    """The run's arguments, device, checkpoint (--resume: the run's own), dataset and folder, all
-    checked before the folder is made."""
-    args = resumed_args(Args, args)
-    device, threads = setup(args)
-    resume_path = str(Path(args.resume) / "model.pt") if args.resume else None
-    ckpt = load_checkpoint(resume_path, device, "--resume") if args.resume else load_checkpoint(args.checkpoint, device)
-    if ckpt is not None:  # the architecture and token definition are the checkpoint's, whatever the flags say
-        args = replace(args, **{k: ckpt["arch"][k] for k in ARCH})
-    episodes, info = load_data(args, ckpt)
-    windows = sum(len(ep["rewards"]) - 1 for ep in episodes) if episodes is not None else None
-    args, sources = resolve_settings(args, info["name"], windows, ckpt)
-    if args.capture_video:
-        try:
-            common.check_video(info)
-        except common.DatasetError as e:
-            raise SystemExit(f"error: {e}") from None
-    run_dir = Path(args.resume) if args.resume else make_run_dir(args, info)
-    return args, sources, device, threads, ckpt, episodes, info, run_dir
-
-
-def run_config(args: Args, arch: dict, ckpt, info: dict, sources: dict, device, threads: int) -> dict:
-    """config.json: the flags, the architecture, the dataset's facts, each setting's source, and where the
-    run runs."""
-    config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info, "sources": sources}
-    config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
-    # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
-    config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
-    return config
-
-
-def build(args: Args, info: dict, ckpt: Optional[dict], episodes, device) -> tuple:
-    """The tokenized data (None when the run only evaluates), the bins (a checkpoint's, else fitted to the
-    data) and the model (a checkpoint's weights, if any)."""
-    edges = None if ckpt is None else ckpt["edges"]
-    data = make_dataset(episodes, args, device, edges) if args.updates else None
-    disc = data["disc"] if data is not None else Discretizer(edges.to(device))
-    model = TrajectoryTransformer(info["obs_dim"], info["act_dim"], args.n_bins, args.seq_len, args.n_layer,
-                                  args.n_head, args.n_embd, args.dropout).to(device)  # fmt: skip
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    return data, disc, model
-
-
-def banner(run_dir: Path, info: dict, model, args: Args, config: dict, where: str, bf16: bool) -> None:
-    """What runs where, each resolved setting with its source, and what a planning call costs."""
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    plan = "bf16" if bf16 and args.plan_bf16 else "fp32"
-    print(f"run {run_dir.name}: {info['name']} ({info['source']} data), {model.td} tokens per transition, "
-          f"{n_params:.2f}M parameters, device {where}, training {'bf16' if bf16 else 'fp32'}, "
-          f"planning {plan}")  # fmt: skip
-    print("settings: " + ", ".join(f"{k} {getattr(args, k)} ({v})" for k, v in config["sources"].items()))
-    print(f"planning: {planning_cost(args, model.obs_dim, model.act_dim)}")
-
-
-def train(args: Args) -> dict:
-    t_start = time.time()
-    args, sources, device, threads, ckpt, episodes, info, run_dir = start(args)
-    resume = ckpt["resume"] if args.resume else None
-    metrics = run_dir / "metrics.jsonl"
-    arch = {k: getattr(args, k) for k in ARCH}
-    config = record_config(run_dir, run_config(args, arch, ckpt, info, sources, device, threads), resume)
-    config.setdefault("sources", sources)  # a run resumed from before sources were recorded
-    start_tracking(args, config, run_dir)
-
-    data, disc, model = build(args, info, ckpt, episodes, device)
-    bf16 = args.bf16 and bf16_native(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    # TT plans in fp32; bf16 planning only on request (--plan-bf16)
-    plan_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and args.plan_bf16)
-    banner(run_dir, info, model, args, config, f"{device}, {threads} CPU thread(s)", bf16)
-
-    def run_eval(step: int, video=None) -> dict:
-        res = evaluate(model, disc, info, args, device, plan_autocast, video=video)
-        score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
-        speed = {"plan_steps_per_s": 1 / max(res["plan_s_per_step"], 1e-9)}  # a rate: not compared on resume
-        log_metrics(metrics, step=step, eval_normalized_std=res["normalized_std"], **speed, **score)
-        tqdm.write(f"update {step}: normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
-        return res
-
-    done = resume["updates_done"] if resume else 0
-    parent = ckpt["trained_updates"] - done if ckpt is not None else 0  # updates of the model it started from
-    clock = dict(resume["clock"]) if resume else {"train_time_s": 0.0, "wall_time_s": 0.0}
-    old_handlers = catch_stop_signals()
-    try:
-        if args.updates:
-            opt, sched = make_optimizer(model, args, updates_per_epoch=len(data["starts"]) / args.batch_size)
-            gen = torch.Generator(device=device).manual_seed(args.seed)
-            if resume:
-                restore_training_state(resume, opt, sched, gen)
-
-            def save(n: int) -> None:
-                wall = {"wall_time_s": clock["wall_time_s"] + time.time() - t_start}
-                state = training_state(n, opt, sched, gen, clock | wall, metrics)
-                save_atomic(make_checkpoint(model, disc, arch, args, info, parent + n, state), run_dir / "model.pt")
-
-            logged = trim_metrics(metrics, resume["metrics_lines"]) if resume else []
-            evaluated = {m["step"] for m in logged if "eval_normalized" in m}
-            eval_due = lambda n: args.eval_every and n % args.eval_every == 0 and n < args.updates  # noqa: E731
-            fwd = torch.compile(model) if args.compile else model
-            weights = token_weights(model, model.block_size, args).to(device)
-            bar = tqdm(range(done, args.updates), "train", args.updates, initial=done, dynamic_ncols=True,
-                       mininterval=1)  # fmt: skip
-            try:
-                if eval_due(done) and done not in evaluated:
-                    run_eval(done)
-                for step in bar:
-                    with signals_deferred():  # a stop signal waits for the update and its log line
-                        t0 = time.time()
-                        lr = sched.get_last_lr()[0]  # the rate this update uses
-                        loss, grad_norm = update(fwd, opt, data, weights, args, gen, autocast)
-                        sched.step()
-                        done = step + 1
-                        if step % args.log_every == 0 or done == args.updates:  # .item() syncs the GPU
-                            log_losses(metrics, step, {"ce": loss}, grad_norm, lr, bar)
-                        clock["train_time_s"] += time.time() - t0
-                    if eval_due(done):
-                        run_eval(done)
-                    if save_due(done, args.updates, args.eval_every, args.save_every):
-                        save(done)
-            except KeyboardInterrupt as stop:
-                save(done)
-                raise SystemExit(stop_message(str(stop) or "Ctrl-C", parent + done, run_dir)) from None
-        res = run_eval(done, video=str(run_dir / "video.mp4") if args.capture_video else None)
-    except KeyboardInterrupt as stop:  # evaluating only, or in the final evaluation (the model is saved)
-        raise SystemExit(
-            f"interrupted ({str(stop) or 'Ctrl-C'}) during the evaluation; {run_dir} keeps what it logged."
-        ) from None
-    finally:
-        restore_signals(old_handlers)
-    speed = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": bf16}
-    speed |= {"plan_bf16": bf16 and args.plan_bf16, "wall_time_s": clock["wall_time_s"] + time.time() - t_start}
-    return report(run_dir, config, res, args, info, done, parent + done, speed)
 
 
 if __name__ == "__main__":

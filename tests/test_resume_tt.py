@@ -76,7 +76,9 @@ def test_evaluation_leaves_the_training_random_streams_alone(tmp_path, hdf5_path
     info = ckpt["dataset"]
     states = lambda: (random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state())
     before = states()
-    tt.evaluate(model, disc, info, args, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    planner, n, max_steps = tt.plan_settings(args), args.eval_episodes, args.eval_max_steps
+    fp32 = torch.autocast("cpu", enabled=False)
+    tt.evaluate(model, disc, info, planner, n, max_steps, args.seed, torch.device("cpu"), fp32)
     after = states()
     assert before[:2] == after[:2] and torch.equal(before[2], after[2])
 

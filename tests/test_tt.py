@@ -65,8 +65,7 @@ def test_value_targets_and_terminal_penalty():
     np.testing.assert_allclose(tt.value_targets(np.array([1.0, 2.0, 3.0]), 0.5), [2 + 0.5 * 3, 3, 0])
     eps = [{"observations": np.zeros((3, 1), np.float32), "actions": np.zeros((3, 1), np.float32),
                 "rewards": np.array([1, 2, 3], np.float32), "terminated": True}]  # fmt: skip
-    args = tt.Args(n_bins=200, discretizer="uniform", discount=0.5, terminal_penalty=-100.0, updates=1)
-    data = tt.make_dataset(eps, args, torch.device("cpu"))
+    data = tt.make_dataset(eps, torch.device("cpu"), 200, "uniform", 0.5, -100.0)
     r = data["disc"].decode(data["tokens"])[:, 2]
     v = data["disc"].decode(data["tokens"])[:, 3]
     np.testing.assert_allclose(r, [1, 2, -100], atol=102 / 400)  # the last reward is replaced, not added to
@@ -80,8 +79,7 @@ def test_token_layout_and_windows():
     for i, n in enumerate((4, 6)):
         t = np.arange(n, dtype=np.float32)[:, None] + 100 * i
         eps.append({"observations": np.hstack([t, -t]), "actions": t / 1000, "rewards": t[:, 0], "terminated": False})
-    args = tt.Args(n_bins=16, updates=1)
-    data = tt.make_dataset(eps, args, torch.device("cpu"))
+    data = tt.make_dataset(eps, torch.device("cpu"), 16, "quantile", 0.99, -100.0)
     assert data["tokens"].shape == (10, 2 + 1 + 2)
     assert data["starts"].tolist() == [0, 1, 2, 4, 5, 6, 7, 8]  # every step but an episode's last
     x, y = tt.sample_batch(data, 200, 3, torch.Generator().manual_seed(0))
@@ -105,7 +103,7 @@ def test_token_layout_and_windows():
 
 def test_causality_and_hidden_value_tokens():
     model = tiny_model()
-    td, T = model.td, model.block_size
+    td, T = model.transition_dim, model.block_size
     x = torch.randint(0, 7, (1, T), generator=torch.Generator().manual_seed(1))
     base = model(x)[0]
     for j in (0, 3, 4, 7, 9, 12):  # td = 5: positions 4 and 9 hold values
@@ -123,10 +121,10 @@ def test_causality_and_hidden_value_tokens():
 
 def test_kv_cache_equals_uncached_forward_across_crops():
     model = tiny_model(seq_len=3)
-    td, mb = model.td, model.block_size  # 5 tokens per transition, view of at most 14 tokens
+    td, mb = model.transition_dim, model.block_size  # 5 tokens per transition, view of at most 14 tokens
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, 7, (3, 7), generator=g)
-    cached, plain = tt.Decoder(model, prefix, mb, True), tt.Decoder(model, prefix, mb, False)
+    cached, plain = tt.Sequences(model, prefix, mb, True), tt.Sequences(model, prefix, mb, False)
     with torch.no_grad():
         for step in range(25):
             new = torch.randint(0, 7, (3, 1 + (step % 4 == 0)), generator=g)  # single tokens and pairs
@@ -144,8 +142,7 @@ def test_kv_cache_equals_uncached_forward_across_crops():
 
 def test_loss_weighting_hand_computed():
     model = tiny_model(obs_dim=1, act_dim=1, n_bins=1, seq_len=2)  # td 4: s, a, r, V; 2 classes (bin, stop)
-    args = tt.Args(action_weight=5.0, reward_weight=2.0, value_weight=0.5, updates=1)
-    w = tt.token_weights(model, 7, args)
+    w = tt.token_weights(model, 7, action_weight=5.0, reward_weight=2.0, value_weight=0.5)
     assert w.tolist() == [5, 2, 0.5, 1, 5, 2, 0.5]  # targets: a, r, V, s, a, r, V
     logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3)]]])  # ce: ln 2, then -ln(3/4)
     loss = tt.tt_loss(logits, torch.tensor([[0, 1]]), torch.tensor([5.0, 2.0]))
@@ -164,7 +161,8 @@ class HandModel(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.obs_dim, self.act_dim, self.n_bins, self.td, self.block_size = 1, 1, 4, 4, 4 * 10 - 1
+        self.obs_dim, self.act_dim, self.n_bins, self.transition_dim = 1, 1, 4, 4
+        self.block_size = 4 * 10 - 1
 
     def forward(self, tokens, start=0, cache=None, return_attn=False):
         seq = tokens if cache is None else torch.cat([cache[0][0], tokens], 1)
@@ -194,9 +192,9 @@ def test_beam_search_returns_the_best_scoring_plan_per_episode():
     args = tt.Args(horizon=1, beam_width=4, n_expand=8, cdf_act=0.0, k_obs=1, max_context=5, updates=1)
     prefix = torch.tensor([[0], [1]])
     for seed in range(3):
-        best = tt.plan(model, disc, prefix, args, torch.Generator().manual_seed(seed))
+        best = tt.plan(model, disc, prefix, tt.plan_settings(args), torch.Generator().manual_seed(seed))
         assert best[:, 0].tolist() == [3, 2]
-    greedy = tt.plan(model, disc, prefix, tt.Args(beam_width=1, updates=1), torch.Generator())
+    greedy = tt.plan(model, disc, prefix, tt.plan_settings(tt.Args(beam_width=1, updates=1)), torch.Generator())
     assert greedy[:, 0].tolist() == [0, 0]
 
 
@@ -316,7 +314,8 @@ def test_the_printed_planning_cost_counts_the_forward_passes(beam_width):
     model.register_forward_hook(lambda m, i, o: calls.append(1))
     args = tt.Args(horizon=2, beam_width=beam_width, n_expand=2, max_context=3, updates=1)
     disc = tt.Discretizer(torch.linspace(0, 1, 8)[:, None].repeat(1, 6).double())
-    tt.plan(model, disc, torch.zeros(2, 2 * 6 + 2, dtype=torch.long), args, torch.Generator().manual_seed(0))
+    prefix = torch.zeros(2, 2 * 6 + 2, dtype=torch.long)
+    tt.plan(model, disc, prefix, tt.plan_settings(args), torch.Generator().manual_seed(0))
     said = tt.planning_cost(args, 2, 2)
     assert f"about {len(calls)} forward passes" in said or f": {len(calls)} forward passes" in said
 
@@ -401,8 +400,8 @@ def test_the_tt_learning_rate_schedule_is_the_tt_codes_unclamped_cosine():
     model = tiny_model()
     rates = {}
     for schedule in ("tt", "clamped"):
-        args = tt.Args(lr=1.0, warmup_epochs=1.0, decay_epochs=3.0, lr_schedule=schedule, updates=1)
-        opt, sched = tt.make_optimizer(model, args, updates_per_epoch=10)
+        # 10 updates per epoch: a warmup of 1 epoch, the cosine's floor at epoch 3
+        opt, sched = tt.make_optimizer(model, 1.0, schedule, warmup_updates=10, decay_updates=30)
         rates[schedule] = []
         for _ in range(71):
             rates[schedule].append(sched.get_last_lr()[0])
