@@ -50,7 +50,8 @@ class Args:
     n_samples: int = 6
     """N, training sequences per trial (§1.6.5: 6)"""
     seq_len: int = 4
-    """K, tokens per sequence (§1.6.5: 4); even, laid out (s, a, s, a, ...) so the query is an action"""
+    """K, tokens per sequence (§1.6.5: 4); even, laid out (s, a, s, a, ...) so the query is an
+    action"""
     steps: int = 4000
     """iterations of normalized gradient descent, Eq. 1.34 (§1.6.5: 4000)"""
     lr: float = 0.01
@@ -58,9 +59,11 @@ class Args:
     trials: int = 10
     """independent trials, each with new data, embeddings and initialization (§1.6.5: 10)"""
     init_std: float = 0.01
-    """std of the i.i.d. Gaussian entries of W(0) (not given in the thesis; small, as in implicit-bias studies)"""
+    """std of the i.i.d. Gaussian entries of W(0) (not given in the thesis; small, as in
+    implicit-bias studies)"""
     max_redraws: int = 100
-    """how many times a trial may redraw its data when a Graph-SVM solution is zero (no acyclic pair)"""
+    """how many times a trial may redraw its data when a Graph-SVM solution is zero (no acyclic
+    pair)"""
     heatmap_trial: int = 0
     """which trial's attention maps and TPGs are drawn (Fig. 1.5, Fig. 1.6c-d)"""
     out_dir: Optional[str] = None
@@ -71,14 +74,17 @@ class Args:
 
 
 # Verdict thresholds, fixed before looking at any result (see claims_table).
-CORR_REPRODUCED = 0.95  # Thm 1 / §1.6.5: final Eq. 1.35 correlation counted as "converged in direction"
+# Thm 1 / §1.6.5: the final Eq. 1.35 correlation counted as "converged in direction"
+CORR_REPRODUCED = 0.95
 CORR_PARTLY = 0.80
 NEGLIGIBLE_MASS = 0.05  # Fig. 1.6c: "negligible attention to state tokens"
 BALANCED_MASS = (0.25, 0.75)  # Fig. 1.6d: "balanced attention across token types"
 ZERO_TOL = 1e-6  # a Graph-SVM solution with smaller Frobenius norm is the zero matrix
 # Clarabel's default 1e-8 gap tolerances leave ~1e-4 relative error on the exponential-cone
 # problem of W_fin; tighter settings cost milliseconds here.
-SOLVER = dict(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, tol_ktratio=1e-8)
+SOLVER = dict(
+    solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, tol_ktratio=1e-8
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +216,13 @@ def priority_pairs(G):
     dag = nx.condensation(G)
     members = {c: sorted(dag.nodes[c]["members"]) for c in dag.nodes}
     equal = [(i, j) for m in members.values() for a, i in enumerate(m) for j in m[a + 1 :]]
-    strict = [(i, j) for c in dag.nodes for c2 in nx.descendants(dag, c) for i in members[c] for j in members[c2]]
+    strict = [
+        (i, j)
+        for c in dag.nodes
+        for c2 in nx.descendants(dag, c)
+        for i in members[c]
+        for j in members[c2]
+    ]
     return equal, strict
 
 
@@ -385,7 +397,9 @@ def graph_statistics(graphs_a, graphs_m):
     stats["state_over_action_m"] = sum(
         is_state(i) and not is_state(j) for G in graphs_m.values() for i, j in priority_pairs(G)[1]
     )
-    stats["graphs_m_with_cross_scc"] = sum(any(len(set(is_state(c))) == 2 for c in sccs(G)) for G in graphs_m.values())
+    stats["graphs_m_with_cross_scc"] = sum(
+        any(len(set(is_state(c))) == 2 for c in sccs(G)) for G in graphs_m.values()
+    )
     return {key: int(value) for key, value in stats.items()}
 
 
@@ -422,7 +436,9 @@ def run_trial(seed: int, args: Args):
     W0 = args.init_std * rng.standard_normal((args.d_in, args.d_in))
     for m in models.values():
         m["W_fin"] = cyclic_component(m["graphs"], E, m["X"], m["y"])
-        m["W"], m["history"] = train(W0, E, C, m["X"], m["y"], m["W_svm"], m["W_fin"], args.steps, args.lr)
+        m["W"], m["history"] = train(
+            W0, E, C, m["X"], m["y"], m["W_svm"], m["W_fin"], args.steps, args.lr
+        )
         att = attention(m["W"], E, X)  # attention depends on the sequences only, not the labels
         state_mass, action_mass = modality_mass(att, X)
         m.update(
@@ -470,7 +486,8 @@ def trial_record(trial):
 
 
 # ----------------------------------------------------------------------------------------------
-# Claims table: thesis claim | our measurement | verdict
+# Claims and figures: thesis claim | our measurement | verdict. Each claim's check is one
+# function that returns its row, beside the figure that shows what it measures.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -486,107 +503,66 @@ def corr_verdict(values):
     return level(np.mean(values) >= CORR_REPRODUCED, np.mean(values) >= CORR_PARTLY)
 
 
-def claims_table(records, steps):
-    n = len(records)
-    g = {key: sum(r["graph_stats"][key] for r in records) for key in records[0]["graph_stats"]}
-    final = {
-        name: {key: [r[name][key] for r in records] for key in records[0][name] if key != "tpgs"} for name in MODELS
-    }
-    ao, mt = final["action_only"], final["multi_task"]
-    turned = g["a_over_s_to_equal"] + g["a_over_s_to_reversed"]
-    more_selective = [np.mean(mt[k]) > np.mean(ao[k]) for k in ("selectivity_action", "selectivity_state")]
-    worst_svm_fin = min(np.mean(ao["final_corr_svm_fin"]), np.mean(mt["final_corr_svm_fin"]))
-    return [
-        dict(
-            claim="§1.6.3 G_a: no path from a state to an action token; SCCs only inside A",
-            ours=f"{g['state_reaches_action_a']} state->action paths, {g['cross_modal_sccs_a']} "
-            f"cross-modal SCCs in {n} trials (structural: states are never labels)",
-            verdict=level(g["state_reaches_action_a"] == 0 and g["cross_modal_sccs_a"] == 0, False),
-        ),
-        dict(
-            claim="§1.6.3 G_a: (i => j) for ALL i in A, j in S",
-            ours=f"{g['action_over_state_a']}/{g['action_state_pairs_a']} = "
-            f"{g['action_over_state_a'] / g['action_state_pairs_a']:.0%} of (action, state) node "
-            "pairs; an action that is never a label out-ranks nothing",
-            verdict=level(g["action_over_state_a"] == g["action_state_pairs_a"], g["action_over_state_a"] > 0),
-        ),
-        dict(
-            claim="§1.6.3 G_m: SCCs spanning both modalities can exist",
-            ours=f"{g['graphs_m_with_cross_scc']}/{g['graphs_m']} graphs G_m^(k) have one "
-            "(guaranteed: a_i -> s_i and s_i -> a_i for every sample)",
-            verdict=level(g["graphs_m_with_cross_scc"] > 0, False),
-        ),
-        # The thesis's "reversed" is its own gloss, "when some states get higher priority compared to actions":
-        # a state => action pair of G_m. An a => s pair of G_a itself cannot flip (G_a is a subgraph of G_m).
-        dict(
-            claim="§1.6.3 G_m: many action=>state inequalities become equalities, or are reversed when some "
-            "states get higher priority than actions",
-            ours=f"of {g['action_over_state_a']} a=>s pairs of G_a: {g['a_over_s_to_equal']} become equal, "
-            f"{g['a_over_s_kept']} kept ({g['a_over_s_to_reversed']} flipped: impossible, G_a is a subgraph "
-            f"of G_m); {g['state_over_action_m']} s=>a pairs in G_m (states out-ranking actions)",
-            verdict=level(
-                turned >= 0.5 * g["action_over_state_a"] and g["state_over_action_m"] > 0,
-                turned > 0 or g["state_over_action_m"] > 0,
-            ),
-        ),
-        dict(
-            claim="Thm 1(a), §1.6.5: action-only W(t) aligns with W_a; corr ≈ 0.98 (Eq. 1.35)",
-            ours=f"corr(W({steps}), W_a) = {mean_std(ao['final_corr_svm'])} "
-            f"(min {min(ao['final_corr_svm']):.3f}, {n} trials)",
-            verdict=corr_verdict(ao["final_corr_svm"]),
-        ),
-        dict(
-            claim="Thm 1(b), §1.6.5: multi-task W(t) aligns with W_m (Eq. 1.35)",
-            ours=f"corr(W({steps}), W_m) = {mean_std(mt['final_corr_svm'])} (min {min(mt['final_corr_svm']):.3f})",
-            verdict=corr_verdict(mt["final_corr_svm"]),
-        ),
-        dict(
-            claim="[33] (source, not thesis): W(t) ≈ R(t) W_svm/||W_svm|| + W_fin",
-            ours=f"corr: action-only {mean_std(ao['final_corr_svm_fin'])}, "
-            f"multi-task {mean_std(mt['final_corr_svm_fin'])}; "
-            f"||W_fin|| {mean_std(ao['norm_W_fin'])} vs {mean_std(mt['norm_W_fin'])}",
-            verdict=level(worst_svm_fin >= CORR_REPRODUCED, worst_svm_fin >= CORR_PARTLY),
-        ),
-        dict(
-            claim="Fig. 1.6c: action-only model pays negligible attention to state tokens",
-            ours=f"attention mass on states {mean_std(ao['state_mass'])} (threshold {NEGLIGIBLE_MASS})",
-            verdict=level(np.mean(ao["state_mass"]) < NEGLIGIBLE_MASS, np.mean(ao["state_mass"]) < 0.5),
-        ),
-        dict(
-            claim="Fig. 1.6d: multi-task attention balanced across modalities",
-            ours=f"attention mass on states {mean_std(mt['state_mass'])}; ≈ 1/2 is forced by the loss "
-            "(-log p_a - log p_s with p_a + p_s <= 1 peaks at p_a = p_s = 1/2)",
-            verdict=level(BALANCED_MASS[0] <= np.mean(mt["state_mass"]) <= BALANCED_MASS[1], False),
-        ),
-        dict(
-            claim="Fig. 1.6d: multi-task attention more selective within each modality",
-            ours=f"top-token share in actions: {mean_std(ao['selectivity_action'])} (action-only) vs "
-            f"{mean_std(mt['selectivity_action'])} (multi-task); in states: "
-            f"{mean_std(ao['selectivity_state'])} vs {mean_std(mt['selectivity_state'])}",
-            verdict=level(all(more_selective), any(more_selective)),
-        ),
-    ]
-
-
-def format_table(rows):
-    lines = ["| thesis claim | ours | verdict |", "|---|---|---|"]
-    lines += [f"| {r['claim']} | {r['ours']} | {r['verdict']} |" for r in rows]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Figures: Fig. 1.5 (TPGs and their SCCs), Fig. 1.6 (correlation curves and attention maps)
-# ----------------------------------------------------------------------------------------------
-
-
 def pyplot():
-    """matplotlib, imported when a figure is drawn (not when this file is imported), with a file-only backend."""
+    """matplotlib, imported when a figure is drawn (not when this file is imported), with a
+    file-only backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# Fig. 1.5: the token-priority graphs and their SCCs (§1.6.3). `g` sums graph_statistics over
+# the trials, `n` is the number of trials.
+
+
+def claim_ga_no_state_to_action(g, n):
+    return dict(
+        claim="§1.6.3 G_a: no path from a state to an action token; SCCs only inside A",
+        ours=f"{g['state_reaches_action_a']} state->action paths, {g['cross_modal_sccs_a']} "
+        f"cross-modal SCCs in {n} trials (structural: states are never labels)",
+        verdict=level(g["state_reaches_action_a"] == 0 and g["cross_modal_sccs_a"] == 0, False),
+    )
+
+
+def claim_ga_actions_over_states(g):
+    above, pairs = g["action_over_state_a"], g["action_state_pairs_a"]
+    return dict(
+        claim="§1.6.3 G_a: (i => j) for ALL i in A, j in S",
+        ours=f"{above}/{pairs} = {above / pairs:.0%} of (action, state) node "
+        "pairs; an action that is never a label out-ranks nothing",
+        verdict=level(above == pairs, above > 0),
+    )
+
+
+def claim_gm_cross_modal_scc(g):
+    return dict(
+        claim="§1.6.3 G_m: SCCs spanning both modalities can exist",
+        ours=f"{g['graphs_m_with_cross_scc']}/{g['graphs_m']} graphs G_m^(k) have one "
+        "(guaranteed: a_i -> s_i and s_i -> a_i for every sample)",
+        verdict=level(g["graphs_m_with_cross_scc"] > 0, False),
+    )
+
+
+def claim_gm_equalities(g):
+    """The thesis's "reversed" is its own gloss, "when some states get higher priority compared to
+    actions": a state => action pair of G_m. An a => s pair of G_a itself cannot flip (G_a is a
+    subgraph of G_m)."""
+    turned = g["a_over_s_to_equal"] + g["a_over_s_to_reversed"]
+    return dict(
+        claim="§1.6.3 G_m: many action=>state inequalities become equalities, or are reversed "
+        "when some states get higher priority than actions",
+        ours=f"of {g['action_over_state_a']} a=>s pairs of G_a: {g['a_over_s_to_equal']} become "
+        f"equal, {g['a_over_s_kept']} kept ({g['a_over_s_to_reversed']} flipped: impossible, G_a "
+        f"is a subgraph of G_m); {g['state_over_action_m']} s=>a pairs in G_m (states "
+        "out-ranking actions)",
+        verdict=level(
+            turned >= 0.5 * g["action_over_state_a"] and g["state_over_action_m"] > 0,
+            turned > 0 or g["state_over_action_m"] > 0,
+        ),
+    )
 
 
 def plot_tpgs(trial, vocab_size, path):
@@ -628,10 +604,14 @@ def plot_tpgs(trial, vocab_size, path):
                     arrowsize=14,
                     connectionstyle="arc3,rad=0.12",
                 )
-            nx.draw_networkx_labels(G, pos, {t: token_name(t) for t in G.nodes}, ax=ax, font_size=10)
+            nx.draw_networkx_labels(
+                G, pos, {t: token_name(t) for t in G.nodes}, ax=ax, font_size=10
+            )
             graph = "G_a" if name == "action_only" else "G_m"
             names = " ".join("{" + ",".join(token_name(t) for t in c) + "}" for c in cyclic)
-            ax.set_title(f"${graph}^{{({token_name(k)})}}$  SCCs: {names or 'singletons only'}", fontsize=10)
+            ax.set_title(
+                f"${graph}^{{({token_name(k)})}}$  SCCs: {names or 'singletons only'}", fontsize=10
+            )
             ax.set(xlim=(-1.3, 1.3), ylim=(-1.3, 1.3), aspect="equal")
             ax.axis("off")
     fig.suptitle(
@@ -642,6 +622,39 @@ def plot_tpgs(trial, vocab_size, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# Fig. 1.6a-b: Thm 1, the direction W(t) converges to (Eq. 1.35). `ao` and `mt` map each
+# trial_record key to its values over the trials, for the action-only and multi-task models.
+
+
+def claim_thm1a(ao, steps, n):
+    return dict(
+        claim="Thm 1(a), §1.6.5: action-only W(t) aligns with W_a; corr ≈ 0.98 (Eq. 1.35)",
+        ours=f"corr(W({steps}), W_a) = {mean_std(ao['final_corr_svm'])} "
+        f"(min {min(ao['final_corr_svm']):.3f}, {n} trials)",
+        verdict=corr_verdict(ao["final_corr_svm"]),
+    )
+
+
+def claim_thm1b(mt, steps):
+    return dict(
+        claim="Thm 1(b), §1.6.5: multi-task W(t) aligns with W_m (Eq. 1.35)",
+        ours=f"corr(W({steps}), W_m) = {mean_std(mt['final_corr_svm'])} "
+        f"(min {min(mt['final_corr_svm']):.3f})",
+        verdict=corr_verdict(mt["final_corr_svm"]),
+    )
+
+
+def claim_svm_plus_fin(ao, mt):
+    worst = min(np.mean(ao["final_corr_svm_fin"]), np.mean(mt["final_corr_svm_fin"]))
+    return dict(
+        claim="[33] (source, not thesis): W(t) ≈ R(t) W_svm/||W_svm|| + W_fin",
+        ours=f"corr: action-only {mean_std(ao['final_corr_svm_fin'])}, "
+        f"multi-task {mean_std(mt['final_corr_svm_fin'])}; "
+        f"||W_fin|| {mean_std(ao['norm_W_fin'])} vs {mean_std(mt['norm_W_fin'])}",
+        verdict=level(worst >= CORR_REPRODUCED, worst >= CORR_PARTLY),
+    )
 
 
 def plot_fig_1_6(trials, shown, path):
@@ -682,12 +695,15 @@ def plot_fig_1_6(trials, shown, path):
                 fontsize=8,
                 color="w" if value < 0.6 else "k",
             )
-        ax.set_xticks(range(X.shape[1]), [f"{j} ({'s' if j % 2 == 0 else 'a'})" for j in range(X.shape[1])])
+        ax.set_xticks(
+            range(X.shape[1]), [f"{j} ({'s' if j % 2 == 0 else 'a'})" for j in range(X.shape[1])]
+        )
         ax.set_yticks(range(len(X)))
         ax.set(
             xlabel="position (even = state, odd = action)",
             ylabel="training sequence i",
-            title=f"({'cd'[col]}) {name.replace('_', '-')}, seed {shown['seed']}: state mass {m['state_mass']:.3f}",
+            title=f"({'cd'[col]}) {name.replace('_', '-')}, seed {shown['seed']}: "
+            f"state mass {m['state_mass']:.3f}",
         )
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -695,10 +711,44 @@ def plot_fig_1_6(trials, shown, path):
     plt.close(fig)
 
 
+# Fig. 1.6c-d and attention_mass.png: where the trained attention goes.
+
+
+def claim_action_only_ignores_states(ao):
+    mass = np.mean(ao["state_mass"])
+    return dict(
+        claim="Fig. 1.6c: action-only model pays negligible attention to state tokens",
+        ours=f"attention mass on states {mean_std(ao['state_mass'])} (threshold {NEGLIGIBLE_MASS})",
+        verdict=level(mass < NEGLIGIBLE_MASS, mass < 0.5),
+    )
+
+
+def claim_multi_task_balanced(mt):
+    return dict(
+        claim="Fig. 1.6d: multi-task attention balanced across modalities",
+        ours=f"attention mass on states {mean_std(mt['state_mass'])}; ≈ 1/2 is forced by the "
+        "loss (-log p_a - log p_s with p_a + p_s <= 1 peaks at p_a = p_s = 1/2)",
+        verdict=level(BALANCED_MASS[0] <= np.mean(mt["state_mass"]) <= BALANCED_MASS[1], False),
+    )
+
+
+def claim_multi_task_more_selective(ao, mt):
+    keys = ("selectivity_action", "selectivity_state")
+    more_selective = [np.mean(mt[k]) > np.mean(ao[k]) for k in keys]
+    return dict(
+        claim="Fig. 1.6d: multi-task attention more selective within each modality",
+        ours=f"top-token share in actions: {mean_std(ao['selectivity_action'])} (action-only) vs "
+        f"{mean_std(mt['selectivity_action'])} (multi-task); in states: "
+        f"{mean_std(ao['selectivity_state'])} vs {mean_std(mt['selectivity_state'])}",
+        verdict=level(all(more_selective), any(more_selective)),
+    )
+
+
 def plot_attention_mass(records, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for offset, (key, label) in enumerate((("state_mass", "state tokens"), ("action_mass", "action tokens"))):
+    modalities = (("state_mass", "state tokens"), ("action_mass", "action tokens"))
+    for offset, (key, label) in enumerate(modalities):
         values = [[r[name][key] for r in records] for name in MODELS]
         ax.bar(
             np.arange(len(MODELS)) + 0.35 * offset,
@@ -720,23 +770,57 @@ def plot_attention_mass(records, path):
     plt.close(fig)
 
 
+def claims_table(records, steps):
+    """Every §1.6 claim we test, in the printed order, from the trials' JSON records."""
+    n = len(records)
+    g = {key: sum(r["graph_stats"][key] for r in records) for key in records[0]["graph_stats"]}
+    final = {
+        name: {key: [r[name][key] for r in records] for key in records[0][name] if key != "tpgs"}
+        for name in MODELS
+    }
+    ao, mt = final["action_only"], final["multi_task"]
+    return [
+        claim_ga_no_state_to_action(g, n),
+        claim_ga_actions_over_states(g),
+        claim_gm_cross_modal_scc(g),
+        claim_gm_equalities(g),
+        claim_thm1a(ao, steps, n),
+        claim_thm1b(mt, steps),
+        claim_svm_plus_fin(ao, mt),
+        claim_action_only_ignores_states(ao),
+        claim_multi_task_balanced(mt),
+        claim_multi_task_more_selective(ao, mt),
+    ]
+
+
+def format_table(rows):
+    lines = ["| thesis claim | ours | verdict |", "|---|---|---|"]
+    lines += [f"| {r['claim']} | {r['ours']} | {r['verdict']} |" for r in rows]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
 CHOICES = [
-    "Orthogonal heads for ALL token pairs (C E^T = I), not only within a modality as Eq. 1.19-1.20 "
-    "state: otherwise the score of Eq. 1.21 is not the attention on the target and [33] does not apply.",
-    "One TPG per query (last) token, as in [33]; sample (X_i, y_i) adds y_i -> j for every other token "
-    "j of X_i. Multi-task graphs are those of the doubled dataset {(X_i, a_i)} u {(X_i, s_i)} (Eq. 1.25).",
-    "Data (not specified in §1.6.5): sequences laid out s, a, s, a (even ids = states, odd ids = "
-    "actions, as in Fig. 1.6), tokens uniform within a modality; labels uniform over the sequence's "
-    "distinct action / state tokens (realizability). Data whose Graph-SVM solution is 0 are redrawn.",
-    "Embeddings: i.i.d. N(0, 1/d_in) entries (full row rank almost surely). W(0) ~ N(0, init_std^2) "
-    "entries (init not given in the thesis); both models share the data and W(0) in a trial.",
-    "Graph-SVM constraints over all i ≍ j and i => j pairs (Eq. 1.27-1.28); solved with cvxpy/Clarabel.",
-    "Attention maps (Fig. 1.6c-d) = attention of the final token over the positions of each training "
-    "sequence; the thesis does not say which map it shows.",
+    "Orthogonal heads for ALL token pairs (C E^T = I), not only within a modality as "
+    "Eq. 1.19-1.20 state: otherwise the score of Eq. 1.21 is not the attention on "
+    "the target and [33] does not apply.",
+    "One TPG per query (last) token, as in [33]; sample (X_i, y_i) adds y_i -> j for "
+    "every other token j of X_i. Multi-task graphs are those of the doubled dataset "
+    "{(X_i, a_i)} u {(X_i, s_i)} (Eq. 1.25).",
+    "Data (not specified in §1.6.5): sequences laid out s, a, s, a (even ids = "
+    "states, odd ids = actions, as in Fig. 1.6), tokens uniform within a modality; "
+    "labels uniform over the sequence's distinct action / state tokens "
+    "(realizability). Data whose Graph-SVM solution is 0 are redrawn.",
+    "Embeddings: i.i.d. N(0, 1/d_in) entries (full row rank almost surely). W(0) ~ "
+    "N(0, init_std^2) entries (init not given in the thesis); both models share the "
+    "data and W(0) in a trial.",
+    "Graph-SVM constraints over all i ≍ j and i => j pairs (Eq. 1.27-1.28); solved "
+    "with cvxpy/Clarabel.",
+    "Attention maps (Fig. 1.6c-d) = attention of the final token over the positions "
+    "of each training sequence; the thesis does not say which map it shows.",
 ]
 
 
@@ -747,7 +831,10 @@ def validate(args: Args):
             0 <= args.seed and args.seed + args.trials <= 2**32,
             f"--seed ({args.seed}) must be in [0, 2**32 - --trials] (trial i uses seed + i)",
         ),
-        (args.n_state_tokens >= 1 and args.n_action_tokens >= 1, "--n-state-tokens and --n-action-tokens must be >= 1"),
+        (
+            args.n_state_tokens >= 1 and args.n_action_tokens >= 1,
+            "--n-state-tokens and --n-action-tokens must be >= 1",
+        ),
         (
             args.d_in >= vocab_size,
             f"--d-in ({args.d_in}) must be >= |V| = {vocab_size} so the token "
@@ -776,7 +863,9 @@ def validate(args: Args):
 def prepare_out_dir(args: Args) -> str:
     """Checked before the work, made at the first write (common.output_folder's rule): a refused or
     failed run leaves no folder behind."""
-    return str(common.output_folder(args.out_dir, f"theory_tpg__{args.seed}", args.force, "--out-dir"))
+    return str(
+        common.output_folder(args.out_dir, f"theory_tpg__{args.seed}", args.force, "--out-dir")
+    )
 
 
 def git_commit():
@@ -790,6 +879,51 @@ def git_commit():
         ).stdout.strip()
     except Exception:
         return None
+
+
+def draw_figures(args: Args, out_dir: str, trials, records) -> None:
+    """Fig. 1.5 and Fig. 1.6 (of the --heatmap-trial), and the attention mass of every trial."""
+    vocab_size = args.n_state_tokens + args.n_action_tokens
+    os.makedirs(out_dir, exist_ok=True)
+    shown = trials[args.heatmap_trial]
+    plot_tpgs(shown, vocab_size, os.path.join(out_dir, "fig1_5_tpgs.png"))
+    plot_fig_1_6(trials, shown, os.path.join(out_dir, "fig1_6.png"))
+    plot_attention_mass(records, os.path.join(out_dir, "attention_mass.png"))
+
+
+def mean_curves(trials, steps):
+    """Eq. 1.35 over training, averaged over the trials, at most ~200 points per curve."""
+    every = max(1, steps // 200)
+    curves = {}
+    for name in MODELS:
+        curves[name] = {}
+        for key in ("corr_svm", "corr_svm_fin"):
+            mean = np.mean([t["models"][name]["history"][key] for t in trials], axis=0)
+            curves[name][key] = mean[::every].tolist()
+    return curves
+
+
+def write_summary(args: Args, out_dir: str, trials, records, table, start: float) -> dict:
+    summary = dict(
+        config=asdict(args),
+        out_dir=out_dir,
+        git_commit=git_commit(),
+        device=f"CPU, numpy ({platform.machine()}, {os.cpu_count()} cores)",
+        interpretation_choices=CHOICES,
+        verdict_thresholds=dict(
+            corr_reproduced=CORR_REPRODUCED,
+            corr_partly=CORR_PARTLY,
+            negligible_mass=NEGLIGIBLE_MASS,
+            balanced_mass=BALANCED_MASS,
+        ),
+        claims=table,
+        trials=records,
+        curves=mean_curves(trials, args.steps),
+        wall_time_s=time.time() - start,
+    )
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
 
 
 def main(args: Args) -> dict:
@@ -807,39 +941,8 @@ def main(args: Args) -> dict:
     trials = [run_trial(args.seed + i, args) for i in tqdm(range(args.trials), desc="trials")]
     records = [trial_record(t) for t in trials]
     table = claims_table(records, args.steps)
-    vocab_size = args.n_state_tokens + args.n_action_tokens
-    os.makedirs(out_dir, exist_ok=True)
-    plot_tpgs(trials[args.heatmap_trial], vocab_size, os.path.join(out_dir, "fig1_5_tpgs.png"))
-    plot_fig_1_6(trials, trials[args.heatmap_trial], os.path.join(out_dir, "fig1_6.png"))
-    plot_attention_mass(records, os.path.join(out_dir, "attention_mass.png"))
-
-    summary = dict(
-        config=asdict(args),
-        out_dir=out_dir,
-        git_commit=git_commit(),
-        device=f"CPU, numpy ({platform.machine()}, {os.cpu_count()} cores)",
-        interpretation_choices=CHOICES,
-        verdict_thresholds=dict(
-            corr_reproduced=CORR_REPRODUCED,
-            corr_partly=CORR_PARTLY,
-            negligible_mass=NEGLIGIBLE_MASS,
-            balanced_mass=BALANCED_MASS,
-        ),
-        claims=table,
-        trials=records,
-        curves={
-            name: {
-                key: np.mean([t["models"][name]["history"][key] for t in trials], axis=0)[
-                    :: max(1, args.steps // 200)
-                ].tolist()
-                for key in ("corr_svm", "corr_svm_fin")
-            }
-            for name in MODELS
-        },
-        wall_time_s=time.time() - start,
-    )
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    draw_figures(args, out_dir, trials, records)
+    summary = write_summary(args, out_dir, trials, records, table, start)
     print(format_table(table))
     print(
         f"wrote {out_dir}/ (fig1_5_tpgs.png, fig1_6.png, attention_mass.png, summary.json) "

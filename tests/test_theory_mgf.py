@@ -29,12 +29,14 @@ def attention_problem():
 
 
 def test_toy_gradients_match_hand_computation():
-    # At (1, 1): L1 = 0 so grad L1 = 0; L2 = (1+1)^2/2 = 2, grad L2 = (x^2 y + 1)(2xy, x^2) = 2 * (2, 1).
+    # At (1, 1): L1 = 0 so grad L1 = 0; L2 = (1+1)^2/2 = 2,
+    # grad L2 = (x^2 y + 1)(2xy, x^2) = 2 * (2, 1).
     p = torch.tensor([1.0, 1.0])
     assert float(m.toy_l1(p)) == 0.0 and float(m.toy_l2(p)) == 2.0
     assert torch.allclose(m.grad(m.toy_l1, p), torch.tensor([0.0, 0.0]))
     assert torch.allclose(m.grad(m.toy_l2, p), torch.tensor([4.0, 2.0]))
-    # Hessian of L2 at (1,1): grad r grad r^T + r * [[2y, 2x], [2x, 0]] = [[4,2],[2,1]] + 2 [[2,2],[2,0]].
+    # Hessian of L2 at (1,1): grad r grad r^T + r * [[2y, 2x], [2x, 0]]
+    # = [[4,2],[2,1]] + 2 [[2,2],[2,0]].
     assert torch.allclose(m.hvp(m.toy_l2, p, torch.tensor([1.0, 0.0])), torch.tensor([8.0, 6.0]))
 
 
@@ -53,7 +55,8 @@ def test_theorem3_residual_shrinks_like_eta_cubed(attention_problem):
     lx, ly = m.attention_loss(prob, prob["x"], args.xi), m.attention_loss(prob, prob["y"], args.xi)
     r = m.theorem3_check(lx, ly, prob["W0"], np.geomspace(1e-3, 3e-2, 5))
     assert abs(r["slope_with_correction"] - 3) < 0.2
-    assert abs(r["slope_without_correction"] - 2) < 0.2  # the Hessian term is what buys the extra order
+    # the Hessian term is what buys the extra order
+    assert abs(r["slope_without_correction"] - 2) < 0.2
     assert abs(r["lemma9_slope"] - 2) < 0.2
 
 
@@ -62,7 +65,9 @@ def test_lemma5_closed_form_gradient_matches_autograd(attention_problem):
     w = prob["W0"] + 0.3 * torch.randn(prob["W0"].shape, generator=torch.Generator().manual_seed(1))
     for target in (prob["x"], prob["y"]):
         auto = m.grad(m.attention_loss(prob, target, args.xi), w)
-        assert torch.allclose(m.lemma5_gradient(prob, w, target, args.xi), auto, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(
+            m.lemma5_gradient(prob, w, target, args.xi), auto, rtol=1e-9, atol=1e-12
+        )
 
 
 def test_lemma7_hessian_vector_product_matches_autograd(attention_problem):
@@ -70,7 +75,10 @@ def test_lemma7_hessian_vector_product_matches_autograd(attention_problem):
     d = torch.randn(prob["W0"].shape, generator=torch.Generator().manual_seed(2))
     loss = m.attention_loss(prob, prob["y"], args.xi)
     assert torch.allclose(
-        m.lemma7_hvp(prob, prob["W0"], prob["y"], args.xi, d), m.hvp(loss, prob["W0"], d), rtol=1e-9, atol=1e-12
+        m.lemma7_hvp(prob, prob["W0"], prob["y"], args.xi, d),
+        m.hvp(loss, prob["W0"], d),
+        rtol=1e-9,
+        atol=1e-12,
     )
 
 
@@ -112,7 +120,8 @@ def test_joint_gd_stays_on_symmetry_line_and_endpoints_classify():
     assert m.classify_endpoint([0.1, 3.0]) == "L1-valley (y->+inf)"
     assert m.classify_endpoint([4.0, 0.5]) == "on L1 = 0 curve"
     assert m.classify_endpoint([np.nan, 0.0]) == "diverged"
-    # Single-task GD stalls on the critical lines y = 0 of L1 and x = 0 of L2 (loss 1/2, zero gradient).
+    # Single-task GD stalls on the critical lines y = 0 of L1 and x = 0 of L2 (loss 1/2, zero
+    # gradient).
     assert m.classify_endpoint([-0.35, 0.0]) == "stalled: grad L1 = 0 (L1 = 0.50)"
     assert m.classify_endpoint([0.0, 0.35]) == "stalled: grad L2 = 0 (L2 = 0.50)"
     assert m.classify_endpoint([0.3, 0.98]) == "in transit"
@@ -125,13 +134,15 @@ def test_corollary2_and_similar_task_symmetry():
     disjoint = m.gradient_metrics(m.make_mlp(args, "disjoint", similar=False), x.float(), y.float())
     shared = m.gradient_metrics(m.make_mlp(args, "joint", similar=True), x.float(), y.float())
     assert disjoint["full_cross"] == 0.0
-    assert shared["full_cross"] > 0 and shared["cos"] == pytest.approx(1.0, abs=1e-5)  # same target, same heads
+    # same target, same heads
+    assert shared["full_cross"] > 0 and shared["cos"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_flatness_zero_noise_is_unperturbed_error_and_restores_weights():
     args = m.validate(m.Args(quick=True))
     model = m.make_mlp(args, "joint", similar=False)
-    x, y = torch.randn(32, args.input_dim, dtype=torch.float32), torch.randn(32, 2, dtype=torch.float32)
+    x = torch.randn(32, args.input_dim, dtype=torch.float32)
+    y = torch.randn(32, 2, dtype=torch.float32)
     before = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
     f = m.flatness(args, model, x, y, torch.Generator().manual_seed(0))
     assert f["test_error"][0] == pytest.approx(float(m.task_losses(model, x, y).detach().sum()))
@@ -153,14 +164,21 @@ def test_bad_input_gives_clear_error():
         m.validate(m.Args(d_in=4))
 
 
-def test_quick_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    summary = m.main(m.Args(quick=True, out_dir=str(out)))
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One --quick run at the default seed, shared by the tests that read what it wrote."""
+    out = tmp_path_factory.mktemp("quick") / "run"
+    return out, m.main(m.Args(quick=True, out_dir=str(out)))
+
+
+def test_quick_end_to_end(quick_run):
+    out, summary = quick_run
     saved = json.loads((out / "summary.json").read_text())
     assert saved["config"]["quick"] is True and len(saved["claims"]) == len(summary["claims"]) >= 15
     quick = " (--quick: smoke test, not a measurement)"
     assert all(
-        c["verdict"] in tuple(v + quick for v in ("reproduced", "partly", "not reproduced")) for c in saved["claims"]
+        c["verdict"] in tuple(v + quick for v in ("reproduced", "partly", "not reproduced"))
+        for c in saved["claims"]
     )
     for name in (
         "fig3_2_trajectories",
@@ -175,9 +193,41 @@ def test_quick_end_to_end(tmp_path):
         m.main(m.Args(quick=True, out_dir=str(out)))  # never overwrite a run
 
 
+def test_quick_run_results_are_pinned(quick_run):
+    """The numbers of the --quick run at seed 1, as summary.json has them. A change that moves
+    them (data, init, update order, a formula) must be a visible decision: update these values
+    in the same commit and say why in its message."""
+    out, _ = quick_run
+    saved = json.loads((out / "summary.json").read_text())
+    att = saved["results"]["attention_checks"]
+    assert att["thm4_terms"]["xx"] == pytest.approx(0.001269806823561685, rel=1e-9)
+    assert att["thm4_terms"]["cross"] == pytest.approx(-0.0007377782621975522, rel=1e-9)
+    assert att["thm5_cosine"] == pytest.approx(0.01566689945369438, rel=1e-9)
+    toy = saved["results"]["toy"]["runs"]["0.01"]
+    assert toy["n_steps"] == 200
+    assert toy["end_points"]["joint GD"][0] == pytest.approx(
+        [-0.12874733485667864, 0.11626078554924558], rel=1e-9
+    )
+    assert toy["end_points"]["seq GD"][1] == pytest.approx(
+        [0.2935762879437998, 1.299040401976994], rel=1e-9
+    )
+    assert toy["ends"]["seq GD"] == ["in transit", "L1-valley (y->+inf)"]
+    # The MLPs train in float32, where CPUs with other vector units may sum in another order:
+    # 1e-6 still catches any change of data, init or schedule.
+    run = saved["results"]["mlp"]["similar"]["0.01"]["joint"][0]
+    losses = [2.449728012084961, 2.2992143630981445, 2.192307233810425, 2.111337900161743]
+    assert run["loss"] == pytest.approx(losses, rel=1e-6)
+    verdicts = [
+        c["verdict"].removesuffix(" (--quick: smoke test, not a measurement)")
+        for c in saved["claims"]
+    ]
+    r, p, n = "reproduced", "partly", "not reproduced"
+    assert verdicts == [r, r, r, r, r, n, r, p, r, n, r, r, r, r, n, r, r, n, n, n, p, p]
+
+
 def test_cosine_axis_stays_within_the_range_of_a_cosine(tmp_path, monkeypatch):
-    """Fig. 3.3: joint training keeps the cosine of similar tasks at 1; the band of the seeds' spread and
-    matplotlib's margin must not draw the axis above 1."""
+    """Fig. 3.3: joint training keeps the cosine of similar tasks at 1; the band of the seeds'
+    spread and matplotlib's margin must not draw the axis above 1."""
     import matplotlib.figure
 
     drawn = []
