@@ -1,23 +1,26 @@
-"""Return-Guided Decision Translator (thesis Ch. 2, Eq. 2.3-2.8, Alg. 2): offline RL as translation from a sequence
-of future returns to a sequence of past states, with actions from an inverse dynamics model.
+"""Return-Guided Decision Translator (thesis Ch. 2, Eq. 2.3-2.8, Alg. 2): offline RL as translation
+from a sequence of future returns to a sequence of past states, with actions from an inverse
+dynamics model.
 
-    python rgdt.py --env hopper-medium                            # §2.4's settings, final-token loss
-    python rgdt.py --env hopper-medium --full-context-loss        # Fig. 2.3 ablation (indicator of Eq. 2.7 = 1)
-    python rgdt.py --env hopper-medium --dataset-path FILE        # any D4RL-layout .hdf5 or DT .pkl
-    python rgdt.py --env hopper-medium --arch gpt --full-context-loss   # decoder-only (Fig. 2.2b)
-    python rgdt.py --checkpoint runs/RUN/model.pt --updates 0     # evaluate a model (trains nothing)
+    python rgdt.py --env hopper-medium                            # §2.4's settings
+    python rgdt.py --env hopper-medium --full-context-loss        # Fig. 2.3 (Eq. 2.7's indicator 1)
+    python rgdt.py --env hopper-medium --dataset-path FILE        # a D4RL-layout .hdf5 or DT .pkl
+    python rgdt.py --env hopper-medium --arch gpt --full-context-loss   # Fig. 2.2b's decoder-only
+    python rgdt.py --checkpoint runs/RUN/model.pt --updates 0     # evaluate a model, train nothing
     python rgdt.py --resume runs/RUN                              # continue a stopped run
 
-Defaults are §2.4's. Flags shared with dt.py keep dt.py's names and meanings; dt.py's --context-len becomes two
-context lengths (--return-len K_r, --state-len K_s), and there is no timestep embedding. Two models train one after
-the other, each with its own progress bar and losses (`phase` in metrics.jsonl): the inverse dynamics (Eq. 2.8), then
-the translator (Eq. 2.7). Fig. 2.2 and the decoder's attention: benchmarks/rgdt_analysis.py.
-Ctrl-C, SIGTERM or SIGUSR1 save a checkpoint that --resume continues, in either phase, as if the run
-had never stopped.
+Defaults are §2.4's. Flags shared with dt.py keep dt.py's names and meanings; dt.py's --context-len
+becomes two context lengths (--return-len K_r, --state-len K_s), and there is no timestep
+embedding. Two models train one after the other, each with its own progress bar and losses
+(`phase` in metrics.jsonl): the inverse dynamics (Eq. 2.8), then the translator (Eq. 2.7). Fig. 2.2
+and the decoder's attention: benchmarks/rgdt_analysis.py. Ctrl-C, SIGTERM or SIGUSR1 save a
+checkpoint that --resume continues, in either phase, as if the run had never stopped.
 
-One file: arguments, data, model, losses, inverse dynamics, inference, training, in the order the thesis introduces
-them. Blocks marked PLUMBING are the same, byte for byte, in every method file that has them; the rest is the
-method. Shared with the other method files is only common.py (datasets, env ids, normalized scores).
+One file, the method first: its flags, data, the two models, their losses and updates, the action
+step and evaluation of Alg. 2, train(); below the PLUMBING banner the run's infrastructure (run
+folder, checkpoints, exact resume, stop signals, tracking). Blocks marked PLUMBING are the same,
+byte for byte, in every method file that has them. Shared with the other method files is only
+common.py (datasets, env ids, normalized scores).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -53,19 +56,13 @@ DEFAULT_ENV = "hopper-medium"  # the dataset without --env or --checkpoint
 
 @dataclass
 class Args:
-    env: Optional[str] = None
-    """dataset: a D4RL gym-mujoco name such as `hopper-medium` (with or without `-v2`), or a Minari id such as
-    `mujoco/hopper/medium-v0`. Default: the checkpoint's dataset, else hopper-medium"""
-    dataset_path: tuple[str, ...] = ()
-    """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official file;
-    several are concatenated (medium + expert = medium-expert). Without it the official file is read from
-    $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded there first if missing"""
-    exp_name: str = METHOD
-    """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
-    seed: int = 0
-    """seed of python, numpy, torch, the batch samplers and the evaluation envs"""
-    device: str = "auto"
-    """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
+    # --- the state predictor (§2.3.1, Fig. 2.1)
+    arch: Literal["seq2seq", "gpt"] = "seq2seq"
+    """state predictor: `seq2seq`, the translator (Fig. 2.1: an encoder over the K_r future
+    returns, a decoder over the K_s past states); `gpt`, one causal decoder over the tokens g_{j+1},
+    s_j of each step of the state window (Fig. 2.2b's GPT, §2.4 aim 3; --n-layer blocks,
+    --return-len and --n-enc-layer unused), with the same loss, data, inverse dynamics and
+    inference. Fig. 2.2b's GPT is `--arch gpt --full-context-loss`"""
     return_len: int = 20
     """K_r, the number of future returns-to-go g_{t+1..t+K_r} the encoder reads (Eq. 2.5)"""
     state_len: int = 5
@@ -80,27 +77,26 @@ class Args:
     """embedding (hidden) size of encoder and decoder"""
     dropout: float = 0.1
     """dropout on embeddings, attention weights and residual branches of the translator"""
-    arch: Literal["seq2seq", "gpt"] = "seq2seq"
-    """state predictor: `seq2seq`, the translator (Fig. 2.1: an encoder over the K_r future
-    returns, a decoder over the K_s past states); `gpt`, one causal decoder over the tokens g_{j+1},
-    s_j of each step of the state window (Fig. 2.2b's GPT, §2.4 aim 3; --n-layer blocks,
-    --return-len and --n-enc-layer unused), with the same loss, data, inverse dynamics and
-    inference. Fig. 2.2b's GPT is `--arch gpt --full-context-loss`"""
+    # --- its loss (Eq. 2.7) and optimizer (§2.4)
     full_context_loss: bool = False
-    """train on the next state at every decoder position (indicator of Eq. 2.7 = 1, the Fig. 2.3 ablation);
-    default: the final position only (indicator = 0), the thesis's choice"""
+    """train on the next state at every decoder position (indicator of Eq. 2.7 = 1, the Fig. 2.3
+    ablation); default: the final position only (indicator = 0), the thesis's choice"""
     batch_size: int = 256
     """segments per translator update"""
     lr: float = 5e-4
     """AdamW peak learning rate of the translator"""
     weight_decay: float = 1e-3
-    """AdamW weight decay of the translator, applied to weight matrices only (not biases, LayerNorm, positions)"""
+    """AdamW weight decay of the translator, applied to weight matrices only (not biases,
+    LayerNorm, positions)"""
     warmup_steps: int = 10_000
     """linear learning-rate warmup of the translator, in updates"""
     updates: int = 150_000
-    """translator gradient updates; with --checkpoint, 0 keeps its translator and N > 0 trains on from its weights"""
+    """translator gradient updates; with --checkpoint, 0 keeps its translator and N > 0 trains on
+    from its weights"""
     grad_clip: float = 0.25
-    """clip the translator's global gradient norm at this value (> 0; §2.4 gives none, this is DT's)"""
+    """clip the translator's global gradient norm at this value (> 0; §2.4 gives none, this is
+    DT's)"""
+    # --- the inverse dynamics (§2.3.3, Eq. 2.8): model and optimizer
     inv_hidden: int = 512
     """width of each hidden layer of the inverse dynamics MLP (Eq. 2.8)"""
     inv_layers: int = 2
@@ -115,27 +111,62 @@ class Args:
     """Adam (L2) weight decay of the inverse dynamics, applied to weight matrices only"""
     inv_updates: Optional[int] = None
     """inverse dynamics gradient updates. Default (None): §2.4's 200000, but 0 with --checkpoint and
-    --updates 0, which then only evaluates; with --checkpoint, 0 keeps its inverse dynamics and N > 0
-    trains it on"""
+    --updates 0, which then only evaluates; with --checkpoint, 0 keeps its inverse dynamics and
+    N > 0 trains it on"""
+    # --- data (§2.2.1)
+    env: Optional[str] = None
+    """dataset: a D4RL gym-mujoco name such as `hopper-medium` (with or without `-v2`), or a Minari
+    id such as `mujoco/hopper/medium-v0`. Default: the checkpoint's dataset, else hopper-medium"""
+    dataset_path: tuple[str, ...] = ()
+    """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official
+    file; several are concatenated (medium + expert = medium-expert). Without it the official file
+    is read from $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded there first if missing"""
     rtg_scale: float = 1000.0
     """returns-to-go are divided by this before they enter the model"""
+    # --- inference (Alg. 2)
     target_return: Optional[float] = None
-    """default (None): condition on the best return-to-go per timestep in the dataset (§2.3.3); a number
-    rescales that whole sequence so that it starts at this return (our knob, not the thesis's)"""
+    """default (None): condition on the best return-to-go per timestep in the dataset (§2.3.3); a
+    number rescales that whole sequence so that it starts at this return (our knob, not the
+    thesis's)"""
     eval_episodes: int = 10
     """episodes per evaluation, all run at once in a vector env"""
-    eval_every: int = 10_000
-    """evaluate before training and every N translator updates (0: only at the end)"""
-    eval_async: bool = False
-    """step the evaluation envs in subprocesses (gymnasium AsyncVectorEnv); pays off with many CPU cores"""
+    # --- the run: where and how it runs, what it keeps
+    exp_name: str = METHOD
+    """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
+    seed: int = 0
+    """seed of python, numpy, torch, the batch samplers and the evaluation envs"""
+    device: str = "auto"
+    """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
     compile: bool = False
     """torch.compile the translator for training (CUDA)"""
     bf16: bool = True
-    """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX); fp32 elsewhere"""
+    """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX);
+    fp32 elsewhere"""
+    eval_async: bool = False
+    """step the evaluation envs in subprocesses (gymnasium AsyncVectorEnv); pays off with many CPU
+    cores"""
+    threads: int = 0
+    """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow
+    down sharply when another program keeps one busy)"""
+    runs_dir: str = "runs"
+    """parent folder of the run folder"""
+    track: bool = False
+    """also send the config, every logged metric and the final results to Weights & Biases (`pip
+    install -e ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept
+    locally to sync later"""
+    wandb_project_name: str = "seqrl"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B team or user of --track (default: your W&B default entity)"""
+    capture_video: bool = False
+    """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's
+    offscreen renderer; headless machines use MUJOCO_GL=egl, the default here when no display is
+    set, or osmesa)"""
     checkpoint: Optional[str] = None
     """a `model.pt` from an earlier run: start from its two models, architecture, state
-    normalisation and best returns (the architecture flags are ignored); `--updates 0` only evaluates
-    it, on its own dataset unless --env says (add --inv-updates N to train its inverse dynamics on)"""
+    normalisation and best returns (the architecture flags are ignored); `--updates 0` only
+    evaluates it, on its own dataset unless --env says (add --inv-updates N to train its inverse
+    dynamics on)"""
     resume: Optional[str] = None
     """a run folder (runs/RUN) that stopped before its end: continue it there, in the phase it was
     in, with its own flags, optimizers, schedule and random states, to its --updates; the result is
@@ -143,82 +174,31 @@ class Args:
     save_every: int = 0
     """write the resumable checkpoint model.pt every N updates of each phase (0: at every evaluation
     and every 10% of each phase); also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
-    runs_dir: str = "runs"
-    """parent folder of the run folder"""
+    eval_every: int = 10_000
+    """evaluate before training and every N translator updates (0: only at the end)"""
     log_every: int = 100
     """log the training losses every N updates"""
-    threads: int = 0
-    """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow down
-    sharply when another program keeps one busy)"""
-    track: bool = False
-    """also send the config, every logged metric and the final results to Weights & Biases (`pip install -e
-    ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept locally to sync later"""
-    wandb_project_name: str = "seqrl"
-    """W&B project of --track"""
-    wandb_entity: Optional[str] = None
-    """W&B team or user of --track (default: your W&B default entity)"""
-    capture_video: bool = False
-    """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's offscreen
-    renderer; headless machines use MUJOCO_GL=egl, the default here when no display is set, or osmesa)"""
 
     def __post_init__(self):
-        if self.inv_updates is None and self.resume is None:  # --resume: the run's own
-            evaluating = self.checkpoint is not None and self.updates == 0
-            self.inv_updates = 0 if evaluating else INV_UPDATES
-        positive = (
-            "return_len state_len n_enc_layer n_layer n_head n_embd batch_size lr grad_clip rtg_scale eval_episodes"
-        )
-        positive += " log_every inv_hidden inv_layers inv_batch_size inv_lr"
-        non_negative = "seed weight_decay warmup_steps updates inv_weight_decay eval_every threads"
-        non_negative += " save_every" + (" inv_updates" if self.inv_updates is not None else "")
-        check_flags(self, positive, non_negative)
-        for name in ("dropout", "inv_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1).")
-        if self.n_embd % self.n_head:
-            raise SystemExit(f"error: --n-embd {self.n_embd} must be divisible by --n-head {self.n_head}.")
-        if self.target_return is not None and not 0 < self.target_return < math.inf:
-            why = "pass a finite return > 0, or leave it out for the best return per timestep (§2.3.3)"
-            raise SystemExit(f"error: --target-return {self.target_return}: {why}.")
-        for name in ("updates", "inv_updates"):
-            if getattr(self, name) == 0 and self.checkpoint is None:
-                flag = "--" + name.replace("_", "-")
-                raise SystemExit(f"error: {flag} 0 leaves a model untrained; add --checkpoint runs/RUN/model.pt.")
-        if self.track and importlib.util.find_spec("wandb") is None:
-            raise SystemExit('error: --track needs wandb: pip install -e ".[track]" (or leave out --track).')
-        if self.capture_video and not os.environ.get("DISPLAY"):  # before MuJoCo is imported, which reads it once
-            os.environ.setdefault("MUJOCO_GL", "egl")
+        check_args(self)
 
 
-# Table 2.1 (official D4RL v2, 10 seeds), RGDT column, printed beside our score. Its printed total is 539.0, but these
-# rows add up to 540.0 (every other column of the table adds up): one row, or the total, is off by 1.0 in the thesis.
-# fmt: off
-THESIS = {"halfcheetah-medium": 44.4, "hopper-medium": 93.2, "walker2d-medium": 83.3,
-          "halfcheetah-medium-expert": 93.4, "hopper-medium-expert": 112.4, "walker2d-medium-expert": 113.3}
-# fmt: on
-ARCH = "return_len state_len n_enc_layer n_layer n_head n_embd dropout rtg_scale".split()  # the translator's
+# The flags that make each model (model.pt's arch): the state predictor's, the inverse dynamics'.
+ARCH = "return_len state_len n_enc_layer n_layer n_head n_embd dropout rtg_scale".split()
 INV_ARCH = "inv_hidden inv_layers inv_dropout".split()
 INV_UPDATES = 200_000  # §2.4's inverse dynamics budget, --inv-updates' default when training
-# The two trainings in their order (the translator's evaluations need the inverse dynamics): label.
-PHASES = {"inverse": "inverse dynamics", "translator": "translator"}
-# --arch's state predictors by name (None: a checkpoint from before --arch)
-PREDICTOR = {"gpt": "GPT state predictor", "seq2seq": "translator", None: "translator"}
-CLOCK = {"inverse": "inv_train_time_s", "translator": "train_time_s"}  # each phase's training time
-# Flags that say where and how a run runs, not what it computes: --resume takes them from its own
-# command line.
-RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name wandb_entity".split()
-RUN_FLAGS += ["capture_video"]
 
 
-# --- Data (§2.2.1): trajectories as flat tensors on the training device; a batch is an index gather.
+# --- Data (§2.2.1): trajectories as flat tensors on the training device; a batch is an index
+# gather.
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (the g tokens of Eq. 1.1)."""
     return np.cumsum(rewards[::-1])[::-1].copy()
 
 
 def make_dataset(episodes: list[dict], device, rtg_scale: float, state_stats=None) -> dict:
-    """Per-step tensors, and per step the bounds of its episode. `state_stats` (mean, std): a checkpoint's, so that
-    training on and evaluating see its state scale."""
+    """Per-step tensors, and per step the bounds of its episode. `state_stats` (mean, std): a
+    checkpoint's, so that training on and evaluating see its state scale."""
     obs = np.concatenate([ep["observations"] for ep in episodes])
     mean, std = state_stats if state_stats is not None else (obs.mean(0), obs.std(0) + 1e-6)
     # as saved in model.pt, so that a resumed run normalises exactly as the run it continues
@@ -226,24 +206,29 @@ def make_dataset(episodes: list[dict], device, rtg_scale: float, state_stats=Non
     lengths = np.array([len(ep["rewards"]) for ep in episodes])
     starts = np.cumsum(lengths) - lengths
     has_next = np.concatenate([np.arange(n) < n - 1 for n in lengths])
+    actions = np.concatenate([ep["actions"] for ep in episodes])
+    rtg = np.concatenate([returns_to_go(ep["rewards"]) for ep in episodes]) / rtg_scale
     data = {
         "states": torch.as_tensor((obs - mean) / std, dtype=torch.float32),
-        "actions": torch.as_tensor(np.concatenate([ep["actions"] for ep in episodes]), dtype=torch.float32),
-        "rtg": torch.as_tensor(np.concatenate([returns_to_go(ep["rewards"]) for ep in episodes]) / rtg_scale).float(),
-        "ep_start": torch.as_tensor(np.repeat(starts, lengths)),  # per step: the first index of its episode
-        "ep_end": torch.as_tensor(np.repeat(starts + lengths, lengths)),  # per step: one past its episode's last
-        "valid": torch.as_tensor(np.flatnonzero(has_next)),  # steps with a successor: examples of both models
+        "actions": torch.as_tensor(actions, dtype=torch.float32),
+        "rtg": torch.as_tensor(rtg).float(),
+        # per step: the first index of its episode, and one past its last
+        "ep_start": torch.as_tensor(np.repeat(starts, lengths)),
+        "ep_end": torch.as_tensor(np.repeat(starts + lengths, lengths)),
+        # steps with a successor: the examples of both models
+        "valid": torch.as_tensor(np.flatnonzero(has_next)),
     }
     return {**{k: v.to(device) for k, v in data.items()}, "state_stats": (mean, std)}
 
 
 def gather_segments(data: dict, t: torch.Tensor, K_r: int, K_s: int) -> dict:
-    """The example of Eq. 2.3 ending at each global step index t: the K_s past states s_{t-K_s+1..t} (left-padded at
-    the episode start, `mask` marks real ones), their successors s_{t-K_s+2..t+1} as targets, and the K_r future
-    returns g_{t+1..t+K_r}. Past the episode's end no more reward comes, so those returns are 0 (also at evaluation,
-    where the conditioning sequence is padded with 0). Eq. 2.3 writes S_{t-K_s}^t and g_{t+1}^{t+K_r+1}, K_s + 1 and
-    K_r + 1 items, while Eq. 2.4-2.5 and §2.4 call them "K_s states" and "K_r returns": we take K_s and K_r items, so
-    --state-len 5 --return-len 20 are §2.4's numbers."""
+    """The example of Eq. 2.3 ending at each global step index t: the K_s past states
+    s_{t-K_s+1..t} (left-padded at the episode start, `mask` marks real ones), their successors
+    s_{t-K_s+2..t+1} as targets, and the K_r future returns g_{t+1..t+K_r}. Past the episode's end
+    no more reward comes, so those returns are 0 (also at evaluation, where the conditioning
+    sequence is padded with 0). Eq. 2.3 writes S_{t-K_s}^t and g_{t+1}^{t+K_r+1}, K_s + 1 and
+    K_r + 1 items, while Eq. 2.4-2.5 and §2.4 call them "K_s states" and "K_r returns": we take K_s
+    and K_r items, so --state-len 5 --return-len 20 are §2.4's numbers."""
     s_idx = t[:, None] + torch.arange(-K_s + 1, 1, device=t.device)  # (B, K_s)
     mask = s_idx >= data["ep_start"][t, None]
     s_idx = torch.where(mask, s_idx, t[:, None])
@@ -251,15 +236,17 @@ def gather_segments(data: dict, t: torch.Tensor, K_r: int, K_s: int) -> dict:
     g_idx = t[:, None] + torch.arange(1, K_r + 1, device=t.device)  # (B, K_r)
     inside = g_idx < data["ep_end"][t, None]
     returns = torch.where(inside, data["rtg"][g_idx.clamp(max=len(data["rtg"]) - 1)], 0.0)
-    states, next_states = data["states"][s_idx] * real, data["states"][s_idx + 1] * real
+    states = data["states"][s_idx] * real
+    next_states = data["states"][s_idx + 1] * real
     step_returns = data["rtg"][s_idx + 1, None] * real  # g_{j+1} beside each s_j: --arch gpt's
     batch = {"states": states, "next_states": next_states, "returns": returns[..., None]}
     return batch | {"mask": mask, "step_returns": step_returns}
 
 
 def sample_steps(data: dict, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-    """Global step indices t, uniform over all steps that have a successor (as in DT: a trajectory with probability
-    proportional to its length, a step uniform in it). Both models' batches come from here."""
+    """Global step indices t, uniform over all steps that have a successor (as in DT: a trajectory
+    with probability proportional to its length, a step uniform in it). Both models' batches come
+    from here."""
     valid = data["valid"]
     return valid[torch.randint(len(valid), (batch_size,), generator=gen, device=valid.device)]
 
@@ -269,11 +256,20 @@ def sample_batch(data: dict, batch_size: int, K_r: int, K_s: int, gen: torch.Gen
     return gather_segments(data, sample_steps(data, batch_size, gen), K_r, K_s)
 
 
-# --- Model (§2.3.1, Fig. 2.1): an encoder over returns, a decoder over states with causal self-attention and
-# cross-attention to the encoder. Each modality has its own weights, the point of the design.
+def sample_transitions(data: dict, batch_size: int, gen: torch.Generator) -> dict:
+    """The inverse dynamics' batch (§2.3.3): transitions (s_t, a_t, s_{t+1}) at uniformly drawn
+    steps."""
+    t = sample_steps(data, batch_size, gen)
+    states = data["states"]
+    return {"states": states[t], "next_states": states[t + 1], "actions": data["actions"][t]}
+
+
+# --- Model (§2.3.1, Fig. 2.1): an encoder over returns, a decoder over states with causal
+# self-attention and cross-attention to the encoder. Each modality has its own weights, the point
+# of the design.
 class Attention(nn.Module):
-    """Multi-head attention of queries from `x` over keys/values from `context`: self-attention when context is x,
-    cross-attention when it is the encoder's output."""
+    """Multi-head attention of queries from `x` over keys/values from `context`: self-attention
+    when context is x, cross-attention when it is the encoder's output."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
@@ -285,21 +281,27 @@ class Attention(nn.Module):
     def forward(self, x, context, allowed=None, return_attn=False):
         B, T, C = x.shape
         k, v = self.kv(context).split(C, dim=2)
-        q, k, v = (z.view(B, z.shape[1], self.n_head, C // self.n_head).transpose(1, 2) for z in (self.q(x), k, v))
-        if return_attn:  # explicit softmax, for analysis only: the weights themselves are wanted (B, nh, T, T_ctx)
+        heads = (self.q(x), k, v)
+        d = C // self.n_head
+        q, k, v = (z.view(B, z.shape[1], self.n_head, d).transpose(1, 2) for z in heads)
+        # explicit softmax, for analysis only: the weights themselves (B, nh, T, T_ctx) are wanted
+        if return_attn:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-            att = (att if allowed is None else att.masked_fill(~allowed, float("-inf"))).softmax(-1)
+            if allowed is not None:
+                att = att.masked_fill(~allowed, float("-inf"))
+            att = att.softmax(-1)
             y = att @ v
         else:
             att = None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout * self.training)
+            p = self.dropout * self.training
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), att
 
 
 class Block(nn.Module):
-    """A transformer layer [6]: self-attention, (decoder only) cross-attention to the encoder, feed-forward. Pre-
-    LayerNorm as in GPT-2 / DT rather than the original post-LayerNorm (§2.4 does not say; pre-LN trains stably at
-    these learning rates); ReLU as in dt.py."""
+    """A transformer layer [6]: self-attention, (decoder only) cross-attention to the encoder,
+    feed-forward. Pre-LayerNorm as in GPT-2 / DT rather than the original post-LayerNorm (§2.4 does
+    not say; pre-LN trains stably at these learning rates); ReLU as in dt.py."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float, cross: bool):
         super().__init__()
@@ -307,16 +309,16 @@ class Block(nn.Module):
         self.self_attn = Attention(n_embd, n_head, dropout)
         self.ln2 = nn.LayerNorm(n_embd) if cross else None
         self.cross_attn = Attention(n_embd, n_head, dropout) if cross else None
-        self.mlp = nn.Sequential(
-            nn.Linear(n_embd, 4 * n_embd), nn.ReLU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
-        )
+        layers = [nn.Linear(n_embd, 4 * n_embd), nn.ReLU(), nn.Linear(4 * n_embd, n_embd)]
+        self.mlp = nn.Sequential(*layers, nn.Dropout(dropout))
 
     def forward(self, x, allowed=None, memory=None, return_attn=False):
         h = self.ln1(x)
         y, self_att = self.self_attn(h, h, allowed, return_attn)
         x = x + y
         cross_att = None
-        if self.cross_attn is not None:  # every state position may see every encoded return: no mask
+        # every state position may see every encoded return: no mask
+        if self.cross_attn is not None:
             y, cross_att = self.cross_attn(self.ln2(x), memory, None, return_attn)
             x = x + y
         return x + self.mlp(self.ln3(x)), {"self": self_att, "cross": cross_att}
@@ -328,38 +330,52 @@ def bounded_log_std(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecisionTranslator(nn.Module):
-    """rho_theta(s_{t+1} | S_{-K_s}, g_{+K_r}) of Eq. 2.6: a diagonal Gaussian over the next state."""
+    """rho_theta(s_{t+1} | S_{-K_s}, g_{+K_r}) of Eq. 2.6: a diagonal Gaussian over the next
+    state."""
 
     conditioning = "returns"  # the batch key of the returns it reads: g_{t+1..t+K_r}
 
-    def __init__(self, state_dim, return_len, state_len, n_enc_layer, n_layer, n_head, n_embd, dropout, rtg_scale):
+    def __init__(
+        self, state_dim, return_len, state_len, n_enc_layer, n_layer, n_head, n_embd, dropout,
+        rtg_scale,
+    ):  # fmt: skip
         super().__init__()
-        self.state_dim, self.return_len, self.state_len, self.rtg_scale = state_dim, return_len, state_len, rtg_scale
-        # Learned positions within each sequence, as the vanilla transformer has positional encodings [6]; no absolute
-        # timestep embedding (the thesis names none, and the conditioning returns already follow the episode's clock).
-        self.embed_g, self.pos_g = nn.Linear(1, n_embd), nn.Parameter(0.02 * torch.randn(return_len, n_embd))
-        self.embed_s, self.pos_s = nn.Linear(state_dim, n_embd), nn.Parameter(0.02 * torch.randn(state_len, n_embd))
+        self.state_dim, self.return_len, self.state_len = state_dim, return_len, state_len
+        self.rtg_scale = rtg_scale
+        # Learned positions within each sequence, as the vanilla transformer has positional
+        # encodings [6]; no absolute timestep embedding (the thesis names none, and the
+        # conditioning returns already follow the episode's clock).
+        self.embed_g = nn.Linear(1, n_embd)
+        self.pos_g = nn.Parameter(0.02 * torch.randn(return_len, n_embd))
+        self.embed_s = nn.Linear(state_dim, n_embd)
+        self.pos_s = nn.Parameter(0.02 * torch.randn(state_len, n_embd))
         self.drop = nn.Dropout(dropout)
-        self.encoder = nn.ModuleList(Block(n_embd, n_head, dropout, cross=False) for _ in range(n_enc_layer))
-        self.decoder = nn.ModuleList(Block(n_embd, n_head, dropout, cross=True) for _ in range(n_layer))
+        encoder = (Block(n_embd, n_head, dropout, cross=False) for _ in range(n_enc_layer))
+        self.encoder = nn.ModuleList(encoder)
+        decoder = (Block(n_embd, n_head, dropout, cross=True) for _ in range(n_layer))
+        self.decoder = nn.ModuleList(decoder)
         self.ln_enc, self.ln_dec = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, 2 * state_dim)  # Eq. 2.6: mean and log-std of s_{t+1}
 
     def forward(self, returns, states, mask=None, return_attn=False):
-        """returns (B, K_r, 1), states (B, T <= K_s, m_s), mask (B, T) bool or None -> the mean and log-std of the
-        next state at every decoder position (B, T, m_s) and, per decoder layer, a dict of self- (B, nh, T, T) and
-        cross-attention (B, nh, T, K_r) weights (None unless return_attn)."""
+        """returns (B, K_r, 1), states (B, T <= K_s, m_s), mask (B, T) bool or None -> the mean and
+        log-std of the next state at every decoder position (B, T, m_s) and, per decoder layer, a
+        dict of self- (B, nh, T, T) and cross-attention (B, nh, T, K_r) weights (None unless
+        return_attn)."""
         T = states.shape[1]
         memory = self.drop(self.embed_g(returns) + self.pos_g)
         for block in self.encoder:  # the encoder sees all K_r returns: no mask
             memory, _ = block(memory)
         memory = self.ln_enc(memory)
-        # Positions count back from the newest state, so a short context at the start of an episode gets the same
-        # embeddings as a left-padded one in training.
+        # Positions count back from the newest state, so a short context at the start of an
+        # episode gets the same embeddings as a left-padded one in training.
         x = self.drop(self.embed_s(states) + self.pos_s[self.state_len - T :])
-        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # s_i never sees s_{>i}
-        if mask is not None:  # padded keys are hidden; every position still sees itself, so that no row is empty
-            allowed = (allowed & mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)
+        # s_i never sees s_{>i}
+        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        # padded keys are hidden; every position still sees itself, so that no row is empty
+        if mask is not None:
+            eye = torch.eye(T, dtype=torch.bool, device=x.device)
+            allowed = (allowed & mask[:, None, None, :]) | eye
         attns = []
         for block in self.decoder:
             x, att = block(x, allowed, memory, return_attn)
@@ -379,7 +395,10 @@ class StateGPT(nn.Module):
 
     conditioning = "step_returns"  # g_{j+1} beside each s_j (gather_segments; evaluate)
 
-    def __init__(self, state_dim, return_len, state_len, n_enc_layer, n_layer, n_head, n_embd, dropout, rtg_scale):
+    def __init__(
+        self, state_dim, return_len, state_len, n_enc_layer, n_layer, n_head, n_embd, dropout,
+        rtg_scale,
+    ):  # fmt: skip
         super().__init__()
         self.state_dim, self.return_len, self.state_len = state_dim, return_len, state_len
         self.rtg_scale = rtg_scale
@@ -398,7 +417,8 @@ class StateGPT(nn.Module):
         layer, {"self": (B, nh, 2T, 2T) weights over the tokens g, s, g, s, ... or None,
         "cross": None}."""
         B, T, _ = states.shape
-        pos = self.pos_s[self.state_len - T :]  # counted back from the newest step, as the translator's
+        # positions counted back from the newest step, as the translator's
+        pos = self.pos_s[self.state_len - T :]
         tokens = torch.stack([self.embed_g(returns) + pos, self.embed_s(states) + pos], dim=2)
         x = self.drop(tokens.reshape(B, 2 * T, -1))
         allowed = torch.ones(2 * T, 2 * T, dtype=torch.bool, device=x.device).tril()
@@ -413,6 +433,32 @@ class StateGPT(nn.Module):
         return mean, bounded_log_std(log_std), attns
 
 
+def make_inverse_dynamics(state_dim, act_dim, hidden, layers, dropout) -> nn.Sequential:
+    """pi_phi(a_t | s_t, s_{t+1}) of Eq. 2.8 (§2.3.3, policy extraction): an MLP from (s_t, s_{t+1})
+    to the mean and log-std of a diagonal Gaussian over a_t."""
+    mods, width = [], 2 * state_dim
+    for _ in range(layers):
+        mods += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+        width = hidden
+    return nn.Sequential(*mods, nn.Linear(width, 2 * act_dim))
+
+
+def inverse_dynamics(inv, s, s_next):
+    """Mean mu_phi (tanh: actions live in [-1, 1]) and log-std of pi_phi(a | s, s_next), Eq. 2.8."""
+    mean, log_std = inv(torch.cat([s, s_next], -1)).chunk(2, dim=-1)
+    return torch.tanh(mean), bounded_log_std(log_std)
+
+
+def make_models(arch: dict, device) -> tuple[nn.Module, nn.Sequential]:
+    """The state predictor and the inverse dynamics that an `arch` dict (a checkpoint's, or this
+    run's flags) describes; a checkpoint from before --arch holds a translator."""
+    cls = StateGPT if arch.get("arch") == "gpt" else DecisionTranslator
+    model = cls(arch["state_dim"], **{k: arch[k] for k in ARCH})
+    inv = make_inverse_dynamics(arch["state_dim"], arch["act_dim"], *[arch[k] for k in INV_ARCH])
+    return model.to(device), inv.to(device)
+
+
+# --- Losses (Eq. 2.7, 2.8) and one update of each model.
 def masked_mean(per_step: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Average over the real positions (the 1/K E[sum_k ...] of Eq. 1.4, padding excluded)."""
     return (per_step * mask).sum() / mask.sum().clamp(min=1)
@@ -429,59 +475,75 @@ def head_loss(mean, log_std, target, mask) -> torch.Tensor:
 
 
 def state_loss(mean, log_std, next_states, mask, full_context: bool) -> torch.Tensor:
-    """Eq. 2.7, the NLL of Eq. 2.6's Gaussian. Indicator 0 (default): only the final position, s_{t+1} from the whole
-    context (always real: segments are left-padded). Indicator 1: every real position i also predicts s_{i+1} from
-    S_{..i} and all returns. We average over the positions used instead of summing them, which only rescales."""
+    """Eq. 2.7, the NLL of Eq. 2.6's Gaussian. Indicator 0 (default): only the final position,
+    s_{t+1} from the whole context (always real: segments are left-padded). Indicator 1: every real
+    position i also predicts s_{i+1} from S_{..i} and all returns. We average over the positions
+    used instead of summing them, which only rescales."""
     if full_context:
         return head_loss(mean, log_std, next_states, mask)
     return head_loss(mean[:, -1:], log_std[:, -1:], next_states[:, -1:], mask[:, -1:])
 
 
-# --- Policy extraction (§2.3.3): inverse dynamics pi_phi(a_t | s_t, s_{t+1}), Eq. 2.8.
-def make_inverse_dynamics(state_dim, act_dim, hidden, layers, dropout) -> nn.Sequential:
-    """An MLP from (s_t, s_{t+1}) to the mean and log-std of a diagonal Gaussian over a_t."""
-    mods, width = [], 2 * state_dim
-    for _ in range(layers):
-        mods += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
-        width = hidden
-    return nn.Sequential(*mods, nn.Linear(width, 2 * act_dim))
+def inverse_dynamics_loss(inv, batch: dict) -> torch.Tensor:
+    """Maximum likelihood of the batch's a_t given (s_t, s_{t+1}) (§2.3.3, Eq. 2.8)."""
+    mean, log_std = inverse_dynamics(inv, batch["states"], batch["next_states"])
+    actions = batch["actions"]
+    every = torch.ones(len(actions), dtype=torch.bool, device=actions.device)
+    return head_loss(mean, log_std, actions, every)
 
 
-def inverse_dynamics(inv, s, s_next):
-    """Mean mu_phi (tanh: actions live in [-1, 1]) and log-std of pi_phi(a | s, s_next), Eq. 2.8."""
-    mean, log_std = inv(torch.cat([s, s_next], -1)).chunk(2, dim=-1)
-    return torch.tanh(mean), bounded_log_std(log_std)
+def make_optimizer(model, args):
+    """AdamW with weight decay on matrices only, as in nanoGPT (learned positions are not weights), and a
+    linear warmup."""
+    wd, named = args.weight_decay, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p.dim() >= 2 and not n.startswith("pos_") for n, p in named]
+    groups = [{"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on} for on in (1, 0)]
+    # fused: one kernel for the whole step, on CPU and CUDA (foreach reads each step count back)
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
 
 
-def inverse_dynamics_loss(inv, data: dict, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-    """Maximum likelihood of the dataset's a_t given (s_t, s_{t+1}) (§2.3.3), on uniformly drawn steps."""
-    t = sample_steps(data, batch_size, gen)
-    mean, log_std = inverse_dynamics(inv, data["states"][t], data["states"][t + 1])
-    return head_loss(mean, log_std, data["actions"][t], torch.ones_like(t, dtype=torch.bool))
+def make_inv_optimizer(inv, lr: float, weight_decay: float) -> torch.optim.Adam:
+    """§2.4's Adam, its weight decay (L2) on the weight matrices only (§2.4 does not say which); no
+    warmup or clipping (§2.4 names none)."""
+    matrices = [p for p in inv.parameters() if p.dim() >= 2]
+    others = [p for p in inv.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": weight_decay}]
+    groups.append({"params": others, "weight_decay": 0.0})
+    return torch.optim.Adam(groups, lr=lr)
 
 
-def make_models(arch: dict, device) -> tuple[nn.Module, nn.Sequential]:
-    """The state predictor and the inverse dynamics that an `arch` dict (a checkpoint's, or this
-    run's flags) describes; a checkpoint from before --arch holds a translator."""
-    cls = StateGPT if arch.get("arch") == "gpt" else DecisionTranslator
-    model = cls(arch["state_dim"], **{k: arch[k] for k in ARCH})
-    inv = make_inverse_dynamics(arch["state_dim"], arch["act_dim"], *[arch[k] for k in INV_ARCH])
-    return model.to(device), inv.to(device)
+def update(model, opt, batch: dict, grad_clip: float, full_context: bool, autocast):
+    """One AdamW step of the state predictor on Eq. 2.7; returns the loss (detached) and the
+    gradient norm before clipping."""
+    with autocast:
+        mean, log_std, _ = model(batch[model.conditioning], batch["states"], batch["mask"])
+    loss = state_loss(mean, log_std, batch["next_states"], batch["mask"], full_context)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.detach(), grad_norm
 
 
-def make_inv_optimizer(inv, args) -> torch.optim.Adam:
-    """§2.4's Adam, its weight decay (L2) on the weight matrices only (§2.4 does not say which); no warmup or clipping
-    (§2.4 names none)."""
-    matrices, others = [p for p in inv.parameters() if p.dim() >= 2], [p for p in inv.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": args.inv_weight_decay}, {"params": others, "weight_decay": 0.0}]
-    return torch.optim.Adam(groups, lr=args.inv_lr)
+def update_inverse(inv, opt, batch: dict, norm: bool):
+    """One Adam step of the inverse dynamics on Eq. 2.8's likelihood; returns the loss (detached)
+    and, when `norm`, the gradient norm (a pass over the gradients, paid on logged steps only;
+    nothing clips them, §2.4 names no clipping), else None."""
+    loss = inverse_dynamics_loss(inv, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in inv.parameters()]
+    grad_norm = torch.nn.utils.get_total_norm(grads) if norm else None
+    opt.step()
+    return loss.detach(), grad_norm
 
 
-# --- Inference (Alg. 2): condition on the best return per timestep, propose s_{t+1}, invert it to an action.
-# All episodes at once in a vector env, one batched forward of each model per environment step.
+# --- The action step (Alg. 2): condition on the best return per timestep, propose s_{t+1}, invert
+# it to an action.
 def best_return_sequence(episodes: list[dict]) -> np.ndarray:
-    """§2.3.3: at each timestep the best return-to-go any dataset trajectory has at that timestep (unscaled), up to
-    the longest trajectory's length."""
+    """§2.3.3: at each timestep the best return-to-go any dataset trajectory has at that timestep
+    (unscaled), up to the longest trajectory's length."""
     best = np.full(max(len(ep["rewards"]) for ep in episodes), -np.inf)
     for ep in episodes:
         g = returns_to_go(ep["rewards"])
@@ -490,63 +552,76 @@ def best_return_sequence(episodes: list[dict]) -> np.ndarray:
 
 
 def conditioning_returns(best: np.ndarray, target_return: Optional[float]) -> np.ndarray:
-    """The returns Alg. 2 conditions on: the best return per timestep (§2.3.3), or with --target-return (our knob,
-    not the thesis's) the same sequence rescaled to start at that return."""
+    """The returns Alg. 2 conditions on: the best return per timestep (§2.3.3), or with
+    --target-return (our knob, not the thesis's) the same sequence rescaled to start at that
+    return."""
     if target_return is None:
         return best
     if best[0] <= 0:
-        why = f"the best return at t = 0 is {best[0]:.1f}, not > 0, so it cannot be rescaled; leave the flag out"
-        raise SystemExit(f"error: --target-return {target_return}: {why}.")
+        why = f"the best return at t = 0 is {best[0]:.1f}, not > 0, so it cannot be rescaled"
+        raise SystemExit(f"error: --target-return {target_return}: {why}; leave the flag out.")
     return best * target_return / best[0]
 
 
-def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
-    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
-    MP4), and the episode horizon (the TimeLimit)."""
-    import gymnasium as gym
+def act(model, inv, returns, states, low, high, autocast, return_attn: bool = False):
+    """Alg. 2 lines 6-7 for one env step of every episode: the state predictor's mean s^_{t+1}
+    from the context (`states`, the last <= K_s states, and `returns` as model.conditioning says),
+    then a_t = mu_phi(s_t, s^_{t+1}) within the action bounds [low, high]. Also the decoder's
+    attention when `return_attn` (else a list of Nones)."""
+    with autocast:  # the state predictor as it was trained; the inverse dynamics (fp32) outside
+        s_next, _, attns = model(returns, states, return_attn=return_attn)
+    a, _ = inverse_dynamics(inv, states[:, -1], s_next[:, -1].float())
+    return torch.maximum(torch.minimum(a.float(), high), low), attns
 
-    vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    envs = vector_env([functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)])
-    probe = common.make_env(info)
-    horizon = probe.spec.max_episode_steps or 1000
-    probe.close()
-    return envs, horizon
+
+# --- Evaluation: all episodes at once in a vector env, one batched forward of each model per step.
+@dataclass(frozen=True)
+class EvalSettings:
+    """The flags an evaluation reads: --eval-episodes, --seed (its envs reset from seed + 10000)
+    and --eval-async."""
+
+    episodes: int
+    seed: int = 0
+    asynchronous: bool = False
 
 
 @torch.no_grad()
-def evaluate(model, inv, info, state_stats, conditioning, args, device, autocast, recorder=None, video=None) -> dict:
-    """Roll out args.eval_episodes episodes of Alg. 2 conditioned on `conditioning` (unscaled returns, one per
-    timestep; 0 past its end: no reward is left, as for the returns past an episode's end in training).
-    `recorder(attns, alive)`, when given, receives the decoder attention of every step with a full context of K_s
-    states (benchmarks/rgdt_analysis.py)."""
-    n, K_s, K_r = args.eval_episodes, model.state_len, model.return_len
-    envs, horizon = make_eval_envs(info, n, args.eval_async, video)
-    low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
+def evaluate(
+    model, inv, facts, state_stats, conditioning, settings, device, autocast, recorder=None,
+    video=None,
+) -> dict:  # fmt: skip
+    """Roll out settings.episodes episodes of Alg. 2 conditioned on `conditioning` (unscaled
+    returns, one per timestep; 0 past its end: no reward is left, as for the returns past an
+    episode's end in training). `recorder(attns, alive)`, when given, receives the decoder attention
+    of every step with a full context of K_s states (benchmarks/rgdt_analysis.py)."""
+    n, K_s, K_r = settings.episodes, model.state_len, model.return_len
+    envs, horizon = make_eval_envs(facts, n, settings.asynchronous, video)
+    bounds = (envs.action_space.low, envs.action_space.high)
+    low, high = (torch.as_tensor(b[0], device=device) for b in bounds)
     mean, std = (torch.as_tensor(x, device=device) for x in state_stats)
     g = torch.zeros(horizon + K_r, device=device)
     given = torch.as_tensor(conditioning[: len(g)], dtype=torch.float32, device=device)
     g[: len(given)] = given / model.rtg_scale
-    states = torch.zeros(n, horizon, info["obs_dim"], device=device)
+    states = torch.zeros(n, horizon, facts["obs_dim"], device=device)
     returns, lengths, done = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n, dtype=bool)
     model.eval()
     inv.eval()
-    obs, _ = envs.reset(seed=args.seed + 10_000)
-    bar = tqdm(total=n, desc="evaluate", unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
+    obs, _ = envs.reset(seed=settings.seed + 10_000)
+    look = dict(unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=n, desc="evaluate", **look)
     t0 = time.time()
     for t in range(horizon):  # t counts from 0, the thesis's timesteps from 1
         states[:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
-        ctx = slice(max(0, t - K_s + 1), t + 1)  # S_{-K_s}: the last K_s states; at the start a shorter sequence
-        cond = g[t + 1 : t + 1 + K_r].expand(n, K_r)[..., None]  # g_{+K_r} = g_{t+1..t+K_r}, the same in every env
+        ctx = slice(max(0, t - K_s + 1), t + 1)  # S_{-K_s}: the last K_s states, fewer at first
+        cond = g[t + 1 : t + 1 + K_r]  # g_{+K_r} = g_{t+1..t+K_r}
         if model.conditioning == "step_returns":  # --arch gpt: g_{j+1} beside each state s_j
-            cond = g[ctx.start + 1 : t + 2].expand(n, -1)[..., None]
+            cond = g[ctx.start + 1 : t + 2]
+        cond = cond.expand(n, -1)[..., None]  # the same in every env
         record = recorder is not None and t + 1 >= K_s
-        with autocast:  # the translator as it was trained; the inverse dynamics (trained in fp32) outside
-            s_next, _, attns = model(cond, states[:, ctx], return_attn=record)  # Alg. 2 line 6: the mean s^_{t+1}
-        a, _ = inverse_dynamics(inv, states[:, t], s_next[:, -1].float())  # line 7: a_t = mu_phi(s_t, s^_{t+1})
-        a = torch.maximum(torch.minimum(a.float(), high), low)
+        a, attns = act(model, inv, cond, states[:, ctx], low, high, autocast, record)
         if record:
             recorder(attns, torch.as_tensor(~done, device=device))
-        obs, r, term, trunc, _ = envs.step(a.cpu().numpy())  # lines 8-9
+        obs, r, term, trunc, _ = envs.step(a.cpu().numpy())  # Alg. 2 lines 8-9
         returns += r * ~done
         lengths += ~done
         done |= term | trunc
@@ -559,13 +634,115 @@ def evaluate(model, inv, info, state_stats, conditioning, args, device, autocast
     envs.close()
     model.train()
     inv.train()
-    score = common.normalized_score(info, returns)
-    episodes = {"returns": returns.tolist(), "lengths": lengths.tolist(), "normalized": score.tolist()}
-    means = {"return_mean": float(returns.mean()), "normalized_mean": float(score.mean())}
-    return {**episodes, **means, "normalized_std": float(score.std()), "eval_env_steps_per_s": lengths.sum() / elapsed}
+    return common.episode_scores(facts, returns, lengths, elapsed)
 
 
-# --- Training
+# --- Training (§2.3-2.4): the inverse dynamics, then the translator.
+def train(args: Args) -> dict:
+    """Fit pi_phi on Eq. 2.8, then rho_theta on Eq. 2.7, evaluating Alg. 2 before the first update,
+    every --eval-every translator updates and at the end. A stopped run resumes in its phase."""
+    run = open_run(args)  # flags, seeds, device, checkpoint, dataset, run folder, config.json
+    args, device, facts, autocast = run["args"], run["device"], run["facts"], run["autocast"]
+    model, inv = make_models(run["arch"], device)
+    stats = load_weights(model, inv, run["ckpt"])  # a checkpoint's, with its state scale
+    announce(run, model, inv)
+    settings = EvalSettings(args.eval_episodes, args.seed, args.eval_async)
+
+    def run_eval(phase: str, step: int, video: Optional[str] = None) -> dict:
+        cond = run["conditioning"]
+        res = evaluate(model, inv, facts, stats, cond, settings, device, autocast, video=video)
+        log_score(run, phase, step, res)
+        return res
+
+    with stops_reported(run):  # Ctrl-C, SIGTERM, SIGUSR1: save, and say how to go on
+        if run["training"]:
+            data = make_dataset(run["episodes"], device, run["arch"]["rtg_scale"], stats)
+            stats = data["state_stats"]
+            inv_opt = make_inv_optimizer(inv, args.inv_lr, args.inv_weight_decay)
+            opt, sched = make_optimizer(model, args)
+            fwd = torch.compile(model) if args.compile else model
+            inv_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+
+            def inverse_step(log: bool):  # §2.3.3: Eq. 2.8 on uniformly drawn transitions
+                batch = sample_transitions(data, args.inv_batch_size, inv_gen)
+                loss, grad_norm = update_inverse(inv, inv_opt, batch, norm=log)
+                return loss, grad_norm, args.inv_lr
+
+            def translator_step(log: bool):  # §2.3.2: Eq. 2.7 on segments of Eq. 2.3
+                batch = sample_batch(data, args.batch_size, model.return_len, model.state_len, gen)
+                lr = sched.get_last_lr()[0]  # the rate this update uses
+                full = args.full_context_loss
+                loss, grad_norm = update(fwd, opt, batch, args.grad_clip, full, autocast)
+                sched.step()
+                return loss, grad_norm, lr
+
+            # in this order: the translator's evaluations need the inverse dynamics
+            phases = {
+                "inverse": Phase(inverse_step, inv_opt, None, inv_gen, args.inv_updates),
+                "translator": Phase(translator_step, opt, sched, gen, args.updates),
+            }
+            fit(phases, model, inv, checkpoint_frame(run, stats), run, run_eval)
+        else:
+            print(evaluation_cost(facts, args.eval_episodes))
+        video = str(run["dir"] / "video.mp4") if args.capture_video else None
+        res = run_eval("final", run["progress"]["translator"], video=video)
+    return finish(run, res)
+
+
+# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------------
+# Table 2.1 (official D4RL v2, 10 seeds), RGDT column, printed beside our score. Its printed total
+# is 539.0, but these rows add up to 540.0 (every other column of the table adds up): one row, or
+# the total, is off by 1.0 in the thesis.
+# fmt: off
+THESIS = {"halfcheetah-medium": 44.4, "hopper-medium": 93.2, "walker2d-medium": 83.3,
+          "halfcheetah-medium-expert": 93.4, "hopper-medium-expert": 112.4,
+          "walker2d-medium-expert": 113.3}
+# fmt: on
+# The two trainings in their order (the translator's evaluations need the inverse dynamics): label.
+PHASES = {"inverse": "inverse dynamics", "translator": "translator"}
+# --arch's state predictors by name (None: a checkpoint from before --arch)
+PREDICTOR = {"gpt": "GPT state predictor", "seq2seq": "translator", None: "translator"}
+CLOCK = {"inverse": "inv_train_time_s", "translator": "train_time_s"}  # each phase's training time
+# Flags that say where and how a run runs, not what it computes: --resume takes them from its own
+# command line.
+RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name".split()
+RUN_FLAGS += ["wandb_entity", "capture_video"]
+
+
+def check_args(args: Args) -> None:
+    """Every flag checked when Args is made, one line naming the flag, its value and the fix;
+    --inv-updates' default resolved (a resumed run takes its own)."""
+    if args.inv_updates is None and args.resume is None:
+        evaluating = args.checkpoint is not None and args.updates == 0
+        args.inv_updates = 0 if evaluating else INV_UPDATES
+    positive = "return_len state_len n_enc_layer n_layer n_head n_embd batch_size lr grad_clip"
+    positive += " rtg_scale eval_episodes log_every inv_hidden inv_layers inv_batch_size inv_lr"
+    non_negative = "seed weight_decay warmup_steps updates inv_weight_decay eval_every threads"
+    non_negative += " save_every" + (" inv_updates" if args.inv_updates is not None else "")
+    check_flags(args, positive, non_negative)
+    for name in ("dropout", "inv_dropout"):
+        if not 0 <= getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"error: {flag} {getattr(args, name)}: must be in [0, 1).")
+    if args.n_embd % args.n_head:
+        why = f"must be divisible by --n-head {args.n_head}"
+        raise SystemExit(f"error: --n-embd {args.n_embd} {why}.")
+    if args.target_return is not None and not 0 < args.target_return < math.inf:
+        why = "pass a finite return > 0, or leave it out for the best return per timestep (§2.3.3)"
+        raise SystemExit(f"error: --target-return {args.target_return}: {why}.")
+    for name in ("updates", "inv_updates"):
+        if getattr(args, name) == 0 and args.checkpoint is None:
+            flag = "--" + name.replace("_", "-")
+            why = "leaves a model untrained; add --checkpoint runs/RUN/model.pt"
+            raise SystemExit(f"error: {flag} 0 {why}.")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        why = 'pip install -e ".[track]" (or leave out --track)'
+        raise SystemExit(f"error: --track needs wandb: {why}.")
+    if args.capture_video and not os.environ.get("DISPLAY"):  # MuJoCo reads it once, on import
+        os.environ.setdefault("MUJOCO_GL", "egl")
+
+
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
     for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
@@ -830,17 +1007,6 @@ def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
     return bool(eval_every and n % eval_every == 0) or n % max(1, math.ceil(updates / 10)) == 0
 
 
-def make_optimizer(model, args):
-    """AdamW with weight decay on matrices only, as in nanoGPT (learned positions are not weights), and a
-    linear warmup."""
-    wd, named = args.weight_decay, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p.dim() >= 2 and not n.startswith("pos_") for n, p in named]
-    groups = [{"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on} for on in (1, 0)]
-    # fused: one kernel for the whole step, on CPU and CUDA (foreach reads each step count back)
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
-
-
 def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
     """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it went on."""
     if resume is not None:
@@ -851,12 +1017,129 @@ def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
     return config
 
 
-def checkpoint_frame(arch: dict, args, info: dict, state_stats, best: np.ndarray) -> dict:
+def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
+    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
+    MP4), and the episode horizon (the TimeLimit)."""
+    import gymnasium as gym
+
+    vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
+    envs = vector_env([functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)])
+    probe = common.make_env(info)
+    horizon = probe.spec.max_episode_steps or 1000
+    probe.close()
+    return envs, horizon
+
+
+# The run of train(): its inputs, folder and config, the two phases' loop with evaluations,
+# checkpoints and exact resume, stop signals and the results.
+def read_inputs(args: Args, device):
+    """The checkpoint (--resume's or --checkpoint's), the training state it holds, the dataset and
+    the architecture."""
+    if args.resume:
+        ckpt = load_checkpoint(str(Path(args.resume) / "model.pt"), device, "--resume")
+    else:
+        ckpt = load_checkpoint(args.checkpoint, device)
+    episodes, facts = load_data(args, ckpt)
+    if episodes is None and args.inv_updates:  # no data is read with --updates 0; this needs it
+        episodes, facts = load_data(replace(args, updates=args.inv_updates), ckpt)
+    dims = {"state_dim": facts["obs_dim"], "act_dim": facts["act_dim"]}
+    arch = {**{k: getattr(args, k) for k in ARCH + INV_ARCH}, **dims, "arch": args.arch}
+    arch = ckpt["arch"] if ckpt is not None else arch
+    if args.capture_video:
+        try:
+            common.check_video(facts)
+        except common.DatasetError as e:
+            raise SystemExit(f"error: {e}") from None
+    return ckpt, (ckpt["resume"] if args.resume else None), episodes, facts, arch
+
+
+def start_run(args, device, threads: int, facts, arch, ckpt, resume, training: bool):
+    """The run folder (a resumed run's own; `-eval` when nothing trains) and its config.json."""
+    if args.resume:
+        run_dir = Path(args.resume)
+    else:  # make_run_dir reads --updates: here, training either model is training
+        run_dir = make_run_dir(replace(args, updates=int(training)), facts)
+    config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": facts}
+    config |= {"target_return": args.target_return, "device": str(device), "threads": threads}
+    config |= {"git_commit": git_commit(), "torch": torch.__version__}
+    # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
+    config["trained_with"] = ckpt["args"] if ckpt is not None and not training else asdict(args)
+    config = record_config(run_dir, config, resume)
+    if resume is not None:  # and the phase it went on in
+        config["resumed"][-1]["phase"] = resume["progress"]["phase"]
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    start_tracking(args, config, run_dir)
+    return run_dir, config
+
+
+def open_run(args: Args) -> dict:
+    """What a run starts from, every input checked before its folder is made: the flags (a resumed
+    run's own), seeds and device, checkpoint, dataset and conditioning returns; then the run
+    folder, config.json and --track; each phase's progress and the clocks (a resumed run's)."""
+    t_start = time.time()
+    args = resumed_args(Args, args)
+    device, threads = setup(args)
+    ckpt, resume, episodes, facts, arch = read_inputs(args, device)
+    if episodes is None:  # a checkpoint evaluated alone: its own best returns
+        best = ckpt["best_returns"].cpu().numpy()
+    else:
+        best = best_return_sequence(episodes)
+    conditioning = conditioning_returns(best, args.target_return)
+    training = bool(args.updates or args.inv_updates)
+    run_dir, config = start_run(args, device, threads, facts, arch, ckpt, resume, training)
+    bf16 = args.bf16 and bf16_native(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    zero = {"phase": "inverse", "inverse": 0, "translator": 0}
+    progress = dict(resume["progress"]) if resume else zero
+    keys = {"translator": "trained_updates", "inverse": "trained_inv_updates"}
+    before = {k: ckpt[key] - progress[k] if ckpt is not None else 0 for k, key in keys.items()}
+    clock = dict.fromkeys(["inv_train_time_s", "train_time_s", "wall_time_s"], 0.0)
+    clock = dict(resume["clock"]) if resume else clock
+    inputs = {"args": args, "device": device, "threads": threads, "ckpt": ckpt, "resume": resume}
+    inputs |= {"episodes": episodes, "facts": facts, "arch": arch, "best": best}
+    inputs |= {"conditioning": conditioning, "training": training, "config": config}
+    inputs |= {"bf16": bf16, "autocast": autocast}
+    run = {"dir": run_dir, "metrics": run_dir / "metrics.jsonl", "t_start": t_start}
+    return run | inputs | {"progress": progress, "before": before, "clock": clock}
+
+
+def load_weights(model, inv, ckpt: Optional[dict]):
+    """A checkpoint's two models, and its state normalisation (None without a checkpoint)."""
+    if ckpt is None:
+        return None
+    model.load_state_dict(ckpt["model"])
+    inv.load_state_dict(ckpt["inverse_dynamics"])
+    return tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std"))
+
+
+def announce(run: dict, model, inv) -> None:
+    """The run's first line: where, on what data, how big, on what device and precision."""
+    facts = run["facts"]
+    sizes = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (model, inv)]
+    name = PREDICTOR[run["arch"].get("arch")]
+    print(
+        f"run {run['dir'].name}: {facts['name']} ({facts['source']} data), {name} {sizes[0]:.2f}M "
+        f"+ inverse dynamics {sizes[1]:.2f}M parameters, device {run['device']}, "
+        f"{run['threads']} CPU thread(s), {'bf16' if run['bf16'] else 'fp32'}"
+    )
+
+
+def log_score(run: dict, phase: str, step: int, res: dict) -> None:
+    """An evaluation's score: a metrics line and a printed one."""
+    mean, std = res["normalized_mean"], res["normalized_std"]
+    score = {"eval_return": res["return_mean"], "eval_normalized": mean}
+    log_metrics(run["metrics"], phase=phase, step=step, eval_normalized_std=std, **score)
+    label = PHASES.get(phase, "translator")  # the final evaluation follows the translator's last
+    tqdm.write(f"{label} update {step}: normalized score {mean:.1f} ± {std:.1f}")
+
+
+def checkpoint_frame(run: dict, state_stats) -> dict:
     """What every model.pt of a run holds besides the weights: what evaluating them needs
     (architecture, dataset facts, state normalisation, best returns) and the flags."""
     mean, std = (torch.as_tensor(x) for x in state_stats)
-    parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info}
-    return {**parts, "state_mean": mean, "state_std": std, "best_returns": torch.as_tensor(best)}
+    parts = {"method": METHOD, "arch": run["arch"], "args": asdict(run["args"])}
+    parts |= {"dataset": run["facts"], "state_mean": mean, "state_std": std}
+    return parts | {"best_returns": torch.as_tensor(run["best"])}
 
 
 def make_checkpoint(model, inv, frame: dict, totals: dict, state: dict) -> dict:
@@ -866,53 +1149,16 @@ def make_checkpoint(model, inv, frame: dict, totals: dict, state: dict) -> dict:
     return {**nets, **frame, **counts, "resume": state}
 
 
-def inverse_update(inv, opt, data: dict, args, gen: torch.Generator, log: bool):
-    """One Adam step on Eq. 2.8's likelihood; the loss, the gradient norm (when `log`: it costs a
-    pass over the gradients; nothing clips them, §2.4 names no clipping) and the learning rate."""
-    loss = inverse_dynamics_loss(inv, data, args.inv_batch_size, gen)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grads = [p.grad for p in inv.parameters()]
-    grad_norm = torch.nn.utils.get_total_norm(grads) if log else None
-    opt.step()
-    return loss, grad_norm, args.inv_lr
+@dataclass
+class Phase:
+    """One of the two trainings: its step (one batch and update; it returns the loss, the gradient
+    norm or None and the learning rate), what an exact resume restores, its update count."""
 
-
-def translator_update(fwd, model, opt, sched, data: dict, args, gen, autocast, log: bool):
-    """One AdamW step on Eq. 2.7; the loss, the gradient norm before clipping (the clipping computes
-    it, `log` or not) and the learning rate it used."""
-    b = sample_batch(data, args.batch_size, model.return_len, model.state_len, gen)
-    with autocast:
-        mean, log_std, _ = fwd(b[model.conditioning], b["states"], b["mask"])
-    loss = state_loss(mean, log_std, b["next_states"], b["mask"], args.full_context_loss)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    lr = sched.get_last_lr()[0]  # the rate this update uses
-    opt.step()
-    sched.step()
-    return loss, grad_norm, lr
-
-
-def make_phases(model, inv, data: dict, args, device, autocast) -> dict:
-    """The two trainings in PHASES' order, each with its update count, optimizer, schedule, batch
-    generator and update."""
-    inv_opt = make_inv_optimizer(inv, args)
-    opt, sched = make_optimizer(model, args)
-    fwd = torch.compile(model) if args.compile else model
-    inv_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-
-    def inverse(log):
-        return inverse_update(inv, inv_opt, data, args, inv_gen, log)
-
-    def translator(log):
-        return translator_update(fwd, model, opt, sched, data, args, gen, autocast, log)
-
-    inverse_phase = {"opt": inv_opt, "sched": None, "gen": inv_gen, "update": inverse}
-    translator_phase = {"opt": opt, "sched": sched, "gen": gen, "update": translator}
-    inverse_phase["total"], translator_phase["total"] = args.inv_updates, args.updates
-    return {"inverse": inverse_phase, "translator": translator_phase}
+    step: Callable[[bool], tuple]
+    opt: torch.optim.Optimizer
+    sched: Optional[torch.optim.lr_scheduler.LRScheduler]
+    gen: torch.Generator
+    total: int
 
 
 def eval_due(phase: str, n: int, args) -> bool:
@@ -935,11 +1181,11 @@ def update_counts(counts: dict) -> str:
     return f"translator {counts['translator']}, inverse dynamics {counts['inverse']} updates"
 
 
-def run_phase(phase: str, p: dict, run: dict, args, run_eval, save, evaluated: set) -> None:
+def run_phase(phase: str, p: Phase, run: dict, run_eval, save, evaluated: set) -> None:
     """One phase from the updates it has done to its total. An update and its log line run whole
     before a stop signal takes effect; then the evaluation and the checkpoint, when due.
     `evaluated`: the (phase, step) evaluations a resumed run logged already."""
-    progress, total = run["progress"], p["total"]
+    args, progress, total = run["args"], run["progress"], p.total
     progress["phase"], done = phase, progress[phase]
     if eval_due(phase, done, args) and (phase, done) not in evaluated:
         run_eval(phase, done)
@@ -950,7 +1196,7 @@ def run_phase(phase: str, p: dict, run: dict, args, run_eval, save, evaluated: s
             with signals_deferred():
                 t0 = time.time()
                 log = step % args.log_every == 0 or step + 1 == total  # .item() syncs the GPU
-                loss, grad_norm, lr = p["update"](log)
+                loss, grad_norm, lr = p.step(log)
                 progress[phase] = done = step + 1
                 if log:
                     line = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
@@ -963,20 +1209,19 @@ def run_phase(phase: str, p: dict, run: dict, args, run_eval, save, evaluated: s
                 save()
 
 
-def fit(model, inv, data: dict, args, device, autocast, frame: dict, run: dict, run_eval, resume):
-    """Both phases, from where a resumed run stopped; a stop signal saves a resumable checkpoint and
-    exits with the command that continues."""
-    phases = make_phases(model, inv, data, args, device, autocast)
-    progress, clock = run["progress"], run["clock"]
+def fit(phases: dict, model, inv, frame: dict, run: dict, run_eval) -> None:
+    """Both phases, from where a resumed run stopped; a stop signal saves a resumable checkpoint
+    and exits with the command that continues."""
+    progress, clock, resume = run["progress"], run["clock"], run["resume"]
     if resume:  # only the phase in progress has a state: the next starts fresh, as it would have
         p = phases[progress["phase"]]
-        restore_training_state(resume, p["opt"], p["sched"], p["gen"])
+        restore_training_state(resume, p.opt, p.sched, p.gen)
 
     def save() -> None:
         phase, wall = progress["phase"], clock["wall_time_s"] + time.time() - run["t_start"]
         p, clocks = phases[phase], clock | {"wall_time_s": wall}
         n, metrics = progress[phase], run["metrics"]
-        state = training_state(n, p["opt"], p["sched"], p["gen"], clocks, metrics)
+        state = training_state(n, p.opt, p.sched, p.gen, clocks, metrics)
         state["progress"] = dict(progress)
         save_atomic(make_checkpoint(model, inv, frame, totals(run), state), run["dir"] / "model.pt")
 
@@ -984,7 +1229,7 @@ def fit(model, inv, data: dict, args, device, autocast, frame: dict, run: dict, 
     evaluated = {(m["phase"], m["step"]) for m in logged if "eval_normalized" in m}
     try:
         for phase in list(PHASES)[list(PHASES).index(progress["phase"]) :]:
-            run_phase(phase, phases[phase], run, args, run_eval, save, evaluated)
+            run_phase(phase, phases[phase], run, run_eval, save, evaluated)
     except KeyboardInterrupt as stop:
         save()
         why, ckpt = str(stop) or "Ctrl-C", run["dir"] / "model.pt"
@@ -995,137 +1240,17 @@ def fit(model, inv, data: dict, args, device, autocast, frame: dict, run: dict, 
         ) from None
 
 
-def evaluation_cost(info: dict, n: int) -> str:
-    """What an evaluation-only run is about to do, said before it starts (minutes on a CPU)."""
-    probe = common.make_env(info)
-    horizon = probe.spec.max_episode_steps or 1000
-    probe.close()
-    return (
-        f"evaluating only: {n} episodes of at most {horizon} steps ({n * horizon} environment steps "
-        "at most, one batched forward of each model per step)"
-    )
-
-
-def open_run(args: Args, device):
-    """The checkpoint (--resume's or --checkpoint's), the training state it holds, the dataset and
-    the architecture."""
-    if args.resume:
-        ckpt = load_checkpoint(str(Path(args.resume) / "model.pt"), device, "--resume")
-    else:
-        ckpt = load_checkpoint(args.checkpoint, device)
-    episodes, info = load_data(args, ckpt)
-    if episodes is None and args.inv_updates:  # no data is read with --updates 0; this needs it
-        episodes, info = load_data(replace(args, updates=args.inv_updates), ckpt)
-    dims = {"state_dim": info["obs_dim"], "act_dim": info["act_dim"]}
-    arch = {**{k: getattr(args, k) for k in ARCH + INV_ARCH}, **dims, "arch": args.arch}
-    arch = ckpt["arch"] if ckpt is not None else arch
-    if args.capture_video:
-        try:
-            common.check_video(info)
-        except common.DatasetError as e:
-            raise SystemExit(f"error: {e}") from None
-    return ckpt, (ckpt["resume"] if args.resume else None), episodes, info, arch
-
-
-def start_run(args, device, threads: int, info, arch, ckpt, resume, training: bool):
-    """The run folder (a resumed run's own; `-eval` when nothing trains) and its config.json."""
-    if args.resume:
-        run_dir = Path(args.resume)
-    else:  # make_run_dir reads --updates: here, training either model is training
-        run_dir = make_run_dir(replace(args, updates=int(training)), info)
-    config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info}
-    config |= {"target_return": args.target_return, "device": str(device), "threads": threads}
-    config |= {"git_commit": git_commit(), "torch": torch.__version__}
-    # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
-    config["trained_with"] = ckpt["args"] if ckpt is not None and not training else asdict(args)
-    config = record_config(run_dir, config, resume)
-    if resume is not None:  # and the phase it went on in
-        config["resumed"][-1]["phase"] = resume["progress"]["phase"]
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    start_tracking(args, config, run_dir)
-    return run_dir, config
-
-
-def finish(run: dict, config: dict, res: dict, args, info: dict, bf16: bool) -> dict:
-    """results.json (as if the run had never stopped), W&B's summary and the closing lines."""
-    progress, clock, done = run["progress"], run["clock"], totals(run)
-    speed = {"bf16": bf16, "wall_time_s": clock["wall_time_s"] + time.time() - run["t_start"]}
-    for phase, key in CLOCK.items():  # training time only: evaluations are not counted
-        n = progress[phase]
-        speed[key.replace("time_s", "updates_per_s")] = n / clock[key] if n else None
-    counts = {"updates": progress["translator"], "trained_updates": done["translator"]}
-    counts |= {"inv_updates": progress["inverse"], "trained_inv_updates": done["inverse"]}
-    results = {**config, **res, **counts, "run_dir": str(run["dir"]), **speed}
-    (run["dir"] / "results.json").write_text(json.dumps(results, indent=2))
-    finish_tracking(results)
-    label = common.SOURCE_LABEL[info["source"]]
-    thesis = THESIS.get(info["name"], "no number for this dataset")
-    print(
-        f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over "
-        f"{args.eval_episodes} episodes ({label} data, {update_counts(done)}); thesis Table 2.1 "
-        f"(RGDT, official D4RL, translator 150k, inverse dynamics 200k updates): {thesis}"
-    )
-    print(f"results: {run['dir'] / 'results.json'}")
-    return results
-
-
-def train(args: Args) -> dict:
-    t_start = time.time()
-    args = resumed_args(Args, args)
-    device, threads = setup(args)
-    ckpt, resume, episodes, info, arch = open_run(args, device)
-    best = ckpt["best_returns"].cpu().numpy() if episodes is None else best_return_sequence(episodes)
-    conditioning = conditioning_returns(best, args.target_return)
-    training = bool(args.updates or args.inv_updates)
-    run_dir, config = start_run(args, device, threads, info, arch, ckpt, resume, training)
-
-    model, inv = make_models(arch, device)
-    stats = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        inv.load_state_dict(ckpt["inverse_dynamics"])
-        stats = tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std"))
-    bf16 = args.bf16 and bf16_native(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    sizes = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (model, inv)]
-    name = PREDICTOR[arch.get("arch")]
-    print(
-        f"run {run_dir.name}: {info['name']} ({info['source']} data), {name} {sizes[0]:.2f}M + "
-        f"inverse dynamics {sizes[1]:.2f}M parameters, device {device}, {threads} CPU thread(s), "
-        f"{'bf16' if bf16 else 'fp32'}"
-    )
-    zero = {"phase": "inverse", "inverse": 0, "translator": 0}
-    progress = dict(resume["progress"]) if resume else zero
-    keys = {"translator": "trained_updates", "inverse": "trained_inv_updates"}
-    before = {k: ckpt[key] - progress[k] if ckpt is not None else 0 for k, key in keys.items()}
-    clock = dict.fromkeys(["inv_train_time_s", "train_time_s", "wall_time_s"], 0.0)
-    clock = dict(resume["clock"]) if resume else clock
-    run = {"dir": run_dir, "metrics": run_dir / "metrics.jsonl", "t_start": t_start}
-    run |= {"progress": progress, "before": before, "clock": clock}
-
-    def run_eval(phase: str, step: int, video=None) -> dict:
-        res = evaluate(model, inv, info, stats, conditioning, args, device, autocast, video=video)
-        mean, std = res["normalized_mean"], res["normalized_std"]
-        score = {"eval_return": res["return_mean"], "eval_normalized": mean}
-        log_metrics(run["metrics"], phase=phase, step=step, eval_normalized_std=std, **score)
-        label = PHASES.get(phase, "translator")  # the final evaluation follows the translator's last
-        tqdm.write(f"{label} update {step}: normalized score {mean:.1f} ± {std:.1f}")
-        return res
-
+@contextlib.contextmanager
+def stops_reported(run: dict):
+    """Stop signals raise KeyboardInterrupt inside (catch_stop_signals). fit saves and reports a
+    stop in training; one in an evaluation-only run or in the final evaluation (the trained models
+    are saved by then) ends here, in one line. The handlers are put back in any case."""
     old_handlers = catch_stop_signals()
     try:
-        if training:
-            data = make_dataset(episodes, device, arch["rtg_scale"], stats)
-            stats = data["state_stats"]
-            frame = checkpoint_frame(arch, args, info, stats, best)
-            fit(model, inv, data, args, device, autocast, frame, run, run_eval, resume)
-        else:
-            print(evaluation_cost(info, args.eval_episodes))
-        video = str(run_dir / "video.mp4") if args.capture_video else None
-        res = run_eval("final", progress["translator"], video=video)
-    except KeyboardInterrupt as stop:  # evaluating only, or in the final evaluation
-        why = str(stop) or "Ctrl-C"
-        if not training:
+        yield
+    except KeyboardInterrupt as stop:
+        why, run_dir = str(stop) or "Ctrl-C", run["dir"]
+        if not run["training"]:
             where = f"{run_dir} keeps its log"
             raise SystemExit(f"interrupted ({why}) during the evaluation; {where}.") from None
         raise SystemExit(
@@ -1134,7 +1259,42 @@ def train(args: Args) -> dict:
         ) from None
     finally:
         restore_signals(old_handlers)
-    return finish(run, config, res, args, info, bf16)
+
+
+def evaluation_cost(facts: dict, n: int) -> str:
+    """What an evaluation-only run is about to do, said before it starts (minutes on a CPU)."""
+    probe = common.make_env(facts)
+    horizon = probe.spec.max_episode_steps or 1000
+    probe.close()
+    return (
+        f"evaluating only: {n} episodes of at most {horizon} steps ({n * horizon} environment "
+        "steps at most, one batched forward of each model per step)"
+    )
+
+
+def finish(run: dict, res: dict) -> dict:
+    """results.json (as if the run had never stopped), W&B's summary and the closing lines."""
+    args, facts, progress, clock = run["args"], run["facts"], run["progress"], run["clock"]
+    done = totals(run)
+    wall = clock["wall_time_s"] + time.time() - run["t_start"]
+    speed = {"bf16": run["bf16"], "wall_time_s": wall}
+    for phase, key in CLOCK.items():  # training time only: evaluations are not counted
+        n = progress[phase]
+        speed[key.replace("time_s", "updates_per_s")] = n / clock[key] if n else None
+    counts = {"updates": progress["translator"], "trained_updates": done["translator"]}
+    counts |= {"inv_updates": progress["inverse"], "trained_inv_updates": done["inverse"]}
+    results = {**run["config"], **res, **counts, "run_dir": str(run["dir"]), **speed}
+    (run["dir"] / "results.json").write_text(json.dumps(results, indent=2))
+    finish_tracking(results)
+    label = common.SOURCE_LABEL[facts["source"]]
+    thesis = THESIS.get(facts["name"], "no number for this dataset")
+    print(
+        f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over "
+        f"{args.eval_episodes} episodes ({label} data, {update_counts(done)}); thesis Table 2.1 "
+        f"(RGDT, official D4RL, translator 150k, inverse dynamics 200k updates): {thesis}"
+    )
+    print(f"results: {run['dir'] / 'results.json'}")
+    return results
 
 
 if __name__ == "__main__":

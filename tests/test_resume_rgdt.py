@@ -54,10 +54,10 @@ def assert_same_run(stopped: dict, whole: dict) -> None:
 
 
 @pytest.mark.parametrize("update, n, phase, done", [
-    ("inverse_update", 7, "inverse", 7),  # in the inverse dynamics' phase, between two checkpoints
-    ("inverse_update", 20, "inverse", 20),  # at its last update: the translator has not started
-    ("translator_update", 7, "translator", 7),  # in the translator's phase
-    ("translator_update", 10, "translator", 10),  # at an evaluation, its score not yet logged
+    ("update_inverse", 7, "inverse", 7),  # in the inverse dynamics' phase, between two checkpoints
+    ("update_inverse", 20, "inverse", 20),  # at its last update: the translator has not started
+    ("update", 7, "translator", 7),  # in the translator's phase
+    ("update", 10, "translator", 10),  # at an evaluation, its score not yet logged
 ])  # fmt: skip
 def test_stopped_by_sigterm_in_either_phase_and_resumed_equals_the_uninterrupted_run(
     tmp_path, hdf5_path, monkeypatch, whole, update, n, phase, done
@@ -112,8 +112,9 @@ def test_evaluation_leaves_every_training_random_stream_alone(hdf5_path):
     stats = (np.zeros(11, np.float32), np.ones(11, np.float32))
     random.seed(3), np.random.seed(3), torch.manual_seed(3)
     before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
-    args, off = rgdt.Args(eval_episodes=2), torch.autocast("cpu", enabled=False)
-    res = rgdt.evaluate(model, inv, info, stats, np.full(1000, 100.0), args, torch.device("cpu"), off)
+    settings, off = rgdt.EvalSettings(episodes=2), torch.autocast("cpu", enabled=False)
+    conditioning, cpu = np.full(1000, 100.0), torch.device("cpu")
+    res = rgdt.evaluate(model, inv, info, stats, conditioning, settings, cpu, off)
     assert sum(res["lengths"]) > 0
     after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
     assert before[0] == after[0], "python's random state moved"
@@ -189,7 +190,7 @@ def test_a_run_that_trained_on_from_a_checkpoint_resumes(tmp_path, hdf5_path, mo
     on = dict(checkpoint=ck, updates=6, inv_updates=6, eval_every=3)
     whole = rgdt.train(tiny(tmp_path / "whole", hdf5_path, **on))
     with monkeypatch.context() as m:
-        signal_on_call(rgdt, m, "translator_update", 4)
+        signal_on_call(rgdt, m, "update", 4)
         with pytest.raises(SystemExit, match="holds translator 8, inverse dynamics 10 updates"):
             rgdt.train(tiny(tmp_path / "stopped", hdf5_path, **on))
     resumed = rgdt.train(rgdt.Args(resume=str(run_dir_of(tmp_path / "stopped"))))
@@ -204,7 +205,7 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, hdf5_path, monkeypatch
     with pytest.raises(SystemExit, match="that run has finished"):
         rgdt.train(rgdt.Args(resume=str(finished)))
     with monkeypatch.context() as m:
-        signal_on_call(rgdt, m, "translator_update", 2)
+        signal_on_call(rgdt, m, "update", 2)
         with pytest.raises(SystemExit, match="interrupted"):
             rgdt.train(tiny(tmp_path / "s", hdf5_path, updates=4, inv_updates=2, eval_every=0))
     stopped = run_dir_of(tmp_path / "s")
@@ -229,7 +230,7 @@ def test_the_decoder_only_state_predictor_resumes_too(tmp_path, hdf5_path, monke
     gpt = dict(arch="gpt", full_context_loss=True, updates=6, inv_updates=4, eval_every=3)
     whole = rgdt.train(tiny(tmp_path / "whole", hdf5_path, **gpt))
     with monkeypatch.context() as m:
-        signal_on_call(rgdt, m, "translator_update", 4)
+        signal_on_call(rgdt, m, "update", 4)
         with pytest.raises(SystemExit, match="holds translator 4, inverse dynamics 4 updates"):
             rgdt.train(tiny(tmp_path / "stopped", hdf5_path, **gpt))
     assert_same_run(rgdt.train(rgdt.Args(resume=str(run_dir_of(tmp_path / "stopped")))), whole)

@@ -288,7 +288,7 @@ def test_inverse_dynamics_learns_an_exactly_invertible_transition():
     before = error()
     opt, gen = torch.optim.Adam(inv.parameters(), lr=1e-2), torch.Generator().manual_seed(0)
     for _ in range(200):
-        loss = rgdt.inverse_dynamics_loss(inv, data, 128, gen)
+        loss = rgdt.inverse_dynamics_loss(inv, rgdt.sample_transitions(data, 128, gen))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -307,7 +307,7 @@ def test_optimizers_decay_matrices_only_and_warm_up():
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 or name[id(p)].startswith("pos_") for p in plain["params"])
     assert opt.param_groups[0]["lr"] == pytest.approx(0.25)
     inv = rgdt.make_inverse_dynamics(3, 2, 8, 2, 0.0)
-    inv_opt = rgdt.make_inv_optimizer(inv, rgdt.Args(inv_weight_decay=1e-4, inv_lr=1e-3))
+    inv_opt = rgdt.make_inv_optimizer(inv, lr=1e-3, weight_decay=1e-4)
     decayed, plain = inv_opt.param_groups
     assert isinstance(inv_opt, torch.optim.Adam) and not isinstance(inv_opt, torch.optim.AdamW)  # §2.4: Adam
     assert len(decayed["params"]) == 3 and len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
@@ -338,10 +338,11 @@ class RecordingInverse(torch.nn.Module):
         return torch.zeros(len(x), 6)  # mean 0 -> action 0, Hopper has 3 action dims
 
 
-def evaluate(model, inv, info, conditioning, recorder=None, **kw):
+def evaluate(model, inv, info, conditioning, recorder=None):
     stats = (np.zeros(info["obs_dim"], np.float32), np.ones(info["obs_dim"], np.float32))
-    args, off = rgdt.Args(eval_episodes=2, **kw), torch.autocast("cpu", enabled=False)
-    return rgdt.evaluate(model, inv, info, stats, conditioning, args, torch.device("cpu"), off, recorder=recorder)
+    settings, off = rgdt.EvalSettings(episodes=2), torch.autocast("cpu", enabled=False)
+    cpu = torch.device("cpu")
+    return rgdt.evaluate(model, inv, info, stats, conditioning, settings, cpu, off, recorder=recorder)
 
 
 def test_inference_follows_algorithm_2(hdf5_path):
