@@ -144,8 +144,11 @@ class Args:
             raise SystemExit(f"error: --target-return {self.target_return}: pass a finite return, e.g. 3600.")
         if self.eval_context is not None and self.eval_context < 1:
             raise SystemExit(f"error: --eval-context {self.eval_context}: must be >= 1 (and <= K).")
-        if self.resume is not None and self.checkpoint is not None:
-            raise SystemExit("error: --resume continues a run with its own model.pt; leave out --checkpoint.")
+        if self.updates and self.warmup_steps > self.updates:  # else the run ends before it reaches --lr
+            scaled = max(1, self.updates // 10)
+            print(f"note: --warmup-steps {self.warmup_steps} is longer than --updates {self.updates}; warming up over "
+                  f"{scaled} updates (a tenth of the run) instead")  # fmt: skip
+            self.warmup_steps = scaled
         if self.updates == 0 and self.checkpoint is None and self.resume is None:
             raise SystemExit("error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one.")
         if self.track and importlib.util.find_spec("wandb") is None:

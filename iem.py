@@ -427,7 +427,7 @@ def make_optimizer(model, lr: float, updates: int):
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)  # one kernel a step (ops.py)
     warmup = max(1, updates // 20)
 
     def lr_factor(step):

@@ -365,7 +365,7 @@ def train(args: Args) -> dict:
     config = record_config(run_dir, config, ckpt["resume"] if ckpt else None)
 
     policy = MLPPolicy(**arch).to(device)
-    opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(policy.parameters(), lr=args.lr, fused=True)  # one kernel a step (ops.py)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     state = {"updates_done": 0, "metrics_lines": 0, "clock": {"train_time_s": 0.0, "wall_time_s": 0.0}}
     if ckpt is not None:

@@ -103,13 +103,13 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, hdf5_path, monkeypatch
     finished = Path(dt.train(tiny(tmp_path / "f", hdf5_path, updates=4, eval_every=0))["run_dir"])
     with pytest.raises(SystemExit, match="that run has finished"):
         dt.train(dt.Args(resume=str(finished)))
-    with pytest.raises(SystemExit, match="leave out --checkpoint"):
-        dt.Args(resume=str(finished), checkpoint=str(finished / "model.pt"))
     with monkeypatch.context() as m:
         signal_on_call(dt, m, "update", 2)
         with pytest.raises(SystemExit, match="interrupted"):
             dt.train(tiny(tmp_path / "s", hdf5_path, updates=4, eval_every=0))
     stopped = run_dir_of(tmp_path / "s")
+    with pytest.raises(SystemExit, match=r"leave out --checkpoint .*model.pt \(the run has None\)"):
+        dt.train(dt.Args(resume=str(stopped), checkpoint=str(finished / "model.pt")))
     with pytest.raises(SystemExit, match=r"continues that run with its own flags; leave out --lr 0.5 \(the run has"):
         dt.train(dt.Args(resume=str(stopped), lr=0.5))
     res = dt.train(dt.Args(resume=str(stopped), threads=1, device="cpu"))  # where and how to run may change
@@ -127,3 +127,21 @@ def test_a_batch_stream_saved_on_another_device_is_replaced_and_said(tmp_path, h
     torch.save(ckpt, run / "model.pt")
     assert dt.train(dt.Args(resume=str(run)))["trained_updates"] == 4
     assert "saved on cuda: a fresh batch stream (not bit-exact)" in capsys.readouterr().out
+
+
+def test_a_run_that_trained_on_from_a_checkpoint_resumes(tmp_path, hdf5_path, monkeypatch):
+    parent = Path(dt.train(tiny(tmp_path / "p", hdf5_path, updates=4, eval_every=0))["run_dir"]) / "model.pt"
+    whole = dt.train(tiny(tmp_path / "whole", hdf5_path, checkpoint=str(parent), updates=10))
+    with monkeypatch.context() as m:
+        signal_on_call(dt, m, "update", 5)
+        with pytest.raises(SystemExit, match="holds 9 updates"):  # 4 of the parent's + 5
+            dt.train(tiny(tmp_path / "stopped", hdf5_path, checkpoint=str(parent), updates=10))
+    resumed = dt.train(dt.Args(resume=str(run_dir_of(tmp_path / "stopped"))))
+    assert resumed["trained_updates"] == 14
+    assert_same_run(resumed, whole)
+
+
+def test_a_warmup_longer_than_the_run_is_scaled_to_a_tenth_and_said(capsys):
+    assert dt.Args(updates=50, warmup_steps=10_000).warmup_steps == 5
+    assert "--warmup-steps 10000 is longer than --updates 50; warming up over 5" in capsys.readouterr().out
+    assert dt.Args(updates=50, warmup_steps=50).warmup_steps == 50 and dt.Args(updates=0, checkpoint="x").warmup_steps
