@@ -195,7 +195,8 @@ def average(maps: list[dict]) -> dict:
 def band(maps: np.ndarray, H: int) -> tuple[int, int, float]:
     """Layer 0's vertical band: the largest key of the mean row, that of the plan tokens' mean row,
     and the larger of the two weights."""
-    cols, plan_row = maps[0].mean(0), maps[0, -H:].mean(0)  # the mean row (sums to 1): a band = a large entry
+    # the mean row (sums to 1; rows of words padded in every sample are NaN): a band = a large entry
+    cols, plan_row = np.nanmean(maps[0], 0), maps[0, -H:].mean(0)
     top, top_plan = int(cols.argmax()), int(plan_row.argmax())
     return top, top_plan, float(max(cols[top], plan_row[top_plan]))
 
@@ -204,7 +205,7 @@ def middle_keys(maps: np.ndarray) -> tuple[list, np.ndarray]:
     """The middle layers and their mean row's keys, largest first."""
     L = len(maps)
     mid = list(range(1, L - 1)) or [min(1, L - 1)]
-    return mid, np.sort(maps[mid].mean((0, 1)))[::-1]
+    return mid, np.sort(np.nanmean(maps[mid], (0, 1)))[::-1]
 
 
 def sides(att: dict, H: int) -> tuple[float, float]:
@@ -233,7 +234,7 @@ def judge(att: dict, H: int) -> dict:
     top, top_plan, v = band(maps, H)
     vc = band(cm, H)[2] if ctrl else float("nan")
     out["layer0_band"] = (
-        f"layer 0: key {labels[top]} takes {maps[0].mean(0)[top]:.2f} of the mean row; of the plan tokens' mean "
+        f"layer 0: key {labels[top]} takes {np.nanmean(maps[0], 0)[top]:.2f} of the mean row; of the plan tokens' mean "
         f"row, key {labels[top_plan]} takes {maps[0, -H:].mean(0)[top_plan]:.2f}",
         f"largest key {vc:.2f}",
         all_of([HOLDS if v >= 0.5 else FAILS, vs(v, vc)]),
@@ -247,7 +248,7 @@ def judge(att: dict, H: int) -> dict:
         all_of([HOLDS if dual else FAILS, vs(c[0] + c[1], cc[0] + cc[1])]),
     )
     nan = [float("nan")] * len(maps)  # a summary from before per-row spreads
-    deep, n_eff = maps[-1].mean(0), att.get("row_effective_keys", nan)[-1]
+    deep, n_eff = np.nanmean(maps[-1], 0), att.get("row_effective_keys", nan)[-1]
     tv = att.get("row_distance_from_uniform", nan)[-1]
     tv_c = ctrl["row_distance_from_uniform"][-1] if ctrl else float("nan")
     out["deep_grid"] = (
