@@ -229,14 +229,20 @@ def rgdt_translator(config: str) -> Harness:
 
 def rgdt_inverse(config: str) -> Harness:
     """One inverse-dynamics update exactly as rgdt.train()'s first loop does it
-    (inverse_dynamics_loss, which samples its own steps; zero_grad; backward; step; no clipping).
-    The loop's get_total_norm runs only on logged steps, so it is left out."""
+    (sample_transitions, then inverse_dynamics_loss, which sampled its own steps before issue 29;
+    zero_grad; backward; step; no clipping). The loop's get_total_norm runs only on logged steps,
+    so it is left out."""
     mod, args, flags, data, _, inv = rgdt_setup(config)
-    opt = mod.make_inv_optimizer(inv, args)
+    opt = call(mod.make_inv_optimizer, inv=inv, args=args, lr=args.inv_lr,
+               weight_decay=args.inv_weight_decay)  # fmt: skip
     gen = torch.Generator().manual_seed(1)
 
     def step():
-        loss = mod.inverse_dynamics_loss(inv, data, args.inv_batch_size, gen)
+        if hasattr(mod, "sample_transitions"):
+            batch = mod.sample_transitions(data, args.inv_batch_size, gen)
+            loss = mod.inverse_dynamics_loss(inv, batch)
+        else:
+            loss = mod.inverse_dynamics_loss(inv, data, args.inv_batch_size, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
