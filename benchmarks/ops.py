@@ -252,20 +252,28 @@ def rgdt_inverse(config: str) -> Harness:
 
 
 def tt_update(config: str) -> Harness:
-    """tt: the file's update(), which samples its own batch (marked apart all the same)."""
+    """tt: sample_batch, then the file's update(). Before issue 29 update() sampled its own batch
+    and took `args` whole (marked apart all the same); the flags' values are passed by name."""
     mod = importlib.import_module("tt")
     args, flags = configured(mod, "tt", config)
-    data = call(mod.make_dataset, episodes=fake_episodes(), args=args, device=torch.device("cpu"))
+    values = asdict(args) | {"args": args, "device": torch.device("cpu")}
+    data = call(mod.make_dataset, episodes=fake_episodes(), **values)
     model = mod.TrajectoryTransformer(OBS_DIM, ACT_DIM, args.n_bins, args.seq_len, args.n_layer,
                                       args.n_head, args.n_embd, args.dropout)  # fmt: skip
     per_epoch = len(data["starts"]) / args.batch_size
-    made = call(mod.make_optimizer, model=model, args=args, updates_per_epoch=per_epoch)
-    opt = optimizer_of(made)
-    weights = mod.token_weights(model, model.block_size, args)
+    schedule = dict(updates_per_epoch=per_epoch, warmup_updates=args.warmup_epochs * per_epoch,
+                    decay_updates=args.decay_epochs * per_epoch)  # fmt: skip
+    opt = optimizer_of(call(mod.make_optimizer, model=model, **schedule, **values))
+    weights = call(mod.token_weights, model=model, T=model.block_size, **values)
     gen, autocast = torch.Generator().manual_seed(0), torch.autocast("cpu", enabled=False)
-    pool = dict(model=model, opt=opt, data=data, weights=weights, args=args, gen=gen,
-                autocast=autocast)  # fmt: skip
-    return Harness(lambda: call(mod.update, **pool), model, opt, mod, flags)
+    pool = dict(model=model, opt=opt, data=data, weights=weights, gen=gen, autocast=autocast, **values)
+
+    def step():
+        if "batch" in inspect.signature(mod.update).parameters:
+            pool["batch"] = mod.sample_batch(data, args.batch_size, args.seq_len, gen)
+        call(mod.update, **pool)
+
+    return Harness(step, model, opt, mod, flags)
 
 
 def iem_optimizer(mod, model, args):
