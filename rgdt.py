@@ -731,6 +731,11 @@ def check_args(args: Args) -> None:
     if args.target_return is not None and not 0 < args.target_return < math.inf:
         why = "pass a finite return > 0, or leave it out for the best return per timestep (§2.3.3)"
         raise SystemExit(f"error: --target-return {args.target_return}: {why}.")
+    if args.updates and args.warmup_steps > args.updates:  # else the run ends before it reaches --lr
+        scaled = max(1, args.updates // 10)
+        print(f"note: --warmup-steps {args.warmup_steps} is longer than --updates {args.updates}; "
+              f"warming up over {scaled} updates (a tenth of the run) instead")  # fmt: skip
+        args.warmup_steps = scaled
     for name in ("updates", "inv_updates"):
         if getattr(args, name) == 0 and args.checkpoint is None:
             flag = "--" + name.replace("_", "-")

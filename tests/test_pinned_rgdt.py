@@ -47,3 +47,8 @@ def test_a_fixed_seed_tiny_run_gives_the_pinned_losses_and_score(tmp_path, hdf5_
         assert losses == pytest.approx(PINNED[arch][phase], rel=1e-6), phase
     # the score sums the MuJoCo returns of whole episodes: a little more room for the last bits
     assert res["normalized_mean"] == pytest.approx(PINNED[arch]["score"], rel=1e-5)
+
+
+def test_a_warmup_longer_than_the_translators_run_is_scaled_to_a_tenth_and_said(capsys):
+    assert rgdt.Args(updates=40, warmup_steps=10_000).warmup_steps == 4
+    assert "--warmup-steps 10000 is longer than --updates 40; warming up over 4" in capsys.readouterr().out
