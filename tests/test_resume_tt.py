@@ -132,13 +132,13 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, hdf5_path, monkeypatch
     finished = Path(tt.train(tiny(tmp_path / "f", hdf5_path, updates=4, eval_every=0))["run_dir"])
     with pytest.raises(SystemExit, match="that run has finished"):
         tt.train(tt.Args(resume=str(finished)))
-    with pytest.raises(SystemExit, match="leave out --checkpoint"):
-        tt.Args(resume=str(finished), checkpoint=str(finished / "model.pt"))
     with monkeypatch.context() as m:
         signal_on_call(tt, m, "update", 2)
         with pytest.raises(SystemExit, match="interrupted"):
             tt.train(tiny(tmp_path / "s", hdf5_path, updates=4, eval_every=0))
     stopped = run_dir_of(tmp_path / "s")
+    with pytest.raises(SystemExit, match=r"leave out --checkpoint .*model.pt \(the run has None\)"):
+        tt.train(tt.Args(resume=str(stopped), checkpoint=str(finished / "model.pt")))
     with pytest.raises(SystemExit, match=r"continues that run with its own flags; leave out --lr 0.5 \(the run has"):
         tt.train(tt.Args(resume=str(stopped), lr=0.5))
     old = torch.load(stopped / "model.pt", weights_only=True)
