@@ -100,6 +100,7 @@ def download(url: str, dest: Path) -> Path:
     whole body arrived (written to a temporary file in the same folder, then renamed atomically)."""
     from tqdm import tqdm
 
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # removed again if it fails
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
@@ -115,6 +116,9 @@ def download(url: str, dest: Path) -> Path:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        for folder in made:  # a failed first download leaves no empty ~/.d4rl/datasets behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     return dest
 
 

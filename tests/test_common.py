@@ -245,6 +245,10 @@ def test_failed_download_names_file_folder_and_alternative(tmp_path, monkeypatch
     msg = str(e.value)
     assert "walker2d_medium_replay-v2.hdf5" in msg and str(tmp_path) in msg and "--dataset-path" in msg
     assert list(tmp_path.iterdir()) == []  # a failed download leaves nothing that looks complete
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "new" / "datasets"))  # folders it had to make
+    with pytest.raises(common.DatasetError):
+        common.load_dataset("walker2d-medium-replay")
+    assert list(tmp_path.iterdir()) == []  # no empty folder left behind either
 
 
 def test_truncated_download_is_not_kept(tmp_path, monkeypatch):
