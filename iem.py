@@ -618,7 +618,7 @@ def train(args: Args) -> dict:
     run_dir, config = open_run(args, arch, ckpt, resume, demos, source, device, threads)
     model = MaskedPlanModel(**arch).to(device)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        fit_weights(model, ckpt["model"], None if args.resume else run_dir)
     bf16 = args.bf16 and bf16_native(device)
     # training only: planning stays fp32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -701,6 +701,24 @@ def bf16_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = None) -> None:
+    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit it (an
+    edited or foreign file) are one line, not load_state_dict's traceback, and the run folder made for them
+    (`fresh_run`, holding only its config.json) is removed."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        if fresh_run is not None and {f.name for f in fresh_run.iterdir()} <= {"config.json"}:
+            (fresh_run / "config.json").unlink(missing_ok=True)
+            fresh_run.rmdir()
+        raise SystemExit(
+            f"error: the checkpoint's weights do not fit the architecture it records ({why[:160]}); "
+            "pass a model.pt this script wrote, unedited."
+        ) from None
 
 
 def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:

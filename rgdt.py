@@ -644,7 +644,8 @@ def train(args: Args) -> dict:
     run = open_run(args)  # flags, seeds, device, checkpoint, dataset, run folder, config.json
     args, device, facts, autocast = run["args"], run["device"], run["facts"], run["autocast"]
     model, inv = make_models(run["arch"], device)
-    stats = load_weights(model, inv, run["ckpt"])  # a checkpoint's, with its state scale
+    fresh = None if args.resume else run["dir"]  # removed if the checkpoint's weights do not fit
+    stats = load_weights(model, inv, run["ckpt"], fresh)  # a checkpoint's, with its state scale
     announce(run, model, inv)
     settings = EvalSettings(args.eval_episodes, args.seed, args.eval_async)
 
@@ -784,6 +785,24 @@ def bf16_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = None) -> None:
+    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit it (an
+    edited or foreign file) are one line, not load_state_dict's traceback, and the run folder made for them
+    (`fresh_run`, holding only its config.json) is removed."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        if fresh_run is not None and {f.name for f in fresh_run.iterdir()} <= {"config.json"}:
+            (fresh_run / "config.json").unlink(missing_ok=True)
+            fresh_run.rmdir()
+        raise SystemExit(
+            f"error: the checkpoint's weights do not fit the architecture it records ({why[:160]}); "
+            "pass a model.pt this script wrote, unedited."
+        ) from None
 
 
 def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:
@@ -1108,12 +1127,12 @@ def open_run(args: Args) -> dict:
     return run | inputs | {"progress": progress, "before": before, "clock": clock}
 
 
-def load_weights(model, inv, ckpt: Optional[dict]):
+def load_weights(model, inv, ckpt: Optional[dict], fresh_run=None):
     """A checkpoint's two models, and its state normalisation (None without a checkpoint)."""
     if ckpt is None:
         return None
-    model.load_state_dict(ckpt["model"])
-    inv.load_state_dict(ckpt["inverse_dynamics"])
+    fit_weights(model, ckpt["model"], fresh_run)
+    fit_weights(inv, ckpt["inverse_dynamics"], fresh_run)
     return tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std"))
 
 

@@ -636,7 +636,8 @@ def train(args: Args) -> dict:
     then plan with it by beam search in the env (§3.2). The bookkeeping is below the banner."""
     run = open_run(args)  # flags, checkpoint and dataset checked; then the run folder, config.json
     args, device = run.args, run.device
-    data, disc, model = build(args, run.facts, run.ckpt, run.episodes, device)
+    fresh = None if args.resume else run.dir  # removed if the checkpoint's weights do not fit
+    data, disc, model = build(args, run.facts, run.ckpt, run.episodes, device, fresh)
     bf16, autocast, plan_autocast = precisions(args, device)
     banner(run, model, bf16)
     planner = plan_settings(args)
@@ -925,7 +926,7 @@ def run_config(run: Run) -> dict:
     return config
 
 
-def build(args: Args, facts: dict, ckpt: Optional[dict], episodes, device) -> tuple:
+def build(args: Args, facts: dict, ckpt: Optional[dict], episodes, device, fresh_run=None) -> tuple:
     """The tokenized data (None when the run only evaluates), the bins (a checkpoint's, else fitted
     to the data) and the model (a checkpoint's weights, if any)."""
     edges = None if ckpt is None else ckpt["edges"]
@@ -938,7 +939,7 @@ def build(args: Args, facts: dict, ckpt: Optional[dict], episodes, device) -> tu
     model = TrajectoryTransformer(*dims, args.n_layer, args.n_head, args.n_embd, args.dropout)
     model = model.to(device)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        fit_weights(model, ckpt["model"], fresh_run)
     return data, disc, model
 
 
@@ -1128,6 +1129,24 @@ def bf16_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = None) -> None:
+    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit it (an
+    edited or foreign file) are one line, not load_state_dict's traceback, and the run folder made for them
+    (`fresh_run`, holding only its config.json) is removed."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        if fresh_run is not None and {f.name for f in fresh_run.iterdir()} <= {"config.json"}:
+            (fresh_run / "config.json").unlink(missing_ok=True)
+            fresh_run.rmdir()
+        raise SystemExit(
+            f"error: the checkpoint's weights do not fit the architecture it records ({why[:160]}); "
+            "pass a model.pt this script wrote, unedited."
+        ) from None
 
 
 def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:
