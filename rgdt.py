@@ -9,6 +9,10 @@ dynamics model.
     python rgdt.py --checkpoint runs/RUN/model.pt --updates 0     # evaluate a model, train nothing
     python rgdt.py --resume runs/RUN                              # continue a stopped run
 
+What the defaults cost: §2.4's 2·10^5 inverse-dynamics + 1.5·10^5 translator updates are unmeasured on a
+GPU; on a quiet 2-core CPU the translator runs at about 14 updates/s, so a run is 3-4 hours, far more on a busy
+machine. For a first look on a CPU (minutes): --updates 3000 --inv-updates 5000 --eval-every 1000.
+
 Defaults are §2.4's. Flags shared with dt.py keep dt.py's names and meanings; dt.py's --context-len
 becomes two context lengths (--return-len K_r, --state-len K_s), and there is no timestep
 embedding. Two models train one after the other, each with its own progress bar and losses

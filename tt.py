@@ -7,6 +7,11 @@ model and policy by beam search.
     python tt.py --checkpoint runs/RUN/model.pt --updates 0 --beam-width 1   # evaluate, greedy
     python tt.py --resume runs/RUN   # continue a run stopped by Ctrl-C, SIGTERM or SIGUSR1, exactly
 
+What the defaults cost: the TT code's budget (195k-312k updates at 4 layers, 128 wide, batch 256) and
+its planner (beam 128 x horizon 15, about 230 forward passes per env step) are unmeasured on a GPU; on a
+2-core CPU training is 17-26 s per update (40-60 days) and planning 25-37 s per env step (hours per episode).
+For a first look, the CPU preset below.
+
 CPU preset (about 15 minutes of training on 2 free cores; add --env and --dataset-path as above):
     python tt.py --n-embd 64 --batch-size 32 --seq-len 5 --updates 3000 --warmup-epochs 0.1 \\
         --horizon 5 --beam-width 8
