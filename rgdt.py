@@ -514,7 +514,7 @@ def make_inv_optimizer(inv, lr: float, weight_decay: float) -> torch.optim.Adam:
     others = [p for p in inv.parameters() if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": weight_decay}]
     groups.append({"params": others, "weight_decay": 0.0})
-    return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.Adam(groups, lr=lr, fused=True)  # one kernel a step (benchmarks/ops.py)
 
 
 def update(model, opt, batch: dict, grad_clip: float, full_context: bool, autocast):

@@ -334,7 +334,7 @@ def bc_update(config: str) -> Harness:
     data = mod.make_dataset(episodes, keep, args.normalize_states, torch.device("cpu"))
     hopper_box = [1.0] * ACT_DIM  # the action space's high end, as bc.train() reads it off the env
     policy = mod.MLPPolicy(OBS_DIM, ACT_DIM, tuple(args.hidden), hopper_box)
-    opt = torch.optim.Adam(policy.parameters(), lr=args.lr)  # as bc.train() makes it
+    opt = torch.optim.Adam(policy.parameters(), lr=args.lr, fused=True)  # as bc.train() makes it
     gen = torch.Generator().manual_seed(0)
     step = functools.partial(mod.update, policy, opt, data, args.batch_size, gen)
     note = "its batch draw (3 ops) counts in forward; no clipping"
