@@ -263,3 +263,61 @@ def test_curves_read_a_stopped_run_up_to_its_last_line(tmp_path):
         curves.main(curves.Args(runs=(f"DT={tmp_path / 'curves'}",), out=str(tmp_path / "c2")))
     with pytest.raises(SystemExit, match="expected label=folder"):
         curves.main(curves.Args(runs=(str(run),), out=str(tmp_path / "c3")))
+
+
+def test_eval_context_sweeps_a_checkpoint_over_k_prime(tmp_path, hdf5_path):
+    """benchmarks/eval_context.py (issue 27, item 4): a DT and a TRDT checkpoint (K = 4) at K' = 1, 2 and K;
+    K' = 8 > K is left out; K' = K is the method file's own evaluation."""
+    import eval_context
+
+    runs = {
+        m: Path(mod.train(mod.Args(**tiny(tmp_path, hdf5_path)))["run_dir"]) for m, mod in (("dt", dt), ("trdt", trdt))
+    }
+    out = tmp_path / "ctx"
+    args = eval_context.Args(runs=(f"dt={runs['dt']}", f"trdt={runs['trdt']}"), contexts=(1, 2, 8), eval_episodes=2,
+                             controls=2, out=str(out))  # fmt: skip
+    res = eval_context.main(args)
+    saved = json.loads((out / "eval_context.json").read_text())
+    assert (out / "eval_context.png").stat().st_size > 0 and saved["results"] == json.loads(json.dumps(res["results"]))
+    for r in res["results"]:
+        assert [row["context"] for row in r["rows"]] == [1, 2, 4] and r["skipped"] == [8] and r["K"] == 4
+        assert all(len(row["normalized"]) == 2 for row in r["rows"]) and len(r["control_rows"]) == 2
+        assert r["verdict"]["verdict"] in ("holds", "does not hold", "not decidable at this budget")
+    ckpt = dt.load_checkpoint(str(runs["dt"] / "model.pt"), torch.device("cpu"))
+    model = dt.DecisionTransformer(**ckpt["arch"])
+    model.load_state_dict(ckpt["model"])
+    stats = (ckpt["state_mean"].numpy(), ckpt["state_std"].numpy())
+    plain = dt.evaluate(model, ckpt["dataset"], stats, dt.Args(checkpoint="x", updates=0, eval_episodes=2), 3600.0,
+                        torch.device("cpu"), torch.autocast("cpu", enabled=False))  # fmt: skip
+    assert res["results"][0]["rows"][-1]["normalized"] == pytest.approx(plain["normalized"])
+    with pytest.raises(SystemExit, match="holds files; .* --force"):
+        eval_context.main(args)
+
+
+def test_eval_context_verdict_and_bad_input(tmp_path):
+    import eval_context
+
+    def rows(short, full, k=(1, 20)):
+        return [dict(context=k[0], normalized=short, normalized_mean=float(np.mean(short))),
+                dict(context=k[1], normalized=full, normalized_mean=float(np.mean(full)))]  # fmt: skip
+
+    flat = [rows([2.0, 2.1, 1.9], [2.0, 2.1, 1.9])] * 3  # random-init controls: no drop
+    assert eval_context.shorter_hurts(rows([10.0, 12.0, 11.0], [30.0, 33.0, 31.0]), flat, 20)["verdict"] == "holds"
+    assert eval_context.shorter_hurts(rows([30.0, 33.0, 31.0], [30.0, 32.0, 31.0]), flat, 20)["verdict"] == (
+        "does not hold"
+    )
+    noisy = rows([10.0, 40.0, 11.0], [30.0, 12.0, 31.0])  # a drop the episodes do not agree on
+    assert eval_context.shorter_hurts(noisy, flat, 20)["verdict"] == "not decidable at this budget"
+    # a drop of 0.4 on every episode: consistent, but under one normalized point it does not hurt
+    assert eval_context.shorter_hurts(rows([2.3] * 3, [2.7] * 3), flat, 20)["verdict"] == "does not hold"
+    varied = [rows([2.0] * 3, [2.0 + d] * 3) for d in (-15.0, 0.0, 15.0)]  # random inits that drop all ways
+    assert eval_context.shorter_hurts(rows([10.0, 12.0, 11.0], [30.0, 33.0, 31.0]), varied, 20)["verdict"] == (
+        "not decidable at this budget"
+    )
+    with pytest.raises(SystemExit, match="--contexts"):
+        eval_context.Args(runs=("dt=x",), contexts=(0, 2))
+    with pytest.raises(SystemExit, match="expected method=run_folder"):
+        eval_context.main(eval_context.Args(runs=(f"ppo={tmp_path}",), out=str(tmp_path / "o")))
+    with pytest.raises(SystemExit, match="no model.pt there"):
+        eval_context.main(eval_context.Args(runs=(f"dt={tmp_path}",), out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()

@@ -5,6 +5,7 @@ arrays such a model gives: near-uniform attention), and also on arrays where the
 every test can fail."""
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,6 @@ def test_tt_analysis_never_holds_for_random_init_models(tmp_path, hdf5_path):
     weights: a random-init TT costs what a trained one does."""
     import tt_analysis
 
-    import tt
-
     data = tmp_path / "data"
     data.mkdir()
     (data / "hopper-random.hdf5").write_bytes(Path(hdf5_path).read_bytes())
@@ -98,10 +97,11 @@ def test_tt_analysis_never_holds_for_random_init_models(tmp_path, hdf5_path):
     dev = torch.device("cpu")
     paths = tt_analysis.dataset_paths(args)
     pi, dt_train = tt_analysis.get_dt(args, paths, dev)  # one update: only the arch and data facts are used
-    model, tt_c, disc, targs, tt_train = tt_analysis.get_tt(args, paths, dev)
-    ours_tt = attention.random_init(tt.TrajectoryTransformer, *tt_analysis.tt_size({"obs_dim": model.obs_dim,
-                                    "act_dim": model.act_dim}, targs), seed=1)  # fmt: skip
-    m = dict(pi=pi.control(1), pi_c=pi.control(args.control_seed), tt=ours_tt, tt_c=tt_c, disc=disc, targs=targs)
+    model, disc, targs, tt_train = tt_analysis.get_tt(args, paths, dev)
+    ours_pi, ours_tt = tt_analysis.controls_of(pi, model, targs, replace(args, control_seed=1, controls=1), dev)[0]
+    controls = tt_analysis.controls_of(pi, model, targs, args, dev)
+    m = dict(pi=ours_pi, tt=ours_tt, disc=disc, targs=targs, controls=controls)
+    m["pi_c"], m["tt_c"] = controls[0]
     episodes, info = tt_analysis.common.load_dataset(args.env, paths)
     r = tt_analysis.analyse(m, episodes, info, args, dev, {"dt": dt_train, "tt": tt_train}, lambda what: None)
     claims = tt_analysis.make_claims(r, args, "local file")
