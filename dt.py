@@ -369,16 +369,21 @@ def act(model, context: dict, low, high, autocast, return_attn: bool = False):
     return torch.maximum(torch.minimum(preds["action"][0][:, -1].float(), high), low), attns
 
 
-# --- Evaluation: all episodes at once in a vector env, one batched forward per environment step.
+# --- Evaluation: all episodes at once in a vector env, batched forwards at every environment step.
 @dataclass(frozen=True)
 class EvalSettings:
-    """The flags an evaluation reads, named as in Args (so an Args serves too): --eval-episodes,
-    --eval-context (None: the model's K), --eval-async and --seed (its envs reset from seed + 10000)."""
+    """The evaluation's flags, named as in Args (an Args serves too; see their help there). The
+    envs reset from seed + 10000; eval_context None is the model's K."""
 
     eval_episodes: int
     eval_context: Optional[int] = None
     eval_async: bool = False
     seed: int = 0
+
+    @classmethod
+    def of(cls, args) -> EvalSettings:
+        """The same flags of an Args."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 @torch.no_grad()
@@ -436,7 +441,7 @@ def train(args: Args) -> dict:
     model = DecisionTransformer(**run["arch"]).to(device)
     stats = load_weights(model, run["ckpt"])  # a checkpoint's, with its state scale
     announce(run, model)
-    settings = EvalSettings(args.eval_episodes, args.eval_context, args.eval_async, args.seed)
+    settings = EvalSettings.of(args)
 
     def run_eval(step: int, video: Optional[str] = None) -> dict:
         target = run["target_return"]
@@ -453,7 +458,7 @@ def train(args: Args) -> dict:
             gen = torch.Generator(device=device).manual_seed(args.seed)
             fwd = torch.compile(model) if args.compile else model
 
-            def step():  # Alg. 1: a batch of segments, one gradient step on the action loss
+            def step():  # Alg. 1: a batch of segments, one update
                 batch = sample_batch(data, args.batch_size, arch["context_len"], gen)
                 lr = sched.get_last_lr()[0]  # the rate this update uses
                 losses, grad_norm = update(fwd, opt, batch, args.grad_clip, autocast)
@@ -933,7 +938,7 @@ def stops_reported(run: dict):
 
 def finish(run: dict, res: dict) -> dict:
     """results.json (as if the run had never stopped), W&B's summary and the closing lines."""
-    args, facts, arch, clock, done = run["args"], run["facts"], run["arch"], run["clock"], run["done"]
+    args, facts, clock, done = run["args"], run["facts"], run["clock"], run["done"]
     total = run["parent"] + done
     speed = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": run["bf16"]}
     speed["wall_time_s"] = clock["wall_time_s"] + time.time() - run["t_start"]
@@ -942,8 +947,9 @@ def finish(run: dict, res: dict) -> dict:
     (run["dir"] / "results.json").write_text(json.dumps(results, indent=2))
     finish_tracking(results)
     label = common.SOURCE_LABEL[facts["source"]]
-    column = "DT" if arch["policy"] == "deterministic" else "ODT-O"
-    thesis = THESIS[arch["policy"]].get(facts["name"], "no number for this dataset")
+    policy = run["arch"]["policy"]
+    column = "DT" if policy == "deterministic" else "ODT-O"
+    thesis = THESIS[policy].get(facts["name"], "no number for this dataset")
     print(
         f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over "
         f"{args.eval_episodes} episodes ({label} data, {total} updates); thesis Table 1.3 "

@@ -8,9 +8,11 @@
     python trdt.py --env hopper-medium-replay --rtg-update subtract    # DT's return rule at inference
     python trdt.py --checkpoint runs/RUN/model.pt --updates 0          # evaluate a trained model again
 
-One file: arguments, action regions, data, model, losses, evaluation, training, in the thesis's order.
-Blocks marked PLUMBING are the same, byte for byte, in every method file that has them; the rest is the
-method. Shared with the other method files is only common.py (datasets, env ids, normalized scores).
+One file, the method first: its flags, action regions, data, model, objective and update, the action step
+and evaluation, train() (Alg. 1); below the PLUMBING banner the run's infrastructure (run folder,
+checkpoints, exact resume, stop signals, tracking). Blocks marked PLUMBING are the same, byte for byte,
+in every method file that has them. Shared with the other method files is only common.py (datasets,
+env ids, normalized scores).
 """
 
 from __future__ import annotations
@@ -53,12 +55,6 @@ class Args:
     """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official file;
     several are concatenated (medium + expert = medium-expert). Without it the official file is read from
     $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded there first if missing"""
-    exp_name: str = METHOD
-    """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
-    seed: int = 0
-    """seed of python, numpy, torch, the batch sampler and the evaluation envs"""
-    device: str = "auto"
-    """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
     bins: int = 3
     """b, action-region bins per action dimension (uniform over [-1, 1]); the region token is the ordinal
     encoding of length b per dimension, b * m_a bits in all (Eq. 1.12; Table 1.1: b = 3)"""
@@ -108,34 +104,27 @@ class Args:
     """return to condition on at evaluation; default Table 1.2: hopper 7200, walker2d 10000, halfcheetah 12000"""
     eval_episodes: int = 10
     """episodes per evaluation, all run at once in a vector env"""
-    eval_every: int = 10_000
-    """evaluate before training and every N updates (0: only at the end)"""
-    eval_async: bool = False
-    """step the evaluation envs in subprocesses (gymnasium AsyncVectorEnv); pays off with many CPU cores"""
     eval_context: Optional[int] = None
     """K' <= K: evaluate on the last K' steps instead of K (§1.3.2: the context "may be shorter during
     evaluation than the one used during training"; the ODT code evaluates with 5). Default: K, the
     checkpoint's with --checkpoint"""
+    exp_name: str = METHOD
+    """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
+    seed: int = 0
+    """seed of python, numpy, torch, the batch sampler and the evaluation envs"""
+    device: str = "auto"
+    """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
     compile: bool = False
     """torch.compile the model for training (CUDA)"""
     bf16: bool = True
     """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX); fp32 elsewhere"""
-    checkpoint: Optional[str] = None
-    """a `model.pt` from an earlier run: start from its weights, architecture and state normalisation (the
-    architecture flags are ignored); `--updates 0` only evaluates it, on its own dataset unless --env says"""
-    resume: Optional[str] = None
-    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags, optimizer,
-    schedule and random states, to its --updates; the result is the run it would have been without the stop"""
-    save_every: int = 0
-    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10% of the run);
-    also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
-    runs_dir: str = "runs"
-    """parent folder of the run folder"""
-    log_every: int = 100
-    """log the training loss, each task's loss and the learning rate every N updates"""
+    eval_async: bool = False
+    """step the evaluation envs in subprocesses (gymnasium AsyncVectorEnv); pays off with many CPU cores"""
     threads: int = 0
     """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow down
     sharply when another program keeps one busy)"""
+    runs_dir: str = "runs"
+    """parent folder of the run folder"""
     track: bool = False
     """also send the config, every logged metric and the final results to Weights & Biases (`pip install -e
     ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept locally to sync later"""
@@ -146,6 +135,19 @@ class Args:
     capture_video: bool = False
     """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's offscreen
     renderer; headless machines use MUJOCO_GL=egl, the default here when no display is set, or osmesa)"""
+    checkpoint: Optional[str] = None
+    """a `model.pt` from an earlier run: start from its weights, architecture and state normalisation (the
+    architecture flags are ignored); `--updates 0` only evaluates it, on its own dataset unless --env says"""
+    resume: Optional[str] = None
+    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags, optimizer,
+    schedule and random states, to its --updates; the result is the run it would have been without the stop"""
+    save_every: int = 0
+    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10% of the run);
+    also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
+    eval_every: int = 10_000
+    """evaluate before training and every N updates (0: only at the end)"""
+    log_every: int = 100
+    """log the training loss, each task's loss and the learning rate every N updates"""
 
     def __post_init__(self):
         positive = (
@@ -226,7 +228,6 @@ def decode_regions(probs: torch.Tensor, bins: int) -> torch.Tensor:
 RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name wandb_entity capture_video".split()
 
 
-# --- Data: trajectories as one set of flat tensors on the training device; a batch is an index gather.
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (the g tokens of Eq. 1.1)."""
     return np.cumsum(rewards[::-1])[::-1].copy()
@@ -408,6 +409,58 @@ def task_losses(preds: dict, batch: dict) -> dict:
     return losses | {"region": masked_mean(bce.sum(-1), batch["mask"])}
 
 
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2020; Table 1.1, Alg. 1 line 12) as timm's `Lamb`, the ODT code's and so
+    the thesis's: bias-corrected Adam moments, the decay added to the Adam update, each tensor's
+    step scaled by its trust ratio ||w|| / ||update|| (1 where a norm is 0), uncapped, decayed or
+    not (ODT had one group, with decay). Written out: timm pulls torchvision; pytorch-optimizer's
+    Lamb has no bias correction and caps ||w|| at 10. timm's clip at 1.0 is left out (--grad-clip
+    0.25 comes first). Each line of the math is one multi-tensor op (one GPU launch, not one per
+    tensor); no value is read back."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        done = []  # (tensors, their updates, lr) of each group
+        for group in self.param_groups:
+            (beta1, beta2), step = group["betas"], group.get("step", 0) + 1
+            group["step"] = step  # one count per group as in timm, even when a head has no gradient
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            for p in [p for p in ps if not self.state[p]]:  # the moments start at 0
+                self.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            grads = [p.grad for p in ps]
+            m, v = ([self.state[p][k] for p in ps] for k in ("exp_avg", "exp_avg_sq"))
+            torch._foreach_lerp_(m, grads, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(torch._foreach_div(v, 1 - beta2**step))
+            torch._foreach_add_(denom, group["eps"])
+            update = torch._foreach_div(torch._foreach_div(m, 1 - beta1**step), denom)
+            torch._foreach_add_(update, ps, alpha=group["weight_decay"])
+            done.append((ps, update, group["lr"]))
+        params, updates = [p for ps, _, _ in done for p in ps], [u for _, us, _ in done for u in us]
+        if params:  # the trust ratios of all groups at once, kept on the device
+            w_norm, u_norm = (torch.stack(torch._foreach_norm(x)) for x in (params, updates))
+            trust = torch.where(torch.minimum(w_norm, u_norm) > 0, w_norm / u_norm, 1.0)
+            torch._foreach_mul_(updates, trust.unbind())
+        for ps, update, lr in done:
+            torch._foreach_sub_(ps, update, alpha=lr)
+
+
+def make_optimizer(model, args):
+    """LAMB (Table 1.1) with weight decay on matrices only, as in nanoGPT, eps 1e-8 as in the ODT code, and a
+    linear warmup."""
+    wd, named = args.weight_decay, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p.dim() >= 2 and not n.startswith("pos_") for n, p in named]
+    groups = [{"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on} for on in (1, 0)]
+    opt = Lamb(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
+
+
 def update(
     model, opt, batch: dict, lambdas: dict, schedule: str, grad_clip: float, autocast
 ) -> tuple[dict, torch.Tensor]:
@@ -430,45 +483,62 @@ def update(
     return measured, torch.stack(norms).mean()
 
 
-# --- Evaluation (§1.4.3, Alg. 1 lines 14-26): all episodes at once in a vector env, batched forwards.
-def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
-    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
-    MP4), and the episode horizon (the TimeLimit)."""
-    import gymnasium as gym
+def act(model, context: dict, low, high, autocast, return_attn: bool = False):
+    """Eq. 1.2 for one env step of every episode: a_t, the action head's mean read off the last s_t
+    token of the context Gamma_t (the last <= K steps), within the action bounds [low, high]. Also
+    the per-block attention weights when `return_attn`."""
+    with autocast:
+        preds, attns = model(context, return_attn=return_attn)
+    return torch.maximum(torch.minimum(preds["action"][0][:, -1].float(), high), low), attns
 
-    vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    envs = vector_env([functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)])
-    probe = common.make_env(info)
-    horizon = probe.spec.max_episode_steps or 1000
-    probe.close()
-    return envs, horizon
+
+# --- Evaluation: all episodes at once in a vector env, batched forwards at every environment step.
+@dataclass(frozen=True)
+class EvalSettings:
+    """The evaluation's flags, named as in Args (an Args serves too; see their help there). The
+    envs reset from seed + 10000; eval_context None is the model's K."""
+
+    eval_episodes: int
+    eval_context: Optional[int] = None
+    eval_async: bool = False
+    seed: int = 0
+    rtg_update: str = "model"
+
+    @classmethod
+    def of(cls, args) -> EvalSettings:
+        """The same flags of an Args."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 @torch.no_grad()
-def evaluate(model, info, state_stats, args, target_return, device, autocast, recorder=None, video=None) -> dict:
-    """Roll out args.eval_episodes episodes conditioned on target_return. `recorder(attns, alive)`, when
-    given, receives the attention of every step with a full context (benchmarks/attention.py)."""
-    n, K = args.eval_episodes, args.eval_context or model.K  # K' <= K with --eval-context
-    envs, horizon = make_eval_envs(info, n, args.eval_async, video)
-    low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
+def evaluate(
+    model, facts, state_stats, settings, target_return, device, autocast, recorder=None, video=None
+) -> dict:  # fmt: skip
+    """Roll out settings.eval_episodes episodes conditioned on target_return. `recorder(attns, alive)`,
+    when given, receives the attention of every step with a full context (benchmarks/attention.py)."""
+    n, K = settings.eval_episodes, settings.eval_context or model.K  # K' <= K with --eval-context
+    envs, horizon = make_eval_envs(facts, n, settings.eval_async, video)
+    bounds = (envs.action_space.low, envs.action_space.high)
+    low, high = (torch.as_tensor(b[0], device=device) for b in bounds)
     mean, std = (torch.as_tensor(x, device=device) for x in state_stats)
     buf = {m: torch.zeros(n, horizon, d, device=device) for m, d in model.dims.items()}
-    buf["timesteps"] = torch.arange(horizon, device=device).clamp(max=model.max_ep_len - 1).expand(n, -1)
+    t_max = model.max_ep_len - 1
+    buf["timesteps"] = torch.arange(horizon, device=device).clamp(max=t_max).expand(n, -1)
     buf["rtg"][:, 0] = target_return / model.rtg_scale  # g_1
     returns, lengths, done = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n, dtype=bool)
     model.eval()
-    obs, _ = envs.reset(seed=args.seed + 10_000)
-    bar = tqdm(total=n, desc="evaluate", unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
+    obs, _ = envs.reset(seed=settings.seed + 10_000)
+    look = dict(unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=n, desc="evaluate", **look)
     t0 = time.time()
     for t in range(horizon):
         # Alg. 1 lines 14-25: s_t joins the history, a_t (Eq. 1.15) is executed, g_{t+1} follows
         buf["states"][:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
-        ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps; at the start a shorter context
+        ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps, fewer at first
         record = recorder is not None and t + 1 >= K
-        with autocast:
-            preds, attns = model({k: v[:, ctx] for k, v in buf.items()}, return_attn=record)
         # Alg. 1 line 19: region_t and a_t are still zeros here; the s_t token that predicts a_t cannot see them.
-        buf["actions"][:, t] = torch.maximum(torch.minimum(preds["action"][0][:, -1].float(), high), low)
+        context = {k: v[:, ctx] for k, v in buf.items()}
+        buf["actions"][:, t], attns = act(model, context, low, high, autocast, record)
         buf["regions"][:, t] = encode_regions(buf["actions"][:, t], model.bins)  # Alg. 1 line 20: executed action's
         if record:
             recorder(attns, torch.as_tensor(~done, device=device))
@@ -480,9 +550,9 @@ def evaluate(model, info, state_stats, args, target_return, device, autocast, re
         bar.set_postfix(env_steps=int(lengths.sum()), refresh=False)
         if done.all() or t + 1 == horizon:  # no slot for g_{t+1} past the horizon
             break
-        if args.rtg_update == "model":  # Eq. 1.16, Alg. 1 line 23: g_{t+1} from the return head on the a_t token,
-            with autocast:  # which exists only now: a second forward pass per env step
-                buf["rtg"][:, t + 1] = model({k: v[:, ctx] for k, v in buf.items()})[0]["return"][0][:, -1].float()
+        if settings.rtg_update == "model":  # Eq. 1.16, Alg. 1 line 23: g_{t+1} from the return head
+            with autocast:  # on the a_t token, which exists only now (`context` views buf): a 2nd pass
+                buf["rtg"][:, t + 1] = model(context)[0]["return"][0][:, -1].float()
         else:
             r = torch.as_tensor(r, device=device, dtype=torch.float32)[:, None]
             buf["rtg"][:, t + 1] = buf["rtg"][:, t] - r / model.rtg_scale  # DT's rule: g_{t+1} = g_t - r_t
@@ -490,13 +560,53 @@ def evaluate(model, info, state_stats, args, target_return, device, autocast, re
     bar.close()
     envs.close()
     model.train()
-    score = common.normalized_score(info, returns)
-    episodes = {"returns": returns.tolist(), "lengths": lengths.tolist(), "normalized": score.tolist()}
-    means = {"return_mean": float(returns.mean()), "normalized_mean": float(score.mean())}
-    return {**episodes, **means, "normalized_std": float(score.std()), "eval_env_steps_per_s": lengths.sum() / elapsed}
+    return common.episode_scores(facts, returns, lengths, elapsed)
 
 
-# --- Training
+# --- Training (Alg. 1): segments of K steps, one gradient step each, evaluations along the way.
+def train(args: Args) -> dict:
+    """Fit the four heads on sum_i lambda_i L_i (Eq. 1.14), evaluating before the first update, every
+    --eval-every updates and at the end. A stopped run resumes where it stopped."""
+    run = open_run(args)  # flags, seeds, device, checkpoint, dataset, run folder, config.json
+    args, device, facts, autocast = run["args"], run["device"], run["facts"], run["autocast"]
+    model = TrustRegionDecisionTransformer(**run["arch"]).to(device)
+    stats = load_weights(model, run["ckpt"])  # a checkpoint's, with its state scale
+    announce(run, model)
+    settings = EvalSettings.of(args)
+
+    def run_eval(step: int, video: Optional[str] = None) -> dict:
+        target = run["target_return"]
+        res = evaluate(model, facts, stats, settings, target, device, autocast, video=video)
+        log_score(run, step, res)
+        return res
+
+    with stops_reported(run):  # Ctrl-C, SIGTERM, SIGUSR1: save, and say how to go on
+        if args.updates:
+            arch = run["arch"]
+            scales = (arch["rtg_scale"], arch["max_ep_len"], arch["bins"])
+            data = make_dataset(run["episodes"], device, *scales, stats)
+            stats = data["state_stats"]
+            opt, sched = make_optimizer(model, args)
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+            fwd = torch.compile(model) if args.compile else model
+            lambdas = dict(zip(TASKS, args.lambdas))
+
+            def step():  # Alg. 1: a batch of segments, one update
+                batch = sample_batch(data, args.batch_size, arch["context_len"], gen)
+                lr = sched.get_last_lr()[0]  # the rate this update uses
+                losses, grad_norm = update(fwd, opt, batch, lambdas, args.schedule, args.grad_clip, autocast)
+                sched.step()  # warmup counts updates: one curve for both schedules
+                return losses, grad_norm, lr
+
+            fit(step, opt, sched, gen, model, checkpoint_frame(run, stats), run, run_eval)
+        video = str(run["dir"] / "video.mp4") if args.capture_video else None
+        res = run_eval(run["done"], video=video)
+    return finish(run, res)
+
+
+# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------------
+
+
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
     for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
@@ -628,6 +738,8 @@ def git_commit() -> Optional[str]:
 
 
 STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}  # PLUMBING: name -> what it is
+
+
 STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signals_deferred
 
 
@@ -778,58 +890,6 @@ def stop_message(why: str, done: int, run_dir: Path) -> str:
     )
 
 
-class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al., 2020; Table 1.1, Alg. 1 line 12) as timm's `Lamb`, the ODT code's and so
-    the thesis's: bias-corrected Adam moments, the decay added to the Adam update, each tensor's
-    step scaled by its trust ratio ||w|| / ||update|| (1 where a norm is 0), uncapped, decayed or
-    not (ODT had one group, with decay). Written out: timm pulls torchvision; pytorch-optimizer's
-    Lamb has no bias correction and caps ||w|| at 10. timm's clip at 1.0 is left out (--grad-clip
-    0.25 comes first). Each line of the math is one multi-tensor op (one GPU launch, not one per
-    tensor); no value is read back."""
-
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        done = []  # (tensors, their updates, lr) of each group
-        for group in self.param_groups:
-            (beta1, beta2), step = group["betas"], group.get("step", 0) + 1
-            group["step"] = step  # one count per group as in timm, even when a head has no gradient
-            ps = [p for p in group["params"] if p.grad is not None]
-            if not ps:
-                continue
-            for p in [p for p in ps if not self.state[p]]:  # the moments start at 0
-                self.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            grads = [p.grad for p in ps]
-            m, v = ([self.state[p][k] for p in ps] for k in ("exp_avg", "exp_avg_sq"))
-            torch._foreach_lerp_(m, grads, 1 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-            denom = torch._foreach_sqrt(torch._foreach_div(v, 1 - beta2**step))
-            torch._foreach_add_(denom, group["eps"])
-            update = torch._foreach_div(torch._foreach_div(m, 1 - beta1**step), denom)
-            torch._foreach_add_(update, ps, alpha=group["weight_decay"])
-            done.append((ps, update, group["lr"]))
-        params, updates = [p for ps, _, _ in done for p in ps], [u for _, us, _ in done for u in us]
-        if params:  # the trust ratios of all groups at once, kept on the device
-            w_norm, u_norm = (torch.stack(torch._foreach_norm(x)) for x in (params, updates))
-            trust = torch.where(torch.minimum(w_norm, u_norm) > 0, w_norm / u_norm, 1.0)
-            torch._foreach_mul_(updates, trust.unbind())
-        for ps, update, lr in done:
-            torch._foreach_sub_(ps, update, alpha=lr)
-
-
-def make_optimizer(model, args):
-    """LAMB (Table 1.1) with weight decay on matrices only, as in nanoGPT, eps 1e-8 as in the ODT code, and a
-    linear warmup."""
-    wd, named = args.weight_decay, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p.dim() >= 2 and not n.startswith("pos_") for n, p in named]
-    groups = [{"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on} for on in (1, 0)]
-    opt = Lamb(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
-
-
 def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
     """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it went on."""
     if resume is not None:
@@ -840,134 +900,195 @@ def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
     return config
 
 
-def make_checkpoint(model, arch, args, info, state_stats, total: int, state: dict) -> dict:
-    """model.pt: the weights with what evaluating them needs (architecture, dataset facts, state normalisation),
-    and the training state that --resume continues from."""
-    stats = {"state_mean": torch.as_tensor(state_stats[0]), "state_std": torch.as_tensor(state_stats[1])}
-    parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": info, "trained_updates": total}
-    return {"model": model.state_dict(), **parts, **stats, "resume": state}
+def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
+    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
+    MP4), and the episode horizon (the TimeLimit)."""
+    import gymnasium as gym
+
+    vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
+    envs = vector_env([functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)])
+    probe = common.make_env(info)
+    horizon = probe.spec.max_episode_steps or 1000
+    probe.close()
+    return envs, horizon
 
 
-def train(args: Args) -> dict:
-    t_start = time.time()
-    args = resumed_args(Args, args)
-    device, threads = setup(args)
-    resume_path = str(Path(args.resume) / "model.pt") if args.resume else None
-    ckpt = load_checkpoint(resume_path, device, "--resume") if args.resume else load_checkpoint(args.checkpoint, device)
-    resume = ckpt["resume"] if args.resume else None
-    episodes, info = load_data(args, ckpt)
-    dims = {"state_dim": info["obs_dim"], "act_dim": info["act_dim"]}
+# The run of train(): its inputs, folder and config, the loop with evaluations, checkpoints and
+# exact resume, stop signals and the results.
+def read_inputs(args: Args, device):
+    """The checkpoint (--resume's or --checkpoint's), the training state it holds, the dataset, the
+    architecture and the target return, every one checked."""
+    if args.resume:
+        ckpt = load_checkpoint(str(Path(args.resume) / "model.pt"), device, "--resume")
+    else:
+        ckpt = load_checkpoint(args.checkpoint, device)
+    episodes, facts = load_data(args, ckpt)
+    dims = {"state_dim": facts["obs_dim"], "act_dim": facts["act_dim"]}
     arch = ckpt["arch"] if ckpt is not None else {**{k: getattr(args, k) for k in ARCH}, **dims}
-    domain = info["env_id"].split("-")[0].lower()
-    target_return = args.target_return if args.target_return is not None else TARGET_RETURNS.get(domain)
-    if target_return is None:
-        raise SystemExit(f"error: no default target return for {info['env_id']}; pass --target-return.")
+    domain = facts["env_id"].split("-")[0].lower()
+    target = args.target_return if args.target_return is not None else TARGET_RETURNS.get(domain)
+    if target is None:
+        raise SystemExit(f"error: no default target return for {facts['env_id']}; pass --target-return.")
     if args.eval_context is not None and args.eval_context > arch["context_len"]:
-        k, why = arch["context_len"], "the checkpoint's context" if ckpt is not None else "--context-len"
+        k = arch["context_len"]
+        why = "the checkpoint's context" if ckpt is not None else "--context-len"
         raise SystemExit(f"error: --eval-context {args.eval_context}: must be <= K = {k} ({why}); or leave it out.")
     if args.capture_video:
         try:
-            common.check_video(info)
+            common.check_video(facts)
         except common.DatasetError as e:
             raise SystemExit(f"error: {e}") from None
-    run_dir = Path(args.resume) if args.resume else make_run_dir(args, info)
-    metrics = run_dir / "metrics.jsonl"
-    config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info, "target_return": target_return}
-    config |= {"device": str(device), "threads": threads, "git_commit": git_commit(), "torch": torch.__version__}
+    return ckpt, (ckpt["resume"] if args.resume else None), episodes, facts, arch, target
+
+
+def start_run(args, device, threads: int, facts, arch, ckpt, resume, target_return):
+    """The run folder (a resumed run's own; `-eval` when nothing trains) and its config.json."""
+    run_dir = Path(args.resume) if args.resume else make_run_dir(args, facts)
+    config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": facts}
+    config |= {"target_return": target_return, "device": str(device), "threads": threads}
+    config |= {"git_commit": git_commit(), "torch": torch.__version__}
     # the flags the evaluated model was trained with: a checkpoint's when this run only evaluates it
     config["trained_with"] = ckpt["args"] if ckpt is not None and not args.updates else asdict(args)
     config = record_config(run_dir, config, resume)
     start_tracking(args, config, run_dir)
+    return run_dir, config
 
-    model = TrustRegionDecisionTransformer(**arch).to(device)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    state_stats = tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std")) if ckpt is not None else None
+
+def open_run(args: Args) -> dict:
+    """What a run starts from, every input checked before its folder is made: the flags (a resumed
+    run's own), seeds and device, checkpoint, dataset and target return; then the run folder,
+    config.json and --track; the updates done and the clocks (a resumed run's)."""
+    t_start = time.time()
+    args = resumed_args(Args, args)
+    device, threads = setup(args)
+    ckpt, resume, episodes, facts, arch, target = read_inputs(args, device)
+    run_dir, config = start_run(args, device, threads, facts, arch, ckpt, resume, target)
     bf16 = args.bf16 and bf16_native(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    done = resume["updates_done"] if resume else 0
+    parent = ckpt["trained_updates"] - done if ckpt is not None else 0  # the start model's updates
+    clock = dict(resume["clock"]) if resume else {"train_time_s": 0.0, "wall_time_s": 0.0}
+    inputs = {"args": args, "device": device, "threads": threads, "ckpt": ckpt, "resume": resume}
+    inputs |= {"episodes": episodes, "facts": facts, "arch": arch, "target_return": target}
+    inputs |= {"config": config, "bf16": bf16, "autocast": autocast}
+    run = {"dir": run_dir, "metrics": run_dir / "metrics.jsonl", "t_start": t_start}
+    return run | inputs | {"done": done, "parent": parent, "clock": clock}
+
+
+def load_weights(model, ckpt: Optional[dict]):
+    """A checkpoint's weights, and its state normalisation (None without a checkpoint)."""
+    if ckpt is None:
+        return None
+    model.load_state_dict(ckpt["model"])
+    return tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std"))
+
+
+def announce(run: dict, model) -> None:
+    """The run's first line: where, on what data, how big, on what device and precision."""
+    facts, n_params = run["facts"], sum(p.numel() for p in model.parameters()) / 1e6
     print(
-        f"run {run_dir.name}: {info['name']} ({info['source']} data), {n_params:.2f}M parameters, device {device}, "
-        f"{threads} CPU thread(s), {'bf16' if bf16 else 'fp32'}"
+        f"run {run['dir'].name}: {facts['name']} ({facts['source']} data), {n_params:.2f}M "
+        f"parameters, device {run['device']}, {run['threads']} CPU thread(s), "
+        f"{'bf16' if run['bf16'] else 'fp32'}"
     )
 
-    def run_eval(step: int, video=None) -> dict:
-        res = evaluate(model, info, state_stats, args, target_return, device, autocast, video=video)
-        score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
-        log_metrics(metrics, step=step, eval_normalized_std=res["normalized_std"], **score)
-        tqdm.write(f"update {step}: normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}")
-        return res
 
-    done = resume["updates_done"] if resume else 0
-    parent = ckpt["trained_updates"] - done if ckpt is not None else 0  # updates of the model it started from
-    clock = dict(resume["clock"]) if resume else {"train_time_s": 0.0, "wall_time_s": 0.0}
+def log_score(run: dict, step: int, res: dict) -> None:
+    """An evaluation's score: a metrics line and a printed one."""
+    mean, std = res["normalized_mean"], res["normalized_std"]
+    score = {"eval_return": res["return_mean"], "eval_normalized": mean}
+    log_metrics(run["metrics"], step=step, eval_normalized_std=std, **score)
+    tqdm.write(f"update {step}: normalized score {mean:.1f} ± {std:.1f}")
+
+
+def checkpoint_frame(run: dict, state_stats) -> dict:
+    """What every model.pt of a run holds besides the weights: what evaluating them needs
+    (architecture, dataset facts, state normalisation) and the flags."""
+    stats = {"state_mean": torch.as_tensor(state_stats[0]), "state_std": torch.as_tensor(state_stats[1])}
+    parts = {"method": METHOD, "arch": run["arch"], "args": asdict(run["args"])}
+    return parts | {"dataset": run["facts"]} | stats
+
+
+def make_checkpoint(model, frame: dict, total: int, state: dict) -> dict:
+    """model.pt: the weights, the updates they have had, and the state --resume continues from."""
+    return {"model": model.state_dict(), **frame, "trained_updates": total, "resume": state}
+
+
+def fit(step, opt, sched, gen, model, frame: dict, run: dict, run_eval) -> None:
+    """`step()` (one batch and update; it returns the losses, the gradient norm and the learning
+    rate) from the updates done to --updates. An update and its log line run whole before a stop
+    signal takes effect; then the evaluation and the checkpoint, when due. A stop saves a
+    resumable checkpoint and exits with the command that continues."""
+    args, clock, resume, metrics = run["args"], run["clock"], run["resume"], run["metrics"]
+    if resume:
+        restore_training_state(resume, opt, sched, gen)
+
+    def save(n: int) -> None:
+        wall = {"wall_time_s": clock["wall_time_s"] + time.time() - run["t_start"]}
+        state = training_state(n, opt, sched, gen, clock | wall, metrics)
+        save_atomic(make_checkpoint(model, frame, run["parent"] + n, state), run["dir"] / "model.pt")
+
+    logged = trim_metrics(metrics, resume["metrics_lines"]) if resume else []
+    evaluated = {m["step"] for m in logged if "eval_normalized" in m}
+    eval_due = lambda n: args.eval_every and n % args.eval_every == 0 and n < args.updates  # noqa: E731
+    done, total = run["done"], args.updates
+    bar = tqdm(range(done, total), "train", total, initial=done, dynamic_ncols=True, mininterval=1)
+    try:
+        if eval_due(done) and done not in evaluated:
+            run_eval(done)
+        for n in bar:
+            with signals_deferred():  # a stop signal waits for the update and its log line
+                t0 = time.time()
+                losses, grad_norm, lr = step()
+                run["done"] = done = n + 1
+                if n % args.log_every == 0 or done == total:  # .item() syncs the GPU
+                    lambdas = dict(zip(TASKS, args.lambdas))
+                    log_task_losses(metrics, n, losses, lambdas, grad_norm, lr, bar)
+                clock["train_time_s"] += time.time() - t0
+            if eval_due(done):
+                run_eval(done)
+            if save_due(done, total, args.eval_every, args.save_every):
+                save(done)
+    except KeyboardInterrupt as stop:
+        save(done)
+        raise SystemExit(stop_message(str(stop) or "Ctrl-C", run["parent"] + done, run["dir"])) from None
+
+
+@contextlib.contextmanager
+def stops_reported(run: dict):
+    """Stop signals raise KeyboardInterrupt inside (catch_stop_signals). fit saves and reports a stop
+    in training; one in an evaluation-only run or in the final evaluation (the model is saved by
+    then) ends here, in one line. The handlers are put back in any case."""
     old_handlers = catch_stop_signals()
     try:
-        if args.updates:
-            data = make_dataset(episodes, device, arch["rtg_scale"], arch["max_ep_len"], arch["bins"], state_stats)
-            state_stats = data["state_stats"]
-            opt, sched = make_optimizer(model, args)
-            gen = torch.Generator(device=device).manual_seed(args.seed)
-            lambdas = dict(zip(TASKS, args.lambdas))
-            if resume:
-                restore_training_state(resume, opt, sched, gen)
-
-            def save(n: int) -> None:
-                wall = {"wall_time_s": clock["wall_time_s"] + time.time() - t_start}
-                state = training_state(n, opt, sched, gen, clock | wall, metrics)
-                save_atomic(
-                    make_checkpoint(model, arch, args, info, state_stats, parent + n, state), run_dir / "model.pt"
-                )
-
-            logged = trim_metrics(metrics, resume["metrics_lines"]) if resume else []
-            evaluated = {m["step"] for m in logged if "eval_normalized" in m}
-            eval_due = lambda n: args.eval_every and n % args.eval_every == 0 and n < args.updates  # noqa: E731
-            fwd = torch.compile(model) if args.compile else model
-            bar = tqdm(
-                range(done, args.updates), "train", args.updates, initial=done, dynamic_ncols=True, mininterval=1
-            )
-            try:
-                if eval_due(done) and done not in evaluated:
-                    run_eval(done)
-                for step in bar:  # Alg. 1
-                    with signals_deferred():  # a stop signal waits for the update and its log line
-                        t0 = time.time()
-                        b = sample_batch(data, args.batch_size, arch["context_len"], gen)
-                        lr = sched.get_last_lr()[0]  # the rate this update uses
-                        losses, grad_norm = update(fwd, opt, b, lambdas, args.schedule, args.grad_clip, autocast)
-                        sched.step()  # warmup counts updates: one curve for both schedules
-                        done = step + 1
-                        if step % args.log_every == 0 or done == args.updates:  # .item() syncs the GPU
-                            log_task_losses(metrics, step, losses, lambdas, grad_norm, lr, bar)
-                        clock["train_time_s"] += time.time() - t0
-                    if eval_due(done):
-                        run_eval(done)
-                    if save_due(done, args.updates, args.eval_every, args.save_every):
-                        save(done)
-            except KeyboardInterrupt as stop:
-                save(done)
-                raise SystemExit(stop_message(str(stop) or "Ctrl-C", parent + done, run_dir)) from None
-        res = run_eval(done, video=str(run_dir / "video.mp4") if args.capture_video else None)
-    except KeyboardInterrupt as stop:  # evaluating only, or in the final evaluation (the model is saved)
+        yield
+    except KeyboardInterrupt as stop:
         raise SystemExit(
-            f"interrupted ({str(stop) or 'Ctrl-C'}) during the evaluation; {run_dir} keeps what it logged."
-        )
+            f"interrupted ({str(stop) or 'Ctrl-C'}) during the evaluation; {run['dir']} keeps what it logged."
+        ) from None
     finally:
         restore_signals(old_handlers)
-    total = parent + done
-    speed = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": bf16}
-    speed["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
-    results = {**config, **res, "updates": done, "trained_updates": total, "run_dir": str(run_dir), **speed}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def finish(run: dict, res: dict) -> dict:
+    """results.json (as if the run had never stopped), W&B's summary and the closing lines."""
+    args, facts, clock, done = run["args"], run["facts"], run["clock"], run["done"]
+    total = run["parent"] + done
+    speed = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": run["bf16"]}
+    speed["wall_time_s"] = clock["wall_time_s"] + time.time() - run["t_start"]
+    counts = {"updates": done, "trained_updates": total, "run_dir": str(run["dir"])}
+    results = {**run["config"], **res, **counts, **speed}
+    (run["dir"] / "results.json").write_text(json.dumps(results, indent=2))
     finish_tracking(results)
-    label = common.SOURCE_LABEL[info["source"]]
+    label = common.SOURCE_LABEL[facts["source"]]
     column = "TRDT"
-    thesis = THESIS.get(info["name"], "no number for this dataset")
+    thesis = THESIS.get(facts["name"], "no number for this dataset")
     print(
-        f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over {args.eval_episodes} "
-        f"episodes ({label} data, {total} updates); thesis Table 1.3 ({column}, official D4RL, 10^5 updates): {thesis}"
+        f"normalized score {res['normalized_mean']:.1f} ± {res['normalized_std']:.1f} over "
+        f"{args.eval_episodes} episodes ({label} data, {total} updates); thesis Table 1.3 "
+        f"({column}, official D4RL, 10^5 updates): {thesis}"
     )
-    print(f"results: {run_dir / 'results.json'}")
+    print(f"results: {run['dir'] / 'results.json'}")
     return results
 
 
