@@ -967,6 +967,12 @@ def figures(out: Path, r: dict, args: Args, label: str):
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
 
+    attention_figures(plt, save, r, args, label)
+    behaviour_figures(plt, save, r, args, label)
+
+
+def attention_figures(plt, save, r: dict, args: Args, label: str):
+    """Figures 1-5: the maps, R-hat, the allocation over time, the look-back and the head entropies."""
     maps = dict(r["maps"])
     rows = {"DT": maps["dt_maps"], "TT": maps["tt_maps"]}
     if Path(args.iem_summary).is_file():  # blog §7.b: IEM's maps beside DT's and TT's
@@ -1029,6 +1035,9 @@ def figures(out: Path, r: dict, args: Args, label: str):
     fig.suptitle("5. head entropy (action-predicting rows)")
     save(fig, "5_head_entropy.png")
 
+
+def behaviour_figures(plt, save, r: dict, args: Args, label: str):
+    """Figures 6-9: error propagation, sparsity, compute cost and scores."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, err in r["errors"]["per_step"].items():
         ax.plot(np.cumsum(np.mean(err, 0)), label=name, ls="--" if "teacher" in name else "-")
