@@ -5,11 +5,11 @@
     python dt.py --env hopper-medium-replay --dataset-path FILE   # any D4RL-layout .hdf5 or DT .pkl
     python dt.py --checkpoint runs/RUN/model.pt --updates 0       # evaluate a trained model again
 
-One file, the method first: its flags, data, model, loss and update, the action step and evaluation,
-train() (Alg. 1); below the PLUMBING banner the run's infrastructure (run folder, checkpoints, exact
-resume, stop signals, tracking). Blocks marked PLUMBING are the same, byte for byte, in every method
-file that has them. Shared with the other method files is only common.py (datasets, env ids,
-normalized scores).
+One file, the method first: its flags, data, model, objective and update, the action step and
+evaluation, train() (Alg. 1); below the PLUMBING banner the run's infrastructure (run folder,
+checkpoints, exact resume, stop signals, tracking). Blocks marked PLUMBING are the same, byte for
+byte, in every method file that has them. Shared with the other method files is only common.py
+(datasets, env ids, normalized scores).
 """
 
 from __future__ import annotations
@@ -390,8 +390,9 @@ class EvalSettings:
 def evaluate(
     model, facts, state_stats, settings, target_return, device, autocast, recorder=None, video=None
 ) -> dict:  # fmt: skip
-    """Roll out settings.eval_episodes episodes conditioned on target_return. `recorder(attns, alive)`,
-    when given, receives the attention of every step with a full context (benchmarks/attention.py)."""
+    """Roll out settings.eval_episodes episodes conditioned on target_return.
+    `recorder(attns, alive)`, when given, receives the attention of every step with a full context
+    (benchmarks/attention.py)."""
     n, K = settings.eval_episodes, settings.eval_context or model.K  # K' <= K with --eval-context
     envs, horizon = make_eval_envs(facts, n, settings.eval_async, video)
     bounds = (envs.action_space.low, envs.action_space.high)
@@ -434,8 +435,8 @@ def evaluate(
 
 # --- Training (Alg. 1): segments of K steps, one gradient step each, evaluations along the way.
 def train(args: Args) -> dict:
-    """Fit the policy on the action loss (Eq. 1.4 or l2), evaluating before the first update, every
-    --eval-every updates and at the end. A stopped run resumes where it stopped."""
+    """Fit the policy on the action loss (Eq. 1.4 or l2), evaluating before the first update,
+    every --eval-every updates and at the end. A stopped run resumes where it stopped."""
     run = open_run(args)  # flags, seeds, device, checkpoint, dataset, run folder, config.json
     args, device, facts, autocast = run["args"], run["device"], run["facts"], run["autocast"]
     model = DecisionTransformer(**run["arch"]).to(device)
@@ -452,7 +453,8 @@ def train(args: Args) -> dict:
     with stops_reported(run):  # Ctrl-C, SIGTERM, SIGUSR1: save, and say how to go on
         if args.updates:
             arch = run["arch"]
-            data = make_dataset(run["episodes"], device, arch["rtg_scale"], arch["max_ep_len"], stats)
+            scales = (arch["rtg_scale"], arch["max_ep_len"])
+            data = make_dataset(run["episodes"], device, *scales, stats)
             stats = data["state_stats"]
             opt, sched = make_optimizer(model, args)
             gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -795,7 +797,8 @@ def read_inputs(args: Args, device):
     domain = facts["env_id"].split("-")[0].lower()
     target = args.target_return if args.target_return is not None else TARGET_RETURNS.get(domain)
     if target is None:
-        raise SystemExit(f"error: no default target return for {facts['env_id']}; pass --target-return.")
+        why = f"no default target return for {facts['env_id']}"
+        raise SystemExit(f"error: {why}; pass --target-return.")
     if args.eval_context is not None and args.eval_context > arch["context_len"]:
         k = arch["context_len"]
         why = "the checkpoint's context" if ckpt is not None else "--context-len"
@@ -893,11 +896,13 @@ def fit(step, opt, sched, gen, model, frame: dict, run: dict, run_eval) -> None:
     def save(n: int) -> None:
         wall = {"wall_time_s": clock["wall_time_s"] + time.time() - run["t_start"]}
         state = training_state(n, opt, sched, gen, clock | wall, metrics)
-        save_atomic(make_checkpoint(model, frame, run["parent"] + n, state), run["dir"] / "model.pt")
+        ckpt = make_checkpoint(model, frame, run["parent"] + n, state)
+        save_atomic(ckpt, run["dir"] / "model.pt")
 
     logged = trim_metrics(metrics, resume["metrics_lines"]) if resume else []
     evaluated = {m["step"] for m in logged if "eval_normalized" in m}
-    eval_due = lambda n: args.eval_every and n % args.eval_every == 0 and n < args.updates  # noqa: E731
+    every = args.eval_every
+    eval_due = lambda n: every and n % every == 0 and n < args.updates  # noqa: E731
     done, total = run["done"], args.updates
     bar = tqdm(range(done, total), "train", total, initial=done, dynamic_ncols=True, mininterval=1)
     try:
@@ -917,21 +922,21 @@ def fit(step, opt, sched, gen, model, frame: dict, run: dict, run_eval) -> None:
                 save(done)
     except KeyboardInterrupt as stop:
         save(done)
-        raise SystemExit(stop_message(str(stop) or "Ctrl-C", run["parent"] + done, run["dir"])) from None
+        why = str(stop) or "Ctrl-C"
+        raise SystemExit(stop_message(why, run["parent"] + done, run["dir"])) from None
 
 
 @contextlib.contextmanager
 def stops_reported(run: dict):
-    """Stop signals raise KeyboardInterrupt inside (catch_stop_signals). fit saves and reports a stop
-    in training; one in an evaluation-only run or in the final evaluation (the model is saved by
-    then) ends here, in one line. The handlers are put back in any case."""
+    """Stop signals raise KeyboardInterrupt inside (catch_stop_signals). fit saves and reports a
+    stop in training; one in an evaluation-only run or in the final evaluation (the model is saved
+    by then) ends here, in one line. The handlers are put back in any case."""
     old_handlers = catch_stop_signals()
     try:
         yield
     except KeyboardInterrupt as stop:
-        raise SystemExit(
-            f"interrupted ({str(stop) or 'Ctrl-C'}) during the evaluation; {run['dir']} keeps what it logged."
-        ) from None
+        why, kept = str(stop) or "Ctrl-C", f"{run['dir']} keeps what it logged"
+        raise SystemExit(f"interrupted ({why}) during the evaluation; {kept}.") from None
     finally:
         restore_signals(old_handlers)
 
@@ -940,7 +945,8 @@ def finish(run: dict, res: dict) -> dict:
     """results.json (as if the run had never stopped), W&B's summary and the closing lines."""
     args, facts, clock, done = run["args"], run["facts"], run["clock"], run["done"]
     total = run["parent"] + done
-    speed = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": run["bf16"]}
+    per_s = done / clock["train_time_s"] if done else None  # training time only, not evaluations
+    speed = {"train_updates_per_s": per_s, "bf16": run["bf16"]}
     speed["wall_time_s"] = clock["wall_time_s"] + time.time() - run["t_start"]
     counts = {"updates": done, "trained_updates": total, "run_dir": str(run["dir"])}
     results = {**run["config"], **res, **counts, **speed}

@@ -8,11 +8,11 @@
     python trdt.py --env hopper-medium-replay --rtg-update subtract    # DT's return rule at inference
     python trdt.py --checkpoint runs/RUN/model.pt --updates 0          # evaluate a trained model again
 
-One file, the method first: its flags, action regions, data, model, objective and update, the action step
-and evaluation, train() (Alg. 1); below the PLUMBING banner the run's infrastructure (run folder,
-checkpoints, exact resume, stop signals, tracking). Blocks marked PLUMBING are the same, byte for byte,
-in every method file that has them. Shared with the other method files is only common.py (datasets,
-env ids, normalized scores).
+One file, the method first: its flags, action regions, data, model, objective and update, the
+action step and evaluation, train() (Alg. 1); below the PLUMBING banner the run's infrastructure
+(run folder, checkpoints, exact resume, stop signals, tracking). Blocks marked PLUMBING are the
+same, byte for byte, in every method file that has them. Shared with the other method files is
+only common.py (datasets, env ids, normalized scores).
 """
 
 from __future__ import annotations
@@ -514,8 +514,9 @@ class EvalSettings:
 def evaluate(
     model, facts, state_stats, settings, target_return, device, autocast, recorder=None, video=None
 ) -> dict:  # fmt: skip
-    """Roll out settings.eval_episodes episodes conditioned on target_return. `recorder(attns, alive)`,
-    when given, receives the attention of every step with a full context (benchmarks/attention.py)."""
+    """Roll out settings.eval_episodes episodes conditioned on target_return.
+    `recorder(attns, alive)`, when given, receives the attention of every step with a full context
+    (benchmarks/attention.py)."""
     n, K = settings.eval_episodes, settings.eval_context or model.K  # K' <= K with --eval-context
     envs, horizon = make_eval_envs(facts, n, settings.eval_async, video)
     bounds = (envs.action_space.low, envs.action_space.high)
@@ -551,7 +552,7 @@ def evaluate(
         if done.all() or t + 1 == horizon:  # no slot for g_{t+1} past the horizon
             break
         if settings.rtg_update == "model":  # Eq. 1.16, Alg. 1 line 23: g_{t+1} from the return head
-            with autocast:  # on the a_t token, which exists only now (`context` views buf): a 2nd pass
+            with autocast:  # on the a_t token, which exists only now (`context` views buf)
                 buf["rtg"][:, t + 1] = model(context)[0]["return"][0][:, -1].float()
         else:
             r = torch.as_tensor(r, device=device, dtype=torch.float32)[:, None]
@@ -565,8 +566,8 @@ def evaluate(
 
 # --- Training (Alg. 1): segments of K steps, one gradient step each, evaluations along the way.
 def train(args: Args) -> dict:
-    """Fit the four heads on sum_i lambda_i L_i (Eq. 1.14), evaluating before the first update, every
-    --eval-every updates and at the end. A stopped run resumes where it stopped."""
+    """Fit the four heads on sum_i lambda_i L_i (Eq. 1.14), evaluating before the first update,
+    every --eval-every updates and at the end. A stopped run resumes where it stopped."""
     run = open_run(args)  # flags, seeds, device, checkpoint, dataset, run folder, config.json
     args, device, facts, autocast = run["args"], run["device"], run["facts"], run["autocast"]
     model = TrustRegionDecisionTransformer(**run["arch"]).to(device)
@@ -594,7 +595,8 @@ def train(args: Args) -> dict:
             def step():  # Alg. 1: a batch of segments, one update
                 batch = sample_batch(data, args.batch_size, arch["context_len"], gen)
                 lr = sched.get_last_lr()[0]  # the rate this update uses
-                losses, grad_norm = update(fwd, opt, batch, lambdas, args.schedule, args.grad_clip, autocast)
+                how = (lambdas, args.schedule, args.grad_clip)
+                losses, grad_norm = update(fwd, opt, batch, *how, autocast)
                 sched.step()  # warmup counts updates: one curve for both schedules
                 return losses, grad_norm, lr
 
@@ -928,7 +930,8 @@ def read_inputs(args: Args, device):
     domain = facts["env_id"].split("-")[0].lower()
     target = args.target_return if args.target_return is not None else TARGET_RETURNS.get(domain)
     if target is None:
-        raise SystemExit(f"error: no default target return for {facts['env_id']}; pass --target-return.")
+        why = f"no default target return for {facts['env_id']}"
+        raise SystemExit(f"error: {why}; pass --target-return.")
     if args.eval_context is not None and args.eval_context > arch["context_len"]:
         k = arch["context_len"]
         why = "the checkpoint's context" if ckpt is not None else "--context-len"
@@ -1026,11 +1029,13 @@ def fit(step, opt, sched, gen, model, frame: dict, run: dict, run_eval) -> None:
     def save(n: int) -> None:
         wall = {"wall_time_s": clock["wall_time_s"] + time.time() - run["t_start"]}
         state = training_state(n, opt, sched, gen, clock | wall, metrics)
-        save_atomic(make_checkpoint(model, frame, run["parent"] + n, state), run["dir"] / "model.pt")
+        ckpt = make_checkpoint(model, frame, run["parent"] + n, state)
+        save_atomic(ckpt, run["dir"] / "model.pt")
 
     logged = trim_metrics(metrics, resume["metrics_lines"]) if resume else []
     evaluated = {m["step"] for m in logged if "eval_normalized" in m}
-    eval_due = lambda n: args.eval_every and n % args.eval_every == 0 and n < args.updates  # noqa: E731
+    every = args.eval_every
+    eval_due = lambda n: every and n % every == 0 and n < args.updates  # noqa: E731
     done, total = run["done"], args.updates
     bar = tqdm(range(done, total), "train", total, initial=done, dynamic_ncols=True, mininterval=1)
     try:
@@ -1051,21 +1056,21 @@ def fit(step, opt, sched, gen, model, frame: dict, run: dict, run_eval) -> None:
                 save(done)
     except KeyboardInterrupt as stop:
         save(done)
-        raise SystemExit(stop_message(str(stop) or "Ctrl-C", run["parent"] + done, run["dir"])) from None
+        why = str(stop) or "Ctrl-C"
+        raise SystemExit(stop_message(why, run["parent"] + done, run["dir"])) from None
 
 
 @contextlib.contextmanager
 def stops_reported(run: dict):
-    """Stop signals raise KeyboardInterrupt inside (catch_stop_signals). fit saves and reports a stop
-    in training; one in an evaluation-only run or in the final evaluation (the model is saved by
-    then) ends here, in one line. The handlers are put back in any case."""
+    """Stop signals raise KeyboardInterrupt inside (catch_stop_signals). fit saves and reports a
+    stop in training; one in an evaluation-only run or in the final evaluation (the model is saved
+    by then) ends here, in one line. The handlers are put back in any case."""
     old_handlers = catch_stop_signals()
     try:
         yield
     except KeyboardInterrupt as stop:
-        raise SystemExit(
-            f"interrupted ({str(stop) or 'Ctrl-C'}) during the evaluation; {run['dir']} keeps what it logged."
-        ) from None
+        why, kept = str(stop) or "Ctrl-C", f"{run['dir']} keeps what it logged"
+        raise SystemExit(f"interrupted ({why}) during the evaluation; {kept}.") from None
     finally:
         restore_signals(old_handlers)
 
@@ -1074,7 +1079,8 @@ def finish(run: dict, res: dict) -> dict:
     """results.json (as if the run had never stopped), W&B's summary and the closing lines."""
     args, facts, clock, done = run["args"], run["facts"], run["clock"], run["done"]
     total = run["parent"] + done
-    speed = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": run["bf16"]}
+    per_s = done / clock["train_time_s"] if done else None  # training time only, not evaluations
+    speed = {"train_updates_per_s": per_s, "bf16": run["bf16"]}
     speed["wall_time_s"] = clock["wall_time_s"] + time.time() - run["t_start"]
     counts = {"updates": done, "trained_updates": total, "run_dir": str(run["dir"])}
     results = {**run["config"], **res, **counts, **speed}
