@@ -155,10 +155,11 @@ def test_attention_of_a_checkpoint(tmp_path, hdf5_path):
         "attention.json",
     }
     att = json.loads((out / "attention.json").read_text())
-    # same weights, same env seeds -> the same episodes, up to float noise: the analysis evaluates in fp32 with an
-    # explicit softmax, the run's own evaluation in bf16 where the CPU has it (AMX, AVX512-BF16) or on CUDA
-    rel = 1e-2 if trained["bf16"] else 1e-4
-    assert att["returns"] == pytest.approx(trained["returns"], rel=rel)
+    # same weights, same env seeds -> the same episodes as rgdt.py's own evaluation of the checkpoint in fp32, up
+    # to float noise (the analysis takes the explicit softmax). The training run's evaluation is no reference: in
+    # bf16, where the CPU has it, hopper's episodes drift apart by percents
+    alone = rgdt.train(rgdt.Args(checkpoint=ckpt, updates=0, bf16=False, eval_episodes=2, runs_dir=str(tmp_path / "e")))
+    assert att["returns"] == pytest.approx(alone["returns"], rel=1e-4)
     self_maps, cross = np.array(att["self_maps"]), np.array(att["cross_maps"])
     assert self_maps.shape == (2, 5, 5) and cross.shape == (2, 5, 20)  # the checkpoint's architecture
     assert np.allclose(np.triu(self_maps, 1), 0) and np.allclose(cross.sum(-1), 1.0, atol=1e-5) and att["samples"] > 0
