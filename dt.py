@@ -140,6 +140,11 @@ class Args:
         check_flags(self, positive, "seed weight_decay warmup_steps updates eval_every threads save_every")
         if not 0 <= self.dropout < 1:
             raise SystemExit(f"error: --dropout {self.dropout}: must be in [0, 1).")
+        if self.context_len > self.max_ep_len:  # K steps cannot outnumber the longest episode
+            why = "no episode is longer, and attention's memory grows with K^2"
+            raise SystemExit(
+                f"error: --context-len {self.context_len}: must be <= --max-ep-len {self.max_ep_len} ({why})."
+            )
         if self.n_embd % self.n_head:
             raise SystemExit(f"error: --n-embd {self.n_embd} must be divisible by --n-head {self.n_head}.")
         if self.target_return is not None and not math.isfinite(self.target_return):
@@ -440,7 +445,8 @@ def train(args: Args) -> dict:
     run = open_run(args)  # flags, seeds, device, checkpoint, dataset, run folder, config.json
     args, device, facts, autocast = run["args"], run["device"], run["facts"], run["autocast"]
     model = DecisionTransformer(**run["arch"]).to(device)
-    stats = load_weights(model, run["ckpt"])  # a checkpoint's, with its state scale
+    fresh = None if args.resume else run["dir"]  # removed if the checkpoint's weights do not fit
+    stats = load_weights(model, run["ckpt"], fresh)  # a checkpoint's, with its state scale
     announce(run, model)
     settings = EvalSettings.of(args)
 
@@ -512,6 +518,24 @@ def bf16_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = None) -> None:
+    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit it (an
+    edited or foreign file) are one line, not load_state_dict's traceback, and the run folder made for them
+    (`fresh_run`, holding only its config.json) is removed."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        if fresh_run is not None and {f.name for f in fresh_run.iterdir()} <= {"config.json"}:
+            (fresh_run / "config.json").unlink(missing_ok=True)
+            fresh_run.rmdir()
+        raise SystemExit(
+            f"error: the checkpoint's weights do not fit the architecture it records ({why[:160]}); "
+            "pass a model.pt this script wrote, unedited."
+        ) from None
 
 
 def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:
@@ -794,6 +818,11 @@ def read_inputs(args: Args, device):
     episodes, facts = load_data(args, ckpt)
     dims = {"state_dim": facts["obs_dim"], "act_dim": facts["act_dim"]}
     arch = ckpt["arch"] if ckpt is not None else {**{k: getattr(args, k) for k in ARCH}, **dims}
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    ignored = [k for k in ARCH if ckpt is not None and defaults[k] != getattr(args, k) != arch[k]]
+    if ignored:  # the checkpoint's architecture wins: said, not silent
+        told = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (it has {arch[k]})" for k in ignored)
+        print(f"note: the checkpoint sets the architecture; ignoring {told}")
     domain = facts["env_id"].split("-")[0].lower()
     target = args.target_return if args.target_return is not None else TARGET_RETURNS.get(domain)
     if target is None:
@@ -845,11 +874,11 @@ def open_run(args: Args) -> dict:
     return run | inputs | {"done": done, "parent": parent, "clock": clock}
 
 
-def load_weights(model, ckpt: Optional[dict]):
+def load_weights(model, ckpt: Optional[dict], fresh_run: Optional[Path] = None):
     """A checkpoint's weights, and its state normalisation (None without a checkpoint)."""
     if ckpt is None:
         return None
-    model.load_state_dict(ckpt["model"])
+    fit_weights(model, ckpt["model"], fresh_run)
     return tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std"))
 
 

@@ -15,7 +15,7 @@ LIKE_DT = ["check_flags", "setup", "bf16_native", "load_checkpoint", "load_data"
            # runs that survive: signals, atomic checkpoints, exact resume
            "catch_stop_signals", "restore_signals", "signals_deferred", "save_atomic", "training_state",
            "restore_training_state", "resumed_args", "trim_metrics", "save_due", "stop_message", "log_losses",
-           "record_config"]  # fmt: skip
+           "record_config", "fit_weights"]  # fmt: skip
 # The model and batch blocks of the Chapter 1 siblings, and the pieces only two of them share.
 SAME = {
     ("dt.py", "mo_dt.py", "trdt.py"): ["SelfAttention", "Block", "attention_mask", "sample_batch"],
