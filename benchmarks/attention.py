@@ -1,21 +1,25 @@
-"""Attention of DT, MO-DT and TRDT during evaluation (thesis §1.5.2, Fig. 1.1-1.3), from trained checkpoints.
+"""Attention of DT, MO-DT and TRDT during evaluation (thesis §1.5.2, Fig. 1.1-1.3), from trained
+checkpoints.
 
     python benchmarks/attention.py dt=runs/RUN_A mo_dt=runs/RUN_B trdt=runs/RUN_C --out attention_cmp
 
-Each argument is `method=run_folder` (or `method=path/to/model.pt`). The checkpoint is evaluated again on its
-own dataset's env (10 episodes by default, all at once) while a recorder sums the attention weights of the rows
-that predict actions (the s_t tokens) at every step with a full context of K steps: per block the map over the
-whole context (Fig. 1.1-1.3 top), per block and head the mass on each modality (Fig. 1.1-1.3 bottom), and per head
-the entropy of the rows. Writes `{out}/{method}_{i}.png` and `.json` per model, `{out}/attention_comparison.png`
-(rows: models; columns: blocks, mean mass per modality with the spread across heads; last column: head entropy)
-and `attention_comparison.json`, and prints thesis claim | ours | random-init control | verdict for §1.5.2.
---out defaults to a new runs/attention__{time}; a folder that already holds files is refused unless --force.
+Each argument is `method=run_folder` (or `method=path/to/model.pt`). The checkpoint is evaluated
+again on its own dataset's env (10 episodes by default, all at once) while a recorder sums the
+attention weights of the rows that predict actions (the s_t tokens) at every step with a full
+context of K steps: per block the map over the whole context (Fig. 1.1-1.3 top), per block and head
+the mass on each modality (Fig. 1.1-1.3 bottom), and per head the entropy of the rows. Writes
+`{out}/{method}_{i}.png` and `.json` per model, `{out}/attention_comparison.png` (rows: models;
+columns: blocks, mean mass per modality with the spread across heads; last column: head entropy) and
+`attention_comparison.json`, and prints thesis claim | ours | random-init control | verdict for
+§1.5.2. --out defaults to a new runs/attention__{time}; a folder that already holds files is refused
+unless --force.
 
-Every attention and behaviour verdict in benchmarks/ (here, tt_analysis, iem_analysis, rgdt_analysis) follows
-one rule, `beyond_control` below: the trained model is measured beside a random-init control (its model class
-constructed fresh, never trained) on the same evaluation data, and a claim "holds" only where ours clears the
-control by a stated margin; it "does not hold" where ours is not beyond the control at all, and is "not
-decidable at this budget" in between. Here the control reads the very contexts the trained policy visits.
+Every attention and behaviour verdict in benchmarks/ (here, tt_analysis, iem_analysis,
+rgdt_analysis) follows one rule, `beyond_control` below: the trained model is measured beside a
+random-init control (its model class constructed fresh, never trained) on the same evaluation data,
+and a claim "holds" only where ours clears the control by a stated margin; it "does not hold" where
+ours is not beyond the control at all, and is "not decidable at this budget" in between. Here the
+control reads the very contexts the trained policy visits.
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ MODELS = {
 # --- The rule of every attention and behaviour verdict in benchmarks/ (issue 27, item 3) ---
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "not decidable at this budget"
 MARGIN = 1.2  # a trained model's effect must reach this many times its random-init control's
-CONTROL_SEED = 1000  # the weights of every random-init control (the evaluation data keep the run's seed)
+CONTROL_SEED = (
+    1000  # the weights of every random-init control (the evaluation data keep the run's seed)
+)
 
 
 def beyond_control(ours, control, neutral=None, factor=MARGIN, spread=0.0, lower=False) -> str:
@@ -95,7 +101,8 @@ class Args:
     force: bool = False
     """write into an --out that already holds files, overwriting those of the same name"""
     eval_episodes: int = 10
-    """evaluation episodes per model, all at once; only steps with a full context of K steps are recorded"""
+    """evaluation episodes per model, all at once; only steps with a full context of K steps are
+    recorded"""
     device: str = "cpu"
     """device for the evaluation forwards"""
     seed: int = 0
@@ -103,8 +110,8 @@ class Args:
 
 
 class AttentionRecorder:
-    """Running sums of the attention of the state-token rows (those that predict a_t), called by the method
-    file's evaluate() as recorder(attns, alive) at every step with a full context."""
+    """Running sums of the attention of the state-token rows (those that predict a_t), called by the
+    method file's evaluate() as recorder(attns, alive) at every step with a full context."""
 
     def __init__(self, n_layer: int, n_head: int, K: int, modalities: tuple):
         self.modalities, self.K, self.count = list(modalities), K, 0
@@ -117,9 +124,13 @@ class AttentionRecorder:
     def __call__(self, attns: list, alive: torch.Tensor) -> None:
         M = len(self.modalities)
         for i, att in enumerate(attns):
-            a = att[alive][:, :, self.rows.to(att.device)].float().cpu()  # (N, nh, K rows, M*K keys)
+            a = (
+                att[alive][:, :, self.rows.to(att.device)].float().cpu()
+            )  # (N, nh, K rows, M*K keys)
             self.maps[i] += a.mean(1).sum(0)
-            self.mass[i] += a.view(*a.shape[:3], self.K, M).sum(3).mean(2).sum(0)  # per head: mass per modality
+            self.mass[i] += (
+                a.view(*a.shape[:3], self.K, M).sum(3).mean(2).sum(0)
+            )  # per head: mass per modality
             self.entropy[i] += -(a * a.clamp_min(1e-12).log()).sum(-1).mean(-1).sum(0)
         self.count += int(alive.sum())
 
@@ -149,11 +160,15 @@ def pyplot():
 
 
 def plot_one(summary: dict, path: Path, title: str) -> None:
-    """Fig. 1.1-1.3 layout: per block the map of the state rows, the mean mass per modality (error bars: spread
-    across heads) and the entropy of each head."""
+    """Fig. 1.1-1.3 layout: per block the map of the state rows, the mean mass per modality (error
+    bars: spread across heads) and the entropy of each head."""
     plt = pyplot()
     maps, mass = np.array(summary["state_row_maps"]), np.array(summary["modality_mass_per_head"])
-    ent, mods, L = np.array(summary["entropy_per_head"]), summary["modalities"], len(summary["state_row_maps"])
+    ent, mods, L = (
+        np.array(summary["entropy_per_head"]),
+        summary["modalities"],
+        len(summary["state_row_maps"]),
+    )
     K, M = maps.shape[1], len(mods)
     fig, ax = plt.subplots(3, L, figsize=(3.6 * L, 9), squeeze=False)
     labels = [f"{m[0]}{k + 1}" for k in range(K) for m in mods]
@@ -196,14 +211,20 @@ class WithControl(torch.nn.Module):
         return self.model(x, return_attn=return_attn)
 
 
-def measure(mod, model, control, ckpt: dict, checkpoint: str, episodes: int, dev, seed: int) -> tuple[dict, dict]:
+def measure(
+    mod, model, control, ckpt: dict, checkpoint: str, episodes: int, dev, seed: int
+) -> tuple[dict, dict]:
     """Evaluate `model` with the method file's own evaluate(), recording its attention and the
     control's on the same contexts. Returns (ours, control) summaries."""
     info = ckpt["dataset"]
     target = mod.TARGET_RETURNS[info["env_id"].split("-")[0].lower()]
     args = mod.Args(checkpoint=checkpoint, updates=0, eval_episodes=episodes, seed=seed)
     shape = (len(model.blocks), model.blocks[0].attn.n_head, model.K, mod.MODALITIES)
-    rec, rec_c, both = AttentionRecorder(*shape), AttentionRecorder(*shape), WithControl(model, control)
+    rec, rec_c, both = (
+        AttentionRecorder(*shape),
+        AttentionRecorder(*shape),
+        WithControl(model, control),
+    )
 
     def recorder(attns, alive):
         rec(attns, alive)
@@ -226,14 +247,17 @@ def record(method: str, checkpoint: Path, episodes: int, device: str, seed: int)
     control = random_init(cls, **ckpt["arch"]).to(dev)
     ours, ctrl = measure(mod, model, control, ckpt, str(checkpoint), episodes, dev, seed)
     if not ours["samples"]:
-        print(f"warning: {checkpoint}: every evaluation episode ended before step K = {model.K}; nothing recorded.")
+        print(
+            f"warning: {checkpoint}: every evaluation episode ended before step K = {model.K}; nothing recorded."
+        )
     return dict(ours, control=ctrl, dataset=ckpt["dataset"]["name"], checkpoint=str(checkpoint))
 
 
 def later_blocks_verdict(method: str, ours: dict, control: dict) -> dict:
     """§1.5.2's "later blocks predominantly engage with action tokens" (TRDT: action regions and
     actions together), by the rule above: in every block after the first, the favoured share must
-    reach MARGIN x both the control's favoured share in that block and ours on any other modality."""
+    reach MARGIN x both the control's favoured share in that block and ours on any other modality.
+    """
     mods, mass = ours["modalities"], ours["modality_mass_mean"]
     row = later_blocks_claim(method, mass, mods, ours["samples"])
     favoured = ("actions", "regions") if method == "trdt" else ("actions",)
@@ -242,7 +266,8 @@ def later_blocks_verdict(method: str, ours: dict, control: dict) -> dict:
         return sum(v for k, v in zip(mods, m) if k in favoured)
 
     row["control"] = "; ".join(
-        f"block {i + 1}: {'+'.join(favoured)} {share(m):.2f}" for i, m in enumerate(control["modality_mass_mean"])
+        f"block {i + 1}: {'+'.join(favoured)} {share(m):.2f}"
+        for i, m in enumerate(control["modality_mass_mean"])
     )
     if not ours["samples"] or len(mass) < 2:
         return dict(row, verdict=UNDECIDED)
@@ -265,20 +290,28 @@ def main(args: Args) -> dict:
     for item in args.runs:
         method, _, where = item.partition("=")
         if method not in MODELS or not where:
-            raise SystemExit(f"error: {item!r}: expected method=run_folder with method one of {', '.join(MODELS)}.")
+            raise SystemExit(
+                f"error: {item!r}: expected method=run_folder with method one of {', '.join(MODELS)}."
+            )
         path = Path(where) / "model.pt" if Path(where).is_dir() else Path(where)
         if not path.is_file():
-            raise SystemExit(f"error: {where}: no model.pt there; pass a run folder of {method}.py or its model.pt.")
+            raise SystemExit(
+                f"error: {where}: no model.pt there; pass a run folder of {method}.py or its model.pt."
+            )
         pairs.append((method, path))
     if not pairs:
-        raise SystemExit("error: no checkpoint given; pass method=run_folder pairs, e.g. dt=runs/RUN.")
+        raise SystemExit(
+            "error: no checkpoint given; pass method=run_folder pairs, e.g. dt=runs/RUN."
+        )
     out = common.output_folder(args.out, "attention", args.force)
     names = [f"{m}_{i}" for i, (m, _) in enumerate(pairs)]
     results, claims = {}, []
     for name, (method, path) in zip(names, pairs):
         s = record(method, path, args.eval_episodes, args.device, args.seed)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.json").write_text(json.dumps({k: v for k, v in s.items() if k != "control"}))
+        (out / f"{name}.json").write_text(
+            json.dumps({k: v for k, v in s.items() if k != "control"})
+        )
         plot_one(s, out / f"{name}.png", f"{method} on {s['dataset']}: attention from state tokens")
         (out / f"{name}_control.json").write_text(json.dumps(s["control"]))
         claims.append(later_blocks_verdict(method, s, s["control"]))
@@ -286,7 +319,9 @@ def main(args: Args) -> dict:
 
     plt = pyplot()
     L = max(len(a["modality_mass_mean"]) for a in results.values())
-    fig, ax = plt.subplots(len(results), L + 1, figsize=(3.2 * (L + 1), 2.8 * len(results)), squeeze=False)
+    fig, ax = plt.subplots(
+        len(results), L + 1, figsize=(3.2 * (L + 1), 2.8 * len(results)), squeeze=False
+    )
     for r, (name, a) in enumerate(results.items()):
         mean, std = np.array(a["modality_mass_mean"]), np.array(a["modality_mass_std_across_heads"])
         ent = np.array(a["entropy_per_head"])
@@ -310,13 +345,23 @@ def main(args: Args) -> dict:
                    control_modality_mass_mean=a["control"]["modality_mass_mean"])
         for name, a in results.items()
     }  # fmt: skip
-    (out / "attention_comparison.json").write_text(json.dumps(dict(models=summary, claims=claims), indent=1))
+    (out / "attention_comparison.json").write_text(
+        json.dumps(dict(models=summary, claims=claims), indent=1)
+    )
     for name, s in summary.items():
         print(name)
-        blocks = zip(s["modality_mass_mean"], s["control_modality_mass_mean"], s["mean_head_entropy_per_block"])
+        blocks = zip(
+            s["modality_mass_mean"],
+            s["control_modality_mass_mean"],
+            s["mean_head_entropy_per_block"],
+        )
         for b, (m, mc, e) in enumerate(blocks):
-            mass, control = (", ".join(f"{k} {v:.2f}" for k, v in zip(s["modalities"], x)) for x in (m, mc))
-            print(f"  block {b + 1}: {mass}; mean head entropy {e:.2f} (random-init control: {control})")
+            mass, control = (
+                ", ".join(f"{k} {v:.2f}" for k, v in zip(s["modalities"], x)) for x in (m, mc)
+            )
+            print(
+                f"  block {b + 1}: {mass}; mean head entropy {e:.2f} (random-init control: {control})"
+            )
     print_table(claims)
     print(f"wrote {out / 'attention_comparison.png'}")
     return dict(models=summary, claims=claims)
