@@ -64,6 +64,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def default_stop_signals():
+    """Every test starts with SIGTERM and SIGUSR1 at their defaults and leaves them as it found them: a library
+    started by an earlier test (Ray's init installs a SIGTERM handler) must not change what a run restores."""
+    import signal
+
+    names = [n for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
+    before = {n: signal.signal(getattr(signal, n), signal.SIG_DFL) for n in names}
+    yield
+    for n, handler in before.items():
+        signal.signal(getattr(signal, n), handler)
+
+
 @pytest.fixture(scope="session")
 def flat():
     return random_rollouts()

@@ -369,14 +369,15 @@ def test_issue_26_presets_list_their_jobs(tmp_path, hdf5_path, capsys):
     hopper-medium row and Fig. 2.3, 3 seeds) lists each method x seed once, with the issue's budgets."""
     data = write_tiny_data(tmp_path / "data", hdf5_path, names=("hopper-medium-replay", "hopper-medium"))
     dt_size = "--n-layer 3 --n-head 1 --n-embd 128 --batch-size 64 --updates 10000 --warmup-steps 1000"
+    fp32 = " --no-bf16"  # the results presets run in fp32 on every machine
     expect = {
         "table13-hmr": {m: ("--eval-episodes 20 --eval-every 1000 " + f) for m, f in [
-            ("dt", dt_size), ("mo_dt", dt_size), ("trdt", dt_size), ("bc", "--updates 10000"),
+            ("dt", dt_size + fp32), ("mo_dt", dt_size + fp32), ("trdt", dt_size + fp32), ("bc", "--updates 10000"),
             ("bc-10", "--updates 10000")]},
         "table21-hm": {
-            "rgdt": "--eval-episodes 20 --updates 30000 --inv-updates 50000 --eval-every 5000",
-            "rgdt-full": "--eval-episodes 20 --updates 30000 --inv-updates 50000 --eval-every 5000",
-            "dt": f"--eval-episodes 20 {dt_size} --eval-every 1000",
+            "rgdt": "--eval-episodes 20 --updates 30000 --inv-updates 50000 --eval-every 5000" + fp32,
+            "rgdt-full": "--eval-episodes 20 --updates 30000 --inv-updates 50000 --eval-every 5000" + fp32,
+            "dt": f"--eval-episodes 20 {dt_size} --eval-every 1000" + fp32,
             "bc-10": "--eval-episodes 20 --updates 10000 --eval-every 1000"},
     }  # fmt: skip
     for preset, seeds, dataset in (("table13-hmr", range(5), "hopper-medium-replay"), ("table21-hm", range(3),
@@ -422,7 +423,10 @@ def test_smoke_preset_end_to_end(smoke_here):
     assert len(finished) == len(methods) and all(r["ok"] for r in finished)
     assert {"bc", "bc-10", "dt", "rgdt"} <= set(methods)
     assert run.main(args) == []  # all finished: nothing runs again
-    assert {c["method"] for c in smoke_here["summary"]["columns"].values()} == set(methods)
+    # run.py's rgdt-full is RGDT with --full-context-loss: its own column, of method rgdt
+    assert {c["method"] for c in smoke_here["summary"]["columns"].values()} == {
+        m.removesuffix("-full") for m in methods
+    }
     out = Path(args.out)
     res = json.loads(next(out.glob("dt__*/results.json")).read_text())
     assert res["benchmark"]["seed"] == 0 and res["dataset"]["source"] == "file" and res["updates"] == 40
@@ -609,7 +613,7 @@ def test_bc_columns_beside_the_thesis_baselines(tmp_path):
     assert "### Table 2.1 layout" not in text  # no RGDT: 10%BC would only repeat Table 1.3's column
     fake_result(tmp_path, "rgdt", "hopper-medium", 0, 70.0)
     fake_result(tmp_path, "bc-10", "hopper-medium", 0, 40.0, cmd_extra=("--top-pct", "10"))
-    aggregate.main(aggregate.Args(folders=(str(tmp_path),), reps=50))
+    aggregate.main(aggregate.Args(folders=(str(tmp_path),), reps=50, force=True))  # replaces its own tables
     t21 = (tmp_path / "tables.md").read_text().split("### Table 2.1")[1]
     assert "| dataset | 10%BC (ours) | 10%BC (thesis) | RGDT (ours) | RGDT (thesis) |" in t21
     assert "| hopper-medium | 40.0 [40.0, 40.0] (n=1) | 56.90 | 70.0 [70.0, 70.0] (n=1) | 93.20 |" in t21
