@@ -103,15 +103,7 @@ class Args:
 
 
 def run_args(a: Args, level: str, seed: int, **kw) -> iem.Args:
-    tiny = {
-        "updates": 4,
-        "collect": 10,
-        "eval_episodes": 2,
-        "n_embd": 16,
-        "n_head": 2,
-        "horizon": 3,
-        "iterations": 2,
-    }
+    tiny = {"updates": 4, "collect": 10, "eval_episodes": 2, "n_embd": 16, "n_head": 2, "horizon": 3, "iterations": 2}
     base = {
         "env": level,
         "seed": seed,
@@ -131,15 +123,11 @@ def plan_inputs(model, args: iem.Args, arch: dict, n: int, seed: int) -> tuple:
     """The single-masked copies of the plans that `model` refines from `n` evaluation start states
     (the inputs whose NLLs make the energy), with their images and mission words."""
     H, M = arch["horizon"], arch["mission_len"]
-    obs = [
-        iem.reset(iem.make_env(args.env), iem.EVAL_SEED_BASE + 1000 * seed + i) for i in range(n)
-    ]
+    obs = [iem.reset(iem.make_env(args.env), iem.EVAL_SEED_BASE + 1000 * seed + i) for i in range(n)]
     images = torch.as_tensor(np.stack([o["image"] for o in obs])).long()
     words = torch.tensor([iem.tokenize(o["mission"], M) for o in obs]).view(n, M)
     model.eval()
-    plan, _ = iem.plan_actions(
-        model, images, words, H, iem.planning_of(args), torch.Generator().manual_seed(seed)
-    )
+    plan, _ = iem.plan_actions(model, images, words, H, iem.planning_of(args), torch.Generator().manual_seed(seed))
     return images, words, iem.single_masks(plan)[0]
 
 
@@ -160,13 +148,9 @@ def attention_on(model, images, words, copies, H: int, M: int) -> dict:
     n = len(images)
     model.eval()
     _, attns = model(images, words, copies, copies=H, return_attn=True)
-    real = torch.cat(
-        [torch.ones(n, 1, dtype=torch.bool), words != 0, torch.ones(n, H, dtype=torch.bool)], 1
-    )
+    real = torch.cat([torch.ones(n, 1, dtype=torch.bool), words != 0, torch.ones(n, H, dtype=torch.bool)], 1)
     real = real.repeat_interleave(H, 0)  # (n H, T): padded words are no queries, and no keys
-    keys = real[:, None, :].expand(-1, real.shape[1], -1)[
-        real
-    ]  # (rows, T): the real keys of each real query
+    keys = real[:, None, :].expand(-1, real.shape[1], -1)[real]  # (rows, T): the real keys of each real query
     maps, past, future, n_eff, tv = [], [], [], [], []
     for att in attns:
         a = att.float().mean(1)  # (n H, T, T), averaged over heads
@@ -174,9 +158,7 @@ def attention_on(model, images, words, copies, H: int, M: int) -> dict:
         spread = row_spread(a[real], keys)
         n_eff.append(spread[0])
         tv.append(spread[1])
-        q = a.view(n, H, a.shape[-2], -1)[
-            :, torch.arange(H), 1 + M + torch.arange(H)
-        ]  # (n, H, T): copy j, query a_j
+        q = a.view(n, H, a.shape[-2], -1)[:, torch.arange(H), 1 + M + torch.arange(H)]  # (n, H, T): copy j, query a_j
         past.append([q[:, j, 1 + M : 1 + M + j].sum(-1).mean().item() for j in range(H)])
         future.append([q[:, j, 2 + M + j :].sum(-1).mean().item() for j in range(H)])
     return {
@@ -206,12 +188,7 @@ def average(maps: list[dict]) -> dict:
     kept."""
     att = {**maps[0], "layers": np.mean([m["layers"] for m in maps], 0).tolist()}
     att["per_seed_layers"] = [m["layers"] for m in maps]
-    for k in (
-        "masked_query_past_mass",
-        "masked_query_future_mass",
-        "row_effective_keys",
-        "row_distance_from_uniform",
-    ):
+    for k in ("masked_query_past_mass", "masked_query_future_mass", "row_effective_keys", "row_distance_from_uniform"):
         att[k] = np.mean([m[k] for m in maps], 0).tolist()
     if "control" in maps[0]:
         att["control"] = average([m["control"] for m in maps])
@@ -242,9 +219,7 @@ def sides(att: dict, H: int) -> tuple[float, float]:
     inner = range(1, H - 1) if H > 2 else range(H)
     uni_p, uni_f = np.mean([j / T for j in inner]), np.mean([(H - 1 - j) / T for j in inner])
     rp = [np.mean([p[j] for j in inner]) / max(uni_p, 1e-9) for p in att["masked_query_past_mass"]]
-    rf = [
-        np.mean([f[j] for j in inner]) / max(uni_f, 1e-9) for f in att["masked_query_future_mass"]
-    ]
+    rf = [np.mean([f[j] for j in inner]) / max(uni_f, 1e-9) for f in att["masked_query_future_mass"]]
     return float(np.mean(rp)), float(np.mean(rf))
 
 
@@ -283,12 +258,8 @@ def judge(att: dict, H: int) -> dict:
     out["deep_grid"] = (
         f"layer {len(maps) - 1}: largest key of the mean row {deep.max():.2f}; per row {n_eff:.1f} effective keys "
         f"of {T:.0f}, distance from uniform {tv:.2f}",
-        f"per row {ctrl['row_effective_keys'][-1]:.1f} keys, distance {tv_c:.2f}"
-        if ctrl
-        else "not recorded",
-        all_of(
-            [HOLDS if deep.max() < 0.3 and n_eff >= T / 2 else FAILS, vs(tv, tv_c, spread=0.05)]
-        ),
+        f"per row {ctrl['row_effective_keys'][-1]:.1f} keys, distance {tv_c:.2f}" if ctrl else "not recorded",
+        all_of([HOLDS if deep.max() < 0.3 and n_eff >= T / 2 else FAILS, vs(tv, tv_c, spread=0.05)]),
     )
     (rp, rf), (cp, cf) = sides(att, H), sides(ctrl, H) if ctrl else (float("nan"),) * 2
     out["past_future"] = (
@@ -298,8 +269,7 @@ def judge(att: dict, H: int) -> dict:
     )
     if not ctrl:
         out = {
-            k: (o, "not recorded (a summary from before the control: rerun)", UNDECIDED)
-            for k, (o, _, _) in out.items()
+            k: (o, "not recorded (a summary from before the control: rerun)", UNDECIDED) for k, (o, _, _) in out.items()
         }
     return {
         k: {"blog": CLAIMS[k][0], "rule": CLAIMS[k][1], "ours": o, "control": c, "verdict": v}
@@ -324,9 +294,7 @@ def figures(summary: dict, out: Path) -> None:
     for i, lv in enumerate(levels):
         for r in summary["levels"][lv]["runs"]:
             ax[0, i].plot(r["energy_per_iteration"], marker=".", label=f"seed {r['seed']}")
-        ax[0, i].set(
-            title=lv, xlabel="refinement iteration", ylabel="plan energy (sum of NLLs, nats)"
-        )
+        ax[0, i].set(title=lv, xlabel="refinement iteration", ylabel="plan energy (sum of NLLs, nats)")
         ax[0, i].legend()
     fig.suptitle(fit("IEM: energy of the plan against iteration (mean over planning calls)", fig))
     fig.tight_layout()
@@ -391,24 +359,12 @@ def main(a: Args) -> dict:
             res = iem.train(run_args(a, level, seed))
             ckpt = str(Path(res["run_dir"]) / "model.pt")
             closed = iem.train(
-                run_args(
-                    a,
-                    level,
-                    seed,
-                    checkpoint=ckpt,
-                    updates=0,
-                    replan_every=1,
-                    exp_name="iem_replan1",
-                )
+                run_args(a, level, seed, checkpoint=ckpt, updates=0, replan_every=1, exp_name="iem_replan1")
             )
             model = iem.MaskedPlanModel(**res["arch"])
             model.load_state_dict(iem.load_checkpoint(ckpt, "cpu")["model"])
             control = random_init(iem.MaskedPlanModel, seed=CONTROL_SEED + seed, **res["arch"])
-            maps.append(
-                attention(
-                    model, run_args(a, level, seed), res["arch"], a.attention_states, seed, control
-                )
-            )
+            maps.append(attention(model, run_args(a, level, seed), res["arch"], a.attention_states, seed, control))
             runs.append(
                 {
                     "seed": seed,
@@ -474,9 +430,7 @@ def report(summary: dict) -> None:
     print("\nblog claim | ours | random-init control | verdict")
     for lv, d in summary["levels"].items():
         for c in d["claims"].values():
-            print(
-                f"{c['blog']} | {lv}: {c['ours']} | {c.get('control', 'not recorded')} | {c['verdict']}"
-            )
+            print(f"{c['blog']} | {lv}: {c['ours']} | {c.get('control', 'not recorded')} | {c['verdict']}")
 
 
 if __name__ == "__main__":

@@ -61,10 +61,7 @@ from attention import (  # noqa: E402
     random_init,
 )  # noqa: E402
 
-PUBLISHED = {
-    "dt": 74.7,
-    "tt": 78.9,
-}  # blog §7.a = TT paper Table 1 means over 9 D4RL locomotion datasets
+PUBLISHED = {"dt": 74.7, "tt": 78.9}  # blog §7.a = TT paper Table 1 means over 9 D4RL locomotion datasets
 RECENT = 2  # "recent steps": at most this many timesteps back (the current step is 0); "old": further back
 # Claim 2: "tracks" needs at least a tenth of a change in target to show in the return received. A
 # stated floor: one policy's episodes barely differ, so a random-init policy's near-zero slope can
@@ -160,13 +157,9 @@ class Args:
             "controls",
         ):
             if getattr(self, name) <= 0:
-                raise SystemExit(
-                    f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be > 0."
-                )
+                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be > 0.")
         if not 0 < self.track_fraction < 1:
-            raise SystemExit(
-                f"error: --track-fraction {self.track_fraction}: must be in (0, 1), e.g. 0.5."
-            )
+            raise SystemExit(f"error: --track-fraction {self.track_fraction}: must be in (0, 1), e.g. 0.5.")
         if not self.beam_widths or min(self.beam_widths) < 1:
             raise SystemExit(f"error: --beam-widths {self.beam_widths}: give widths >= 1.")
         if self.data_dir is not None and self.dataset_path is not None:
@@ -180,9 +173,7 @@ def dataset_paths(args: Args) -> tuple[str, ...]:
     without both."""
     if args.dataset_path is not None:
         if not Path(args.dataset_path).is_file():
-            raise SystemExit(
-                f"error: --dataset-path {args.dataset_path}: no such file; pass a D4RL-layout .hdf5."
-            )
+            raise SystemExit(f"error: --dataset-path {args.dataset_path}: no such file; pass a D4RL-layout .hdf5.")
         return (args.dataset_path,)
     if args.data_dir is not None:
         path = Path(args.data_dir) / f"{args.env}.hdf5"
@@ -209,11 +200,7 @@ class DTPolicy:
         self.arch, self.device = arch, device
         self.model = dt.DecisionTransformer(**arch).to(device).eval()
         self.model.load_state_dict(ckpt["model"])
-        self.K, self.scale, self.max_ep_len = (
-            arch["context_len"],
-            arch["rtg_scale"],
-            arch["max_ep_len"],
-        )
+        self.K, self.scale, self.max_ep_len = (arch["context_len"], arch["rtg_scale"], arch["max_ep_len"])
         self.state_dim, self.act_dim = arch["state_dim"], arch["act_dim"]
         self.mean, self.std = (ckpt[k].float().to(device) for k in ("state_mean", "state_std"))
         domain = ckpt["dataset"]["env_id"].split("-")[0].lower()
@@ -237,16 +224,7 @@ class DTPolicy:
 
 def tt_size(ds: dict, targs) -> tuple:
     """tt.TrajectoryTransformer's arguments for a checkpoint's dataset facts and flags (no dropout)."""
-    return (
-        ds["obs_dim"],
-        ds["act_dim"],
-        targs.n_bins,
-        targs.seq_len,
-        targs.n_layer,
-        targs.n_head,
-        targs.n_embd,
-        0.0,
-    )
+    return (ds["obs_dim"], ds["act_dim"], targs.n_bins, targs.seq_len, targs.n_layer, targs.n_head, targs.n_embd, 0.0)
 
 
 def get_dt(args: Args, paths: tuple, device) -> tuple:
@@ -255,21 +233,13 @@ def get_dt(args: Args, paths: tuple, device) -> tuple:
                     eval_every=0, eval_episodes=2, runs_dir=args.runs_dir, exp_name="dt_analysis",
                     seed=args.seed, threads=args.threads)  # fmt: skip
         res = dt.train(a)
-        ckpt_path, info = (
-            str(Path(res["run_dir"]) / "model.pt"),
-            {"updates_per_s": res["train_updates_per_s"]},
-        )
+        ckpt_path, info = (str(Path(res["run_dir"]) / "model.pt"), {"updates_per_s": res["train_updates_per_s"]})
     else:
         ckpt_path, info = args.dt_checkpoint, {"checkpoint": args.dt_checkpoint}
     ckpt = dt.load_checkpoint(ckpt_path, device)
     policy = DTPolicy(ckpt, device)
     arch = ckpt["arch"]
-    info.update(
-        updates=ckpt["trained_updates"],
-        n_layer=arch["n_layer"],
-        n_head=arch["n_head"],
-        n_embd=arch["n_embd"],
-    )
+    info.update(updates=ckpt["trained_updates"], n_layer=arch["n_layer"], n_head=arch["n_head"], n_embd=arch["n_embd"])
     return policy, info
 
 
@@ -280,33 +250,16 @@ def get_tt(args: Args, paths: tuple, device) -> tuple:
                     eval_max_steps=10, runs_dir=args.runs_dir, exp_name="tt_analysis", seed=args.seed,
                     threads=args.threads)  # fmt: skip
         res = tt.train(a)
-        ckpt_path, info = (
-            str(Path(res["run_dir"]) / "model.pt"),
-            {"updates_per_s": res["train_updates_per_s"]},
-        )
+        ckpt_path, info = (str(Path(res["run_dir"]) / "model.pt"), {"updates_per_s": res["train_updates_per_s"]})
     else:
         ckpt_path, info = args.tt_checkpoint, {"checkpoint": args.tt_checkpoint}
     ckpt = tt.load_checkpoint(ckpt_path, device)
-    plan = {
-        "beam_width": args.beam_width,
-        "horizon": args.horizon,
-        "eval_episodes": args.eval_episodes,
-    }
-    plan |= {
-        "eval_max_steps": args.eval_max_steps,
-        "seed": args.seed,
-        "checkpoint": ckpt_path,
-        "updates": 0,
-    }
+    plan = {"beam_width": args.beam_width, "horizon": args.horizon, "eval_episodes": args.eval_episodes}
+    plan |= {"eval_max_steps": args.eval_max_steps, "seed": args.seed, "checkpoint": ckpt_path, "updates": 0}
     targs = replace(tt.Args(**ckpt["args"]), **plan)
     model = tt.TrajectoryTransformer(*tt_size(ckpt["dataset"], targs))
     model.load_state_dict(ckpt["model"])
-    info.update(
-        updates=ckpt["trained_updates"],
-        n_layer=targs.n_layer,
-        n_head=targs.n_head,
-        n_embd=targs.n_embd,
-    )
+    info.update(updates=ckpt["trained_updates"], n_layer=targs.n_layer, n_head=targs.n_head, n_embd=targs.n_embd)
     return model.to(device).eval(), tt.Discretizer(ckpt["edges"].to(device)), targs, info
 
 
@@ -315,10 +268,7 @@ def controls_of(pi: DTPolicy, tt_model, targs, args: Args, device) -> list[tuple
     --control-seed + i, never trained."""
     size = tt_size({"obs_dim": tt_model.obs_dim, "act_dim": tt_model.act_dim}, targs)
     seeds = [args.control_seed + i for i in range(args.controls)]
-    return [
-        (pi.control(s), random_init(tt.TrajectoryTransformer, *size, seed=s).to(device))
-        for s in seeds
-    ]
+    return [(pi.control(s), random_init(tt.TrajectoryTransformer, *size, seed=s).to(device)) for s in seeds]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,10 +294,7 @@ class RowStats:
         N = A.shape[1]
         mean_rows = A.mean((0, 2))  # (N, Q, T) averaged over layers and heads
         ret_c = ret.cpu()
-        parts = [
-            (mean_rows * m).sum(-1).mean(-1)
-            for m in (ret_c, ~ret_c & (d <= RECENT), ~ret_c & (d > RECENT))
-        ]
+        parts = [(mean_rows * m).sum(-1).mean(-1) for m in (ret_c, ~ret_c & (d <= RECENT), ~ret_c & (d > RECENT))]
         self.alloc[t] = self.alloc.get(t, 0) + torch.stack(parts, -1).sum(0).numpy()
         self.alloc_n[t] = self.alloc_n.get(t, 0) + N
         masks = (ret_c, ~ret_c & (d <= RECENT), ~ret_c & (d > RECENT))
@@ -364,13 +311,9 @@ class RowStats:
         self.ent += H.mean(-1).sum(1).numpy()
         self.ent_norm += (H / logn).mean(-1).sum(1).numpy()
         w = A.masked_fill(~allowed, float("nan"))  # only allowed keys count
-        srt = torch.sort(
-            torch.nan_to_num(w, nan=float("inf")), -1
-        ).values  # allowed weights first, ascending
+        srt = torch.sort(torch.nan_to_num(w, nan=float("inf")), -1).values  # allowed weights first, ascending
         gini = []
-        for q in range(
-            A.shape[3]
-        ):  # Gini coefficient of each row's allowed weights: 0 uniform, -> 1 one-hot
+        for q in range(A.shape[3]):  # Gini coefficient of each row's allowed weights: 0 uniform, -> 1 one-hot
             m = int(n_allowed[q])
             x = srt[..., q, :m]
             i = torch.arange(1, m + 1, dtype=torch.float32)
@@ -379,9 +322,7 @@ class RowStats:
         self.mean_w += torch.nanmean(w, -1).mean((-1, -2)).sum(1).numpy()
         var = torch.nanmean((w - torch.nanmean(w, -1, keepdim=True)) ** 2, -1)  # (L, N, H, Q)
         self.var_w += var.mean((-1, -2)).sum(1).numpy()
-        self.cv2 += (
-            (var * n_allowed**2).mean((-1, -2)).sum(1).numpy()
-        )  # variance relative to a uniform row's mean
+        self.cv2 += (var * n_allowed**2).mean((-1, -2)).sum(1).numpy()  # variance relative to a uniform row's mean
 
     def summary(self) -> dict:
         ts = sorted(self.alloc)
@@ -396,12 +337,8 @@ class RowStats:
             "alloc_labels": ["return tokens", f"recent (<= {RECENT} steps)", "old"],
             "mass_by_distance": dist.tolist(),
             "uniform_by_distance": uni.tolist(),
-            "mean_lookback_steps": float(
-                (np.arange(len(dist)) * dist).sum() / max(dist.sum(), 1e-12)
-            ),
-            "uniform_lookback_steps": float(
-                (np.arange(len(uni)) * uni).sum() / max(uni.sum(), 1e-12)
-            ),
+            "mean_lookback_steps": float((np.arange(len(dist)) * dist).sum() / max(dist.sum(), 1e-12)),
+            "uniform_lookback_steps": float((np.arange(len(uni)) * uni).sum() / max(uni.sum(), 1e-12)),
             "entropy": (self.ent / n).tolist(),
             "entropy_normalized": (self.ent_norm / n).tolist(),
             "gini": (self.gini / n).tolist(),
@@ -418,23 +355,15 @@ class RowStats:
 
 
 @torch.no_grad()
-def dt_rollouts(
-    pi: DTPolicy, info, args: Args, device, control: Optional[DTPolicy] = None, target=None
-) -> dict:
+def dt_rollouts(pi: DTPolicy, info, args: Args, device, control: Optional[DTPolicy] = None, target=None) -> dict:
     """DT's evaluation (dt.evaluate's loop) conditioned on `target` (default DT's), recording R-hat,
     the states visited and the attention of every step; with `control`, also the control's attention
     on the very same contexts (key control_stats)."""
     n, K = args.eval_episodes, pi.K
     envs, horizon = dt.make_eval_envs(info, n, asynchronous=False)
     horizon = min(args.eval_max_steps, horizon)
-    low, high = (
-        torch.as_tensor(b[0], device=device)
-        for b in (envs.action_space.low, envs.action_space.high)
-    )
-    S, A = (
-        torch.zeros(n, horizon, pi.state_dim, device=device),
-        torch.zeros(n, horizon, pi.act_dim, device=device),
-    )
+    low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
+    S, A = (torch.zeros(n, horizon, pi.state_dim, device=device), torch.zeros(n, horizon, pi.act_dim, device=device))
     R = torch.zeros(n, horizon, 1, device=device)
     T = torch.arange(horizon, device=device).clamp(max=pi.max_ep_len - 1).expand(n, -1)
     target = pi.target if target is None else target
@@ -448,17 +377,12 @@ def dt_rollouts(
         x = (R[:, ctx], S[:, ctx], A[:, ctx], T[:, ctx])
         act, atts = pi(*x, return_attn=True)
         k = t + 1 - ctx.start
-        row, keys = (
-            3 * (k - 1) + 1,
-            torch.arange(3 * k, device=device),
-        )  # the current state token predicts a_t
+        row, keys = (3 * (k - 1) + 1, torch.arange(3 * k, device=device))  # the current state token predicts a_t
         alive = torch.as_tensor(~done, device=device)
         where = ((keys <= row)[None], keys // 3, k - 1, keys % 3 == 0)
         stats.add(t, [a[alive][:, :, row : row + 1] for a in atts], *where)
         if control is not None:
-            cstats.add(
-                t, [a[alive][:, :, row : row + 1] for a in control(*x, return_attn=True)[1]], *where
-            )
+            cstats.add(t, [a[alive][:, :, row : row + 1] for a in control(*x, return_attn=True)[1]], *where)
         A[:, t] = torch.maximum(torch.minimum(act[:, -1], high), low)
         obs, r, term, trunc, _ = envs.step(A[:, t].cpu().numpy())
         rewards[:, t] = r * ~done
@@ -466,27 +390,17 @@ def dt_rollouts(
         done |= term | trunc
         if done.all() or t + 1 == horizon:
             break
-        R[:, t + 1] = (
-            R[:, t] - torch.as_tensor(r, device=device, dtype=torch.float32)[:, None] / pi.scale
-        )  # DT's rule
+        R[:, t + 1] = R[:, t] - torch.as_tensor(r, device=device, dtype=torch.float32)[:, None] / pi.scale  # DT's rule
     envs.close()
     rhat = [(R[i, : lengths[i], 0] * pi.scale).cpu().numpy() for i in range(n)]
     togo = [np.cumsum(rewards[i, : lengths[i]][::-1])[::-1] for i in range(n)]
     visited = [(S[i, : lengths[i]] * pi.std + pi.mean).cpu().numpy() for i in range(n)]
-    out = {
-        "returns": rewards.sum(1),
-        "lengths": lengths,
-        "rhat": rhat,
-        "togo": togo,
-        "states": visited,
-    }
+    out = {"returns": rewards.sum(1), "lengths": lengths, "rhat": rhat, "togo": togo, "states": visited}
     out |= {"stats": stats.summary(), "target": target}
     return out | ({"control_stats": cstats.summary()} if control is not None else {})
 
 
-def tt_rollouts(
-    model, disc, targs: tt.Args, info, args: Args, device, beam: bool, control=None
-) -> dict:
+def tt_rollouts(model, disc, targs: tt.Args, info, args: Args, device, beam: bool, control=None) -> dict:
     """tt.evaluate with a hook that records the attention of the action-predicting rows and the
     observations visited (decoded from their tokens); with `control`, also the control's attention
     on the very same inputs (key control_stats)."""
@@ -503,9 +417,7 @@ def tt_rollouts(
         rows = torch.arange(P - 1, P - 1 + m_a, device=device)
         allowed = (keys[None] <= rows[:, None]) & (keys % td != td - 1)[None]
         where = (allowed, keys // td, (P - 1) // td, keys % td == td - 2)
-        for net, rec in (
-            ((model, stats), (control, cstats)) if control is not None else ((model, stats),)
-        ):
+        for net, rec in ((model, stats), (control, cstats)) if control is not None else ((model, stats),):
             with torch.no_grad():
                 atts = net(x, return_attn=True)[2]
             rec.add(t, [a[:, :, P - 1 :] for a in atts], *where)
@@ -513,15 +425,9 @@ def tt_rollouts(
         for i, o in zip(alive.nonzero()[:, 0].tolist(), obs):
             visited[i].append(o)
 
-    planner, n, max_steps = (
-        tt.plan_settings(run_args),
-        run_args.eval_episodes,
-        run_args.eval_max_steps,
-    )
+    planner, n, max_steps = (tt.plan_settings(run_args), run_args.eval_episodes, run_args.eval_max_steps)
     off = contextlib.nullcontext()
-    res = tt.evaluate(
-        model, disc, info, planner, n, max_steps, run_args.seed, device, off, hook=hook
-    )
+    res = tt.evaluate(model, disc, info, planner, n, max_steps, run_args.seed, device, off, hook=hook)
     out = {**res, "stats": stats.summary(), "states": [np.array(v) for v in visited]}
     return out | ({"control_stats": cstats.summary()} if control is not None else {})
 
@@ -540,9 +446,7 @@ def stripe_score(m: np.ndarray, far: np.ndarray) -> float:
     return float(np.sort(col)[::-1][:top].sum() / max(col.sum(), 1e-12))
 
 
-def map_metrics(
-    maps: np.ndarray, allowed: np.ndarray, step: np.ndarray, ret: np.ndarray, kind=None
-) -> dict:
+def map_metrics(maps: np.ndarray, allowed: np.ndarray, step: np.ndarray, ret: np.ndarray, kind=None) -> dict:
     """maps (L, T, T) head-mean attention; allowed (T, T); step (T,) timestep of each token; ret
     (T,) return tokens; kind (T,) a name per token. local: mass within the same or previous timestep
     (diagonal band). stripe: stripe_score over the far attention (>= 2 steps back); vertical stripes
@@ -552,29 +456,19 @@ def map_metrics(
     d = step[:, None] - step[None, :]
     near, far = allowed & (d <= 1), allowed & (d >= 2)
     kind = np.array(["token"] * len(step)) if kind is None else np.asarray(kind)
-    out = {
-        "local": [],
-        "stripe": [],
-        "return_far_share": [],
-        "far_share_by_kind": {k: [] for k in dict.fromkeys(kind)},
-    }
+    out = {"local": [], "stripe": [], "return_far_share": [], "far_share_by_kind": {k: [] for k in dict.fromkeys(kind)}}
     for m in maps:
         for k in out["far_share_by_kind"]:
-            out["far_share_by_kind"][k].append(
-                float((m * far * (kind == k)[None]).sum() / max((m * far).sum(), 1e-12))
-            )
+            out["far_share_by_kind"][k].append(float((m * far * (kind == k)[None]).sum() / max((m * far).sum(), 1e-12)))
         out["local"].append(float((m * near).sum(1).mean()))
         out["stripe"].append(stripe_score(m, far))
-        out["return_far_share"].append(
-            float((m * far * ret[None]).sum() / max((m * far).sum(), 1e-12))
-        )
+        out["return_far_share"].append(float((m * far * ret[None]).sum() / max((m * far).sum(), 1e-12)))
     uniform = allowed / np.maximum(allowed.sum(1, keepdims=True), 1)
     out["local_uniform"] = float((uniform * near).sum(1).mean())
     out["stripe_uniform"] = stripe_score(uniform, far)
     out["return_share_uniform"] = float((far * ret[None]).sum() / max(far.sum(), 1))
     out["far_share_by_kind_uniform"] = {
-        k: float((far * (kind == k)[None]).sum() / max(far.sum(), 1))
-        for k in out["far_share_by_kind"]
+        k: float((far * (kind == k)[None]).sum() / max(far.sum(), 1)) for k in out["far_share_by_kind"]
     }
     return out
 
@@ -585,9 +479,7 @@ def head_mean(atts) -> np.ndarray:
 
 
 @torch.no_grad()
-def attention_maps(
-    pi: DTPolicy, tt_model, tt_disc, targs, episodes, args: Args, device, controls: tuple
-) -> dict:
+def attention_maps(pi: DTPolicy, tt_model, tt_disc, targs, episodes, args: Args, device, controls: tuple) -> dict:
     """Head-mean maps of every row on the same kind of input for both: dataset windows of each
     model's training length (DT: context_len steps; TT: seq_len transitions) that lie inside one
     episode; and the random-init controls' (DT's, TT's) maps on the very same windows."""
@@ -641,9 +533,7 @@ def attention_maps(
 def replay_episodes(episodes, args: Args) -> list[dict]:
     long = [ep for ep in episodes if len(ep["rewards"]) >= args.error_steps]
     if not long:
-        raise SystemExit(
-            f"error: --error-steps {args.error_steps}: no episode of the dataset is that long."
-        )
+        raise SystemExit(f"error: --error-steps {args.error_steps}: no episode of the dataset is that long.")
     rng = np.random.default_rng(args.seed)
     pick = rng.choice(len(long), size=min(args.error_episodes, len(long)), replace=False)
     return [long[i] for i in sorted(pick)]
@@ -664,9 +554,7 @@ def dt_replay(pi: DTPolicy, eps, args: Args, device, self_fed: bool) -> np.ndarr
     err = np.zeros((len(eps), T))
     for t in range(T):
         lo = max(0, t - K + 1)
-        pred = pi(R[:, lo : t + 1], S[:, lo : t + 1], A_in[:, lo : t + 1], steps[:, lo : t + 1])[0][
-            :, -1
-        ]
+        pred = pi(R[:, lo : t + 1], S[:, lo : t + 1], A_in[:, lo : t + 1], steps[:, lo : t + 1])[0][:, -1]
         err[:, t] = ((pred - A[:, t]) ** 2).mean(-1).cpu().numpy()
         if self_fed:
             A_in[:, t] = pred
@@ -674,42 +562,27 @@ def dt_replay(pi: DTPolicy, eps, args: Args, device, self_fed: bool) -> np.ndarr
 
 
 @torch.no_grad()
-def tt_replay(
-    model, disc, targs, eps, args: Args, device, self_fed: bool, beam: bool
-) -> np.ndarray:
+def tt_replay(model, disc, targs, eps, args: Args, device, self_fed: bool, beam: bool) -> np.ndarray:
     """Per-step errors (episodes, steps) of TT's greedy prediction; self-fed contexts hold the
     greedy choices, or with `beam` the beam search's."""
     T, m_s, m_a = args.error_steps, model.obs_dim, model.act_dim
     greedy = tt.plan_settings(replace(targs, beam_width=1))
-    steer = (
-        tt.plan_settings(replace(targs, beam_width=args.beam_width)) if beam and self_fed else None
-    )
+    steer = tt.plan_settings(replace(targs, beam_width=args.beam_width)) if beam and self_fed else None
     obs = disc.encode(stack([ep["observations"][:T] for ep in eps], device), slice(0, m_s))
     act_data = stack([ep["actions"][:T] for ep in eps], device)
     act = disc.encode(act_data, slice(m_s, m_s + m_a))
-    rew = disc.encode(
-        stack([ep["rewards"][:T, None] for ep in eps], device), slice(m_s + m_a, m_s + m_a + 1)
-    )
+    rew = disc.encode(stack([ep["rewards"][:T, None] for ep in eps], device), slice(m_s + m_a, m_s + m_a + 1))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     context = torch.zeros(len(eps), 0, model.transition_dim, dtype=torch.long, device=device)
     err = np.zeros((len(eps), T))
     for t in range(T):
         prefix = torch.cat([context.flatten(1), obs[:, t]], 1)
         pred = tt.plan(model, disc, prefix, greedy, gen)
-        err[:, t] = (
-            ((disc.decode(pred, slice(m_s, m_s + m_a)) - act_data[:, t]) ** 2)
-            .mean(-1)
-            .cpu()
-            .numpy()
-        )
-        chosen = (
-            (tt.plan(model, disc, prefix, steer, gen) if steer else pred) if self_fed else act[:, t]
-        )
+        err[:, t] = ((disc.decode(pred, slice(m_s, m_s + m_a)) - act_data[:, t]) ** 2).mean(-1).cpu().numpy()
+        chosen = (tt.plan(model, disc, prefix, steer, gen) if steer else pred) if self_fed else act[:, t]
         step = torch.cat([obs[:, t], chosen, rew[:, t], torch.zeros_like(rew[:, t])], 1)
         context = torch.cat([context, step[:, None]], 1)
-        context = context[
-            :, context.shape[1] - min(context.shape[1], targs.max_context - 1) :
-        ]  # as tt.evaluate
+        context = context[:, context.shape[1] - min(context.shape[1], targs.max_context - 1) :]  # as tt.evaluate
     return err
 
 
@@ -720,17 +593,13 @@ def growth(err: np.ndarray) -> float:
     return float(err[:, -q:].mean() / max(err[:, :q].mean(), 1e-12))
 
 
-def drift(
-    visited: list, reference: np.ndarray, mean: np.ndarray, std: np.ndarray
-) -> list[np.ndarray]:
+def drift(visited: list, reference: np.ndarray, mean: np.ndarray, std: np.ndarray) -> list[np.ndarray]:
     """Per episode, each visited state's Euclidean distance from its nearest reference (dataset)
     state, both normalised by the dataset's state mean and std."""
     ref = torch.as_tensor((reference - mean) / std, dtype=torch.float32)
     out = []
     for states in visited:
-        x = torch.as_tensor(
-            (np.asarray(states).reshape(-1, len(mean)) - mean) / std, dtype=torch.float32
-        )
+        x = torch.as_tensor((np.asarray(states).reshape(-1, len(mean)) - mean) / std, dtype=torch.float32)
         d = [torch.cdist(c, ref).min(1).values.numpy() for c in x.split(512)]
         out.append(np.concatenate(d) if d else np.zeros(0))
     return out
@@ -757,9 +626,7 @@ def mean_diff(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """mean(x) - mean(y) over episodes and its variance (inf with fewer than two episodes each)."""
     if len(x) < 2 or len(y) < 2:
         return (np.mean(x) - np.mean(y) if len(x) and len(y) else np.nan), np.inf
-    return float(np.mean(x) - np.mean(y)), float(
-        np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y)
-    )
+    return float(np.mean(x) - np.mean(y)), float(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y))
 
 
 def control_spread(values: list[float], variances: list[float]) -> tuple[float, float]:
@@ -778,11 +645,7 @@ def more_than(a: np.ndarray, b: np.ndarray, controls: list[tuple]) -> tuple[str,
     o, so = mean_diff(a, b)
     c, sc = control_spread(*zip(*(mean_diff(a_c, b_c) for a_c, b_c in controls)))
     spread = max(np.log(MARGIN), 2 * np.sqrt(so + sc))
-    return (
-        beyond_control(o, c, neutral=0.0, factor=1.0, spread=spread),
-        float(np.exp(o)),
-        float(np.exp(c)),
-    )
+    return (beyond_control(o, c, neutral=0.0, factor=1.0, spread=spread), float(np.exp(o)), float(np.exp(c)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -796,16 +659,12 @@ def compute_cost(pi: DTPolicy, tt_model, disc, targs, eps, args: Args, device) -
     per 1000-step episode; DT: one forward at its full context per step."""
     ep, m_s = eps[0], tt_model.obs_dim
     n_ctx = targs.max_context - 1
-    joined = np.column_stack(
-        [ep["observations"], ep["actions"], ep["rewards"], np.zeros(len(ep["rewards"]))]
-    )
+    joined = np.column_stack([ep["observations"], ep["actions"], ep["rewards"], np.zeros(len(ep["rewards"]))])
     tok = disc.encode(torch.as_tensor(joined[: n_ctx + 1], device=device))
     prefix = torch.cat([tok[:n_ctx].flatten(), tok[n_ctx, :m_s]])[None]
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    def timed(
-        fn, reps
-    ):  # the fastest of `reps` calls: on a shared machine, the one least slowed by others
+    def timed(fn, reps):  # the fastest of `reps` calls: on a shared machine, the one least slowed by others
         fn()  # warm-up
         times = []
         for _ in range(reps):
@@ -816,19 +675,11 @@ def compute_cost(pi: DTPolicy, tt_model, disc, targs, eps, args: Args, device) -
 
     planner = tt.plan_settings(targs)
     tt_s = {
-        k: timed(
-            lambda k=k: tt.plan(tt_model, disc, prefix, replace(planner, beam_width=k), gen),
-            args.cost_reps,
-        )
+        k: timed(lambda k=k: tt.plan(tt_model, disc, prefix, replace(planner, beam_width=k), gen), args.cost_reps)
         for k in args.beam_widths
     }
     k_nc = max(k for k in args.beam_widths if k <= max(8, min(args.beam_widths)))
-    no_cache = timed(
-        lambda: tt.plan(
-            tt_model, disc, prefix, replace(planner, beam_width=k_nc, kv_cache=False), gen
-        ),
-        2,
-    )
+    no_cache = timed(lambda: tt.plan(tt_model, disc, prefix, replace(planner, beam_width=k_nc, kv_cache=False), gen), 2)
     K = pi.K
     x = (torch.zeros(1, K, 1, device=device), torch.zeros(1, K, pi.state_dim, device=device),
          torch.zeros(1, K, pi.act_dim, device=device), torch.arange(K, device=device)[None])  # fmt: skip
@@ -850,11 +701,7 @@ def compute_cost(pi: DTPolicy, tt_model, disc, targs, eps, args: Args, device) -
         "tt_s_per_step": {str(k): v for k, v in tt_s.items()},
         "dt_s_per_step": dt_s,
         "fit_k_ge_2": fit,
-        "no_kv_cache": {
-            "k": k_nc,
-            "s_per_step": no_cache,
-            "speedup_of_cache": no_cache / tt_s[k_nc],
-        },
+        "no_kv_cache": {"k": k_nc, "s_per_step": no_cache, "speedup_of_cache": no_cache / tt_s[k_nc]},
         "horizon": targs.horizon,
         "n_expand": targs.n_expand,
         "episode_steps": 1000,
@@ -866,20 +713,12 @@ def paper_speed(episodes, targs, eps, args: Args, device) -> dict:
     transitions): updates per second of training and seconds of one planning call with the paper's
     search (beam 128 x 2, horizon 15). The weights are random: speed does not depend on them."""
     a = tt.with_base(tt.Args(updates=1))  # the TT code's base planning settings, resolved
-    data = tt.make_dataset(
-        episodes, device, a.n_bins, a.discretizer, a.discount, a.terminal_penalty
-    )
+    data = tt.make_dataset(episodes, device, a.n_bins, a.discretizer, a.discount, a.terminal_penalty)
     ds = (episodes[0]["observations"].shape[1], episodes[0]["actions"].shape[1])
-    model = tt.TrajectoryTransformer(
-        *ds, a.n_bins, a.seq_len, a.n_layer, a.n_head, a.n_embd, a.dropout
-    ).to(device)
-    opt, _ = tt.make_optimizer(
-        model, a.lr, a.lr_schedule, a.warmup_epochs * 1000, a.decay_epochs * 1000
-    )
+    model = tt.TrajectoryTransformer(*ds, a.n_bins, a.seq_len, a.n_layer, a.n_head, a.n_embd, a.dropout).to(device)
+    opt, _ = tt.make_optimizer(model, a.lr, a.lr_schedule, a.warmup_epochs * 1000, a.decay_epochs * 1000)
     weights, gen = (
-        tt.token_weights(
-            model, model.block_size, a.action_weight, a.reward_weight, a.value_weight
-        ).to(device),
+        tt.token_weights(model, model.block_size, a.action_weight, a.reward_weight, a.value_weight).to(device),
         torch.Generator(device=device).manual_seed(0),
     )
 
@@ -894,26 +733,14 @@ def paper_speed(episodes, targs, eps, args: Args, device) -> dict:
     ups = 3 / (time.perf_counter() - t0)
     model.eval()
     ep, m_s, n_ctx = eps[0], ds[0], a.max_context - 1
-    joined = np.column_stack(
-        [ep["observations"], ep["actions"], ep["rewards"], np.zeros(len(ep["rewards"]))]
-    )
+    joined = np.column_stack([ep["observations"], ep["actions"], ep["rewards"], np.zeros(len(ep["rewards"]))])
     tok = data["disc"].encode(torch.as_tensor(joined[: n_ctx + 1], device=device))
     prefix = torch.cat([tok[:n_ctx].flatten(), tok[n_ctx, :m_s]])[None]
     t0 = time.perf_counter()
     tt.plan(model, data["disc"], prefix, tt.plan_settings(a), gen)
     plan_s = time.perf_counter() - t0
-    size = {
-        "batch_size": a.batch_size,
-        "n_embd": a.n_embd,
-        "beam_width": a.beam_width,
-        "horizon": a.horizon,
-    }
-    return {
-        "train_updates_per_s": ups,
-        "plan_s_per_step": plan_s,
-        **size,
-        "threads": torch.get_num_threads(),
-    }
+    size = {"batch_size": a.batch_size, "n_embd": a.n_embd, "beam_width": a.beam_width, "horizon": a.horizon}
+    return {"train_updates_per_s": ups, "plan_s_per_step": plan_s, **size, "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -945,13 +772,9 @@ def claim_1(r: dict) -> list[dict]:
     m, mc = r["maps"]["dt"], r["maps"]["dt_control"]
     rs, st, su = m["return_far_share"], m["stripe"], m["stripe_uniform"]
     dt_parts = [
-        beyond_control(
-            rs[-1], mc["return_far_share"][-1], neutral=m["return_share_uniform"]
-        ),  # stripes on RTG
+        beyond_control(rs[-1], mc["return_far_share"][-1], neutral=m["return_share_uniform"]),  # stripes on RTG
         beyond_control(st[-1], mc["stripe"][-1], neutral=su),  # stripes at all
-        beyond_control(
-            ratio(st[-1], st[0]), ratio(mc["stripe"][-1], mc["stripe"][0]), neutral=1.0
-        ),  # with depth
+        beyond_control(ratio(st[-1], st[0]), ratio(mc["stripe"][-1], mc["stripe"][0]), neutral=1.0),  # with depth
     ]
     rows = [
         row(1, "DT: vertical stripes on return-to-go tokens, more vertical with depth",
@@ -961,9 +784,7 @@ def claim_1(r: dict) -> list[dict]:
     ]  # fmt: skip
     m, mc = r["maps"]["tt"], r["maps"]["tt_control"]
     st = m["stripe"]
-    local = [
-        beyond_control(x, xc, neutral=m["local_uniform"]) for x, xc in zip(m["local"], mc["local"])
-    ]
+    local = [beyond_control(x, xc, neutral=m["local_uniform"]) for x, xc in zip(m["local"], mc["local"])]
     emerge = [
         beyond_control(st[-1], mc["stripe"][-1], neutral=m["stripe_uniform"]),
         beyond_control(ratio(st[-1], st[0]), ratio(mc["stripe"][-1], mc["stripe"][0]), neutral=1.0),
@@ -994,9 +815,7 @@ def claim_2(r: dict, args: Args) -> dict:
         f"{t['gap_mean']:.0f}): no drift"
     )
     control = f"{t['control_return_hi']:.0f} vs {t['control_return_lo']:.0f}: slope {t['control_slope']:.3f}"
-    blog = (
-        "DT: R-hat decreases toward 0 as the target is reached; R-hat tracks the rewards received"
-    )
+    blog = "DT: R-hat decreases toward 0 as the target is reached; R-hat tracks the rewards received"
     return row(2, blog, ours, control, judged)
 
 
@@ -1024,29 +843,19 @@ def alloc_effects(s: dict, K: int) -> Optional[list[float]]:
 def claim_3(r: dict) -> dict:
     """Analysis 3, relative to uniform for the same context fill, ours against the control on our
     contexts."""
-    blog, K = (
-        "DT: RTG weighted early, then recent steps; declining attention to old steps",
-        r["dt_context"],
-    )
+    blog, K = ("DT: RTG weighted early, then recent steps; declining attention to old steps", r["dt_context"])
     ours, ctrl = (alloc_effects(r["dt_roll"][k], K) for k in ("stats", "control_stats"))
     if ours is None or ctrl is None:
         longest = max(r["dt_roll"]["lengths"])
-        why = (
-            f"episodes too short (longest {longest} steps) for a context of {K} and 10 later steps"
-        )
+        why = f"episodes too short (longest {longest} steps) for a context of {K} and 10 later steps"
         return row(3, blog, why, "-", UNDECIDED)
-    parts = [
-        beyond_control(ours[0], ctrl[0], neutral=1.0),
-        beyond_control(ours[1], ctrl[1], neutral=1.0),
-    ]
+    parts = [beyond_control(ours[0], ctrl[0], neutral=1.0), beyond_control(ours[1], ctrl[1], neutral=1.0)]
     parts.append(beyond_control(ours[2], ctrl[2], neutral=1.0, lower=True))
 
     def text(e):
         return f"RTG early/late {e[0]:.2f}x, recent late/early {e[1]:.2f}x, old late-half trend {e[2]:.2f}x"
 
-    ours_text = (
-        text(ours) + f" (each share relative to uniform at its context fill; early: t < {K})"
-    )
+    ours_text = text(ours) + f" (each share relative to uniform at its context fill; early: t < {K})"
     return row(3, blog, ours_text, text(ctrl), all_of(parts))
 
 
@@ -1063,21 +872,12 @@ def rtg_rel(s: dict) -> float:
 def claim_4(r: dict) -> dict:
     d, dc = r["dt_roll"]["stats"], r["dt_roll"]["control_stats"]
     b, bc = r["tt_beam"]["stats"], r["tt_beam"]["control_stats"]
-    parts = [
-        beyond_control(rtg_rel(d), rtg_rel(dc), neutral=1.0),
-        beyond_control(near(b), near(bc), neutral=1.0),
-    ]
+    parts = [beyond_control(rtg_rel(d), rtg_rel(dc), neutral=1.0), beyond_control(near(b), near(bc), neutral=1.0)]
     ours = (f"DT mass on RTG tokens {rtg_rel(d):.2f}x uniform, mean look-back {d['mean_lookback_steps']:.1f} steps "
             f"(uniform {d['uniform_lookback_steps']:.1f}); TT (beam) mass within 1 step {near(b):.2f}x uniform, "
             f"look-back {b['mean_lookback_steps']:.1f} (uniform {b['uniform_lookback_steps']:.1f})")  # fmt: skip
     control = f"DT RTG {rtg_rel(dc):.2f}x, TT within 1 step {near(bc):.2f}x"
-    return row(
-        4,
-        "DT checks (recent) RTG values; TT focuses on the immediate past",
-        ours,
-        control,
-        all_of(parts),
-    )
+    return row(4, "DT checks (recent) RTG values; TT focuses on the immediate past", ours, control, all_of(parts))
 
 
 def entropy_effects(dt_s: dict, tt_s: dict) -> tuple[float, float, str]:
@@ -1096,14 +896,9 @@ def claim_5(r: dict) -> dict:
     (spec, var, text), (spec_c, var_c, text_c) = (
         entropy_effects(r["dt_roll"][k], r["tt_beam"][k]) for k in ("stats", "control_stats")
     )
-    parts = [
-        beyond_control(x, xc, neutral=0.0, factor=1.0, spread=0.05)
-        for x, xc in ((spec, spec_c), (var, var_c))
-    ]
+    parts = [beyond_control(x, xc, neutral=0.0, factor=1.0, spread=0.05) for x, xc in ((spec, spec_c), (var, var_c))]
     blog = "TT has more specialized (low-entropy) heads, with more variation, than DT"
-    return row(
-        5, blog, "normalized entropy min/mean/std over heads: " + text, text_c, all_of(parts)
-    )
+    return row(5, blog, "normalized entropy min/mean/std over heads: " + text, text_c, all_of(parts))
 
 
 def claim_6(r: dict, args: Args) -> dict:
@@ -1113,10 +908,7 @@ def claim_6(r: dict, args: Args) -> dict:
     logged = more_than(e["log_props"]["dt"], e["log_props"]["tt_beam"], e["log_props"]["controls"])
     own = more_than(d["log_growth"]["dt"], d["log_growth"]["tt_beam"], d["log_growth"]["controls"])
     g, cum = e["growth"], e["cumulative_final"]
-    prop = {
-        k: cum[f"{k}_self"] / max(cum[t], 1e-12)
-        for k, t in (("dt", "dt_teacher"), ("tt_greedy", "tt_teacher"))
-    }
+    prop = {k: cum[f"{k}_self"] / max(cum[t], 1e-12) for k, t in (("dt", "dt_teacher"), ("tt_greedy", "tt_teacher"))}
     prop["tt_beam"] = cum["tt_beam_self"] / max(cum["tt_teacher"], 1e-12)
     ours = (
         f"logged states, E_{args.error_steps} self-fed / teacher-forced: DT {prop['dt']:.2f}x, "
@@ -1144,9 +936,7 @@ def claim_7(r: dict) -> dict:
     ours = (f"Gini of the attention rows DT {gd:.2f}, TT {gt:.2f}; mean weight DT {np.mean(d['mean_weight']):.3f}, "
             f"TT {np.mean(b['mean_weight']):.3f}; variance x n^2 DT {np.mean(d['cv2_weight']):.2f}, "
             f"TT {np.mean(b['cv2_weight']):.2f}")  # fmt: skip
-    return row(
-        7, "TT's attention is sparser than DT's", ours, f"Gini DT {gdc:.2f}, TT {gtc:.2f}", judged
-    )
+    return row(7, "TT's attention is sparser than DT's", ours, f"Gini DT {gdc:.2f}, TT {gtc:.2f}", judged)
 
 
 def claim_8(r: dict) -> dict:
@@ -1172,24 +962,16 @@ def claim_9(r: dict, args: Args, label: str) -> dict:
     over episodes, each above its random-init controls (by 1.2x and two standard deviations,
     episodes and control seeds)."""
     sc, short = r["scores"], r["budget"]["shortfalls"]
-    var = {
-        k: sc[f"{k}_std"] ** 2 / max(sc["episodes"] - 1, 1) for k in ("dt", "tt_beam")
-    }  # of the mean
+    var = {k: sc[f"{k}_std"] ** 2 / max(sc["episodes"] - 1, 1) for k in ("dt", "tt_beam")}  # of the mean
     se = np.sqrt(var["dt"] + var["tt_beam"])
     learned = [
-        beyond_control(
-            sc[k], sc[f"{k}_control"], spread=2 * np.sqrt(var[k] + sc[f"{k}_control_var"])
-        )
+        beyond_control(sc[k], sc[f"{k}_control"], spread=2 * np.sqrt(var[k] + sc[f"{k}_control_var"]))
         for k in ("dt", "tt_beam")
     ]
     judged = all_of([*learned, beyond_control(sc["tt_beam"], sc["dt"], factor=1.0, spread=2 * se)])
     if short:
         judged = UNDECIDED
-    paper = (
-        f" (TT paper on official {args.env}: TT {sc['paper_tt']}, DT {sc['paper_dt']})"
-        if sc["paper_tt"]
-        else ""
-    )
+    paper = f" (TT paper on official {args.env}: TT {sc['paper_tt']}, DT {sc['paper_dt']})" if sc["paper_tt"] else ""
     below = f"; below the papers' budgets ({'; '.join(short)})" if short else ""
     ours = f"{label} {args.env}: DT {sc['dt']:.1f}, TT greedy {sc['tt_greedy']:.1f}, TT beam {sc['tt_beam']:.1f}{paper}"
     control = f"DT {sc['dt_control']:.1f}, TT beam {sc['tt_beam_control']:.1f}"
@@ -1200,14 +982,7 @@ def claim_9(r: dict, args: Args, label: str) -> dict:
 def make_claims(r: dict, args: Args, label: str) -> list[dict]:
     """Every claim of the blog's §7 with ours, the random-init controls' and a verdict (one of
     three)."""
-    rows = claim_1(r) + [
-        claim_2(r, args),
-        claim_3(r),
-        claim_4(r),
-        claim_5(r),
-        claim_6(r, args),
-        claim_7(r),
-    ]
+    rows = claim_1(r) + [claim_2(r, args), claim_3(r), claim_4(r), claim_5(r), claim_6(r, args), claim_7(r)]
     return rows + [claim_8(r), claim_9(r, args, label)]
 
 
@@ -1238,14 +1013,10 @@ def attention_figures(plt, save, r: dict, args: Args, label: str):
     for row, (name, layers) in enumerate(rows.items()):
         for i in range(L):
             if i < len(layers):
-                ax[row, i].imshow(
-                    np.asarray(layers[i]) ** 0.5, cmap="viridis"
-                )  # sqrt: small weights visible
+                ax[row, i].imshow(np.asarray(layers[i]) ** 0.5, cmap="viridis")  # sqrt: small weights visible
                 ax[row, i].set_title(f"{name} layer {i + 1}", fontsize=9)
             ax[row, i].axis("off")
-    fig.suptitle(
-        f"1. attention maps, head mean, sqrt scale ({label} {args.env} windows; IEM: BabyAI plans)"
-    )
+    fig.suptitle(f"1. attention maps, head mean, sqrt scale ({label} {args.env} windows; IEM: BabyAI plans)")
     save(fig, "1_attention_maps.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -1269,9 +1040,7 @@ def attention_figures(plt, save, r: dict, args: Args, label: str):
     save(fig, "3_attention_allocation.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for j, (name, key) in enumerate(
-        (("DT", "dt_roll"), ("TT greedy", "tt_greedy"), ("TT beam", "tt_beam"))
-    ):
+    for j, (name, key) in enumerate((("DT", "dt_roll"), ("TT greedy", "tt_greedy"), ("TT beam", "tt_beam"))):
         s = r[key]["stats"]
         ax.plot(s["mass_by_distance"], marker="o", color=f"C{j}", label=name)
         ax.plot(s["uniform_by_distance"], ls=":", color=f"C{j}")
@@ -1282,18 +1051,13 @@ def attention_figures(plt, save, r: dict, args: Args, label: str):
     ax.set_title("4. how far back each model looks")
     save(fig, "4_lookback.png")
 
-    e = {
-        n: np.array(r[k]["stats"]["entropy_normalized"])
-        for n, k in (("DT", "dt_roll"), ("TT", "tt_beam"))
-    }
+    e = {n: np.array(r[k]["stats"]["entropy_normalized"]) for n, k in (("DT", "dt_roll"), ("TT", "tt_beam"))}
     L = max(len(v) for v in e.values())
     fig, ax = plt.subplots(1, L, figsize=(3 * L, 3), squeeze=False, sharey=True)
     for i in range(L):
         for j, (n, v) in enumerate(e.items()):
             if i < len(v):
-                ax[0, i].bar(
-                    np.arange(len(v[i])) + 0.4 * j, v[i], width=0.4, color=f"C{j}", label=n
-                )
+                ax[0, i].bar(np.arange(len(v[i])) + 0.4 * j, v[i], width=0.4, color=f"C{j}", label=n)
         ax[0, i].set_title(f"layer {i + 1}")
         ax[0, i].set_xlabel("head")
     ax[0, 0].set_ylabel("entropy / log(#keys)")
@@ -1319,9 +1083,7 @@ def behaviour_figures(plt, save, r: dict, args: Args, label: str):
     fig, ax = plt.subplots(1, 3, figsize=(9, 3))
     for i, (n, k) in enumerate(zip(names, keys)):
         ax[i].bar(
-            ["DT", "TT"],
-            [np.mean(r["dt_roll"]["stats"][k]), np.mean(r["tt_beam"]["stats"][k])],
-            color=["C0", "C1"],
+            ["DT", "TT"], [np.mean(r["dt_roll"]["stats"][k]), np.mean(r["tt_beam"]["stats"][k])], color=["C0", "C1"]
         )
         ax[i].set_title(n)
     fig.suptitle("7. attention sparsity (action-predicting rows, layer mean)")
@@ -1330,12 +1092,7 @@ def behaviour_figures(plt, save, r: dict, args: Args, label: str):
     c = r["cost"]
     ks = [int(k) for k in c["tt_s_per_step"]]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(
-        ks,
-        [1e6 * v for v in c["tt_s_per_step"].values()],
-        marker="o",
-        label=f"TT (horizon {c['horizon']})",
-    )
+    ax.plot(ks, [1e6 * v for v in c["tt_s_per_step"].values()], marker="o", label=f"TT (horizon {c['horizon']})")
     ax.axhline(1e6 * c["dt_s_per_step"], color="C1", label="DT")
     nc = c["no_kv_cache"]
     ax.plot([nc["k"]], [1e6 * nc["s_per_step"]], "x", color="C3", label="TT without KV cache")
@@ -1354,9 +1111,7 @@ def behaviour_figures(plt, save, r: dict, args: Args, label: str):
     paper = {"DT avg": PUBLISHED["dt"], "TT avg": PUBLISHED["tt"]}
     if sc["paper_dt"] is not None:
         paper.update({f"DT {args.env}": sc["paper_dt"], f"TT {args.env}": sc["paper_tt"]})
-    ax.bar(
-        list(paper), list(paper.values()), color="C7", label="published (TT paper, official D4RL)"
-    )
+    ax.bar(list(paper), list(paper.values()), color="C7", label="published (TT paper, official D4RL)")
     ax.tick_params(axis="x", labelsize=7, rotation=20)
     ax.set_ylabel(f"normalized score, {args.env}")
     ax.legend(fontsize=8)
@@ -1395,21 +1150,10 @@ def tracking(r: dict) -> dict:
     delta = d["target"] - r["dt_low"]["target"]
     k, var = slope(d["returns"], r["dt_low"]["returns"], delta)
     pairs = list(zip(r["dt_ctrl"], r["dt_ctrl_low"]))
-    kc, var_c = control_spread(
-        *zip(*(slope(hi["returns"], lo["returns"], delta) for hi, lo in pairs))
-    )
-    out = {
-        "rhat": d["rhat"],
-        "togo": d["togo"],
-        "target": d["target"],
-        "slope": k,
-        "slope_se": float(np.sqrt(var)),
-    }
+    kc, var_c = control_spread(*zip(*(slope(hi["returns"], lo["returns"], delta) for hi, lo in pairs)))
+    out = {"rhat": d["rhat"], "togo": d["togo"], "target": d["target"], "slope": k, "slope_se": float(np.sqrt(var))}
     out |= {"control_slope": kc, "control_slope_var": var_c}
-    out |= {
-        "return_hi": float(d["returns"].mean()),
-        "return_lo": float(r["dt_low"]["returns"].mean()),
-    }
+    out |= {"return_hi": float(d["returns"].mean()), "return_lo": float(r["dt_low"]["returns"].mean())}
     out |= {"control_return_hi": float(np.mean([hi["returns"].mean() for hi, _ in pairs]))}
     out |= {"control_return_lo": float(np.mean([lo["returns"].mean() for _, lo in pairs]))}
     return out | {"gap_mean": float(np.mean(d["target"] - d["returns"]))}
@@ -1432,22 +1176,13 @@ def errors(m: dict, eps, args: Args, device) -> dict:
             "dt_c_self": dt_replay(pc, eps, args, device, True),
             "dt_c_teacher": dt_replay(pc, eps, args, device, False),
         }
-        c |= {
-            "tt_c_beam_self": tt_replay(tc, *tt_, True, True),
-            "tt_c_teacher": tt_replay(tc, *tt_, False, False),
-        }
+        c |= {"tt_c_beam_self": tt_replay(tc, *tt_, True, True), "tt_c_teacher": tt_replay(tc, *tt_, False, False)}
         per_step |= c if i == 0 else {}
         controls.append(
-            (
-                log_props(c["dt_c_self"], c["dt_c_teacher"]),
-                log_props(c["tt_c_beam_self"], c["tt_c_teacher"]),
-            )
+            (log_props(c["dt_c_self"], c["dt_c_teacher"]), log_props(c["tt_c_beam_self"], c["tt_c_teacher"]))
         )
     props = {"dt": log_props(per_step["dt_self"], per_step["dt_teacher"])}
-    props |= {
-        "tt_beam": log_props(per_step["tt_beam_self"], per_step["tt_teacher"]),
-        "controls": controls,
-    }
+    props |= {"tt_beam": log_props(per_step["tt_beam_self"], per_step["tt_teacher"]), "controls": controls}
     return {
         "per_step": per_step,
         "growth": {k: growth(v) for k, v in per_step.items()},
@@ -1466,9 +1201,7 @@ def drifts(r: dict, episodes, pi: DTPolicy, seed: int) -> dict:
     """Analysis 6 on the policies' own rollouts: distance from the data along each episode, ours and
     every control pair's."""
     obs = np.concatenate([ep["observations"] for ep in episodes])
-    ref = obs[
-        np.random.default_rng(seed).choice(len(obs), size=min(len(obs), 20_000), replace=False)
-    ]
+    ref = obs[np.random.default_rng(seed).choice(len(obs), size=min(len(obs), 20_000), replace=False)]
     mean, std = pi.mean.cpu().numpy(), pi.std.cpu().numpy()
 
     def logs(run):
@@ -1491,12 +1224,9 @@ def scores(r: dict, info, args: Args, label: str) -> dict:
         return common.normalized_score(info, np.asarray(res["returns"]))
 
     out = {
-        k: float(norm(r[v]).mean())
-        for k, v in (("dt", "dt_roll"), ("tt_greedy", "tt_greedy"), ("tt_beam", "tt_beam"))
+        k: float(norm(r[v]).mean()) for k, v in (("dt", "dt_roll"), ("tt_greedy", "tt_greedy"), ("tt_beam", "tt_beam"))
     }
-    out |= {
-        f"{k}_std": float(norm(r[v]).std()) for k, v in (("dt", "dt_roll"), ("tt_beam", "tt_beam"))
-    }
+    out |= {f"{k}_std": float(norm(r[v]).std()) for k, v in (("dt", "dt_roll"), ("tt_beam", "tt_beam"))}
     for k, runs in (("dt_control", r["dt_ctrl"]), ("tt_beam_control", r["tt_ctrl"])):
         per_seed = [(norm(x).mean(), norm(x).var(ddof=1) / len(x["returns"]) if len(x["returns"]) > 1 else np.inf)
                     for x in runs]  # fmt: skip
@@ -1513,18 +1243,10 @@ def budget(dt_train: dict, tt_train: dict, episodes, info) -> dict:
     """The papers' budgets (dt.py's defaults, the DT paper's; tt.py's TT-code rule for this dataset)
     and where our two models fall short of them (updates, depth, width)."""
     windows = sum(len(ep["rewards"]) - 1 for ep in episodes)
-    ta, da = (
-        tt.resolve_settings(tt.Args(env=info["name"]), info["name"], windows, None)[0],
-        dt.Args(),
-    )
-    paper = {
-        m: {"updates": a.updates, "n_layer": a.n_layer, "n_embd": a.n_embd}
-        for m, a in (("dt", da), ("tt", ta))
-    }
+    ta, da = (tt.resolve_settings(tt.Args(env=info["name"]), info["name"], windows, None)[0], dt.Args())
+    paper = {m: {"updates": a.updates, "n_layer": a.n_layer, "n_embd": a.n_embd} for m, a in (("dt", da), ("tt", ta))}
     short = [
-        f"{m.upper()} {k} {ours[k]} < {v}"
-        if k == "updates"
-        else f"{m.upper()} {k} {ours[k]} != {v}"
+        f"{m.upper()} {k} {ours[k]} < {v}" if k == "updates" else f"{m.upper()} {k} {ours[k]} != {v}"
         for m, ours in (("dt", dt_train), ("tt", tt_train))
         for k, v in paper[m].items()
         if (ours[k] < v if k == "updates" else ours[k] != v)
@@ -1535,9 +1257,7 @@ def budget(dt_train: dict, tt_train: dict, episodes, info) -> dict:
 def analyse(m: dict, episodes, info, args: Args, device, trained: dict, clock) -> dict:
     """Every measurement behind the nine claims, ours and the random-init controls'."""
     r = {
-        "maps": attention_maps(
-            m["pi"], m["tt"], m["disc"], m["targs"], episodes, args, device, (m["pi_c"], m["tt_c"])
-        )
+        "maps": attention_maps(m["pi"], m["tt"], m["disc"], m["targs"], episodes, args, device, (m["pi_c"], m["tt_c"]))
     }
     r |= rollouts(m, info, args, device)
     clock("rollouts done")
@@ -1550,10 +1270,7 @@ def analyse(m: dict, episodes, info, args: Args, device, trained: dict, clock) -
         r["cost"]["paper_size"] = paper_speed(episodes, m["targs"], eps, args, device)
     clock("compute cost done")
     label = common.SOURCE_LABEL[info["source"]]
-    r["scores"], r["budget"] = (
-        scores(r, info, args, label),
-        budget(trained["dt"], trained["tt"], episodes, info),
-    )
+    r["scores"], r["budget"] = (scores(r, info, args, label), budget(trained["dt"], trained["tt"], episodes, info))
     return r
 
 
@@ -1562,17 +1279,11 @@ def lean(res: dict) -> dict:
     return {k: v for k, v in res.items() if k not in ("rhat", "togo", "states")}
 
 
-def write_summary(
-    out: Path, r: dict, claims: list, args: Args, info, device, trained: dict, t_start
-) -> dict:
+def write_summary(out: Path, r: dict, claims: list, args: Args, info, device, trained: dict, t_start) -> dict:
     d, label = r["dt_roll"], common.SOURCE_LABEL[info["source"]]
     summary = {"config": asdict(args), "dataset": info, "data_label": label, "device": str(device)}
     summary |= {"torch": torch.__version__, "control_seed": args.control_seed}
-    dt_eval = {
-        "returns": d["returns"].tolist(),
-        "lengths": d["lengths"].tolist(),
-        "normalized_mean": r["scores"]["dt"],
-    }
+    dt_eval = {"returns": d["returns"].tolist(), "lengths": d["lengths"].tolist(), "normalized_mean": r["scores"]["dt"]}
     summary["dt"] = {**trained["dt"], "eval": dt_eval}
     plan_s = {"greedy": r["tt_greedy"]["plan_s_per_step"], "beam": r["tt_beam"]["plan_s_per_step"]}
     summary["tt"] = {
@@ -1586,10 +1297,7 @@ def write_summary(
         "dt_layers": r["maps"]["dt_maps"].tolist(),
         "tt_layers": r["maps"]["tt_maps"].tolist(),
     }
-    summary["dt_rollout_attention"], summary["dt_rollout_attention_control"] = (
-        d["stats"],
-        d["control_stats"],
-    )
+    summary["dt_rollout_attention"], summary["dt_rollout_attention_control"] = (d["stats"], d["control_stats"])
     summary["rtg_tracking"] = {k: v for k, v in r["rtg"].items() if k not in ("rhat", "togo")}
     summary["error_definition"] = (
         "logged states: replayed dataset episodes; e_t = mean_dims (a_hat_t - a_t)^2 vs the logged action, a_hat_t "
@@ -1598,16 +1306,9 @@ def write_summary(
         "first quarter. Own rollouts: drift = distance of each visited state from the nearest dataset state"
     )
     summary["errors"] = {k: v for k, v in r["errors"].items() if k not in ("per_step", "log_props")}
-    summary["errors_mean_per_step"] = {
-        k: v.mean(0).tolist() for k, v in r["errors"]["per_step"].items()
-    }
+    summary["errors_mean_per_step"] = {k: v.mean(0).tolist() for k, v in r["errors"]["per_step"].items()}
     summary["drift_growth"] = r["drift"]["growth"]
-    summary |= {
-        "compute_cost": r["cost"],
-        "scores": r["scores"],
-        "budget": r["budget"],
-        "claims": claims,
-    }
+    summary |= {"compute_cost": r["cost"], "scores": r["scores"], "budget": r["budget"], "claims": claims}
     summary["wall_time_s"] = time.time() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary
@@ -1618,9 +1319,7 @@ def print_claims(claims: list[dict]) -> None:
     for c in claims:
         print(f"{c['analysis']:<2} {c['blog']:<62} | {c['ours']} | {c['control']} | {c['verdict']}")
         if c["verdict"] != HOLDS:
-            print(
-                f"   -> we do not confirm it ({c['verdict']}): the blog says '{c['blog']}'; we measure the above."
-            )
+            print(f"   -> we do not confirm it ({c['verdict']}): the blog says '{c['blog']}'; we measure the above.")
 
 
 def main(args: Args) -> dict:
@@ -1640,19 +1339,9 @@ def main(args: Args) -> dict:
     controls = controls_of(pi, tt_model, targs, args, device)
     m = {"pi": pi, "tt": tt_model, "disc": disc, "targs": targs, "controls": controls}
     m["pi_c"], m["tt_c"] = controls[0]  # the attention claims' control
-    print(
-        f"[{time.time() - t_start:.0f} s] models ready (and their random-init controls); analysing"
-    )
+    print(f"[{time.time() - t_start:.0f} s] models ready (and their random-init controls); analysing")
     trained = {"dt": dt_train, "tt": tt_train}
-    r = analyse(
-        m,
-        episodes,
-        info,
-        args,
-        device,
-        trained,
-        lambda what: print(f"[{time.time() - t_start:.0f} s] {what}"),
-    )
+    r = analyse(m, episodes, info, args, device, trained, lambda what: print(f"[{time.time() - t_start:.0f} s] {what}"))
     claims = make_claims(r, args, label)
     out.mkdir(parents=True, exist_ok=True)
     figures(out, r, args, label)
