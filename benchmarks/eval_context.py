@@ -66,10 +66,15 @@ class Args:
 
     def __post_init__(self):
         if not self.contexts or min(self.contexts) < 1:
-            raise SystemExit(f"error: --contexts {self.contexts}: pass one or more contexts >= 1, e.g. 1 2 5 10 20.")
+            raise SystemExit(
+                f"error: --contexts {self.contexts}: pass one or more contexts >= 1, "
+                "e.g. 1 2 5 10 20."
+            )
         for name in ("eval_episodes", "controls"):
             if getattr(self, name) < 1:
-                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be >= 1.")
+                raise SystemExit(
+                    f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be >= 1."
+                )
 
 
 def checkpoints(runs: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -79,25 +84,42 @@ def checkpoints(runs: tuple[str, ...]) -> list[tuple[str, Path]]:
         method, _, where = item.partition("=")
         path = Path(where) / "model.pt" if Path(where).is_dir() else Path(where)
         if method not in MODELS or not where:
-            raise SystemExit(f"error: {item!r}: expected method=run_folder with method one of {', '.join(MODELS)}.")
+            raise SystemExit(
+                f"error: {item!r}: expected method=run_folder with method one of "
+                f"{', '.join(MODELS)}."
+            )
         if not path.is_file():
-            raise SystemExit(f"error: {where}: no model.pt there; pass a run folder of {method}.py or its model.pt.")
+            raise SystemExit(
+                f"error: {where}: no model.pt there; pass a run folder of {method}.py or "
+                "its model.pt."
+            )
         pairs.append((method, path))
     if not pairs:
-        raise SystemExit("error: no checkpoint given; pass method=run_folder pairs, e.g. dt=runs/RUN.")
+        raise SystemExit(
+            "error: no checkpoint given; pass method=run_folder pairs, e.g. dt=runs/RUN."
+        )
     return pairs
 
 
 def evaluate_at(mod, model, ckpt: dict, checkpoint: Path, k: int, args: Args) -> dict:
     """One evaluation with --eval-context k, conditioned on the checkpoint's target return."""
     dev, info = torch.device(args.device), ckpt["dataset"]
-    target = ckpt["args"].get("target_return") or mod.TARGET_RETURNS[info["env_id"].split("-")[0].lower()]
+    target = (
+        ckpt["args"].get("target_return")
+        or mod.TARGET_RETURNS[info["env_id"].split("-")[0].lower()]
+    )
     stats = (ckpt["state_mean"].cpu().numpy(), ckpt["state_std"].cpu().numpy())
-    run = mod.Args(checkpoint=str(checkpoint), updates=0, eval_episodes=args.eval_episodes, seed=args.seed,
+    episodes, seed = args.eval_episodes, args.seed
+    run = mod.Args(checkpoint=str(checkpoint), updates=0, eval_episodes=episodes, seed=seed,
                    eval_context=k)  # fmt: skip
-    res = mod.evaluate(model, info, stats, run, target, dev, torch.autocast(dev.type, enabled=False))
+    res = mod.evaluate(
+        model, info, stats, run, target, dev, torch.autocast(dev.type, enabled=False)
+    )
     row = {"context": k, **{key: res[key] for key in ("normalized", "returns", "lengths")}}
-    return row | {"normalized_mean": res["normalized_mean"], "normalized_std": res["normalized_std"]}
+    return row | {
+        "normalized_mean": res["normalized_mean"],
+        "normalized_std": res["normalized_std"],
+    }
 
 
 def sweep(method: str, checkpoint: Path, args: Args) -> dict:
@@ -141,7 +163,9 @@ def shorter_hurts(rows: list[dict], control_rows: list[list[dict]], K: int) -> d
     differently); does not hold when it is not beyond it at all; else not decidable at this budget.
     """
     if rows[0]["context"] == K:
-        return dict(verdict=UNDECIDED, sentence=f"only K' = K = {K} was evaluated: nothing to compare.")
+        return dict(
+            verdict=UNDECIDED, sentence=f"only K' = K = {K} was evaluated: nothing to compare."
+        )
     d, se = drop(rows)
     drops = [drop(c) for c in control_rows]
     dc = float(np.mean([x for x, _ in drops]))
@@ -153,8 +177,9 @@ def shorter_hurts(rows: list[dict], control_rows: list[list[dict]], K: int) -> d
     sentence = (
         f"K' = {rows[0]['context']} scores {short} against {full} at K = {K}: a drop of {d:+.1f} "
         f"(random-init controls: {dc:+.1f}; margin, two standard deviations: {spread:.1f}, over "
-        f"{len(rows[0]['normalized'])} paired episodes and {len(drops)} controls); the best is K' = {best['context']} "
-        f"({best['normalized_mean']:.1f}). A shorter context hurts: {judged}."
+        f"{len(rows[0]['normalized'])} paired episodes and {len(drops)} controls); the best is "
+        f"K' = {best['context']} ({best['normalized_mean']:.1f}). "
+        f"A shorter context hurts: {judged}."
     )
     return dict(verdict=judged, drop=d, control_drop=dc, margin=float(spread), sentence=sentence)
 
@@ -164,7 +189,10 @@ def plot(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for r in results:
         k = [row["context"] for row in r["rows"]]
-        m, s = ([row["normalized_mean"] for row in r["rows"]], [row["normalized_std"] for row in r["rows"]])
+        m, s = (
+            [row["normalized_mean"] for row in r["rows"]],
+            [row["normalized_std"] for row in r["rows"]],
+        )
         label = f"{r['method']} ({Path(r['checkpoint']).parent.name}), K = {r['K']}"
         ax.errorbar(k, m, yerr=s, marker="o", capsize=3, label=label)
     ax.set_xscale("log")
@@ -183,17 +211,23 @@ def main(args: Args) -> dict:
     results = [sweep(m, p, args) for m, p in pairs]
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items()}
-    (out / "eval_context.json").write_text(json.dumps(dict(config=config, results=results), indent=1))
+    (out / "eval_context.json").write_text(
+        json.dumps(dict(config=config, results=results), indent=1)
+    )
     plot(results, out / "eval_context.png")
     print("\nmethod | run | K' | normalized score | mean episode length")
     for r in results:
         for row in r["rows"]:
             score = f"{row['normalized_mean']:.1f} ± {row['normalized_std']:.1f}"
             name = Path(r["checkpoint"]).parent.name
-            print(f"{r['method']} | {name} | {row['context']} | {score} | {np.mean(row['lengths']):.0f}")
+            length = np.mean(row["lengths"])
+            print(f"{r['method']} | {name} | {row['context']} | {score} | {length:.0f}")
     for r in results:
-        left_out = f" (K' = {', '.join(map(str, r['skipped']))} > K left out)" if r["skipped"] else ""
-        print(f"{r['method']} ({Path(r['checkpoint']).parent.name}): {r['verdict']['sentence']}{left_out}")
+        left_out = (
+            f" (K' = {', '.join(map(str, r['skipped']))} > K left out)" if r["skipped"] else ""
+        )
+        name = Path(r["checkpoint"]).parent.name
+        print(f"{r['method']} ({name}): {r['verdict']['sentence']}{left_out}")
     print(f"wrote {out / 'eval_context.png'} and eval_context.json")
     return dict(results=results)
 

@@ -1,5 +1,6 @@
-"""--eval-context K' (issue 27, item 4; thesis §1.3.2: DT's context "may be shorter during evaluation
-than the one used during training"): dt, mo_dt and trdt act on the last K' <= K steps only."""
+"""--eval-context K' (issue 27, item 4; thesis §1.3.2: DT's context "may be shorter during
+evaluation than the one used during training"): dt, mo_dt and trdt act on the last K' <= K steps
+only."""
 
 from pathlib import Path
 
@@ -55,8 +56,8 @@ def state_only_model(module, K=4):
     torch.manual_seed(0)
     arch = dict(state_dim=11, act_dim=3, timestep_embedding=True, context_len=K, n_layer=2,
                 n_head=1, n_embd=16, dropout=0.0, max_ep_len=100, rtg_scale=1000.0)  # fmt: skip
-    arch |= {name: value for name, value in dict(policy="gaussian", gaussian_heads=True, bins=3).items()
-             if name in module.ARCH}  # fmt: skip
+    extra = dict(policy="gaussian", gaussian_heads=True, bins=3)
+    arch |= {name: value for name, value in extra.items() if name in module.ARCH}
     model = MODELS[module](**arch).eval()
     with torch.no_grad():
         for m, embed in model.embed.items():
@@ -87,7 +88,8 @@ def test_an_action_sees_only_the_last_k_prime_steps(module, hdf5_path, monkeypat
     clean, shifted = run(0.0, 2), run(5.0, 2)
     assert not np.allclose(clean[:2], shifted[:2], atol=1e-4)
     np.testing.assert_array_equal(clean[2:], shifted[2:])
-    # K' = K = 4: s_0 reaches a_2 and a_3 as well (the test can fail), and K' = K is today's evaluation
+    # K' = K = 4: s_0 reaches a_2 and a_3 as well (the test can fail), and K' = K is today's
+    # evaluation
     full, full_shifted = run(0.0, 4), run(5.0, 4)
     assert not np.allclose(full[2:4], full_shifted[2:4], atol=1e-4)
     np.testing.assert_array_equal(full[4:], full_shifted[4:])
@@ -96,19 +98,24 @@ def test_an_action_sees_only_the_last_k_prime_steps(module, hdf5_path, monkeypat
 
 @pytest.mark.parametrize("module", [dt, mo_dt, trdt], ids=lambda m: m.__name__)
 def test_eval_context_with_a_checkpoint(module, tmp_path, hdf5_path):
-    """K is the checkpoint's (the --context-len flag is ignored), K' the flag's; K' > K is refused."""
+    """K is the checkpoint's (the --context-len flag is ignored), K' the flag's; K' > K is
+    refused."""
     base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), batch_size=8, n_embd=16,
                 n_layer=1, n_head=1, eval_episodes=2)  # fmt: skip
     trained = module.train(module.Args(**base, context_len=4, updates=3, eval_every=0,
                                        runs_dir=str(tmp_path / "t")))  # fmt: skip
     ckpt = str(Path(trained["run_dir"]) / "model.pt")
-    again = lambda **kw: module.train(module.Args(checkpoint=ckpt, updates=0, eval_episodes=2, **kw))
+    again = lambda **kw: module.train(
+        module.Args(checkpoint=ckpt, updates=0, eval_episodes=2, **kw)
+    )
     same = again(eval_context=4, runs_dir=str(tmp_path / "same"))
     assert same["returns"] == trained["returns"] and same["args"]["eval_context"] == 4
     shorter = again(eval_context=1, runs_dir=str(tmp_path / "short"))
     assert shorter["returns"] != trained["returns"] and shorter["arch"]["context_len"] == 4
     with pytest.raises(
-        SystemExit, match=r"^error: --eval-context 5: must be <= K = 4 \(the checkpoint's context\); or leave it out\.$"
+        SystemExit,
+        match=r"^error: --eval-context 5: must be <= K = 4 \(the checkpoint's context\); "
+        r"or leave it out\.$",
     ):
         again(eval_context=5, context_len=20, runs_dir=str(tmp_path / "refused"))
     assert not (tmp_path / "refused").exists()  # nothing left behind
