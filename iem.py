@@ -342,18 +342,18 @@ class EncoderBlock(nn.Module):
         mlp = (nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
         self.mlp = nn.Sequential(*mlp, nn.Dropout(dropout))
 
-    def forward(self, x, hidden_keys, return_attn=False):
+    def forward(self, x, hidden_keys):
         h = self.ln1(x)
-        weights = dict(need_weights=return_attn, average_attn_weights=False)  # per head
-        y, att = self.attn(h, h, h, key_padding_mask=hidden_keys, **weights)
+        # no weights: the fused kernel; benchmarks/iem_analysis.py asks for them with a hook
+        y = self.attn(h, h, h, key_padding_mask=hidden_keys, need_weights=False)[0]
         x = x + self.drop(y)
-        return x + self.mlp(self.ln2(x)), att
+        return x + self.mlp(self.ln2(x))
 
 
 class MaskedPlanModel(nn.Module):
     """The masked model over plans (BERT-like, blog §5.c): each plan position's logits over the 7
     actions given the start observation, the mission and the rest of the plan. The paper's energy
-    and its planner are built from it (energy, plan_actions)."""
+    and its planner are built from it (energy, plan)."""
 
     def __init__(self, grid, mission_len, horizon, n_layer, n_head, n_embd, dropout):
         super().__init__()
@@ -376,11 +376,10 @@ class MaskedPlanModel(nn.Module):
         # never predicts MASK or PAD, like the paper's action head
         self.head = nn.Linear(n_embd, N_ACTIONS)
 
-    def forward(self, images, words, plan, copies=1, return_attn=False):
+    def forward(self, images, words, plan, copies=1):
         """images (B, W, H, 3), words (B, M), plan (B * copies, H) tokens, each context serving
-        `copies` consecutive plans (the masked copies of one plan). Returns logits (B * copies, H,
-        N_ACTIONS) and, with return_attn, per block the attention weights (B * copies, n_head, T,
-        T), T = 1 + M + H: [obs, words, plan]."""
+        `copies` consecutive plans (the masked copies of one plan). The sequence is [obs, words,
+        plan], T = 1 + M + H tokens. Returns logits (B * copies, H, N_ACTIONS)."""
         ego = egocentric(images)
         cells = sum(e(ego[..., i]) for i, e in enumerate(self.cells))
         obs = self.conv(cells.permute(0, 3, 1, 2))
@@ -389,11 +388,9 @@ class MaskedPlanModel(nn.Module):
         # Bidirectional (blog §5.c): no causal mask; every token sees every real token, earlier
         # and later plan steps alike. Only padded mission words are hidden.
         hidden = F.pad(words == 0, (1, plan.shape[1])).repeat_interleave(copies, 0)
-        attns = []
         for block in self.blocks:
-            x, att = block(x, hidden, return_attn)
-            attns.append(att)
-        return self.head(self.ln_f(x[:, -plan.shape[1] :])), attns
+            x = block(x, hidden)
+        return self.head(self.ln_f(x[:, -plan.shape[1] :]))
 
 
 # --- Loss and update: the masked language model's, on masked copies of demonstration plans.
@@ -416,7 +413,7 @@ def masked_loss(model, images, words, plan, valid, all_masked):
     IGNORE rather than cut out with a boolean mask, whose size the host would wait for."""
     copies, hidden, C = single_masks(plan, all_masked)
     target = hidden & valid.repeat_interleave(C, 0)
-    logits = model(images, words, copies, copies=C)[0]
+    logits = model(images, words, copies, copies=C)
     labels = torch.where(target, plan.repeat_interleave(C, 0), IGNORE)
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
@@ -477,14 +474,14 @@ def energy(model, images, words, plan) -> torch.Tensor:
     B, H = plan.shape
     copies, _, _ = single_masks(plan)
     # (plan, copy, position)
-    logits = model(images, words, copies, copies=H)[0].view(B, H, H, -1)
+    logits = model(images, words, copies, copies=H).view(B, H, H, -1)
     own = logits.diagonal(dim1=1, dim2=2).transpose(1, 2)  # copy j's logits at the action it hides
     nll = -own.float().log_softmax(-1).gather(2, plan[..., None])
     return nll.view(B, H).sum(1)
 
 
 @torch.no_grad()
-def plan_actions(model, images, words, H: int, planning: Planning, gen, refine=True, trace=True):
+def plan(model, images, words, H: int, planning: Planning, gen, refine=True, trace=True):
     """The all-masked plan filled in one forward (argmax: the first iteration of LEAP's code, and
     alone the BC baseline); then `planning.iterations` times mask `planning.resample` random
     positions, resample them from the model at `planning.temperature` (0: argmax), and keep the
@@ -493,31 +490,34 @@ def plan_actions(model, images, words, H: int, planning: Planning, gen, refine=T
     1), else None. The energy costs H forwards per iteration, which `--accept all` needs only for
     the trace."""
     B = len(images)
-    plan = model(images, words, torch.full((B, H), MASK, device=images.device))[0].argmax(-1)
+    all_masked = torch.full((B, H), MASK, device=images.device)
+    actions = model(images, words, all_masked).argmax(-1)
     if not refine:
-        return plan, None
+        return actions, None
     needs_energy = trace or planning.accept == "lower"
-    E = energy(model, images, words, plan) if needs_energy else None
+    E = energy(model, images, words, actions) if needs_energy else None
     energies = [E]
     for _ in range(planning.iterations):
         order = torch.rand(B, H, generator=gen, device=gen.device).argsort(1)
-        pos = order[:, : planning.resample]
-        hide = torch.zeros_like(plan, dtype=torch.bool).scatter(1, pos.to(plan.device), True)
-        logits = model(images, words, plan.masked_fill(hide, MASK))[0].float()
+        pos = order[:, : planning.resample].to(actions.device)
+        hide = torch.zeros_like(actions, dtype=torch.bool).scatter(1, pos, True)
+        logits = model(images, words, actions.masked_fill(hide, MASK)).float()
         if planning.temperature > 0:
             probs = (logits / planning.temperature).softmax(-1).view(-1, N_ACTIONS).to(gen.device)
-            new = torch.multinomial(probs, 1, generator=gen).view(B, H).to(plan.device)
+            new = torch.multinomial(probs, 1, generator=gen).view(B, H).to(actions.device)
         else:
             new = logits.argmax(-1)
-        cand = torch.where(hide, new, plan)
+        cand = torch.where(hide, new, actions)
         if planning.accept == "all":
-            plan, E = cand, energy(model, images, words, cand) if needs_energy else None
+            actions = cand
+            E = energy(model, images, words, cand) if needs_energy else None
         else:
             E_cand = energy(model, images, words, cand)
             keep = E_cand <= E
-            plan, E = torch.where(keep[:, None], cand, plan), torch.where(keep, E_cand, E)
+            actions = torch.where(keep[:, None], cand, actions)
+            E = torch.where(keep, E_cand, E)
         energies.append(E)
-    return plan, torch.stack(energies, 1) if trace else None
+    return actions, torch.stack(energies, 1) if trace else None
 
 
 def timed_plans(model, images, words, H: int, planning: Planning, gen, refine: bool):
@@ -528,13 +528,13 @@ def timed_plans(model, images, words, H: int, planning: Planning, gen, refine: b
     untraced = None
     if refine and planning.accept == "all":
         state, t0 = gen.get_state(), time.perf_counter()
-        bare, _ = plan_actions(model, images, words, H, planning, gen, refine, trace=False)
+        bare, _ = plan(model, images, words, H, planning, gen, refine, trace=False)
         bare.tolist()  # waits for the device
         untraced = time.perf_counter() - t0
         gen.set_state(state)
     t0 = time.perf_counter()
-    plan, energies = plan_actions(model, images, words, H, planning, gen, refine)
-    plans = plan.tolist()
+    actions, energies = plan(model, images, words, H, planning, gen, refine)
+    plans = actions.tolist()
     traced = time.perf_counter() - t0
     return plans, energies, traced, traced if untraced is None else untraced
 

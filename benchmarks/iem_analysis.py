@@ -17,6 +17,7 @@ folder that holds files only with --force); run folders go to --runs-dir.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import textwrap
@@ -127,7 +128,8 @@ def plan_inputs(model, args: iem.Args, arch: dict, n: int, seed: int) -> tuple:
     images = torch.as_tensor(np.stack([o["image"] for o in obs])).long()
     words = torch.tensor([iem.tokenize(o["mission"], M) for o in obs]).view(n, M)
     model.eval()
-    plan, _ = iem.plan_actions(model, images, words, H, iem.planning_of(args), torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    plan, _ = iem.plan(model, images, words, H, iem.planning_of(args), gen)
     return images, words, iem.single_masks(plan)[0]
 
 
@@ -141,13 +143,39 @@ def row_spread(rows: torch.Tensor, keys: torch.Tensor) -> tuple[float, float]:
     return float(n_eff.mean()), float(tv.mean())
 
 
+@contextlib.contextmanager
+def recorded_attention(model):
+    """Yields a list that collects, at every forward of `model` inside the block, each block's
+    attention weights per head (B, n_head, T, T). iem.py's blocks ask nn.MultiheadAttention for
+    no weights (its fused kernel returns none): a pre-hook asks for them, per head, and a forward
+    hook keeps them. The hooks are removed when the block ends."""
+    weights = []
+
+    def ask(module, args, kwargs):
+        return args, kwargs | {"need_weights": True, "average_attn_weights": False}
+
+    def keep(module, args, output):
+        weights.append(output[1])
+
+    hooks = []
+    for block in model.blocks:
+        hooks.append(block.attn.register_forward_pre_hook(ask, with_kwargs=True))
+        hooks.append(block.attn.register_forward_hook(keep))
+    try:
+        yield weights
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.no_grad()
 def attention_on(model, images, words, copies, H: int, M: int) -> dict:
     """Head-averaged attention of every layer on the plan copies; per row its spread; and the
     masked query's mass on earlier/later actions."""
     n = len(images)
     model.eval()
-    _, attns = model(images, words, copies, copies=H, return_attn=True)
+    with recorded_attention(model) as attns:
+        model(images, words, copies, copies=H)
     real = torch.cat([torch.ones(n, 1, dtype=torch.bool), words != 0, torch.ones(n, H, dtype=torch.bool)], 1)
     real = real.repeat_interleave(H, 0)  # (n H, T): padded words are no queries, and no keys
     keys = real[:, None, :].expand(-1, real.shape[1], -1)[real]  # (rows, T): the real keys of each real query

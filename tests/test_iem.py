@@ -104,7 +104,7 @@ def test_mask_never_leaks_the_hidden_token():
         changed[:, j] = (plan[:, j] + 3) % iem.N_ACTIONS
         a, hidden, C = iem.single_masks(plan, all_masked=True)
         b, _, _ = iem.single_masks(changed, all_masked=True)
-        la, lb = model(images, words, a, copies=C)[0], model(images, words, b, copies=C)[0]
+        la, lb = model(images, words, a, copies=C), model(images, words, b, copies=C)
         hides_j = hidden[:, j]
         assert hides_j.sum() == 2 * len(plan)  # the single copy for position j and the fully masked copy
         torch.testing.assert_close(la[hides_j], lb[hides_j], rtol=0, atol=0)
@@ -118,7 +118,7 @@ def test_energy_is_the_sum_of_single_masked_nlls():
     for j in range(4):
         masked = plan.clone()
         masked[:, j] = iem.MASK
-        logp = model(images, words, masked)[0][:, j].log_softmax(-1)
+        logp = model(images, words, masked)[:, j].log_softmax(-1)
         expected -= logp[torch.arange(3), plan[:, j]]
     torch.testing.assert_close(iem.energy(model, images, words, plan), expected)
 
@@ -141,7 +141,7 @@ def test_masked_loss_is_the_mean_nll_of_the_hidden_actions(demos_path, bf16, all
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         copies, hidden, C = iem.single_masks(plan, all_masked)
         target = hidden & valid.repeat_interleave(C, 0)
-        logits = model(images, words, copies, copies=C)[0]
+        logits = model(images, words, copies, copies=C)
         before = F.cross_entropy(logits[target].float(), plan.repeat_interleave(C, 0)[target])
         now = iem.masked_loss(model, images, words, plan, valid, all_masked)
     torch.testing.assert_close(now, before, rtol=1e-6, atol=0)
@@ -185,18 +185,18 @@ class Potts(torch.nn.Module):
         J = torch.randn(iem.N_ACTIONS, iem.N_ACTIONS, generator=g) * 1.5
         self.J = J + J.T
 
-    def forward(self, images, words, plan, copies=1, return_attn=False):
+    def forward(self, images, words, plan, copies=1):
         seen = torch.nn.functional.one_hot(plan.clamp(max=iem.N_ACTIONS), iem.N_ACTIONS + 1)[..., :-1].float()
         field = seen @ self.J  # (N, H, A): what each visible action adds to every position
         others = field.sum(1, keepdim=True) - field  # a position does not interact with itself
-        return self.u + others, []
+        return self.u + others
 
 
 def test_refinement_never_raises_the_energy_on_a_hand_made_model():
     H, B = 5, 64
     model, images, words = Potts(H), torch.zeros(B, 1), torch.zeros(B, 1, dtype=torch.long)
     planning = iem.Planning(iterations=25, resample=1, temperature=1.0, accept="lower")
-    plan, trace = iem.plan_actions(model, images, words, H, planning, seeded(0))
+    plan, trace = iem.plan(model, images, words, H, planning, seeded(0))
     assert trace.shape == (B, 26)
     assert (trace[:, 1:] <= trace[:, :-1]).all()  # each accepted step lowers the energy or leaves it
     assert (trace[:, -1] < trace[:, 0] - 1e-3).float().mean() > 0.5  # and refinement does lower it
@@ -205,10 +205,10 @@ def test_refinement_never_raises_the_energy_on_a_hand_made_model():
     )  # the recorded energy is the plan's
     # Without the acceptance rule (a plain Gibbs chain) the energy does rise at some steps: the rule is doing work.
     gibbs = dataclasses.replace(planning, accept="all")
-    _, trace_all = iem.plan_actions(model, images, words, H, gibbs, seeded(0))
+    _, trace_all = iem.plan(model, images, words, H, gibbs, seeded(0))
     assert (trace_all[:, 1:] > trace_all[:, :-1] + 1e-3).any()
     # BC (no refinement) is the first fill alone: the argmax of every position's unary term.
-    bc, none = iem.plan_actions(model, images, words, H, planning, torch.Generator(), refine=False)
+    bc, none = iem.plan(model, images, words, H, planning, torch.Generator(), refine=False)
     assert none is None and (bc == model.u.argmax(-1)).all()
 
 
@@ -221,15 +221,15 @@ def test_default_refinement_is_leaps_code_argmax_of_one_re_masked_action_always_
     H, B = 5, 64
     model, images, words = Potts(H), torch.zeros(B, 1), torch.zeros(B, 1, dtype=torch.long)
     planning = dataclasses.replace(iem.planning_of(defaults), iterations=60)
-    first, _ = iem.plan_actions(model, images, words, H, planning, torch.Generator(), refine=False)
-    plan, trace = iem.plan_actions(model, images, words, H, planning, seeded(0))
+    first, _ = iem.plan(model, images, words, H, planning, torch.Generator(), refine=False)
+    plan, trace = iem.plan(model, images, words, H, planning, seeded(0))
     for j in range(H):
         masked = plan.clone()
         masked[:, j] = iem.MASK
-        assert (model(images, words, masked)[0][:, j].argmax(-1) == plan[:, j]).all()
+        assert (model(images, words, masked)[:, j].argmax(-1) == plan[:, j]).all()
     assert (plan != first).any()  # refinement changed the first fill's plans
     steps = [
-        iem.plan_actions(model, images, words, H, dataclasses.replace(planning, iterations=n), g)[0]
+        iem.plan(model, images, words, H, dataclasses.replace(planning, iterations=n), g)[0]
         for n, g in ((3, torch.Generator().manual_seed(1)), (4, torch.Generator().manual_seed(1)))
     ]
     assert ((steps[0] != steps[1]).sum(1) <= 1).all()  # one iteration changes at most one action
@@ -244,13 +244,13 @@ def test_leaps_rule_evaluates_the_energy_only_for_its_trace(monkeypatch, tempera
     calls, real = [], iem.energy
     monkeypatch.setattr(iem, "energy", lambda *a: calls.append(1) or real(*a))
     planning = iem.Planning(iterations=5, resample=1, temperature=temperature, accept="all")
-    traced, trace = iem.plan_actions(model, images, words, H, planning, seeded(2))
+    traced, trace = iem.plan(model, images, words, H, planning, seeded(2))
     assert len(calls) == 6 and trace.shape == (B, 6)
     calls.clear()
-    bare, none = iem.plan_actions(model, images, words, H, planning, seeded(2), trace=False)
+    bare, none = iem.plan(model, images, words, H, planning, seeded(2), trace=False)
     assert calls == [] and none is None and torch.equal(bare, traced)
     lower = dataclasses.replace(planning, accept="lower")
-    iem.plan_actions(model, images, words, H, lower, torch.Generator().manual_seed(2), trace=False)
+    iem.plan(model, images, words, H, lower, torch.Generator().manual_seed(2), trace=False)
     assert len(calls) == 6
 
 
