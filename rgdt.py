@@ -282,24 +282,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x, context, allowed=None, return_attn=False):
+    def forward(self, x, context, allowed=None):
         B, T, C = x.shape
         k, v = self.kv(context).split(C, dim=2)
         heads = (self.q(x), k, v)
         d = C // self.n_head
         q, k, v = (z.view(B, z.shape[1], self.n_head, d).transpose(1, 2) for z in heads)
-        # explicit softmax, for analysis only: the weights themselves (B, nh, T, T_ctx) are wanted
-        if return_attn:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-            if allowed is not None:
-                att = att.masked_fill(~allowed, float("-inf"))
-            att = att.softmax(-1)
-            y = att @ v
-        else:
-            att = None
-            p = self.dropout * self.training
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), att
+        p = self.dropout * self.training
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class Block(nn.Module):
@@ -316,16 +307,13 @@ class Block(nn.Module):
         layers = [nn.Linear(n_embd, 4 * n_embd), nn.ReLU(), nn.Linear(4 * n_embd, n_embd)]
         self.mlp = nn.Sequential(*layers, nn.Dropout(dropout))
 
-    def forward(self, x, allowed=None, memory=None, return_attn=False):
+    def forward(self, x, allowed=None, memory=None):
         h = self.ln1(x)
-        y, self_att = self.self_attn(h, h, allowed, return_attn)
-        x = x + y
-        cross_att = None
+        x = x + self.self_attn(h, h, allowed)
         # every state position may see every encoded return: no mask
         if self.cross_attn is not None:
-            y, cross_att = self.cross_attn(self.ln2(x), memory, None, return_attn)
-            x = x + y
-        return x + self.mlp(self.ln3(x)), {"self": self_att, "cross": cross_att}
+            x = x + self.cross_attn(self.ln2(x), memory, None)
+        return x + self.mlp(self.ln3(x))
 
 
 def bounded_log_std(x: torch.Tensor) -> torch.Tensor:
@@ -361,15 +349,13 @@ class DecisionTranslator(nn.Module):
         self.ln_enc, self.ln_dec = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, 2 * state_dim)  # Eq. 2.6: mean and log-std of s_{t+1}
 
-    def forward(self, returns, states, mask=None, return_attn=False):
+    def forward(self, returns, states, mask=None):
         """returns (B, K_r, 1), states (B, T <= K_s, m_s), mask (B, T) bool or None -> the mean and
-        log-std of the next state at every decoder position (B, T, m_s) and, per decoder layer, a
-        dict of self- (B, nh, T, T) and cross-attention (B, nh, T, K_r) weights (None unless
-        return_attn)."""
+        log-std of the next state at every decoder position (B, T, m_s)."""
         T = states.shape[1]
         memory = self.drop(self.embed_g(returns) + self.pos_g)
         for block in self.encoder:  # the encoder sees all K_r returns: no mask
-            memory, _ = block(memory)
+            memory = block(memory)
         memory = self.ln_enc(memory)
         # Positions count back from the newest state, so a short context at the start of an
         # episode gets the same embeddings as a left-padded one in training.
@@ -380,12 +366,10 @@ class DecisionTranslator(nn.Module):
         if mask is not None:
             eye = torch.eye(T, dtype=torch.bool, device=x.device)
             allowed = (allowed & mask[:, None, None, :]) | eye
-        attns = []
         for block in self.decoder:
-            x, att = block(x, allowed, memory, return_attn)
-            attns.append(att)
+            x = block(x, allowed, memory)
         mean, log_std = self.head(self.ln_dec(x)).split(self.state_dim, dim=-1)
-        return mean, bounded_log_std(log_std), attns
+        return mean, bounded_log_std(log_std)
 
 
 class StateGPT(nn.Module):
@@ -415,11 +399,9 @@ class StateGPT(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, 2 * state_dim)
 
-    def forward(self, returns, states, mask=None, return_attn=False):
+    def forward(self, returns, states, mask=None):
         """returns (B, T, 1), g_{j+1} beside each state; states (B, T <= K_s, m_s); mask (B, T) bool
-        or None -> the mean and log-std of the next state at every state token (B, T, m_s) and, per
-        layer, {"self": (B, nh, 2T, 2T) weights over the tokens g, s, g, s, ... or None,
-        "cross": None}."""
+        or None -> the mean and log-std of the next state at every state token (B, T, m_s)."""
         B, T, _ = states.shape
         # positions counted back from the newest step, as the translator's
         pos = self.pos_s[self.state_len - T :]
@@ -429,12 +411,10 @@ class StateGPT(nn.Module):
         if mask is not None:  # a padded step's two tokens are hidden; every token still sees itself
             keys = mask.repeat_interleave(2, dim=1)[:, None, None, :]
             allowed = (allowed & keys) | torch.eye(2 * T, dtype=torch.bool, device=x.device)
-        attns = []
         for block in self.blocks:
-            x, att = block(x, allowed, None, return_attn)
-            attns.append(att)
+            x = block(x, allowed)
         mean, log_std = self.head(self.ln_f(x[:, 1::2])).split(self.state_dim, dim=-1)
-        return mean, bounded_log_std(log_std), attns
+        return mean, bounded_log_std(log_std)
 
 
 def make_inverse_dynamics(state_dim, act_dim, hidden, layers, dropout) -> nn.Sequential:
@@ -521,7 +501,7 @@ def update(model, opt, batch: dict, grad_clip: float, full_context: bool, autoca
     """One AdamW step of the state predictor on Eq. 2.7; returns the loss (detached) and the
     gradient norm before clipping."""
     with autocast:
-        mean, log_std, _ = model(batch[model.conditioning], batch["states"], batch["mask"])
+        mean, log_std = model(batch[model.conditioning], batch["states"], batch["mask"])
     loss = state_loss(mean, log_std, batch["next_states"], batch["mask"], full_context)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -567,15 +547,14 @@ def conditioning_returns(best: np.ndarray, target_return: Optional[float]) -> np
     return best * target_return / best[0]
 
 
-def act(model, inv, returns, states, low, high, autocast, return_attn: bool = False):
+def act(model, inv, returns, states, low, high, autocast):
     """Alg. 2 lines 6-7 for one env step of every episode: the state predictor's mean s^_{t+1}
     from the context (`states`, the last <= K_s states, and `returns` as model.conditioning says),
-    then a_t = mu_phi(s_t, s^_{t+1}) within the action bounds [low, high]. Also the decoder's
-    attention when `return_attn` (else a list of Nones)."""
+    then a_t = mu_phi(s_t, s^_{t+1}) within the action bounds [low, high]."""
     with autocast:  # the state predictor as it was trained; the inverse dynamics (fp32) outside
-        s_next, _, attns = model(returns, states, return_attn=return_attn)
+        s_next, _ = model(returns, states)
     a, _ = inverse_dynamics(inv, states[:, -1], s_next[:, -1].float())
-    return torch.maximum(torch.minimum(a.float(), high), low), attns
+    return torch.maximum(torch.minimum(a.float(), high), low)
 
 
 # --- Evaluation: all episodes at once in a vector env, one batched forward of each model per step.
@@ -591,13 +570,11 @@ class EvalSettings:
 
 @torch.no_grad()
 def evaluate(
-    model, inv, facts, state_stats, conditioning, settings, device, autocast, recorder=None,
-    video=None,
-) -> dict:  # fmt: skip
+    model, inv, facts, state_stats, conditioning, settings, device, autocast, video=None
+) -> dict:
     """Roll out settings.episodes episodes of Alg. 2 conditioned on `conditioning` (unscaled
     returns, one per timestep; 0 past its end: no reward is left, as for the returns past an
-    episode's end in training). `recorder(attns, alive)`, when given, receives the decoder attention
-    of every step with a full context of K_s states (benchmarks/rgdt_analysis.py)."""
+    episode's end in training)."""
     n, K_s, K_r = settings.episodes, model.state_len, model.return_len
     envs, horizon = make_eval_envs(facts, n, settings.asynchronous, video)
     bounds = (envs.action_space.low, envs.action_space.high)
@@ -621,10 +598,7 @@ def evaluate(
         if model.conditioning == "step_returns":  # --arch gpt: g_{j+1} beside each state s_j
             cond = g[ctx.start + 1 : t + 2]
         cond = cond.expand(n, -1)[..., None]  # the same in every env
-        record = recorder is not None and t + 1 >= K_s
-        a, attns = act(model, inv, cond, states[:, ctx], low, high, autocast, record)
-        if record:
-            recorder(attns, torch.as_tensor(~done, device=device))
+        a = act(model, inv, cond, states[:, ctx], low, high, autocast)
         obs, r, term, trunc, _ = envs.step(a.cpu().numpy())  # Alg. 2 lines 8-9
         returns += r * ~done
         lengths += ~done

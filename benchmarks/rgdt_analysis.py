@@ -34,6 +34,7 @@ to a new runs/rgdt_analysis__{time}; a folder that already holds files is refuse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -144,9 +145,56 @@ def split_maps(att: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return a.sum(-1), a[..., 0]
 
 
+def attention_weights(attn: rgdt.Attention, x, context, allowed=None) -> torch.Tensor:
+    """The weights (B, nh, T, T_ctx) an rgdt.Attention's scaled_dot_product_attention applies,
+    recomputed from its inputs with its own weights: the softmax of q k^T / sqrt(d) over the keys
+    `allowed` lets it see."""
+    B, T, C = x.shape
+    d = C // attn.n_head
+    q = attn.q(x).view(B, T, attn.n_head, d).transpose(1, 2)
+    k = attn.kv(context).split(C, dim=2)[0]
+    k = k.view(B, context.shape[1], attn.n_head, d).transpose(1, 2)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(d)
+    if allowed is not None:
+        att = att.masked_fill(~allowed, float("-inf"))
+    return att.softmax(-1)
+
+
+@contextlib.contextmanager
+def captured_attention(model):
+    """While inside, every forward of an rgdt.py state predictor appends to the yielded list its
+    decoder layers' attention: per layer {"self": (B, nh, T, T), "cross": (B, nh, T, K_r)} for the
+    translator, {"self": (B, nh, 2T, 2T) over the tokens g, s, g, s, ..., "cross": None} for the
+    GPT. Forward hooks recompute the weights from each attention module's inputs (rgdt.py's model
+    path has no analysis in it, issue 29); the hooks are removed on leaving."""
+    layers = model.decoder if hasattr(model, "decoder") else model.blocks
+    calls, current = [], [{"self": None, "cross": None} for _ in layers]
+
+    def keep(i: int, which: str):
+        def hook(module, args, output):
+            with torch.no_grad():
+                current[i][which] = attention_weights(module, *args).detach()
+
+        return hook
+
+    def forward_done(module, args, output):
+        calls.append([dict(layer) for layer in current])
+
+    handles = [model.register_forward_hook(forward_done)]
+    for i, block in enumerate(layers):
+        handles.append(block.self_attn.register_forward_hook(keep(i, "self")))
+        if block.cross_attn is not None:
+            handles.append(block.cross_attn.register_forward_hook(keep(i, "cross")))
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class AttentionRecorder:
-    """Running means, per layer over heads and samples, of split_maps' two maps. Called as
-    rgdt.evaluate's `recorder(attns, alive)`, or once on a batch of dataset segments."""
+    """Running means, per layer over heads and samples, of split_maps' two maps. Called with one
+    forward's attention (captured_attention) and which of its samples count."""
 
     def __init__(self, n_layer: int):
         self.self_maps, self.cross_maps, self.count = [0.0] * n_layer, [0.0] * n_layer, 0
@@ -243,7 +291,9 @@ def probe_steps(data: dict, K_s: int, n: int, seed: int) -> torch.Tensor:
 def probe_attention(model, data: dict, steps: torch.Tensor) -> dict:
     """The model's attention on the dataset segments ending at `steps`."""
     b = rgdt.gather_segments(data, steps, model.return_len, model.state_len)
-    _, _, attns = model.eval()(b[model.conditioning], b["states"], b["mask"], return_attn=True)
+    with captured_attention(model) as calls:
+        model.eval()(b[model.conditioning], b["states"], b["mask"])
+    attns = calls[0]
     recorder = AttentionRecorder(len(attns))
     recorder(attns, torch.ones(len(steps), dtype=torch.bool, device=steps.device))
     return recorder.summary()
@@ -254,7 +304,7 @@ def held_out_nll(model, held: dict, steps: torch.Tensor) -> float:
     """Eq. 2.6's NLL of s_{t+1} from the full context (the prediction Alg. 2 acts on), summed over
     the state dimensions and averaged over the held-out steps."""
     b = rgdt.gather_segments(held, steps, model.return_len, model.state_len)
-    mean, log_std, _ = model.eval()(b[model.conditioning], b["states"], b["mask"])
+    mean, log_std = model.eval()(b[model.conditioning], b["states"], b["mask"])
     last = (slice(None), slice(-1, None))
     return float(rgdt.head_loss(mean[last], log_std[last], b["next_states"][last], b["mask"][last]))
 
@@ -393,10 +443,14 @@ def checkpoint_attention(ckpt: dict, info: dict, args: Args, device) -> dict:
     inv.load_state_dict(ckpt["inverse_dynamics"])
     stats = tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std"))
     conditioning = rgdt.conditioning_returns(ckpt["best_returns"].cpu().numpy(), ckpt["args"]["target_return"])
-    recorder = AttentionRecorder(ckpt["arch"]["n_layer"])
     autocast = torch.autocast(device.type, enabled=False)  # fp32: the weights themselves are the output
     settings = rgdt.EvalSettings(args.eval_episodes, args.seeds[0], False)
-    res = rgdt.evaluate(model, inv, info, stats, conditioning, settings, device, autocast, recorder=recorder)
+    with captured_attention(model) as calls:  # one forward per env step
+        res = rgdt.evaluate(model, inv, info, stats, conditioning, settings, device, autocast)
+    recorder = AttentionRecorder(ckpt["arch"]["n_layer"])
+    lengths = torch.as_tensor(res["lengths"], device=device)
+    for t, attns in enumerate(calls[model.state_len - 1 :], model.state_len - 1):
+        recorder(attns, t < lengths)  # steps with a full context of K_s states; live episodes only
     return {**recorder.summary(), "returns": res["returns"], "normalized_mean": res["normalized_mean"]}
 
 

@@ -154,11 +154,11 @@ def random_inputs(B=2):
 def test_decoder_is_causal_over_states():
     model = small_model()
     returns, s, mask = random_inputs()
-    mean, log_std, _ = model(returns, s, mask)
+    mean, log_std = model(returns, s, mask)
     for j in range(5):
         s2 = s.clone()
         s2[:, j] += 5.0
-        mean2, log_std2, _ = model(returns, s2, mask)
+        mean2, log_std2 = model(returns, s2, mask)
         torch.testing.assert_close(mean2[:, :j], mean[:, :j])  # position i < j never sees s_j
         torch.testing.assert_close(log_std2[:, :j], log_std[:, :j])
         assert all(not torch.allclose(mean2[:, i], mean[:, i]) for i in range(j, 5))  # positions >= j do
@@ -167,11 +167,11 @@ def test_decoder_is_causal_over_states():
 def test_every_position_sees_every_encoded_return():
     model = small_model()
     returns, s, mask = random_inputs()
-    mean, _, _ = model(returns, s, mask)
+    mean, _ = model(returns, s, mask)
     for k in range(4):
         r2 = returns.clone()
         r2[:, k] += 1.0
-        mean2, _, _ = model(r2, s, mask)
+        mean2, _ = model(r2, s, mask)
         assert all(not torch.allclose(mean2[:, i], mean[:, i]) for i in range(5))  # even the first state
 
 
@@ -179,26 +179,12 @@ def test_padded_positions_do_not_leak_and_match_a_shorter_context():
     model = small_model()
     returns, s, mask = random_inputs()
     mask[:, :2] = False
-    mean, _, _ = model(returns, s, mask)
+    mean, _ = model(returns, s, mask)
     s2 = s.clone()
     s2[:, :2] = 9.0
     torch.testing.assert_close(model(returns, s2, mask)[0][:, 2:], mean[:, 2:])
     # evaluation feeds short contexts at the start of an episode, without padding: both must agree
     torch.testing.assert_close(model(returns, s[:, 2:])[0], mean[:, 2:])
-
-
-def test_attention_weights_match_the_fast_path():
-    model = small_model()
-    returns, s, mask = random_inputs()
-    fast, _, none = model(returns, s, mask)
-    slow, _, atts = model(returns, s, mask, return_attn=True)
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
-    assert none[0] == {"self": None, "cross": None} and len(atts) == 2
-    self_att, cross = atts[0]["self"], atts[0]["cross"]
-    assert self_att.shape == (2, 2, 5, 5) and cross.shape == (2, 2, 5, 4)
-    assert (self_att.triu(1) == 0).all() and (self_att[..., torch.ones(5, 5).tril().bool()] > 0).all()
-    assert (cross > 0).all()
-    torch.testing.assert_close(cross.sum(-1), torch.ones(2, 2, 5))
 
 
 def small_gpt():
@@ -213,8 +199,8 @@ def test_gpt_reads_interleaved_return_and_state_tokens_causally():
     model = small_gpt()
     gen = torch.Generator().manual_seed(1)
     returns, s, mask = torch.randn(2, 5, 1, generator=gen), torch.randn(2, 5, 3, generator=gen), torch.ones(2, 5).bool()
-    mean, log_std, atts = model(returns, s, mask)
-    assert mean.shape == log_std.shape == (2, 5, 3) and len(atts) == 2
+    mean, log_std = model(returns, s, mask)
+    assert mean.shape == log_std.shape == (2, 5, 3)
     for j in range(5):
         for which in ("returns", "states"):
             g2, s2 = returns.clone(), s.clone()
@@ -222,11 +208,6 @@ def test_gpt_reads_interleaved_return_and_state_tokens_causally():
             mean2 = model(g2, s2, mask)[0]
             torch.testing.assert_close(mean2[:, :j], mean[:, :j])  # earlier steps never see step j
             assert all(not torch.allclose(mean2[:, i], mean[:, i]) for i in range(j, 5)), (which, j)
-    slow, _, atts = model(returns, s, mask, return_attn=True)
-    torch.testing.assert_close(slow, mean, atol=1e-5, rtol=1e-5)
-    att = atts[0]["self"]
-    assert att.shape == (2, 2, 10, 10) and atts[0]["cross"] is None and (att.triu(1) == 0).all()
-    torch.testing.assert_close(att.sum(-1), torch.ones(2, 2, 10))
     # padding: both tokens of a padded step are hidden, and a short context (an episode's start) reads the same
     mask[:, :2] = False
     padded = model(returns, s, mask)[0]
@@ -323,9 +304,9 @@ class RecordingTranslator(torch.nn.Module):
         super().__init__()
         self.state_len, self.return_len, self.rtg_scale, self.calls = state_len, return_len, 1.0, []
 
-    def forward(self, returns, states, mask=None, return_attn=False):
-        self.calls.append((returns.clone(), states.clone(), return_attn))
-        return states + 1.0, torch.zeros_like(states), [{"self": None, "cross": None}]
+    def forward(self, returns, states, mask=None):
+        self.calls.append((returns.clone(), states.clone()))
+        return states + 1.0, torch.zeros_like(states)
 
 
 class RecordingInverse(torch.nn.Module):
@@ -338,35 +319,27 @@ class RecordingInverse(torch.nn.Module):
         return torch.zeros(len(x), 6)  # mean 0 -> action 0, Hopper has 3 action dims
 
 
-def evaluate(model, inv, info, conditioning, recorder=None):
+def evaluate(model, inv, info, conditioning):
     stats = (np.zeros(info["obs_dim"], np.float32), np.ones(info["obs_dim"], np.float32))
     settings, off = rgdt.EvalSettings(episodes=2), torch.autocast("cpu", enabled=False)
     cpu = torch.device("cpu")
-    return rgdt.evaluate(model, inv, info, stats, conditioning, settings, cpu, off, recorder=recorder)
+    return rgdt.evaluate(model, inv, info, stats, conditioning, settings, cpu, off)
 
 
 def test_inference_follows_algorithm_2(hdf5_path):
     # Alg. 2: at step t the translator reads g_{t+1..t+K_r} of the conditioning sequence and the last K_s observed
     # states; the inverse dynamics reads (s_t, s^_{t+1}), s^_{t+1} the translator's final position.
     _, info = common.load_dataset("hopper-random", (str(hdf5_path),))
-    model, inv, recorded = RecordingTranslator(), RecordingInverse(), []
-
-    def recorder(attns, alive):
-        recorded.append((len(model.calls) - 1, attns, alive.tolist()))
-
-    res = evaluate(model, inv, info, np.arange(6.0), recorder)  # returns past the sequence's end are 0
+    model, inv = RecordingTranslator(), RecordingInverse()
+    res = evaluate(model, inv, info, np.arange(6.0))  # returns past the sequence's end are 0
     assert len(model.calls) == max(res["lengths"]) >= 5
-    for t, (returns, states, _) in enumerate(model.calls[:5]):
+    for t, (returns, states) in enumerate(model.calls[:5]):
         expected = [float(g) if g < 6 else 0.0 for g in range(t + 1, t + 5)]
         assert returns.shape == (2, 4, 1) and returns[0, :, 0].tolist() == expected == returns[1, :, 0].tolist()
         assert states.shape == (2, min(t + 1, 3), 11)  # shorter at the start, then the last K_s
         s_t = states[:, -1]
         torch.testing.assert_close(inv.inputs[t], torch.cat([s_t, s_t + 1.0], -1))
     torch.testing.assert_close(model.calls[3][1][:, :2], model.calls[2][1][:, 1:])  # the window slides by one state
-    # the recorder hook: every step with a full context of K_s states, and only then is attention asked for
-    assert [t for t, _, _ in recorded] == list(range(2, len(model.calls)))
-    assert [call[2] for call in model.calls] == [t >= 2 for t in range(len(model.calls))]
-    assert recorded[0][1] == [{"self": None, "cross": None}] and recorded[0][2] == [True, True]
 
 
 def test_gpt_inference_reads_each_context_state_with_its_own_return(hdf5_path):
@@ -375,7 +348,7 @@ def test_gpt_inference_reads_each_context_state_with_its_own_return(hdf5_path):
     model = RecordingTranslator()
     model.conditioning = "step_returns"
     evaluate(model, RecordingInverse(), info, np.arange(6.0))
-    for t, (returns, states, _) in enumerate(model.calls[:6]):
+    for t, (returns, states) in enumerate(model.calls[:6]):
         window = range(max(0, t - 2), t + 1)  # K_s = 3
         assert returns.shape == (2, len(window), 1) and states.shape == (2, len(window), 11)
         assert returns[0, :, 0].tolist() == [float(j + 1) if j + 1 < 6 else 0.0 for j in window]
