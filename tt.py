@@ -301,23 +301,16 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x, allowed, past=None, return_attn=False):
+    def forward(self, x, allowed, past=None):
         B, T, C = x.shape
         heads = (z.view(B, T, self.n_head, C // self.n_head) for z in self.qkv(x).split(C, dim=2))
         q, k, v = (z.transpose(1, 2) for z in heads)
         if past is not None:  # keys/values of the earlier tokens of this view (planning)
             k = torch.cat([past[0], k], 2)
             v = torch.cat([past[1], v], 2)
-        # return_attn: an explicit softmax, only for analysis, whose weights are the output
-        if return_attn:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-            att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
-            y = att @ v
-        else:
-            att = None
-            p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), (k, v), att
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), (k, v)
 
 
 class Block(nn.Module):
@@ -332,10 +325,10 @@ class Block(nn.Module):
             nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
         )
 
-    def forward(self, x, allowed, past=None, return_attn=False):
-        y, present, att = self.attn(self.ln1(x), allowed, past, return_attn)
+    def forward(self, x, allowed, past=None):
+        y, present = self.attn(self.ln1(x), allowed, past)
         x = x + y
-        return x + self.mlp(self.ln2(x)), present, att
+        return x + self.mlp(self.ln2(x)), present
 
 
 class TrajectoryTransformer(nn.Module):
@@ -365,11 +358,10 @@ class TrajectoryTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.head, std=0.02)
 
-    def forward(self, tokens, start: int = 0, cache=None, return_attn=False):
+    def forward(self, tokens, start: int = 0, cache=None):
         """tokens (B, T): bin indices (N = stop) at view positions start..start+T-1; a view starts
         at s^1 of a transition. cache: per-block (k, v) of positions 0..start-1. Returns next-token
-        logits (B, T, N+1), the new cache and per-block attention (B, n_head, T, start+T) when
-        return_attn."""
+        logits (B, T, N+1) and the new cache."""
         D = self.transition_dim
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         dim = pos % D
@@ -379,12 +371,11 @@ class TrajectoryTransformer(nn.Module):
         # Causal, and no token attends to a value token (TT code): in the planner's context the
         # value is a placeholder (the true one is unknown), so values are predicted but never read.
         allowed = (keys[None] <= pos[:, None]) & (keys % D != D - 1)[None]
-        presents, attns = [], []
+        presents = []
         for i, block in enumerate(self.blocks):
-            x, present, att = block(x, allowed, None if cache is None else cache[i], return_attn)
+            x, present = block(x, allowed, None if cache is None else cache[i])
             presents.append(present)
-            attns.append(att)
-        return torch.einsum("btc,tvc->btv", self.ln_f(x), self.head[dim]), presents, attns
+        return torch.einsum("btc,tvc->btv", self.ln_f(x), self.head[dim]), presents
 
 
 # --- Loss and update (TT paper §3.1): teacher forcing on a weighted token cross-entropy.
@@ -486,11 +477,11 @@ class Sequences:
         L, D = self.x.shape[1], self.model.transition_dim
         if self.cache is not None and L - self.lo <= self.max_block:
             start = L - new.shape[1] - self.lo
-            logits, self.cache, _ = self.model(new, start=start, cache=self.cache)
+            logits, self.cache = self.model(new, start=start, cache=self.cache)
         else:
             # drop whole transitions, oldest first
             self.lo = -(-max(0, L - self.max_block) // D) * D
-            logits, cache, _ = self.model(self.x[:, self.lo :])
+            logits, cache = self.model(self.x[:, self.lo :])
             self.cache = cache if self.use_cache else None
         self.logits = logits[:, -1, : self.model.n_bins].float()  # the stop token is never planned
 

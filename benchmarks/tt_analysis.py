@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -207,12 +208,18 @@ class DTPolicy:
         self.target = ckpt["args"].get("target_return") or dt.TARGET_RETURNS[domain]
         self.n_layer, self.n_head = len(self.model.blocks), self.model.blocks[0].attn.n_head
 
-    def __call__(self, rtg, states, actions, timesteps, return_attn=False):
-        """Normalised states, scaled returns-to-go; returns the action means (B, K, m_a) and the
-        attention."""
+    def __call__(self, rtg, states, actions, timesteps):
+        """Normalised states, scaled returns-to-go; returns the action means (B, K, m_a)."""
         x = {"rtg": rtg, "states": states, "actions": actions, "timesteps": timesteps}
-        preds, attns = self.model(x, return_attn=return_attn)
-        return preds["action"][0].float(), attns
+        out = self.model(x)
+        preds = out[0] if isinstance(out, tuple) else out  # (preds, attention) before issue 29
+        return preds["action"][0].float()
+
+    def attention(self, rtg, states, actions, timesteps) -> tuple:
+        """The action means and each block's attention weights (B, n_head, 3K, 3K)."""
+        with captured_attention(self.model) as weights:
+            actions = self(rtg, states, actions, timesteps)
+        return actions, weights
 
     def control(self, seed: int) -> "DTPolicy":
         """The random-init control: the same class and architecture constructed fresh from `seed`,
@@ -269,6 +276,52 @@ def controls_of(pi: DTPolicy, tt_model, targs, args: Args, device) -> list[tuple
     size = tt_size({"obs_dim": tt_model.obs_dim, "act_dim": tt_model.act_dim}, targs)
     seeds = [args.control_seed + i for i in range(args.controls)]
     return [(pi.control(s), random_init(tt.TrajectoryTransformer, *size, seed=s).to(device)) for s in seeds]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention weights, captured with forward hooks (the models compute no weights of their own)
+# ---------------------------------------------------------------------------------------------------
+
+
+def attention_weights(attn, x, allowed, past=None) -> torch.Tensor:
+    """The weights (B, n_head, T, keys) of a dt.py or tt.py SelfAttention called on (x, allowed,
+    past), recomputed with its own query/key projection: the model runs
+    F.scaled_dot_product_attention, which returns no weights. `past`: tt.py's cached keys and values
+    of the earlier tokens."""
+    B, T, C = x.shape
+    heads = (z.view(B, T, attn.n_head, C // attn.n_head) for z in attn.qkv(x).split(C, dim=2))
+    q, k, _ = (z.transpose(1, 2) for z in heads)
+    if past is not None:
+        k = torch.cat([past[0], k], 2)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+    return att.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+@contextlib.contextmanager
+def captured_attention(model):
+    """Inside the block, every forward of `model` appends each block's attention weights, in block
+    order, to the list it yields; the hooks are removed after."""
+    weights = []
+
+    def hook(attn, args, kwargs, output):
+        x, allowed, *rest = (*args, *kwargs.values())  # (x, allowed[, past]) however passed
+        past = rest[0] if rest and isinstance(rest[0], tuple) else None  # only tt.py has a cache
+        weights.append(attention_weights(attn, x, allowed, past).detach())
+
+    handles = [b.attn.register_forward_hook(hook, with_kwargs=True) for b in model.blocks]
+    try:
+        yield weights
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def tt_attention(model, tokens: torch.Tensor) -> list:
+    """Each block's attention weights (B, n_head, T, T) of a tt.py model on a full view."""
+    with captured_attention(model) as weights:
+        model(tokens)
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -375,14 +428,14 @@ def dt_rollouts(pi: DTPolicy, info, args: Args, device, control: Optional[DTPoli
         S[:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - pi.mean) / pi.std
         ctx = slice(max(0, t - K + 1), t + 1)
         x = (R[:, ctx], S[:, ctx], A[:, ctx], T[:, ctx])
-        act, atts = pi(*x, return_attn=True)
+        act, atts = pi.attention(*x)
         k = t + 1 - ctx.start
         row, keys = (3 * (k - 1) + 1, torch.arange(3 * k, device=device))  # the current state token predicts a_t
         alive = torch.as_tensor(~done, device=device)
         where = ((keys <= row)[None], keys // 3, k - 1, keys % 3 == 0)
         stats.add(t, [a[alive][:, :, row : row + 1] for a in atts], *where)
         if control is not None:
-            cstats.add(t, [a[alive][:, :, row : row + 1] for a in control(*x, return_attn=True)[1]], *where)
+            cstats.add(t, [a[alive][:, :, row : row + 1] for a in control.attention(*x)[1]], *where)
         A[:, t] = torch.maximum(torch.minimum(act[:, -1], high), low)
         obs, r, term, trunc, _ = envs.step(A[:, t].cpu().numpy())
         rewards[:, t] = r * ~done
@@ -418,8 +471,7 @@ def tt_rollouts(model, disc, targs: tt.Args, info, args: Args, device, beam: boo
         allowed = (keys[None] <= rows[:, None]) & (keys % td != td - 1)[None]
         where = (allowed, keys // td, (P - 1) // td, keys % td == td - 2)
         for net, rec in ((model, stats), (control, cstats)) if control is not None else ((model, stats),):
-            with torch.no_grad():
-                atts = net(x, return_attn=True)[2]
+            atts = tt_attention(net, x)
             rec.add(t, [a[:, :, P - 1 :] for a in atts], *where)
         obs = disc.decode(prefix[:, -m_s:], slice(0, m_s)).cpu().numpy()
         for i, o in zip(alive.nonzero()[:, 0].tolist(), obs):
@@ -489,14 +541,14 @@ def attention_maps(pi: DTPolicy, tt_model, tt_disc, targs, episodes, args: Args,
     b = dt.sample_batch(data, 8 * args.windows, pi.K, gen)
     full = b["mask"].all(1).nonzero()[:, 0][: args.windows]
     x_dt = (b["rtg"][full], b["states"][full], b["actions"][full], b["timesteps"][full])
-    dt_maps, dt_c = (head_mean(p(*x_dt, return_attn=True)[1]) for p in (pi, controls[0]))
+    dt_maps, dt_c = (head_mean(p.attention(*x_dt)[1]) for p in (pi, controls[0]))
     T = 3 * pi.K
     tok = np.arange(T)
     tokens = (targs.n_bins, targs.discretizer, targs.discount, targs.terminal_penalty)
     tdata = tt.make_dataset(episodes, device, *tokens, edges=tt_disc.edges)
     x, _ = tt.sample_batch(tdata, 8 * args.windows, targs.seq_len, gen)
     x = x[(x != tt_disc.n_bins).all(1)][: args.windows]  # windows without stop tokens
-    tt_maps, tt_c = (head_mean(m(x, return_attn=True)[2]) for m in (tt_model, controls[1]))
+    tt_maps, tt_c = (head_mean(tt_attention(m, x)) for m in (tt_model, controls[1]))
     td, T2 = tt_model.transition_dim, x.shape[1]
     tok2 = np.arange(T2)
     allowed2 = np.tril(np.ones((T2, T2), bool)) & (tok2 % td != td - 1)[None]
@@ -554,7 +606,7 @@ def dt_replay(pi: DTPolicy, eps, args: Args, device, self_fed: bool) -> np.ndarr
     err = np.zeros((len(eps), T))
     for t in range(T):
         lo = max(0, t - K + 1)
-        pred = pi(R[:, lo : t + 1], S[:, lo : t + 1], A_in[:, lo : t + 1], steps[:, lo : t + 1])[0][:, -1]
+        pred = pi(R[:, lo : t + 1], S[:, lo : t + 1], A_in[:, lo : t + 1], steps[:, lo : t + 1])[:, -1]
         err[:, t] = ((pred - A[:, t]) ** 2).mean(-1).cpu().numpy()
         if self_fed:
             A_in[:, t] = pred

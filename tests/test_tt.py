@@ -164,7 +164,7 @@ class HandModel(torch.nn.Module):
         self.obs_dim, self.act_dim, self.n_bins, self.transition_dim = 1, 1, 4, 4
         self.block_size = 4 * 10 - 1
 
-    def forward(self, tokens, start=0, cache=None, return_attn=False):
+    def forward(self, tokens, start=0, cache=None):
         seq = tokens if cache is None else torch.cat([cache[0][0], tokens], 1)
         out = torch.full((*tokens.shape, 5), -1e4)
         for p in range(start, seq.shape[1]):
@@ -176,7 +176,7 @@ class HandModel(torch.nn.Module):
                 out[torch.arange(len(seq)), p - start, torch.tensor(self.R if nxt == 2 else self.VB)[key]] = 0.0
             else:
                 out[:, p - start, 0] = 0.0
-        return out, [(seq, seq)], [None]
+        return out, [(seq, seq)]
 
 
 def hand_discretizer():
