@@ -460,7 +460,7 @@ def tt_rollouts(model, disc, targs: tt.Args, info, args: Args, device, beam: boo
     run_args = replace(targs, beam_width=args.beam_width if beam else 1)
     shape = (len(model.blocks), model.blocks[0].attn.n_head, run_args.max_context - 1)
     stats, cstats = RowStats(*shape), RowStats(*shape)
-    td, m_s, m_a = model.transition_dim, model.obs_dim, model.act_dim
+    n_tok, m_s, m_a = model.transition_dim, model.obs_dim, model.act_dim  # n_tok: tokens per transition
     visited = [[] for _ in range(run_args.eval_episodes)]
 
     def hook(t, prefix, act_tok, alive):
@@ -468,8 +468,8 @@ def tt_rollouts(model, disc, targs: tt.Args, info, args: Args, device, beam: boo
         x = torch.cat([prefix, act_tok[:, :-1]], 1)
         keys = torch.arange(x.shape[1], device=device)
         rows = torch.arange(P - 1, P - 1 + m_a, device=device)
-        allowed = (keys[None] <= rows[:, None]) & (keys % td != td - 1)[None]
-        where = (allowed, keys // td, (P - 1) // td, keys % td == td - 2)
+        allowed = (keys[None] <= rows[:, None]) & (keys % n_tok != n_tok - 1)[None]
+        where = (allowed, keys // n_tok, (P - 1) // n_tok, keys % n_tok == n_tok - 2)
         for net, rec in ((model, stats), (control, cstats)) if control is not None else ((model, stats),):
             atts = tt_attention(net, x)
             rec.add(t, [a[:, :, P - 1 :] for a in atts], *where)
@@ -549,11 +549,11 @@ def attention_maps(pi: DTPolicy, tt_model, tt_disc, targs, episodes, args: Args,
     x, _ = tt.sample_batch(tdata, 8 * args.windows, targs.seq_len, gen)
     x = x[(x != tt_disc.n_bins).all(1)][: args.windows]  # windows without stop tokens
     tt_maps, tt_c = (head_mean(tt_attention(m, x)) for m in (tt_model, controls[1]))
-    td, T2 = tt_model.transition_dim, x.shape[1]
+    n_tok, T2 = tt_model.transition_dim, x.shape[1]  # tokens per transition
     tok2 = np.arange(T2)
-    allowed2 = np.tril(np.ones((T2, T2), bool)) & (tok2 % td != td - 1)[None]
+    allowed2 = np.tril(np.ones((T2, T2), bool)) & (tok2 % n_tok != n_tok - 1)[None]
     dt_where = (np.tril(np.ones((T, T), bool)), tok // 3, tok % 3 == 0, DT_KINDS[tok % 3])
-    tt_where = (allowed2, tok2 // td, tok2 % td == td - 2, tt_kinds(tt_model)[tok2 % td])
+    tt_where = (allowed2, tok2 // n_tok, tok2 % n_tok == n_tok - 2, tt_kinds(tt_model)[tok2 % n_tok])
     return {
         "dt_maps": dt_maps,
         "tt_maps": tt_maps,

@@ -103,17 +103,17 @@ def test_token_layout_and_windows():
 
 def test_causality_and_hidden_value_tokens():
     model = tiny_model()
-    td, T = model.transition_dim, model.block_size
+    n_tok, T = model.transition_dim, model.block_size
     x = torch.randint(0, 7, (1, T), generator=torch.Generator().manual_seed(1))
     base = model(x)[0]
-    for j in (0, 3, 4, 7, 9, 12):  # td = 5: positions 4 and 9 hold values
+    for j in (0, 3, 4, 7, 9, 12):  # 5 tokens per transition: positions 4 and 9 hold values
         x2 = x.clone()
         x2[0, j] = (x2[0, j] + 3) % 7
         out = model(x2)[0]
         torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-6)  # the future never leaks back
         assert not torch.allclose(out[:, j], base[:, j])  # the token itself matters for its own prediction
         later = (out[:, j + 1 :] - base[:, j + 1 :]).abs().amax().item()
-        if j % td == td - 1:
+        if j % n_tok == n_tok - 1:
             assert later < 1e-6  # no token reads a value token (TT code's mask)
         else:
             assert later > 1e-4
@@ -121,7 +121,7 @@ def test_causality_and_hidden_value_tokens():
 
 def test_kv_cache_equals_uncached_forward_across_crops():
     model = tiny_model(seq_len=3)
-    td, mb = model.transition_dim, model.block_size  # 5 tokens per transition, view of at most 14 tokens
+    n_tok, mb = model.transition_dim, model.block_size  # 5 tokens per transition, view of at most 14 tokens
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, 7, (3, 7), generator=g)
     cached, plain = tt.Sequences(model, prefix, mb, True), tt.Sequences(model, prefix, mb, False)
@@ -133,7 +133,7 @@ def test_kv_cache_equals_uncached_forward_across_crops():
                 cached.select(rows), plain.select(rows)
             cached.append(new), plain.append(new)
             L = cached.x.shape[1]
-            lo = math.ceil(max(0, L - mb) / td) * td  # the TT code's crop: whole transitions, oldest first
+            lo = math.ceil(max(0, L - mb) / n_tok) * n_tok  # the TT code's crop: whole transitions, oldest first
             reference = model(cached.x[:, lo:])[0][:, -1, :7]
             torch.testing.assert_close(cached.logits, reference, rtol=0, atol=1e-5)
             torch.testing.assert_close(plain.logits, reference, rtol=0, atol=1e-5)
@@ -141,7 +141,7 @@ def test_kv_cache_equals_uncached_forward_across_crops():
 
 
 def test_loss_weighting_hand_computed():
-    model = tiny_model(obs_dim=1, act_dim=1, n_bins=1, seq_len=2)  # td 4: s, a, r, V; 2 classes (bin, stop)
+    model = tiny_model(obs_dim=1, act_dim=1, n_bins=1, seq_len=2)  # 4 tokens per transition: s, a, r, V; 2 classes (bin, stop)
     w = tt.token_weights(model, 7, action_weight=5.0, reward_weight=2.0, value_weight=0.5)
     assert w.tolist() == [5, 2, 0.5, 1, 5, 2, 0.5]  # targets: a, r, V, s, a, r, V
     logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3)]]])  # ce: ln 2, then -ln(3/4)
