@@ -256,16 +256,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x, allowed, return_attn=False):
+    def forward(self, x, allowed):
         B, T, C = x.shape
-        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in self.qkv(x).split(C, dim=2))
-        if return_attn:  # explicit softmax, for analysis only: the weights themselves are wanted (B, nh, T, T)
-            att = ((q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))).masked_fill(~allowed, float("-inf")).softmax(-1)
-            y = att @ v  # (B, nh, T, hs)
-        else:
-            att = None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout * self.training)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), att
+        heads = (z.view(B, T, self.n_head, C // self.n_head) for z in self.qkv(x).split(C, dim=2))
+        q, k, v = (z.transpose(1, 2) for z in heads)  # (B, nh, T, hs)
+        p = self.dropout * self.training
+        # one fused kernel; it returns no weights (benchmarks/attention.py recomputes them)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class Block(nn.Module):
@@ -279,10 +277,9 @@ class Block(nn.Module):
             nn.Linear(n_embd, 4 * n_embd), nn.ReLU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
         )
 
-    def forward(self, x, allowed, return_attn=False):
-        y, att = self.attn(self.ln1(x), allowed, return_attn)
-        x = x + y
-        return x + self.mlp(self.ln2(x)), att
+    def forward(self, x, allowed):
+        x = x + self.attn(self.ln1(x), allowed)
+        return x + self.mlp(self.ln2(x))
 
 
 def attention_mask(K: int, M: int, mask, device) -> torch.Tensor:
@@ -323,18 +320,16 @@ class MultiObjectiveDecisionTransformer(nn.Module):
         out = {"action": act_dim, "state": state_dim, "return": 1}
         self.heads = nn.ModuleDict({k: nn.Linear(n_embd, d * (1 + self.gaussian[k])) for k, d in out.items()})
 
-    def forward(self, x: dict, return_attn=False):
+    def forward(self, x: dict) -> dict:
         """x: rtg (B, K, 1), states (B, K, m_s), actions (B, K, m_a), timesteps (B, K) and optionally mask (B, K),
-        True on real steps. Returns {task: (mean, log-std or None)}, each (B, K, dim), and the per-block attention
-        weights (B, nh, M*K, M*K) when return_attn."""
+        True on real steps. Returns {task: (mean, log-std or None)}, each (B, K, dim)."""
         B, K, M = *x["states"].shape[:2], len(MODALITIES)
         t = 0.0 if self.embed_t is None else self.embed_t(x["timesteps"])
         tokens = torch.stack([self.embed[m](x[m]) + t for m in MODALITIES], dim=2)  # (B, K, M, C)
         h = self.drop(self.embed_ln(tokens.reshape(B, M * K, -1)))  # g_1, s_1, a_1, g_2, ...
-        allowed, attns = attention_mask(K, M, x.get("mask"), h.device), []
+        allowed = attention_mask(K, M, x.get("mask"), h.device)
         for block in self.blocks:
-            h, att = block(h, allowed, return_attn)
-            attns.append(att)
+            h = block(h, allowed)
         # The heads run in fp32, autocast or not: their outputs are fed back (the actions; MO-DT's returns
         # at evaluation, Eq. 1.16) and enter every NLL. bf16 keeps 8 bits: above a return-to-go of ~500
         # its spacing exceeds one hopper step's reward. The heads are small; fp32 costs nothing there.
@@ -349,7 +344,7 @@ class MultiObjectiveDecisionTransformer(nn.Module):
                 # evaluation acts with the mean.
                 mean = torch.tanh(mean) if task == "action" else mean
                 preds[task] = (mean, None if log_std is None else bounded_log_std(log_std))
-        return preds, attns
+        return preds
 
 
 def masked_mean(per_step: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -442,7 +437,7 @@ def update(
     measured, norms = {}, []
     for task in [None] if schedule == "joint" else [k for k in TASKS if lambdas[k] > 0]:
         with autocast:
-            losses = task_losses(model(batch)[0], batch)
+            losses = task_losses(model(batch), batch)
         loss = sum(lambdas[k] * losses[k] for k in TASKS) if task is None else lambdas[task] * losses[task]
         measured |= {k: v.detach() for k, v in losses.items() if task in (None, k)}
         opt.zero_grad(set_to_none=True)
@@ -452,13 +447,12 @@ def update(
     return measured, torch.stack(norms).mean()
 
 
-def act(model, context: dict, low, high, autocast, return_attn: bool = False):
+def act(model, context: dict, low, high, autocast) -> torch.Tensor:
     """Eq. 1.2 for one env step of every episode: a_t, the action head's mean read off the last s_t
-    token of the context Gamma_t (the last <= K steps), within the action bounds [low, high]. Also
-    the per-block attention weights when `return_attn`."""
+    token of the context Gamma_t (the last <= K steps), within the action bounds [low, high]."""
     with autocast:
-        preds, attns = model(context, return_attn=return_attn)
-    return torch.maximum(torch.minimum(preds["action"][0][:, -1].float(), high), low), attns
+        mean = model(context)["action"][0][:, -1].float()
+    return torch.maximum(torch.minimum(mean, high), low)
 
 
 # --- Evaluation: all episodes at once in a vector env, batched forwards at every environment step.
@@ -481,11 +475,9 @@ class EvalSettings:
 
 @torch.no_grad()
 def evaluate(
-    model, facts, state_stats, settings, target_return, device, autocast, recorder=None, video=None
+    model, facts, state_stats, settings, target_return, device, autocast, video=None
 ) -> dict:  # fmt: skip
-    """Roll out settings.eval_episodes episodes conditioned on target_return.
-    `recorder(attns, alive)`, when given, receives the attention of every step with a full context
-    (benchmarks/attention.py)."""
+    """Roll out settings.eval_episodes episodes conditioned on target_return."""
     n, K = settings.eval_episodes, settings.eval_context or model.K  # K' <= K with --eval-context
     envs, horizon = make_eval_envs(facts, n, settings.eval_async, video)
     bounds = (envs.action_space.low, envs.action_space.high)
@@ -505,11 +497,8 @@ def evaluate(
         # Alg. 1 lines 14-25: s_t joins the history, a_t (Eq. 1.15) is executed, g_{t+1} follows
         buf["states"][:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
         ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps, fewer at first
-        record = recorder is not None and t + 1 >= K
         context = {k: v[:, ctx] for k, v in buf.items()}
-        buf["actions"][:, t], attns = act(model, context, low, high, autocast, record)
-        if record:
-            recorder(attns, torch.as_tensor(~done, device=device))
+        buf["actions"][:, t] = act(model, context, low, high, autocast)
         obs, r, term, trunc, _ = envs.step(buf["actions"][:, t].cpu().numpy())
         returns += r * ~done
         lengths += ~done
@@ -520,7 +509,7 @@ def evaluate(
             break
         if settings.rtg_update == "model":  # Eq. 1.16, Alg. 1 line 23: g_{t+1} from the return head
             with autocast:  # on the a_t token, which exists only now (`context` views buf)
-                buf["rtg"][:, t + 1] = model(context)[0]["return"][0][:, -1].float()
+                buf["rtg"][:, t + 1] = model(context)["return"][0][:, -1].float()
         else:
             r = torch.as_tensor(r, device=device, dtype=torch.float32)[:, None]
             buf["rtg"][:, t + 1] = buf["rtg"][:, t] - r / model.rtg_scale  # DT's rule: g_{t+1} = g_t - r_t

@@ -24,6 +24,8 @@ control reads the very contexts the trained policy visits.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import json
 import math
@@ -108,8 +110,8 @@ class Args:
 
 
 class AttentionRecorder:
-    """Running sums of the attention of the state-token rows (those that predict a_t), called by the
-    method file's evaluate() as recorder(attns, alive) at every step with a full context."""
+    """Running sums of the attention of the state-token rows (those that predict a_t), called as
+    recorder(attns, alive) at every evaluation step with a full context (ActionStepAttention)."""
 
     def __init__(self, n_layer: int, n_head: int, K: int, modalities: tuple):
         self.modalities, self.K, self.count = list(modalities), K, 0
@@ -180,14 +182,49 @@ def plot_one(summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def attention_weights(attn, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_head) + mask), (B, nh, T, T), of one SelfAttention of dt.py, mo_dt.py
+    or trdt.py, recomputed in fp32 from the input (x, allowed) a forward hook saw, with the module's
+    own weights: the method files call F.scaled_dot_product_attention, which returns none."""
+    B, T, C = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        qkv = attn.qkv(x.float()).split(C, dim=2)
+        q, k, _ = (z.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for z in qkv)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+@contextlib.contextmanager
+def hooked(model, keep):
+    """Forward hooks on every block's SelfAttention for the duration: `keep(i, module, inputs)`
+    at each forward of block i, inputs = (x, allowed)."""
+    hooks = []
+    for i, block in enumerate(model.blocks):
+        hook = functools.partial(lambda i, module, inputs, output: keep(i, module, inputs), i)
+        hooks.append(block.attn.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def forward_attention(model, x: dict) -> tuple[dict, list]:
+    """One forward of a DT-family model: its predictions and each block's attention weights."""
+    attns = []
+    with hooked(model, lambda i, attn, inputs: attns.append(attention_weights(attn, *inputs))):
+        preds = model(x)
+    return preds, attns
+
+
 class WithControl(torch.nn.Module):
-    """The trained model as the method file's evaluate() calls it. At every step whose attention is
-    recorded it also runs the random-init control on the same inputs, the contexts the trained
-    policy visits (the control's own episodes end after a few steps, before any full context)."""
+    """The trained model as the method file's evaluate() calls it. Every forward also runs the
+    random-init control on the same inputs, the contexts the trained policy visits (the control's
+    own episodes end after a few steps, before any full context)."""
 
     def __init__(self, model, control):
         super().__init__()
-        self.model, self.control, self.control_attns = model, control, None
+        self.model, self.control = model, control
 
     def __getattr__(self, name):  # K, dims, rtg_scale, bins, ...: the trained model's
         try:
@@ -195,29 +232,91 @@ class WithControl(torch.nn.Module):
         except AttributeError:
             return getattr(self.model, name)
 
-    def forward(self, x, return_attn=False):
-        if return_attn:
-            self.control_attns = self.control(x, return_attn=True)[1]
-        return self.model(x, return_attn=return_attn)
+    def forward(self, x):
+        self.control(x)
+        return self.model(x)
 
 
-def measure(mod, model, control, ckpt: dict, checkpoint: str, episodes: int, dev, seed: int) -> tuple[dict, dict]:
+class SteppedEnvs:
+    """The evaluation's vector env, telling `before_step(alive)` before every step which episodes
+    are still running (evaluate()'s rule: an episode is done from its first terminated or
+    truncated step; its env is then reset and stepped on, unrecorded)."""
+
+    def __init__(self, envs, before_step):
+        self.envs, self.before_step, self.done = envs, before_step, None
+
+    def __getattr__(self, name):  # action_space, close, ...: the vector env's
+        return getattr(self.envs, name)
+
+    def reset(self, **kwargs):
+        obs, info = self.envs.reset(**kwargs)
+        self.done = np.zeros(self.envs.num_envs, dtype=bool)
+        return obs, info
+
+    def step(self, actions):
+        self.before_step(~self.done)
+        obs, reward, term, trunc, info = self.envs.step(actions)
+        self.done |= term | trunc
+        return obs, reward, term, trunc, info
+
+
+class ActionStepAttention:
+    """The attention of the forwards that choose the actions in a method file's own evaluate(),
+    captured from outside: the models and evaluate() have no analysis path (issue 29). Hooks keep
+    each block's input at every forward; when the envs step, the newest forward is act()'s (MO-DT
+    and TRDT read their return head after the step, Eq. 1.16), so its weights are recomputed and
+    summed into the model's recorder over the episodes still running, at steps with a full
+    context of K steps. `models` and `recorders`: name -> model, name -> AttentionRecorder."""
+
+    def __init__(self, models: dict, recorders: dict):
+        self.models, self.recorders = models, recorders
+        self.inputs = {name: {} for name in models}  # name -> block -> (module, x, allowed)
+
+    def keep(self, name: str, i: int, attn, inputs) -> None:
+        self.inputs[name][i] = (attn, *inputs)
+
+    def before_step(self, alive: np.ndarray) -> None:
+        for name, rec in self.recorders.items():
+            kept = [self.inputs[name][i] for i in sorted(self.inputs[name])]
+            if kept and kept[0][1].shape[1] == len(rec.modalities) * rec.K:  # a full context
+                attns = [attention_weights(*inputs) for inputs in kept]
+                rec(attns, torch.as_tensor(alive, device=attns[0].device))
+
+    @contextlib.contextmanager
+    def during_evaluation(self, mod):
+        """Within: the hooks are on, and `mod`'s evaluate() steps its envs through SteppedEnvs."""
+        make_eval_envs = mod.make_eval_envs
+
+        def stepped(*args, **kwargs):
+            envs, horizon = make_eval_envs(*args, **kwargs)
+            return SteppedEnvs(envs, self.before_step), horizon
+
+        with contextlib.ExitStack() as stack:
+            for name, model in self.models.items():
+                stack.enter_context(hooked(model, functools.partial(self.keep, name)))
+            mod.make_eval_envs = stepped
+            try:
+                yield self
+            finally:
+                mod.make_eval_envs = make_eval_envs
+
+
+def measure(mod, model, control, ckpt: dict, checkpoint: str, episodes: int, dev, seed: int):
     """Evaluate `model` with the method file's own evaluate(), recording its attention and the
     control's on the same contexts. Returns (ours, control) summaries."""
     info = ckpt["dataset"]
     target = mod.TARGET_RETURNS[info["env_id"].split("-")[0].lower()]
     args = mod.Args(checkpoint=checkpoint, updates=0, eval_episodes=episodes, seed=seed)
     shape = (len(model.blocks), model.blocks[0].attn.n_head, model.K, mod.MODALITIES)
-    rec, rec_c, both = (AttentionRecorder(*shape), AttentionRecorder(*shape), WithControl(model, control))
-
-    def recorder(attns, alive):
-        rec(attns, alive)
-        rec_c(both.control_attns, alive)
-
+    recorders = {"ours": AttentionRecorder(*shape), "control": AttentionRecorder(*shape)}
+    capture = ActionStepAttention({"ours": model, "control": control}, recorders)
     stats = (ckpt["state_mean"].cpu().numpy(), ckpt["state_std"].cpu().numpy())
     off = torch.autocast(dev.type, enabled=False)
-    res = mod.evaluate(both, info, stats, args, target, dev, off, recorder=recorder)
-    return dict(rec.summary(), normalized_mean=res["normalized_mean"]), rec_c.summary()
+    with capture.during_evaluation(mod):
+        both = WithControl(model, control)
+        res = mod.evaluate(both, info, stats, args, target, dev, off)
+    ours = dict(recorders["ours"].summary(), normalized_mean=res["normalized_mean"])
+    return ours, recorders["control"].summary()
 
 
 def record(method: str, checkpoint: Path, episodes: int, device: str, seed: int) -> dict:

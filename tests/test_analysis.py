@@ -197,7 +197,7 @@ def test_gradient_cosines_are_true_cosines_on_the_shared_parameters():
         actions=torch.rand(2, 4, 2) * 2 - 1,
         timesteps=torch.arange(4).repeat(2, 1),
     )
-    preds, _ = model(x)
+    preds = model(x)
     losses = {k: preds[k][0].square().mean() for k in mo_dt.TASKS}
     res = grad_cosines.task_gradient_cosines(model, {"action": losses["action"], "state": 3 * losses["action"],
                                                      "return": losses["return"]})  # fmt: skip

@@ -16,6 +16,8 @@ import common
 import mo_dt
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import attention  # noqa: E402  (benchmarks/: the hooks that capture attention)
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
@@ -133,8 +135,8 @@ def changed(x, key, t, by=5.0):
 @pytest.mark.parametrize("gaussian", [True, False])
 def test_causality_each_head_sees_exactly_its_context(gaussian):
     model, x, t = small_model(gaussian), random_inputs(), 2
-    base, _ = model(x)
-    pred = lambda y, task: model(y)[0][task][0]
+    base = model(x)
+    pred = lambda y, task: model(y)[task][0]
     # a_t (read off the s_t token) must not see a_t or anything after it ...
     for key, first in (("actions", t), ("states", t + 1), ("rtg", t + 1)):
         out = pred(changed(x, key, slice(first, None)), "action")
@@ -158,28 +160,27 @@ def test_causality_each_head_sees_exactly_its_context(gaussian):
 def test_padded_positions_do_not_leak_and_match_a_shorter_context():
     model, x = small_model(), random_inputs()
     x["mask"][:, :2] = False  # two padded steps on the left
-    base, _ = model(x)
+    base = model(x)
     y = {k: v.clone() for k, v in x.items()}
     for k in ("rtg", "states", "actions"):
         y[k][:, :2] = 9.0
-    out, _ = model(y)
-    short, _ = model({k: v[:, 2:] for k, v in x.items() if k != "mask"})  # evaluation: short contexts, no padding
+    out = model(y)
+    short = model({k: v[:, 2:] for k, v in x.items() if k != "mask"})  # evaluation: short contexts, no padding
     for task in mo_dt.TASKS:
         torch.testing.assert_close(out[task][0][:, 2:], base[task][0][:, 2:])
         torch.testing.assert_close(short[task][0], base[task][0][:, 2:])
-    no_mask, _ = model({k: v for k, v in y.items() if k != "mask"})  # the test can fail: without the mask 9s leak
+    no_mask = model({k: v for k, v in y.items() if k != "mask"})  # the test can fail: without the mask 9s leak
     assert not torch.allclose(no_mask["action"][0][:, 2:], base["action"][0][:, 2:])
 
 
-def test_attention_weights_match_the_fast_path_and_are_causal():
+def test_attention_weights_captured_by_hooks_are_causal():
     model, x = small_model(), random_inputs()
     x["mask"][0, :2] = False
-    fast, none = model(x)
-    slow, atts = model(x, return_attn=True)
-    for task in mo_dt.TASKS:
-        for f, s in zip(fast[task], slow[task]):
-            torch.testing.assert_close(f, s, atol=1e-5, rtol=1e-5)
-    assert none == [None, None] and len(atts) == 2 and atts[0].shape == (2, 2, 18, 18)
+    preds, atts = attention.forward_attention(model, x)
+    for task, plain in model(x).items():
+        for f, s in zip(plain, preds[task]):
+            torch.testing.assert_close(f, s)
+    assert len(atts) == 2 and atts[0].shape == (2, 2, 18, 18)
     torch.testing.assert_close(atts[1].sum(-1), torch.ones(2, 2, 18))
     assert all((a.triu(1) == 0).all() for a in atts)
     assert all((a[0, :, 6:, :6] == 0).all() and (a[1, :, 6:, :6] > 0).any() for a in atts)  # padding gets no weight
@@ -216,9 +217,9 @@ def test_losses_on_a_hand_computed_batch():
 
 def test_mse_ablation_switches_the_state_and_return_heads_only():
     """Fig. 1.4a ablates the Gaussian heads for states and returns; the action head stays Gaussian."""
-    preds, _ = small_model(gaussian=False)(random_inputs())
+    preds = small_model(gaussian=False)(random_inputs())
     assert preds["action"][1] is not None and preds["state"][1] is None and preds["return"][1] is None
-    preds, _ = small_model(gaussian=True)(random_inputs())
+    preds = small_model(gaussian=True)(random_inputs())
     assert all(log_std is not None for _, log_std in preds.values())
 
 
@@ -229,9 +230,9 @@ def test_no_timestep_embedding_by_default_and_the_flag_adds_it():
     model = small_model()
     assert model.embed_t is None and not any(n.startswith("embed_t") for n, _ in model.named_parameters())
     for task in mo_dt.TASKS:
-        torch.testing.assert_close(model(x)[0][task][0], model(later)[0][task][0])
+        torch.testing.assert_close(model(x)[task][0], model(later)[task][0])
     with_t = small_model(timestep_embedding=True)
-    assert not torch.allclose(with_t(x)[0]["action"][0], with_t(later)[0]["action"][0])
+    assert not torch.allclose(with_t(x)["action"][0], with_t(later)["action"][0])
 
 
 # --- loss weights and schedules (Eq. 1.9, 1.10, Chapter 3) ---------------------------------------------------
@@ -316,7 +317,7 @@ def alternating_by_hand(model, batch, lam, eta):
     from where the last one left the weights; the weights after every step."""
     m, thetas = copy.deepcopy(model), []
     for task, w in zip(mo_dt.TASKS, lam):
-        loss = w * mo_dt.task_losses(m(batch)[0], batch)[task]
+        loss = w * mo_dt.task_losses(m(batch), batch)[task]
         grads = torch.autograd.grad(loss, list(m.parameters()), materialize_grads=True)
         with torch.no_grad():
             for p, gp in zip(m.parameters(), grads):
@@ -350,7 +351,7 @@ def test_joint_is_one_step_on_the_weighted_sum_and_alternating_matches_thm_3():
     lam = (0.5, 0.3, 0.2)
     params = list(model.parameters())
     theta = torch.cat([p.detach().flatten() for p in params])
-    losses = mo_dt.task_losses(model(batch)[0], batch)
+    losses = mo_dt.task_losses(model(batch), batch)
     flat = lambda gs: torch.cat([g.flatten() for g in gs])
     g = [
         torch.autograd.grad(w * losses[k], params, create_graph=True, materialize_grads=True)
@@ -425,7 +426,7 @@ def test_make_optimizer_moves_every_tensor_by_lr_times_its_norm():
         model.heads["state"].weight.mul_(500)  # ||w|| in the hundreds, like a timestep embedding table
     opt, _ = mo_dt.make_optimizer(model, mo_dt.Args(lr=1e-3, warmup_steps=0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    preds, _ = model(random_inputs())
+    preds = model(random_inputs())
     sum(m.sum() + (0 if s is None else s.sum()) for m, s in preds.values()).backward()
     opt.step()
     moved = 0
@@ -597,10 +598,10 @@ def spied_evaluation(tmp_path, hdf5_path, env_rewards, rtg_scale=400.0, **kw):
     )
     calls, forward = [], model.forward
 
-    def spy(x, return_attn=False):
-        preds, attns = forward(x, return_attn)
+    def spy(x):
+        preds = forward(x)
         calls.append(({k: v.clone() for k, v in x.items()}, preds["action"][0][:, -1], preds["return"][0][:, -1]))
-        return preds, attns
+        return preds
 
     model.forward = spy
     stats = (np.zeros(11, np.float32), np.ones(11, np.float32))
@@ -655,11 +656,11 @@ def fed_back_returns(module, model, args, info) -> tuple:
     back, and the return head applied in plain fp32 to that forward's final hidden state."""
     hidden, calls, forward, body = [], [], model.forward, []
     model.ln_f.register_forward_hook(lambda m, i, out: hidden.append(out))
-    model.blocks[0].register_forward_hook(lambda m, i, out: body.append(out[0].dtype))
+    model.blocks[0].register_forward_hook(lambda m, i, out: body.append(out.dtype))
 
-    def spy(x, return_attn=False):
+    def spy(x):
         calls.append({k: v.clone() for k, v in x.items()})
-        return forward(x, return_attn)
+        return forward(x)
 
     model.forward = spy
     stats = (np.zeros(11, np.float32), np.ones(11, np.float32))
@@ -684,7 +685,7 @@ def test_a_return_fed_back_under_bf16_is_the_fp32_heads(tmp_path, hdf5_path):
     fed, fp32 = fed_back_returns(mo_dt, model, args, info)
     torch.testing.assert_close(fed, fp32)  # fp32's tolerance
     with BF16:
-        preds, _ = small_model()(random_inputs())
+        preds = small_model()(random_inputs())
     assert {t.dtype for pred in preds.values() for t in pred if t is not None} == {torch.float32}
 
 

@@ -19,6 +19,8 @@ import trdt
 from test_mo_dt import BF16, fed_back_returns
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import attention  # noqa: E402  (benchmarks/: the hooks that capture attention)
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
@@ -172,7 +174,7 @@ def random_inputs(B=2, K=6):
 
 def outputs(model, x, **kw):
     """Every tensor the heads give, by name: action_mean, action_log_std, region_logits, state_mean, ..."""
-    preds, _ = model(x, **kw)
+    preds = model(x, **kw)
     names = {
         "action": ("mean", "log_std"),
         "state": ("mean", "log_std"),
@@ -253,15 +255,12 @@ def test_padding_is_invisible_and_matches_a_shorter_context():
     assert not torch.allclose(leaky["action_mean"][:, 2:], out["action_mean"][:, 2:])
 
 
-def test_attention_weights_match_the_fast_path_and_are_causal():
+def test_attention_weights_captured_by_hooks_are_causal():
     model, x = small_model(), random_inputs()
     x["mask"][0, :2] = False
-    fast, none = outputs(model, x), model(x)[1]
-    slow = outputs(model, x, return_attn=True)
-    atts = model(x, return_attn=True)[1]
-    for h in fast:
-        torch.testing.assert_close(slow[h], fast[h], atol=1e-5, rtol=1e-5)
-    assert none == [None, None] and len(atts) == 2 and atts[0].shape == (2, 2, 24, 24)
+    preds, atts = attention.forward_attention(model, x)
+    torch.testing.assert_close(preds["action"][0], outputs(model, x)["action_mean"])
+    assert len(atts) == 2 and atts[0].shape == (2, 2, 24, 24)
     torch.testing.assert_close(atts[1].sum(-1), torch.ones(2, 2, 24))
     assert all((a.triu(1) == 0).all() for a in atts)
     assert all((a[0, :, 8:, :8] == 0).all() and (a[1, :, 8:, :8] > 0).any() for a in atts)  # padding gets no weight
@@ -277,7 +276,7 @@ def test_no_timestep_embedding_by_default_and_mse_ablation_keeps_a_gaussian_acti
         torch.testing.assert_close(outputs(model, later)[h], v)
     with_t = small_model(timestep_embedding=True)
     assert not torch.allclose(outputs(with_t, x)["action_mean"], outputs(with_t, later)["action_mean"])
-    preds, _ = small_model(gaussian=False)(x)
+    preds = small_model(gaussian=False)(x)
     assert preds["action"][1] is not None and preds["state"][1] is None and preds["return"][1] is None
     assert preds["region"][1] is None and preds["region"][0].shape == (2, 6, 6)  # Bernoulli logits
 
@@ -327,7 +326,7 @@ def test_task_losses_use_the_right_targets_and_masks():
         mask=torch.tensor([[False, True, True]]),
         has_next=torch.tensor([[True, True, False]]),
     )
-    preds, _ = model(batch)
+    preds = model(batch)
     losses = trdt.task_losses(preds, batch)
     one = lambda m, s, target: 0.5 * ((target - m) / s.exp()) ** 2 + s + 0.5 * math.log(2 * math.pi)
     exp_action = one(*preds["action"], x["actions"])[0, 1:].sum() / 2
@@ -412,7 +411,7 @@ def alternating_by_hand(model, batch, lam, eta):
     from where the last one left the weights; the weights after every step."""
     m, thetas = copy.deepcopy(model), []
     for task, w in zip(trdt.TASKS, lam):
-        loss = w * trdt.task_losses(m(batch)[0], batch)[task]
+        loss = w * trdt.task_losses(m(batch), batch)[task]
         grads = torch.autograd.grad(loss, list(m.parameters()), materialize_grads=True)
         with torch.no_grad():
             for p, gp in zip(m.parameters(), grads):
@@ -445,7 +444,7 @@ def test_joint_is_one_step_on_the_weighted_sum_and_alternating_matches_thm_3():
     lam = (0.4, 0.3, 0.2, 0.1)
     params = list(model.parameters())
     theta = torch.cat([p.detach().flatten() for p in params])
-    losses = trdt.task_losses(model(batch)[0], batch)
+    losses = trdt.task_losses(model(batch), batch)
     flat = lambda gs: torch.cat([g.flatten() for g in gs])
     g = [
         torch.autograd.grad(w * losses[k], params, create_graph=True, materialize_grads=True)
@@ -494,7 +493,7 @@ def test_lamb_is_timms_and_moves_every_tensor_by_lr_times_its_norm():
         model.heads["region"].weight.mul_(500)  # ||w|| in the hundreds, above any cap of 10
     opt, _ = trdt.make_optimizer(model, trdt.Args(lr=1e-3, warmup_steps=0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    preds, _ = model(random_inputs())
+    preds = model(random_inputs())
     sum(m.sum() + (0 if s is None else s.sum()) for m, s in preds.values()).backward()
     opt.step()
     moved = 0
@@ -669,10 +668,10 @@ def spied_evaluation(tmp_path, hdf5_path, env_rewards, rtg_scale=400.0, **kw):
     )
     calls, forward = [], model.forward
 
-    def spy(x, return_attn=False):
-        preds, attns = forward(x, return_attn)
+    def spy(x):
+        preds = forward(x)
         calls.append(({k: v.clone() for k, v in x.items()}, preds["action"][0][:, -1], preds["return"][0][:, -1]))
-        return preds, attns
+        return preds
 
     model.forward = spy
     stats = (np.zeros(11, np.float32), np.ones(11, np.float32))
@@ -733,7 +732,7 @@ def test_a_return_fed_back_under_bf16_is_the_fp32_heads(tmp_path, hdf5_path):
     fed, fp32 = fed_back_returns(trdt, model, args, info)
     torch.testing.assert_close(fed, fp32)  # fp32's tolerance
     with BF16:
-        preds, _ = small_model()(random_inputs())
+        preds = small_model()(random_inputs())
     assert {t.dtype for pred in preds.values() for t in pred if t is not None} == {torch.float32}
 
 
