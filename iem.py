@@ -156,6 +156,9 @@ class Args:
     """seed of python, numpy, torch, the batch sampler, the planner and the evaluation episodes"""
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
+    compile: bool = False
+    """torch.compile for training: on CUDA the whole update, replayed as CUDA graphs; on a CPU the
+    model. Its first updates are timed apart (compile_time_s in results.json)"""
     bf16: bool = True
     """bfloat16 autocast for training where the hardware has it natively (CUDA; CPUs with
     AVX512-BF16 or AMX)"""
@@ -442,13 +445,33 @@ def update(model, opt, batch, all_masked: bool, autocast) -> tuple[dict, torch.T
     (the paper's code). Returns the loss and the norm before clipping, as tensors: reading them
     would wait for the device."""
     images, words, plan, valid = batch
+    opt.zero_grad(set_to_none=True)
     with autocast:
         loss = masked_loss(model, images, words, plan, valid, all_masked)
-    opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return {"masked": loss.detach()}, grad_norm
+
+
+def compiled_update(model, device: torch.device, compile: bool):
+    """`update` and the model to pass it; with --compile, compiled. On CUDA the whole update
+    (forward, backward, clipping; the fused AdamW step, already one kernel, is left as it is),
+    replayed as CUDA graphs (mode reduce-overhead: a batch's shapes never change), which cuts the
+    kernel launches that bound a small model's step. On a CPU, where launches cost little, the model
+    alone."""
+    if not compile:
+        return update, model
+    if device.type != "cuda":
+        return update, torch.compile(model)
+    graphed = torch.compile(update, mode="reduce-overhead")
+
+    def step(*args):
+        # a new step: the last one's outputs (read at its logging point) may now be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(*args)
+
+    return step, model
 
 
 # --- Planning: iterative energy minimization (the paper's §3, blog §5.c).
@@ -529,12 +552,13 @@ def timed_plans(model, images, words, H: int, planning: Planning, gen, refine: b
     if refine and planning.accept == "all":
         state, t0 = gen.get_state(), time.perf_counter()
         bare, _ = plan(model, images, words, H, planning, gen, refine, trace=False)
-        bare.tolist()  # waits for the device
+        bare.tolist()  # waits for the device: nothing else is queued
         untraced = time.perf_counter() - t0
         gen.set_state(state)
     t0 = time.perf_counter()
     actions, energies = plan(model, images, words, H, planning, gen, refine)
     plans = actions.tolist()
+    wait_for(actions.device)  # the trace's last energy may still run after the plans are read
     traced = time.perf_counter() - t0
     return plans, energies, traced, traced if untraced is None else untraced
 
@@ -629,6 +653,8 @@ def train(args: Args) -> dict:
     opt, sched = make_optimizer(model, args.lr, args.updates)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # the batch sampler's stream
     done, parent, clock = progress(run_dir, ckpt, resume, opt, sched, gen)
+    step_fn, fwd = compiled_update(model, device, args.compile)
+    timer = Stopwatch(clock, device, warmup=COMPILE_WARMUP if args.compile else 0)
     saving = (run_dir, model, arch, args, opt, sched, gen, clock, t_start, parent)
     save = functools.partial(save_run, *saving)
     saved = done if resume else None  # the updates model.pt holds
@@ -638,16 +664,18 @@ def train(args: Args) -> dict:
     try:
         for step in bar:
             with signals_deferred():  # a stop signal waits for the update and its log line
-                t0 = time.time()
+                timer.start()
                 batch = sample_batch(data, args.batch_size, H, gen)
                 lr = sched.get_last_lr()[0]  # the rate this update uses
-                losses, grad_norm = update(model, opt, batch, args.train_all_masked, autocast)
+                losses, grad_norm = step_fn(fwd, opt, batch, args.train_all_masked, autocast)
                 sched.step()
                 done = step + 1
-                if step % args.log_every == 0 or done == args.updates:  # .item() waits for the GPU
+                timer.lap()
+                if step % args.log_every == 0 or done == args.updates:
+                    timer.stop()  # waits for the device, as the log line's .item() would
                     log_losses(metrics, step, losses, grad_norm, lr, bar)
-                clock["train_time_s"] += time.time() - t0
             if save_due(done, args.updates, eval_every=0, save_every=args.save_every):
+                timer.stop()
                 saved = save(done)
         bar.close()
         planning, n = planning_of(args), args.eval_episodes
@@ -655,13 +683,13 @@ def train(args: Args) -> dict:
         bc = evaluate(model, args.env, n, planning, refine=False, seed=args.seed)
     except KeyboardInterrupt as stop:
         bar.close()
+        timer.stop()
         if args.updates and saved != done:  # stopped in training: keep what it has learnt
             save(done)
         raise SystemExit(stopped(str(stop) or "Ctrl-C", args, parent + done, run_dir)) from None
     finally:
         restore_signals(old_handlers)
-    timing = {"train_updates_per_s": done / clock["train_time_s"] if done else None, "bf16": bf16}
-    timing["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
+    timing = run_timing(clock, args.compile, bf16, t_start)
     return report(config, iem, bc, done, parent + done, run_dir, timing)
 
 
@@ -1081,11 +1109,71 @@ def progress(run_dir: Path, ckpt, resume, opt, sched, gen) -> tuple[int, int, di
     from (`parent`), and the time spent; a resumed run gets its training state and metrics back."""
     done = resume["updates_done"] if resume else 0
     parent = ckpt.get("trained_updates", 0) - done if ckpt is not None else 0
-    clock = dict(resume["clock"]) if resume else {"train_time_s": 0.0, "wall_time_s": 0.0}
+    clock = {"train_time_s": 0.0, "wall_time_s": 0.0, "timed_updates": done, "compile_time_s": 0.0}
+    clock |= resume["clock"] if resume else {}  # before the timing below: all its updates were timed
     if resume:
         restore_training_state(resume, opt, sched, gen)
         trim_metrics(run_dir / "metrics.jsonl", resume["metrics_lines"])
     return done, parent, clock
+
+
+# --compile: the updates of each process whose time is compile time, not training time (the first
+# compiles; CUDA graphs are recorded after a warmup run)
+COMPILE_WARMUP = 3
+
+
+def wait_for(device: torch.device) -> None:
+    """Waits until the device has done the work queued on it (CUDA runs it asynchronously), so that
+    a time read afterwards includes that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Stopwatch:
+    """Training time, measured in intervals that end where the run waits for the device anyway (a
+    logging point, a save, the end): one sync per interval, never one per update. The first
+    `warmup` updates of this process (--compile) are compile time, neither training time nor timed
+    updates. Saves and log lines fall between intervals."""
+
+    clock: dict
+    device: torch.device
+    warmup: int = 0
+    started: Optional[float] = None
+    updates: int = 0
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def lap(self) -> None:
+        """One update done; the last update of the warmup ends its interval."""
+        self.updates += 1
+        if self.warmup and self.updates == self.warmup:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.started is None:
+            return
+        wait_for(self.device)
+        seconds = time.perf_counter() - self.started
+        if self.warmup:
+            self.clock["compile_time_s"] += seconds
+            self.warmup -= self.updates
+        else:
+            self.clock["train_time_s"] += seconds
+            self.clock["timed_updates"] += self.updates
+        self.started, self.updates = None, 0
+
+
+def run_timing(clock: dict, compiled: bool, bf16: bool, t_start: float) -> dict:
+    """results.json's timing: updates/s of the timed updates (training only: no compile, saves or
+    evaluation), the compile time apart, the run's wall time (a resumed run's in all)."""
+    timed, seconds = clock["timed_updates"], clock["train_time_s"]
+    timing = {"train_updates_per_s": timed / seconds if timed and seconds else None, "bf16": bf16}
+    timing["compile_time_s"] = clock["compile_time_s"] if compiled else None
+    timing["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
+    return timing
 
 
 def train_bar(done: int, updates: int):
