@@ -447,12 +447,14 @@ def update(
     return measured, torch.stack(norms).mean()
 
 
-def act(model, context: dict, low, high, autocast) -> torch.Tensor:
+def act(model, context: dict, low, high, autocast) -> tuple[torch.Tensor, dict]:
     """Eq. 1.2 for one env step of every episode: a_t, the action head's mean read off the last s_t
-    token of the context Gamma_t (the last <= K steps), within the action bounds [low, high]."""
+    token of the context Gamma_t (the last <= K steps), within the action bounds [low, high]; and
+    all the heads' predictions on the context (trdt.py reads its region head there)."""
     with autocast:
-        mean = model(context)["action"][0][:, -1].float()
-    return torch.maximum(torch.minimum(mean, high), low)
+        preds = model(context)
+    mean = preds["action"][0][:, -1].float()
+    return torch.maximum(torch.minimum(mean, high), low), preds
 
 
 # --- Evaluation: all episodes at once in a vector env, batched forwards at every environment step.
@@ -498,7 +500,7 @@ def evaluate(
         buf["states"][:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
         ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps, fewer at first
         context = {k: v[:, ctx] for k, v in buf.items()}
-        buf["actions"][:, t] = act(model, context, low, high, autocast)
+        buf["actions"][:, t], _ = act(model, context, low, high, autocast)
         obs, r, term, trunc, _ = envs.step(buf["actions"][:, t].cpu().numpy())
         returns += r * ~done
         lengths += ~done
@@ -980,6 +982,8 @@ def log_score(run: dict, step: int, res: dict) -> None:
     """An evaluation's score: a metrics line and a printed one."""
     mean, std = res["normalized_mean"], res["normalized_std"]
     score = {"eval_return": res["return_mean"], "eval_normalized": mean}
+    if "region_accuracy" in res:  # trdt.py: how often the region head names the region taken
+        score["eval_region_accuracy"] = res["region_accuracy"]
     log_metrics(run["metrics"], step=step, eval_normalized_std=std, **score)
     tqdm.write(f"update {step}: normalized score {mean:.1f} ± {std:.1f}")
 

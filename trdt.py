@@ -229,6 +229,16 @@ def decode_regions(probs: torch.Tensor, bins: int) -> torch.Tensor:
     return ((probs > 0.5).unflatten(-1, (-1, bins)).long().cumprod(-1).sum(-1) - 1).clamp(min=0)
 
 
+def predicted_region_taken(preds: dict, taken: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per episode: the share of action dimensions in which the region head, read off the last s_t
+    token and thresholded at 0.5 as §1.4.2 does at inference, names the region of the action taken
+    (`taken`: its ordinal code). a_t never conditions on that prediction (§1.4.2), so nothing else
+    shows what the region head learnt: evaluate() reports it as region_accuracy, over every
+    episode's steps (b = 3 regions per dimension: 1/3 for a guess)."""
+    predicted = decode_regions(torch.sigmoid(preds["region"][0][:, -1]), bins)
+    return (predicted == decode_regions(taken, bins)).float().mean(-1)
+
+
 # Flags that say where and how a run runs, not what it computes: --resume takes them from its own command line.
 RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name wandb_entity capture_video".split()
 
@@ -483,12 +493,14 @@ def update(
     return measured, torch.stack(norms).mean()
 
 
-def act(model, context: dict, low, high, autocast) -> torch.Tensor:
+def act(model, context: dict, low, high, autocast) -> tuple[torch.Tensor, dict]:
     """Eq. 1.2 for one env step of every episode: a_t, the action head's mean read off the last s_t
-    token of the context Gamma_t (the last <= K steps), within the action bounds [low, high]."""
+    token of the context Gamma_t (the last <= K steps), within the action bounds [low, high]; and
+    all the heads' predictions on the context (trdt.py reads its region head there)."""
     with autocast:
-        mean = model(context)["action"][0][:, -1].float()
-    return torch.maximum(torch.minimum(mean, high), low)
+        preds = model(context)
+    mean = preds["action"][0][:, -1].float()
+    return torch.maximum(torch.minimum(mean, high), low), preds
 
 
 # --- Evaluation: all episodes at once in a vector env, batched forwards at every environment step.
@@ -524,6 +536,7 @@ def evaluate(
     buf["timesteps"] = torch.arange(horizon, device=device).clamp(max=t_max).expand(n, -1)
     buf["rtg"][:, 0] = target_return / model.rtg_scale  # g_1
     returns, lengths, done = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n, dtype=bool)
+    region_hits = torch.zeros(n, horizon, device=device)  # per step, read once at the end
     model.eval()
     obs, _ = envs.reset(seed=settings.seed + 10_000)
     look = dict(unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
@@ -535,8 +548,9 @@ def evaluate(
         ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps, fewer at first
         # Alg. 1 line 19: region_t and a_t are still zeros here; the s_t token that predicts a_t cannot see them.
         context = {k: v[:, ctx] for k, v in buf.items()}
-        buf["actions"][:, t] = act(model, context, low, high, autocast)
+        buf["actions"][:, t], preds = act(model, context, low, high, autocast)
         buf["regions"][:, t] = encode_regions(buf["actions"][:, t], model.bins)  # Alg. 1 line 20: executed action's
+        region_hits[:, t] = predicted_region_taken(preds, buf["regions"][:, t], model.bins)
         obs, r, term, trunc, _ = envs.step(buf["actions"][:, t].cpu().numpy())
         returns += r * ~done
         lengths += ~done
@@ -555,7 +569,9 @@ def evaluate(
     bar.close()
     envs.close()
     model.train()
-    return common.episode_scores(facts, returns, lengths, elapsed)
+    scores = common.episode_scores(facts, returns, lengths, elapsed)
+    real = torch.arange(horizon) < torch.as_tensor(lengths)[:, None]  # each episode's own steps
+    return scores | {"region_accuracy": region_hits.cpu()[real].mean().item()}
 
 
 # --- Training (Alg. 1): segments of K steps, one gradient step each, evaluations along the way.
@@ -1018,6 +1034,8 @@ def log_score(run: dict, step: int, res: dict) -> None:
     """An evaluation's score: a metrics line and a printed one."""
     mean, std = res["normalized_mean"], res["normalized_std"]
     score = {"eval_return": res["return_mean"], "eval_normalized": mean}
+    if "region_accuracy" in res:  # trdt.py: how often the region head names the region taken
+        score["eval_region_accuracy"] = res["region_accuracy"]
     log_metrics(run["metrics"], step=step, eval_normalized_std=std, **score)
     tqdm.write(f"update {step}: normalized score {mean:.1f} ± {std:.1f}")
 

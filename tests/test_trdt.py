@@ -540,6 +540,9 @@ def test_end_to_end_with_evaluation(tmp_path, hdf5_path, flags):
     assert saved["arch"] == arch and saved["args"]["schedule"] == args.schedule
     lines = read_metrics(run)
     assert [line["step"] for line in lines if "eval_normalized" in line] == ([0, 10, 20] if every else [20])
+    # the region head's thresholded guess against the region taken, in every evaluation's line
+    accuracies = [line["eval_region_accuracy"] for line in lines if "eval_normalized" in line]
+    assert all(0 <= a <= 1 for a in accuracies) and accuracies[-1] == saved["region_accuracy"]
     losses = [line for line in lines if "loss" in line]
     assert [line["step"] for line in losses] == [0, 5, 10, 15, 19]
     for line in losses:  # every task loss, separately, and the weighted total
@@ -682,6 +685,38 @@ def spied_evaluation(tmp_path, hdf5_path, env_rewards, rtg_scale=400.0, **kw):
     rewards = [log[:n] for log, n in zip(logs, res["lengths"])]  # a finished env is reset and stepped on
     assert res["returns"] == pytest.approx([sum(r) for r in rewards]) and min(res["lengths"]) > 1
     return calls, rewards, res
+
+
+class RegionStub(torch.nn.Module):
+    """Stands in for the model in evaluate(): acts 0, the middle region of b = 3 in every dimension.
+    Its region head names regions 1, 1, 2 up to step 4 (two dimensions of three right) and 0, 0, 0
+    from step 5 on (none right)."""
+
+    def __init__(self):
+        super().__init__()
+        self.K, self.rtg_scale, self.max_ep_len, self.bins = 3, 1000.0, 1000, 3
+        self.dims = {"rtg": 1, "states": 11, "regions": 9, "actions": 3}
+
+    def forward(self, x):
+        B, K = x["states"].shape[:2]
+        early = (x["timesteps"] < 5)[..., None]
+        regions = torch.where(early, torch.tensor([1, 1, 2]), torch.tensor([0, 0, 0]))
+        logits = 20 * trdt.encode_regions(-1 + (2 * regions + 1) / 3, 3) - 10
+        zeros = torch.zeros(B, K, 3)
+        return {"action": (zeros, zeros), "region": (logits, None), "return": (x["rtg"], None)}
+
+
+def test_evaluation_reports_how_often_the_predicted_region_is_taken():
+    """decode_regions' use: region_accuracy counts each episode's own steps, not the steps its env
+    runs on after the episode ended."""
+    info = dict(common.D4RL_TABLE["hopper"], env_kwargs={})
+    settings = trdt.EvalSettings(eval_episodes=2, rtg_update="subtract")
+    stats = (np.zeros(11, np.float32), np.ones(11, np.float32))
+    res = trdt.evaluate(RegionStub(), info, stats, settings, 3600.0, torch.device("cpu"), NO_AUTOCAST)
+    lengths = np.array(res["lengths"])
+    assert lengths.min() > 5  # both episodes outlive the early steps
+    expected = (2 / 3) * np.minimum(lengths, 5).sum() / lengths.sum()
+    assert res["region_accuracy"] == pytest.approx(expected)
 
 
 def test_inference_follows_alg_1(tmp_path, hdf5_path, env_rewards):
