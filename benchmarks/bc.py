@@ -117,11 +117,19 @@ class Args:
     """torch CPU threads (0: half of the cores this process may use, at least 1)"""
 
     def __post_init__(self):
-        check_flags(self, "lr batch_size updates eval_episodes log_every", "seed eval_every threads save_every")
+        check_flags(
+            self,
+            "lr batch_size updates eval_episodes log_every",
+            "seed eval_every threads save_every",
+        )
         if not 0 < self.top_pct <= 100:  # NaN fails this test too
-            raise SystemExit(f"error: --top-pct {self.top_pct}: must be in (0, 100]; 100 is plain BC, 10 is 10% BC.")
+            raise SystemExit(
+                f"error: --top-pct {self.top_pct}: must be in (0, 100]; 100 is plain BC, 10 is 10% BC."
+            )
         if not all(h > 0 for h in self.hidden):
-            raise SystemExit(f"error: --hidden {' '.join(map(str, self.hidden))}: every width must be > 0.")
+            raise SystemExit(
+                f"error: --hidden {' '.join(map(str, self.hidden))}: every width must be > 0."
+            )
 
 
 # Flags that say where and how a run runs, not what it computes: --resume takes them from its own command line.
@@ -138,7 +146,9 @@ def keep_best(episodes: list[dict], top_pct: float, select: str) -> np.ndarray:
     max(1, floor(X% of the episodes)), as CORL; `timesteps`: the best ones while their steps stay within X% of
     all steps (at least the best one), as the DT paper."""
     returns = np.array([float(ep["rewards"].sum()) for ep in episodes])
-    order = np.argsort(-returns, kind="stable")  # ties: the earlier episode first, so the choice is reproducible
+    order = np.argsort(
+        -returns, kind="stable"
+    )  # ties: the earlier episode first, so the choice is reproducible
     if select == "trajectories":
         return order[: max(1, int(top_pct / 100 * len(episodes)))]
     lengths = np.array([len(ep["rewards"]) for ep in episodes])[order]
@@ -151,7 +161,11 @@ def make_dataset(episodes: list[dict], keep: np.ndarray, normalize: bool, device
     states, or 0 and 1) is the one evaluation uses."""
     obs = np.concatenate([episodes[i]["observations"] for i in keep])
     act = np.concatenate([episodes[i]["actions"] for i in keep])
-    mean, std = (obs.mean(0), obs.std(0) + 1e-3) if normalize else (np.zeros(obs.shape[1]), np.ones(obs.shape[1]))
+    mean, std = (
+        (obs.mean(0), obs.std(0) + 1e-3)
+        if normalize
+        else (np.zeros(obs.shape[1]), np.ones(obs.shape[1]))
+    )
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     return {
         "states": torch.as_tensor((obs - mean) / std, dtype=torch.float32, device=device),
@@ -166,7 +180,9 @@ def make_dataset(episodes: list[dict], keep: np.ndarray, normalize: bool, device
 
 
 class MLPPolicy(nn.Module):
-    def __init__(self, state_dim: int, act_dim: int, hidden: tuple[int, ...], max_action: list[float]):
+    def __init__(
+        self, state_dim: int, act_dim: int, hidden: tuple[int, ...], max_action: list[float]
+    ):
         super().__init__()
         widths, layers = (state_dim, *hidden), []
         for a, b in zip(widths, widths[1:]):
@@ -178,9 +194,13 @@ class MLPPolicy(nn.Module):
         return self.max_action * self.net(states)
 
 
-def update(policy: MLPPolicy, opt, data: dict, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+def update(
+    policy: MLPPolicy, opt, data: dict, batch_size: int, gen: torch.Generator
+) -> torch.Tensor:
     """One Adam step on the mean squared error between the policy's and the dataset's actions."""
-    idx = torch.randint(len(data["states"]), (batch_size,), generator=gen, device=data["states"].device)
+    idx = torch.randint(
+        len(data["states"]), (batch_size,), generator=gen, device=data["states"].device
+    )
     loss = F.mse_loss(policy(data["states"][idx]), data["actions"][idx])
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -203,12 +223,16 @@ def evaluate(policy: MLPPolicy, info: dict, state_stats, args: Args, device) -> 
     returns, lengths, done = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n, dtype=bool)
     policy.eval()
     obs, _ = envs.reset(seed=args.seed + 10_000)
-    bar = tqdm(total=n, desc="evaluate", unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=n, desc="evaluate", unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0
+    )
     t0 = time.time()
     for _ in range(horizon):
         states = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
         obs, r, term, trunc, _ = envs.step(policy(states).cpu().numpy())
-        returns += r * ~done  # a finished episode's slot is reset by the vector env: its steps no longer count
+        returns += (
+            r * ~done
+        )  # a finished episode's slot is reset by the vector env: its steps no longer count
         lengths += ~done
         done |= term | trunc
         bar.update(int(done.sum()) - bar.n)
@@ -220,9 +244,18 @@ def evaluate(policy: MLPPolicy, info: dict, state_stats, args: Args, device) -> 
     envs.close()
     policy.train()
     score = common.normalized_score(info, returns)
-    episodes = {"returns": returns.tolist(), "lengths": lengths.tolist(), "normalized": score.tolist()}
+    episodes = {
+        "returns": returns.tolist(),
+        "lengths": lengths.tolist(),
+        "normalized": score.tolist(),
+    }
     means = {"return_mean": float(returns.mean()), "normalized_mean": float(score.mean())}
-    return {**episodes, **means, "normalized_std": float(score.std()), "eval_env_steps_per_s": lengths.sum() / elapsed}
+    return {
+        **episodes,
+        **means,
+        "normalized_std": float(score.std()),
+        "eval_env_steps_per_s": lengths.sum() / elapsed,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,13 +280,17 @@ def resumed_run_args(cli: Args) -> Args:
     run = Path(cli.resume)
     error = f"error: --resume {run}"
     if (run / "results.json").exists():
-        raise SystemExit(f"{error}: that run has finished (results.json is there); nothing to resume.")
+        raise SystemExit(
+            f"{error}: that run has finished (results.json is there); nothing to resume."
+        )
     try:
         saved = json.loads((run / "config.json").read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError):
         raise SystemExit(f"{error}: no run of {SCRIPT} there (no readable config.json).") from None
     if not (run / "model.pt").is_file():
-        raise SystemExit(f"{error}: no model.pt there yet (stopped before its first save); start again.")
+        raise SystemExit(
+            f"{error}: no model.pt there yet (stopped before its first save); start again."
+        )
     fields = {f.name: f.default for f in dataclasses.fields(Args)}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
     for name, value in asdict(cli).items():
@@ -274,7 +311,9 @@ def load_resume(run_dir: Path, device) -> dict:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         why = f"not a checkpoint torch can read as data ({type(e).__name__})"
-        raise SystemExit(f"error: --resume {run_dir}: its model.pt is {why}; start again.") from None
+        raise SystemExit(
+            f"error: --resume {run_dir}: its model.pt is {why}; start again."
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD or ckpt.get("resume") is None:
         why = f"its model.pt holds no training state of {SCRIPT}"
         raise SystemExit(f"error: --resume {run_dir}: {why}; start again.")
@@ -307,6 +346,20 @@ def prepare(args: Args, device) -> tuple[dict, dict, dict, dict]:
     return info, data, kept, arch | {"max_action": max_action}
 
 
+def check_memory_flags(args: Args, arch: dict, device) -> None:
+    """--batch-size and --eval-episodes against the memory they need, before the run folder is made
+    (common.check_memory). An update keeps about sum(hidden) + 2 max(hidden) + state and action
+    dims values per sample (the ReLU outputs for the backward, two gradients of the widest layer,
+    the batch; 0.96-1.0x of the measured peak RSS rise at 10^5-4 x 10^5 samples, hidden 256 256,
+    1024 and 64 64 64); an evaluation holds its envs and 2 max(hidden) values per episode."""
+    widths, batch, n = arch["hidden"], args.batch_size, args.eval_episodes
+    per_sample = sum(widths) + 2 * max(widths) + arch["state_dim"] + arch["act_dim"]
+    need = 4.0 * batch * per_sample
+    common.check_memory("--batch-size", batch, need, device, "a training update")
+    need = common.eval_env_bytes(n, args.eval_async) + 4.0 * n * 2 * max(widths)
+    common.check_memory("--eval-episodes", n, need, device, "an evaluation")
+
+
 def make_checkpoint(policy, arch, args, info, state_stats, state: dict) -> dict:
     """model.pt: the weights with what evaluating them needs (architecture, dataset facts, state
     scale), and the training state that --resume continues from; plain tensors and dicts."""
@@ -316,35 +369,57 @@ def make_checkpoint(policy, arch, args, info, state_stats, state: dict) -> dict:
     return {"model": policy.state_dict(), **parts, **stats, "resume": state}
 
 
+def synchronize(device) -> None:
+    """Wait for the work queued on the device (CUDA runs ahead of Python; a CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def fit(policy, opt, gen, data, args: Args, run_dir: Path, run_eval, save, state: dict) -> int:
     """args.updates Adam steps, from where a resumed run's `state` left off; evaluations and
     checkpoints on their schedule. A stop signal lets the current update and its log line finish,
-    saves, and exits with the command that continues the run. Returns the updates done."""
+    saves, and exits with the command that continues the run. Returns the updates done.
+    The training clock runs over the updates between two pauses (a log line, an evaluation, a
+    save), each interval closed by a device synchronize: it times the work the device did, not
+    the launches (a GPU runs ahead of Python), and never syncs per update."""
     metrics, clock = run_dir / "metrics.jsonl", state["clock"]
-    done = state["updates_done"]
+    done, device = state["updates_done"], data["states"].device
     logged = trim_metrics(metrics, state["metrics_lines"]) if args.resume else []
     evaluated = {m["step"] for m in logged if "eval_normalized" in m}
     eval_due = lambda n: args.eval_every and n % args.eval_every == 0 and n < args.updates  # noqa: E731
     steps = range(done, args.updates)
     bar = tqdm(steps, "train", args.updates, initial=done, dynamic_ncols=True, mininterval=1)
+    started = None  # when the open interval of updates began; None between intervals
+
+    def close_interval() -> None:
+        synchronize(device)
+        clock["train_time_s"] += time.perf_counter() - started
+
     try:
         if eval_due(done) and done not in evaluated:
             run_eval(done)
         for step in bar:
             with signals_deferred():  # a stop signal waits for the update and its log line
-                t0 = time.time()
+                if started is None:
+                    started = time.perf_counter()
                 loss = update(policy, opt, data, args.batch_size, gen)
                 done = step + 1
-                if step % args.log_every == 0 or done == args.updates:  # .item() syncs the GPU
+                log_due = step % args.log_every == 0 or done == args.updates
+                if log_due:  # .item() syncs the GPU
                     log_metrics(metrics, step=step, loss=loss.item(), loss_action=loss.item())
                     bar.set_postfix(loss=f"{loss.item():.4f}")
-                clock["train_time_s"] += time.time() - t0
+                saving = save_due(done, args.updates, args.eval_every, args.save_every)
+                if log_due or eval_due(done) or saving:
+                    close_interval()
+                    started = None
             if eval_due(done):
                 run_eval(done)
-            if save_due(done, args.updates, args.eval_every, args.save_every):
+            if saving:
                 save(done)
     except KeyboardInterrupt as stop:
         bar.close()
+        if started is not None:
+            close_interval()
         save(done)
         raise SystemExit(stop_note(str(stop) or "Ctrl-C", done, run_dir)) from None
     bar.close()
@@ -357,7 +432,9 @@ def train(args: Args) -> dict:
     device, threads = setup(args)
     ckpt = load_resume(Path(args.resume), device) if args.resume else None
     info, data, kept, arch = prepare(args, device)
+    check_memory_flags(args, arch, device)
     run_dir = Path(args.resume) if args.resume else make_run_dir(args, info)
+    fresh = None if args.resume else run_dir  # removed if it runs out of memory before it logs
     metrics = run_dir / "metrics.jsonl"
     config = {"method": METHOD, "args": asdict(args), "arch": arch, "dataset": info, "kept": kept}
     config |= {"device": str(device), "threads": threads, "git_commit": git_commit()}
@@ -365,9 +442,15 @@ def train(args: Args) -> dict:
     config = record_config(run_dir, config, ckpt["resume"] if ckpt else None)
 
     policy = MLPPolicy(**arch).to(device)
-    opt = torch.optim.Adam(policy.parameters(), lr=args.lr, fused=True)  # one kernel a step (ops.py)
+    opt = torch.optim.Adam(
+        policy.parameters(), lr=args.lr, fused=True
+    )  # one kernel a step (ops.py)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    state = {"updates_done": 0, "metrics_lines": 0, "clock": {"train_time_s": 0.0, "wall_time_s": 0.0}}
+    state = {
+        "updates_done": 0,
+        "metrics_lines": 0,
+        "clock": {"train_time_s": 0.0, "wall_time_s": 0.0},
+    }
     if ckpt is not None:
         policy.load_state_dict(ckpt["model"])
         restore_training_state(ckpt["resume"], opt, None, gen)
@@ -381,7 +464,10 @@ def train(args: Args) -> dict:
     )
 
     def run_eval(step: int) -> dict:
-        res = evaluate(policy, info, data["state_stats"], args, device)
+        with common.out_of_memory(
+            "--eval-episodes", args.eval_episodes, device, "an evaluation", fresh
+        ):
+            res = evaluate(policy, info, data["state_stats"], args, device)
         score = {"eval_return": res["return_mean"], "eval_normalized": res["normalized_mean"]}
         log_metrics(metrics, step=step, eval_normalized_std=res["normalized_std"], **score)
         shown = f"{res['normalized_mean']:.1f} ± {res['normalized_std']:.1f}"
@@ -396,7 +482,8 @@ def train(args: Args) -> dict:
 
     old_handlers = catch_stop_signals()
     try:
-        done = fit(policy, opt, gen, data, args, run_dir, run_eval, save, state)
+        with common.out_of_memory("--batch-size", args.batch_size, device, "an update", fresh):
+            done = fit(policy, opt, gen, data, args, run_dir, run_eval, save, state)
         res = run_eval(done)
     except KeyboardInterrupt as stop:  # in the final evaluation: the model is saved
         why = f"interrupted ({str(stop) or 'Ctrl-C'}) during the final evaluation"

@@ -319,3 +319,48 @@ def test_bc_trains_in_fp32_on_every_machine(tmp_path, hdf5_path, monkeypatch):
     assert res["bf16"] is False and json.loads((Path(res["run_dir"]) / "config.json").read_text())["bf16"] is False
     ckpt = torch.load(Path(res["run_dir"]) / "model.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
+
+
+def test_a_batch_or_eval_episodes_too_large_for_memory_is_refused_before_the_run_folder(
+    tmp_path, hdf5_path, monkeypatch
+):
+    """Issue 25: with 1 GB free (faked), --batch-size 10^6 (hidden 16 16 needs 64 + 11 + 3 values a
+    sample: 0.3 GB, passes) and 10^7 (3.1 GB) and --eval-episodes 10^4 (11 GB of envs) get one
+    line naming the flag, its value and a value that fits; no run folder is made."""
+    monkeypatch.setattr(common, "available_memory", lambda device: 1_000_000_000)
+    with pytest.raises(SystemExit) as refused:
+        bc.train(tiny_args(tmp_path, hdf5_path, batch_size=10**7))
+    assert str(refused.value) == (
+        "error: --batch-size 10000000: a training update needs about 3.1 GB, more than the 1.0 GB of "
+        "memory available on cpu; lower --batch-size (about 3205128 fits) or free memory."
+    )
+    with pytest.raises(SystemExit, match=r"^error: --eval-episodes 10000: an evaluation needs about 11\.0 GB"):
+        bc.train(tiny_args(tmp_path, hdf5_path, eval_episodes=10**4))
+    assert not (tmp_path / "runs").exists()
+    bc.check_memory_flags(tiny_args(tmp_path, hdf5_path, batch_size=10**6), dict(state_dim=11, act_dim=3,
+                          hidden=[16, 16]), torch.device("cpu"))  # fmt: skip
+
+
+def test_out_of_memory_in_the_first_evaluation_is_one_line_and_leaves_no_run_folder(
+    tmp_path, hdf5_path, monkeypatch
+):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(bc, "evaluate", oom)
+    with pytest.raises(SystemExit) as caught:
+        bc.train(tiny_args(tmp_path, hdf5_path))
+    line = str(caught.value)
+    assert line.startswith("error: --eval-episodes 2: out of memory on cpu in an evaluation; lower ")
+    assert line.endswith(" held nothing yet and is removed.") and "\n" not in line
+    assert list((tmp_path / "runs").iterdir()) == []  # the run folder, config.json only, is gone
+
+
+def test_the_training_clock_synchronizes_at_pauses_never_per_update(tmp_path, hdf5_path, monkeypatch):
+    """Issue 28 item 4: the device is synchronized when an interval of updates closes (a log line,
+    an evaluation, a save), here at updates 1, 11, 21 (log lines) and 30 (log, save), not 30 times."""
+    synced = []
+    monkeypatch.setattr(bc, "synchronize", lambda device: synced.append(device))
+    args = tiny_args(tmp_path, hdf5_path, updates=30, log_every=10, eval_every=0, save_every=30)
+    res = bc.train(args)
+    assert len(synced) == 4 and res["train_updates_per_s"] > 0

@@ -1,5 +1,7 @@
+import dataclasses
 import pickle
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,3 +326,132 @@ def test_episode_scores_is_the_summary_every_evaluation_reports():
     assert res["returns"] == [100.0, 300.0] and res["lengths"] == [10, 30] and res["normalized"] == [50.0, 150.0]
     assert res["return_mean"] == 200.0 and res["normalized_mean"] == 100.0 and res["normalized_std"] == 50.0
     assert res["eval_env_steps_per_s"] == 20.0
+
+
+# --- memory-bound flags (issue 25): refused before the run, or caught, in one line ---------------
+
+
+def test_a_flag_that_needs_more_memory_than_there_is_is_one_line(monkeypatch):
+    """A fake machine with 2 GB free: 3 GB needed is refused (3 > 1.2 x 2), naming the flag, its
+    value and a value that fits; 2.3 GB (within the margin) and an unreadable memory pass."""
+    monkeypatch.setattr(common, "available_memory", lambda device: 2_000_000_000)
+    with pytest.raises(SystemExit) as refused:
+        common.check_memory("--batch-size", 4096, 3e9, "cpu", "a training update")
+    assert str(refused.value) == (
+        "error: --batch-size 4096: a training update needs about 3.0 GB, more than the 2.0 GB of "
+        "memory available on cpu; lower --batch-size (about 2730 fits) or free memory."
+    )
+    common.check_memory("--batch-size", 4096, 2.3e9, "cpu", "a training update")
+    monkeypatch.setattr(common, "available_memory", lambda device: None)
+    common.check_memory("--eval-episodes", 10**9, 1e18, "cpu", "an evaluation")
+
+
+def test_available_memory_reads_meminfo_and_a_cgroup_limit(tmp_path):
+    free = common.available_memory("cpu")
+    total = common.read_meminfo("MemTotal")
+    assert free is not None and 0 < free <= total
+    limit, usage, stat = (tmp_path / n for n in ("memory.max", "memory.current", "memory.stat"))
+    limit.write_text("8000000000\n")
+    usage.write_text("3000000000\n")
+    stat.write_text("anon 2000000000\ninactive_file 1000000000\n")
+    assert common.cgroup_free(limit, usage) == 6_000_000_000  # the inactive file cache is reclaimed
+    limit.write_text("max\n")
+    assert common.cgroup_free(limit, usage) is None  # no limit
+    assert common.cgroup_free(tmp_path / "none", usage) is None
+
+
+# One dt.py update in a fresh process: the rise of its peak RSS over the baseline (Linux only).
+MEASURE_UPDATE = """
+import sys, torch, dt
+torch.set_num_threads(1)
+B, K, C, L, h, bf16 = {config}
+def rss(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+arch = dict(state_dim=11, act_dim=3, policy="deterministic", timestep_embedding=True, context_len=K,
+            n_layer=L, n_head=h, n_embd=C, dropout=0.1, max_ep_len=1000, rtg_scale=1000.0)
+model = dt.DecisionTransformer(**arch)
+opt, _ = dt.make_optimizer(model, dt.Args())
+autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+def update(b):
+    gen = torch.Generator().manual_seed(0)
+    x = {{k: torch.randn(b, K, d, generator=gen) for k, d in model.dims.items()}}
+    x["timesteps"], x["mask"] = torch.randint(0, 1000, (b, K)), torch.ones(b, K, dtype=torch.bool)
+    dt.update(model, opt, x, 0.25, autocast)
+update(2)
+base = rss("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM)
+update(B)
+print(rss("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's peak RSS reset")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_training_estimate_is_near_the_measured_peak(bf16):
+    """The estimate's constants, checked again at a configuration they were not fitted on: within
+    0.8-1.2x of the measured peak, so that MEMORY_MARGIN (1.2) refuses only runs that do not fit."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("bf16 is emulated on this CPU; the constants are for native bf16")
+    config = (192, 20, 192, 2, 2, bf16)
+    code = MEASURE_UPDATE.format(config=config)
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    measured = int(run.stdout.strip().splitlines()[-1])
+    B, K, C, L, h, _ = config
+    estimate = common.transformer_bytes(B, 3 * K, C, L, h, bf16=bf16)
+    assert 0.8 < estimate / measured < 1.2, (estimate, measured)
+
+
+@pytest.mark.parametrize("module", ["dt", "mo_dt", "trdt", "bc"])
+def test_the_default_configs_pass_on_a_machine_with_4_gb_free(module, monkeypatch):
+    """Each Chapter 1 method file's defaults (training and evaluation, fp32 and bf16, 10 async
+    envs), estimated as their checks estimate them, and bc.py's own check, pass with 4 GB free."""
+    import importlib
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.setattr(common, "available_memory", lambda device: 4_000_000_000)
+    m = importlib.import_module(module)
+    a = m.Args()
+    if module == "bc":
+        arch = dict(state_dim=17, act_dim=6, hidden=list(a.hidden))
+        return m.check_memory_flags(dataclasses.replace(a, eval_async=True), arch, torch.device("cpu"))
+    tokens, model = len(m.MODALITIES) * a.context_len, (a.n_embd, a.n_layer, a.n_head)
+    for bf16 in (False, True):
+        need = common.transformer_bytes(a.batch_size, tokens, *model, bf16=bf16)
+        common.check_memory("--batch-size", a.batch_size, need, "cpu", "a training update")
+        need = common.transformer_bytes(a.eval_episodes, tokens, *model, bf16=bf16, train=False)
+        need += common.eval_env_bytes(a.eval_episodes, True)
+        common.check_memory("--eval-episodes", a.eval_episodes, need, "cpu", "an evaluation")
+
+
+def test_an_allocation_failure_is_one_line_and_an_unused_run_folder_is_removed(tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as caught:
+        with common.out_of_memory("--batch-size", 10**9, "cpu", "an update", run):
+            torch.empty(2**50, dtype=torch.uint8)  # a petabyte: the CPU allocator refuses it
+    assert str(caught.value) == (
+        f"error: --batch-size {10**9}: out of memory on cpu in an update; lower --batch-size; "
+        f"{run} held nothing yet and is removed."
+    )
+    assert not run.exists()
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(SystemExit, match=f"{run} keeps what it logged"):
+        with common.out_of_memory("--eval-episodes", 10, "cuda:0", "an evaluation", run):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert (run / "metrics.jsonl").exists()
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors pass through
+        with common.out_of_memory("--batch-size", 1, "cpu", "an update", run):
+            raise RuntimeError("shape mismatch")
