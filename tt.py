@@ -169,7 +169,9 @@ class Args:
     fp32, and a bf16 forward can change which action wins; the beam scores are summed in fp32 either
     way"""
     compile: bool = False
-    """torch.compile the model for training (CUDA)"""
+    """torch.compile training: on CUDA the whole update (forward, backward, clip, optimizer step),
+    replayed as CUDA graphs; on a CPU the model. Its time is results.json's compile_time_s (the
+    first 3 updates), apart from the updates/s"""
     threads: int = 0
     """torch CPU threads (0: half of the cores this process may use, at least 1)"""
     checkpoint: Optional[str] = None
@@ -585,16 +587,17 @@ def evaluate(model, disc, facts, planner, n, max_steps, seed, device, autocast, 
     # env steps taken.
     shown = dict(leave=False, dynamic_ncols=True, mininterval=1.0)
     bar = tqdm(total=horizon, desc="evaluate", unit="plan step", **shown)
-    t0 = time.time()
+    t0 = time.perf_counter()
     for t in range(horizon):
         obs_tok = disc.encode(torch.as_tensor(obs, device=device), slice(0, m_s))
         prefix = torch.cat([context.flatten(1), obs_tok], 1)
         alive = torch.as_tensor(~done, device=device)
         act_tok = torch.zeros(n, m_a, dtype=torch.long, device=device)
-        tp = time.time()
+        tp = time.perf_counter()
         with autocast:
             act_tok[alive] = plan(model, disc, prefix[alive], planner, gen)
-        plan_s += time.time() - tp
+        synchronize(device)  # the plan's work, not its launch; the env step waits for it anyway
+        plan_s += time.perf_counter() - tp
         calls += 1
         if hook is not None:
             hook(t, prefix[alive], act_tok[alive], alive)
@@ -616,7 +619,8 @@ def evaluate(model, disc, facts, planner, n, max_steps, seed, device, autocast, 
         bar.set_postfix(episodes=f"{finished}/{n}", env_steps=int(lengths.sum()), refresh=False)
         if done.all():
             break
-    elapsed = time.time() - t0
+    synchronize(device)
+    elapsed = time.perf_counter() - t0  # planning, decoding and env steps: env-steps/s
     bar.close()
     envs.close()
     model.train()
@@ -652,27 +656,33 @@ def train(args: Args) -> dict:
             evaluated = restore_run(run, opt, sched, gen)  # --resume: continue where it stopped
             loss_weights = (args.action_weight, args.reward_weight, args.value_weight)
             weights = token_weights(model, model.block_size, *loss_weights).to(device)
-            fwd = torch.compile(model) if args.compile else model
+            how = ("update" if device.type == "cuda" else "model") if args.compile else "eager"
+            run_update = compiled_update(model, opt, weights, args.grad_clip, autocast, how)
+            watch = Stopwatch(run.clock, device, COMPILE_WARMUP if args.compile else 0)
             steps = range(run.done, args.updates)
             bar = tqdm(steps, "train", args.updates, initial=run.done, dynamic_ncols=True, mininterval=1)
             with saving_on_stop(run, model, disc, opt, sched, gen):  # then say how to resume
                 if eval_due(run.done, args) and run.done not in evaluated:
                     run_eval(run.done)
+                watch.start(run.done)
                 for step in bar:
-                    # a stop signal waits for the update and its log line
-                    with signals_deferred(), timed(run.clock, "train_time_s"):
+                    with signals_deferred():  # a stop signal waits for the update and its log line
                         lr = sched.get_last_lr()[0]  # the rate this update uses
                         batch = sample_batch(data, args.batch_size, args.seq_len, gen)
-                        loss, grad_norm = update(fwd, opt, batch, weights, args.grad_clip, autocast)
+                        loss, grad_norm = run_update(batch)  # update(), compiled with --compile
                         sched.step()
                         run.done = step + 1
-                        # .item() syncs the GPU: only on log lines
-                        if step % args.log_every == 0 or run.done == args.updates:
-                            log_losses(run.metrics, step, {"ce": loss}, grad_norm, lr, bar)
+                        # .item() syncs the GPU: only on log lines, where a timed interval ends
+                        logged = step % args.log_every == 0 or run.done == args.updates
+                        if logged:
+                            log_losses(run.metrics, step, {"ce": loss}, grad_norm, float(lr), bar)
+                        watch.lap(run.done, logged)
                     if eval_due(run.done, args):
-                        run_eval(run.done)
+                        with watch.paused(run.done):
+                            run_eval(run.done)
                     if save_due(run.done, args.updates, args.eval_every, args.save_every):
-                        save_run(run, model, disc, opt, sched, gen)
+                        with watch.paused(run.done):
+                            save_run(run, model, disc, opt, sched, gen)
         res = run_eval(run.done, video=str(run.dir / "video.mp4") if args.capture_video else None)
     return report(run, res, bf16)
 
@@ -982,12 +992,75 @@ def eval_due(n: int, args: Args) -> bool:
     return bool(args.eval_every and n % args.eval_every == 0 and n < args.updates)
 
 
-@contextlib.contextmanager
-def timed(clock: dict, key: str):
-    """Adds the block's seconds to clock[key]."""
-    t0 = time.time()
-    yield
-    clock[key] += time.time() - t0
+def compiled_update(model, opt, weights, grad_clip: float, autocast, how: str):
+    """update() on one batch, as --compile wants it. `how`: "eager" (no --compile); "update" (CUDA):
+    the whole update (forward, backward, clip, optimizer step) compiled and replayed as CUDA graphs
+    (mode reduce-overhead: the batches' shapes never change), with the learning rate a tensor so
+    that the schedule's steps do not recompile; "model" (CPU, which has no CUDA graphs and whose
+    optimizer step is one fused kernel already): only the model compiled."""
+    for group in opt.param_groups:
+        lr = group["lr"]  # a float, or the tensor a compiled CUDA run's checkpoint left
+        group["lr"] = torch.as_tensor(lr, device=weights.device) if how == "update" else float(lr)
+    fixed = {"weights": weights, "grad_clip": grad_clip, "autocast": autocast}
+    if how != "update":
+        return functools.partial(update, torch.compile(model) if how == "model" else model, opt, **fixed)
+    step = torch.compile(functools.partial(update, model, opt, **fixed), mode="reduce-overhead")
+
+    def run(batch: tuple) -> tuple:
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for the graphs' outputs
+        return step(batch)
+
+    return run
+
+
+# --compile: the first updates of a process compile (on CUDA also warm up and record the graphs)
+COMPILE_WARMUP = 3
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA runs asynchronously), so that a clock read after it
+    times the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """The training time in run.clock: train_time_s and timed_updates (the updates/s) grow by
+    intervals that end with the device synchronized, at log lines (whose .item() syncs anyway) and
+    around evaluations and saves (not counted), never per update: on a GPU they time the work, not
+    its launch. The first `warmup` updates (--compile's compilation) count as compile_time_s."""
+
+    def __init__(self, clock: dict, device: torch.device, warmup: int):
+        self.clock, self.device, self.warmup = clock, device, warmup
+        self.t0, self.n0, self.warm_end = 0.0, 0, None
+
+    def start(self, done: int) -> None:
+        if self.warm_end is None:  # the process's first interval
+            self.warm_end = done + self.warmup
+            # a resumed run of before this clock timed every update
+            self.clock.setdefault("timed_updates", done)
+            self.clock.setdefault("compile_time_s", 0.0)
+        synchronize(self.device)
+        self.t0, self.n0 = time.perf_counter(), done
+
+    def lap(self, done: int, due: bool = True) -> None:
+        """Ends the interval at `done` updates when `due`, and always where the warmup ends."""
+        if not due and done != self.warm_end:
+            return
+        synchronize(self.device)
+        now = time.perf_counter()
+        if self.n0 < self.warm_end:
+            self.clock["compile_time_s"] += now - self.t0
+        else:
+            self.clock["train_time_s"] += now - self.t0
+            self.clock["timed_updates"] += done - self.n0
+        self.t0, self.n0 = now, done
+
+    @contextlib.contextmanager
+    def paused(self, done: int):
+        self.lap(done)
+        yield
+        self.start(done)
 
 
 def restore_run(run: Run, opt, sched, gen: torch.Generator) -> set:
@@ -1051,7 +1124,9 @@ def report(run: Run, res: dict, bf16: bool) -> dict:
     args, facts, done, total = run.args, run.facts, run.done, run.parent + run.done
     results = {**run.config, **res, "updates": done, "trained_updates": total}
     results["run_dir"] = str(run.dir)
-    results["train_updates_per_s"] = done / run.clock["train_time_s"] if done else None
+    timed = run.clock.get("timed_updates", done)  # the compiling updates are not counted
+    results["train_updates_per_s"] = timed / run.clock["train_time_s"] if timed else None
+    results["compile_time_s"] = run.clock.get("compile_time_s") if args.compile else None
     results["bf16"] = bf16
     results["plan_bf16"] = bf16 and args.plan_bf16
     results["wall_time_s"] = run.clock["wall_time_s"] + time.time() - run.t_start

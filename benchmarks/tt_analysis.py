@@ -716,12 +716,16 @@ def compute_cost(pi: DTPolicy, tt_model, disc, targs, eps, args: Args, device) -
     prefix = torch.cat([tok[:n_ctx].flatten(), tok[n_ctx, :m_s]])[None]
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    def timed(fn, reps):  # the fastest of `reps` calls: on a shared machine, the one least slowed by others
+    def timed(fn, reps):
+        """The fastest of `reps` calls (on a shared machine, the one least slowed by others), each
+        ended with the device synchronized: the work, not its launch."""
         fn()  # warm-up
         times = []
         for _ in range(reps):
+            tt.synchronize(device)
             t0 = time.perf_counter()
             fn()
+            tt.synchronize(device)
             times.append(time.perf_counter() - t0)
         return min(times)
 
@@ -779,17 +783,21 @@ def paper_speed(episodes, targs, eps, args: Args, device) -> dict:
         tt.update(model, opt, batch, weights, a.grad_clip, contextlib.nullcontext())
 
     step()  # warm-up
+    tt.synchronize(device)  # each timing ends with the device's work done, not just launched
     t0 = time.perf_counter()
     for _ in range(3):
         step()
+    tt.synchronize(device)
     ups = 3 / (time.perf_counter() - t0)
     model.eval()
     ep, m_s, n_ctx = eps[0], ds[0], a.max_context - 1
     joined = np.column_stack([ep["observations"], ep["actions"], ep["rewards"], np.zeros(len(ep["rewards"]))])
     tok = data["disc"].encode(torch.as_tensor(joined[: n_ctx + 1], device=device))
     prefix = torch.cat([tok[:n_ctx].flatten(), tok[n_ctx, :m_s]])[None]
+    tt.synchronize(device)
     t0 = time.perf_counter()
     tt.plan(model, data["disc"], prefix, tt.plan_settings(a), gen)
+    tt.synchronize(device)
     plan_s = time.perf_counter() - t0
     size = {"batch_size": a.batch_size, "n_embd": a.n_embd, "beam_width": a.beam_width, "horizon": a.horizon}
     return {"train_updates_per_s": ups, "plan_s_per_step": plan_s, **size, "threads": torch.get_num_threads()}
