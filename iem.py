@@ -9,8 +9,9 @@ it); --temperature 1 is the paper's Gibbs sampling.
     python iem.py --checkpoint runs/RUN/model.pt --updates 0 --iterations 29   # only plan
     python iem.py --resume runs/RUN  # continue a run stopped by Ctrl-C, SIGTERM or SIGUSR1
 
-What the defaults cost: minutes on a CPU (the first run also collects the bot's demos); the paper levels
-with H=10 and 29 refinements plan at about 16 ms per env step with the energy trace, 3 ms without.
+What the defaults cost: minutes on a CPU (the first run also collects the bot's demos); the paper
+levels with H=10 and 29 refinements plan at about 16 ms per env step with the energy trace, 3 ms
+without.
 
 One file, in reading order: flags, data (minigrid's BabyAI bot), model, loss and update, planning,
 evaluation (IEM against the BC baseline: the same network, one forward, no refinement), training;
@@ -430,7 +431,8 @@ def make_optimizer(model, lr: float, updates: int):
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)  # one kernel a step (ops.py)
+    # fused: one kernel a step (benchmarks/ops.py)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
     warmup = max(1, updates // 20)
 
     def lr_factor(step):
@@ -693,7 +695,7 @@ def train(args: Args) -> dict:
     return report(config, iem, bc, done, parent + done, run_dir, timing)
 
 
-# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------------
+# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------
 
 
 def check_flags(args, positive: str, non_negative: str) -> None:
@@ -823,7 +825,8 @@ def git_commit() -> Optional[str]:
         return None
 
 
-STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}  # PLUMBING: name -> what it is
+# PLUMBING: name -> what it is
+STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}
 STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signals_deferred
 
 
@@ -1110,7 +1113,8 @@ def progress(run_dir: Path, ckpt, resume, opt, sched, gen) -> tuple[int, int, di
     done = resume["updates_done"] if resume else 0
     parent = ckpt.get("trained_updates", 0) - done if ckpt is not None else 0
     clock = {"train_time_s": 0.0, "wall_time_s": 0.0, "timed_updates": done, "compile_time_s": 0.0}
-    clock |= resume["clock"] if resume else {}  # before the timing below: all its updates were timed
+    if resume:  # a run saved before the timing below: all its updates were timed
+        clock |= resume["clock"]
     if resume:
         restore_training_state(resume, opt, sched, gen)
         trim_metrics(run_dir / "metrics.jsonl", resume["metrics_lines"])

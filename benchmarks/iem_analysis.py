@@ -3,9 +3,9 @@ network, one forward, no refinement) over levels and seeds, energy against refin
 attention maps per layer averaged over heads, with the blog's §7.b claims about them measured ("blog
 claim | ours | random-init control | verdict").
 
-    python benchmarks/iem_analysis.py            # the committed results' setup: 2 levels x 2 seeds, ~30 min
-    python benchmarks/iem_analysis.py --quick    # seconds: the whole pipeline on a tiny budget
-    python benchmarks/iem_analysis.py --out benchmarks/results/iem --force  # regenerate the committed ones
+    python benchmarks/iem_analysis.py          # the committed setup: 2 levels x 2 seeds, ~30 min
+    python benchmarks/iem_analysis.py --quick  # seconds: the whole pipeline on a tiny budget
+    python benchmarks/iem_analysis.py --out benchmarks/results/iem --force  # the committed ones
 
 Every claim is judged beside a random-init control (iem.MaskedPlanModel constructed fresh, never
 trained) on the same plan copies, with a margin (benchmarks/attention.py, beyond_control): "holds",
@@ -34,7 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import iem  # noqa: E402
-from attention import CONTROL_SEED, FAILS, HOLDS, UNDECIDED, all_of, beyond_control, random_init  # noqa: E402
+from attention import (  # noqa: E402
+    CONTROL_SEED,
+    FAILS,
+    HOLDS,
+    UNDECIDED,
+    all_of,
+    beyond_control,
+    random_init,
+)
 
 # The blog's words (§7.b, "LEAP Attention Evolution" and the IEM caption), each with the rule that
 # judges it. Every rule also asks the measured effect to reach 1.2x a random-init IEM's (the
@@ -44,25 +52,26 @@ from attention import CONTROL_SEED, FAILS, HOLDS, UNDECIDED, all_of, beyond_cont
 CLAIMS = {
     "layer0_band": (
         "layer 0: a strong vertical band, all queries attend to one key position (~0.7 weight)",
-        "one key takes >= 0.5 of the mean attention row (of all queries, or of the plan tokens alone) "
-        "and >= 1.2x what the control's largest key takes",
+        "one key takes >= 0.5 of the mean attention row (of all queries, or of the plan tokens "
+        "alone) and >= 1.2x what the control's largest key takes",
     ),
     "middle_dual": (
         "middle layers: dual vertical bands",
-        "the top two keys take >= 0.4 together, the second >= half the first and the third < half the "
-        "second; and the top two take >= 1.2x the control's top two",
+        "the top two keys take >= 0.4 together, the second >= half the first and the third < half "
+        "the second; and the top two take >= 1.2x the control's top two",
     ),
     "deep_grid": (
         "deep layers: a distributed grid, no single dominant column",
-        "judged per attention row, not on the mean row (a pure diagonal map has a flat mean row): no key "
-        "takes >= 0.3 of the mean row, the rows spread over >= half the real keys (exp(entropy) per row), and "
-        "they are a pattern, not the untrained uniform: their distance from the uniform row (total "
-        "variation, per row) is >= 1.2x the control's and above it by > 0.05",
+        "judged per attention row, not on the mean row (a pure diagonal map has a flat mean row): "
+        "no key takes >= 0.3 of the mean row, the rows spread over >= half the real keys "
+        "(exp(entropy) per row), and they are a pattern, not the untrained uniform: their distance "
+        "from the uniform row (total variation, per row) is >= 1.2x the control's and above it by "
+        "> 0.05",
     ),
     "past_future": (
         "IEM attends broadly across past AND future",
-        "the predicting (masked) plan token's mass on earlier and on later plan tokens, each against its "
-        "uniform share and averaged over layers: >= 1.2x the control's on both sides",
+        "the predicting (masked) plan token's mass on earlier and on later plan tokens, each "
+        "against its uniform share and averaged over layers: >= 1.2x the control's on both sides",
     ),
 }
 
@@ -104,7 +113,15 @@ class Args:
 
 
 def run_args(a: Args, level: str, seed: int, **kw) -> iem.Args:
-    tiny = {"updates": 4, "collect": 10, "eval_episodes": 2, "n_embd": 16, "n_head": 2, "horizon": 3, "iterations": 2}
+    tiny = {
+        "updates": 4,
+        "collect": 10,
+        "eval_episodes": 2,
+        "n_embd": 16,
+        "n_head": 2,
+        "horizon": 3,
+        "iterations": 2,
+    }
     base = {
         "env": level,
         "seed": seed,
@@ -124,7 +141,9 @@ def plan_inputs(model, args: iem.Args, arch: dict, n: int, seed: int) -> tuple:
     """The single-masked copies of the plans that `model` refines from `n` evaluation start states
     (the inputs whose NLLs make the energy), with their images and mission words."""
     H, M = arch["horizon"], arch["mission_len"]
-    obs = [iem.reset(iem.make_env(args.env), iem.EVAL_SEED_BASE + 1000 * seed + i) for i in range(n)]
+    obs = [
+        iem.reset(iem.make_env(args.env), iem.EVAL_SEED_BASE + 1000 * seed + i) for i in range(n)
+    ]
     images = torch.as_tensor(np.stack([o["image"] for o in obs])).long()
     words = torch.tensor([iem.tokenize(o["mission"], M) for o in obs]).view(n, M)
     model.eval()
@@ -176,9 +195,12 @@ def attention_on(model, images, words, copies, H: int, M: int) -> dict:
     model.eval()
     with recorded_attention(model) as attns:
         model(images, words, copies, copies=H)
-    real = torch.cat([torch.ones(n, 1, dtype=torch.bool), words != 0, torch.ones(n, H, dtype=torch.bool)], 1)
+    real = torch.cat(
+        [torch.ones(n, 1, dtype=torch.bool), words != 0, torch.ones(n, H, dtype=torch.bool)], 1
+    )
     real = real.repeat_interleave(H, 0)  # (n H, T): padded words are no queries, and no keys
-    keys = real[:, None, :].expand(-1, real.shape[1], -1)[real]  # (rows, T): the real keys of each real query
+    # (rows, T): the real keys of each real query
+    keys = real[:, None, :].expand(-1, real.shape[1], -1)[real]
     maps, past, future, n_eff, tv = [], [], [], [], []
     for att in attns:
         a = att.float().mean(1)  # (n H, T, T), averaged over heads
@@ -186,7 +208,8 @@ def attention_on(model, images, words, copies, H: int, M: int) -> dict:
         spread = row_spread(a[real], keys)
         n_eff.append(spread[0])
         tv.append(spread[1])
-        q = a.view(n, H, a.shape[-2], -1)[:, torch.arange(H), 1 + M + torch.arange(H)]  # (n, H, T): copy j, query a_j
+        # (n, H, T): copy j, query a_j
+        q = a.view(n, H, a.shape[-2], -1)[:, torch.arange(H), 1 + M + torch.arange(H)]
         past.append([q[:, j, 1 + M : 1 + M + j].sum(-1).mean().item() for j in range(H)])
         future.append([q[:, j, 2 + M + j :].sum(-1).mean().item() for j in range(H)])
     return {
@@ -216,7 +239,12 @@ def average(maps: list[dict]) -> dict:
     kept."""
     att = {**maps[0], "layers": np.mean([m["layers"] for m in maps], 0).tolist()}
     att["per_seed_layers"] = [m["layers"] for m in maps]
-    for k in ("masked_query_past_mass", "masked_query_future_mass", "row_effective_keys", "row_distance_from_uniform"):
+    for k in (
+        "masked_query_past_mass",
+        "masked_query_future_mass",
+        "row_effective_keys",
+        "row_distance_from_uniform",
+    ):
         att[k] = np.mean([m[k] for m in maps], 0).tolist()
     if "control" in maps[0]:
         att["control"] = average([m["control"] for m in maps])
@@ -247,7 +275,9 @@ def sides(att: dict, H: int) -> tuple[float, float]:
     inner = range(1, H - 1) if H > 2 else range(H)
     uni_p, uni_f = np.mean([j / T for j in inner]), np.mean([(H - 1 - j) / T for j in inner])
     rp = [np.mean([p[j] for j in inner]) / max(uni_p, 1e-9) for p in att["masked_query_past_mass"]]
-    rf = [np.mean([f[j] for j in inner]) / max(uni_f, 1e-9) for f in att["masked_query_future_mass"]]
+    rf = [
+        np.mean([f[j] for j in inner]) / max(uni_f, 1e-9) for f in att["masked_query_future_mass"]
+    ]
     return float(np.mean(rp)), float(np.mean(rf))
 
 
@@ -265,9 +295,10 @@ def judge(att: dict, H: int) -> dict:
     out = {}
     top, top_plan, v = band(maps, H)
     vc = band(cm, H)[2] if ctrl else float("nan")
+    mean_row, plan_row = np.nanmean(maps[0], 0), maps[0, -H:].mean(0)
     out["layer0_band"] = (
-        f"layer 0: key {labels[top]} takes {np.nanmean(maps[0], 0)[top]:.2f} of the mean row; of the plan tokens' mean "
-        f"row, key {labels[top_plan]} takes {maps[0, -H:].mean(0)[top_plan]:.2f}",
+        f"layer 0: key {labels[top]} takes {mean_row[top]:.2f} of the mean row; of the plan "
+        f"tokens' mean row, key {labels[top_plan]} takes {plan_row[top_plan]:.2f}",
         f"largest key {vc:.2f}",
         all_of([HOLDS if v >= 0.5 else FAILS, vs(v, vc)]),
     )
@@ -284,10 +315,14 @@ def judge(att: dict, H: int) -> dict:
     tv = att.get("row_distance_from_uniform", nan)[-1]
     tv_c = ctrl["row_distance_from_uniform"][-1] if ctrl else float("nan")
     out["deep_grid"] = (
-        f"layer {len(maps) - 1}: largest key of the mean row {deep.max():.2f}; per row {n_eff:.1f} effective keys "
-        f"of {T:.0f}, distance from uniform {tv:.2f}",
-        f"per row {ctrl['row_effective_keys'][-1]:.1f} keys, distance {tv_c:.2f}" if ctrl else "not recorded",
-        all_of([HOLDS if deep.max() < 0.3 and n_eff >= T / 2 else FAILS, vs(tv, tv_c, spread=0.05)]),
+        f"layer {len(maps) - 1}: largest key of the mean row {deep.max():.2f}; per row "
+        f"{n_eff:.1f} effective keys of {T:.0f}, distance from uniform {tv:.2f}",
+        f"per row {ctrl['row_effective_keys'][-1]:.1f} keys, distance {tv_c:.2f}"
+        if ctrl
+        else "not recorded",
+        all_of(
+            [HOLDS if deep.max() < 0.3 and n_eff >= T / 2 else FAILS, vs(tv, tv_c, spread=0.05)]
+        ),
     )
     (rp, rf), (cp, cf) = sides(att, H), sides(ctrl, H) if ctrl else (float("nan"),) * 2
     out["past_future"] = (
@@ -297,7 +332,8 @@ def judge(att: dict, H: int) -> dict:
     )
     if not ctrl:
         out = {
-            k: (o, "not recorded (a summary from before the control: rerun)", UNDECIDED) for k, (o, _, _) in out.items()
+            k: (o, "not recorded (a summary from before the control: rerun)", UNDECIDED)
+            for k, (o, _, _) in out.items()
         }
     return {
         k: {"blog": CLAIMS[k][0], "rule": CLAIMS[k][1], "ours": o, "control": c, "verdict": v}
@@ -322,7 +358,9 @@ def figures(summary: dict, out: Path) -> None:
     for i, lv in enumerate(levels):
         for r in summary["levels"][lv]["runs"]:
             ax[0, i].plot(r["energy_per_iteration"], marker=".", label=f"seed {r['seed']}")
-        ax[0, i].set(title=lv, xlabel="refinement iteration", ylabel="plan energy (sum of NLLs, nats)")
+        ax[0, i].set(
+            title=lv, xlabel="refinement iteration", ylabel="plan energy (sum of NLLs, nats)"
+        )
         ax[0, i].legend()
     fig.suptitle(fit("IEM: energy of the plan against iteration (mean over planning calls)", fig))
     fig.tight_layout()
@@ -372,9 +410,8 @@ def main(a: Args) -> dict:
     out = common.output_folder(a.out, "iem_analysis" + ("_quick" if a.quick else ""), a.force)
     if a.from_summary is not None:
         if not Path(a.from_summary).is_file():
-            raise SystemExit(
-                f"error: --from-summary {a.from_summary}: no such file; pass a summary.json of this script."
-            )
+            fix = "pass a summary.json of this script"
+            raise SystemExit(f"error: --from-summary {a.from_summary}: no such file; {fix}.")
         summary = json.loads(Path(a.from_summary).read_text())
         for d in summary["levels"].values():
             d["claims"] = judge(d["attention"], d["runs"][0]["arch"]["horizon"])
@@ -387,12 +424,24 @@ def main(a: Args) -> dict:
             res = iem.train(run_args(a, level, seed))
             ckpt = str(Path(res["run_dir"]) / "model.pt")
             closed = iem.train(
-                run_args(a, level, seed, checkpoint=ckpt, updates=0, replan_every=1, exp_name="iem_replan1")
+                run_args(
+                    a,
+                    level,
+                    seed,
+                    checkpoint=ckpt,
+                    updates=0,
+                    replan_every=1,
+                    exp_name="iem_replan1",
+                )
             )
             model = iem.MaskedPlanModel(**res["arch"])
             model.load_state_dict(iem.load_checkpoint(ckpt, "cpu")["model"])
             control = random_init(iem.MaskedPlanModel, seed=CONTROL_SEED + seed, **res["arch"])
-            maps.append(attention(model, run_args(a, level, seed), res["arch"], a.attention_states, seed, control))
+            maps.append(
+                attention(
+                    model, run_args(a, level, seed), res["arch"], a.attention_states, seed, control
+                )
+            )
             runs.append(
                 {
                     "seed": seed,
@@ -445,20 +494,21 @@ def levels_of(a: Args) -> tuple[str, ...]:
 
 def report(summary: dict) -> None:
     print(
-        "\nlevel | seeds | IEM success | BC success | IEM / BC replanning every step | energy drop | updates/s | "
-        "IEM ms/step | BC ms/step"
+        "\nlevel | seeds | IEM success | BC success | IEM / BC replanning every step | energy drop "
+        "| updates/s | IEM ms/step | BC ms/step"
     )
     for lv, d in summary["levels"].items():
         m, s = d["mean"], [r["seed"] for r in d["runs"]]
-        print(
-            f"{lv} | {s} | {m['iem_success']:.2f} | {m['bc_success']:.2f} | {m['iem_replan1_success']:.2f} / "
-            f"{m['bc_replan1_success']:.2f} | {m['energy_drop']:.2f} | {m['train_updates_per_s']:.2f} | "
-            f"{m['iem_planning_s_per_step'] * 1e3:.2f} | {m['bc_planning_s_per_step'] * 1e3:.2f}"
-        )
+        success = f"{m['iem_success']:.2f} | {m['bc_success']:.2f}"
+        replan = f"{m['iem_replan1_success']:.2f} / {m['bc_replan1_success']:.2f}"
+        speed = f"{m['energy_drop']:.2f} | {m['train_updates_per_s']:.2f}"
+        ms = f"{m['iem_planning_s_per_step'] * 1e3:.2f} | {m['bc_planning_s_per_step'] * 1e3:.2f}"
+        print(f"{lv} | {s} | {success} | {replan} | {speed} | {ms}")
     print("\nblog claim | ours | random-init control | verdict")
     for lv, d in summary["levels"].items():
         for c in d["claims"].values():
-            print(f"{c['blog']} | {lv}: {c['ours']} | {c.get('control', 'not recorded')} | {c['verdict']}")
+            control = c.get("control", "not recorded")
+            print(f"{c['blog']} | {lv}: {c['ours']} | {control} | {c['verdict']}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""iem.py: bot data, masking, the energy and its minimisation, flags, runs end to end. Tiny models, no network."""
+"""iem.py: bot data, masking, the energy and its minimisation, flags, runs end to end. Tiny models,
+no network."""
 
 import dataclasses
 import json
@@ -47,7 +48,13 @@ def demos_path(tmp_path_factory):
 def tiny_model(horizon=4, mission_len=5):
     torch.manual_seed(0)
     return iem.MaskedPlanModel(
-        grid=(7, 7), mission_len=mission_len, horizon=horizon, n_layer=2, n_head=2, n_embd=16, dropout=0.0
+        grid=(7, 7),
+        mission_len=mission_len,
+        horizon=horizon,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        dropout=0.0,
     ).eval()
 
 
@@ -60,8 +67,8 @@ def start_states(n=3, mission_len=5):
 
 
 def test_bot_demonstrations_succeed_and_replay(demos_path):
-    """Every kept episode is the bot's success, and replaying its actions from its seed reproduces the stored
-    observations and ends in success on the last action."""
+    """Every kept episode is the bot's success, and replaying its actions from its seed reproduces
+    the stored observations and ends in success on the last action."""
     with np.load(demos_path) as z:
         d = {k: z[k] for k in z.files}
     assert len(d["lengths"]) == 6 and d["lengths"].sum() == len(d["actions"]) == len(d["images"])
@@ -95,8 +102,9 @@ def test_egocentric_view_centres_and_turns_to_the_agent():
 
 
 def test_mask_never_leaks_the_hidden_token():
-    """Changing an action changes nothing in the copies that hide it (so its own prediction cannot see it), and
-    does change the predictions of the copies where it is visible (so the test can fail)."""
+    """Changing an action changes nothing in the copies that hide it (so its own prediction cannot
+    see it), and does change the predictions of the copies where it is visible (so the test can
+    fail)."""
     model, (images, words) = tiny_model(), start_states()
     plan = torch.tensor([[0, 1, 2, 2], [2, 2, 0, 1], [1, 2, 2, 2]])
     for j in range(4):
@@ -106,7 +114,8 @@ def test_mask_never_leaks_the_hidden_token():
         b, _, _ = iem.single_masks(changed, all_masked=True)
         la, lb = model(images, words, a, copies=C), model(images, words, b, copies=C)
         hides_j = hidden[:, j]
-        assert hides_j.sum() == 2 * len(plan)  # the single copy for position j and the fully masked copy
+        # the single copy for position j and the fully masked copy
+        assert hides_j.sum() == 2 * len(plan)
         torch.testing.assert_close(la[hides_j], lb[hides_j], rtol=0, atol=0)
         assert not torch.allclose(la[~hides_j], lb[~hides_j])
 
@@ -133,8 +142,9 @@ def fixed_batch(demos_path, H=4, mission_len=5, n=32):
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("all_masked", [False, True])
 def test_masked_loss_is_the_mean_nll_of_the_hidden_actions(demos_path, bf16, all_masked):
-    """The loss without boolean-mask indexing (issue 28) equals the formula it replaced, which cut out the
-    hidden actions inside the episode, on a fixed batch, to the rounding of a sum taken in another order."""
+    """The loss without boolean-mask indexing (issue 28) equals the formula it replaced, which cut
+    out the hidden actions inside the episode, on a fixed batch, to the rounding of a sum taken in
+    another order."""
     model, batch = tiny_model(), fixed_batch(demos_path)
     images, words, plan, valid = batch
     assert (~valid).any() and valid.any()  # the batch has padded steps past an episode's end
@@ -147,15 +157,22 @@ def test_masked_loss_is_the_mean_nll_of_the_hidden_actions(demos_path, bf16, all
     torch.testing.assert_close(now, before, rtol=1e-6, atol=0)
 
 
-# Ops that make the host wait for the device: a boolean mask's size (nonzero, masked_select), a value read
-# (item), and a tensor made from host data (torch.tensor: a copy to the device).
-SYNCING = {"aten::nonzero", "aten::masked_select", "aten::item", "aten::_local_scalar_dense", "aten::lift_fresh"}
+# Ops that make the host wait for the device: a boolean mask's size (nonzero, masked_select), a
+# value read (item), and a tensor made from host data (torch.tensor: a copy to the device).
+SYNCING = {
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::item",
+    "aten::_local_scalar_dense",
+    "aten::lift_fresh",
+}
 
 
 def test_a_training_update_never_waits_for_the_device(demos_path):
-    """Issue 28: sampling, forward, loss, backward and clipping of an update run no op that syncs a GPU with
-    the host. Profiled on the CPU, where the same ops run (the optimizer's step is left out: on the CPU its
-    step counters are read with item(), on CUDA they stay on the host without a sync)."""
+    """Issue 28: sampling, forward, loss, backward and clipping of an update run no op that syncs a
+    GPU with the host. Profiled on the CPU, where the same ops run (the optimizer's step is left
+    out: on the CPU its step counters are read with item(), on CUDA they stay on the host without a
+    sync)."""
     from torch.profiler import ProfilerActivity, profile
 
     model = tiny_model().train()
@@ -175,8 +192,9 @@ def seeded(seed: int) -> torch.Generator:
 
 
 class Potts(torch.nn.Module):
-    """A hand-made energy: p(plan) ~ exp(sum_t u[t, a_t] + sum_{s<t} J[a_s, a_t]); its single-site conditionals
-    are exactly what a masked model would give, so the planner's energy is this model's pseudo-likelihood."""
+    """A hand-made energy: p(plan) ~ exp(sum_t u[t, a_t] + sum_{s<t} J[a_s, a_t]); its single-site
+    conditionals are exactly what a masked model would give, so the planner's energy is this model's
+    pseudo-likelihood."""
 
     def __init__(self, H):
         super().__init__()
@@ -186,7 +204,9 @@ class Potts(torch.nn.Module):
         self.J = J + J.T
 
     def forward(self, images, words, plan, copies=1):
-        seen = torch.nn.functional.one_hot(plan.clamp(max=iem.N_ACTIONS), iem.N_ACTIONS + 1)[..., :-1].float()
+        seen = torch.nn.functional.one_hot(plan.clamp(max=iem.N_ACTIONS), iem.N_ACTIONS + 1)[
+            ..., :-1
+        ].float()
         field = seen @ self.J  # (N, H, A): what each visible action adds to every position
         others = field.sum(1, keepdim=True) - field  # a position does not interact with itself
         return self.u + others
@@ -198,12 +218,13 @@ def test_refinement_never_raises_the_energy_on_a_hand_made_model():
     planning = iem.Planning(iterations=25, resample=1, temperature=1.0, accept="lower")
     plan, trace = iem.plan(model, images, words, H, planning, seeded(0))
     assert trace.shape == (B, 26)
-    assert (trace[:, 1:] <= trace[:, :-1]).all()  # each accepted step lowers the energy or leaves it
+    # each accepted step lowers the energy or leaves it
+    assert (trace[:, 1:] <= trace[:, :-1]).all()
     assert (trace[:, -1] < trace[:, 0] - 1e-3).float().mean() > 0.5  # and refinement does lower it
-    torch.testing.assert_close(
-        trace[:, -1], iem.energy(model, images, words, plan)
-    )  # the recorded energy is the plan's
-    # Without the acceptance rule (a plain Gibbs chain) the energy does rise at some steps: the rule is doing work.
+    # the recorded energy is the plan's
+    torch.testing.assert_close(trace[:, -1], iem.energy(model, images, words, plan))
+    # Without the acceptance rule (a plain Gibbs chain) the energy does rise at some steps: the rule
+    # is doing work.
     gibbs = dataclasses.replace(planning, accept="all")
     _, trace_all = iem.plan(model, images, words, H, gibbs, seeded(0))
     assert (trace_all[:, 1:] > trace_all[:, :-1] + 1e-3).any()
@@ -213,9 +234,10 @@ def test_refinement_never_raises_the_energy_on_a_hand_made_model():
 
 
 def test_default_refinement_is_leaps_code_argmax_of_one_re_masked_action_always_kept():
-    """LEAP's code: each iteration re-masks one random action and writes the argmax of its conditional, kept
-    whatever the energy. On the hand-made model that is iterated conditional modes: enough iterations end in
-    a plan where every action is the argmax of its conditional given the others."""
+    """LEAP's code: each iteration re-masks one random action and writes the argmax of its
+    conditional, kept whatever the energy. On the hand-made model that is iterated conditional
+    modes: enough iterations end in a plan where every action is the argmax of its conditional given
+    the others."""
     defaults = iem.Args()
     assert (defaults.temperature, defaults.accept, defaults.resample) == (0.0, "all", 1)
     H, B = 5, 64
@@ -237,8 +259,9 @@ def test_default_refinement_is_leaps_code_argmax_of_one_re_masked_action_always_
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_leaps_rule_evaluates_the_energy_only_for_its_trace(monkeypatch, temperature):
-    """Under --accept all the energy decides nothing: without the trace it is never computed, and the plans
-    are the same (what the untraced planning time measures); --accept lower needs it either way."""
+    """Under --accept all the energy decides nothing: without the trace it is never computed, and
+    the plans are the same (what the untraced planning time measures); --accept lower needs it
+    either way."""
     H, B = 4, 16
     model, images, words = Potts(H), torch.zeros(B, 1), torch.zeros(B, 1, dtype=torch.long)
     calls, real = [], iem.energy
@@ -263,7 +286,8 @@ def door_states(image):
 
 @pytest.mark.parametrize("level", ["GoToObjMazeS4", "GoToObjMazeS7"])
 def test_leap_maze_levels_are_built_with_every_door_open(level, tmp_path):
-    """LEAP's fork builds GoToObjMazeS4 and S7 with doors_open=True; minigrid registers them closed."""
+    """LEAP's fork builds GoToObjMazeS4 and S7 with doors_open=True; minigrid registers them
+    closed."""
     import gymnasium as gym
     from minigrid.wrappers import FullyObsWrapper
 
@@ -282,11 +306,23 @@ def test_leap_maze_levels_are_built_with_every_door_open(level, tmp_path):
 
 def test_a_checkpoint_of_the_closed_door_build_is_refused(tmp_path):
     model = tiny_model()
-    arch = dict(grid=[10, 10], mission_len=5, horizon=4, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
-    ckpt = {"method": "iem", "env": "BabyAI-GoToObjMazeS4-v0", "arch": arch, "model": model.state_dict(), "args": {}}
+    arch = dict(
+        grid=[10, 10], mission_len=5, horizon=4, n_layer=2, n_head=2, n_embd=16, dropout=0.0
+    )
+    ckpt = {
+        "method": "iem",
+        "env": "BabyAI-GoToObjMazeS4-v0",
+        "arch": arch,
+        "model": model.state_dict(),
+        "args": {},
+    }
     torch.save(ckpt, tmp_path / "old.pt")  # written before the doors were open: no env_args
-    with pytest.raises(SystemExit, match=r"built with \{\}, not LEAP's \{'doors_open': True\}; train a new model"):
-        iem.train(tiny_args(tmp_path, env="GoToObjMazeS4", checkpoint=str(tmp_path / "old.pt"), updates=0))
+    with pytest.raises(
+        SystemExit, match=r"built with \{\}, not LEAP's \{'doors_open': True\}; train a new model"
+    ):
+        iem.train(
+            tiny_args(tmp_path, env="GoToObjMazeS4", checkpoint=str(tmp_path / "old.pt"), updates=0)
+        )
     assert not (tmp_path / "runs").exists()
 
 
@@ -314,13 +350,22 @@ def test_bad_flags_exit_with_a_message_naming_the_flag(kw, flag):
 
 
 def test_cli_error_is_one_line_without_traceback():
-    out = subprocess.run([sys.executable, str(ROOT / "iem.py"), "--horizon", "0"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "iem.py"), "--horizon", "0"], capture_output=True, text=True
+    )
     assert out.returncode != 0 and out.stderr.strip() == "error: --horizon 0: must be > 0."
 
 
 def test_presets_and_paper_levels_fill_unset_flags():
     a = iem.Args(env="GoToObjMazeS4")
-    assert (a.horizon, a.iterations, a.replan_every, a.n_embd, a.updates, a.collect) == (10, 29, None, 128, 1600, 500)
+    assert (a.horizon, a.iterations, a.replan_every, a.n_embd, a.updates, a.collect) == (
+        10,
+        29,
+        None,
+        128,
+        1600,
+        500,
+    )
     b = iem.Args(env="BabyAI-PickupLoc-v0", preset="cpu", horizon=4)
     assert (b.horizon, b.iterations, b.n_embd, b.updates) == (4, 9, 64, 1000)
 
@@ -332,25 +377,47 @@ def read_metrics(run_dir):
 def test_end_to_end_deterministic_and_checkpoint_evaluation(tmp_path):
     first = iem.train(tiny_args(tmp_path))
     run = Path(first["run_dir"])
-    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "results.json", "model.pt"}
+    assert {p.name for p in run.iterdir()} == {
+        "config.json",
+        "metrics.jsonl",
+        "results.json",
+        "model.pt",
+    }
     saved = json.loads((run / "results.json").read_text())
-    assert saved["iem"]["success_rate"] == first["iem"]["success_rate"] and len(saved["iem"]["returns"]) == 3
-    assert len(saved["iem"]["energy_per_iteration"]) == 4 and saved["bc"]["energy_per_iteration"] is None
+    assert (
+        saved["iem"]["success_rate"] == first["iem"]["success_rate"]
+        and len(saved["iem"]["returns"]) == 3
+    )
+    assert (
+        len(saved["iem"]["energy_per_iteration"]) == 4
+        and saved["bc"]["energy_per_iteration"] is None
+    )
     assert saved["iem"]["planning_s_per_step_untraced"] > 0 and saved["iem"]["plans"] >= 3
     lines = read_metrics(run)
     assert [m["step"] for m in lines if "loss" in m] == [0, 2, 4, 5] and "iem_success" in lines[-1]
     assert (tmp_path / "data" / f"BabyAI-{LEVEL}-v0__bot12.npz").is_file()  # collected once, cached
 
-    again = iem.train(tiny_args(tmp_path, exp_name="again"))  # same seed: the same run, from the cached demos
+    # same seed: the same run, from the cached demos
+    again = iem.train(tiny_args(tmp_path, exp_name="again"))
     assert read_metrics(again["run_dir"]) == lines
     for k in ("iem", "bc"):
-        assert again[k]["returns"] == first[k]["returns"] and again[k]["lengths"] == first[k]["lengths"]
+        assert (
+            again[k]["returns"] == first[k]["returns"]
+            and again[k]["lengths"] == first[k]["lengths"]
+        )
     assert again["iem"]["energy_per_iteration"] == first["iem"]["energy_per_iteration"]
 
-    # --checkpoint RUN/model.pt --updates 0 evaluates the saved model on the same episodes: the same numbers,
-    # whatever the architecture flags say.
+    # --checkpoint RUN/model.pt --updates 0 evaluates the saved model on the same episodes: the same
+    # numbers, whatever the architecture flags say.
     ev = iem.train(
-        tiny_args(tmp_path, exp_name="eval", checkpoint=str(run / "model.pt"), updates=0, n_embd=64, horizon=5)
+        tiny_args(
+            tmp_path,
+            exp_name="eval",
+            checkpoint=str(run / "model.pt"),
+            updates=0,
+            n_embd=64,
+            horizon=5,
+        )
     )
     assert ev["arch"] == first["arch"] and ev["demos"] == 0 and "__eval-eval__" in ev["run_dir"]
     for k in ("iem", "bc"):
@@ -363,8 +430,12 @@ def test_foreign_checkpoints_and_datasets_are_refused(tmp_path, demos_path):
     other = tmp_path / "other.pt"
     torch.save({"model": {}, "args": {}}, other)
     missing = tmp_path / "missing.pt"
-    for path, words in ((junk, "not a checkpoint torch can read"), (other, "written by another program, not iem.py"),
-                        (missing, "no such file")):  # fmt: skip
+    refused = {
+        junk: "not a checkpoint torch can read",
+        other: "written by another program, not iem.py",
+        missing: "no such file",
+    }
+    for path, words in refused.items():
         with pytest.raises(SystemExit, match=words):
             iem.train(tiny_args(tmp_path, checkpoint=str(path), updates=0))
     with pytest.raises(SystemExit, match="not an .npz of images, actions, lengths, missions"):
@@ -394,15 +465,23 @@ def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, monkeypatch):
         iem.train(tiny_args(tmp_path, env="GoToObjMazeS4R2"))
     (run,) = (tmp_path / "runs").iterdir()
     assert str(stop.value) == (
-        f"interrupted (Ctrl-C): {run / 'model.pt'} holds 2 updates; continue with `python iem.py --resume {run}`, "
-        f"or evaluate it with `python iem.py --checkpoint {run / 'model.pt'} --updates 0`."
+        f"interrupted (Ctrl-C): {run / 'model.pt'} holds 2 updates; continue with "
+        f"`python iem.py --resume {run}`, or evaluate it with "
+        f"`python iem.py --checkpoint {run / 'model.pt'} --updates 0`."
     )
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["trained_updates"] == 2 and ckpt["env"] == "BabyAI-GoToObjMazeS4R2-v0"
     monkeypatch.setattr(iem, "masked_loss", loss)
-    # The checkpoint evaluates alone: its level without --env, its architecture, its training flags on record.
-    res = iem.train(tiny_args(tmp_path, env=None, exp_name="eval", checkpoint=str(run / "model.pt"), updates=0))
-    assert res["env"] == "BabyAI-GoToObjMazeS4R2-v0" and res["updates"] == 0 and len(res["iem"]["returns"]) == 3
+    # The checkpoint evaluates alone: its level without --env, its architecture, its training flags
+    # on record.
+    res = iem.train(
+        tiny_args(tmp_path, env=None, exp_name="eval", checkpoint=str(run / "model.pt"), updates=0)
+    )
+    assert (
+        res["env"] == "BabyAI-GoToObjMazeS4R2-v0"
+        and res["updates"] == 0
+        and len(res["iem"]["returns"]) == 3
+    )
     assert res["trained_with"] == ckpt["args"] and res["arch"] == ckpt["arch"]
 
 
@@ -433,12 +512,15 @@ def fake_wandb(monkeypatch):
 
 def test_track_sends_the_config_every_logged_line_and_the_results(tmp_path, monkeypatch):
     wandb = fake_wandb(monkeypatch)
-    res = iem.train(tiny_args(tmp_path, track=True, wandb_project_name="p", wandb_entity="me", eval_episodes=1))
+    res = iem.train(
+        tiny_args(tmp_path, track=True, wandb_project_name="p", wandb_entity="me", eval_episodes=1)
+    )
     run = Path(res["run_dir"])
     (init,) = wandb.calls["init"]
     assert init["project"] == "p" and init["entity"] == "me" and init["name"] == run.name
     assert init["config"]["args"]["track"] is True and init["config"]["env"] == f"BabyAI-{LEVEL}-v0"
-    assert wandb.calls["log"] == read_metrics(run)  # metrics.jsonl is the record; W&B gets the same history
+    # metrics.jsonl is the record; W&B gets the same history
+    assert wandb.calls["log"] == read_metrics(run)
     assert wandb.calls["summary"]["energy_drop"] == res["energy_drop"] and wandb.calls["finished"]
 
 
@@ -446,6 +528,8 @@ def test_track_without_wandb_is_a_clear_error(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
     with pytest.raises(SystemExit, match=r'--track needs wandb: pip install -e ".\[track\]"'):
         tiny_args(tmp_path, track=True)

@@ -58,7 +58,10 @@ def test_claim_rules_on_hand_made_maps():
     band, dual, grid = maps()
     c = iem_analysis.judge(hand_made([band, dual, grid]), H=4)
     assert [c[k]["verdict"] for k in c] == ["holds"] * 4  # 0.3 on each side, 2.1x the uniform share
-    assert "k6 takes 0.70" in c["layer0_band"]["ours"] and "largest key 0.14" in c["layer0_band"]["control"]
+    assert (
+        "k6 takes 0.70" in c["layer0_band"]["ours"]
+        and "largest key 0.14" in c["layer0_band"]["control"]
+    )
     uniform = np.full((T, T), 1 / T)
     c = iem_analysis.judge(hand_made([uniform, uniform, band], past=0.0), H=4)
     assert [c[k]["verdict"] for k in c] == ["does not hold"] * 4  # and the rules can say no
@@ -70,7 +73,10 @@ def test_a_diagonal_deep_layer_is_no_grid():
     said holds."""
     band, dual, _ = maps()
     c = iem_analysis.judge(hand_made([band, dual, np.eye(T)]), H=4)
-    assert c["deep_grid"]["verdict"] == "does not hold" and "per row 1.0 effective keys" in c["deep_grid"]["ours"]
+    assert (
+        c["deep_grid"]["verdict"] == "does not hold"
+        and "per row 1.0 effective keys" in c["deep_grid"]["ours"]
+    )
 
 
 def test_the_control_decides_what_holds():
@@ -86,9 +92,9 @@ def test_the_control_decides_what_holds():
     assert all(c[k]["verdict"] != "holds" for k in c)
     bare = {k: v for k, v in hand_made(layers).items() if k != "control"}
     c = iem_analysis.judge(bare, H=4)
-    assert {c[k]["verdict"] for k in c} == {"not decidable at this budget"} and "not recorded" in c["layer0_band"][
-        "control"
-    ]
+    assert {c[k]["verdict"] for k in c} == {"not decidable at this budget"} and "not recorded" in c[
+        "layer0_band"
+    ]["control"]
 
 
 def test_quick_pipeline_writes_summary_and_figures(tmp_path):
@@ -101,24 +107,46 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path):
     )
     s = iem_analysis.main(a)
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {"summary.json", "energy.png", "attention.png", "success.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "summary.json",
+        "energy.png",
+        "attention.png",
+        "success.png",
+    }
     saved = json.loads((out / "summary.json").read_text())
     ((level, d),) = saved["levels"].items()
-    assert level == "GoToLocalS7N5" and len(d["runs"]) == 1 and s["levels"][level]["mean"] == d["mean"]
+    assert (
+        level == "GoToLocalS7N5" and len(d["runs"]) == 1 and s["levels"][level]["mean"] == d["mean"]
+    )
     maps = np.array(d["attention"]["layers"])
     T = 1 + d["runs"][0]["arch"]["mission_len"] + d["runs"][0]["arch"]["horizon"]
     assert maps.shape == (3, T, T) and len(d["attention"]["labels"]) == T
-    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)  # every row of every layer is a distribution
-    assert {c["verdict"] for c in d["claims"].values()} <= {"holds", "not decidable at this budget", "does not hold"}
-    control = np.array(d["attention"]["control"]["layers"])  # a random-init model's, on the same plan copies
+    # every row of every layer is a distribution
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+    assert {c["verdict"] for c in d["claims"].values()} <= {
+        "holds",
+        "not decidable at this budget",
+        "does not hold",
+    }
+    # a random-init model's, on the same plan copies
+    control = np.array(d["attention"]["control"]["layers"])
     assert control.shape == maps.shape and not np.allclose(control, maps)
     r = d["runs"][0]
-    assert len(r["energy_per_iteration"]) == 3 and 0 <= r["iem_success"] <= 1 and r["train_updates_per_s"] > 0
+    assert (
+        len(r["energy_per_iteration"]) == 3
+        and 0 <= r["iem_success"] <= 1
+        and r["train_updates_per_s"] > 0
+    )
     # LEAP's rule (iem.py's default, --accept all) may raise the energy; only --accept lower never
     # does
     assert np.isfinite(r["energy_per_iteration"]).all() and r["energy_per_iteration"][0] > 0
-    again = iem_analysis.main(iem_analysis.Args(from_summary=str(out / "summary.json"), out=str(tmp_path / "again")))
-    assert again["levels"][level]["claims"] == d["claims"] and (tmp_path / "again" / "attention.png").is_file()
+    again = iem_analysis.main(
+        iem_analysis.Args(from_summary=str(out / "summary.json"), out=str(tmp_path / "again"))
+    )
+    assert (
+        again["levels"][level]["claims"] == d["claims"]
+        and (tmp_path / "again" / "attention.png").is_file()
+    )
     with pytest.raises(SystemExit, match="holds files; .* --force"):
         iem_analysis.main(iem_analysis.Args(from_summary=str(out / "summary.json"), out=str(out)))
 
@@ -136,12 +164,15 @@ def test_titles_fit_their_figures(tmp_path, monkeypatch):
         iem_analysis.figures(one, tmp_path)
     assert len(drawn) == 6
     for fig in drawn:
-        renderer = FigureCanvasAgg(fig).get_renderer()  # the closed figure's canvas no longer renders
+        # the closed figure's canvas no longer renders
+        renderer = FigureCanvasAgg(fig).get_renderer()
         texts = [fig._suptitle] + [ax.title for ax in fig.axes]
         for t in texts:
             if t is not None and t.get_text():
                 box = t.get_window_extent(renderer)
-                assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, t.get_text()
+                assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, (
+                    t.get_text()
+                )
 
 
 if __name__ == "__main__":
