@@ -15,6 +15,9 @@ rules:
   method's own inputs are counted in the number stated below; a sync per token, layer or beam
   would be many more.
 
+The same rules hold for a run stopped (as by SIGTERM) and continued with --resume on the device
+(the loop rule aside), whose checkpoint brings the optimizer and random states back onto it.
+
 A rule a method file breaks today is marked xfail(strict=True) with the file:line and the fix,
 so that the case turns green (and the mark must go) when it is fixed.
 """
@@ -91,8 +94,10 @@ def checkpoint_args(name: str, kw: dict, model_pt: Path) -> dict:
 
 
 def train_under_standin(module, args):
-    """One in-process run of module.train(args) on the stand-in: (its result, the stand-in)."""
+    """One in-process run of module.train(args) on the stand-in: (its result, the stand-in).
+    The stand-in of the last run, also of one that raised, is train_under_standin.last."""
     with CudaStandIn() as gpu:
+        train_under_standin.last = gpu
         gpu.watch(module)
         result = module.train(module.Args(**args))
     return result, gpu
@@ -104,8 +109,9 @@ def loss_lines(run_dir: Path) -> int:
     return sum(any(k == "loss" or k.startswith("loss_") for k in m) for m in lines)
 
 
-def training_problems(gpu: CudaStandIn, updates: int, logged: int) -> list[str]:
-    """The training rules (module docstring) a run broke, one line each, with the sites."""
+def training_problems(gpu: CudaStandIn, updates: int, logged=None) -> list[str]:
+    """The training rules (module docstring) a run broke, one line each, with the sites;
+    the loop rule only given the number of log lines (`logged`)."""
     problems = []
     if gpu.violations():
         problems.append("violations:\n" + gpu.table(gpu.violations()))
@@ -121,7 +127,7 @@ def training_problems(gpu: CudaStandIn, updates: int, logged: int) -> list[str]:
     busy = gpu.phase_windows["evaluate"] | gpu.phase_windows["save"]
     quiet = sorted({e.window for e in loop} - busy)
     # the last log line follows the last update (window == updates), outside this range
-    if len(quiet) > logged - 1:
+    if logged is not None and len(quiet) > logged - 1:
         where = [e for e in loop if e.window in quiet]
         what = f"syncs after {len(quiet)} updates ({quiet}) but {logged - 1} log lines in between"
         problems.append(what + ":\n" + gpu.table(where))
@@ -211,6 +217,44 @@ def test_evaluation_and_checkpoint_on_cuda_keep_the_rules(name, cuda_runs):
     assert not problems, f"{name}.py evaluation on cuda:\n" + "\n".join(problems)
 
 
+def stopped_and_resumed(module, kw: dict, stop_at: int) -> tuple:
+    """A run stopped (as by SIGTERM) in its `stop_at`-th update call, then continued with
+    --resume; both on the stand-in. Returns the two stand-ins."""
+    real, calls = module.update, {"n": 0}
+
+    def stop(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt("SIGTERM")
+        return real(*args, **kwargs)
+
+    module.update = stop
+    try:
+        with pytest.raises(SystemExit, match="interrupted"):
+            train_under_standin(module, kw)
+    finally:
+        module.update = real
+    (run_dir,) = Path(kw["runs_dir"]).iterdir()
+    _, resumed = train_under_standin(module, {"resume": str(run_dir), "device": "cuda"})
+    return train_under_standin.last, resumed
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_resume_on_cuda_keeps_the_rules(name, tmp_path, hdf5_path):
+    """--resume on a GPU: the checkpoint's optimizer state and random states come back onto
+    the device (torch.load(map_location=cuda)), and must go where CUDA wants them (a
+    generator's state on the host) and keep the updates sync-free."""
+    module = __import__(name)
+    kw = tiny_args(name, tmp_path, hdf5_path) | {"updates": 4, "eval_episodes": 1}
+    kw |= {"eval_every": 0} if "eval_every" in kw else {}
+    kw |= {"inv_updates": 2} if name == "rgdt" else {}
+    stopped, resumed = stopped_and_resumed(module, kw, stop_at=3)
+    assert resumed.updates == 2 and resumed.calls["evaluate"] >= 1
+    problems = [f"stopped run: {p}" for p in training_problems(stopped, stopped.updates)]
+    problems += training_problems(resumed, 2)  # the loop rule: test_training_on_cuda
+    assert not problems, f"{name}.py --resume on cuda:\n" + "\n".join(problems)
+
+
 # --- The stand-in itself: it sees what a GPU would refuse or wait for ----------------------------
 
 
@@ -227,14 +271,13 @@ def test_the_standin_flags_mixing_generators_and_numpy():
         _ = torch.rand(2, generator=cuda_gen)  # a cuda generator for a CPU op
         _ = torch.randint(3, (2,), generator=torch.Generator(), device="cuda")  # the reverse
         _ = x.numpy()  # refused on a GPU
+        _ = np.asarray(x)  # the same
         _ = x.cpu().numpy()  # a copy to the host (a sync), then fine
         cpu_buf = torch.zeros(3)
         cpu_buf.add_(x)  # writes a device result into a host tensor
     kinds = [e.kind for e in gpu.violations()]
-    assert kinds == ["device mismatch", "generator mismatch", "generator mismatch"] + [
-        "numpy of a device tensor",
-        "device mismatch",
-    ]
+    numpy = ["numpy of a device tensor"] * 2
+    assert kinds == ["device mismatch"] + ["generator mismatch"] * 2 + numpy + ["device mismatch"]
     assert all(e.site.startswith("test_cuda_standin.py:") for e in gpu.violations())
     assert [e.kind for e in gpu.syncs()] == ["d2h copy"]
     # all off again
