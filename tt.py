@@ -7,10 +7,10 @@ model and policy by beam search.
     python tt.py --checkpoint runs/RUN/model.pt --updates 0 --beam-width 1   # evaluate, greedy
     python tt.py --resume runs/RUN   # continue a run stopped by Ctrl-C, SIGTERM or SIGUSR1, exactly
 
-What the defaults cost: the TT code's budget (195k-312k updates at 4 layers, 128 wide, batch 256) and
-its planner (beam 128 x horizon 15, about 230 forward passes per env step) are unmeasured on a GPU; on a
-2-core CPU training is 17-26 s per update (40-60 days) and planning 25-37 s per env step (hours per episode).
-For a first look, the CPU preset below.
+What the defaults cost: the TT code's budget (195k-312k updates at 4 layers, 128 wide, batch 256)
+and its planner (beam 128 x horizon 15, about 230 forward passes per env step) are unmeasured on a
+GPU; on a 2-core CPU training is 17-26 s per update (40-60 days) and planning 25-37 s per env step
+(hours per episode). For a first look, the CPU preset below.
 
 CPU preset (about 15 minutes of training on 2 free cores; add --env and --dataset-path as above):
     python tt.py --n-embd 64 --batch-size 32 --seq-len 5 --updates 3000 --warmup-epochs 0.1 \\
@@ -255,7 +255,9 @@ def value_targets(rewards: np.ndarray, discount: float) -> np.ndarray:
     return v
 
 
-def make_dataset(episodes, device, n_bins, discretizer, discount, terminal_penalty, edges=None) -> dict:
+def make_dataset(
+    episodes, device, n_bins, discretizer, discount, terminal_penalty, edges=None
+) -> dict:
     """Tokens (n, m_s + m_a + 2) of all transitions on the device, where each transition's episode
     ends, and the window starts: every step but an episode's last (TT code). `edges`: a
     checkpoint's bins instead of new ones."""
@@ -324,7 +326,10 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(n_embd)
         self.attn = SelfAttention(n_embd, n_head, dropout)
         self.mlp = nn.Sequential(
-            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
+            nn.Linear(n_embd, 4 * n_embd),
+            nn.GELU(),
+            nn.Linear(4 * n_embd, n_embd),
+            nn.Dropout(dropout),
         )
 
     def forward(self, x, allowed, past=None):
@@ -568,7 +573,9 @@ def plan(model, disc: Discretizer, prefix, planner: PlanSettings, gen) -> torch.
 # --- Evaluation: all episodes at once in a vector env; one batched beam search per environment
 # step.
 @torch.no_grad()
-def evaluate(model, disc, facts, planner, n, max_steps, seed, device, autocast, hook=None, video=None) -> dict:
+def evaluate(
+    model, disc, facts, planner, n, max_steps, seed, device, autocast, hook=None, video=None
+) -> dict:
     """n episodes (cut after max_steps, if given), each env step planned for all of them at once.
     hook(t, prefix, action_tokens, alive), if given, sees every planning call (for analyses)."""
     m_s, m_a, D = model.obs_dim, model.act_dim, model.transition_dim
@@ -644,7 +651,9 @@ def train(args: Args) -> dict:
 
     def run_eval(step: int, video=None) -> dict:
         n, max_steps, seed = args.eval_episodes, args.eval_max_steps, args.seed
-        res = evaluate(model, disc, run.facts, planner, n, max_steps, seed, device, plan_autocast, video=video)
+        res = evaluate(
+            model, disc, run.facts, planner, n, max_steps, seed, device, plan_autocast, video=video
+        )
         return log_evaluation(run.metrics, step, res)
 
     with catching_stops(run):  # Ctrl-C, SIGTERM, SIGUSR1: a clean stop, never a traceback
@@ -660,7 +669,9 @@ def train(args: Args) -> dict:
             run_update = compiled_update(model, opt, weights, args.grad_clip, autocast, how)
             watch = Stopwatch(run.clock, device, COMPILE_WARMUP if args.compile else 0)
             steps = range(run.done, args.updates)
-            bar = tqdm(steps, "train", args.updates, initial=run.done, dynamic_ncols=True, mininterval=1)
+            bar = tqdm(
+                steps, "train", args.updates, initial=run.done, dynamic_ncols=True, mininterval=1
+            )
             with saving_on_stop(run, model, disc, opt, sched, gen):  # then say how to resume
                 if eval_due(run.done, args) and run.done not in evaluated:
                     run_eval(run.done)
@@ -687,7 +698,7 @@ def train(args: Args) -> dict:
     return report(run, res, bf16)
 
 
-# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------------
+# --- PLUMBING: run infrastructure, the same in every method file ----------------------------
 # First tt.py's own: the flags' checks, the TT code's settings per dataset, the run's bookkeeping;
 # then the blocks marked PLUMBING, dt.py's byte for byte.
 def check_args(args: Args) -> None:
@@ -698,27 +709,37 @@ def check_args(args: Args) -> None:
     check_flags(args, positive + " eval_episodes log_every", non_negative)
     check_given(args, "horizon beam_width n_epochs_ref max_context eval_max_steps", "updates k_act")
     if args.n_bins < 2:
-        raise SystemExit(f"error: --n-bins {args.n_bins}: must be >= 2; one bin cannot tell two values apart.")
+        raise SystemExit(
+            f"error: --n-bins {args.n_bins}: must be >= 2; one bin cannot tell two values apart."
+        )
     for name in ("dropout", "cdf_act", "cdf_obs"):
         value = getattr(args, name)
         if value is not None and not 0 <= value < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be in [0, 1).")
     if args.n_embd % args.n_head:
-        raise SystemExit(f"error: --n-embd {args.n_embd}: must be divisible by --n-head {args.n_head}.")
+        raise SystemExit(
+            f"error: --n-embd {args.n_embd}: must be divisible by --n-head {args.n_head}."
+        )
     if not 0 < args.discount <= 1:
         raise SystemExit(f"error: --discount {args.discount}: must be in (0, 1].")
     if not 0 <= args.warmup_epochs <= args.decay_epochs:
         raise SystemExit(
-            f"error: --warmup-epochs {args.warmup_epochs}: must be in [0, --decay-epochs {args.decay_epochs}]."
+            f"error: --warmup-epochs {args.warmup_epochs}: must be in "
+            f"[0, --decay-epochs {args.decay_epochs}]."
         )
     if args.max_context is not None and args.checkpoint is None and args.max_context > args.seq_len:
         raise SystemExit(
-            f"error: --max-context {args.max_context}: must be <= --seq-len {args.seq_len}, the trained window."
+            f"error: --max-context {args.max_context}: must be <= --seq-len {args.seq_len}, the "
+            "trained window."
         )
     if args.updates == 0 and args.checkpoint is None and args.resume is None:
-        raise SystemExit("error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one.")
+        raise SystemExit(
+            "error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one."
+        )
     if args.track and importlib.util.find_spec("wandb") is None:
-        raise SystemExit('error: --track needs wandb: pip install -e ".[track]" (or leave out --track).')
+        raise SystemExit(
+            'error: --track needs wandb: pip install -e ".[track]" (or leave out --track).'
+        )
     if args.capture_video and not os.environ.get("DISPLAY"):
         os.environ.setdefault("MUJOCO_GL", "egl")  # before MuJoCo is imported, which reads it once
 
@@ -781,7 +802,9 @@ ARCH = ("n_bins", "discretizer", "seq_len", "n_layer", "n_head", "n_embd", "disc
 # fmt: on
 # Flags that say where and how a run runs, not what it computes: --resume takes them from its own
 # command line.
-RUN_FLAGS = "resume device threads runs_dir track wandb_project_name wandb_entity capture_video".split()
+RUN_FLAGS = (
+    "resume device threads runs_dir track wandb_project_name wandb_entity capture_video".split()
+)
 
 
 def with_base(args: Args) -> Args:
@@ -1003,7 +1026,9 @@ def compiled_update(model, opt, weights, grad_clip: float, autocast, how: str):
         group["lr"] = torch.as_tensor(lr, device=weights.device) if how == "update" else float(lr)
     fixed = {"weights": weights, "grad_clip": grad_clip, "autocast": autocast}
     if how != "update":
-        return functools.partial(update, torch.compile(model) if how == "model" else model, opt, **fixed)
+        return functools.partial(
+            update, torch.compile(model) if how == "model" else model, opt, **fixed
+        )
     step = torch.compile(functools.partial(update, model, opt, **fixed), mode="reduce-overhead")
 
     def run(batch: tuple) -> tuple:
@@ -1074,7 +1099,9 @@ def restore_run(run: Run, opt, sched, gen: torch.Generator) -> set:
     return {m["step"] for m in logged if "eval_normalized" in m}
 
 
-def make_checkpoint(model, disc: Discretizer, arch: dict, args: Args, facts: dict, total: int, state: dict) -> dict:
+def make_checkpoint(
+    model, disc: Discretizer, arch: dict, args: Args, facts: dict, total: int, state: dict
+) -> dict:
     """model.pt: the weights with what evaluating them needs (architecture, bins, dataset facts),
     and the training state that --resume continues from."""
     parts = {"method": METHOD, "arch": arch, "args": asdict(args), "dataset": facts}
@@ -1312,7 +1339,11 @@ def git_commit() -> Optional[str]:
         return None
 
 
-STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}  # PLUMBING: name -> what it is
+STOP_SIGNALS = {
+    "SIGINT": "Ctrl-C",
+    "SIGTERM": "SIGTERM",
+    "SIGUSR1": "SIGUSR1",
+}  # PLUMBING: name -> what it is
 STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signals_deferred
 
 

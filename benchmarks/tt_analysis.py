@@ -1,8 +1,9 @@
 """The blog's DT-versus-TT analyses (blog §7.b-§7.c, issue 17), for DT (dt.py) and TT (tt.py) on one
 dataset.
 
-    python benchmarks/tt_analysis.py --data-dir DIR       # trains DT and TT on DIR/{env}.hdf5, analyses
-    python benchmarks/tt_analysis.py --dataset-path FILE --dt-checkpoint A/model.pt --tt-checkpoint B/model.pt
+    python benchmarks/tt_analysis.py --data-dir DIR   # trains DT and TT on DIR/{env}.hdf5, analyses
+    python benchmarks/tt_analysis.py --dataset-path FILE \
+        --dt-checkpoint A/model.pt --tt-checkpoint B/model.pt
 
 Without --data-dir or --dataset-path the official D4RL file is read (downloaded once), as in the
 method files.
@@ -62,8 +63,12 @@ from attention import (  # noqa: E402
     random_init,
 )  # noqa: E402
 
-PUBLISHED = {"dt": 74.7, "tt": 78.9}  # blog §7.a = TT paper Table 1 means over 9 D4RL locomotion datasets
-RECENT = 2  # "recent steps": at most this many timesteps back (the current step is 0); "old": further back
+PUBLISHED = {
+    "dt": 74.7,
+    "tt": 78.9,
+}  # blog §7.a = TT paper Table 1 means over 9 D4RL locomotion datasets
+# "recent steps": at most this many timesteps back (the current step is 0); "old": further back
+RECENT = 2
 # Claim 2: "tracks" needs at least a tenth of a change in target to show in the return received. A
 # stated floor: one policy's episodes barely differ, so a random-init policy's near-zero slope can
 # have a near-zero spread.
@@ -158,14 +163,19 @@ class Args:
             "controls",
         ):
             if getattr(self, name) <= 0:
-                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be > 0.")
+                raise SystemExit(
+                    f"error: --{name.replace('_', '-')} {getattr(self, name)}: must be > 0."
+                )
         if not 0 < self.track_fraction < 1:
-            raise SystemExit(f"error: --track-fraction {self.track_fraction}: must be in (0, 1), e.g. 0.5.")
+            raise SystemExit(
+                f"error: --track-fraction {self.track_fraction}: must be in (0, 1), e.g. 0.5."
+            )
         if not self.beam_widths or min(self.beam_widths) < 1:
             raise SystemExit(f"error: --beam-widths {self.beam_widths}: give widths >= 1.")
         if self.data_dir is not None and self.dataset_path is not None:
             raise SystemExit(
-                f"error: --data-dir {self.data_dir} and --dataset-path {self.dataset_path}: pass one of them."
+                f"error: --data-dir {self.data_dir} and --dataset-path {self.dataset_path}: pass "
+                "one of them."
             )
 
 
@@ -174,7 +184,10 @@ def dataset_paths(args: Args) -> tuple[str, ...]:
     without both."""
     if args.dataset_path is not None:
         if not Path(args.dataset_path).is_file():
-            raise SystemExit(f"error: --dataset-path {args.dataset_path}: no such file; pass a D4RL-layout .hdf5.")
+            raise SystemExit(
+                f"error: --dataset-path {args.dataset_path}: no such file; pass a D4RL-layout "
+                ".hdf5."
+            )
         return (args.dataset_path,)
     if args.data_dir is not None:
         path = Path(args.data_dir) / f"{args.env}.hdf5"
@@ -187,9 +200,9 @@ def dataset_paths(args: Args) -> tuple[str, ...]:
     return ()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Models: trained here or loaded
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class DTPolicy:
@@ -201,7 +214,11 @@ class DTPolicy:
         self.arch, self.device = arch, device
         self.model = dt.DecisionTransformer(**arch).to(device).eval()
         self.model.load_state_dict(ckpt["model"])
-        self.K, self.scale, self.max_ep_len = (arch["context_len"], arch["rtg_scale"], arch["max_ep_len"])
+        self.K, self.scale, self.max_ep_len = (
+            arch["context_len"],
+            arch["rtg_scale"],
+            arch["max_ep_len"],
+        )
         self.state_dim, self.act_dim = arch["state_dim"], arch["act_dim"]
         self.mean, self.std = (ckpt[k].float().to(device) for k in ("state_mean", "state_std"))
         domain = ckpt["dataset"]["env_id"].split("-")[0].lower()
@@ -211,9 +228,7 @@ class DTPolicy:
     def __call__(self, rtg, states, actions, timesteps):
         """Normalised states, scaled returns-to-go; returns the action means (B, K, m_a)."""
         x = {"rtg": rtg, "states": states, "actions": actions, "timesteps": timesteps}
-        out = self.model(x)
-        preds = out[0] if isinstance(out, tuple) else out  # (preds, attention) before issue 29
-        return preds["action"][0].float()
+        return self.model(x)["action"][0].float()
 
     def attention(self, rtg, states, actions, timesteps) -> tuple:
         """The action means and each block's attention weights (B, n_head, 3K, 3K)."""
@@ -230,8 +245,18 @@ class DTPolicy:
 
 
 def tt_size(ds: dict, targs) -> tuple:
-    """tt.TrajectoryTransformer's arguments for a checkpoint's dataset facts and flags (no dropout)."""
-    return (ds["obs_dim"], ds["act_dim"], targs.n_bins, targs.seq_len, targs.n_layer, targs.n_head, targs.n_embd, 0.0)
+    """tt.TrajectoryTransformer's arguments for a checkpoint's dataset facts and flags (no
+    dropout)."""
+    return (
+        ds["obs_dim"],
+        ds["act_dim"],
+        targs.n_bins,
+        targs.seq_len,
+        targs.n_layer,
+        targs.n_head,
+        targs.n_embd,
+        0.0,
+    )
 
 
 def get_dt(args: Args, paths: tuple, device) -> tuple:
@@ -240,13 +265,21 @@ def get_dt(args: Args, paths: tuple, device) -> tuple:
                     eval_every=0, eval_episodes=2, runs_dir=args.runs_dir, exp_name="dt_analysis",
                     seed=args.seed, threads=args.threads)  # fmt: skip
         res = dt.train(a)
-        ckpt_path, info = (str(Path(res["run_dir"]) / "model.pt"), {"updates_per_s": res["train_updates_per_s"]})
+        ckpt_path, info = (
+            str(Path(res["run_dir"]) / "model.pt"),
+            {"updates_per_s": res["train_updates_per_s"]},
+        )
     else:
         ckpt_path, info = args.dt_checkpoint, {"checkpoint": args.dt_checkpoint}
     ckpt = dt.load_checkpoint(ckpt_path, device)
     policy = DTPolicy(ckpt, device)
     arch = ckpt["arch"]
-    info.update(updates=ckpt["trained_updates"], n_layer=arch["n_layer"], n_head=arch["n_head"], n_embd=arch["n_embd"])
+    info.update(
+        updates=ckpt["trained_updates"],
+        n_layer=arch["n_layer"],
+        n_head=arch["n_head"],
+        n_embd=arch["n_embd"],
+    )
     return policy, info
 
 
@@ -254,19 +287,36 @@ def get_tt(args: Args, paths: tuple, device) -> tuple:
     if args.tt_checkpoint is None:
         a = tt.Args(env=args.env, dataset_path=paths, n_embd=64, batch_size=32, seq_len=5,
                     warmup_epochs=0.1, updates=args.tt_updates, beam_width=1, eval_episodes=1,
-                    eval_max_steps=10, runs_dir=args.runs_dir, exp_name="tt_analysis", seed=args.seed,
-                    threads=args.threads)  # fmt: skip
+                    eval_max_steps=10, runs_dir=args.runs_dir, exp_name="tt_analysis",
+                    seed=args.seed, threads=args.threads)  # fmt: skip
         res = tt.train(a)
-        ckpt_path, info = (str(Path(res["run_dir"]) / "model.pt"), {"updates_per_s": res["train_updates_per_s"]})
+        ckpt_path, info = (
+            str(Path(res["run_dir"]) / "model.pt"),
+            {"updates_per_s": res["train_updates_per_s"]},
+        )
     else:
         ckpt_path, info = args.tt_checkpoint, {"checkpoint": args.tt_checkpoint}
     ckpt = tt.load_checkpoint(ckpt_path, device)
-    plan = {"beam_width": args.beam_width, "horizon": args.horizon, "eval_episodes": args.eval_episodes}
-    plan |= {"eval_max_steps": args.eval_max_steps, "seed": args.seed, "checkpoint": ckpt_path, "updates": 0}
+    plan = {
+        "beam_width": args.beam_width,
+        "horizon": args.horizon,
+        "eval_episodes": args.eval_episodes,
+    }
+    plan |= {
+        "eval_max_steps": args.eval_max_steps,
+        "seed": args.seed,
+        "checkpoint": ckpt_path,
+        "updates": 0,
+    }
     targs = replace(tt.Args(**ckpt["args"]), **plan)
     model = tt.TrajectoryTransformer(*tt_size(ckpt["dataset"], targs))
     model.load_state_dict(ckpt["model"])
-    info.update(updates=ckpt["trained_updates"], n_layer=targs.n_layer, n_head=targs.n_head, n_embd=targs.n_embd)
+    info.update(
+        updates=ckpt["trained_updates"],
+        n_layer=targs.n_layer,
+        n_head=targs.n_head,
+        n_embd=targs.n_embd,
+    )
     return model.to(device).eval(), tt.Discretizer(ckpt["edges"].to(device)), targs, info
 
 
@@ -275,12 +325,15 @@ def controls_of(pi: DTPolicy, tt_model, targs, args: Args, device) -> list[tuple
     --control-seed + i, never trained."""
     size = tt_size({"obs_dim": tt_model.obs_dim, "act_dim": tt_model.act_dim}, targs)
     seeds = [args.control_seed + i for i in range(args.controls)]
-    return [(pi.control(s), random_init(tt.TrajectoryTransformer, *size, seed=s).to(device)) for s in seeds]
+    return [
+        (pi.control(s), random_init(tt.TrajectoryTransformer, *size, seed=s).to(device))
+        for s in seeds
+    ]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Attention weights, captured with forward hooks (the models compute no weights of their own)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def attention_weights(attn, x, allowed, past=None) -> torch.Tensor:
@@ -324,9 +377,9 @@ def tt_attention(model, tokens: torch.Tensor) -> list:
     return weights
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Attention statistics of the action-predicting rows (analyses 3, 4, 5, 7)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class RowStats:
@@ -347,7 +400,10 @@ class RowStats:
         N = A.shape[1]
         mean_rows = A.mean((0, 2))  # (N, Q, T) averaged over layers and heads
         ret_c = ret.cpu()
-        parts = [(mean_rows * m).sum(-1).mean(-1) for m in (ret_c, ~ret_c & (d <= RECENT), ~ret_c & (d > RECENT))]
+        parts = [
+            (mean_rows * m).sum(-1).mean(-1)
+            for m in (ret_c, ~ret_c & (d <= RECENT), ~ret_c & (d > RECENT))
+        ]
         self.alloc[t] = self.alloc.get(t, 0) + torch.stack(parts, -1).sum(0).numpy()
         self.alloc_n[t] = self.alloc_n.get(t, 0) + N
         masks = (ret_c, ~ret_c & (d <= RECENT), ~ret_c & (d > RECENT))
@@ -364,9 +420,13 @@ class RowStats:
         self.ent += H.mean(-1).sum(1).numpy()
         self.ent_norm += (H / logn).mean(-1).sum(1).numpy()
         w = A.masked_fill(~allowed, float("nan"))  # only allowed keys count
-        srt = torch.sort(torch.nan_to_num(w, nan=float("inf")), -1).values  # allowed weights first, ascending
+        srt = torch.sort(
+            torch.nan_to_num(w, nan=float("inf")), -1
+        ).values  # allowed weights first, ascending
         gini = []
-        for q in range(A.shape[3]):  # Gini coefficient of each row's allowed weights: 0 uniform, -> 1 one-hot
+        for q in range(
+            A.shape[3]
+        ):  # Gini coefficient of each row's allowed weights: 0 uniform, -> 1 one-hot
             m = int(n_allowed[q])
             x = srt[..., q, :m]
             i = torch.arange(1, m + 1, dtype=torch.float32)
@@ -375,7 +435,9 @@ class RowStats:
         self.mean_w += torch.nanmean(w, -1).mean((-1, -2)).sum(1).numpy()
         var = torch.nanmean((w - torch.nanmean(w, -1, keepdim=True)) ** 2, -1)  # (L, N, H, Q)
         self.var_w += var.mean((-1, -2)).sum(1).numpy()
-        self.cv2 += (var * n_allowed**2).mean((-1, -2)).sum(1).numpy()  # variance relative to a uniform row's mean
+        self.cv2 += (
+            (var * n_allowed**2).mean((-1, -2)).sum(1).numpy()
+        )  # variance relative to a uniform row's mean
 
     def summary(self) -> dict:
         ts = sorted(self.alloc)
@@ -390,8 +452,12 @@ class RowStats:
             "alloc_labels": ["return tokens", f"recent (<= {RECENT} steps)", "old"],
             "mass_by_distance": dist.tolist(),
             "uniform_by_distance": uni.tolist(),
-            "mean_lookback_steps": float((np.arange(len(dist)) * dist).sum() / max(dist.sum(), 1e-12)),
-            "uniform_lookback_steps": float((np.arange(len(uni)) * uni).sum() / max(uni.sum(), 1e-12)),
+            "mean_lookback_steps": float(
+                (np.arange(len(dist)) * dist).sum() / max(dist.sum(), 1e-12)
+            ),
+            "uniform_lookback_steps": float(
+                (np.arange(len(uni)) * uni).sum() / max(uni.sum(), 1e-12)
+            ),
             "entropy": (self.ent / n).tolist(),
             "entropy_normalized": (self.ent_norm / n).tolist(),
             "gini": (self.gini / n).tolist(),
@@ -402,21 +468,29 @@ class RowStats:
         }
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Rollouts: DT (its return rule, attention and R-hat recorded) and TT (tt.evaluate with a hook)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def dt_rollouts(pi: DTPolicy, info, args: Args, device, control: Optional[DTPolicy] = None, target=None) -> dict:
+def dt_rollouts(
+    pi: DTPolicy, info, args: Args, device, control: Optional[DTPolicy] = None, target=None
+) -> dict:
     """DT's evaluation (dt.evaluate's loop) conditioned on `target` (default DT's), recording R-hat,
     the states visited and the attention of every step; with `control`, also the control's attention
     on the very same contexts (key control_stats)."""
     n, K = args.eval_episodes, pi.K
     envs, horizon = dt.make_eval_envs(info, n, asynchronous=False)
     horizon = min(args.eval_max_steps, horizon)
-    low, high = (torch.as_tensor(b[0], device=device) for b in (envs.action_space.low, envs.action_space.high))
-    S, A = (torch.zeros(n, horizon, pi.state_dim, device=device), torch.zeros(n, horizon, pi.act_dim, device=device))
+    low, high = (
+        torch.as_tensor(b[0], device=device)
+        for b in (envs.action_space.low, envs.action_space.high)
+    )
+    S, A = (
+        torch.zeros(n, horizon, pi.state_dim, device=device),
+        torch.zeros(n, horizon, pi.act_dim, device=device),
+    )
     R = torch.zeros(n, horizon, 1, device=device)
     T = torch.arange(horizon, device=device).clamp(max=pi.max_ep_len - 1).expand(n, -1)
     target = pi.target if target is None else target
@@ -430,7 +504,10 @@ def dt_rollouts(pi: DTPolicy, info, args: Args, device, control: Optional[DTPoli
         x = (R[:, ctx], S[:, ctx], A[:, ctx], T[:, ctx])
         act, atts = pi.attention(*x)
         k = t + 1 - ctx.start
-        row, keys = (3 * (k - 1) + 1, torch.arange(3 * k, device=device))  # the current state token predicts a_t
+        row, keys = (
+            3 * (k - 1) + 1,
+            torch.arange(3 * k, device=device),
+        )  # the current state token predicts a_t
         alive = torch.as_tensor(~done, device=device)
         where = ((keys <= row)[None], keys // 3, k - 1, keys % 3 == 0)
         stats.add(t, [a[alive][:, :, row : row + 1] for a in atts], *where)
@@ -443,24 +520,38 @@ def dt_rollouts(pi: DTPolicy, info, args: Args, device, control: Optional[DTPoli
         done |= term | trunc
         if done.all() or t + 1 == horizon:
             break
-        R[:, t + 1] = R[:, t] - torch.as_tensor(r, device=device, dtype=torch.float32)[:, None] / pi.scale  # DT's rule
+        R[:, t + 1] = (
+            R[:, t] - torch.as_tensor(r, device=device, dtype=torch.float32)[:, None] / pi.scale
+        )  # DT's rule
     envs.close()
     rhat = [(R[i, : lengths[i], 0] * pi.scale).cpu().numpy() for i in range(n)]
     togo = [np.cumsum(rewards[i, : lengths[i]][::-1])[::-1] for i in range(n)]
     visited = [(S[i, : lengths[i]] * pi.std + pi.mean).cpu().numpy() for i in range(n)]
-    out = {"returns": rewards.sum(1), "lengths": lengths, "rhat": rhat, "togo": togo, "states": visited}
+    out = {
+        "returns": rewards.sum(1),
+        "lengths": lengths,
+        "rhat": rhat,
+        "togo": togo,
+        "states": visited,
+    }
     out |= {"stats": stats.summary(), "target": target}
     return out | ({"control_stats": cstats.summary()} if control is not None else {})
 
 
-def tt_rollouts(model, disc, targs: tt.Args, info, args: Args, device, beam: bool, control=None) -> dict:
+def tt_rollouts(
+    model, disc, targs: tt.Args, info, args: Args, device, beam: bool, control=None
+) -> dict:
     """tt.evaluate with a hook that records the attention of the action-predicting rows and the
     observations visited (decoded from their tokens); with `control`, also the control's attention
     on the very same inputs (key control_stats)."""
     run_args = replace(targs, beam_width=args.beam_width if beam else 1)
     shape = (len(model.blocks), model.blocks[0].attn.n_head, run_args.max_context - 1)
     stats, cstats = RowStats(*shape), RowStats(*shape)
-    n_tok, m_s, m_a = model.transition_dim, model.obs_dim, model.act_dim  # n_tok: tokens per transition
+    n_tok, m_s, m_a = (
+        model.transition_dim,
+        model.obs_dim,
+        model.act_dim,
+    )  # n_tok: tokens per transition
     visited = [[] for _ in range(run_args.eval_episodes)]
 
     def hook(t, prefix, act_tok, alive):
@@ -470,23 +561,31 @@ def tt_rollouts(model, disc, targs: tt.Args, info, args: Args, device, beam: boo
         rows = torch.arange(P - 1, P - 1 + m_a, device=device)
         allowed = (keys[None] <= rows[:, None]) & (keys % n_tok != n_tok - 1)[None]
         where = (allowed, keys // n_tok, (P - 1) // n_tok, keys % n_tok == n_tok - 2)
-        for net, rec in ((model, stats), (control, cstats)) if control is not None else ((model, stats),):
+        for net, rec in (
+            ((model, stats), (control, cstats)) if control is not None else ((model, stats),)
+        ):
             atts = tt_attention(net, x)
             rec.add(t, [a[:, :, P - 1 :] for a in atts], *where)
         obs = disc.decode(prefix[:, -m_s:], slice(0, m_s)).cpu().numpy()
         for i, o in zip(alive.nonzero()[:, 0].tolist(), obs):
             visited[i].append(o)
 
-    planner, n, max_steps = (tt.plan_settings(run_args), run_args.eval_episodes, run_args.eval_max_steps)
+    planner, n, max_steps = (
+        tt.plan_settings(run_args),
+        run_args.eval_episodes,
+        run_args.eval_max_steps,
+    )
     off = contextlib.nullcontext()
-    res = tt.evaluate(model, disc, info, planner, n, max_steps, run_args.seed, device, off, hook=hook)
+    res = tt.evaluate(
+        model, disc, info, planner, n, max_steps, run_args.seed, device, off, hook=hook
+    )
     out = {**res, "stats": stats.summary(), "states": [np.array(v) for v in visited]}
     return out | ({"control_stats": cstats.summary()} if control is not None else {})
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Attention maps on dataset windows (analysis 1)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def stripe_score(m: np.ndarray, far: np.ndarray) -> float:
@@ -498,7 +597,9 @@ def stripe_score(m: np.ndarray, far: np.ndarray) -> float:
     return float(np.sort(col)[::-1][:top].sum() / max(col.sum(), 1e-12))
 
 
-def map_metrics(maps: np.ndarray, allowed: np.ndarray, step: np.ndarray, ret: np.ndarray, kind=None) -> dict:
+def map_metrics(
+    maps: np.ndarray, allowed: np.ndarray, step: np.ndarray, ret: np.ndarray, kind=None
+) -> dict:
     """maps (L, T, T) head-mean attention; allowed (T, T); step (T,) timestep of each token; ret
     (T,) return tokens; kind (T,) a name per token. local: mass within the same or previous timestep
     (diagonal band). stripe: stripe_score over the far attention (>= 2 steps back); vertical stripes
@@ -508,19 +609,29 @@ def map_metrics(maps: np.ndarray, allowed: np.ndarray, step: np.ndarray, ret: np
     d = step[:, None] - step[None, :]
     near, far = allowed & (d <= 1), allowed & (d >= 2)
     kind = np.array(["token"] * len(step)) if kind is None else np.asarray(kind)
-    out = {"local": [], "stripe": [], "return_far_share": [], "far_share_by_kind": {k: [] for k in dict.fromkeys(kind)}}
+    out = {
+        "local": [],
+        "stripe": [],
+        "return_far_share": [],
+        "far_share_by_kind": {k: [] for k in dict.fromkeys(kind)},
+    }
     for m in maps:
         for k in out["far_share_by_kind"]:
-            out["far_share_by_kind"][k].append(float((m * far * (kind == k)[None]).sum() / max((m * far).sum(), 1e-12)))
+            out["far_share_by_kind"][k].append(
+                float((m * far * (kind == k)[None]).sum() / max((m * far).sum(), 1e-12))
+            )
         out["local"].append(float((m * near).sum(1).mean()))
         out["stripe"].append(stripe_score(m, far))
-        out["return_far_share"].append(float((m * far * ret[None]).sum() / max((m * far).sum(), 1e-12)))
+        out["return_far_share"].append(
+            float((m * far * ret[None]).sum() / max((m * far).sum(), 1e-12))
+        )
     uniform = allowed / np.maximum(allowed.sum(1, keepdims=True), 1)
     out["local_uniform"] = float((uniform * near).sum(1).mean())
     out["stripe_uniform"] = stripe_score(uniform, far)
     out["return_share_uniform"] = float((far * ret[None]).sum() / max(far.sum(), 1))
     out["far_share_by_kind_uniform"] = {
-        k: float((far * (kind == k)[None]).sum() / max(far.sum(), 1)) for k in out["far_share_by_kind"]
+        k: float((far * (kind == k)[None]).sum() / max(far.sum(), 1))
+        for k in out["far_share_by_kind"]
     }
     return out
 
@@ -531,7 +642,9 @@ def head_mean(atts) -> np.ndarray:
 
 
 @torch.no_grad()
-def attention_maps(pi: DTPolicy, tt_model, tt_disc, targs, episodes, args: Args, device, controls: tuple) -> dict:
+def attention_maps(
+    pi: DTPolicy, tt_model, tt_disc, targs, episodes, args: Args, device, controls: tuple
+) -> dict:
     """Head-mean maps of every row on the same kind of input for both: dataset windows of each
     model's training length (DT: context_len steps; TT: seq_len transitions) that lie inside one
     episode; and the random-init controls' (DT's, TT's) maps on the very same windows."""
@@ -553,7 +666,12 @@ def attention_maps(pi: DTPolicy, tt_model, tt_disc, targs, episodes, args: Args,
     tok2 = np.arange(T2)
     allowed2 = np.tril(np.ones((T2, T2), bool)) & (tok2 % n_tok != n_tok - 1)[None]
     dt_where = (np.tril(np.ones((T, T), bool)), tok // 3, tok % 3 == 0, DT_KINDS[tok % 3])
-    tt_where = (allowed2, tok2 // n_tok, tok2 % n_tok == n_tok - 2, tt_kinds(tt_model)[tok2 % n_tok])
+    tt_where = (
+        allowed2,
+        tok2 // n_tok,
+        tok2 % n_tok == n_tok - 2,
+        tt_kinds(tt_model)[tok2 % n_tok],
+    )
     return {
         "dt_maps": dt_maps,
         "tt_maps": tt_maps,
@@ -565,9 +683,9 @@ def attention_maps(pi: DTPolicy, tt_model, tt_disc, targs, episodes, args: Args,
     }
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Error propagation (analysis 6)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Our definition (the blog gives none), measured two ways. (a) On logged states: replay logged
 # dataset episodes; at every step t the model predicts a_t from a context whose states and rewards
 # (DT: returns-to-go) are the logged ones and whose past actions are either the logged ones
@@ -585,7 +703,9 @@ def attention_maps(pi: DTPolicy, tt_model, tt_disc, targs, episodes, args: Args,
 def replay_episodes(episodes, args: Args) -> list[dict]:
     long = [ep for ep in episodes if len(ep["rewards"]) >= args.error_steps]
     if not long:
-        raise SystemExit(f"error: --error-steps {args.error_steps}: no episode of the dataset is that long.")
+        raise SystemExit(
+            f"error: --error-steps {args.error_steps}: no episode of the dataset is that long."
+        )
     rng = np.random.default_rng(args.seed)
     pick = rng.choice(len(long), size=min(args.error_episodes, len(long)), replace=False)
     return [long[i] for i in sorted(pick)]
@@ -606,7 +726,9 @@ def dt_replay(pi: DTPolicy, eps, args: Args, device, self_fed: bool) -> np.ndarr
     err = np.zeros((len(eps), T))
     for t in range(T):
         lo = max(0, t - K + 1)
-        pred = pi(R[:, lo : t + 1], S[:, lo : t + 1], A_in[:, lo : t + 1], steps[:, lo : t + 1])[:, -1]
+        pred = pi(R[:, lo : t + 1], S[:, lo : t + 1], A_in[:, lo : t + 1], steps[:, lo : t + 1])[
+            :, -1
+        ]
         err[:, t] = ((pred - A[:, t]) ** 2).mean(-1).cpu().numpy()
         if self_fed:
             A_in[:, t] = pred
@@ -614,27 +736,42 @@ def dt_replay(pi: DTPolicy, eps, args: Args, device, self_fed: bool) -> np.ndarr
 
 
 @torch.no_grad()
-def tt_replay(model, disc, targs, eps, args: Args, device, self_fed: bool, beam: bool) -> np.ndarray:
+def tt_replay(
+    model, disc, targs, eps, args: Args, device, self_fed: bool, beam: bool
+) -> np.ndarray:
     """Per-step errors (episodes, steps) of TT's greedy prediction; self-fed contexts hold the
     greedy choices, or with `beam` the beam search's."""
     T, m_s, m_a = args.error_steps, model.obs_dim, model.act_dim
     greedy = tt.plan_settings(replace(targs, beam_width=1))
-    steer = tt.plan_settings(replace(targs, beam_width=args.beam_width)) if beam and self_fed else None
+    steer = (
+        tt.plan_settings(replace(targs, beam_width=args.beam_width)) if beam and self_fed else None
+    )
     obs = disc.encode(stack([ep["observations"][:T] for ep in eps], device), slice(0, m_s))
     act_data = stack([ep["actions"][:T] for ep in eps], device)
     act = disc.encode(act_data, slice(m_s, m_s + m_a))
-    rew = disc.encode(stack([ep["rewards"][:T, None] for ep in eps], device), slice(m_s + m_a, m_s + m_a + 1))
+    rew = disc.encode(
+        stack([ep["rewards"][:T, None] for ep in eps], device), slice(m_s + m_a, m_s + m_a + 1)
+    )
     gen = torch.Generator(device=device).manual_seed(args.seed)
     context = torch.zeros(len(eps), 0, model.transition_dim, dtype=torch.long, device=device)
     err = np.zeros((len(eps), T))
     for t in range(T):
         prefix = torch.cat([context.flatten(1), obs[:, t]], 1)
         pred = tt.plan(model, disc, prefix, greedy, gen)
-        err[:, t] = ((disc.decode(pred, slice(m_s, m_s + m_a)) - act_data[:, t]) ** 2).mean(-1).cpu().numpy()
-        chosen = (tt.plan(model, disc, prefix, steer, gen) if steer else pred) if self_fed else act[:, t]
+        err[:, t] = (
+            ((disc.decode(pred, slice(m_s, m_s + m_a)) - act_data[:, t]) ** 2)
+            .mean(-1)
+            .cpu()
+            .numpy()
+        )
+        chosen = (
+            (tt.plan(model, disc, prefix, steer, gen) if steer else pred) if self_fed else act[:, t]
+        )
         step = torch.cat([obs[:, t], chosen, rew[:, t], torch.zeros_like(rew[:, t])], 1)
         context = torch.cat([context, step[:, None]], 1)
-        context = context[:, context.shape[1] - min(context.shape[1], targs.max_context - 1) :]  # as tt.evaluate
+        context = context[
+            :, context.shape[1] - min(context.shape[1], targs.max_context - 1) :
+        ]  # as tt.evaluate
     return err
 
 
@@ -645,13 +782,17 @@ def growth(err: np.ndarray) -> float:
     return float(err[:, -q:].mean() / max(err[:, :q].mean(), 1e-12))
 
 
-def drift(visited: list, reference: np.ndarray, mean: np.ndarray, std: np.ndarray) -> list[np.ndarray]:
+def drift(
+    visited: list, reference: np.ndarray, mean: np.ndarray, std: np.ndarray
+) -> list[np.ndarray]:
     """Per episode, each visited state's Euclidean distance from its nearest reference (dataset)
     state, both normalised by the dataset's state mean and std."""
     ref = torch.as_tensor((reference - mean) / std, dtype=torch.float32)
     out = []
     for states in visited:
-        x = torch.as_tensor((np.asarray(states).reshape(-1, len(mean)) - mean) / std, dtype=torch.float32)
+        x = torch.as_tensor(
+            (np.asarray(states).reshape(-1, len(mean)) - mean) / std, dtype=torch.float32
+        )
         d = [torch.cdist(c, ref).min(1).values.numpy() for c in x.split(512)]
         out.append(np.concatenate(d) if d else np.zeros(0))
     return out
@@ -678,7 +819,9 @@ def mean_diff(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """mean(x) - mean(y) over episodes and its variance (inf with fewer than two episodes each)."""
     if len(x) < 2 or len(y) < 2:
         return (np.mean(x) - np.mean(y) if len(x) and len(y) else np.nan), np.inf
-    return float(np.mean(x) - np.mean(y)), float(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y))
+    return float(np.mean(x) - np.mean(y)), float(
+        np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y)
+    )
 
 
 def control_spread(values: list[float], variances: list[float]) -> tuple[float, float]:
@@ -697,12 +840,16 @@ def more_than(a: np.ndarray, b: np.ndarray, controls: list[tuple]) -> tuple[str,
     o, so = mean_diff(a, b)
     c, sc = control_spread(*zip(*(mean_diff(a_c, b_c) for a_c, b_c in controls)))
     spread = max(np.log(MARGIN), 2 * np.sqrt(so + sc))
-    return (beyond_control(o, c, neutral=0.0, factor=1.0, spread=spread), float(np.exp(o)), float(np.exp(c)))
+    return (
+        beyond_control(o, c, neutral=0.0, factor=1.0, spread=spread),
+        float(np.exp(o)),
+        float(np.exp(c)),
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Compute cost (analysis 8)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -711,7 +858,9 @@ def compute_cost(pi: DTPolicy, tt_model, disc, targs, eps, args: Args, device) -
     per 1000-step episode; DT: one forward at its full context per step."""
     ep, m_s = eps[0], tt_model.obs_dim
     n_ctx = targs.max_context - 1
-    joined = np.column_stack([ep["observations"], ep["actions"], ep["rewards"], np.zeros(len(ep["rewards"]))])
+    joined = np.column_stack(
+        [ep["observations"], ep["actions"], ep["rewards"], np.zeros(len(ep["rewards"]))]
+    )
     tok = disc.encode(torch.as_tensor(joined[: n_ctx + 1], device=device))
     prefix = torch.cat([tok[:n_ctx].flatten(), tok[n_ctx, :m_s]])[None]
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -731,14 +880,23 @@ def compute_cost(pi: DTPolicy, tt_model, disc, targs, eps, args: Args, device) -
 
     planner = tt.plan_settings(targs)
     tt_s = {
-        k: timed(lambda k=k: tt.plan(tt_model, disc, prefix, replace(planner, beam_width=k), gen), args.cost_reps)
+        k: timed(
+            lambda k=k: tt.plan(tt_model, disc, prefix, replace(planner, beam_width=k), gen),
+            args.cost_reps,
+        )
         for k in args.beam_widths
     }
     k_nc = max(k for k in args.beam_widths if k <= max(8, min(args.beam_widths)))
-    no_cache = timed(lambda: tt.plan(tt_model, disc, prefix, replace(planner, beam_width=k_nc, kv_cache=False), gen), 2)
+    no_cache = timed(
+        lambda: tt.plan(
+            tt_model, disc, prefix, replace(planner, beam_width=k_nc, kv_cache=False), gen
+        ),
+        2,
+    )
     K = pi.K
     x = (torch.zeros(1, K, 1, device=device), torch.zeros(1, K, pi.state_dim, device=device),
-         torch.zeros(1, K, pi.act_dim, device=device), torch.arange(K, device=device)[None])  # fmt: skip
+         torch.zeros(1, K, pi.act_dim, device=device),
+         torch.arange(K, device=device)[None])  # fmt: skip
     dt_s = timed(lambda: pi(*x), 10 * args.cost_reps)
     ks = np.array([k for k in args.beam_widths if k >= 2], dtype=float)
     fit = {}
@@ -757,7 +915,11 @@ def compute_cost(pi: DTPolicy, tt_model, disc, targs, eps, args: Args, device) -
         "tt_s_per_step": {str(k): v for k, v in tt_s.items()},
         "dt_s_per_step": dt_s,
         "fit_k_ge_2": fit,
-        "no_kv_cache": {"k": k_nc, "s_per_step": no_cache, "speedup_of_cache": no_cache / tt_s[k_nc]},
+        "no_kv_cache": {
+            "k": k_nc,
+            "s_per_step": no_cache,
+            "speedup_of_cache": no_cache / tt_s[k_nc],
+        },
         "horizon": targs.horizon,
         "n_expand": targs.n_expand,
         "episode_steps": 1000,
@@ -769,12 +931,20 @@ def paper_speed(episodes, targs, eps, args: Args, device) -> dict:
     transitions): updates per second of training and seconds of one planning call with the paper's
     search (beam 128 x 2, horizon 15). The weights are random: speed does not depend on them."""
     a = tt.with_base(tt.Args(updates=1))  # the TT code's base planning settings, resolved
-    data = tt.make_dataset(episodes, device, a.n_bins, a.discretizer, a.discount, a.terminal_penalty)
+    data = tt.make_dataset(
+        episodes, device, a.n_bins, a.discretizer, a.discount, a.terminal_penalty
+    )
     ds = (episodes[0]["observations"].shape[1], episodes[0]["actions"].shape[1])
-    model = tt.TrajectoryTransformer(*ds, a.n_bins, a.seq_len, a.n_layer, a.n_head, a.n_embd, a.dropout).to(device)
-    opt, _ = tt.make_optimizer(model, a.lr, a.lr_schedule, a.warmup_epochs * 1000, a.decay_epochs * 1000)
+    model = tt.TrajectoryTransformer(
+        *ds, a.n_bins, a.seq_len, a.n_layer, a.n_head, a.n_embd, a.dropout
+    ).to(device)
+    opt, _ = tt.make_optimizer(
+        model, a.lr, a.lr_schedule, a.warmup_epochs * 1000, a.decay_epochs * 1000
+    )
     weights, gen = (
-        tt.token_weights(model, model.block_size, a.action_weight, a.reward_weight, a.value_weight).to(device),
+        tt.token_weights(
+            model, model.block_size, a.action_weight, a.reward_weight, a.value_weight
+        ).to(device),
         torch.Generator(device=device).manual_seed(0),
     )
 
@@ -791,7 +961,9 @@ def paper_speed(episodes, targs, eps, args: Args, device) -> dict:
     ups = 3 / (time.perf_counter() - t0)
     model.eval()
     ep, m_s, n_ctx = eps[0], ds[0], a.max_context - 1
-    joined = np.column_stack([ep["observations"], ep["actions"], ep["rewards"], np.zeros(len(ep["rewards"]))])
+    joined = np.column_stack(
+        [ep["observations"], ep["actions"], ep["rewards"], np.zeros(len(ep["rewards"]))]
+    )
     tok = data["disc"].encode(torch.as_tensor(joined[: n_ctx + 1], device=device))
     prefix = torch.cat([tok[:n_ctx].flatten(), tok[n_ctx, :m_s]])[None]
     tt.synchronize(device)
@@ -799,13 +971,23 @@ def paper_speed(episodes, targs, eps, args: Args, device) -> dict:
     tt.plan(model, data["disc"], prefix, tt.plan_settings(a), gen)
     tt.synchronize(device)
     plan_s = time.perf_counter() - t0
-    size = {"batch_size": a.batch_size, "n_embd": a.n_embd, "beam_width": a.beam_width, "horizon": a.horizon}
-    return {"train_updates_per_s": ups, "plan_s_per_step": plan_s, **size, "threads": torch.get_num_threads()}
+    size = {
+        "batch_size": a.batch_size,
+        "n_embd": a.n_embd,
+        "beam_width": a.beam_width,
+        "horizon": a.horizon,
+    }
+    return {
+        "train_updates_per_s": ups,
+        "plan_s_per_step": plan_s,
+        **size,
+        "threads": torch.get_num_threads(),
+    }
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Claims, figures, main
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def kinds(m: dict) -> str:
@@ -832,28 +1014,38 @@ def claim_1(r: dict) -> list[dict]:
     m, mc = r["maps"]["dt"], r["maps"]["dt_control"]
     rs, st, su = m["return_far_share"], m["stripe"], m["stripe_uniform"]
     dt_parts = [
-        beyond_control(rs[-1], mc["return_far_share"][-1], neutral=m["return_share_uniform"]),  # stripes on RTG
+        beyond_control(
+            rs[-1], mc["return_far_share"][-1], neutral=m["return_share_uniform"]
+        ),  # stripes on RTG
         beyond_control(st[-1], mc["stripe"][-1], neutral=su),  # stripes at all
-        beyond_control(ratio(st[-1], st[0]), ratio(mc["stripe"][-1], mc["stripe"][0]), neutral=1.0),  # with depth
+        beyond_control(
+            ratio(st[-1], st[0]), ratio(mc["stripe"][-1], mc["stripe"][0]), neutral=1.0
+        ),  # with depth
     ]
     rows = [
         row(1, "DT: vertical stripes on return-to-go tokens, more vertical with depth",
-            f"RTG share of far attention by layer {fmt(rs)} (uniform {m['return_share_uniform']:.2f}); stripe "
-            f"score {fmt(st)} (uniform {su:.3f}, from the mask); far share by token: {kinds(m)}",
-            f"RTG share {fmt(mc['return_far_share'])}; stripe score {fmt(mc['stripe'])}", all_of(dt_parts))
+            f"RTG share of far attention by layer {fmt(rs)} (uniform "
+            f"{m['return_share_uniform']:.2f}); stripe score {fmt(st)} (uniform {su:.3f}, from the "
+            f"mask); far share by token: {kinds(m)}",
+            f"RTG share {fmt(mc['return_far_share'])}; stripe score {fmt(mc['stripe'])}",
+            all_of(dt_parts))
     ]  # fmt: skip
     m, mc = r["maps"]["tt"], r["maps"]["tt_control"]
     st = m["stripe"]
-    local = [beyond_control(x, xc, neutral=m["local_uniform"]) for x, xc in zip(m["local"], mc["local"])]
+    local = [
+        beyond_control(x, xc, neutral=m["local_uniform"]) for x, xc in zip(m["local"], mc["local"])
+    ]
     emerge = [
         beyond_control(st[-1], mc["stripe"][-1], neutral=m["stripe_uniform"]),
         beyond_control(ratio(st[-1], st[0]), ratio(mc["stripe"][-1], mc["stripe"][0]), neutral=1.0),
     ]
     rows.append(
         row(1, "TT: diagonal bands persist while vertical bands emerge",
-            f"mass within 1 step by layer {fmt(m['local'])} (uniform {m['local_uniform']:.2f}); stripe score "
-            f"{fmt(st)} (uniform {m['stripe_uniform']:.3f}); far share by token: {kinds(m)}",
-            f"mass within 1 step {fmt(mc['local'])}; stripe score {fmt(mc['stripe'])}", all_of(local + emerge))
+            f"mass within 1 step by layer {fmt(m['local'])} (uniform {m['local_uniform']:.2f}); "
+            f"stripe score {fmt(st)} (uniform {m['stripe_uniform']:.3f}); far share by token: "
+            f"{kinds(m)}",
+            f"mass within 1 step {fmt(mc['local'])}; stripe score {fmt(mc['stripe'])}",
+            all_of(local + emerge))
     )  # fmt: skip
     return rows
 
@@ -869,13 +1061,18 @@ def claim_2(r: dict, args: Args) -> dict:
     judged = beyond_control(t["slope"], t["control_slope"], neutral=TRACKING_FLOOR, spread=spread)
     hi, lo = t["target"], args.track_fraction * t["target"]
     ours = (
-        f"return received conditioned on {hi:.0f}: {t['return_hi']:.0f}, on {lo:.0f}: {t['return_lo']:.0f}; "
-        f"tracking slope {t['slope']:.3f} ± {t['slope_se']:.3f} (1 = tracks exactly). R-hat_t minus the return "
-        f"still to come is target - episode return, constant along an episode under DT's rule (mean "
-        f"{t['gap_mean']:.0f}): no drift"
+        f"return received conditioned on {hi:.0f}: {t['return_hi']:.0f}, on {lo:.0f}: "
+        f"{t['return_lo']:.0f}; tracking slope {t['slope']:.3f} ± {t['slope_se']:.3f} (1 = tracks "
+        "exactly). R-hat_t minus the return still to come is target - episode return, constant "
+        f"along an episode under DT's rule (mean {t['gap_mean']:.0f}): no drift"
     )
-    control = f"{t['control_return_hi']:.0f} vs {t['control_return_lo']:.0f}: slope {t['control_slope']:.3f}"
-    blog = "DT: R-hat decreases toward 0 as the target is reached; R-hat tracks the rewards received"
+    control = (
+        f"{t['control_return_hi']:.0f} vs {t['control_return_lo']:.0f}: slope "
+        f"{t['control_slope']:.3f}"
+    )
+    blog = (
+        "DT: R-hat decreases toward 0 as the target is reached; R-hat tracks the rewards received"
+    )
     return row(2, blog, ours, control, judged)
 
 
@@ -903,19 +1100,32 @@ def alloc_effects(s: dict, K: int) -> Optional[list[float]]:
 def claim_3(r: dict) -> dict:
     """Analysis 3, relative to uniform for the same context fill, ours against the control on our
     contexts."""
-    blog, K = ("DT: RTG weighted early, then recent steps; declining attention to old steps", r["dt_context"])
+    blog, K = (
+        "DT: RTG weighted early, then recent steps; declining attention to old steps",
+        r["dt_context"],
+    )
     ours, ctrl = (alloc_effects(r["dt_roll"][k], K) for k in ("stats", "control_stats"))
     if ours is None or ctrl is None:
         longest = max(r["dt_roll"]["lengths"])
-        why = f"episodes too short (longest {longest} steps) for a context of {K} and 10 later steps"
+        why = (
+            f"episodes too short (longest {longest} steps) for a context of {K} and 10 later steps"
+        )
         return row(3, blog, why, "-", UNDECIDED)
-    parts = [beyond_control(ours[0], ctrl[0], neutral=1.0), beyond_control(ours[1], ctrl[1], neutral=1.0)]
+    parts = [
+        beyond_control(ours[0], ctrl[0], neutral=1.0),
+        beyond_control(ours[1], ctrl[1], neutral=1.0),
+    ]
     parts.append(beyond_control(ours[2], ctrl[2], neutral=1.0, lower=True))
 
     def text(e):
-        return f"RTG early/late {e[0]:.2f}x, recent late/early {e[1]:.2f}x, old late-half trend {e[2]:.2f}x"
+        return (
+            f"RTG early/late {e[0]:.2f}x, recent late/early {e[1]:.2f}x, old late-half trend "
+            f"{e[2]:.2f}x"
+        )
 
-    ours_text = text(ours) + f" (each share relative to uniform at its context fill; early: t < {K})"
+    ours_text = (
+        text(ours) + f" (each share relative to uniform at its context fill; early: t < {K})"
+    )
     return row(3, blog, ours_text, text(ctrl), all_of(parts))
 
 
@@ -932,12 +1142,23 @@ def rtg_rel(s: dict) -> float:
 def claim_4(r: dict) -> dict:
     d, dc = r["dt_roll"]["stats"], r["dt_roll"]["control_stats"]
     b, bc = r["tt_beam"]["stats"], r["tt_beam"]["control_stats"]
-    parts = [beyond_control(rtg_rel(d), rtg_rel(dc), neutral=1.0), beyond_control(near(b), near(bc), neutral=1.0)]
-    ours = (f"DT mass on RTG tokens {rtg_rel(d):.2f}x uniform, mean look-back {d['mean_lookback_steps']:.1f} steps "
-            f"(uniform {d['uniform_lookback_steps']:.1f}); TT (beam) mass within 1 step {near(b):.2f}x uniform, "
-            f"look-back {b['mean_lookback_steps']:.1f} (uniform {b['uniform_lookback_steps']:.1f})")  # fmt: skip
+    parts = [
+        beyond_control(rtg_rel(d), rtg_rel(dc), neutral=1.0),
+        beyond_control(near(b), near(bc), neutral=1.0),
+    ]
+    ours = (f"DT mass on RTG tokens {rtg_rel(d):.2f}x uniform, mean look-back "
+            f"{d['mean_lookback_steps']:.1f} steps (uniform {d['uniform_lookback_steps']:.1f}); TT "
+            f"(beam) mass within 1 step {near(b):.2f}x uniform, look-back "
+            f"{b['mean_lookback_steps']:.1f} (uniform "
+            f"{b['uniform_lookback_steps']:.1f})")  # fmt: skip
     control = f"DT RTG {rtg_rel(dc):.2f}x, TT within 1 step {near(bc):.2f}x"
-    return row(4, "DT checks (recent) RTG values; TT focuses on the immediate past", ours, control, all_of(parts))
+    return row(
+        4,
+        "DT checks (recent) RTG values; TT focuses on the immediate past",
+        ours,
+        control,
+        all_of(parts),
+    )
 
 
 def entropy_effects(dt_s: dict, tt_s: dict) -> tuple[float, float, str]:
@@ -956,9 +1177,14 @@ def claim_5(r: dict) -> dict:
     (spec, var, text), (spec_c, var_c, text_c) = (
         entropy_effects(r["dt_roll"][k], r["tt_beam"][k]) for k in ("stats", "control_stats")
     )
-    parts = [beyond_control(x, xc, neutral=0.0, factor=1.0, spread=0.05) for x, xc in ((spec, spec_c), (var, var_c))]
+    parts = [
+        beyond_control(x, xc, neutral=0.0, factor=1.0, spread=0.05)
+        for x, xc in ((spec, spec_c), (var, var_c))
+    ]
     blog = "TT has more specialized (low-entropy) heads, with more variation, than DT"
-    return row(5, blog, "normalized entropy min/mean/std over heads: " + text, text_c, all_of(parts))
+    return row(
+        5, blog, "normalized entropy min/mean/std over heads: " + text, text_c, all_of(parts)
+    )
 
 
 def claim_6(r: dict, args: Args) -> dict:
@@ -968,17 +1194,20 @@ def claim_6(r: dict, args: Args) -> dict:
     logged = more_than(e["log_props"]["dt"], e["log_props"]["tt_beam"], e["log_props"]["controls"])
     own = more_than(d["log_growth"]["dt"], d["log_growth"]["tt_beam"], d["log_growth"]["controls"])
     g, cum = e["growth"], e["cumulative_final"]
-    prop = {k: cum[f"{k}_self"] / max(cum[t], 1e-12) for k, t in (("dt", "dt_teacher"), ("tt_greedy", "tt_teacher"))}
+    prop = {
+        k: cum[f"{k}_self"] / max(cum[t], 1e-12)
+        for k, t in (("dt", "dt_teacher"), ("tt_greedy", "tt_teacher"))
+    }
     prop["tt_beam"] = cum["tt_beam_self"] / max(cum["tt_teacher"], 1e-12)
     ours = (
-        f"logged states, E_{args.error_steps} self-fed / teacher-forced: DT {prop['dt']:.2f}x, "
-        f"TT greedy {prop['tt_greedy']:.2f}x, TT beam {prop['tt_beam']:.2f}x "
-        f"(DT/TT beam {logged[1]:.2f}; self-fed growth last/first quarter DT {g['dt_self']:.2f}, TT beam "
+        f"logged states, E_{args.error_steps} self-fed / teacher-forced: DT {prop['dt']:.2f}x, TT "
+        f"greedy {prop['tt_greedy']:.2f}x, TT beam {prop['tt_beam']:.2f}x (DT/TT beam "
+        f"{logged[1]:.2f}; self-fed growth last/first quarter DT {g['dt_self']:.2f}, TT beam "
         f"{g['tt_beam_self']:.2f}); own rollouts, drift from the data last/first quarter: DT "
         f"{d['growth']['dt']:.2f}x, TT beam {d['growth']['tt_beam']:.2f}x (DT/TT beam {own[1]:.2f})"
     )
-    control = (f"DT/TT beam: logged {logged[2]:.2f}, own rollouts {own[2]:.2f} (drift DT {d['growth']['dt_c']:.2f}x, "
-               f"TT beam {d['growth']['tt_c']:.2f}x)")  # fmt: skip
+    control = (f"DT/TT beam: logged {logged[2]:.2f}, own rollouts {own[2]:.2f} (drift DT "
+               f"{d['growth']['dt_c']:.2f}x, TT beam {d['growth']['tt_c']:.2f}x)")  # fmt: skip
     blog = "DT's error compounds (exponential growth), TT's stays stable (beam search recovers)"
     return row(6, blog, ours, control, all_of([logged[0], own[0]]))
 
@@ -993,21 +1222,25 @@ def claim_7(r: dict) -> dict:
     )
     gd, gt, gdc, gtc = (float(np.mean(s["gini"])) for s in (d, b, dc, bc))
     judged = beyond_control(gt - gd, gtc - gdc, neutral=0.0, factor=1.0, spread=0.05)
-    ours = (f"Gini of the attention rows DT {gd:.2f}, TT {gt:.2f}; mean weight DT {np.mean(d['mean_weight']):.3f}, "
-            f"TT {np.mean(b['mean_weight']):.3f}; variance x n^2 DT {np.mean(d['cv2_weight']):.2f}, "
-            f"TT {np.mean(b['cv2_weight']):.2f}")  # fmt: skip
-    return row(7, "TT's attention is sparser than DT's", ours, f"Gini DT {gdc:.2f}, TT {gtc:.2f}", judged)
+    ours = (f"Gini of the attention rows DT {gd:.2f}, TT {gt:.2f}; mean weight DT "
+            f"{np.mean(d['mean_weight']):.3f}, TT {np.mean(b['mean_weight']):.3f}; variance x n^2 "
+            f"DT {np.mean(d['cv2_weight']):.2f}, TT {np.mean(b['cv2_weight']):.2f}")  # fmt: skip
+    return row(
+        7, "TT's attention is sparser than DT's", ours, f"Gini DT {gdc:.2f}, TT {gtc:.2f}", judged
+    )
 
 
 def claim_8(r: dict) -> dict:
-    """Analysis 8 is about compute, not the weights: no control; holds or does not hold on the fit."""
+    """Analysis 8 is about compute, not the weights: no control; holds or does not hold on the
+    fit."""
     f = r["cost"]["fit_k_ge_2"]
     ms = {k: 1e6 * v for k, v in r["cost"]["tt_s_per_step"].items()}
     ours = (
         f"ms per 1000-step episode: TT {', '.join(f'K={k}: {v:.0f}' for k, v in ms.items())}; DT "
-        f"{1e6 * r['cost']['dt_s_per_step']:.0f}; linear fit K>=2: R^2 {f.get('r2', float('nan')):.3f}, "
-        f"t(K max)/t(K min) {f.get('ratio_largest_to_smallest', float('nan')):.1f} "
-        f"for K ratio {f.get('k_ratio', float('nan')):.0f}; the KV cache saves "
+        f"{1e6 * r['cost']['dt_s_per_step']:.0f}; linear fit K>=2: R^2 "
+        f"{f.get('r2', float('nan')):.3f}, t(K max)/t(K min) "
+        f"{f.get('ratio_largest_to_smallest', float('nan')):.1f} for K ratio "
+        f"{f.get('k_ratio', float('nan')):.0f}; the KV cache saves "
         f"{r['cost']['no_kv_cache']['speedup_of_cache']:.1f}x at K={r['cost']['no_kv_cache']['k']}"
     )
     ok = f and f["r2"] >= 0.95 and f["ratio_largest_to_smallest"] >= 0.5 * f["k_ratio"]
@@ -1022,27 +1255,48 @@ def claim_9(r: dict, args: Args, label: str) -> dict:
     over episodes, each above its random-init controls (by 1.2x and two standard deviations,
     episodes and control seeds)."""
     sc, short = r["scores"], r["budget"]["shortfalls"]
-    var = {k: sc[f"{k}_std"] ** 2 / max(sc["episodes"] - 1, 1) for k in ("dt", "tt_beam")}  # of the mean
+    var = {
+        k: sc[f"{k}_std"] ** 2 / max(sc["episodes"] - 1, 1) for k in ("dt", "tt_beam")
+    }  # of the mean
     se = np.sqrt(var["dt"] + var["tt_beam"])
     learned = [
-        beyond_control(sc[k], sc[f"{k}_control"], spread=2 * np.sqrt(var[k] + sc[f"{k}_control_var"]))
+        beyond_control(
+            sc[k], sc[f"{k}_control"], spread=2 * np.sqrt(var[k] + sc[f"{k}_control_var"])
+        )
         for k in ("dt", "tt_beam")
     ]
     judged = all_of([*learned, beyond_control(sc["tt_beam"], sc["dt"], factor=1.0, spread=2 * se)])
     if short:
         judged = UNDECIDED
-    paper = f" (TT paper on official {args.env}: TT {sc['paper_tt']}, DT {sc['paper_dt']})" if sc["paper_tt"] else ""
+    paper = (
+        f" (TT paper on official {args.env}: TT {sc['paper_tt']}, DT {sc['paper_dt']})"
+        if sc["paper_tt"]
+        else ""
+    )
     below = f"; below the papers' budgets ({'; '.join(short)})" if short else ""
-    ours = f"{label} {args.env}: DT {sc['dt']:.1f}, TT greedy {sc['tt_greedy']:.1f}, TT beam {sc['tt_beam']:.1f}{paper}"
+    ours = (
+        f"{label} {args.env}: DT {sc['dt']:.1f}, TT greedy {sc['tt_greedy']:.1f}, TT beam "
+        f"{sc['tt_beam']:.1f}{paper}"
+    )
     control = f"DT {sc['dt_control']:.1f}, TT beam {sc['tt_beam_control']:.1f}"
-    blog = f"TT ({PUBLISHED['tt']}) scores above DT ({PUBLISHED['dt']}) (official D4RL, locomotion averages)"
+    blog = (
+        f"TT ({PUBLISHED['tt']}) scores above DT ({PUBLISHED['dt']}) (official D4RL, locomotion "
+        "averages)"
+    )
     return row(9, blog, ours + below, control, judged)
 
 
 def make_claims(r: dict, args: Args, label: str) -> list[dict]:
     """Every claim of the blog's §7 with ours, the random-init controls' and a verdict (one of
     three)."""
-    rows = claim_1(r) + [claim_2(r, args), claim_3(r), claim_4(r), claim_5(r), claim_6(r, args), claim_7(r)]
+    rows = claim_1(r) + [
+        claim_2(r, args),
+        claim_3(r),
+        claim_4(r),
+        claim_5(r),
+        claim_6(r, args),
+        claim_7(r),
+    ]
     return rows + [claim_8(r), claim_9(r, args, label)]
 
 
@@ -1062,7 +1316,8 @@ def figures(out: Path, r: dict, args: Args, label: str):
 
 
 def attention_figures(plt, save, r: dict, args: Args, label: str):
-    """Figures 1-5: the maps, R-hat, the allocation over time, the look-back and the head entropies."""
+    """Figures 1-5: the maps, R-hat, the allocation over time, the look-back and the head
+    entropies."""
     maps = dict(r["maps"])
     rows = {"DT": maps["dt_maps"], "TT": maps["tt_maps"]}
     if Path(args.iem_summary).is_file():  # blog §7.b: IEM's maps beside DT's and TT's
@@ -1073,10 +1328,14 @@ def attention_figures(plt, save, r: dict, args: Args, label: str):
     for row, (name, layers) in enumerate(rows.items()):
         for i in range(L):
             if i < len(layers):
-                ax[row, i].imshow(np.asarray(layers[i]) ** 0.5, cmap="viridis")  # sqrt: small weights visible
+                ax[row, i].imshow(
+                    np.asarray(layers[i]) ** 0.5, cmap="viridis"
+                )  # sqrt: small weights visible
                 ax[row, i].set_title(f"{name} layer {i + 1}", fontsize=9)
             ax[row, i].axis("off")
-    fig.suptitle(f"1. attention maps, head mean, sqrt scale ({label} {args.env} windows; IEM: BabyAI plans)")
+    fig.suptitle(
+        f"1. attention maps, head mean, sqrt scale ({label} {args.env} windows; IEM: BabyAI plans)"
+    )
     save(fig, "1_attention_maps.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -1100,7 +1359,9 @@ def attention_figures(plt, save, r: dict, args: Args, label: str):
     save(fig, "3_attention_allocation.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for j, (name, key) in enumerate((("DT", "dt_roll"), ("TT greedy", "tt_greedy"), ("TT beam", "tt_beam"))):
+    for j, (name, key) in enumerate(
+        (("DT", "dt_roll"), ("TT greedy", "tt_greedy"), ("TT beam", "tt_beam"))
+    ):
         s = r[key]["stats"]
         ax.plot(s["mass_by_distance"], marker="o", color=f"C{j}", label=name)
         ax.plot(s["uniform_by_distance"], ls=":", color=f"C{j}")
@@ -1111,13 +1372,18 @@ def attention_figures(plt, save, r: dict, args: Args, label: str):
     ax.set_title("4. how far back each model looks")
     save(fig, "4_lookback.png")
 
-    e = {n: np.array(r[k]["stats"]["entropy_normalized"]) for n, k in (("DT", "dt_roll"), ("TT", "tt_beam"))}
+    e = {
+        n: np.array(r[k]["stats"]["entropy_normalized"])
+        for n, k in (("DT", "dt_roll"), ("TT", "tt_beam"))
+    }
     L = max(len(v) for v in e.values())
     fig, ax = plt.subplots(1, L, figsize=(3 * L, 3), squeeze=False, sharey=True)
     for i in range(L):
         for j, (n, v) in enumerate(e.items()):
             if i < len(v):
-                ax[0, i].bar(np.arange(len(v[i])) + 0.4 * j, v[i], width=0.4, color=f"C{j}", label=n)
+                ax[0, i].bar(
+                    np.arange(len(v[i])) + 0.4 * j, v[i], width=0.4, color=f"C{j}", label=n
+                )
         ax[0, i].set_title(f"layer {i + 1}")
         ax[0, i].set_xlabel("head")
     ax[0, 0].set_ylabel("entropy / log(#keys)")
@@ -1143,7 +1409,9 @@ def behaviour_figures(plt, save, r: dict, args: Args, label: str):
     fig, ax = plt.subplots(1, 3, figsize=(9, 3))
     for i, (n, k) in enumerate(zip(names, keys)):
         ax[i].bar(
-            ["DT", "TT"], [np.mean(r["dt_roll"]["stats"][k]), np.mean(r["tt_beam"]["stats"][k])], color=["C0", "C1"]
+            ["DT", "TT"],
+            [np.mean(r["dt_roll"]["stats"][k]), np.mean(r["tt_beam"]["stats"][k])],
+            color=["C0", "C1"],
         )
         ax[i].set_title(n)
     fig.suptitle("7. attention sparsity (action-predicting rows, layer mean)")
@@ -1152,7 +1420,12 @@ def behaviour_figures(plt, save, r: dict, args: Args, label: str):
     c = r["cost"]
     ks = [int(k) for k in c["tt_s_per_step"]]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ks, [1e6 * v for v in c["tt_s_per_step"].values()], marker="o", label=f"TT (horizon {c['horizon']})")
+    ax.plot(
+        ks,
+        [1e6 * v for v in c["tt_s_per_step"].values()],
+        marker="o",
+        label=f"TT (horizon {c['horizon']})",
+    )
     ax.axhline(1e6 * c["dt_s_per_step"], color="C1", label="DT")
     nc = c["no_kv_cache"]
     ax.plot([nc["k"]], [1e6 * nc["s_per_step"]], "x", color="C3", label="TT without KV cache")
@@ -1171,7 +1444,9 @@ def behaviour_figures(plt, save, r: dict, args: Args, label: str):
     paper = {"DT avg": PUBLISHED["dt"], "TT avg": PUBLISHED["tt"]}
     if sc["paper_dt"] is not None:
         paper.update({f"DT {args.env}": sc["paper_dt"], f"TT {args.env}": sc["paper_tt"]})
-    ax.bar(list(paper), list(paper.values()), color="C7", label="published (TT paper, official D4RL)")
+    ax.bar(
+        list(paper), list(paper.values()), color="C7", label="published (TT paper, official D4RL)"
+    )
     ax.tick_params(axis="x", labelsize=7, rotation=20)
     ax.set_ylabel(f"normalized score, {args.env}")
     ax.legend(fontsize=8)
@@ -1210,10 +1485,21 @@ def tracking(r: dict) -> dict:
     delta = d["target"] - r["dt_low"]["target"]
     k, var = slope(d["returns"], r["dt_low"]["returns"], delta)
     pairs = list(zip(r["dt_ctrl"], r["dt_ctrl_low"]))
-    kc, var_c = control_spread(*zip(*(slope(hi["returns"], lo["returns"], delta) for hi, lo in pairs)))
-    out = {"rhat": d["rhat"], "togo": d["togo"], "target": d["target"], "slope": k, "slope_se": float(np.sqrt(var))}
+    kc, var_c = control_spread(
+        *zip(*(slope(hi["returns"], lo["returns"], delta) for hi, lo in pairs))
+    )
+    out = {
+        "rhat": d["rhat"],
+        "togo": d["togo"],
+        "target": d["target"],
+        "slope": k,
+        "slope_se": float(np.sqrt(var)),
+    }
     out |= {"control_slope": kc, "control_slope_var": var_c}
-    out |= {"return_hi": float(d["returns"].mean()), "return_lo": float(r["dt_low"]["returns"].mean())}
+    out |= {
+        "return_hi": float(d["returns"].mean()),
+        "return_lo": float(r["dt_low"]["returns"].mean()),
+    }
     out |= {"control_return_hi": float(np.mean([hi["returns"].mean() for hi, _ in pairs]))}
     out |= {"control_return_lo": float(np.mean([lo["returns"].mean() for _, lo in pairs]))}
     return out | {"gap_mean": float(np.mean(d["target"] - d["returns"]))}
@@ -1236,13 +1522,22 @@ def errors(m: dict, eps, args: Args, device) -> dict:
             "dt_c_self": dt_replay(pc, eps, args, device, True),
             "dt_c_teacher": dt_replay(pc, eps, args, device, False),
         }
-        c |= {"tt_c_beam_self": tt_replay(tc, *tt_, True, True), "tt_c_teacher": tt_replay(tc, *tt_, False, False)}
+        c |= {
+            "tt_c_beam_self": tt_replay(tc, *tt_, True, True),
+            "tt_c_teacher": tt_replay(tc, *tt_, False, False),
+        }
         per_step |= c if i == 0 else {}
         controls.append(
-            (log_props(c["dt_c_self"], c["dt_c_teacher"]), log_props(c["tt_c_beam_self"], c["tt_c_teacher"]))
+            (
+                log_props(c["dt_c_self"], c["dt_c_teacher"]),
+                log_props(c["tt_c_beam_self"], c["tt_c_teacher"]),
+            )
         )
     props = {"dt": log_props(per_step["dt_self"], per_step["dt_teacher"])}
-    props |= {"tt_beam": log_props(per_step["tt_beam_self"], per_step["tt_teacher"]), "controls": controls}
+    props |= {
+        "tt_beam": log_props(per_step["tt_beam_self"], per_step["tt_teacher"]),
+        "controls": controls,
+    }
     return {
         "per_step": per_step,
         "growth": {k: growth(v) for k, v in per_step.items()},
@@ -1261,7 +1556,9 @@ def drifts(r: dict, episodes, pi: DTPolicy, seed: int) -> dict:
     """Analysis 6 on the policies' own rollouts: distance from the data along each episode, ours and
     every control pair's."""
     obs = np.concatenate([ep["observations"] for ep in episodes])
-    ref = obs[np.random.default_rng(seed).choice(len(obs), size=min(len(obs), 20_000), replace=False)]
+    ref = obs[
+        np.random.default_rng(seed).choice(len(obs), size=min(len(obs), 20_000), replace=False)
+    ]
     mean, std = pi.mean.cpu().numpy(), pi.std.cpu().numpy()
 
     def logs(run):
@@ -1284,12 +1581,21 @@ def scores(r: dict, info, args: Args, label: str) -> dict:
         return common.normalized_score(info, np.asarray(res["returns"]))
 
     out = {
-        k: float(norm(r[v]).mean()) for k, v in (("dt", "dt_roll"), ("tt_greedy", "tt_greedy"), ("tt_beam", "tt_beam"))
+        k: float(norm(r[v]).mean())
+        for k, v in (("dt", "dt_roll"), ("tt_greedy", "tt_greedy"), ("tt_beam", "tt_beam"))
     }
-    out |= {f"{k}_std": float(norm(r[v]).std()) for k, v in (("dt", "dt_roll"), ("tt_beam", "tt_beam"))}
+    out |= {
+        f"{k}_std": float(norm(r[v]).std()) for k, v in (("dt", "dt_roll"), ("tt_beam", "tt_beam"))
+    }
     for k, runs in (("dt_control", r["dt_ctrl"]), ("tt_beam_control", r["tt_ctrl"])):
-        per_seed = [(norm(x).mean(), norm(x).var(ddof=1) / len(x["returns"]) if len(x["returns"]) > 1 else np.inf)
-                    for x in runs]  # fmt: skip
+        # each control seed's mean score and its variance over episodes (inf with one episode)
+        per_seed = [
+            (
+                norm(x).mean(),
+                norm(x).var(ddof=1) / len(x["returns"]) if len(x["returns"]) > 1 else np.inf,
+            )
+            for x in runs
+        ]
         out[k], out[f"{k}_var"] = control_spread(*zip(*per_seed))
     out |= {
         "episodes": args.eval_episodes,
@@ -1303,10 +1609,18 @@ def budget(dt_train: dict, tt_train: dict, episodes, info) -> dict:
     """The papers' budgets (dt.py's defaults, the DT paper's; tt.py's TT-code rule for this dataset)
     and where our two models fall short of them (updates, depth, width)."""
     windows = sum(len(ep["rewards"]) - 1 for ep in episodes)
-    ta, da = (tt.resolve_settings(tt.Args(env=info["name"]), info["name"], windows, None)[0], dt.Args())
-    paper = {m: {"updates": a.updates, "n_layer": a.n_layer, "n_embd": a.n_embd} for m, a in (("dt", da), ("tt", ta))}
+    ta, da = (
+        tt.resolve_settings(tt.Args(env=info["name"]), info["name"], windows, None)[0],
+        dt.Args(),
+    )
+    paper = {
+        m: {"updates": a.updates, "n_layer": a.n_layer, "n_embd": a.n_embd}
+        for m, a in (("dt", da), ("tt", ta))
+    }
     short = [
-        f"{m.upper()} {k} {ours[k]} < {v}" if k == "updates" else f"{m.upper()} {k} {ours[k]} != {v}"
+        f"{m.upper()} {k} {ours[k]} < {v}"
+        if k == "updates"
+        else f"{m.upper()} {k} {ours[k]} != {v}"
         for m, ours in (("dt", dt_train), ("tt", tt_train))
         for k, v in paper[m].items()
         if (ours[k] < v if k == "updates" else ours[k] != v)
@@ -1317,7 +1631,9 @@ def budget(dt_train: dict, tt_train: dict, episodes, info) -> dict:
 def analyse(m: dict, episodes, info, args: Args, device, trained: dict, clock) -> dict:
     """Every measurement behind the nine claims, ours and the random-init controls'."""
     r = {
-        "maps": attention_maps(m["pi"], m["tt"], m["disc"], m["targs"], episodes, args, device, (m["pi_c"], m["tt_c"]))
+        "maps": attention_maps(
+            m["pi"], m["tt"], m["disc"], m["targs"], episodes, args, device, (m["pi_c"], m["tt_c"])
+        )
     }
     r |= rollouts(m, info, args, device)
     clock("rollouts done")
@@ -1330,7 +1646,10 @@ def analyse(m: dict, episodes, info, args: Args, device, trained: dict, clock) -
         r["cost"]["paper_size"] = paper_speed(episodes, m["targs"], eps, args, device)
     clock("compute cost done")
     label = common.SOURCE_LABEL[info["source"]]
-    r["scores"], r["budget"] = (scores(r, info, args, label), budget(trained["dt"], trained["tt"], episodes, info))
+    r["scores"], r["budget"] = (
+        scores(r, info, args, label),
+        budget(trained["dt"], trained["tt"], episodes, info),
+    )
     return r
 
 
@@ -1339,11 +1658,17 @@ def lean(res: dict) -> dict:
     return {k: v for k, v in res.items() if k not in ("rhat", "togo", "states")}
 
 
-def write_summary(out: Path, r: dict, claims: list, args: Args, info, device, trained: dict, t_start) -> dict:
+def write_summary(
+    out: Path, r: dict, claims: list, args: Args, info, device, trained: dict, t_start
+) -> dict:
     d, label = r["dt_roll"], common.SOURCE_LABEL[info["source"]]
     summary = {"config": asdict(args), "dataset": info, "data_label": label, "device": str(device)}
     summary |= {"torch": torch.__version__, "control_seed": args.control_seed}
-    dt_eval = {"returns": d["returns"].tolist(), "lengths": d["lengths"].tolist(), "normalized_mean": r["scores"]["dt"]}
+    dt_eval = {
+        "returns": d["returns"].tolist(),
+        "lengths": d["lengths"].tolist(),
+        "normalized_mean": r["scores"]["dt"],
+    }
     summary["dt"] = {**trained["dt"], "eval": dt_eval}
     plan_s = {"greedy": r["tt_greedy"]["plan_s_per_step"], "beam": r["tt_beam"]["plan_s_per_step"]}
     summary["tt"] = {
@@ -1357,18 +1682,29 @@ def write_summary(out: Path, r: dict, claims: list, args: Args, info, device, tr
         "dt_layers": r["maps"]["dt_maps"].tolist(),
         "tt_layers": r["maps"]["tt_maps"].tolist(),
     }
-    summary["dt_rollout_attention"], summary["dt_rollout_attention_control"] = (d["stats"], d["control_stats"])
+    summary["dt_rollout_attention"], summary["dt_rollout_attention_control"] = (
+        d["stats"],
+        d["control_stats"],
+    )
     summary["rtg_tracking"] = {k: v for k, v in r["rtg"].items() if k not in ("rhat", "togo")}
     summary["error_definition"] = (
-        "logged states: replayed dataset episodes; e_t = mean_dims (a_hat_t - a_t)^2 vs the logged action, a_hat_t "
-        "the model's own prediction (TT: greedy); self-fed: past actions in the context are the model's own "
-        "choices (TT beam: the beam's), teacher-forced: the logged ones; growth = mean e_t over the last quarter / "
-        "first quarter. Own rollouts: drift = distance of each visited state from the nearest dataset state"
+        "logged states: replayed dataset episodes; e_t = mean_dims (a_hat_t - a_t)^2 vs the "
+        "logged action, a_hat_t the model's own prediction (TT: greedy); self-fed: past actions "
+        "in the context are the model's own choices (TT beam: the beam's), teacher-forced: the "
+        "logged ones; growth = mean e_t over the last quarter / first quarter. Own rollouts: "
+        "drift = distance of each visited state from the nearest dataset state"
     )
     summary["errors"] = {k: v for k, v in r["errors"].items() if k not in ("per_step", "log_props")}
-    summary["errors_mean_per_step"] = {k: v.mean(0).tolist() for k, v in r["errors"]["per_step"].items()}
+    summary["errors_mean_per_step"] = {
+        k: v.mean(0).tolist() for k, v in r["errors"]["per_step"].items()
+    }
     summary["drift_growth"] = r["drift"]["growth"]
-    summary |= {"compute_cost": r["cost"], "scores": r["scores"], "budget": r["budget"], "claims": claims}
+    summary |= {
+        "compute_cost": r["cost"],
+        "scores": r["scores"],
+        "budget": r["budget"],
+        "claims": claims,
+    }
     summary["wall_time_s"] = time.time() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary
@@ -1379,7 +1715,10 @@ def print_claims(claims: list[dict]) -> None:
     for c in claims:
         print(f"{c['analysis']:<2} {c['blog']:<62} | {c['ours']} | {c['control']} | {c['verdict']}")
         if c["verdict"] != HOLDS:
-            print(f"   -> we do not confirm it ({c['verdict']}): the blog says '{c['blog']}'; we measure the above.")
+            print(
+                f"   -> we do not confirm it ({c['verdict']}): the blog says '{c['blog']}'; we "
+                "measure the above."
+            )
 
 
 def main(args: Args) -> dict:
@@ -1399,9 +1738,19 @@ def main(args: Args) -> dict:
     controls = controls_of(pi, tt_model, targs, args, device)
     m = {"pi": pi, "tt": tt_model, "disc": disc, "targs": targs, "controls": controls}
     m["pi_c"], m["tt_c"] = controls[0]  # the attention claims' control
-    print(f"[{time.time() - t_start:.0f} s] models ready (and their random-init controls); analysing")
+    print(
+        f"[{time.time() - t_start:.0f} s] models ready (and their random-init controls); analysing"
+    )
     trained = {"dt": dt_train, "tt": tt_train}
-    r = analyse(m, episodes, info, args, device, trained, lambda what: print(f"[{time.time() - t_start:.0f} s] {what}"))
+    r = analyse(
+        m,
+        episodes,
+        info,
+        args,
+        device,
+        trained,
+        lambda what: print(f"[{time.time() - t_start:.0f} s] {what}"),
+    )
     claims = make_claims(r, args, label)
     out.mkdir(parents=True, exist_ok=True)
     figures(out, r, args, label)
@@ -1410,14 +1759,16 @@ def main(args: Args) -> dict:
     print(f"\nscores are on {label} data ({args.env}); published numbers are official D4RL.")
     c = r["cost"]
     here = c["tt_s_per_step"].get(str(args.beam_width), float("nan"))
-    print(f"TT speed here ({device}, {args.threads} thread(s)): planning {here:.3f} s per env step of one episode at "
-          f"beam {args.beam_width}, horizon {args.horizon}; beam rollouts {r['tt_beam']['plan_s_per_step']:.3f} s per "
-          f"step for {args.eval_episodes} episodes at once")  # fmt: skip
+    print(f"TT speed here ({device}, {args.threads} thread(s)): planning {here:.3f} s per env step "
+          f"of one episode at beam {args.beam_width}, horizon {args.horizon}; beam rollouts "
+          f"{r['tt_beam']['plan_s_per_step']:.3f} s per step for {args.eval_episodes} episodes at "
+          "once")  # fmt: skip
     if "paper_size" in c:
         ps = c["paper_size"]
         print(
-            f"TT at the paper's size: {ps['train_updates_per_s']:.3f} training updates/s (batch {ps['batch_size']}), "
-            f"{ps['plan_s_per_step']:.1f} s of planning per env step (beam {ps['beam_width']}, horizon {ps['horizon']})"
+            f"TT at the paper's size: {ps['train_updates_per_s']:.3f} training updates/s (batch "
+            f"{ps['batch_size']}), {ps['plan_s_per_step']:.1f} s of planning per env step (beam "
+            f"{ps['beam_width']}, horizon {ps['horizon']})"
         )
     print(f"figures and summary.json: {out}")
     print(f"wall time {time.time() - t_start:.0f} s")

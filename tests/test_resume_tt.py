@@ -1,4 +1,5 @@
-"""tt.py survives its interruptions: exact resume, atomic checkpoints, SIGTERM and SIGUSR1 (issue 24)."""
+"""tt.py survives its interruptions: exact resume, atomic checkpoints, SIGTERM and SIGUSR1 (issue
+24)."""
 
 import json
 import random
@@ -9,46 +10,115 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from resume_check import assert_same_run, kill_during_save, needs_sigusr1, run_dir_of, signal_after, signal_on_call
+from resume_check import (
+    assert_same_run,
+    kill_during_save,
+    needs_sigusr1,
+    run_dir_of,
+    signal_after,
+    signal_on_call,
+)
 
 import tt
 
-SMALL = ["--n-bins", "10", "--seq-len", "3", "--max-context", "2", "--n-embd", "16", "--n-layer", "1",
-         "--n-head", "1", "--batch-size", "4", "--horizon", "1", "--beam-width", "2", "--eval-episodes", "1",
-         "--eval-max-steps", "4", "--threads", "1"]  # fmt: skip
+SMALL = [
+    "--n-bins",
+    "10",
+    "--seq-len",
+    "3",
+    "--max-context",
+    "2",
+    "--n-embd",
+    "16",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "1",
+    "--batch-size",
+    "4",
+    "--horizon",
+    "1",
+    "--beam-width",
+    "2",
+    "--eval-episodes",
+    "1",
+    "--eval-max-steps",
+    "4",
+    "--threads",
+    "1",
+]
 
 
 def tiny(tmp_path, hdf5_path, **kw):
-    base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), n_bins=20, seq_len=3, n_layer=2, n_head=2,
-                n_embd=32, batch_size=8, updates=20, warmup_epochs=0.01, decay_epochs=1.0, horizon=2,
-                beam_width=3, max_context=2, eval_episodes=2, eval_max_steps=8, eval_every=10, log_every=3,
-                runs_dir=str(tmp_path))  # fmt: skip
+    base = dict(
+        env="hopper-random",
+        dataset_path=(str(hdf5_path),),
+        n_bins=20,
+        seq_len=3,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        batch_size=8,
+        updates=20,
+        warmup_epochs=0.01,
+        decay_epochs=1.0,
+        horizon=2,
+        beam_width=3,
+        max_context=2,
+        eval_episodes=2,
+        eval_max_steps=8,
+        eval_every=10,
+        log_every=3,
+        runs_dir=str(tmp_path),
+    )
     return tt.Args(**{**base, **kw})
 
 
-@pytest.mark.parametrize("stop_at", [10, 7])  # at an evaluation (its score not yet logged), and between two
-def test_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(tmp_path, hdf5_path, monkeypatch, stop_at):
+# at an evaluation (its score not yet logged), and between two
+@pytest.mark.parametrize("stop_at", [10, 7])
+def test_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
+    tmp_path, hdf5_path, monkeypatch, stop_at
+):
     whole = tt.train(tiny(tmp_path / "whole", hdf5_path))
     with monkeypatch.context() as m:
         signal_on_call(tt, m, "update", stop_at)
-        with pytest.raises(SystemExit, match=rf"interrupted \(SIGTERM\): .*holds {stop_at} updates; continue with "):
+        with pytest.raises(
+            SystemExit, match=rf"interrupted \(SIGTERM\): .*holds {stop_at} updates; continue with "
+        ):
             tt.train(tiny(tmp_path / "stopped", hdf5_path))
     run = run_dir_of(tmp_path / "stopped")
     ckpt = torch.load(run / "model.pt", weights_only=True)
-    assert ckpt["resume"]["updates_done"] == stop_at and ckpt["resume"]["scheduler"]["last_epoch"] == stop_at
+    assert (
+        ckpt["resume"]["updates_done"] == stop_at
+        and ckpt["resume"]["scheduler"]["last_epoch"] == stop_at
+    )
     assert not (run / "results.json").exists()
     resumed = tt.train(tt.Args(resume=str(run)))
-    assert resumed["run_dir"] == str(run) and json.loads((run / "config.json").read_text())["resumed"]
+    assert (
+        resumed["run_dir"] == str(run) and json.loads((run / "config.json").read_text())["resumed"]
+    )
     assert_same_run(resumed, whole)
     assert resumed["sources"] == whole["sources"] and resumed["sources"]["k_act"] == "TT base"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the run put the handlers back
     # model.pt stays a --checkpoint: evaluating it again gives the run's final score
-    again = tt.train(tt.Args(checkpoint=str(run / "model.pt"), updates=0, horizon=2, beam_width=3, max_context=2,
-                             eval_episodes=2, eval_max_steps=8, runs_dir=str(tmp_path / "ev")))  # fmt: skip
+    again = tt.train(
+        tt.Args(
+            checkpoint=str(run / "model.pt"),
+            updates=0,
+            horizon=2,
+            beam_width=3,
+            max_context=2,
+            eval_episodes=2,
+            eval_max_steps=8,
+            runs_dir=str(tmp_path / "ev"),
+        )
+    )
     assert again["returns"] == whole["returns"] and again["trained_updates"] == 20
 
 
-def test_stopped_during_an_evaluation_resumes_with_that_evaluation(tmp_path, hdf5_path, monkeypatch):
+def test_stopped_during_an_evaluation_resumes_with_that_evaluation(
+    tmp_path, hdf5_path, monkeypatch
+):
     whole = tt.train(tiny(tmp_path / "whole", hdf5_path))
     real, calls = tt.evaluate, {"n": 0}
 
@@ -66,8 +136,8 @@ def test_stopped_during_an_evaluation_resumes_with_that_evaluation(tmp_path, hdf
 
 
 def test_evaluation_leaves_the_training_random_streams_alone(tmp_path, hdf5_path):
-    """An evaluation between two updates must not draw from the streams training draws from (python, numpy,
-    torch), or a run resumed after it would differ from one that never stopped."""
+    """An evaluation between two updates must not draw from the streams training draws from (python,
+    numpy, torch), or a run resumed after it would differ from one that never stopped."""
     args = tiny(tmp_path, hdf5_path, updates=1)
     ckpt = torch.load(Path(tt.train(args)["run_dir"]) / "model.pt", weights_only=True)
     model = tt.TrajectoryTransformer(11, 3, 20, 3, 2, 2, 32, 0.1)
@@ -87,10 +157,13 @@ def test_checkpoints_are_periodic_and_atomic(tmp_path, hdf5_path, monkeypatch):
     saved = []
     real = tt.save_atomic
     monkeypatch.setattr(
-        tt, "save_atomic", lambda obj, path: saved.append(obj["resume"]["updates_done"]) or real(obj, path)
+        tt,
+        "save_atomic",
+        lambda obj, path: saved.append(obj["resume"]["updates_done"]) or real(obj, path),
     )
     tt.train(tiny(tmp_path / "a", hdf5_path, updates=30, eval_every=0))
-    assert saved == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]  # every 10% of the run without evaluations
+    # every 10% of the run without evaluations
+    assert saved == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
     saved.clear()
     tt.train(tiny(tmp_path / "b", hdf5_path, updates=20, eval_every=10))
     assert saved == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]  # every evaluation (10, 20) and every 10%
@@ -100,9 +173,23 @@ def test_checkpoints_are_periodic_and_atomic(tmp_path, hdf5_path, monkeypatch):
 
 
 def test_a_kill_during_a_save_leaves_the_last_checkpoint_and_resume_succeeds(tmp_path, hdf5_path):
-    argv = ["--env", "hopper-random", "--dataset-path", str(hdf5_path), "--runs-dir", str(tmp_path / "runs"),
-            "--updates", "20", "--eval-every", "0", "--save-every", "5", *SMALL]  # fmt: skip
-    run = kill_during_save("tt", argv, tmp_path, n=2)  # killed while writing the checkpoint of update 10
+    argv = [
+        "--env",
+        "hopper-random",
+        "--dataset-path",
+        str(hdf5_path),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--updates",
+        "20",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "5",
+        *SMALL,
+    ]
+    # killed while writing the checkpoint of update 10
+    run = kill_during_save("tt", argv, tmp_path, n=2)
     assert (run / "model.pt.tmp").read_bytes().startswith(b"half")
     assert torch.load(run / "model.pt", weights_only=True)["resume"]["updates_done"] == 5
     res = tt.train(tt.Args(resume=str(run)))
@@ -111,12 +198,30 @@ def test_a_kill_during_a_save_leaves_the_last_checkpoint_and_resume_succeeds(tmp
     assert steps == sorted(set(steps))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(getattr(signal, "SIGUSR1", None), marks=needs_sigusr1)])
-def test_sigterm_and_sigusr1_save_a_resumable_run_and_print_the_resume_command(tmp_path, hdf5_path, sig):
-    """A `timeout`-stopped tt.py run kept nothing before (issue 24): now it keeps a resumable checkpoint."""
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(getattr(signal, "SIGUSR1", None), marks=needs_sigusr1)]
+)
+def test_sigterm_and_sigusr1_save_a_resumable_run_and_print_the_resume_command(
+    tmp_path, hdf5_path, sig
+):
+    """A `timeout`-stopped tt.py run kept nothing before (issue 24): now it keeps a resumable
+    checkpoint."""
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "tt.py", "--env", "hopper-random", "--dataset-path", str(hdf5_path), "--runs-dir",
-           str(runs), "--updates", "1000000", "--eval-every", "1000000", *SMALL]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "tt.py",
+        "--env",
+        "hopper-random",
+        "--dataset-path",
+        str(hdf5_path),
+        "--runs-dir",
+        str(runs),
+        "--updates",
+        "1000000",
+        "--eval-every",
+        "1000000",
+        *SMALL,
+    ]
     code, out = signal_after(cmd, "update 0:", tmp_path / "log.txt", sig)
     run = run_dir_of(runs)
     name = signal.Signals(sig).name
@@ -139,7 +244,9 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, hdf5_path, monkeypatch
     stopped = run_dir_of(tmp_path / "s")
     with pytest.raises(SystemExit, match=r"leave out --checkpoint .*model.pt \(the run has None\)"):
         tt.train(tt.Args(resume=str(stopped), checkpoint=str(finished / "model.pt")))
-    with pytest.raises(SystemExit, match=r"continues that run with its own flags; leave out --lr 0.5 \(the run has"):
+    with pytest.raises(
+        SystemExit, match=r"continues that run with its own flags; leave out --lr 0.5 \(the run has"
+    ):
         tt.train(tt.Args(resume=str(stopped), lr=0.5))
     old = torch.load(stopped / "model.pt", weights_only=True)
     del old["resume"]  # a model.pt of the version before resume
@@ -149,11 +256,14 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, hdf5_path, monkeypatch
     (tmp_path / "old" / "model.pt").write_bytes((tmp_path / "old.pt").read_bytes())
     with pytest.raises(SystemExit, match="holds no training state"):
         tt.train(tt.Args(resume=str(tmp_path / "old")))
-    res = tt.train(tt.Args(resume=str(stopped), threads=1, device="cpu"))  # where and how to run may change
+    # where and how to run may change
+    res = tt.train(tt.Args(resume=str(stopped), threads=1, device="cpu"))
     assert res["trained_updates"] == 4
 
 
-def test_a_batch_stream_saved_on_another_device_is_replaced_and_said(tmp_path, hdf5_path, monkeypatch, capsys):
+def test_a_batch_stream_saved_on_another_device_is_replaced_and_said(
+    tmp_path, hdf5_path, monkeypatch, capsys
+):
     with monkeypatch.context() as m:
         signal_on_call(tt, m, "update", 2)
         with pytest.raises(SystemExit):

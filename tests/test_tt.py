@@ -15,10 +15,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_args(tmp_path, hdf5_path, **kw):
-    base = {"env": "hopper-random", "dataset_path": (str(hdf5_path),), "n_bins": 20, "seq_len": 3, "n_layer": 2,
-            "n_head": 2, "n_embd": 32, "batch_size": 8, "updates": 6, "warmup_epochs": 0.01, "decay_epochs": 1.0,
-            "horizon": 2, "beam_width": 3, "max_context": 2, "eval_episodes": 2, "eval_max_steps": 8,
-            "runs_dir": str(tmp_path / "runs"), "log_every": 2}  # fmt: skip
+    base = {
+        "env": "hopper-random",
+        "dataset_path": (str(hdf5_path),),
+        "n_bins": 20,
+        "seq_len": 3,
+        "n_layer": 2,
+        "n_head": 2,
+        "n_embd": 32,
+        "batch_size": 8,
+        "updates": 6,
+        "warmup_epochs": 0.01,
+        "decay_epochs": 1.0,
+        "horizon": 2,
+        "beam_width": 3,
+        "max_context": 2,
+        "eval_episodes": 2,
+        "eval_max_steps": 8,
+        "runs_dir": str(tmp_path / "runs"),
+        "log_every": 2,
+    }
     return tt.Args(**{**base, **kw})
 
 
@@ -29,27 +45,33 @@ def tiny_model(obs_dim=2, act_dim=1, n_bins=7, seq_len=3, seed=0):
     ).eval()
 
 
-# --- data --------------------------------------------------------------------------------------------
+# --- data -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["quantile", "uniform"])
 def test_discretizer_round_trip_and_edge_values(kind):
     rng = np.random.default_rng(0)
-    x = np.column_stack([rng.normal(size=5000), rng.exponential(size=5000), rng.integers(0, 3, 5000)])  # col 2: ties
+    x = np.column_stack(
+        [rng.normal(size=5000), rng.exponential(size=5000), rng.integers(0, 3, 5000)]
+    )  # col 2: ties
     d = tt.Discretizer.fit(x, 10, kind, "cpu")
     assert d.edges.shape == (11, 3)
     if kind == "quantile":  # equal mass per bin where values are continuous
         counts = np.bincount(d.encode(torch.as_tensor(x))[:, 0].numpy(), minlength=10)
         assert counts.min() >= 450 and counts.max() <= 550
     else:
-        np.testing.assert_allclose(np.diff(d.edges.numpy(), axis=0), np.ptp(x, axis=0)[None].repeat(10, 0) / 10)
-    # value -> bin -> midpoint: off by at most its bin's width, and the midpoint encodes to the same bin
+        np.testing.assert_allclose(
+            np.diff(d.edges.numpy(), axis=0), np.ptp(x, axis=0)[None].repeat(10, 0) / 10
+        )
+    # value -> bin -> midpoint: off by at most its bin's width, and the midpoint encodes to the same
+    # bin
     idx = d.encode(torch.as_tensor(x))
     rec = d.decode(idx).double()
     width = (d.edges[1:] - d.edges[:-1]).gather(0, idx)
     assert ((rec - torch.as_tensor(x)).abs() <= width / 2 + 1e-6).all()
     assert (d.encode(rec) == idx).all()
-    # every non-empty bin decodes and encodes back to itself; empty bins (ties in col 2) are never produced
+    # every non-empty bin decodes and encodes back to itself; empty bins (ties in col 2) are never
+    # produced
     bins = torch.arange(10)[:, None].expand(10, 3)
     nonempty = d.edges[1:] > d.edges[:-1]
     assert (d.encode(d.decode(bins))[nonempty] == bins[nonempty]).all()
@@ -62,23 +84,34 @@ def test_discretizer_round_trip_and_edge_values(kind):
 
 
 def test_value_targets_and_terminal_penalty():
-    np.testing.assert_allclose(tt.value_targets(np.array([1.0, 2.0, 3.0]), 0.5), [2 + 0.5 * 3, 3, 0])
+    np.testing.assert_allclose(
+        tt.value_targets(np.array([1.0, 2.0, 3.0]), 0.5), [2 + 0.5 * 3, 3, 0]
+    )
     eps = [{"observations": np.zeros((3, 1), np.float32), "actions": np.zeros((3, 1), np.float32),
                 "rewards": np.array([1, 2, 3], np.float32), "terminated": True}]  # fmt: skip
     data = tt.make_dataset(eps, torch.device("cpu"), 200, "uniform", 0.5, -100.0)
     r = data["disc"].decode(data["tokens"])[:, 2]
     v = data["disc"].decode(data["tokens"])[:, 3]
-    np.testing.assert_allclose(r, [1, 2, -100], atol=102 / 400)  # the last reward is replaced, not added to
+    # the last reward is replaced, not added to
+    np.testing.assert_allclose(r, [1, 2, -100], atol=102 / 400)
     np.testing.assert_allclose(v, [2 + 0.5 * -100, -100, 0], atol=100 / 400)
 
 
 def test_token_layout_and_windows():
-    """Transition = s^1..s^m_s, a^1..a^m_a, r, V; windows are consecutive transitions of one episode and run
-    into stop tokens (index N) past the episode's end; targets are the inputs shifted by one token."""
+    """Transition = s^1..s^m_s, a^1..a^m_a, r, V; windows are consecutive transitions of one episode
+    and run into stop tokens (index N) past the episode's end; targets are the inputs shifted by one
+    token."""
     eps = []
     for i, n in enumerate((4, 6)):
         t = np.arange(n, dtype=np.float32)[:, None] + 100 * i
-        eps.append({"observations": np.hstack([t, -t]), "actions": t / 1000, "rewards": t[:, 0], "terminated": False})
+        eps.append(
+            {
+                "observations": np.hstack([t, -t]),
+                "actions": t / 1000,
+                "rewards": t[:, 0],
+                "terminated": False,
+            }
+        )
     data = tt.make_dataset(eps, torch.device("cpu"), 16, "quantile", 0.99, -100.0)
     assert data["tokens"].shape == (10, 2 + 1 + 2)
     assert data["starts"].tolist() == [0, 1, 2, 4, 5, 6, 7, 8]  # every step but an episode's last
@@ -88,7 +121,11 @@ def test_token_layout_and_windows():
     assert (y == torch.cat([x[:, 1:], y[:, -1:]], 1)).all()
     decoded_t = data["disc"].decode(full[:, 0, :1], dims=slice(0, 1))[:, 0]
     for i in range(200):
-        s = int(torch.nonzero(data["disc"].decode(data["tokens"][:, :1], dims=slice(0, 1))[:, 0] == decoded_t[i])[0])
+        s = int(
+            torch.nonzero(
+                data["disc"].decode(data["tokens"][:, :1], dims=slice(0, 1))[:, 0] == decoded_t[i]
+            )[0]
+        )
         end = 4 if s < 4 else 10
         for k in range(3):
             if s + k < end:
@@ -98,7 +135,7 @@ def test_token_layout_and_windows():
     assert (full == 16).any()  # windows that start near an episode's end were drawn
 
 
-# --- model -------------------------------------------------------------------------------------------
+# --- model ----------------------------------------------------------------------------------------
 
 
 def test_causality_and_hidden_value_tokens():
@@ -110,8 +147,10 @@ def test_causality_and_hidden_value_tokens():
         x2 = x.clone()
         x2[0, j] = (x2[0, j] + 3) % 7
         out = model(x2)[0]
-        torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-6)  # the future never leaks back
-        assert not torch.allclose(out[:, j], base[:, j])  # the token itself matters for its own prediction
+        # the future never leaks back
+        torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-6)
+        # the token itself matters for its own prediction
+        assert not torch.allclose(out[:, j], base[:, j])
         later = (out[:, j + 1 :] - base[:, j + 1 :]).abs().amax().item()
         if j % n_tok == n_tok - 1:
             assert later < 1e-6  # no token reads a value token (TT code's mask)
@@ -121,19 +160,22 @@ def test_causality_and_hidden_value_tokens():
 
 def test_kv_cache_equals_uncached_forward_across_crops():
     model = tiny_model(seq_len=3)
-    n_tok, mb = model.transition_dim, model.block_size  # 5 tokens per transition, view of at most 14 tokens
+    # 5 tokens per transition, view of at most 14 tokens
+    n_tok, mb = model.transition_dim, model.block_size
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, 7, (3, 7), generator=g)
     cached, plain = tt.Sequences(model, prefix, mb, True), tt.Sequences(model, prefix, mb, False)
     with torch.no_grad():
         for step in range(25):
-            new = torch.randint(0, 7, (3, 1 + (step % 4 == 0)), generator=g)  # single tokens and pairs
+            # single tokens and pairs
+            new = torch.randint(0, 7, (3, 1 + (step % 4 == 0)), generator=g)
             if step == 10:  # beams are reordered and copied as in beam search
                 rows = torch.tensor([2, 2, 0])
                 cached.select(rows), plain.select(rows)
             cached.append(new), plain.append(new)
             L = cached.x.shape[1]
-            lo = math.ceil(max(0, L - mb) / n_tok) * n_tok  # the TT code's crop: whole transitions, oldest first
+            # the TT code's crop: whole transitions, oldest first
+            lo = math.ceil(max(0, L - mb) / n_tok) * n_tok
             reference = model(cached.x[:, lo:])[0][:, -1, :7]
             torch.testing.assert_close(cached.logits, reference, rtol=0, atol=1e-5)
             torch.testing.assert_close(plain.logits, reference, rtol=0, atol=1e-5)
@@ -141,7 +183,8 @@ def test_kv_cache_equals_uncached_forward_across_crops():
 
 
 def test_loss_weighting_hand_computed():
-    model = tiny_model(obs_dim=1, act_dim=1, n_bins=1, seq_len=2)  # 4 tokens per transition: s, a, r, V; 2 classes (bin, stop)
+    # 4 tokens per transition: s, a, r, V; 2 classes (bin, stop)
+    model = tiny_model(obs_dim=1, act_dim=1, n_bins=1, seq_len=2)
     w = tt.token_weights(model, 7, action_weight=5.0, reward_weight=2.0, value_weight=0.5)
     assert w.tolist() == [5, 2, 0.5, 1, 5, 2, 0.5]  # targets: a, r, V, s, a, r, V
     logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3)]]])  # ce: ln 2, then -ln(3/4)
@@ -149,12 +192,13 @@ def test_loss_weighting_hand_computed():
     assert loss.item() == pytest.approx((5 * math.log(2) + 2 * math.log(4 / 3)) / 2)
 
 
-# --- planning ----------------------------------------------------------------------------------------
+# --- planning -------------------------------------------------------------------------------------
 
 
 class HandModel(torch.nn.Module):
-    """obs_dim = act_dim = 1, N = 4. Action a is drawn with probabilities ACT (most likely: 0); the reward and
-    value tokens are certain and depend on (a + s) mod 4: r bins R, V bins VB. The cache holds the tokens."""
+    """obs_dim = act_dim = 1, N = 4. Action a is drawn with probabilities ACT (most likely: 0); the
+    reward and value tokens are certain and depend on (a + s) mod 4: r bins R, V bins VB. The cache
+    holds the tokens."""
 
     ACT = torch.tensor([0.31, 0.23, 0.23, 0.23])
     R, VB = [2, 3, 0, 1], [0, 0, 1, 3]
@@ -173,28 +217,41 @@ class HandModel(torch.nn.Module):
                 out[:, p - start, :4] = self.ACT.log()
             elif nxt in (2, 3):
                 key = (seq[:, s0 + 1] + seq[:, s0]) % 4
-                out[torch.arange(len(seq)), p - start, torch.tensor(self.R if nxt == 2 else self.VB)[key]] = 0.0
+                out[
+                    torch.arange(len(seq)),
+                    p - start,
+                    torch.tensor(self.R if nxt == 2 else self.VB)[key],
+                ] = 0.0
             else:
                 out[:, p - start, 0] = 0.0
         return out, [(seq, seq)]
 
 
 def hand_discretizer():
-    edges = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [-0.5, 0.5, 1.5, 2.5, 3.5], [-1, 1, 3, 7, 13]])
+    edges = torch.tensor(
+        [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [-0.5, 0.5, 1.5, 2.5, 3.5], [-1, 1, 3, 7, 13]]
+    )
     return tt.Discretizer(edges.T.double())  # r midpoints 0, 1, 2, 3; V midpoints 0, 2, 5, 10
 
 
 def test_beam_search_returns_the_best_scoring_plan_per_episode():
-    """Score of a 1-step plan = r + gamma V. With s = 0: a=0 -> 2 + 0, a=1 -> 3 + 0, a=2 -> 0 + .99*2,
-    a=3 -> 1 + .99*10 (best); greedy decoding takes the most likely action, 0. With s = 1 everything shifts by one:
-    the best action is 2. Two episodes planned in one batch must not mix."""
+    """Score of a 1-step plan = r + gamma V. With s = 0: a=0 -> 2 + 0, a=1 -> 3 + 0, a=2 -> 0 +
+    .99*2, a=3 -> 1 + .99*10 (best); greedy decoding takes the most likely action, 0. With s = 1
+    everything shifts by one: the best action is 2. Two episodes planned in one batch must not
+    mix."""
     model, disc = HandModel(), hand_discretizer()
-    args = tt.Args(horizon=1, beam_width=4, n_expand=8, cdf_act=0.0, k_obs=1, max_context=5, updates=1)
+    args = tt.Args(
+        horizon=1, beam_width=4, n_expand=8, cdf_act=0.0, k_obs=1, max_context=5, updates=1
+    )
     prefix = torch.tensor([[0], [1]])
     for seed in range(3):
-        best = tt.plan(model, disc, prefix, tt.plan_settings(args), torch.Generator().manual_seed(seed))
+        best = tt.plan(
+            model, disc, prefix, tt.plan_settings(args), torch.Generator().manual_seed(seed)
+        )
         assert best[:, 0].tolist() == [3, 2]
-    greedy = tt.plan(model, disc, prefix, tt.plan_settings(tt.Args(beam_width=1, updates=1)), torch.Generator())
+    greedy = tt.plan(
+        model, disc, prefix, tt.plan_settings(tt.Args(beam_width=1, updates=1)), torch.Generator()
+    )
     assert greedy[:, 0].tolist() == [0, 0]
 
 
@@ -202,21 +259,36 @@ def test_cdf_and_topk_filters():
     logits = torch.tensor([[0.1, 0.2, 0.3, 0.4]]).log()
     kept = torch.isfinite(tt.filter_logits(logits, 0, 0.35))[0].tolist()
     assert kept == [False, False, True, True]  # 0.1 + 0.2 < 0.35 dropped, as in the TT code
-    assert torch.isfinite(tt.filter_logits(logits, 1, 0.0))[0].tolist() == [False, False, False, True]
-    flat = torch.zeros(1, 4)  # all equal: the TT rule would drop everything; the most likely tokens survive
+    assert torch.isfinite(tt.filter_logits(logits, 1, 0.0))[0].tolist() == [
+        False,
+        False,
+        False,
+        True,
+    ]
+    # all equal: the TT rule would drop everything; the most likely tokens survive
+    flat = torch.zeros(1, 4)
     assert torch.isfinite(tt.filter_logits(flat, 0, 0.6)).all()
 
 
-# --- the script --------------------------------------------------------------------------------------
+# --- the script -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "kw, message",
-    [({"beam_width": 0}, "--beam-width 0"), ({"n_embd": 30}, "--n-embd 30"), ({"cdf_act": 1.0}, "--cdf-act 1.0"),
-     ({"max_context": 11}, "--max-context 11"), ({"updates": 0}, "--updates 0"), ({"discount": 0.0}, "--discount"),
-     ({"decay_epochs": 0.5}, "--decay-epochs 0.5"), ({"n_bins": 0}, "--n-bins 0"), ({"n_bins": 1}, "--n-bins 1"),
-     ({"eval_max_steps": 0}, "--eval-max-steps 0"), ({"max_context": 0}, "--max-context 0")],
-)  # fmt: skip
+    [
+        ({"beam_width": 0}, "--beam-width 0"),
+        ({"n_embd": 30}, "--n-embd 30"),
+        ({"cdf_act": 1.0}, "--cdf-act 1.0"),
+        ({"max_context": 11}, "--max-context 11"),
+        ({"updates": 0}, "--updates 0"),
+        ({"discount": 0.0}, "--discount"),
+        ({"decay_epochs": 0.5}, "--decay-epochs 0.5"),
+        ({"n_bins": 0}, "--n-bins 0"),
+        ({"n_bins": 1}, "--n-bins 1"),
+        ({"eval_max_steps": 0}, "--eval-max-steps 0"),
+        ({"max_context": 0}, "--max-context 0"),
+    ],
+)
 def test_bad_flags_are_refused_with_one_message(kw, message):
     with pytest.raises(SystemExit, match=message.replace(".", r"\.")):
         tt.Args(**kw)
@@ -224,16 +296,28 @@ def test_bad_flags_are_refused_with_one_message(kw, message):
 
 def test_track_without_wandb_is_refused(monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "wandb" else find_spec(name, *a),
+    )
     with pytest.raises(SystemExit, match="--track needs wandb"):
         tt.Args(track=True)
 
 
 def test_bad_flag_on_the_command_line_is_one_line_without_traceback():
     p = subprocess.run(
-        [sys.executable, "tt.py", "--horizon", "-1"], check=False, cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "tt.py", "--horizon", "-1"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
-    assert p.returncode != 0 and "error: --horizon -1: must be > 0." in p.stderr and "Traceback" not in p.stderr
+    assert (
+        p.returncode != 0
+        and "error: --horizon -1: must be > 0." in p.stderr
+        and "Traceback" not in p.stderr
+    )
 
 
 def test_bad_checkpoints_and_device(tmp_path, hdf5_path):
@@ -258,53 +342,119 @@ def test_end_to_end_checkpoint_and_determinism(tmp_path, hdf5_path):
     for f in ("config.json", "metrics.jsonl", "results.json", "model.pt"):
         assert (run / f).is_file()
     saved = json.loads((run / "results.json").read_text())
-    assert saved["updates"] == 6 and len(saved["returns"]) == 2 and saved["dataset"]["source"] == "file"
+    assert (
+        saved["updates"] == 6
+        and len(saved["returns"]) == 2
+        and saved["dataset"]["source"] == "file"
+    )
     assert all(1 <= n <= 8 for n in saved["lengths"]) and saved["plan_s_per_step"] > 0
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines if "loss" in m] == [0, 2, 4, 5] and "eval_normalized" in lines[-1]
+    assert [m["step"] for m in lines if "loss" in m] == [0, 2, 4, 5] and "eval_normalized" in lines[
+        -1
+    ]
     assert all(math.isfinite(m["loss"]) for m in lines if "loss" in m)
     # same seed, same everything: losses and returns repeat exactly
     again = tt.train(tiny_args(tmp_path / "b", hdf5_path))
-    again_lines = [json.loads(line) for line in (Path(again["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    again_lines = [
+        json.loads(line)
+        for line in (Path(again["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]
     assert again["returns"] == res["returns"] and [m for m in again_lines if "loss" in m] == [
         m for m in lines if "loss" in m
     ]
-    # --updates 0 evaluates the checkpoint (its architecture, whatever the flags say) and reproduces the score
-    ev = tt.train(tiny_args(tmp_path / "c", hdf5_path, checkpoint=str(run / "model.pt"), updates=0, n_layer=5,
-                            n_embd=64, n_bins=50))  # fmt: skip
-    assert ev["returns"] == res["returns"] and ev["args"]["n_layer"] == 2 and ev["args"]["n_bins"] == 20
+    # --updates 0 evaluates the checkpoint (its architecture, whatever the flags say) and reproduces
+    # the score
+    ev = tt.train(
+        tiny_args(
+            tmp_path / "c",
+            hdf5_path,
+            checkpoint=str(run / "model.pt"),
+            updates=0,
+            n_layer=5,
+            n_embd=64,
+            n_bins=50,
+        )
+    )
+    assert (
+        ev["returns"] == res["returns"]
+        and ev["args"]["n_layer"] == 2
+        and ev["args"]["n_bins"] == 20
+    )
     assert not (Path(ev["run_dir"]) / "model.pt").exists()
-    # without --env, the checkpoint is evaluated on its own dataset; --updates N trains on with its bins
-    own = tt.train(tt.Args(checkpoint=str(run / "model.pt"), updates=0, horizon=2, beam_width=3, max_context=2,
-                           eval_episodes=2, eval_max_steps=8, runs_dir=str(tmp_path / "e")))  # fmt: skip
+    # without --env, the checkpoint is evaluated on its own dataset; --updates N trains on with its
+    # bins
+    own = tt.train(
+        tt.Args(
+            checkpoint=str(run / "model.pt"),
+            updates=0,
+            horizon=2,
+            beam_width=3,
+            max_context=2,
+            eval_episodes=2,
+            eval_max_steps=8,
+            runs_dir=str(tmp_path / "e"),
+        )
+    )
     assert own["returns"] == res["returns"] and own["dataset"]["name"] == "hopper-random"
-    more = tt.train(tiny_args(tmp_path / "f", hdf5_path, checkpoint=str(run / "model.pt"), updates=2))
+    more = tt.train(
+        tiny_args(tmp_path / "f", hdf5_path, checkpoint=str(run / "model.pt"), updates=2)
+    )
     assert more["trained_updates"] == 8 and torch.equal(
         torch.load(Path(more["run_dir"]) / "model.pt", weights_only=True)["edges"],
         torch.load(run / "model.pt", weights_only=True)["edges"],
     )
-    greedy = tt.train(tiny_args(tmp_path / "d", hdf5_path, checkpoint=str(run / "model.pt"), updates=0, beam_width=1))
-    assert len(greedy["returns"]) == 2 and greedy["args"]["beam_width"] == 1 and greedy["plan_s_per_step"] > 0
+    greedy = tt.train(
+        tiny_args(
+            tmp_path / "d", hdf5_path, checkpoint=str(run / "model.pt"), updates=0, beam_width=1
+        )
+    )
+    assert (
+        len(greedy["returns"]) == 2
+        and greedy["args"]["beam_width"] == 1
+        and greedy["plan_s_per_step"] > 0
+    )
 
 
-# --- evaluating a checkpoint (issue 25, item 3) -------------------------------------------------------
+# --- evaluating a checkpoint (issue 25, item 3) ---------------------------------------------------
 
 
 def test_evaluating_a_checkpoint_takes_its_context_and_names_the_run(tmp_path, hdf5_path, capsys):
-    """`--checkpoint CK --updates 0` alone: the planner's context comes from the checkpoint's window (seq_len 3,
-    shorter than the TT code's 5 transitions) instead of failing; the run is named -eval and the cost of planning
-    is printed before the wait."""
+    """`--checkpoint CK --updates 0` alone: the planner's context comes from the checkpoint's window
+    (seq_len 3, shorter than the TT code's 5 transitions) instead of failing; the run is named -eval
+    and the cost of planning is printed before the wait."""
     ck = Path(tt.train(tiny_args(tmp_path / "a", hdf5_path))["run_dir"]) / "model.pt"  # seq_len 3
     capsys.readouterr()
-    ev = tt.train(tt.Args(checkpoint=str(ck), updates=0, horizon=2, beam_width=3, eval_episodes=2, eval_max_steps=8,
-                          runs_dir=str(tmp_path / "ev")))  # fmt: skip
+    ev = tt.train(
+        tt.Args(
+            checkpoint=str(ck),
+            updates=0,
+            horizon=2,
+            beam_width=3,
+            eval_episodes=2,
+            eval_max_steps=8,
+            runs_dir=str(tmp_path / "ev"),
+        )
+    )
     out = capsys.readouterr().out
-    assert ev["args"]["max_context"] == 3 and "capped at the checkpoint's --seq-len 3" in ev["sources"]["max_context"]
+    assert (
+        ev["args"]["max_context"] == 3
+        and "capped at the checkpoint's --seq-len 3" in ev["sources"]["max_context"]
+    )
     assert "max_context 3 (TT base, capped at the checkpoint's --seq-len 3)" in out
-    assert "__tt-eval__" in Path(ev["run_dir"]).name and not (Path(ev["run_dir"]) / "model.pt").exists()
-    assert out.index("planning: beam 3 x horizon 2: about ") < out.index("normalized score")  # before the wait
-    with pytest.raises(SystemExit, match=r"--max-context 5: must be <= the checkpoint's --seq-len 3"):
-        tt.train(tt.Args(checkpoint=str(ck), updates=0, max_context=5, runs_dir=str(tmp_path / "refused")))
+    assert (
+        "__tt-eval__" in Path(ev["run_dir"]).name
+        and not (Path(ev["run_dir"]) / "model.pt").exists()
+    )
+    # before the wait
+    assert out.index("planning: beam 3 x horizon 2: about ") < out.index("normalized score")
+    with pytest.raises(
+        SystemExit, match=r"--max-context 5: must be <= the checkpoint's --seq-len 3"
+    ):
+        tt.train(
+            tt.Args(
+                checkpoint=str(ck), updates=0, max_context=5, runs_dir=str(tmp_path / "refused")
+            )
+        )
     assert not (tmp_path / "refused").exists()
 
 
@@ -348,19 +498,33 @@ def test_evaluation_shows_plan_steps_episodes_and_env_steps(tmp_path, hdf5_path,
     assert bar.postfix == {"episodes": "2/2", "env_steps": sum(res["lengths"])}
 
 
-# --- the TT code's configuration per dataset (issue 27, item 1) and fp32 planning (issue 28, item 8) -----
+# --- the TT code's configuration per dataset (issue 27, item 1) and fp32 planning (issue 28, item 8
 
 
 @pytest.mark.parametrize(
     "name, expected",
-    [("walker2d-medium-replay", dict(beam_width=32, horizon=20, k_act=40, cdf_act=0.0, n_epochs_ref=80)),
-     ("hopper-medium-replay", dict(beam_width=128, horizon=15, k_act=0, cdf_act=0.6, n_epochs_ref=80)),
-     ("halfcheetah-medium", dict(beam_width=32, horizon=5, k_act=0, cdf_act=0.6, n_epochs_ref=50)),
-     ("halfcheetah-medium-replay", dict(beam_width=32, horizon=5, n_epochs_ref=50)),
-     ("halfcheetah-medium-expert", dict(beam_width=32, horizon=15)),
-     ("walker2d-medium-expert", dict(beam_width=128, horizon=5, cdf_act=0.6)),
-     ("hopper-medium", dict(beam_width=128, horizon=15, k_act=0, cdf_act=0.6, n_epochs_ref=50, max_context=5))],
-)  # fmt: skip
+    [
+        (
+            "walker2d-medium-replay",
+            dict(beam_width=32, horizon=20, k_act=40, cdf_act=0.0, n_epochs_ref=80),
+        ),
+        (
+            "hopper-medium-replay",
+            dict(beam_width=128, horizon=15, k_act=0, cdf_act=0.6, n_epochs_ref=80),
+        ),
+        (
+            "halfcheetah-medium",
+            dict(beam_width=32, horizon=5, k_act=0, cdf_act=0.6, n_epochs_ref=50),
+        ),
+        ("halfcheetah-medium-replay", dict(beam_width=32, horizon=5, n_epochs_ref=50)),
+        ("halfcheetah-medium-expert", dict(beam_width=32, horizon=15)),
+        ("walker2d-medium-expert", dict(beam_width=128, horizon=5, cdf_act=0.6)),
+        (
+            "hopper-medium",
+            dict(beam_width=128, horizon=15, k_act=0, cdf_act=0.6, n_epochs_ref=50, max_context=5),
+        ),
+    ],
+)
 def test_settings_left_out_follow_the_tt_config_of_the_dataset(name, expected):
     args, sources = tt.resolve_settings(tt.Args(), name, 400_000, None)
     assert {k: getattr(args, k) for k in expected} == expected
@@ -369,21 +533,43 @@ def test_settings_left_out_follow_the_tt_config_of_the_dataset(name, expected):
         assert sources[k] == (f"TT config/offline.py for {name}" if entry else "TT base")
     # the TT code's budget: int(10^6 / W x n_epochs_ref) epochs of ceil(W / 256) updates
     assert args.updates == int(1e6 / 400_000 * args.n_epochs_ref) * math.ceil(400_000 / 256)
-    assert args.updates == pytest.approx(1e6 * args.n_epochs_ref / 256, rel=0.01)  # 195k, or 312.5k for replay
+    # 195k, or 312.5k for replay
+    assert args.updates == pytest.approx(1e6 * args.n_epochs_ref / 256, rel=0.01)
     given, sources = tt.resolve_settings(
         tt.Args(beam_width=7, horizon=3, k_act=2, cdf_act=0.1, updates=9), name, 9, None
     )
-    assert (given.beam_width, given.horizon, given.k_act, given.cdf_act, given.updates) == (7, 3, 2, 0.1, 9)
-    assert all(sources[k] == "flag" for k in ("beam_width", "horizon", "k_act", "cdf_act", "updates"))
+    assert (given.beam_width, given.horizon, given.k_act, given.cdf_act, given.updates) == (
+        7,
+        3,
+        2,
+        0.1,
+        9,
+    )
+    assert all(
+        sources[k] == "flag" for k in ("beam_width", "horizon", "k_act", "cdf_act", "updates")
+    )
 
 
 def test_a_walker2d_medium_replay_run_plans_with_its_tt_config_and_says_so(tmp_path, capsys):
     from conftest import random_rollouts, write_hdf5
 
-    path = write_hdf5(tmp_path / "walker2d_medium_replay-v2.hdf5", random_rollouts("Walker2d-v4", steps=300))
-    args = tt.Args(env="walker2d-medium-replay", dataset_path=(str(path),), n_bins=10, seq_len=3, n_layer=1,
-                   n_head=1, n_embd=16, batch_size=8, updates=2, eval_episodes=1, eval_max_steps=1,
-                   runs_dir=str(tmp_path / "runs"))  # fmt: skip
+    path = write_hdf5(
+        tmp_path / "walker2d_medium_replay-v2.hdf5", random_rollouts("Walker2d-v4", steps=300)
+    )
+    args = tt.Args(
+        env="walker2d-medium-replay",
+        dataset_path=(str(path),),
+        n_bins=10,
+        seq_len=3,
+        n_layer=1,
+        n_head=1,
+        n_embd=16,
+        batch_size=8,
+        updates=2,
+        eval_episodes=1,
+        eval_max_steps=1,
+        runs_dir=str(tmp_path / "runs"),
+    )
     res = tt.train(args)
     out = capsys.readouterr().out
     saved = json.loads((Path(res["run_dir"]) / "results.json").read_text())
@@ -391,9 +577,16 @@ def test_a_walker2d_medium_replay_run_plans_with_its_tt_config_and_says_so(tmp_p
     assert {k: saved["args"][k] for k in ("beam_width", "horizon", "k_act", "cdf_act")} == dict(
         beam_width=32, horizon=20, k_act=40, cdf_act=0.0
     )
-    assert all(saved["sources"][k] == tt_config for k in ("beam_width", "horizon", "k_act", "cdf_act", "n_epochs_ref"))
-    assert saved["sources"]["updates"] == "flag" and saved["sources"]["max_context"].startswith("TT base, capped")
-    assert f"beam_width 32 ({tt_config})" in out and "horizon 20" in out and "updates 2 (flag)" in out
+    assert all(
+        saved["sources"][k] == tt_config
+        for k in ("beam_width", "horizon", "k_act", "cdf_act", "n_epochs_ref")
+    )
+    assert saved["sources"]["updates"] == "flag" and saved["sources"]["max_context"].startswith(
+        "TT base, capped"
+    )
+    assert (
+        f"beam_width 32 ({tt_config})" in out and "horizon 20" in out and "updates 2 (flag)" in out
+    )
 
 
 def test_the_tt_learning_rate_schedule_is_the_tt_codes_unclamped_cosine():
@@ -408,15 +601,20 @@ def test_the_tt_learning_rate_schedule_is_the_tt_codes_unclamped_cosine():
             opt.step()
             sched.step()
     tt_rates, ours = rates["tt"], rates["clamped"]
-    assert tt_rates[0] == 1.0 and tt_rates[5] == pytest.approx(0.5)  # the first update at the peak, then k / warm
-    assert tt_rates[20] == pytest.approx(0.5) and tt_rates[30] == pytest.approx(0.1)  # cosine to 10% at epoch 3
-    assert tt_rates[50] == pytest.approx(1.0) and tt_rates[70] == pytest.approx(0.1)  # back at the peak at epoch 5
-    assert ours[0] == pytest.approx(0.1) and ours[30:] == [pytest.approx(0.1)] * 41  # ours holds the floor
+    # the first update at the peak, then k / warm
+    assert tt_rates[0] == 1.0 and tt_rates[5] == pytest.approx(0.5)
+    # cosine to 10% at epoch 3
+    assert tt_rates[20] == pytest.approx(0.5) and tt_rates[30] == pytest.approx(0.1)
+    # back at the peak at epoch 5
+    assert tt_rates[50] == pytest.approx(1.0) and tt_rates[70] == pytest.approx(0.1)
+    # ours holds the floor
+    assert ours[0] == pytest.approx(0.1) and ours[30:] == [pytest.approx(0.1)] * 41
 
 
 def test_planning_runs_in_fp32_while_training_uses_bf16(tmp_path, hdf5_path, monkeypatch):
-    """With bf16 active (forced here, native on GPUs), training runs in bf16 but every planning forward in fp32
-    (TT plans in fp32): the evaluation equals the one of a --no-bf16 run of the same checkpoint."""
+    """With bf16 active (forced here, native on GPUs), training runs in bf16 but every planning
+    forward in fp32 (TT plans in fp32): the evaluation equals the one of a --no-bf16 run of the same
+    checkpoint."""
     ck = str(Path(tt.train(tiny_args(tmp_path / "a", hdf5_path))["run_dir"]) / "model.pt")
     monkeypatch.setattr(tt, "bf16_native", lambda device: True)
     real, dtypes = tt.evaluate, set()
@@ -449,4 +647,6 @@ def test_beam_scores_and_the_nll_are_fp32_under_bf16_autocast():
     logits, targets = torch.randn(2, 5, 8, generator=g), torch.randint(0, 8, (2, 5), generator=g)
     loss = tt.tt_loss(logits.bfloat16(), targets, torch.ones(5))
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, tt.tt_loss(logits.bfloat16().float(), targets, torch.ones(5)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        loss, tt.tt_loss(logits.bfloat16().float(), targets, torch.ones(5)), rtol=0, atol=0
+    )
