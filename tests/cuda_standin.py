@@ -209,6 +209,8 @@ class CudaStandIn:
 
     def __enter__(self) -> CudaStandIn:
         self._patch_cuda_module()
+        self._patch_classes()
+        self._patch_load()
         self._patch_tensor()
         self._patch_factories()
         self._patch_random()
@@ -265,6 +267,12 @@ class CudaStandIn:
         }
         for name, fn in answers.items():
             self._set(cuda, name, fn)
+        original = torch._C._group_tensors_by_device_and_dtype
+        self._set(torch._C, "_group_tensors_by_device_and_dtype", self._regroup(original))
+
+    def _patch_classes(self) -> None:
+        """torch.autocast("cuda") computes with the CPU's; torch.Generator(device="cuda") makes a
+        CPU generator that says cuda:0; random states are set from the host only, as with CUDA."""
         standin = self
 
         class Autocast(torch.amp.autocast_mode.autocast):
@@ -290,11 +298,20 @@ class CudaStandIn:
                     standin.record("device mismatch", "Generator.set_state(a device tensor)")
                 return super().set_state(state)
 
+        set_rng_state = torch.set_rng_state
+
+        def host_rng_state(state):
+            if standin.is_cuda(state):
+                standin.record("device mismatch", "torch.set_rng_state(a device tensor)")
+            return set_rng_state(state)
+
         self._set(torch, "autocast", Autocast)
         self._set(torch, "Generator", Generator)
-        original = torch._C._group_tensors_by_device_and_dtype
-        self._set(torch._C, "_group_tensors_by_device_and_dtype", self._regroup(original))
-        load = torch.load
+        self._set(torch, "set_rng_state", host_rng_state)
+
+    def _patch_load(self) -> None:
+        """torch.load(map_location=cuda): loaded on the host, then onto the device."""
+        standin, load = self, torch.load
 
         def standin_load(f, map_location=None, **kwargs):
             if isinstance(map_location, (str, torch.device)) and _is_cuda_device(map_location):

@@ -349,7 +349,8 @@ def test_the_standin_loads_autocasts_and_seeds_like_a_gpu(tmp_path):
         gen = torch.Generator(device="cuda")
         gen.set_state(gen.get_state())  # a generator's state lives on the host
         gen.set_state(gen.get_state().to("cuda"))  # refused on a GPU
-    assert [e.kind for e in gpu.violations()] == ["device mismatch"]
+        torch.set_rng_state(torch.get_rng_state().to("cuda"))  # the same
+    assert [e.kind for e in gpu.violations()] == ["device mismatch"] * 2
 
 
 def test_a_method_file_that_syncs_or_mixes_in_its_update_fails_the_rules(tmp_path, hdf5_path):
