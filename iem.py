@@ -456,26 +456,6 @@ def update(model, opt, batch, all_masked: bool, autocast) -> tuple[dict, torch.T
     return {"masked": loss.detach()}, grad_norm
 
 
-def compiled_update(model, device: torch.device, compile: bool):
-    """`update` and the model to pass it; with --compile, compiled. On CUDA the whole update
-    (forward, backward, clipping; the fused AdamW step, already one kernel, is left as it is),
-    replayed as CUDA graphs (mode reduce-overhead: a batch's shapes never change), which cuts the
-    kernel launches that bound a small model's step. On a CPU, where launches cost little, the model
-    alone."""
-    if not compile:
-        return update, model
-    if device.type != "cuda":
-        return update, torch.compile(model)
-    graphed = torch.compile(update, mode="reduce-overhead")
-
-    def step(*args):
-        # a new step: the last one's outputs (read at its logging point) may now be overwritten
-        torch.compiler.cudagraph_mark_step_begin()
-        return graphed(*args)
-
-    return step, model
-
-
 # --- Planning: iterative energy minimization (the paper's §3, blog §5.c).
 
 
@@ -655,7 +635,7 @@ def train(args: Args) -> dict:
     opt, sched = make_optimizer(model, args.lr, args.updates)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # the batch sampler's stream
     done, parent, clock = progress(run_dir, ckpt, resume, opt, sched, gen)
-    step_fn, fwd = compiled_update(model, device, args.compile)
+    step_fn, fwd = compiled_update(model, opt, device, args.compile)
     timer = Stopwatch(clock, device, warmup=COMPILE_WARMUP if args.compile else 0)
     saving = (run_dir, model, arch, args, opt, sched, gen, clock, t_start, parent)
     save = functools.partial(save_run, *saving)
@@ -1127,7 +1107,7 @@ COMPILE_WARMUP = 3
 
 
 def wait_for(device: torch.device) -> None:
-    """Waits until the device has done the work queued on it (CUDA runs it asynchronously), so that
+    """PLUMBING: waits until the device has done the work queued on it (CUDA runs it asynchronously), so that
     a time read afterwards includes that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -1135,7 +1115,7 @@ def wait_for(device: torch.device) -> None:
 
 @dataclass
 class Stopwatch:
-    """Training time, measured in intervals that end where the run waits for the device anyway (a
+    """PLUMBING: training time, measured in intervals that end where the run waits for the device anyway (a
     logging point, a save, the end): one sync per interval, never one per update. The first
     `warmup` updates of this process (--compile) are compile time, neither training time nor timed
     updates. Saves and log lines fall between intervals."""
@@ -1170,8 +1150,31 @@ class Stopwatch:
         self.started, self.updates = None, 0
 
 
+def compiled_update(model, opt, device: torch.device, compile: bool):
+    """PLUMBING: `update` and the model to pass it; with --compile, compiled. On CUDA the whole
+    update (forward, backward, clipping), replayed as CUDA graphs (mode reduce-overhead:
+    sample_batch's shapes never change), which cuts the kernel launches that bound a small model's
+    step. The optimizer step runs as it is: AdamW's is one fused kernel, which torch.compile never
+    traces; LAMB's is about 30 multi-tensor ops, and traced, its learning rate and step count, new
+    at every update, would recompile it at every update. On a CPU, where launches cost little, the
+    model alone."""
+    if not compile:
+        return update, model
+    if device.type != "cuda":
+        return update, torch.compile(model)
+    opt.step = torch.compiler.disable(opt.step)  # eager inside the compiled update (see above)
+    graphed = torch.compile(update, mode="reduce-overhead")
+
+    def step(*args):
+        # a new step: the last one's outputs (read at its logging point) may now be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(*args)
+
+    return step, model
+
+
 def run_timing(clock: dict, compiled: bool, bf16: bool, t_start: float) -> dict:
-    """results.json's timing: updates/s of the timed updates (training only: no compile, saves or
+    """PLUMBING: results.json's timing: updates/s of the timed updates (training only: no compile, saves or
     evaluation), the compile time apart, the run's wall time (a resumed run's in all)."""
     timed, seconds = clock["timed_updates"], clock["train_time_s"]
     timing = {"train_updates_per_s": timed / seconds if timed and seconds else None, "bf16": bf16}

@@ -32,7 +32,7 @@ def trained(compile: bool, updates=5):
     torch.manual_seed(0)
     model = iem.MaskedPlanModel(**ARCH)
     opt, _ = iem.make_optimizer(model, 1e-3, updates)
-    step, fwd = iem.compiled_update(model, torch.device("cpu"), compile)
+    step, fwd = iem.compiled_update(model, opt, torch.device("cpu"), compile)
     gen, data = torch.Generator().manual_seed(0), fake_data()
     autocast = torch.autocast("cpu", enabled=False)
     out = []
