@@ -142,7 +142,9 @@ class Args:
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
     compile: bool = False
-    """torch.compile the translator for training (CUDA)"""
+    """torch.compile for training: on CUDA each model's whole update (forward, backward, clipping,
+    optimizer step), replayed as CUDA graphs; on a CPU the state predictor. The compile time is
+    reported apart (compile_time_s), not in the updates/s"""
     bf16: bool = True
     """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX);
     fp32 elsewhere"""
@@ -590,7 +592,7 @@ def evaluate(
     obs, _ = envs.reset(seed=settings.seed + 10_000)
     look = dict(unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
     bar = tqdm(total=n, desc="evaluate", **look)
-    t0 = time.time()
+    t0 = time.perf_counter()
     for t in range(horizon):  # t counts from 0, the thesis's timesteps from 1
         states[:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
         ctx = slice(max(0, t - K_s + 1), t + 1)  # S_{-K_s}: the last K_s states, fewer at first
@@ -607,7 +609,8 @@ def evaluate(
         bar.set_postfix(env_steps=int(lengths.sum()), refresh=False)
         if done.all():
             break
-    elapsed = time.time() - t0
+    wait_for(device)  # env steps/s of work done, not of work queued on the device
+    elapsed = time.perf_counter() - t0
     bar.close()
     envs.close()
     model.train()
@@ -639,20 +642,20 @@ def train(args: Args) -> dict:
             stats = data["state_stats"]
             inv_opt = make_inv_optimizer(inv, args.inv_lr, args.inv_weight_decay)
             opt, sched = make_optimizer(model, args)
-            fwd = torch.compile(model) if args.compile else model
+            fwd, update_model, update_inv = compiled_updates(model, args.compile, device)
             inv_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
             gen = torch.Generator(device=device).manual_seed(args.seed)
 
             def inverse_step(log: bool):  # §2.3.3: Eq. 2.8 on uniformly drawn transitions
                 batch = sample_transitions(data, args.inv_batch_size, inv_gen)
-                loss, grad_norm = update_inverse(inv, inv_opt, batch, norm=log)
+                loss, grad_norm = update_inv(inv, inv_opt, batch, norm=log)
                 return loss, grad_norm, args.inv_lr
 
             def translator_step(log: bool):  # §2.3.2: Eq. 2.7 on segments of Eq. 2.3
                 batch = sample_batch(data, args.batch_size, model.return_len, model.state_len, gen)
                 lr = sched.get_last_lr()[0]  # the rate this update uses
                 full = args.full_context_loss
-                loss, grad_norm = update(fwd, opt, batch, args.grad_clip, full, autocast)
+                loss, grad_norm = update_model(fwd, opt, batch, args.grad_clip, full, autocast)
                 sched.step()
                 return loss, grad_norm, lr
 
@@ -682,7 +685,11 @@ THESIS = {"halfcheetah-medium": 44.4, "hopper-medium": 93.2, "walker2d-medium": 
 PHASES = {"inverse": "inverse dynamics", "translator": "translator"}
 # --arch's state predictors by name (None: a checkpoint from before --arch)
 PREDICTOR = {"gpt": "GPT state predictor", "seq2seq": "translator", None: "translator"}
-CLOCK = {"inverse": "inv_train_time_s", "translator": "train_time_s"}  # each phase's training time
+# results.json's updates/s of each phase
+SPEED = {"inverse": "inv_train_updates_per_s", "translator": "train_updates_per_s"}
+# --compile: the updates of each process whose time is compile time, not training time (the first
+# compiles; CUDA graphs are recorded after a warmup run)
+COMPILE_WARMUP = 3
 # Flags that say where and how a run runs, not what it computes: --resume takes them from its own
 # command line.
 RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name".split()
@@ -1095,8 +1102,7 @@ def open_run(args: Args) -> dict:
     progress = dict(resume["progress"]) if resume else zero
     keys = {"translator": "trained_updates", "inverse": "trained_inv_updates"}
     before = {k: ckpt[key] - progress[k] if ckpt is not None else 0 for k, key in keys.items()}
-    clock = dict.fromkeys(["inv_train_time_s", "train_time_s", "wall_time_s"], 0.0)
-    clock = dict(resume["clock"]) if resume else clock
+    clock = phase_clocks(resume, progress)
     inputs = {"args": args, "device": device, "threads": threads, "ckpt": ckpt, "resume": resume}
     inputs |= {"episodes": episodes, "facts": facts, "arch": arch, "best": best}
     inputs |= {"conditioning": conditioning, "training": training, "config": config}
@@ -1179,6 +1185,19 @@ def totals(run: dict) -> dict:
     return {k: run["before"][k] + run["progress"][k] for k in PHASES}
 
 
+def phase_clocks(resume: Optional[dict], progress: dict) -> dict:
+    """The run's wall time and each phase's Stopwatch clock, a resumed run's where it has them. A
+    checkpoint from before the stopwatches has one flat clock and timed every update it counts."""
+    clock = {"wall_time_s": 0.0}
+    for k in PHASES:
+        clock[k] = {"train_time_s": 0.0, "timed_updates": progress[k], "compile_time_s": 0.0}
+    old = dict(resume["clock"]) if resume else {}
+    if "inv_train_time_s" in old:
+        clock["inverse"]["train_time_s"] = old.pop("inv_train_time_s")
+        clock["translator"]["train_time_s"] = old.pop("train_time_s")
+    return clock | old
+
+
 def update_counts(counts: dict) -> str:
     return f"translator {counts['translator']}, inverse dynamics {counts['inverse']} updates"
 
@@ -1193,22 +1212,101 @@ def run_phase(phase: str, p: Phase, run: dict, run_eval, save, evaluated: set) -
         run_eval(phase, done)
     every = args.eval_every if phase == "translator" else 0  # the evaluations save_due counts
     bar = tqdm(range(done, total), phase, total, initial=done, mininterval=1, disable=not total)
+    # compiled on a CPU: the translator's state predictor alone (compiled_updates)
+    compiled = args.compile and (phase == "translator" or run["device"].type == "cuda")
+    timer = Stopwatch(run["clock"][phase], run["device"], COMPILE_WARMUP if compiled else 0)
+    run["timer"] = timer  # save() ends its interval
     with bar:  # closed on a stop too
         for step in bar:
             with signals_deferred():
-                t0 = time.time()
-                log = step % args.log_every == 0 or step + 1 == total  # .item() syncs the GPU
+                timer.start()
+                log = step % args.log_every == 0 or step + 1 == total
                 loss, grad_norm, lr = p.step(log)
                 progress[phase] = done = step + 1
+                timer.lap()
                 if log:
-                    line = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+                    timer.stop()  # waits for the device, as the log line's .item() would
+                    line = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": float(lr)}
                     log_metrics(run["metrics"], phase=phase, step=step, **line)
                     bar.set_postfix(loss=f"{line['loss']:.4f}")
-                run["clock"][CLOCK[phase]] += time.time() - t0
             if eval_due(phase, done, args):
+                timer.stop()
                 run_eval(phase, done)
             if save_due(done, total, every, args.save_every):
                 save()
+
+
+def wait_for(device: torch.device) -> None:
+    """PLUMBING: waits until the device has done the work queued on it (CUDA runs it asynchronously), so that
+    a time read afterwards includes that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Stopwatch:
+    """PLUMBING: training time, measured in intervals that end where the run waits for the device anyway (a
+    logging point, a save, the end): one sync per interval, never one per update. The first
+    `warmup` updates of this process (--compile) are compile time, neither training time nor timed
+    updates. Saves and log lines fall between intervals."""
+
+    clock: dict
+    device: torch.device
+    warmup: int = 0
+    started: Optional[float] = None
+    updates: int = 0
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def lap(self) -> None:
+        """One update done; the last update of the warmup ends its interval."""
+        self.updates += 1
+        if self.warmup and self.updates == self.warmup:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.started is None:
+            return
+        wait_for(self.device)
+        seconds = time.perf_counter() - self.started
+        if self.warmup:
+            self.clock["compile_time_s"] += seconds
+            self.warmup -= self.updates
+        else:
+            self.clock["train_time_s"] += seconds
+            self.clock["timed_updates"] += self.updates
+        self.started, self.updates = None, 0
+
+
+def compiled_updates(model, enabled: bool, device: torch.device):
+    """--compile: the state predictor to train and the two update functions. On CUDA each model's
+    whole update (forward, backward, clipping, optimizer step) is compiled and replayed as CUDA
+    graphs (mode "reduce-overhead"; the batches have static shapes); on a CPU the state predictor
+    alone is compiled, and the eager updates call it."""
+    if not enabled:
+        return model, update, update_inverse
+    if device.type != "cuda":
+        return torch.compile(model), update, update_inverse
+    return model, graphed(update), graphed(update_inverse)
+
+
+def graphed(update_fn):
+    """update_fn compiled into CUDA graphs. The learning rates become tensors on the parameters'
+    device (the schedule then fills them in place; a float would be a new constant, a recompile, at
+    every warmup step), and each call starts a new step of the graphs (the last call's outputs
+    have been read by then)."""
+    compiled = torch.compile(update_fn, mode="reduce-overhead", dynamic=False)
+
+    def run(model, opt, *rest, **kwargs):
+        for group in opt.param_groups:  # idempotent: also after a resume loaded float rates
+            if not torch.is_tensor(group["lr"]):
+                group["lr"] = torch.tensor(group["lr"], device=group["params"][0].device)
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(model, opt, *rest, **kwargs)
+
+    return run
 
 
 def fit(phases: dict, model, inv, frame: dict, run: dict, run_eval) -> None:
@@ -1220,6 +1318,8 @@ def fit(phases: dict, model, inv, frame: dict, run: dict, run_eval) -> None:
         restore_training_state(resume, p.opt, p.sched, p.gen)
 
     def save() -> None:
+        if "timer" in run:  # the interval ends first: the checkpoint's clock holds it
+            run["timer"].stop()
         phase, wall = progress["phase"], clock["wall_time_s"] + time.time() - run["t_start"]
         p, clocks = phases[phase], clock | {"wall_time_s": wall}
         n, metrics = progress[phase], run["metrics"]
@@ -1280,9 +1380,11 @@ def finish(run: dict, res: dict) -> dict:
     done = totals(run)
     wall = clock["wall_time_s"] + time.time() - run["t_start"]
     speed = {"bf16": run["bf16"], "wall_time_s": wall}
-    for phase, key in CLOCK.items():  # training time only: evaluations are not counted
-        n = progress[phase]
-        speed[key.replace("time_s", "updates_per_s")] = n / clock[key] if n else None
+    compiled = sum(clock[phase]["compile_time_s"] for phase in PHASES)
+    speed["compile_time_s"] = compiled if args.compile else None
+    for phase, key in SPEED.items():  # training time only: no evaluation, save or compile
+        timed, seconds = clock[phase]["timed_updates"], clock[phase]["train_time_s"]
+        speed[key] = timed / seconds if timed and seconds else None
     counts = {"updates": progress["translator"], "trained_updates": done["translator"]}
     counts |= {"inv_updates": progress["inverse"], "trained_inv_updates": done["inverse"]}
     results = {**run["config"], **res, **counts, "run_dir": str(run["dir"]), **speed}
