@@ -25,6 +25,7 @@ machine disturb less). Writes one JSON under --out; never overwrites.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib.util
 import itertools
@@ -356,6 +357,27 @@ def profile_split(c: Contestant, steps: int) -> dict:
     )  # fmt: skip
 
 
+def op_cpu_times(c: Contestant, steps: int) -> list:
+    """Thread CPU time of every aten op over `steps` steps (a TorchDispatchMode times each call),
+    top 25, in ms per step. Unlike the profiler's wall-clock times, other processes on a busy
+    machine hardly move these; the mode's own cost per call is left out of each op's time."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    spent = Counter()
+
+    class Timer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = time.thread_time_ns()
+            out = func(*args, **(kwargs or {}))
+            spent[str(func.overloadpacket)] += time.thread_time_ns() - t0
+            return out
+
+    with Timer():  # the autograd engine runs a CPU backward on this thread, inside the mode
+        for _ in range(steps):
+            c.step()
+    return [(name, round(ns / 1e6 / steps, 4)) for name, ns in spent.most_common(25)]
+
+
 # --- Report.
 def facts() -> dict:
     """Where it ran: CPU, torch, load, commit and whether dt.py differs from it."""
@@ -384,6 +406,14 @@ def load() -> dict:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def diff_to_dt(path: Path) -> str:
+    """A variant's unified diff against the repository's dt.py (empty for dt.py itself), so that
+    the JSON says what was measured after the variant file is gone."""
+    theirs = (ROOT / "dt.py").read_text().splitlines(keepends=True)
+    mine = path.read_text().splitlines(keepends=True)
+    return "".join(difflib.unified_diff(theirs, mine, "dt.py", str(path)))
 
 
 def corl_commit(path: Path) -> Optional[str]:
@@ -460,12 +490,15 @@ def measure_and_write(args, path, corl_mod, stubbed, mods, precisions, out) -> d
     run_rounds(contestants, args)
     rows = summary(contestants)
     print_table(rows)
-    profiles = [profile_split(c, args.profile_steps) for c in contestants
-                if args.profile and c.precision == "fp32"]  # fmt: skip
+    profiles = []
+    for c in [c for c in contestants if args.profile and c.precision == "fp32"]:
+        cpu_ops = op_cpu_times(c, args.profile_steps)
+        profiles.append(profile_split(c, args.profile_steps) | dict(op_cpu_ms_per_step=cpu_ops))
     report = dict(
         args=asdict(args), **facts(), threads=torch.get_num_threads(), precisions=precisions,
         corl=dict(path=str(path), sha256=sha256(path), commit=corl_commit(path), stubbed=stubbed),
-        ours={n: str(Path(m.__file__).resolve()) for n, m in mods.items()},
+        ours={n: dict(path=str(Path(m.__file__).resolve()), sha256=sha256(Path(m.__file__)),
+                      diff_to_dt_py=diff_to_dt(Path(m.__file__))) for n, m in mods.items()},
         load_before=load_before, load_after=load(), wall_time_s=round(time.time() - t0, 1),
         rows=rows, per_round={f"{c.name}/{c.precision}": dict(wall_s=c.wall, cpu_s=c.cpu)
                               for c in contestants},
