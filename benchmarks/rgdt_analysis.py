@@ -35,10 +35,12 @@ to a new runs/rgdt_analysis__{time}; a folder that already holds files is refuse
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -76,6 +78,11 @@ class Args:
     with --force"""
     force: bool = False
     """write into an --out that already holds files, overwriting those of the same name"""
+    resume: bool = False
+    """keep each trained model in --out/models/ and reuse those already there: a stopped analysis
+    continues where it stopped, and seeds run apart (one process per --seeds, the same --out and
+    other flags) are combined by a last call with all of them. The flags must be those of the
+    analysis in --out (its args.json)"""
     updates: int = 1000
     """updates of each state predictor; their warmup is a tenth of this, else short runs would never
     reach the learning rate"""
@@ -253,6 +260,7 @@ def train_predictor(model, data: dict, rargs: rgdt.Args, full_context: bool, nam
     K_r, K_s = model.return_len, model.state_len
     opt, sched = rgdt.make_optimizer(model, rargs)
     gen = torch.Generator(device=data["states"].device).manual_seed(rargs.seed + 3)
+    torch.manual_seed(rargs.seed + 3)  # its dropout, whatever was trained before it (--resume)
     model.train()
     for step in tqdm(range(rargs.updates), desc=name, mininterval=1.0, leave=False):
         batch = rgdt.sample_batch(data, rargs.batch_size, K_r, K_s, gen)
@@ -317,17 +325,35 @@ def score(model, inv, info: dict, data: dict, conditioning, rargs: rgdt.Args, de
     return list(res["normalized"])
 
 
-def run_seed(seed: int, sets: dict, arch: dict, info: dict, args: Args, device, metrics: Path) -> dict:
+def trained(path: Optional[Path], build, fit) -> torch.nn.Module:
+    """`fit()`'s trained model; with a `path` (--resume) kept there, and read back into `build()`
+    when an earlier call kept it."""
+    if path is not None and path.exists():
+        model = build()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    model = fit()
+    if path is not None:  # written whole or not at all: a stop mid-save leaves no half model
+        path.parent.mkdir(exist_ok=True)
+        torch.save(model.state_dict(), path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    return model
+
+
+def run_seed(seed: int, sets: dict, arch: dict, info: dict, args: Args, device, out: Path) -> dict:
     """One seed: the inverse dynamics, the three predictors and the two controls; each one's
     attention on the same probe segments, held-out NLL and score."""
-    rargs = run_args(args, seed)
+    rargs, metrics = run_args(args, seed), out / "metrics.jsonl"
     data, held = sets["train"], sets["held"]
-    inv = train_inverse(arch, data, rargs, metrics, device)
+    kept = (lambda name: out / "models" / f"seed{seed}_{name}.pt") if args.resume else lambda _: None
+    inv = trained(kept("inverse"), lambda: rgdt.make_models(arch, device)[1],
+                  lambda: train_inverse(arch, data, rargs, metrics, device))  # fmt: skip
     probe, held_steps = (probe_steps(data, arch["state_len"], 512, seed + 2), probe_steps(held, 1, 4096, seed + 5))
     models = {}
     for name, (kind, full_context) in PREDICTORS.items():  # the two GPTs from the same initial weights
-        model = make_predictor(arch, kind, seed + 1, device)
-        models[name] = train_predictor(model, data, rargs, full_context, name, metrics)
+        build = functools.partial(make_predictor, arch, kind, seed + 1, device)
+        fit = lambda: train_predictor(build(), data, rargs, full_context, name, metrics)  # noqa: E731
+        models[name] = trained(kept(name), build, fit)
     c = args.control_seed + seed
     models |= {
         "gpt_control": make_predictor(arch, "gpt", c, device),
@@ -564,17 +590,60 @@ def prepare(args: Args, device) -> tuple:
     return ckpt, info, arch, sets
 
 
+def output_flags(args: Args) -> dict:
+    """The flags args.json keeps, which a --resume must repeat (any --seeds)."""
+    flags = {k: v for k, v in asdict(args).items() if k not in ("seeds", "force", "resume")}
+    return json.loads(json.dumps(flags))  # tuples as lists, as args.json holds them
+
+
+def check_output(args: Args) -> Path:
+    """--out, checked before any work (nothing is made yet): with --resume, the analysis it holds
+    must have had these flags."""
+    out = common.output_folder(args.out, "rgdt_analysis", args.force or args.resume)
+    saved = out / "args.json"
+    old = json.loads(saved.read_text()) if args.resume and saved.exists() else None
+    if old is not None and old != output_flags(args):
+        new = output_flags(args)
+        differ = sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
+        raise SystemExit(
+            f"error: --resume {out}: its analysis ran with other flags ({', '.join(differ)}); "
+            "pass the same flags, or a new --out without --resume."
+        )
+    return out
+
+
+def open_output(out: Path, args: Args) -> None:
+    """--out made, with args.json. With --resume the log loses the lines of this call's seeds' models
+    that models/ does not hold (a model stopped half-way trains again from its start); without, a
+    new log (--force: not the last run's extended)."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "metrics.jsonl"
+    if args.resume and log.exists():  # other seeds' lines stay: their process may be running
+        lines = [json.loads(x) for x in log.read_text().splitlines()]
+        mine = [x["seed"] in args.seeds for x in lines]
+        kept = [x for x, m in zip(lines, mine) if not m or (out / "models" / kept_name(x)).exists()]
+        if len(kept) < len(lines):
+            log.write_text("".join(json.dumps(x) + "\n" for x in kept))
+    else:
+        log.unlink(missing_ok=True)
+    (out / "args.json").write_text(json.dumps(output_flags(args), indent=2))
+
+
+def kept_name(line: dict) -> str:
+    """The models/ file of the model a metrics.jsonl line logs."""
+    return f"seed{line['seed']}_{line['phase'].removeprefix('analyze_')}.pt"
+
+
 def main(args: Args) -> dict:
     device, _ = rgdt.setup(args)
-    out = common.output_folder(args.out, "rgdt_analysis", args.force)
+    out = check_output(args)
     ckpt, info, arch, sets = prepare(args, device)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # --force: a new log, not the last run's extended
+    open_output(out, args)
     label = common.SOURCE_LABEL[info["source"]]
     data = sets["train"]
     states, ep_start, ep_end = (data[k].cpu().numpy() for k in ("states", "ep_start", "ep_end"))
     corr = state_correlation(states, ep_start, ep_end, max(arch["return_len"], arch["state_len"]))
-    per_seed = [run_seed(seed, sets, arch, info, args, device, out / "metrics.jsonl") for seed in args.seeds]
+    per_seed = [run_seed(seed, sets, arch, info, args, device, out) for seed in args.seeds]
     fig = write_fig_2_2(
         out, corr, figure_attention(per_seed), f"Fig. 2.2-style analysis on {info['name']} ({label} data)"
     )

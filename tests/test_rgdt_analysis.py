@@ -93,7 +93,8 @@ def test_fig_2_2_and_aim_3_from_a_dataset(tmp_path, hdf5_path, monkeypatch, caps
     res = rgdt_analysis.main(tiny(tmp_path, hdf5_path))
     assert flags == [True] * 10 + [False] * 10 + [False] * 10  # GPT full-context, GPT final-token, seq2seq
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {"fig2_2.png", "fig2_2.json", "aim3.png", "aim3.json", "metrics.jsonl"}
+    assert {p.name for p in out.iterdir()} == {"fig2_2.png", "fig2_2.json", "aim3.png", "aim3.json", "metrics.jsonl",
+                                               "args.json"}  # fmt: skip
     fig = json.loads((out / "fig2_2.json").read_text())
     assert fig["correlation_mean"][0] == pytest.approx(1.0) and len(fig["correlation_mean"]) == 21  # k = 0..K_r
     for regime in ("final_token", "full_context", "control"):
@@ -153,6 +154,7 @@ def test_attention_of_a_checkpoint(tmp_path, hdf5_path):
         "aim3.png",
         "aim3.json",
         "metrics.jsonl",
+        "args.json",
         "attention.png",
         "attention.json",
     }
@@ -182,3 +184,32 @@ def test_bad_flags_are_named(tmp_path, hdf5_path):
     with pytest.raises(SystemExit, match="--seeds"):
         tiny(tmp_path, hdf5_path, seeds=())
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_continues_a_stopped_analysis_and_combines_seeds_run_apart(tmp_path, hdf5_path, monkeypatch):
+    straight = rgdt_analysis.main(tiny(tmp_path, hdf5_path, out=str(tmp_path / "a"), seeds=(0, 1)))
+    out = tmp_path / "b"
+    calls, update = [], rgdt.update
+
+    def stopped(*a, **kw):  # a stop in the second predictor of seed 0, after its lines at steps 0 and 5
+        calls.append(1)
+        if len(calls) == 17:
+            raise KeyboardInterrupt
+        return update(*a, **kw)
+
+    monkeypatch.setattr(rgdt, "update", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        rgdt_analysis.main(tiny(tmp_path, hdf5_path, out=str(out), seeds=(0,), resume=True))
+    monkeypatch.setattr(rgdt, "update", update)
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["seed0_gpt_full_context.pt", "seed0_inverse.pt"]
+    rgdt_analysis.main(tiny(tmp_path, hdf5_path, out=str(out), seeds=(1,), resume=True))  # another seed apart
+    with pytest.raises(SystemExit, match=r"--resume .*other flags \(updates\)"):
+        rgdt_analysis.main(tiny(tmp_path, hdf5_path, out=str(out), seeds=(0, 1), resume=True, updates=11))
+    combined = rgdt_analysis.main(tiny(tmp_path, hdf5_path, out=str(out), seeds=(0, 1), resume=True))
+    assert combined["aim3"] == straight["aim3"] and combined["claims"] == straight["claims"]
+
+    def log(folder):  # the same lines, none twice, whatever order the processes wrote them in
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return sorted(lines, key=lambda x: (x["seed"], x["phase"], x["step"]))
+
+    assert log(out) == log(tmp_path / "a") and len(log(out)) == 2 * 4 * 3
