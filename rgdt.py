@@ -642,7 +642,8 @@ def train(args: Args) -> dict:
             stats = data["state_stats"]
             inv_opt = make_inv_optimizer(inv, args.inv_lr, args.inv_weight_decay)
             opt, sched = make_optimizer(model, args)
-            fwd, update_model, update_inv = compiled_updates(model, args.compile, device)
+            compiled = compiled_updates(model, opt, inv_opt, device, args.compile)
+            fwd, update_model, update_inv = compiled
             inv_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
             gen = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -1226,7 +1227,7 @@ def run_phase(phase: str, p: Phase, run: dict, run_eval, save, evaluated: set) -
                 timer.lap()
                 if log:
                     timer.stop()  # waits for the device, as the log line's .item() would
-                    line = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": float(lr)}
+                    line = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
                     log_metrics(run["metrics"], phase=phase, step=step, **line)
                     bar.set_postfix(loss=f"{line['loss']:.4f}")
             if eval_due(phase, done, args):
@@ -1280,33 +1281,31 @@ class Stopwatch:
         self.started, self.updates = None, 0
 
 
-def compiled_updates(model, enabled: bool, device: torch.device):
-    """--compile: the state predictor to train and the two update functions. On CUDA each model's
-    whole update (forward, backward, clipping, optimizer step) is compiled and replayed as CUDA
-    graphs (mode "reduce-overhead"; the batches have static shapes); on a CPU the state predictor
-    alone is compiled, and the eager updates call it."""
-    if not enabled:
+def compiled_updates(model, opt, inv_opt, device: torch.device, compile: bool):
+    """--compile: the state predictor to pass the translator's update, and the two update
+    functions. On CUDA each model's whole update (forward, backward, clipping) is compiled and
+    replayed as CUDA graphs (mode reduce-overhead: the batches' shapes never change), which cuts the
+    kernel launches that bound a small model's step; its optimizer step, one fused kernel that
+    torch.compile does not trace, runs as it is between the graphs. On a CPU, where launches cost
+    little, the state predictor alone."""
+    if not compile:
         return model, update, update_inverse
     if device.type != "cuda":
         return torch.compile(model), update, update_inverse
-    return model, graphed(update), graphed(update_inverse)
+    return model, graphed(update, opt), graphed(update_inverse, inv_opt)
 
 
-def graphed(update_fn):
-    """update_fn compiled into CUDA graphs. The learning rates become tensors on the parameters'
-    device (the schedule then fills them in place; a float would be a new constant, a recompile, at
-    every warmup step), and each call starts a new step of the graphs (the last call's outputs
-    have been read by then)."""
+def graphed(update_fn, opt):
+    """update_fn compiled into CUDA graphs, the optimizer's step eager inside it."""
+    opt.step = torch.compiler.disable(opt.step)  # one fused kernel; traced, it would only break
     compiled = torch.compile(update_fn, mode="reduce-overhead", dynamic=False)
 
-    def run(model, opt, *rest, **kwargs):
-        for group in opt.param_groups:  # idempotent: also after a resume loaded float rates
-            if not torch.is_tensor(group["lr"]):
-                group["lr"] = torch.tensor(group["lr"], device=group["params"][0].device)
+    def step(*args, **kwargs):
+        # a new step: the last one's outputs (read at its logging point) may now be overwritten
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(model, opt, *rest, **kwargs)
+        return compiled(*args, **kwargs)
 
-    return run
+    return step
 
 
 def fit(phases: dict, model, inv, frame: dict, run: dict, run_eval) -> None:
