@@ -111,7 +111,8 @@ class Args:
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
     compile: bool = False
-    """torch.compile the model for training (CUDA)"""
+    """torch.compile for training: on CUDA the whole update, replayed as CUDA graphs; on a CPU the
+    model. Its first updates are timed apart (compile_time_s in results.json)"""
     bf16: bool = True
     """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX); fp32 elsewhere"""
     eval_async: bool = False
@@ -494,7 +495,7 @@ def evaluate(
     obs, _ = envs.reset(seed=settings.seed + 10_000)
     look = dict(unit="episode", leave=False, dynamic_ncols=True, mininterval=1.0)
     bar = tqdm(total=n, desc="evaluate", **look)
-    t0 = time.time()
+    t0 = time.perf_counter()
     for t in range(horizon):
         # Alg. 1 lines 14-25: s_t joins the history, a_t (Eq. 1.15) is executed, g_{t+1} follows
         buf["states"][:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
@@ -515,7 +516,8 @@ def evaluate(
         else:
             r = torch.as_tensor(r, device=device, dtype=torch.float32)[:, None]
             buf["rtg"][:, t + 1] = buf["rtg"][:, t] - r / model.rtg_scale  # DT's rule: g_{t+1} = g_t - r_t
-    elapsed = time.time() - t0
+    wait_for(device)  # env steps/s of work done, not of work queued on the device
+    elapsed = time.perf_counter() - t0
     bar.close()
     envs.close()
     model.train()
@@ -548,14 +550,14 @@ def train(args: Args) -> dict:
             stats = data["state_stats"]
             opt, sched = make_optimizer(model, args)
             gen = torch.Generator(device=device).manual_seed(args.seed)
-            fwd = torch.compile(model) if args.compile else model
+            update_fn, fwd = compiled_update(model, opt, device, args.compile)
             lambdas = dict(zip(TASKS, args.lambdas))
 
             def step():  # Alg. 1: a batch of segments, one update
                 batch = sample_batch(data, args.batch_size, arch["context_len"], gen)
                 lr = sched.get_last_lr()[0]  # the rate this update uses
                 how = (lambdas, args.schedule, args.grad_clip)
-                losses, grad_norm = update(fwd, opt, batch, *how, autocast)
+                losses, grad_norm = update_fn(fwd, opt, batch, *how, autocast)
                 sched.step()  # warmup counts updates: one curve for both schedules
                 return losses, grad_norm, lr
 
@@ -892,6 +894,88 @@ def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] 
     return envs, horizon
 
 
+# --compile: the updates of each process whose time is compile time, not training time (the first
+# compiles; CUDA graphs are recorded after a warmup run)
+COMPILE_WARMUP = 3
+
+
+def wait_for(device: torch.device) -> None:
+    """PLUMBING: waits until the device has done the work queued on it (CUDA runs it asynchronously), so that
+    a time read afterwards includes that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Stopwatch:
+    """PLUMBING: training time, measured in intervals that end where the run waits for the device anyway (a
+    logging point, a save, the end): one sync per interval, never one per update. The first
+    `warmup` updates of this process (--compile) are compile time, neither training time nor timed
+    updates. Saves and log lines fall between intervals."""
+
+    clock: dict
+    device: torch.device
+    warmup: int = 0
+    started: Optional[float] = None
+    updates: int = 0
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def lap(self) -> None:
+        """One update done; the last update of the warmup ends its interval."""
+        self.updates += 1
+        if self.warmup and self.updates == self.warmup:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.started is None:
+            return
+        wait_for(self.device)
+        seconds = time.perf_counter() - self.started
+        if self.warmup:
+            self.clock["compile_time_s"] += seconds
+            self.warmup -= self.updates
+        else:
+            self.clock["train_time_s"] += seconds
+            self.clock["timed_updates"] += self.updates
+        self.started, self.updates = None, 0
+
+
+def compiled_update(model, opt, device: torch.device, compile: bool):
+    """PLUMBING: `update` and the model to pass it; with --compile, compiled. On CUDA the whole
+    update (forward, backward, clipping), replayed as CUDA graphs (mode reduce-overhead:
+    sample_batch's shapes never change), which cuts the kernel launches that bound a small model's
+    step. The optimizer step runs as it is: AdamW's is one fused kernel, which torch.compile never
+    traces; LAMB's is about 30 multi-tensor ops, and traced, its learning rate and step count, new
+    at every update, would recompile it at every update. On a CPU, where launches cost little, the
+    model alone."""
+    if not compile:
+        return update, model
+    if device.type != "cuda":
+        return update, torch.compile(model)
+    opt.step = torch.compiler.disable(opt.step)  # eager inside the compiled update (see above)
+    graphed = torch.compile(update, mode="reduce-overhead")
+
+    def step(*args):
+        # a new step: the last one's outputs (read at its logging point) may now be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(*args)
+
+    return step, model
+
+
+def run_timing(clock: dict, compiled: bool, bf16: bool, t_start: float) -> dict:
+    """PLUMBING: results.json's timing: updates/s of the timed updates (training only: no compile, saves or
+    evaluation), the compile time apart, the run's wall time (a resumed run's in all)."""
+    timed, seconds = clock["timed_updates"], clock["train_time_s"]
+    timing = {"train_updates_per_s": timed / seconds if timed and seconds else None, "bf16": bf16}
+    timing["compile_time_s"] = clock["compile_time_s"] if compiled else None
+    timing["wall_time_s"] = clock["wall_time_s"] + time.time() - t_start
+    return timing
+
+
 # The run of train(): its inputs, folder and config, the loop with evaluations, checkpoints and
 # exact resume, stop signals and the results.
 def read_inputs(args: Args, device):
@@ -952,7 +1036,8 @@ def open_run(args: Args) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     done = resume["updates_done"] if resume else 0
     parent = ckpt["trained_updates"] - done if ckpt is not None else 0  # the start model's updates
-    clock = dict(resume["clock"]) if resume else {"train_time_s": 0.0, "wall_time_s": 0.0}
+    clock = {"train_time_s": 0.0, "wall_time_s": 0.0, "timed_updates": done, "compile_time_s": 0.0}
+    clock |= resume["clock"] if resume else {}  # an older run's clock: all its updates were timed
     inputs = {"args": args, "device": device, "threads": threads, "ckpt": ckpt, "resume": resume}
     inputs |= {"episodes": episodes, "facts": facts, "arch": arch, "target_return": target}
     inputs |= {"config": config, "bf16": bf16, "autocast": autocast}
@@ -1005,12 +1090,15 @@ def fit(step, opt, sched, gen, model, frame: dict, run: dict, run_eval) -> None:
     """`step()` (one batch and update; it returns the losses, the gradient norm and the learning
     rate) from the updates done to --updates. An update and its log line run whole before a stop
     signal takes effect; then the evaluation and the checkpoint, when due. A stop saves a
-    resumable checkpoint and exits with the command that continues."""
+    resumable checkpoint and exits with the command that continues. Training time is measured in
+    intervals that end at the log points, evaluations and saves (Stopwatch)."""
     args, clock, resume, metrics = run["args"], run["clock"], run["resume"], run["metrics"]
     if resume:
         restore_training_state(resume, opt, sched, gen)
+    timer = Stopwatch(clock, run["device"], COMPILE_WARMUP if args.compile else 0)
 
     def save(n: int) -> None:
+        timer.stop()  # the interval ends first: the checkpoint's clock holds it
         wall = {"wall_time_s": clock["wall_time_s"] + time.time() - run["t_start"]}
         state = training_state(n, opt, sched, gen, clock | wall, metrics)
         ckpt = make_checkpoint(model, frame, run["parent"] + n, state)
@@ -1027,14 +1115,16 @@ def fit(step, opt, sched, gen, model, frame: dict, run: dict, run_eval) -> None:
             run_eval(done)
         for n in bar:
             with signals_deferred():  # a stop signal waits for the update and its log line
-                t0 = time.time()
+                timer.start()
                 losses, grad_norm, lr = step()
                 run["done"] = done = n + 1
-                if n % args.log_every == 0 or done == total:  # .item() syncs the GPU
+                timer.lap()
+                if n % args.log_every == 0 or done == total:
+                    timer.stop()  # waits for the device, as the log line's .item() would
                     lambdas = dict(zip(TASKS, args.lambdas))
                     log_task_losses(metrics, n, losses, lambdas, grad_norm, lr, bar)
-                clock["train_time_s"] += time.time() - t0
             if eval_due(done):
+                timer.stop()
                 run_eval(done)
             if save_due(done, total, args.eval_every, args.save_every):
                 save(done)
@@ -1063,9 +1153,7 @@ def finish(run: dict, res: dict) -> dict:
     """results.json (as if the run had never stopped), W&B's summary and the closing lines."""
     args, facts, clock, done = run["args"], run["facts"], run["clock"], run["done"]
     total = run["parent"] + done
-    per_s = done / clock["train_time_s"] if done else None  # training time only, not evaluations
-    speed = {"train_updates_per_s": per_s, "bf16": run["bf16"]}
-    speed["wall_time_s"] = clock["wall_time_s"] + time.time() - run["t_start"]
+    speed = run_timing(clock, args.compile, run["bf16"], run["t_start"])
     counts = {"updates": done, "trained_updates": total, "run_dir": str(run["dir"])}
     results = {**run["config"], **res, **counts, **speed}
     (run["dir"] / "results.json").write_text(json.dumps(results, indent=2))
