@@ -390,7 +390,7 @@ def facts() -> dict:
     return dict(
         cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
         bf16_native=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        git_commit=git("rev-parse", "HEAD").strip() or None,
+        git_commit=git("rev-parse", "HEAD").strip() or None,  # dt.py's: ours[...]["sha256"]
         dt_py_uncommitted=bool(git("status", "--porcelain", "--", "dt.py").strip()),
     )  # fmt: skip
 
@@ -414,6 +414,10 @@ def diff_to_dt(path: Path) -> str:
     theirs = (ROOT / "dt.py").read_text().splitlines(keepends=True)
     mine = path.read_text().splitlines(keepends=True)
     return "".join(difflib.unified_diff(theirs, mine, "dt.py", str(path)))
+
+
+def file_facts(path: Path) -> dict:
+    return dict(path=str(path.resolve()), sha256=sha256(path), diff_to_dt_py=diff_to_dt(path))
 
 
 def corl_commit(path: Path) -> Optional[str]:
@@ -461,6 +465,8 @@ def main(args: Args) -> dict:
     path = corl_path(args.corl)
     corl_mod, stubbed = import_corl(path)
     mods = import_ours(args.ours)
+    # read now, as imported: dt.py may be edited (and committed) while the rounds run
+    files = dict(ours={n: file_facts(Path(m.__file__)) for n, m in mods.items()}, **facts())
     native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     precisions = list(args.precisions) or (["fp32", "bf16"] if native else ["fp32"])
     out = Path(args.out) / f"corl_compare__{int(time.time())}.json"
@@ -473,12 +479,12 @@ def main(args: Args) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return measure_and_write(args, path, corl_mod, stubbed, mods, precisions, out)
+        return measure_and_write(args, path, corl_mod, stubbed, mods, files, precisions, out)
     finally:
         torch.set_num_threads(threads)  # as it was (a caller such as the tests goes on)
 
 
-def measure_and_write(args, path, corl_mod, stubbed, mods, precisions, out) -> dict:
+def measure_and_write(args, path, corl_mod, stubbed, mods, files, precisions, out) -> dict:
     """Builds the contestants, times them, profiles them with --profile, and writes the JSON."""
     t0, load_before = time.time(), load()
     episodes = fake_episodes(args.seed)
@@ -495,10 +501,9 @@ def measure_and_write(args, path, corl_mod, stubbed, mods, precisions, out) -> d
         cpu_ops = op_cpu_times(c, args.profile_steps)
         profiles.append(profile_split(c, args.profile_steps) | dict(op_cpu_ms_per_step=cpu_ops))
     report = dict(
-        args=asdict(args), **facts(), threads=torch.get_num_threads(), precisions=precisions,
+        args=asdict(args), threads=torch.get_num_threads(), precisions=precisions,
         corl=dict(path=str(path), sha256=sha256(path), commit=corl_commit(path), stubbed=stubbed),
-        ours={n: dict(path=str(Path(m.__file__).resolve()), sha256=sha256(Path(m.__file__)),
-                      diff_to_dt_py=diff_to_dt(Path(m.__file__))) for n, m in mods.items()},
+        **files,
         load_before=load_before, load_after=load(), wall_time_s=round(time.time() - t0, 1),
         rows=rows, per_round={f"{c.name}/{c.precision}": dict(wall_s=c.wall, cpu_s=c.cpu)
                               for c in contestants},
