@@ -9,9 +9,10 @@ dynamics model.
     python rgdt.py --checkpoint runs/RUN/model.pt --updates 0     # evaluate a model, train nothing
     python rgdt.py --resume runs/RUN                              # continue a stopped run
 
-What the defaults cost: §2.4's 2·10^5 inverse-dynamics + 1.5·10^5 translator updates are unmeasured on a
-GPU; on a quiet 2-core CPU the translator runs at about 14 updates/s, so a run is 3-4 hours, far more on a busy
-machine. For a first look on a CPU (minutes): --updates 3000 --inv-updates 5000 --eval-every 1000.
+What the defaults cost: §2.4's 2·10^5 inverse-dynamics + 1.5·10^5 translator updates are
+unmeasured on a GPU; on a quiet 2-core CPU the translator runs at about 14 updates/s, so a run is
+3-4 hours, far more on a busy machine. For a first look on a CPU (minutes): --updates 3000
+--inv-updates 5000 --eval-every 1000.
 
 Defaults are §2.4's. Flags shared with dt.py keep dt.py's names and meanings; dt.py's --context-len
 becomes two context lengths (--return-len K_r, --state-len K_s), and there is no timestep
@@ -198,7 +199,7 @@ INV_UPDATES = 200_000  # §2.4's inverse dynamics budget, --inv-updates' default
 # --- Data (§2.2.1): trajectories as flat tensors on the training device; a batch is an index
 # gather.
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
-    """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (the g tokens of Eq. 1.1)."""
+    """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (Eq. 1.1's g tokens)."""
     return np.cumsum(rewards[::-1])[::-1].copy()
 
 
@@ -319,7 +320,8 @@ class Block(nn.Module):
 
 
 def bounded_log_std(x: torch.Tensor) -> torch.Tensor:
-    """A head's raw log-std squashed into [-5, 2], ODT's bounds, so the NLL cannot run off on a constant target."""
+    """A head's raw log-std squashed into [-5, 2], ODT's bounds, so the NLL cannot run off on a
+    constant target."""
     return -5.0 + 3.5 * (torch.tanh(x) + 1)
 
 
@@ -451,12 +453,17 @@ def masked_mean(per_step: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def head_loss(mean, log_std, target, mask) -> torch.Tensor:
-    """Diagonal Gaussian NLL summed over dimensions (Eq. 1.4), or with log_std None DT's l2 loss (mean squared
-    error over dimensions); averaged over the real positions, in float32 even under autocast."""
+    """Diagonal Gaussian NLL summed over dimensions (Eq. 1.4), or with log_std None DT's l2 loss
+    (mean squared error over dimensions); averaged over the real positions, in float32 even under
+    autocast."""
     mean, target = mean.float(), target.float()
     if log_std is None:
         return masked_mean(((mean - target) ** 2).mean(-1), mask)
-    nll = 0.5 * ((target - mean) / log_std.float().exp()) ** 2 + log_std.float() + 0.5 * math.log(2 * math.pi)
+    nll = (
+        0.5 * ((target - mean) / log_std.float().exp()) ** 2
+        + log_std.float()
+        + 0.5 * math.log(2 * math.pi)
+    )
     return masked_mean(nll.sum(-1), mask)
 
 
@@ -479,14 +486,18 @@ def inverse_dynamics_loss(inv, batch: dict) -> torch.Tensor:
 
 
 def make_optimizer(model, args):
-    """AdamW with weight decay on matrices only, as in nanoGPT (learned positions are not weights), and a
-    linear warmup."""
+    """AdamW, decaying matrices only (as nanoGPT: not learned positions), and a linear warmup."""
     wd, named = args.weight_decay, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p.dim() >= 2 and not n.startswith("pos_") for n, p in named]
-    groups = [{"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on} for on in (1, 0)]
+    groups = [
+        {"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on}
+        for on in (1, 0)
+    ]
     # fused: one kernel for the whole step, on CPU and CUDA (foreach reads each step count back)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps))
+    )
 
 
 def make_inv_optimizer(inv, lr: float, weight_decay: float) -> torch.optim.Adam:
@@ -673,7 +684,7 @@ def train(args: Args) -> dict:
     return finish(run, res)
 
 
-# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------------
+# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------
 # Table 2.1 (official D4RL v2, 10 seeds), RGDT column, printed beside our score. Its printed total
 # is 539.0, but these rows add up to 540.0 (every other column of the table adds up): one row, or
 # the total, is off by 1.0 in the thesis.
@@ -718,7 +729,8 @@ def check_args(args: Args) -> None:
     if args.target_return is not None and not 0 < args.target_return < math.inf:
         why = "pass a finite return > 0, or leave it out for the best return per timestep (§2.3.3)"
         raise SystemExit(f"error: --target-return {args.target_return}: {why}.")
-    if args.updates and args.warmup_steps > args.updates:  # else the run ends before it reaches --lr
+    # else the run ends before it reaches --lr
+    if args.updates and args.warmup_steps > args.updates:
         scaled = max(1, args.updates // 10)
         print(f"note: --warmup-steps {args.warmup_steps} is longer than --updates {args.updates}; "
               f"warming up over {scaled} updates (a tenth of the run) instead")  # fmt: skip
@@ -737,15 +749,22 @@ def check_args(args: Args) -> None:
 
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
-    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+    for names, ok, rule in (
+        (positive, lambda v: v > 0, "> 0"),
+        (non_negative, lambda v: v >= 0, ">= 0"),
+    ):
         for name in names.split():
             if not ok(getattr(args, name)):
-                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}.")
+                raise SystemExit(
+                    f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}."
+                )
 
 
 def setup(args) -> tuple[torch.device, int]:
     """PLUMBING: threads, seeds and the device, checked before anything is written."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     threads = args.threads or max(1, cores // 2)
     torch.set_num_threads(threads)
     random.seed(args.seed)
@@ -755,17 +774,23 @@ def setup(args) -> tuple[torch.device, int]:
     try:
         device = torch.device(auto if args.device == "auto" else args.device)
     except RuntimeError:
-        raise SystemExit(f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+        raise SystemExit(
+            f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N."
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
+        raise SystemExit(
+            f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu "
+            "(or auto)."
+        )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, threads
 
 
 def bf16_native(device: torch.device) -> bool:
-    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with AVX512-BF16 or AMX;
-    elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the test suite's second pass, .ci/run)
-    takes the bf16 path on any CPU, emulated, so that CI runs the code every GPU and bf16 CPU runs."""
+    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with
+    AVX512-BF16 or AMX; elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the
+    test suite's second pass, .ci/run) takes the bf16 path on any CPU, emulated, so that CI runs the
+    code every GPU and bf16 CPU runs."""
     if os.environ.get("SEQRL_TEST_FORCE_BF16") == "1":
         return True
     if device.type == "cuda":
@@ -774,9 +799,9 @@ def bf16_native(device: torch.device) -> bool:
 
 
 def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = None) -> None:
-    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit it (an
-    edited or foreign file) are one line, not load_state_dict's traceback, and the run folder made for them
-    (`fresh_run`, holding only its config.json) is removed."""
+    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit
+    it (an edited or foreign file) are one line, not load_state_dict's traceback, and the run folder
+    made for them (`fresh_run`, holding only its config.json) is removed."""
     try:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
@@ -786,14 +811,14 @@ def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = Non
             (fresh_run / "config.json").unlink(missing_ok=True)
             fresh_run.rmdir()
         raise SystemExit(
-            f"error: the checkpoint's weights do not fit the architecture it records ({why[:160]}); "
-            "pass a model.pt this script wrote, unedited."
+            "error: the checkpoint's weights do not fit the architecture it records "
+            f"({why[:160]}); pass a model.pt this script wrote, unedited."
         ) from None
 
 
 def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:
-    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code), onto
-    `device` whatever device wrote it."""
+    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run
+    code), onto `device` whatever device wrote it."""
     if path is None:
         return None
     if not Path(path).is_file():
@@ -801,24 +826,33 @@ def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> 
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        why = f"not a checkpoint torch can read as data ({type(e).__name__}); pass a model.pt that {METHOD}.py wrote"
+        why = f"not a checkpoint torch can read as data ({type(e).__name__})"
+        why += f"; pass a model.pt that {METHOD}.py wrote"
         raise SystemExit(f"error: {flag} {path}: {why}.") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise SystemExit(f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py.")
+        raise SystemExit(
+            f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py."
+        )
     if flag == "--resume" and ckpt.get("resume") is None:
-        raise SystemExit(f"error: --resume: {path} holds no training state (an older version's); use --checkpoint.")
+        raise SystemExit(
+            f"error: --resume: {path} holds no training state (an older version's); "
+            "use --checkpoint."
+        )
     return ckpt
 
 
 def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
-    """PLUMBING: the dataset of --env / --dataset-path, else the checkpoint's. Evaluating a checkpoint on its
-    own dataset needs only the recorded dataset facts, not the file; another domain's data is refused."""
+    """PLUMBING: the dataset of --env / --dataset-path, else the checkpoint's. Evaluating a
+    checkpoint on its own dataset needs only the recorded dataset facts, not the file; another
+    domain's data is refused."""
     recorded = ckpt["dataset"] if ckpt is not None else None
     if recorded is not None and args.env is None and not args.dataset_path and args.updates == 0:
         return None, recorded
     name = args.env or (recorded["name"] if recorded is not None else DEFAULT_ENV)
-    paths = args.dataset_path or (tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ())
+    paths = args.dataset_path or (
+        tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ()
+    )
     try:
         episodes, info = common.load_dataset(name, paths)
     except common.DatasetError as e:
@@ -826,30 +860,36 @@ def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
     facts = ("env_id", "obs_dim", "act_dim")
     if recorded is not None and any(recorded[k] != info[k] for k in facts):
         raise SystemExit(
-            f"error: --checkpoint {args.checkpoint} was trained on {recorded['name']} ({recorded['env_id']}), "
-            f"not on data of {info['env_id']} like {name}; leave out --env to use its own dataset."
+            f"error: --checkpoint {args.checkpoint} was trained on {recorded['name']} "
+            f"({recorded['env_id']}), not on data of {info['env_id']} like {name}; leave out "
+            "--env to use its own dataset."
         )
     return episodes, info
 
 
 def make_run_dir(args, info: dict) -> Path:
-    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an existing
-    folder is never reused."""
-    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"  # `ls runs` tells evaluations apart
+    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an
+    existing folder is never reused."""
+    # `ls runs` tells evaluations apart
+    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"
     name = f"{info['name'].replace('/', '_')}__{kind}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.runs_dir) / name
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
-        raise SystemExit(f"error: run folder {run_dir} already exists; wait a second or change --exp-name.") from None
+        raise SystemExit(
+            f"error: run folder {run_dir} already exists; wait a second or change --exp-name."
+        ) from None
     except OSError as e:
-        raise SystemExit(f"error: --runs-dir {args.runs_dir}: cannot make a run folder there ({e.strerror}).") from None
+        raise SystemExit(
+            f"error: --runs-dir {args.runs_dir}: cannot make a run folder there ({e.strerror})."
+        ) from None
     return run_dir
 
 
 def log_metrics(path: Path, **metrics) -> None:
-    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged; also
-    to W&B once --track has started a run there."""
+    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it
+    logged; also to W&B once --track has started a run there."""
     with open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
     wandb = sys.modules.get("wandb")
@@ -858,12 +898,13 @@ def log_metrics(path: Path, **metrics) -> None:
 
 
 def start_tracking(args, config: dict, run_dir: Path) -> None:
-    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's convention)."""
+    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's
+    convention)."""
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name=run_dir.name,
-                   dir=run_dir)  # fmt: skip
+        project, entity = args.wandb_project_name, args.wandb_entity
+        wandb.init(project=project, entity=entity, config=config, name=run_dir.name, dir=run_dir)
 
 
 def finish_tracking(results: dict) -> None:
@@ -877,20 +918,24 @@ def finish_tracking(results: dict) -> None:
 def git_commit() -> Optional[str]:
     """PLUMBING"""
     try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True)
+        git = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True
+        )
         return git.stdout.decode().strip() if git.returncode == 0 else None
     except Exception:
         return None
 
 
-STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}  # PLUMBING: name -> what it is
+# PLUMBING: name -> what it is
+STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}
 STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signals_deferred
 
 
 def catch_stop_signals() -> dict:
-    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1 (SLURM's --signal)
-    all raise KeyboardInterrupt naming the signal, so that one `except` saves a resumable checkpoint for each.
-    Returns the handlers it replaced (restore_signals puts them back); only the main thread can catch signals."""
+    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1
+    (SLURM's --signal) all raise KeyboardInterrupt naming the signal, so that one `except` saves a
+    resumable checkpoint for each. Returns the handlers it replaced (restore_signals puts them
+    back); only the main thread can catch signals."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -915,8 +960,8 @@ def restore_signals(old: dict) -> None:
 
 @contextlib.contextmanager
 def signals_deferred():
-    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an update or a
-    checkpoint is never left half done."""
+    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an
+    update or a checkpoint is never left half done."""
     STOPPING["deferred"] = True
     try:
         yield
@@ -928,8 +973,8 @@ def signals_deferred():
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on POSIX and
-    Windows): a kill at any instant leaves the last complete checkpoint readable."""
+    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on
+    POSIX and Windows): a kill at any instant leaves the last complete checkpoint readable."""
     tmp = path.with_name(path.name + ".tmp")
     with signals_deferred():
         with open(tmp, "wb") as f:
@@ -939,24 +984,33 @@ def save_atomic(obj: dict, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def training_state(updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path) -> dict:
-    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the schedule's position,
-    every random state (python, numpy, torch, CUDA, the batch sampler's), the updates done, the time spent and
-    how many lines metrics.jsonl had."""
+def training_state(
+    updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path
+) -> dict:
+    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the
+    schedule's position, every random state (python, numpy, torch, CUDA, the batch sampler's), the
+    updates done, the time spent and how many lines metrics.jsonl had."""
     kind, key, pos, gauss, cached = np.random.get_state()
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "batch": gen.get_state()}
-    rng["numpy"] = (kind, torch.as_tensor(key.astype(np.int64)), pos, gauss, cached)  # as data: no numpy pickles
+    key = torch.as_tensor(key.astype(np.int64))  # as data: no numpy pickles
+    rng["numpy"] = (kind, key, pos, gauss, cached)
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng["batch_device"] = gen.device.type
     sched_state = sched.state_dict() if sched is not None else None
-    state = {"updates_done": updates_done, "optimizer": opt.state_dict(), "scheduler": sched_state, "rng": rng}
+    state = {
+        "updates_done": updates_done,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched_state,
+        "rng": rng,
+    }
     lines = metrics.read_text().count("\n") if metrics.exists() else 0
     return state | {"clock": dict(clock), "metrics_lines": lines}
 
 
 def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> None:
-    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of device: resumed
-    on another, the sampler goes on from a fresh stream (said once; the run is then not bit-exact)."""
+    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of
+    device: resumed on another, the sampler goes on from a fresh stream (said once; the run is then
+    not bit-exact)."""
     opt.load_state_dict(state["optimizer"])
     if sched is not None:
         sched.load_state_dict(state["scheduler"])
@@ -971,45 +1025,60 @@ def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> Non
         gen.set_state(rng["batch"].cpu())
     else:
         gen.manual_seed(int(torch.randint(2**62, (1,)).item()))
-        print(f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch stream (not bit-exact)")
+        print(
+            f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch "
+            "stream (not bit-exact)"
+        )
 
 
 def resumed_args(cls, cli):
-    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags (RUN_FLAGS:
-    where and how to run, not what) replace them; any other flag given is refused rather than ignored."""
+    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags
+    (RUN_FLAGS: where and how to run, not what) replace them; any other flag given is refused rather
+    than ignored."""
     if cli.resume is None:
         return cli
     run = Path(cli.resume)
     if (run / "results.json").exists():
-        raise SystemExit(f"error: --resume {run}: that run has finished (results.json is there); nothing to resume.")
+        raise SystemExit(
+            f"error: --resume {run}: that run has finished (results.json is there); "
+            "nothing to resume."
+        )
     try:
         saved = json.loads((run / "config.json").read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise SystemExit(f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json).") from None
+        raise SystemExit(
+            f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json)."
+        ) from None
     if not (run / "model.pt").is_file():
-        raise SystemExit(f"error: --resume {run}: no model.pt there yet (stopped before its first save); start again.")
+        raise SystemExit(
+            f"error: --resume {run}: no model.pt there yet (stopped before its first save); "
+            "start again."
+        )
     fields = {f.name: f.default for f in dataclasses.fields(cls)}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
     for name, value in dataclasses.asdict(cli).items():
-        if name not in RUN_FLAGS and value != fields[name] and value != saved.get(name, fields[name]):
+        given = value != fields[name] and value != saved.get(name, fields[name])
+        if name not in RUN_FLAGS and given:
             flag = f"--{name.replace('_', '-')}"
             raise SystemExit(
-                f"error: --resume {run} continues that run with its own flags; leave out {flag} {value} "
-                f"(the run has {saved.get(name, fields[name])})."
+                f"error: --resume {run} continues that run with its own flags; leave out "
+                f"{flag} {value} (the run has {saved.get(name, fields[name])})."
             )
     return cls(**(saved | {k: getattr(cli, k) for k in RUN_FLAGS}))
 
 
 def trim_metrics(path: Path, n_lines: int) -> list[dict]:
-    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the checkpoint was saved)
-    and drop the rest, so that no step is written twice; returns the kept lines."""
+    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the
+    checkpoint was saved) and drop the rest, so that no step is written twice; returns the kept
+    lines."""
     kept = path.read_text().splitlines()[:n_lines] if path.exists() else []
     path.write_text("".join(line + "\n" for line in kept))
     return [json.loads(line) for line in kept]
 
 
 def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
-    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the run."""
+    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the
+    run."""
     if n == updates:
         return True
     if save_every:
@@ -1018,22 +1087,27 @@ def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
 
 
 def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
-    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it went on."""
+    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it
+    went on."""
     if resume is not None:
         where = {k: config[k] for k in ("device", "threads", "git_commit", "torch")}
         config = json.loads((run_dir / "config.json").read_text())
-        config["resumed"] = config.get("resumed", []) + [{"at_update": resume["updates_done"], **where}]
+        config["resumed"] = config.get("resumed", []) + [
+            {"at_update": resume["updates_done"], **where}
+        ]
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     return config
 
 
 def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
-    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
-    MP4), and the episode horizon (the TimeLimit)."""
+    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video`
+    names an MP4), and the episode horizon (the TimeLimit)."""
     import gymnasium as gym
 
     vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    envs = vector_env([functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)])
+    envs = vector_env(
+        [functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)]
+    )
     probe = common.make_env(info)
     horizon = probe.spec.max_episode_steps or 1000
     probe.close()
@@ -1238,18 +1312,18 @@ def run_phase(phase: str, p: Phase, run: dict, run_eval, save, evaluated: set) -
 
 
 def wait_for(device: torch.device) -> None:
-    """PLUMBING: waits until the device has done the work queued on it (CUDA runs it asynchronously), so that
-    a time read afterwards includes that work."""
+    """PLUMBING: waits until the device has done the work queued on it (CUDA runs it
+    asynchronously), so that a time read afterwards includes that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @dataclass
 class Stopwatch:
-    """PLUMBING: training time, measured in intervals that end where the run waits for the device anyway (a
-    logging point, a save, the end): one sync per interval, never one per update. The first
-    `warmup` updates of this process (--compile) are compile time, neither training time nor timed
-    updates. Saves and log lines fall between intervals."""
+    """PLUMBING: training time, measured in intervals that end where the run waits for the device
+    anyway (a logging point, a save, the end): one sync per interval, never one per update. The
+    first `warmup` updates of this process (--compile) are compile time, neither training time nor
+    timed updates. Saves and log lines fall between intervals."""
 
     clock: dict
     device: torch.device

@@ -2,16 +2,21 @@
 decoder-only state predictor) and RGDT's decoder attention, from a dataset and optionally a trained
 rgdt.py model.
 
-    python benchmarks/rgdt_analysis.py --env hopper-medium --dataset-path REPLICA/hopper-medium.hdf5  # small budget
-    python benchmarks/rgdt_analysis.py --env hopper-medium --dataset-path FILE --seeds 0 1 2 --updates 20000
-    python benchmarks/rgdt_analysis.py --checkpoint runs/RUN/model.pt --out analysis  # + that model's attention
+    # a small budget
+    python benchmarks/rgdt_analysis.py --env hopper-medium --dataset-path REPLICA/hopper-medium.hdf5
+    python benchmarks/rgdt_analysis.py --env hopper-medium --dataset-path FILE --seeds 0 1 2 \
+        --updates 20000
+    # and a trained model's attention
+    python benchmarks/rgdt_analysis.py --checkpoint runs/RUN/model.pt --out analysis
 
 Per seed, one inverse dynamics (Eq. 2.8) and three state predictors, trained on the same batches of
 the training episodes (every --held-out-every-th episode is kept out):
-  gpt full-context   rgdt.py --arch gpt --full-context-loss: Fig. 2.2b's "GPT model with full context prediction"
-  gpt final-token    rgdt.py --arch gpt: Fig. 2.2c (the same initial weights as 2.2b: only Eq. 2.7's indicator
-                     differs), and the decoder-only side of aim (3)
-  seq2seq            rgdt.py's translator, final-token (the thesis's RGDT): the other side of aim (3)
+  gpt full-context   rgdt.py --arch gpt --full-context-loss: Fig. 2.2b's "GPT model with full
+                     context prediction"
+  gpt final-token    rgdt.py --arch gpt: Fig. 2.2c (the same initial weights as 2.2b: only Eq.
+                     2.7's indicator differs), and the decoder-only side of aim (3)
+  seq2seq            rgdt.py's translator, final-token (the thesis's RGDT): the other side of
+                     aim (3)
 Fig. 2.2a is the Pearson correlation of each state dimension at t and t + k in the dataset; Fig.
 2.2b-c the GPT's attention from each state token to each earlier step (its return and state tokens
 together) on the same dataset segments. Aim (3) compares seq2seq and decoder-only (both final-token,
@@ -53,12 +58,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import rgdt  # noqa: E402
-from attention import CONTROL_SEED, FAILS, HOLDS, UNDECIDED, all_of, beyond_control, random_init  # noqa: E402
+from attention import (  # noqa: E402
+    CONTROL_SEED,
+    FAILS,
+    HOLDS,
+    UNDECIDED,
+    all_of,
+    beyond_control,
+    random_init,
+)
 
 # The three state predictors trained per seed: rgdt.py's --arch and Eq. 2.7's indicator (full
 # context or not).
-PREDICTORS = {"gpt_full_context": ("gpt", True), "gpt_final_token": ("gpt", False), "seq2seq": ("seq2seq", False)}
-NLL_MARGIN = 0.1  # nats: a trained model's held-out NLL must be this far below its control's to count as learned
+PREDICTORS = {
+    "gpt_full_context": ("gpt", True),
+    "gpt_final_token": ("gpt", False),
+    "seq2seq": ("seq2seq", False),
+}
+# nats: a trained model's held-out NLL must be this far below its control's to count as learned
+NLL_MARGIN = 0.1
 
 
 @dataclass
@@ -115,16 +133,23 @@ class Args:
         positive = "updates inv_updates batch_size lr eval_episodes log_every held_out_every"
         rgdt.check_flags(self, positive, "threads")
         if self.held_out_every < 2:
-            raise SystemExit(f"error: --held-out-every {self.held_out_every}: must be >= 2 (1 holds out everything).")
+            every = self.held_out_every
+            raise SystemExit(
+                f"error: --held-out-every {every}: must be >= 2 (1 holds out everything)."
+            )
         if not self.seeds or min(self.seeds) < 0:
-            raise SystemExit(f"error: --seeds {self.seeds}: pass one or more seeds >= 0, e.g. --seeds 0 1 2.")
+            raise SystemExit(
+                f"error: --seeds {self.seeds}: pass one or more seeds >= 0, e.g. --seeds 0 1 2."
+            )
 
     @property
     def seed(self) -> int:  # rgdt.setup seeds the process with the first
         return self.seeds[0]
 
 
-def state_correlation(states: np.ndarray, ep_start: np.ndarray, ep_end: np.ndarray, max_offset: int) -> np.ndarray:
+def state_correlation(
+    states: np.ndarray, ep_start: np.ndarray, ep_end: np.ndarray, max_offset: int
+) -> np.ndarray:
     """Fig. 2.2a: Pearson correlation between each state dimension at t and at t + k, over all pairs
     inside one episode, for k = 0..max_offset. Returns (max_offset + 1, m_s); NaN for a constant
     dimension."""
@@ -216,7 +241,8 @@ class AttentionRecorder:
     def summary(self) -> dict:
         c = max(self.count, 1)
         self_maps, cross_maps = torch.stack(self.self_maps) / c, torch.stack(self.cross_maps) / c
-        last = self_maps.mean(0)[-1]  # the final state's row: the one that proposes s_{t+1} at inference
+        # the final state's row: the one that proposes s_{t+1} at inference
+        last = self_maps.mean(0)[-1]
         return {
             "samples": self.count,
             "self_maps": self_maps.tolist(),
@@ -234,7 +260,9 @@ def split_episodes(episodes: list, every: int) -> tuple[list, list]:
     train = [ep for i, ep in enumerate(episodes) if i % every != every - 1]
     if not held or not any(len(ep["rewards"]) > 1 for ep in held):
         n = len(episodes)
-        raise SystemExit(f"error: --held-out-every {every}: the dataset's {n} episodes leave none to hold out.")
+        raise SystemExit(
+            f"error: --held-out-every {every}: the dataset's {n} episodes leave none to hold out."
+        )
     return train, held
 
 
@@ -243,8 +271,9 @@ def run_args(args: Args, seed: int) -> rgdt.Args:
     warmup)."""
     return rgdt.Args(
         env=args.env, dataset_path=args.dataset_path, checkpoint=args.checkpoint, seed=seed,
-        batch_size=args.batch_size, lr=args.lr, updates=args.updates, warmup_steps=max(1, args.updates // 10),
-        inv_updates=args.inv_updates, eval_episodes=args.eval_episodes, log_every=args.log_every,
+        batch_size=args.batch_size, lr=args.lr, updates=args.updates,
+        warmup_steps=max(1, args.updates // 10), inv_updates=args.inv_updates,
+        eval_episodes=args.eval_episodes, log_every=args.log_every,
     )  # fmt: skip
 
 
@@ -254,7 +283,9 @@ def make_predictor(arch: dict, kind: str, seed: int, device) -> torch.nn.Module:
     return random_init(lambda: rgdt.make_models(arch, "cpu")[0], seed=seed).to(device)
 
 
-def train_predictor(model, data: dict, rargs: rgdt.Args, full_context: bool, name: str, metrics: Path):
+def train_predictor(
+    model, data: dict, rargs: rgdt.Args, full_context: bool, name: str, metrics: Path
+):
     """Eq. 2.7 on batches drawn from the seed's generator: every predictor of one seed sees the same
     batches."""
     K_r, K_s = model.return_len, model.state_len
@@ -264,10 +295,14 @@ def train_predictor(model, data: dict, rargs: rgdt.Args, full_context: bool, nam
     model.train()
     for step in tqdm(range(rargs.updates), desc=name, mininterval=1.0, leave=False):
         batch = rgdt.sample_batch(data, rargs.batch_size, K_r, K_s, gen)
-        loss, _ = rgdt.update(model, opt, batch, rargs.grad_clip, full_context, torch.autocast("cpu", enabled=False))
+        loss, _ = rgdt.update(
+            model, opt, batch, rargs.grad_clip, full_context, torch.autocast("cpu", enabled=False)
+        )
         sched.step()
         if step % rargs.log_every == 0 or step + 1 == rargs.updates:
-            rgdt.log_metrics(metrics, phase=f"analyze_{name}", seed=rargs.seed, step=step, loss=loss.item())
+            rgdt.log_metrics(
+                metrics, phase=f"analyze_{name}", seed=rargs.seed, step=step, loss=loss.item()
+            )
     return model.eval()
 
 
@@ -277,11 +312,17 @@ def train_inverse(arch: dict, data: dict, rargs: rgdt.Args, metrics: Path, devic
     _, inv = rgdt.make_models(arch, device)
     opt = rgdt.make_inv_optimizer(inv, rargs.inv_lr, rargs.inv_weight_decay)
     gen = torch.Generator(device=device).manual_seed(rargs.seed + 4)
-    for step in tqdm(range(rargs.inv_updates), desc="inverse dynamics", mininterval=1.0, leave=False):
+    for step in tqdm(
+        range(rargs.inv_updates), desc="inverse dynamics", mininterval=1.0, leave=False
+    ):
         log = step % rargs.log_every == 0 or step + 1 == rargs.inv_updates
-        loss, _ = rgdt.update_inverse(inv, opt, rgdt.sample_transitions(data, rargs.inv_batch_size, gen), False)
+        loss, _ = rgdt.update_inverse(
+            inv, opt, rgdt.sample_transitions(data, rargs.inv_batch_size, gen), False
+        )
         if log:
-            rgdt.log_metrics(metrics, phase="analyze_inverse", seed=rargs.seed, step=step, loss=loss.item())
+            rgdt.log_metrics(
+                metrics, phase="analyze_inverse", seed=rargs.seed, step=step, loss=loss.item()
+            )
     return inv.eval()
 
 
@@ -317,7 +358,9 @@ def held_out_nll(model, held: dict, steps: torch.Tensor) -> float:
     return float(rgdt.head_loss(mean[last], log_std[last], b["next_states"][last], b["mask"][last]))
 
 
-def score(model, inv, info: dict, data: dict, conditioning, rargs: rgdt.Args, device) -> list[float]:
+def score(
+    model, inv, info: dict, data: dict, conditioning, rargs: rgdt.Args, device
+) -> list[float]:
     """Alg. 2's normalized score per episode, the model as it is (fp32)."""
     settings = rgdt.EvalSettings(rargs.eval_episodes, rargs.seed, False)
     off = torch.autocast(device.type, enabled=False)
@@ -340,31 +383,49 @@ def trained(path: Optional[Path], build, fit) -> torch.nn.Module:
     return model
 
 
+def train_fresh(build, *args) -> torch.nn.Module:
+    """train_predictor on a model fresh from build()."""
+    return train_predictor(build(), *args)
+
+
 def run_seed(seed: int, sets: dict, arch: dict, info: dict, args: Args, device, out: Path) -> dict:
     """One seed: the inverse dynamics, the three predictors and the two controls; each one's
     attention on the same probe segments, held-out NLL and score."""
     rargs, metrics = run_args(args, seed), out / "metrics.jsonl"
     data, held = sets["train"], sets["held"]
-    kept = (lambda name: out / "models" / f"seed{seed}_{name}.pt") if args.resume else lambda _: None
-    inv = trained(kept("inverse"), lambda: rgdt.make_models(arch, device)[1],
-                  lambda: train_inverse(arch, data, rargs, metrics, device))  # fmt: skip
-    probe, held_steps = (probe_steps(data, arch["state_len"], 512, seed + 2), probe_steps(held, 1, 4096, seed + 5))
+
+    def kept(name: str) -> Optional[Path]:  # --resume: where each trained model is kept
+        return out / "models" / f"seed{seed}_{name}.pt" if args.resume else None
+
+    def fresh_inverse() -> torch.nn.Module:
+        return rgdt.make_models(arch, device)[1]
+
+    fit = functools.partial(train_inverse, arch, data, rargs, metrics, device)
+    inv = trained(kept("inverse"), fresh_inverse, fit)
+    probe, held_steps = (
+        probe_steps(data, arch["state_len"], 512, seed + 2),
+        probe_steps(held, 1, 4096, seed + 5),
+    )
     models = {}
-    for name, (kind, full_context) in PREDICTORS.items():  # the two GPTs from the same initial weights
+    # the two GPTs from the same initial weights
+    for name, (kind, full_context) in PREDICTORS.items():
         build = functools.partial(make_predictor, arch, kind, seed + 1, device)
-        fit = lambda: train_predictor(build(), data, rargs, full_context, name, metrics)  # noqa: E731
+        fit = functools.partial(train_fresh, build, data, rargs, full_context, name, metrics)
         models[name] = trained(kept(name), build, fit)
     c = args.control_seed + seed
     models |= {
         "gpt_control": make_predictor(arch, "gpt", c, device),
         "seq2seq_control": make_predictor(arch, "seq2seq", c, device),
     }
-    out = {}
+    res = {}
     for name, model in models.items():
-        out[name] = {"attention": probe_attention(model, data, probe), "nll": held_out_nll(model, held, held_steps)}
+        res[name] = {
+            "attention": probe_attention(model, data, probe),
+            "nll": held_out_nll(model, held, held_steps),
+        }
         if name != "gpt_full_context":
-            out[name]["scores"] = score(model, inv, info, data, sets["conditioning"], rargs, device)
-    return out
+            res[name]["scores"] = score(model, inv, info, data, sets["conditioning"], rargs, device)
+    return res
 
 
 def mean_attention(per_seed: list[dict], name: str) -> dict:
@@ -385,23 +446,39 @@ def fig_2_2_claims(fig: dict, K_s: int) -> list[dict]:
     corr_verdict = HOLDS if np.all(np.diff(c) < 0) else FAILS
     att = fig["attention"]
     fc, ft, ctrl = att["full_context"], att["final_token"], att["control"]
-    se_near, se_ent = (2 * se_of(att.get("per_seed", {}).get(k, [])) for k in ("near_gap", "entropy_gap"))
+    se_near, se_ent = (
+        2 * se_of(att.get("per_seed", {}).get(k, [])) for k in ("near_gap", "entropy_gap")
+    )
     nearer = beyond_control(fc["final_row_newest_two"], ctrl["final_row_newest_two"],
                             neutral=ft["final_row_newest_two"], spread=se_near)  # fmt: skip
     gap = ft["final_row_entropy"] - fc["final_row_entropy"]
     balanced = beyond_control(gap, 0.0, factor=1.0, spread=max(0.05, se_ent))
+    near, entropy = "final_row_newest_two", "final_row_entropy"
     att_ours = (
-        f"final state's attention on the newest 2 steps: full-context GPT {fc['final_row_newest_two']:.3f}, "
-        f"final-token GPT {ft['final_row_newest_two']:.3f}; entropy {fc['final_row_entropy']:.3f} vs "
-        f"{ft['final_row_entropy']:.3f} (uniform {ft['uniform_entropy']:.3f})"
+        f"final state's attention on the newest 2 steps: full-context GPT {fc[near]:.3f}, "
+        f"final-token GPT {ft[near]:.3f}; entropy {fc[entropy]:.3f} vs "
+        f"{ft[entropy]:.3f} (uniform {ft['uniform_entropy']:.3f})"
     )
-    att_ctrl = f"newest 2 steps {ctrl['final_row_newest_two']:.3f}, entropy {ctrl['final_row_entropy']:.3f}"
-    att_claim = "Fig. 2.2b-c: full-context training biases attention toward nearby states; final-token is more balanced"
+    att_ctrl = f"newest 2 steps {ctrl[near]:.3f}, entropy {ctrl[entropy]:.3f}"
+    att_claim = (
+        "Fig. 2.2b-c: full-context training biases attention toward nearby states; final-token is "
+        "more balanced"
+    )
     corr_claim = "Fig. 2.2a: state correlation decreases with timestep offset"
     corr_ours = f"mean corr at k=0..{K_s}: " + ", ".join(f"{x:.3f}" for x in c)
     return [
-        {"claim": corr_claim, "ours": corr_ours, "control": "- (a property of the data)", "verdict": corr_verdict},
-        {"claim": att_claim, "ours": att_ours, "control": att_ctrl, "verdict": all_of([nearer, balanced])},
+        {
+            "claim": corr_claim,
+            "ours": corr_ours,
+            "control": "- (a property of the data)",
+            "verdict": corr_verdict,
+        },
+        {
+            "claim": att_claim,
+            "ours": att_ours,
+            "control": att_ctrl,
+            "verdict": all_of([nearer, balanced]),
+        },
     ]
 
 
@@ -416,22 +493,40 @@ def aim_3_claims(aim: dict) -> list[dict]:
     (held-out NLL below their random-init controls' by NLL_MARGIN) and with two or more seeds; then
     seq2seq must be better by two standard errors of the per-seed differences."""
     s, n = aim["per_seed"], len(aim["per_seed"]["seq2seq_score"])
-    learned = [beyond_control(aim[f"{m}_nll"], aim[f"{m}_control_nll"], factor=1.0, spread=NLL_MARGIN, lower=True)
-               for m in ("seq2seq", "gpt")]  # fmt: skip
+    learned = [
+        beyond_control(
+            aim[f"{m}_nll"], aim[f"{m}_control_nll"], factor=1.0, spread=NLL_MARGIN, lower=True
+        )
+        for m in ("seq2seq", "gpt")
+    ]
     why = "" if n >= 2 else " (one seed: no seed-to-seed spread)"
     if any(v != HOLDS for v in learned):
-        why = " (a model is not beyond its random-init control's NLL: it did not learn at this budget)"
+        why = (
+            " (a model is not beyond its random-init control's NLL: it did not learn at this "
+            "budget)"
+        )
     rows = []
-    for what, key, lower in (("scores above", "score", False), ("predicts held-out states better than", "nll", True)):
+    for what, key, lower in (
+        ("scores above", "score", False),
+        ("predicts held-out states better than", "nll", True),
+    ):
         diffs = np.array(s[f"seq2seq_{key}"]) - np.array(s[f"gpt_{key}"])
         judged = beyond_control(
-            aim[f"seq2seq_{key}"], aim[f"gpt_{key}"], factor=1.0, spread=2 * se_of(diffs), lower=lower
+            aim[f"seq2seq_{key}"],
+            aim[f"gpt_{key}"],
+            factor=1.0,
+            spread=2 * se_of(diffs),
+            lower=lower,
         )
         judged = UNDECIDED if why else judged
         unit = "normalized score" if key == "score" else "NLL of s_{t+1} (nats)"
-        ours = (f"{unit}: seq2seq {aim[f'seq2seq_{key}']:.2f}, decoder-only {aim[f'gpt_{key}']:.2f} over {n} "
-                f"seed(s) (per seed: {', '.join(f'{d:+.2f}' for d in diffs)}){why}")  # fmt: skip
-        control = f"seq2seq {aim[f'seq2seq_control_{key}']:.2f}, decoder-only {aim[f'gpt_control_{key}']:.2f}"
+        mine, theirs = aim[f"seq2seq_{key}"], aim[f"gpt_{key}"]
+        ours = (
+            f"{unit}: seq2seq {mine:.2f}, decoder-only {theirs:.2f} over {n} "
+            f"seed(s) (per seed: {', '.join(f'{d:+.2f}' for d in diffs)}){why}"
+        )
+        controls = aim[f"seq2seq_control_{key}"], aim[f"gpt_control_{key}"]
+        control = f"seq2seq {controls[0]:.2f}, decoder-only {controls[1]:.2f}"
         claim = f"§2.4 aim (3): the seq2seq translator {what} the decoder-only GPT (Remark 4)"
         rows.append({"claim": claim, "ours": ours, "control": control, "verdict": judged})
     return rows
@@ -442,7 +537,9 @@ def aggregate(per_seed: list[dict]) -> dict:
     controls."""
     names = {"seq2seq": "seq2seq", "gpt": "gpt_final_token", "seq2seq_control": "seq2seq_control"}
     names["gpt_control"] = "gpt_control"
-    per = {f"{k}_score": [float(np.mean(s[v]["scores"])) for s in per_seed] for k, v in names.items()}
+    per = {
+        f"{k}_score": [float(np.mean(s[v]["scores"])) for s in per_seed] for k, v in names.items()
+    }
     per |= {f"{k}_nll": [s[v]["nll"] for s in per_seed] for k, v in names.items()}
     return {"per_seed": per, **{k: float(np.mean(v)) for k, v in per.items()}}
 
@@ -450,7 +547,11 @@ def aggregate(per_seed: list[dict]) -> dict:
 def figure_attention(per_seed: list[dict]) -> dict:
     """Fig. 2.2b-c's attention, averaged over seeds, with the per-seed gaps the verdict's spread
     needs."""
-    regimes = {"full_context": "gpt_full_context", "final_token": "gpt_final_token", "control": "gpt_control"}
+    regimes = {
+        "full_context": "gpt_full_context",
+        "final_token": "gpt_final_token",
+        "control": "gpt_control",
+    }
     att = {k: mean_attention(per_seed, name) for k, name in regimes.items()}
 
     def gap(key, a, b):
@@ -468,8 +569,11 @@ def checkpoint_attention(ckpt: dict, info: dict, args: Args, device) -> dict:
     model.load_state_dict(ckpt["model"])
     inv.load_state_dict(ckpt["inverse_dynamics"])
     stats = tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std"))
-    conditioning = rgdt.conditioning_returns(ckpt["best_returns"].cpu().numpy(), ckpt["args"]["target_return"])
-    autocast = torch.autocast(device.type, enabled=False)  # fp32: the weights themselves are the output
+    conditioning = rgdt.conditioning_returns(
+        ckpt["best_returns"].cpu().numpy(), ckpt["args"]["target_return"]
+    )
+    # fp32: the weights themselves are the output
+    autocast = torch.autocast(device.type, enabled=False)
     settings = rgdt.EvalSettings(args.eval_episodes, args.seeds[0], False)
     with captured_attention(model) as calls:  # one forward per env step
         res = rgdt.evaluate(model, inv, info, stats, conditioning, settings, device, autocast)
@@ -477,7 +581,11 @@ def checkpoint_attention(ckpt: dict, info: dict, args: Args, device) -> dict:
     lengths = torch.as_tensor(res["lengths"], device=device)
     for t, attns in enumerate(calls[model.state_len - 1 :], model.state_len - 1):
         recorder(attns, t < lengths)  # steps with a full context of K_s states; live episodes only
-    return {**recorder.summary(), "returns": res["returns"], "normalized_mean": res["normalized_mean"]}
+    return {
+        **recorder.summary(),
+        "returns": res["returns"],
+        "normalized_mean": res["normalized_mean"],
+    }
 
 
 def pyplot():
@@ -494,12 +602,20 @@ def plot_attention(ax, summary: dict, title: str, which: str = "self_maps"):
     m = np.mean(summary[which], axis=0)
     im = ax.imshow(m, cmap="viridis", vmin=0, aspect="auto")
     K_s = m.shape[0]
-    ax.set_yticks(range(K_s), [f"s(t-{K_s - 1 - i})" if i < K_s - 1 else "s(t)" for i in range(K_s)], fontsize=7)
+    ax.set_yticks(
+        range(K_s),
+        [f"s(t-{K_s - 1 - i})" if i < K_s - 1 else "s(t)" for i in range(K_s)],
+        fontsize=7,
+    )
     if which == "self_maps":
-        ax.set_xticks(range(K_s), [f"t-{K_s - 1 - i}" if i < K_s - 1 else "t" for i in range(K_s)], fontsize=7)
+        ax.set_xticks(
+            range(K_s), [f"t-{K_s - 1 - i}" if i < K_s - 1 else "t" for i in range(K_s)], fontsize=7
+        )
         ax.set_xlabel("attended step (key)")
     else:
-        ax.set_xlabel("return g(t+k), k = 1..K_r" if m.shape[1] != K_s else "return token of step (key)")
+        ax.set_xlabel(
+            "return g(t+k), k = 1..K_r" if m.shape[1] != K_s else "return token of step (key)"
+        )
     ax.set_ylabel("attending state (query)")
     ax.set_title(title, fontsize=9)
     return im
@@ -515,8 +631,11 @@ def write_fig_2_2(out: Path, corr: np.ndarray, att: dict, title: str) -> dict:
     ax[0].set_ylabel("Pearson corr(s_t, s_{t+k})")
     ax[0].set_title("(a) correlation in the dataset", fontsize=9)
     ax[0].legend(fontsize=8)
-    panels = ((ax[1], "full_context", "(b) GPT, full-context training"), (ax[2], "final_token", "(c) GPT, final-token"),
-              (ax[3], "control", "random-init GPT (control)"))  # fmt: skip
+    panels = (
+        (ax[1], "full_context", "(b) GPT, full-context training"),
+        (ax[2], "final_token", "(c) GPT, final-token"),
+        (ax[3], "control", "random-init GPT (control)"),
+    )
     for a, name, label in panels:
         fig.colorbar(plot_attention(a, att[name], label), ax=a)
     fig.suptitle(title)
@@ -524,7 +643,11 @@ def write_fig_2_2(out: Path, corr: np.ndarray, att: dict, title: str) -> dict:
     fig.savefig(out / "fig2_2.png", dpi=110)
     plt.close(fig)
     corr_json = np.where(np.isnan(corr), None, corr).tolist()
-    return {"correlation_per_dim": corr_json, "correlation_mean": np.nanmean(corr, 1).tolist(), "attention": att}
+    return {
+        "correlation_per_dim": corr_json,
+        "correlation_mean": np.nanmean(corr, 1).tolist(),
+        "attention": att,
+    }
 
 
 def write_aim_3(out: Path, per_seed: list[dict], aim: dict, title: str) -> None:
@@ -533,13 +656,19 @@ def write_aim_3(out: Path, per_seed: list[dict], aim: dict, title: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(1, 4, figsize=(18, 4))
     fig.colorbar(
-        plot_attention(ax[0], mean_attention(per_seed, "seq2seq"), "seq2seq: decoder self-attention"), ax=ax[0]
+        plot_attention(
+            ax[0], mean_attention(per_seed, "seq2seq"), "seq2seq: decoder self-attention"
+        ),
+        ax=ax[0],
     )
     gpt = mean_attention(per_seed, "gpt_final_token")
     fig.colorbar(plot_attention(ax[1], gpt, "decoder-only GPT: state rows, per step"), ax=ax[1])
     names = ["seq2seq", "gpt", "seq2seq_control", "gpt_control"]
     labels = ["seq2seq", "decoder-only", "seq2seq\nrandom-init", "decoder-only\nrandom-init"]
-    for a, key, ylabel in ((ax[2], "score", "normalized score"), (ax[3], "nll", "held-out NLL of s(t+1), nats")):
+    for a, key, ylabel in (
+        (ax[2], "score", "normalized score"),
+        (ax[3], "nll", "held-out NLL of s(t+1), nats"),
+    ):
         a.bar(labels, [aim[f"{n}_{key}"] for n in names], color=["C0", "C1", "0.7", "0.7"])
         for i, n in enumerate(names):
             a.plot([i] * len(aim["per_seed"][f"{n}_{key}"]), aim["per_seed"][f"{n}_{key}"], "k.")
@@ -564,9 +693,16 @@ def write_attention(out: Path, summary: dict, title: str) -> None:
 
 
 def print_claims(claims: list[dict]) -> None:
-    keys = (("thesis claim", "claim"), ("ours", "ours"), ("random-init control", "control"), ("verdict", "verdict"))
+    keys = (
+        ("thesis claim", "claim"),
+        ("ours", "ours"),
+        ("random-init control", "control"),
+        ("verdict", "verdict"),
+    )
     widths = [max(len(head), *(len(c[k]) for c in claims)) for head, k in keys]
-    rows = [[head for head, _ in keys], ["-" * w for w in widths]] + [[c[k] for _, k in keys] for c in claims]
+    rows = [[head for head, _ in keys], ["-" * w for w in widths]] + [
+        [c[k] for _, k in keys] for c in claims
+    ]
     for row in rows:
         print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
 
@@ -577,7 +713,10 @@ def prepare(args: Args, device) -> tuple:
     ckpt = rgdt.load_checkpoint(args.checkpoint, device)
     episodes, info = rgdt.load_data(run_args(args, args.seeds[0]), ckpt)
     if ckpt is not None:
-        arch, stats = (ckpt["arch"], tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std")))
+        arch, stats = (
+            ckpt["arch"],
+            tuple(np.asarray(ckpt[k].cpu()) for k in ("state_mean", "state_std")),
+        )
     else:  # §2.4's
         defaults = rgdt.Args()
         arch = {k: getattr(defaults, k) for k in rgdt.ARCH + rgdt.INV_ARCH}
@@ -585,7 +724,10 @@ def prepare(args: Args, device) -> tuple:
         stats = None
     train, held = split_episodes(episodes, args.held_out_every)
     data = rgdt.make_dataset(train, device, arch["rtg_scale"], stats)
-    sets = {"train": data, "held": rgdt.make_dataset(held, device, arch["rtg_scale"], data["state_stats"])}
+    sets = {
+        "train": data,
+        "held": rgdt.make_dataset(held, device, arch["rtg_scale"], data["state_stats"]),
+    }
     sets["conditioning"] = rgdt.conditioning_returns(rgdt.best_return_sequence(train), None)
     return ckpt, info, arch, sets
 
@@ -613,9 +755,9 @@ def check_output(args: Args) -> Path:
 
 
 def open_output(out: Path, args: Args) -> None:
-    """--out made, with args.json. With --resume the log loses the lines of this call's seeds' models
-    that models/ does not hold (a model stopped half-way trains again from its start); without, a
-    new log (--force: not the last run's extended)."""
+    """--out made, with args.json. With --resume the log loses the lines of this call's seeds'
+    models that models/ does not hold (a model stopped half-way trains again from its start);
+    without, a new log (--force: not the last run's extended)."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "metrics.jsonl"
     if args.resume and log.exists():  # other seeds' lines stay: their process may be running
@@ -645,14 +787,28 @@ def main(args: Args) -> dict:
     corr = state_correlation(states, ep_start, ep_end, max(arch["return_len"], arch["state_len"]))
     per_seed = [run_seed(seed, sets, arch, info, args, device, out) for seed in args.seeds]
     fig = write_fig_2_2(
-        out, corr, figure_attention(per_seed), f"Fig. 2.2-style analysis on {info['name']} ({label} data)"
+        out,
+        corr,
+        figure_attention(per_seed),
+        f"Fig. 2.2-style analysis on {info['name']} ({label} data)",
     )
     claims = fig_2_2_claims(fig, arch["state_len"])
     aim = aggregate(per_seed)
     claims += aim_3_claims(aim)
     (out / "fig2_2.json").write_text(json.dumps({**fig, "claims": claims[:2], "dataset": info}))
-    write_aim_3(out, per_seed, aim, f"§2.4 aim (3): seq2seq against decoder-only on {info['name']} ({label} data)")
-    aim_json = {**aim, "per_seed_models": per_seed, "claims": claims[2:], "updates": args.updates, "seeds": args.seeds}
+    write_aim_3(
+        out,
+        per_seed,
+        aim,
+        f"§2.4 aim (3): seq2seq against decoder-only on {info['name']} ({label} data)",
+    )
+    aim_json = {
+        **aim,
+        "per_seed_models": per_seed,
+        "claims": claims[2:],
+        "updates": args.updates,
+        "seeds": args.seeds,
+    }
     (out / "aim3.json").write_text(json.dumps(aim_json))
     result = {**fig, "aim3": aim, "claims": claims}
     if ckpt is not None:

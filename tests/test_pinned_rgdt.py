@@ -51,4 +51,7 @@ def test_a_fixed_seed_tiny_run_gives_the_pinned_losses_and_score(tmp_path, hdf5_
 
 def test_a_warmup_longer_than_the_translators_run_is_scaled_to_a_tenth_and_said(capsys):
     assert rgdt.Args(updates=40, warmup_steps=10_000).warmup_steps == 4
-    assert "--warmup-steps 10000 is longer than --updates 40; warming up over 4" in capsys.readouterr().out
+    assert (
+        "--warmup-steps 10000 is longer than --updates 40; warming up over 4"
+        in capsys.readouterr().out
+    )

@@ -65,8 +65,18 @@ def test_five_compiled_updates_match_five_eager_ones(tmp_path, hdf5_path):
     phases, to float tolerance. Dropout off: compiled kernels draw their own random numbers."""
     runs = {}
     for compiled in (False, True):
-        args = tiny_args(tmp_path / str(compiled), hdf5_path, updates=5, inv_updates=5, log_every=1,
-                         eval_every=0, eval_episodes=1, dropout=0.0, bf16=False, compile=compiled)  # fmt: skip
+        args = tiny_args(
+            tmp_path / str(compiled),
+            hdf5_path,
+            updates=5,
+            inv_updates=5,
+            log_every=1,
+            eval_every=0,
+            eval_episodes=1,
+            dropout=0.0,
+            bf16=False,
+            compile=compiled,
+        )
         res = rgdt.train(args)
         lines = (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()
         runs[compiled] = res, [json.loads(x) for x in lines if '"loss"' in x]
@@ -97,9 +107,15 @@ def test_the_cuda_graph_update_is_the_eager_update(monkeypatch):
                 dropout=0.0, rtg_scale=1.0, inv_hidden=16, inv_layers=1, inv_dropout=0.0,
                 state_dim=5, act_dim=2, arch="seq2seq")  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    batches = [{"returns": torch.randn(4, 4, 1, generator=g), "states": torch.randn(4, 3, 5, generator=g),
-                "next_states": torch.randn(4, 3, 5, generator=g),
-                "mask": torch.ones(4, 3, dtype=torch.bool)} for _ in range(5)]  # fmt: skip
+    batches = [
+        {
+            "returns": torch.randn(4, 4, 1, generator=g),
+            "states": torch.randn(4, 3, 5, generator=g),
+            "next_states": torch.randn(4, 3, 5, generator=g),
+            "mask": torch.ones(4, 3, dtype=torch.bool),
+        }
+        for _ in range(5)
+    ]
     out = {}
     for name in ("eager", "graphed"):
         torch.manual_seed(0)
