@@ -1,10 +1,10 @@
-"""Shared by every method file: dataset names, loading (D4RL hdf5, DT pickle, Minari), evaluation env
-ids and D4RL normalized scores; and the one rule for where the analyses write (output_folder). Nothing
-else lives here, so each method file stays readable on its own.
+"""Shared by every method file: dataset names, loading (D4RL hdf5, DT pickle, Minari), evaluation
+env ids and D4RL normalized scores; and the one rule for where the analyses write (output_folder).
+Nothing else lives here, so each method file stays readable on its own.
 
 A dataset is returned as a list of episodes (dicts of numpy arrays: observations (T, m_s), actions
-(T, m_a), rewards (T,), and a bool `terminated`) plus an `info` dict that says where it came from and
-how to evaluate on it.
+(T, m_a), rewards (T,), and a bool `terminated`) plus an `info` dict that says where it came from
+and how to evaluate on it.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ D4RL_LEVELS = ("random", "medium", "medium-replay", "medium-expert", "expert")
 D4RL_DATASETS = tuple(f"{e}-{lvl}" for e in D4RL_ENVS for lvl in D4RL_LEVELS)
 
 # One table from D4RL domain to everything evaluation needs. The v2 datasets were collected on gym's
-# `*-v3` MuJoCo envs; gymnasium's `*-v4` has the same model and observation layout and is the closest
-# env we can run. Reference returns are D4RL's (infos.py), used by normalized_score.
+# `*-v3` MuJoCo envs; gymnasium's `*-v4` has the same model and observation layout and is the
+# closest env we can run. Reference returns are D4RL's (infos.py), used by normalized_score.
 D4RL_TABLE = {
     #  domain         eval env            obs  act  ref_min_score  ref_max_score
     "halfcheetah": dict(
@@ -51,15 +51,16 @@ class DatasetError(ValueError):
 
 
 def parse_name(name: str) -> tuple[str, str]:
-    """'hopper-medium-replay[-v2]' -> ('d4rl', 'hopper-medium-replay'); 'ns/env/name-v0' -> ('minari', id)."""
+    """'hopper-medium-replay[-v2]' -> ('d4rl', 'hopper-medium-replay'); 'ns/env/name-v0' ->
+    ('minari', id)."""
     if "/" in name:
         return "minari", name
     base = name[:-3] if name.endswith("-v2") else name
     if base in D4RL_DATASETS:
         return "d4rl", base
     raise DatasetError(
-        f"unknown dataset {name!r}. Valid D4RL names (optionally with '-v2'): {', '.join(D4RL_DATASETS)}; "
-        "or a Minari id such as 'mujoco/hopper/medium-v0'."
+        f"unknown dataset {name!r}. Valid D4RL names (optionally with '-v2'): "
+        f"{', '.join(D4RL_DATASETS)}; or a Minari id such as 'mujoco/hopper/medium-v0'."
     )
 
 
@@ -83,7 +84,8 @@ SOURCE_LABEL = {
 
 
 def normalized_score(info: dict, returns) -> np.ndarray:
-    """D4RL normalized score 100 * (R - min) / (max - min); NaN where the dataset has no reference returns."""
+    """D4RL normalized score 100 * (R - min) / (max - min); NaN where the dataset has no reference
+    returns."""
     returns = np.asarray(returns, dtype=np.float64)
     if info.get("ref_min") is None or info.get("ref_max") is None:
         return np.full_like(returns, np.nan)
@@ -91,8 +93,8 @@ def normalized_score(info: dict, returns) -> np.ndarray:
 
 
 def episode_scores(info: dict, returns, lengths, elapsed_s: float) -> dict:
-    """What every method file's evaluation reports: each episode's return, length and normalized score, their
-    means, the normalized score's std over episodes, and env steps per second."""
+    """What every method file's evaluation reports: each episode's return, length and normalized
+    score, their means, the normalized score's std over episodes, and env steps per second."""
     returns, lengths = np.asarray(returns, dtype=np.float64), np.asarray(lengths)
     score = normalized_score(info, returns)
     episodes = {
@@ -105,17 +107,17 @@ def episode_scores(info: dict, returns, lengths, elapsed_s: float) -> dict:
     return {**episodes, **means, "normalized_std": float(score.std()), **speed}
 
 
-# --- download ---------------------------------------------------------------------------------------
+# --- download -------------------------------------------------------------------------------------
 
 
 def download(url: str, dest: Path) -> Path:
-    """Download `url` to `dest` with a progress bar. The file appears under its final name only once the
-    whole body arrived (written to a temporary file in the same folder, then renamed atomically)."""
+    """Download `url` to `dest` with a progress bar. The file appears under its final name only once
+    the whole body arrived (written to a temporary file in the same folder, then renamed
+    atomically)."""
     from tqdm import tqdm
 
-    made = [
-        p for p in (dest.parent, *dest.parent.parents) if not p.exists()
-    ]  # removed again if it fails
+    # removed again if it fails
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
@@ -150,28 +152,28 @@ def find_d4rl_file(base: str) -> Path:
             f"could not find or download the D4RL file {fname!r} for dataset {base!r}.\n"
             f"  looked in: {folder} (set $D4RL_DATASET_DIR to change it)\n"
             f"  download from {D4RL_URL + fname} failed: {e}\n"
-            f"  fix: download that file elsewhere and put it in {folder}, or pass --dataset-path FILE "
-            "(a D4RL-layout .hdf5 or a DT .pkl)."
+            f"  fix: download that file elsewhere and put it in {folder}, or pass --dataset-path "
+            "FILE (a D4RL-layout .hdf5 or a DT .pkl)."
         ) from None
 
 
-# --- readers ----------------------------------------------------------------------------------------
+# --- readers --------------------------------------------------------------------------------------
 
 
 def episode(observations, actions, rewards, terminated) -> dict:
-    """One episode as every reader returns it: (T, m_s), (T, m_a), (T,) arrays and whether it terminated."""
+    """One episode as every reader returns it: (T, m_s), (T, m_a), (T,) arrays and whether it
+    terminated."""
     return dict(
         observations=observations, actions=actions, rewards=rewards, terminated=bool(terminated)
     )
 
 
 def split_episodes(obs, act, rew, terminals, timeouts) -> list[dict]:
-    """D4RL flat arrays -> episodes. An episode ends at a terminal OR a timeout; the last, unfinished
-    episode (the buffer stopped mid-episode) is kept."""
+    """D4RL flat arrays -> episodes. An episode ends at a terminal OR a timeout; the last,
+    unfinished episode (the buffer stopped mid-episode) is kept."""
     ends = np.flatnonzero(np.logical_or(terminals, timeouts)) + 1
-    if len(obs) and (
-        len(ends) == 0 or ends[-1] != len(obs)
-    ):  # an empty file gives no episodes, not one empty one
+    # an empty file gives no episodes, not one empty one
+    if len(obs) and (len(ends) == 0 or ends[-1] != len(obs)):
         ends = np.append(ends, len(obs))
     starts = np.concatenate([[0], ends[:-1]]).astype(int)
     return [episode(obs[a:b], act[a:b], rew[a:b], terminals[b - 1]) for a, b in zip(starts, ends)]
@@ -190,13 +192,13 @@ def read_hdf5(path: Path) -> list[dict]:
         missing = [k for k in D4RL_KEYS if k not in f]
         if missing:
             raise DatasetError(
-                f"{path}: missing key(s) {missing}; a D4RL hdf5 needs {list(D4RL_KEYS)} (found {sorted(f.keys())})."
+                f"{path}: missing key(s) {missing}; a D4RL hdf5 needs {list(D4RL_KEYS)} (found "
+                f"{sorted(f.keys())})."
             )
         try:
             data = {k: f[k][()] for k in D4RL_KEYS}
-        except (
-            OSError
-        ) as e:  # e.g. a compressed chunk that no longer decodes; h5py's message names no file
+        except OSError as e:
+            # e.g. a compressed chunk that no longer decodes; h5py's message names no file
             raise DatasetError(
                 f"{path}: the file is damaged, its data cannot be read ({e}). Download or copy it "
                 "again; a partial copy or a disk error leaves a file like this."
@@ -208,19 +210,17 @@ def read_hdf5(path: Path) -> list[dict]:
             f"{path}: arrays of different lengths: observations {n}, "
             + ", ".join(f"{k} {v}" for k, v in bad.items())
         )
-    for k in (
-        "rewards",
-        "terminals",
-        "timeouts",
-    ):  # one number per step: (N,) or (N, 1), never flattened silently
+    for k in ("rewards", "terminals", "timeouts"):
+        # one number per step: (N,) or (N, 1), never flattened silently
         if data[k].size != n:
             raise DatasetError(
-                f"{path}: {k} has shape {data[k].shape}; a D4RL file has one value per step, shape ({n},)."
+                f"{path}: {k} has shape {data[k].shape}; a D4RL file has one value per step, shape "
+                f"({n},)."
             )
     if n and not (data["terminals"].any() or data["timeouts"].any()):
         raise DatasetError(
-            f"{path}: no step is marked as an episode end (terminals and timeouts are all false); a "
-            "D4RL file ends every episode with one of them. Mark the ends, or check the file."
+            f"{path}: no step is marked as an episode end (terminals and timeouts are all false); "
+            "a D4RL file ends every episode with one of them. Mark the ends, or check the file."
         )
     return split_episodes(
         data["observations"], data["actions"], *(data[k].reshape(-1) for k in D4RL_KEYS[2:])
@@ -228,18 +228,20 @@ def read_hdf5(path: Path) -> list[dict]:
 
 
 def read_pickle(path: Path) -> list[dict]:
-    """The decision-transformer repo's layout: a list of per-episode dicts with observations, actions,
-    rewards and terminals (or dones)."""
+    """The decision-transformer repo's layout: a list of per-episode dicts with observations,
+    actions, rewards and terminals (or dones)."""
     try:
         with open(path, "rb") as f:
             paths = pickle.load(f)
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
         raise DatasetError(
-            f"{path}: not a readable pickle ({type(e).__name__}: {e}). Pass a D4RL-layout .hdf5 or a DT .pkl."
+            f"{path}: not a readable pickle ({type(e).__name__}: {e}). Pass a D4RL-layout .hdf5 or "
+            "a DT .pkl."
         ) from None
     if not isinstance(paths, list) or not all(isinstance(p, dict) for p in paths):
         raise DatasetError(
-            f"{path}: a DT pickle must hold a list of per-episode dicts, found {type(paths).__name__}."
+            f"{path}: a DT pickle must hold a list of per-episode dicts, found "
+            f"{type(paths).__name__}."
         )
     episodes = []
     for i, p in enumerate(paths):
@@ -247,14 +249,16 @@ def read_pickle(path: Path) -> list[dict]:
         missing = [k for k in ("observations", "actions", "rewards", term_key) if k not in p]
         if missing:
             raise DatasetError(
-                f"{path}: episode {i} lacks key(s) {missing}; each needs observations, actions, rewards, terminals."
+                f"{path}: episode {i} lacks key(s) {missing}; each needs observations, actions, "
+                "rewards, terminals."
             )
         lens = {k: len(p[k]) for k in ("observations", "actions", "rewards", term_key)}
         if len(set(lens.values())) != 1:
             raise DatasetError(f"{path}: episode {i} has arrays of different lengths {lens}.")
         if np.asarray(p["rewards"]).size != lens["rewards"]:
             raise DatasetError(
-                f"{path}: episode {i}'s rewards have shape {np.shape(p['rewards'])}; one value per step."
+                f"{path}: episode {i}'s rewards have shape {np.shape(p['rewards'])}; one value per "
+                "step."
             )
         if lens["observations"] == 0:
             continue
@@ -273,17 +277,20 @@ def read_minari(dataset_id: str) -> tuple[list[dict], dict]:
         )
     except Exception as e:
         raise DatasetError(
-            f"could not load Minari dataset {dataset_id!r}: {e}\n  fix: check the id (`minari list remote`), "
-            "or download it where there is a network (`minari download ID`) and set $MINARI_DATASETS_PATH."
+            f"could not load Minari dataset {dataset_id!r}: {e}\n"
+            "  fix: check the id (`minari list remote`), or download it where there is a network "
+            "(`minari download ID`) and set $MINARI_DATASETS_PATH."
         ) from None
-    # The method files feed flat vectors; a Dict/image dataset would otherwise fail deep inside numpy.
+    # The method files feed flat vectors; a Dict/image dataset would otherwise fail deep inside
+    # numpy.
     if not all(
         type(sp).__name__ == "Box" and len(sp.shape) == 1
         for sp in (ds.observation_space, ds.action_space)
     ):
         raise DatasetError(
-            f"Minari dataset {dataset_id!r} has observations {ds.observation_space} and actions {ds.action_space}; "
-            "these scripts need flat Box spaces of both (e.g. mujoco/hopper/medium-v0)."
+            f"Minari dataset {dataset_id!r} has observations {ds.observation_space} and actions "
+            f"{ds.action_space}; these scripts need flat Box spaces of both (e.g. "
+            "mujoco/hopper/medium-v0)."
         )
     # Minari stores T+1 observations (the last one after the final action); drop it.
     episodes = [
@@ -297,7 +304,7 @@ def read_minari(dataset_id: str) -> tuple[list[dict], dict]:
     )
 
 
-# --- the one entry point ----------------------------------------------------------------------------
+# --- the one entry point --------------------------------------------------------------------------
 
 
 def check_episodes(episodes: list[dict], info: dict, where: str) -> None:
@@ -318,7 +325,8 @@ def check_episodes(episodes: list[dict], info: dict, where: str) -> None:
             )
         if act_dim is not None and a.shape[1] != act_dim:
             raise DatasetError(
-                f"{where}: actions have {a.shape[1]} dims but {info['env_id']} has {act_dim}; is this the right --env?"
+                f"{where}: actions have {a.shape[1]} dims but {info['env_id']} has {act_dim}; is "
+                "this the right --env?"
             )
         for k in ("observations", "actions", "rewards"):
             if not np.all(np.isfinite(ep[k])):
@@ -328,36 +336,37 @@ def check_episodes(episodes: list[dict], info: dict, where: str) -> None:
 
 
 def check_against_env(episodes: list[dict], info: dict, paths: list[str]) -> None:
-    """Cheap checks that D4RL-layout data belongs to the env it will be evaluated in (dimensions alone cannot
-    tell walker2d from halfcheetah: both are 17/6):
+    """Cheap checks that D4RL-layout data belongs to the env it will be evaluated in (dimensions
+    alone cannot tell walker2d from halfcheetah: both are 17/6):
     - a file whose name names another D4RL domain is refused;
-    - actions must lie in the env's action box [-1, 1] (the action heads are tanh-bounded, TRDT's regions
-      cover [-1, 1] only);
-    - physics: a few dataset transitions are replayed in the env from the dataset's own state (the MuJoCo state
-      is the observation with the x position, which no reward here depends on, set to 0) and must land near
-      the dataset's next observation.
-    What they cannot catch: data of the right domain but another version or another reward (e.g. a modified
-    env whose dynamics match), or a file that mixes envs in its later episodes (only the first ones are replayed)."""
+    - actions must lie in the env's action box [-1, 1] (the action heads are tanh-bounded, TRDT's
+      regions cover [-1, 1] only);
+    - physics: a few dataset transitions are replayed in the env from the dataset's own state (the
+      MuJoCo state is the observation with the x position, which no reward here depends on, set to
+      0) and must land near the dataset's next observation.
+    What they cannot catch: data of the right domain but another version or another reward (e.g. a
+    modified env whose dynamics match), or a file that mixes envs in its later episodes (only the
+    first ones are replayed)."""
     domain = info["env_id"].split("-")[0].lower()
     for p in paths:
         named = [d for d in D4RL_ENVS if d in Path(p).name.lower() and d != domain]
         if named:
             raise DatasetError(
-                f"{p}: the file name says {named[0]}, but --env is a {domain} dataset ({info['name']}); "
-                "pass the --env of the data, or rename the file if its name is wrong."
+                f"{p}: the file name says {named[0]}, but --env is a {domain} dataset "
+                f"({info['name']}); pass the --env of the data, or rename the file if its name is "
+                "wrong."
             )
     worst = max(float(np.abs(ep["actions"]).max()) for ep in episodes)
     if worst > 1 + 1e-3:
         raise DatasetError(
-            f"{', '.join(paths) or info['name']}: actions reach {worst:.3g}, outside {info['env_id']}'s "
-            "action box [-1, 1]; the action heads are tanh-bounded and TRDT's regions cover [-1, 1]. "
-            "Rescale the actions into the box."
+            f"{', '.join(paths) or info['name']}: actions reach {worst:.3g}, outside "
+            f"{info['env_id']}'s action box [-1, 1]; the action heads are tanh-bounded and TRDT's "
+            "regions cover [-1, 1]. Rescale the actions into the box."
         )
     env, gaps = make_env(info), []
     inner = env.unwrapped
-    nq = (
-        inner.model.nq
-    )  # obs = (qpos without the x position, qvel) for hopper, walker2d, halfcheetah
+    # obs = (qpos without the x position, qvel) for hopper, walker2d, halfcheetah
+    nq = inner.model.nq
     for ep in [ep for ep in episodes if len(ep["rewards"]) > 1][:5]:
         env.reset(seed=0)
         obs = ep["observations"]
@@ -365,22 +374,21 @@ def check_against_env(episodes: list[dict], info: dict, paths: list[str]) -> Non
         nxt = env.step(ep["actions"][0])[0]
         gaps.append(np.linalg.norm(nxt - obs[1]) / (np.linalg.norm(obs[1] - obs[0]) + 1e-6))
     env.close()
-    if (
-        gaps and float(np.median(gaps)) > 0.5
-    ):  # matching physics gives ~0; another robot gives ~1 or more
+    # matching physics gives ~0; another robot gives ~1 or more
+    if gaps and float(np.median(gaps)) > 0.5:
         raise DatasetError(
-            f"{', '.join(paths) or info['name']}: the data does not move like {info['env_id']}: replaying "
-            f"{len(gaps)} of its transitions in the env misses the next state by {np.median(gaps):.2f}x "
-            "the step's own change (median). Is --env the dataset's domain?"
+            f"{', '.join(paths) or info['name']}: the data does not move like {info['env_id']}: "
+            f"replaying {len(gaps)} of its transitions in the env misses the next state by "
+            f"{np.median(gaps):.2f}x the step's own change (median). Is --env the dataset's domain?"
         )
 
 
 def load_dataset(
     name: str, dataset_path: tuple[str, ...] | list[str] | str | None = ()
 ) -> tuple[list[dict], dict]:
-    """Episodes and info for a dataset name. D4RL order: `dataset_path` (one or several .hdf5 / .pkl files,
-    concatenated, e.g. medium + expert = medium-expert), else the official file in $D4RL_DATASET_DIR,
-    else download it there. Minari ids go to minari."""
+    """Episodes and info for a dataset name. D4RL order: `dataset_path` (one or several .hdf5 / .pkl
+    files, concatenated, e.g. medium + expert = medium-expert), else the official file in
+    $D4RL_DATASET_DIR, else download it there. Minari ids go to minari."""
     source, base = parse_name(name)
     paths = [dataset_path] if isinstance(dataset_path, str) else list(dataset_path or [])
     if source == "minari":
@@ -393,8 +401,8 @@ def load_dataset(
     else:
         info = dict(D4RL_TABLE[base.split("-")[0]], env_kwargs={}, name=base)
         if paths:
-            # A file whose path says "replica" (the replica datasets, see README) is labelled so: its
-            # numbers must never pass for official D4RL ones.
+            # A file whose path says "replica" (the replica datasets, see README) is labelled so:
+            # its numbers must never pass for official D4RL ones.
             resolved = [str(Path(p).resolve()) for p in paths]
             info.update(
                 source="replica" if any("replica" in p for p in resolved) else "file", path=resolved
@@ -428,18 +436,16 @@ def load_dataset(
 @contextlib.contextmanager
 def no_settotalmass_warning():
     """Recent MuJoCo (4.0 here) warns, each time it compiles gymnasium's half_cheetah.xml (every
-    HalfCheetah env, so several per run), that the xml's `<compiler settotalmass="14">` is deprecated.
-    The attribute still applies: the masses are the ones D4RL's data was collected with, which is why
-    the v4 xml is kept. So that one warning is dropped while an env is made; MuJoCo's other warnings
-    still print."""
+    HalfCheetah env, so several per run), that the xml's `<compiler settotalmass="14">` is
+    deprecated. The attribute still applies: the masses are the ones D4RL's data was collected with,
+    which is why the v4 xml is kept. So that one warning is dropped while an env is made; MuJoCo's
+    other warnings still print."""
     try:
         import mujoco
 
         previous = mujoco.get_mju_user_warning()
-    except (
-        ImportError,
-        AttributeError,
-    ):  # no MuJoCo, or one too old for the hook (and the warning)
+    except (ImportError, AttributeError):
+        # no MuJoCo, or one too old for the hook (and the warning)
         yield
         return
 
@@ -461,8 +467,8 @@ def no_settotalmass_warning():
 def gym_make(info: dict, render_mode: str | None = None):
     """gym.make of the dataset's eval env, without the two warnings that would only mislead."""
     with warnings.catch_warnings(), no_settotalmass_warning():
-        # gymnasium suggests v5 for every v4 env; v4 is chosen on purpose (the model and observation layout
-        # of the gym v3 envs D4RL v2 was collected in), so the advice would only mislead.
+        # gymnasium suggests v5 for every v4 env; v4 is chosen on purpose (the model and observation
+        # layout of the gym v3 envs D4RL v2 was collected in), so the advice would only mislead.
         warnings.filterwarnings(
             "ignore", message=r".*is out of date\. You should consider upgrading"
         )
@@ -471,13 +477,15 @@ def gym_make(info: dict, render_mode: str | None = None):
 
 def make_env(info: dict, video: str | None = None):
     """The evaluation env for a dataset (gymnasium `*-v4` for D4RL v2 data, the dataset's own for
-    Minari); with `video`, a path, its first episode is rendered offscreen and written there as an MP4."""
+    Minari); with `video`, a path, its first episode is rendered offscreen and written there as an
+    MP4."""
     env = gym_make(info, render_mode="rgb_array" if video else None)
     return env if video is None else FirstEpisodeVideo(env, video)
 
 
 class FirstEpisodeVideo(gym.Wrapper):
-    """The first episode, rendered frame by frame into an MP4 (30 fps) as it runs; closed when it ends."""
+    """The first episode, rendered frame by frame into an MP4 (30 fps) as it runs; closed when it
+    ends."""
 
     def __init__(self, env, path: str):
         super().__init__(env)
@@ -511,8 +519,9 @@ class FirstEpisodeVideo(gym.Wrapper):
 
 
 def check_video(info: dict) -> None:
-    """Fail early, with what to install, when --capture-video cannot work here: an MP4 writer and an OpenGL backend
-    for MuJoCo's offscreen renderer (headless machines: MUJOCO_GL=egl or osmesa, set before MuJoCo is imported)."""
+    """Fail early, with what to install, when --capture-video cannot work here: an MP4 writer and an
+    OpenGL backend for MuJoCo's offscreen renderer (headless machines: MUJOCO_GL=egl or osmesa, set
+    before MuJoCo is imported)."""
     try:
         import imageio  # noqa: F401
         import imageio_ffmpeg  # noqa: F401
@@ -525,13 +534,13 @@ def check_video(info: dict) -> None:
         probe.reset(seed=0)
         frame = probe.render()
         probe.close()
-    except (
-        Exception
-    ) as e:  # GLFW without a display, a missing libEGL / libOSMesa: each raises its own type
+    except Exception as e:
+        # GLFW without a display, a missing libEGL / libOSMesa: each raises its own type
         raise DatasetError(
-            f"--capture-video: MuJoCo cannot render offscreen here (MUJOCO_GL={os.environ.get('MUJOCO_GL', 'unset')}: "
-            f"{type(e).__name__}: {e}). On a machine without a display set MUJOCO_GL=egl (Debian/Ubuntu packages "
-            "libegl1 libgl1-mesa-dri) or MUJOCO_GL=osmesa (libosmesa6) before running."
+            "--capture-video: MuJoCo cannot render offscreen here "
+            f"(MUJOCO_GL={os.environ.get('MUJOCO_GL', 'unset')}: {type(e).__name__}: {e}). On a "
+            "machine without a display set MUJOCO_GL=egl (Debian/Ubuntu packages libegl1 "
+            "libgl1-mesa-dri) or MUJOCO_GL=osmesa (libosmesa6) before running."
         ) from None
     if frame is None or frame.ndim != 3:
         raise DatasetError(f"--capture-video: {info['env_id']} renders no RGB frames.")
@@ -541,29 +550,31 @@ def check_video(info: dict) -> None:
 
 
 def output_folder(out: str | None, name: str, force: bool = False, flag: str = "--out") -> Path:
-    """The folder an analysis (benchmarks/, theory_*.py, sample_complexity.py) writes into: `out`, else
-    a new runs/{name}__{unix time}, so that no default command ever writes over committed results
-    (benchmarks/results/ is regenerated only by naming it). Checked before any work and not made here:
-    the caller makes it when it first writes, so a refused or failed run leaves nothing behind. Refused,
-    with one line: a folder that already holds files (unless `force`), a file, a path under a file, a
-    place this user cannot write."""
+    """The folder an analysis (benchmarks/, theory_*.py, sample_complexity.py) writes into: `out`,
+    else a new runs/{name}__{unix time}, so that no default command ever writes over committed
+    results (benchmarks/results/ is regenerated only by naming it). Checked before any work and not
+    made here: the caller makes it when it first writes, so a refused or failed run leaves nothing
+    behind. Refused, with one line: a folder that already holds files (unless `force`), a file, a
+    path under a file, a place this user cannot write."""
     path = Path(out).expanduser() if out else Path("runs") / f"{name}__{int(time.time())}"
     where = f"{flag} {out}" if out else f"output folder {path}"
     if path.is_file():
         raise SystemExit(f"error: {where}: is a file, not a folder; pass a new folder.")
     if path.is_dir() and not force and any(path.iterdir()):
         raise SystemExit(
-            f"error: {where}: the folder exists and holds files; pass a new folder, or add --force to "
-            "overwrite the files of the same name (nothing is overwritten otherwise)."
+            f"error: {where}: the folder exists and holds files; pass a new folder, or add --force "
+            "to overwrite the files of the same name (nothing is overwritten otherwise)."
         )
     parent = path
     while not parent.exists():  # the nearest existing folder: the first new one would be made in it
         parent = parent.parent
     if not parent.is_dir():
         raise SystemExit(
-            f"error: {where}: {parent} is a file, so no folder can be made under it; pass another path."
+            f"error: {where}: {parent} is a file, so no folder can be made under it; pass another "
+            "path."
         )
-    try:  # os.access trusts permission bits (root passes them all); only making something tells for sure
+    # os.access trusts permission bits (root passes them all); only making something tells for sure
+    try:
         tempfile.TemporaryDirectory(dir=parent).cleanup()
     except OSError as e:
         raise SystemExit(
@@ -572,7 +583,7 @@ def output_folder(out: str | None, name: str, force: bool = False, flag: str = "
     return path
 
 
-# --- memory: the flags that size a run, checked before it starts -----------------------------------
+# --- memory: the flags that size a run, checked before it starts ----------------------------------
 #
 # A --batch-size or --eval-episodes too large for the machine is refused before the run folder is
 # made, in one line that names the flag, its value and a value that fits (check_memory); an
@@ -594,8 +605,8 @@ TRAIN_VALUES = {"fp32": (22.0, 3.2), "bf16": (16.0, 3.7)}
 # runs fused, with no weights stored.
 INFER_VALUES = 12.0
 # One evaluation env, measured once: a gymnasium MuJoCo env (Hopper-v4, HalfCheetah-v4, Walker2d-v4)
-# adds 1.1 MB to this process's RSS (500 envs, 300 steps); with --eval-async each is a forked process
-# whose own (private) pages are 8.3-8.6 MB (16 envs, 300 steps), counted as 10 MB.
+# adds 1.1 MB to this process's RSS (500 envs, 300 steps); with --eval-async each is a forked
+# process whose own (private) pages are 8.3-8.6 MB (16 envs, 300 steps), counted as 10 MB.
 ENV_BYTES = {"sync": 1.1e6, "async": 10e6}
 # Refused only when the estimate exceeds the free memory by this factor: larger than the estimate's
 # worst overshoot of a measured peak (1.05x), so a refused run would not have fit.

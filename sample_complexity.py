@@ -98,7 +98,9 @@ class Args:
 # --- §4.3-4.4: policies, behaviour mixture, empirical estimator -----------------------------------
 
 
-def make_policies(n_actions: int, opt_prob: float, uniform_share: float) -> tuple[np.ndarray, np.ndarray]:
+def make_policies(
+    n_actions: int, opt_prob: float, uniform_share: float
+) -> tuple[np.ndarray, np.ndarray]:
     """The §4.7 policies, identical in every context: returns (pi_opt, pi_low), each of shape (V,).
 
     §4.7 names an optimal policy (0.7 on the first action), a uniform policy and "a
@@ -149,12 +151,16 @@ def l1_error(p: np.ndarray, target: np.ndarray) -> np.ndarray:
 # --- §4.6: Theorem 6, Proposition 5, Proposition 6 ------------------------------------------------
 
 
-def check_inputs(eps: float, n_contexts: int, n_actions: int, beta_min: float | None = None, n_min=None):
+def check_inputs(
+    eps: float, n_contexts: int, n_actions: int, beta_min: float | None = None, n_min=None
+):
     """Raise ValueError, saying how to fix it, on inputs the Chapter 4 formulas cannot take."""
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"epsilon must be a finite number > 0, got {eps!r}")
     if not (isinstance(n_contexts, (int, np.integer)) and n_contexts >= 1):
-        raise ValueError(f"C^h (number of high-return contexts) must be an integer >= 1, got {n_contexts!r}")
+        raise ValueError(
+            f"C^h (number of high-return contexts) must be an integer >= 1, got {n_contexts!r}"
+        )
     if not (isinstance(n_actions, (int, np.integer)) and n_actions >= 2):
         raise ValueError(f"V (number of actions) must be an integer >= 2, got {n_actions!r}")
     if beta_min is not None and not (0.0 <= beta_min <= 1.0):
@@ -171,7 +177,9 @@ def theorem6_terms(eps: float, n_contexts: int, n_actions: int, beta_min: float,
     return variance_term, bias_term
 
 
-def theorem6_holds(eps: float, n_contexts: int, n_actions: int, beta_min: float, n_min: float) -> bool:
+def theorem6_holds(
+    eps: float, n_contexts: int, n_actions: int, beta_min: float, n_min: float
+) -> bool:
     """Thm 6's condition nu_min^h >= max{...} (Eq. 4.6), with nu_min^h = beta_min^h N_min (§4.5)"""
     nu = beta_min * n_min
     return nu >= max(theorem6_terms(eps, n_contexts, n_actions, beta_min, n_min)) * (1.0 - 1e-12)
@@ -205,7 +213,9 @@ def regime(n_min: float, n_star: float, margin: float = 10.0) -> str:
     return "transition"
 
 
-def min_high_samples(eps, n_contexts, n_actions, nu_reading, beta_reading, beta=None, n_low=None) -> float:
+def min_high_samples(
+    eps, n_contexts, n_actions, nu_reading, beta_reading, beta=None, n_low=None
+) -> float:
     """Smallest number of high-return samples per context for which Eq. 4.6 holds
     (math.inf if none).
 
@@ -223,7 +233,9 @@ def min_high_samples(eps, n_contexts, n_actions, nu_reading, beta_reading, beta=
         return math.inf
     n_var = (n_contexts * n_actions / eps) ** 2
     if nu_reading == "fixed-beta":
-        return beta * n_var if beta >= (1.0 - eps / (4.0 * n_contexts)) * (1.0 - 1e-12) else math.inf
+        return (
+            beta * n_var if beta >= (1.0 - eps / (4.0 * n_contexts)) * (1.0 - 1e-12) else math.inf
+        )
     return max(n_var - n_low, n_low * (4.0 * n_contexts / eps - 1.0), 0.0)
 
 
@@ -254,17 +266,26 @@ def beta_for(eps: float, args: Args) -> float:
 def required_high(eps: float, args: Args) -> float:
     """The theoretical minimum nu_min^h (high-return samples per context) under the readings."""
     return min_high_samples(
-        eps, args.n_contexts, args.n_actions, args.nu_reading, args.beta_reading, beta_for(eps, args), args.low_samples
+        eps,
+        args.n_contexts,
+        args.n_actions,
+        args.nu_reading,
+        args.beta_reading,
+        beta_for(eps, args),
+        args.low_samples,
     )
 
 
-def run_point(rng, fraction: float, eps: float, args: Args, n_datasets: int, pi_opt, pi_low) -> dict:
+def run_point(
+    rng, fraction: float, eps: float, args: Args, n_datasets: int, pi_opt, pi_low
+) -> dict:
     """Error of p at one sample size: Eq. 4.5 against pi*, and the proof's two terms (Eq. 4.8)."""
     n_high, n_low = design(fraction, eps, args)
     p = sample_estimate(rng, n_high, n_low, pi_opt, pi_low, args.n_contexts, n_datasets)
     beta = n_high / (n_high + n_low)
     pi = behaviour_policy(beta, pi_opt, pi_low)
     err = l1_error(p, pi_opt)
+    # ||E p - pi*||_1, Eq. 4.14
     return dict(
         fraction=fraction,
         n_high=n_high,
@@ -275,7 +296,7 @@ def run_point(rng, fraction: float, eps: float, args: Args, n_datasets: int, pi_
         std=float(err.std(ddof=1)) if n_datasets > 1 else 0.0,
         variance_term=float(l1_error(p, pi).mean()),  # E||p - E p||_1, Eq. 4.9
         bias_term=float(args.n_contexts * np.abs(pi - pi_opt).sum()),
-    )  # ||E p - pi*||_1, Eq. 4.14
+    )
 
 
 def slack_fraction(fractions, means, eps: float) -> tuple[float, str]:
@@ -299,7 +320,9 @@ def slack_fraction(fractions, means, eps: float) -> tuple[float, str]:
     return float(np.exp(lf[0] + t * (lf[1] - lf[0]))), "interpolated"
 
 
-def sweep(rng, eps: float, fractions, args: Args, n_datasets: int, pi_opt, pi_low) -> list[dict] | None:
+def sweep(
+    rng, eps: float, fractions, args: Args, n_datasets: int, pi_opt, pi_low
+) -> list[dict] | None:
     """run_point over fractions of the minimum; None when Thm 6 gives no finite minimum at eps."""
     if not math.isfinite(required_high(eps, args)):
         return None
@@ -343,7 +366,9 @@ def claim_thm6_at_minimum(sweeps: dict) -> dict:
     def one(e, p):
         q = at(p, 1.0)
         n_below = sum(x < e for x in q["errors"])
-        return f"eps={e:g}: {q['mean']:.3f}+-{q['std']:.3f} ({n_below}/{len(q['errors'])} seeds < eps)"
+        return (
+            f"eps={e:g}: {q['mean']:.3f}+-{q['std']:.3f} ({n_below}/{len(q['errors'])} seeds < eps)"
+        )
 
     ours = "; ".join(one(e, p) if p else f"eps={e:g}: {NO_MINIMUM}" for e, p in sweeps.items())
     return dict(
@@ -360,7 +385,8 @@ def claim_proof_halves(sweeps: dict) -> dict:
     ok = sum(q["variance_term"] <= e / 2 and q["bias_term"] <= e / 2 + 1e-12 for e, q in parts)
     ours = (
         "; ".join(
-            f"eps={e:g}: variance {q['variance_term'] / (e / 2):.2f}, bias {q['bias_term'] / (e / 2):.2f}"
+            f"eps={e:g}: variance {q['variance_term'] / (e / 2):.2f}, bias "
+            f"{q['bias_term'] / (e / 2):.2f}"
             for e, q in parts
         )
         or NO_MINIMUM
@@ -422,7 +448,9 @@ def claim_tightness(eps: float, pts: list[dict] | None) -> dict:
     )
 
 
-def plot_tightness(eps: float, pts: list[dict], grid: list[dict], nu: float, title: str, path: str) -> None:
+def plot_tightness(
+    eps: float, pts: list[dict], grid: list[dict], nu: float, title: str, path: str
+) -> None:
     """Fig. 4.2 / 4.3: error vs high-return samples per context, with the threshold and the
     minimum."""
     plt = pyplot()
@@ -533,7 +561,10 @@ def plot_regimes(args: Args, eps: float, beta: float, path: str) -> None:
     a1.legend(fontsize=7)
     # eps / C^h up to the largest meaningful eps = 2 C^h
     ratio = np.logspace(-3, np.log10(2.0), 60)
-    rel = [1 - transition_point_approx(r * c, c, v, beta) / transition_point(r * c, c, v, beta) for r in ratio]
+    rel = [
+        1 - transition_point_approx(r * c, c, v, beta) / transition_point(r * c, c, v, beta)
+        for r in ratio
+    ]
     a2.loglog(ratio, rel, lw=2, label="1 - Eq. 4.21 / Eq. 4.20")
     a2.loglog(ratio, (ratio / 4) ** 2, "k--", lw=1, label="(eps / 4C^h)^2")
     a2.set_xlabel("eps / C^h")
@@ -616,15 +647,21 @@ def validate(args: Args) -> None:
         if args.low_samples is not None:
             raise ValueError("--low-samples only applies to --nu-reading fixed-low")
         if args.beta is not None and not 0.0 < args.beta <= 1.0:
-            raise ValueError(f"--beta is a proportion of samples and must lie in (0, 1], got {args.beta}")
+            raise ValueError(
+                f"--beta is a proportion of samples and must lie in (0, 1], got {args.beta}"
+            )
     else:
         if args.beta is not None:
-            raise ValueError("--beta only applies to --nu-reading fixed-beta (fixed-low derives beta)")
+            raise ValueError(
+                "--beta only applies to --nu-reading fixed-beta (fixed-low derives beta)"
+            )
         args.low_samples = 100 if args.low_samples is None else args.low_samples
         if args.low_samples < 0:
             raise ValueError(f"--low-samples must be >= 0, got {args.low_samples}")
     if any(not n >= 0 for n in args.calc_n_min):
-        raise ValueError(f"--calc-n-min values are sample counts and must be >= 0, got {args.calc_n_min}")
+        raise ValueError(
+            f"--calc-n-min values are sample counts and must be >= 0, got {args.calc_n_min}"
+        )
     if args.n_seeds < 2 or args.slack_seeds < 2 or args.slack_points < 2:
         raise ValueError("--n-seeds, --slack-seeds and --slack-points must be >= 2")
     if not 0 < args.slack_min_fraction < max(args.fractions):
@@ -677,7 +714,9 @@ def print_readings(args: Args) -> None:
             beta = "1 - eps/(4C^h) per eps (smallest Thm 6 allows)"
         else:
             beta = f"{args.beta:g}"
-        nu_text = "share beta of high-return samples fixed per context, context size scaled; beta = "
+        nu_text = (
+            "share beta of high-return samples fixed per context, context size scaled; beta = "
+        )
         nu_text += beta
     else:
         nu_text = f"{args.low_samples} low-return samples per context, high-return samples added"
@@ -738,8 +777,15 @@ def regimes_at_n_min(args: Args, rows: list[dict]) -> list[dict]:
     """Prop. 5's regimes: Eq. 4.6's two terms at each --calc-n-min, for every epsilon."""
     c, v = args.n_contexts, args.n_actions
     if args.calc_n_min:
-        print("\nProp. 5 regimes: Eq. 4.6 at given N_min (--calc-n-min; '<<' read as a factor 10 from N*)")
-        print(f"{'eps':>5} {'N_min':>10} {'variance 4.13':>14} {'bias 4.19':>12} {'required nu':>12} {'regime':>11}")
+        print(
+            "\n"
+            "Prop. 5 regimes: Eq. 4.6 at given N_min (--calc-n-min; '<<' read as a factor 10 from "
+            "N*)"
+        )
+        print(
+            f"{'eps':>5} {'N_min':>10} {'variance 4.13':>14} {'bias 4.19':>12} {'required nu':>12} "
+            f"{'regime':>11}"
+        )
     at_n_min = []
     for r in rows:
         for n_min in args.calc_n_min:
@@ -764,7 +810,11 @@ def regimes_at_n_min(args: Args, rows: list[dict]) -> list[dict]:
 
 def calculator(args: Args, eps_all: list[float]) -> dict:
     """Thm 6, Prop. 5 and Prop. 6 at the experiment's settings, printed as a table."""
-    print("\nCalculator (Eq. 4.6, 4.20, 4.21); beta = beta_min^h of the dataset at the minimum (chosen reading)")
+    print(
+        "\n"
+        "Calculator (Eq. 4.6, 4.20, 4.21); beta = beta_min^h of the dataset at the minimum "
+        "(chosen reading)"
+    )
     print(
         f"{'eps':>5} {'beta':>8} {'(CV/eps)^2':>11} {'N* 4.20':>11} {'N* 4.21':>11} "
         f"{'rel.err':>9} {'nu_min^h':>10} {'regime at min':>14}"
@@ -792,7 +842,9 @@ def calculator(args: Args, eps_all: list[float]) -> dict:
 
 def run_experiments(args: Args, rng, eps_all: list[float], pi_opt, pi_low):
     """§4.7: the thesis's fractions (Fig. 4.1-4.3) and a fine grid to locate the slack, per eps."""
-    grid_fracs = np.logspace(np.log10(args.slack_min_fraction), np.log10(max(args.fractions)), args.slack_points)
+    grid_fracs = np.logspace(
+        np.log10(args.slack_min_fraction), np.log10(max(args.fractions)), args.slack_points
+    )
     sweeps, grids, slack = {}, {}, {}
     for e in tqdm(eps_all, desc="epsilon"):
         sweeps[e] = sweep(rng, e, args.fractions, args, args.n_seeds, pi_opt, pi_low)
@@ -808,7 +860,11 @@ def run_experiments(args: Args, rng, eps_all: list[float], pi_opt, pi_low):
 
 def print_slack_sources(eps_all: list[float], sweeps: dict, slack: dict) -> None:
     """Eq. 4.12 and 4.18 at the minimum: how much of its eps/2 each half of the proof uses."""
-    print("\nWhere the slack comes from, at the theoretical minimum (each half of the proof gets eps/2):")
+    print(
+        "\n"
+        "Where the slack comes from, at the theoretical minimum (each half of the proof gets "
+        "eps/2):"
+    )
     for e in eps_all:
         if sweeps[e]:
             q = at(sweeps[e], 1.0)
@@ -868,7 +924,10 @@ def write_summary(args: Args, out: str, results: dict, t0: float) -> dict:
         calculator=results["calc"],
         thesis_fractions={str(e): p for e, p in results["sweeps"].items()},
         slack={str(e): s for e, s in results["slack"].items()},
-        slack_grid={str(e): g and [{k: x[k] for k in grid_keys} for x in g] for e, g in results["grids"].items()},
+        slack_grid={
+            str(e): g and [{k: x[k] for k in grid_keys} for x in g]
+            for e, g in results["grids"].items()
+        },
         claims=results["claims"],
         figures=results["figures"],
         wall_time_s=time.time() - t0,

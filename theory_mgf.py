@@ -127,9 +127,14 @@ QUICK = dict(
 def validate(args: Args) -> Args:
     if args.quick:  # shrink only the settings the user left at their defaults
         default = Args()
-        args = dataclasses.replace(args, **{k: v for k, v in QUICK.items() if getattr(args, k) == getattr(default, k)})
+        args = dataclasses.replace(
+            args, **{k: v for k, v in QUICK.items() if getattr(args, k) == getattr(default, k)}
+        )
     checks = [
-        (args.n_x_tokens >= 1 and args.n_y_tokens >= 1, "--n-x-tokens and --n-y-tokens must be >= 1"),
+        (
+            args.n_x_tokens >= 1 and args.n_y_tokens >= 1,
+            "--n-x-tokens and --n-y-tokens must be >= 1",
+        ),
         (
             args.d_in >= args.n_x_tokens + args.n_y_tokens,
             "--d-in must be >= --n-x-tokens + --n-y-tokens (orthonormal embeddings, Assumption 1)",
@@ -139,14 +144,26 @@ def validate(args: Args) -> Args:
         (0 < args.xi < 1, "--xi must lie in (0, 1) (Def. 7)"),
         (0 < args.eta_min < args.eta_max <= 1, "need 0 < --eta-min < --eta-max <= 1"),
         (args.n_etas >= 3, "--n-etas must be >= 3 to fit a slope"),
-        (len(args.toy_etas) >= 1 and all(0 < e <= 0.1 for e in args.toy_etas), "--toy-etas must lie in (0, 0.1]"),
-        (all(args.toy_time / e >= 1 for e in args.toy_etas), "--toy-time must be at least one step (>= eta)"),
+        (
+            len(args.toy_etas) >= 1 and all(0 < e <= 0.1 for e in args.toy_etas),
+            "--toy-etas must lie in (0, 0.1]",
+        ),
+        (
+            all(args.toy_time / e >= 1 for e in args.toy_etas),
+            "--toy-time must be at least one step (>= eta)",
+        ),
         (args.ode_rtol > 0, "--ode-rtol must be > 0"),
-        (len(args.mlp_etas) >= 1 and all(0 < e <= 1 for e in args.mlp_etas), "--mlp-etas must lie in (0, 1]"),
+        (
+            len(args.mlp_etas) >= 1 and all(0 < e <= 1 for e in args.mlp_etas),
+            "--mlp-etas must lie in (0, 1]",
+        ),
         (args.mlp_seeds >= 1 and args.epochs >= 1, "--mlp-seeds and --epochs must be >= 1"),
         (args.hidden >= 1 and args.input_dim >= 1, "--hidden and --input-dim must be >= 1"),
         (args.n_train >= 2 and args.n_test >= 2, "--n-train and --n-test must be >= 2"),
-        (0 <= args.batch_size <= args.n_train, "--batch-size must be in [0, --n-train] (0 = full batch)"),
+        (
+            0 <= args.batch_size <= args.n_train,
+            "--batch-size must be in [0, --n-train] (0 = full batch)",
+        ),
         (
             args.noise_max > 0 and args.n_noise >= 3 and args.noise_draws >= 1,
             "need --noise-max > 0, --n-noise >= 3, --noise-draws >= 1",
@@ -257,7 +274,14 @@ def integrate_flow(rhs, lx, ly, theta0, eta, t_eval, rtol):
         th = torch.as_tensor(y).reshape(shape)
         return rhs(lx, ly, th, eta).reshape(-1).numpy()
 
-    sol = solve_ivp(f, (0.0, float(t_eval[-1])), theta0.reshape(-1).numpy(), t_eval=t_eval, rtol=rtol, atol=rtol * 1e-2)
+    sol = solve_ivp(
+        f,
+        (0.0, float(t_eval[-1])),
+        theta0.reshape(-1).numpy(),
+        t_eval=t_eval,
+        rtol=rtol,
+        atol=rtol * 1e-2,
+    )
     out = np.full((len(t_eval), *shape), np.nan)  # a flow that blows up leaves NaNs after its end
     out[: sol.y.shape[1]] = sol.y.T.reshape(-1, *shape)
     return out
@@ -394,7 +418,11 @@ def lemma7_hvp(prob, w, target, xi, direction):
     dz = torch.einsum("nkd,de,ne->nk", h, direction, t["query"])
     a = zeta * s - v[:, None] * zeta
     m = (zeta * dz).sum(-1, keepdim=True)
-    b = s * zeta * (dz - m) - zeta * (s * zeta * (dz - m)).sum(-1, keepdim=True) - v[:, None] * zeta * (dz - m)
+    b = (
+        s * zeta * (dz - m)
+        - zeta * (s * zeta * (dz - m)).sum(-1, keepdim=True)
+        - v[:, None] * zeta * (dz - m)
+    )
     g_dot_d = (a * dz).sum(-1)  # <G^[i], D>_F
     left = torch.einsum("n,nk,nkd->nd", g_dot_d / (v + xi) ** 2, a, h)
     right = torch.einsum("n,nk,nkd->nd", 1.0 / (v + xi), b, h)
@@ -412,7 +440,12 @@ def theorem4_closed_form(prob, w, xi, eta):
         return float(total) / n**2
 
     xx, yy, xy = block(tx, tx), block(ty, ty), block(tx, ty)
-    return {"xx": eta / 4 * xx, "yy": eta / 4 * yy, "cross": eta / 2 * xy, "total": eta / 4 * (xx + yy + 2 * xy)}
+    return {
+        "xx": eta / 4 * xx,
+        "yy": eta / 4 * yy,
+        "cross": eta / 2 * xy,
+        "total": eta / 4 * (xx + yy + 2 * xy),
+    }
 
 
 def theorem5_closed_form(prob, w, xi):
@@ -530,7 +563,9 @@ def toy_experiment(args: Args):
             "joint GD": run_gd(joint_step, toy_l1, toy_l2, starts, eta, n_steps, every),
             "seq GD": run_gd(sequential_step, toy_l1, toy_l2, starts, eta, n_steps, every),
         }
-        both = run_gd(disjoint_step, toy_l1, toy_l2, torch.cat([starts, starts]), eta, n_steps, every)
+        both = run_gd(
+            disjoint_step, toy_l1, toy_l2, torch.cat([starts, starts]), eta, n_steps, every
+        )
         paths["disjoint GD (L1 only)"] = both[:, : len(starts)]
         paths["disjoint GD (L2 only)"] = both[:, len(starts) :]
         for name, rhs in FLOWS.items():
@@ -584,7 +619,10 @@ def make_mlp(args: Args, regime: str, similar: bool):
 
     def backbone():
         return nn.Sequential(
-            nn.Linear(args.input_dim, args.hidden), nn.ReLU(), nn.Linear(args.hidden, args.hidden), nn.ReLU()
+            nn.Linear(args.input_dim, args.hidden),
+            nn.ReLU(),
+            nn.Linear(args.hidden, args.hidden),
+            nn.ReLU(),
         )
 
     backbones = nn.ModuleList([backbone()] if regime != "disjoint" else [backbone(), backbone()])
@@ -599,7 +637,9 @@ def make_mlp(args: Args, regime: str, similar: bool):
 def task_losses(model, x, y):
     """[L_x, L_y], the mean squared errors of the two heads."""
     feats = [body(x) for body in model["backbones"]]  # one backbone (shared) or one per task
-    preds = [head(feats[min(k, len(feats) - 1)]).squeeze(-1) for k, head in enumerate(model["heads"])]
+    preds = [
+        head(feats[min(k, len(feats) - 1)]).squeeze(-1) for k, head in enumerate(model["heads"])
+    ]
     return torch.stack([((p - y[:, k]) ** 2).mean() for k, p in enumerate(preds)])
 
 
@@ -609,12 +649,17 @@ def gradient_metrics(model, x, y):
     parameter vector is exactly 0 by Cor 2, which `full_cross` records."""
     losses = task_losses(model, x, y)
     names, params = zip(*model.named_parameters())
-    g = [torch.autograd.grad(losses[k], params, allow_unused=True, retain_graph=k == 0) for k in range(2)]
+    g = [
+        torch.autograd.grad(losses[k], params, allow_unused=True, retain_graph=k == 0)
+        for k in range(2)
+    ]
     g = [[torch.zeros_like(p) if d is None else d for d, p in zip(gk, params)] for gk in g]
     last = len(model["backbones"]) - 1
 
     def backbone_grad(k, index):
-        return torch.cat([d.reshape(-1) for n, d in zip(names, g[k]) if n.startswith(f"backbones.{index}.")])
+        return torch.cat(
+            [d.reshape(-1) for n, d in zip(names, g[k]) if n.startswith(f"backbones.{index}.")]
+        )
 
     gx, gy = backbone_grad(0, 0), backbone_grad(1, last)
     return {
@@ -686,7 +731,13 @@ TASKS = ("similar", "dissimilar")
 
 
 def mlp_experiment(args: Args):
-    runs = [(t, eta, r, s) for t in TASKS for eta in args.mlp_etas for r in REGIMES for s in range(args.mlp_seeds)]
+    runs = [
+        (t, eta, r, s)
+        for t in TASKS
+        for eta in args.mlp_etas
+        for r in REGIMES
+        for s in range(args.mlp_seeds)
+    ]
     out = {}
     for task, eta, regime, s in tqdm(runs, desc="§3.7.2 MLP runs"):
         out.setdefault(task, {}).setdefault(eta, {}).setdefault(regime, []).append(
@@ -788,7 +839,8 @@ def claim_theorem5(args: Args, att):
         )
     return (
         "Thm 5 (Eq. 3.76-3.77): closed form of the eta^2 correction (= H_y g_x)",
-        f"rel. error vs autograd H_y g_x {att['thm5_rel_err']:.2f}, cosine {att['thm5_cosine']:+.2f}",
+        f"rel. error vs autograd H_y g_x {att['thm5_rel_err']:.2f}, cosine "
+        f"{att['thm5_cosine']:+.2f}",
         verdict(att["thm5_rel_err"] < 1e-6),
     )
 
@@ -807,20 +859,26 @@ def claim_sequential_flow(fl):
     full = fl["seq MGF"]["slope"]
     return (
         "§3.7.1: seq flow 'with Hessian correction' (thesis-literal: -g + eta H_y g_x)",
-        f"local-error slope literal {literal:.2f}, plain GF {plain:.2f}, with -(eta/2)Hg added {full:.2f}",
+        f"local-error slope literal {literal:.2f}, plain GF {plain:.2f}, with -(eta/2)Hg added "
+        f"{full:.2f}",
         verdict(abs(literal - 3) < 0.3, partly=abs(full - 3) < 0.3),
     )
 
 
 def claim_corollary2(args: Args, mlp):
     full_cross = [
-        abs(c) for e in args.mlp_etas for t in TASKS for run in mlp[t][e]["disjoint"] for c in run["full_cross"]
+        abs(c)
+        for e in args.mlp_etas
+        for t in TASKS
+        for run in mlp[t][e]["disjoint"]
+        for c in run["full_cross"]
     ]
     first = args.mlp_etas[0]
     shared_cross = [abs(run["full_cross"][0]) for t in TASKS for run in mlp[t][first]["joint"]]
     return (
         "Cor 2 (Eq. 3.11): no shared parameters -> <grad L_x, grad L_y> = 0",
-        f"disjoint max |<gx,gy>| {max(full_cross):.1e}; shared nets at init min {min(shared_cross):.1e}",
+        f"disjoint max |<gx,gy>| {max(full_cross):.1e}; shared nets at init min "
+        f"{min(shared_cross):.1e}",
         verdict(max(full_cross) == 0.0 and min(shared_cross) > 0),
     )
 
@@ -893,7 +951,9 @@ def claim_toy_follows_flow(toy, eta):
 
 def plot_toy(args, starts, toy, path):
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(args.toy_etas), figsize=(6.5 * len(args.toy_etas), 6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(args.toy_etas), figsize=(6.5 * len(args.toy_etas), 6), squeeze=False
+    )
     gx, gy = np.meshgrid(np.linspace(-3.5, 2.5, 300), np.linspace(-2.0, 3.5, 300))
     grid = torch.as_tensor(np.stack([gx, gy], -1))
     z = np.log10((toy_l1(grid) + toy_l2(grid)).numpy() + 1e-3)
@@ -920,7 +980,9 @@ def plot_toy(args, starts, toy, path):
             title=f"eta={eta}, flow time T={args.toy_time} ({toy[eta]['n_steps']} steps)",
         )
     axes[0, 0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Fig. 3.2: joint vs sequential GD and their modified flows on L1+L2 (Eq. 3.90-3.91)")
+    fig.suptitle(
+        "Fig. 3.2: joint vs sequential GD and their modified flows on L1+L2 (Eq. 3.90-3.91)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -996,7 +1058,9 @@ def claim_dissimilar_faster_at_high_eta(args: Args, cos):
     hi, lo = max(args.mlp_etas), min(args.mlp_etas)
     q = max(1, args.epochs // 4)
     early = {
-        (e, r): cos["dissimilar", e, r][:, 1 : q + 1].mean() for e in args.mlp_etas for r in ("joint", "sequential")
+        (e, r): cos["dissimilar", e, r][:, 1 : q + 1].mean()
+        for e in args.mlp_etas
+        for r in ("joint", "sequential")
     }
     faster = all(early[hi, r] < early[lo, r] - MARGIN for r in ("joint", "sequential"))
     return (
@@ -1122,7 +1186,8 @@ FLATNESS = {  # key in flatness() -> (plotted values, slope key, y label, title)
         lambda f: np.array(f["test_error"][1:]) - f["test_error"][0],
         "slope_log_rise",
         "E(sigma) - E(0)",
-        "Fig. 3.5 (ours): rise of the test error above E(0); level = sharpness, slope ~2 = smooth minimum",
+        "Fig. 3.5 (ours): rise of the test error above E(0); level = sharpness, slope ~2 = smooth "
+        "minimum",
     ),
 }
 
@@ -1198,7 +1263,9 @@ def print_table(rows):
 def prepare_out_dir(args: Args) -> str:
     """Checked before the work, made at the first write (common.output_folder's rule): a refused or
     failed run leaves no folder behind."""
-    return str(common.output_folder(args.out_dir, f"theory_mgf__{args.seed}", args.force, "--out-dir"))
+    return str(
+        common.output_folder(args.out_dir, f"theory_mgf__{args.seed}", args.force, "--out-dir")
+    )
 
 
 def git_commit():
@@ -1244,7 +1311,8 @@ CHOICES = [
     "MLP: synthetic tanh-teacher regression, MSE, plain minibatch SGD; similar = "
     "same target + identical heads; disjoint cosine compares the two backbones entry "
     "by entry (their true inner product is 0, Cor 2).",
-    "Flatness: slope of log E(sigma) vs log sigma as in the thesis, plus the slope of log(E(sigma) - E(0)).",
+    "Flatness: slope of log E(sigma) vs log sigma as in the thesis, plus the slope of "
+    "log(E(sigma) - E(0)).",
 ]
 
 
@@ -1253,7 +1321,10 @@ def print_toy_ends(args: Args, starts, toy) -> None:
     runs = ("joint GD", "joint MGF", "seq GD", "seq MGF")
     runs += ("disjoint GD (L1 only)", "disjoint GD (L2 only)")
     for eta in args.toy_etas:
-        print(f"  eta={eta}: where each run ends after flow time T={args.toy_time} (start -> {' | '.join(runs)})")
+        print(
+            f"  eta={eta}: where each run ends after flow time T={args.toy_time} (start -> "
+            f"{' | '.join(runs)})"
+        )
         e, p = toy[eta]["ends"], toy[eta]["end_points"]
         for i, s in enumerate(starts):
             ends = " | ".join(f"{e[k][i]} ({p[k][i][0]:+.2f},{p[k][i][1]:+.2f})" for k in runs)
@@ -1273,7 +1344,9 @@ def draw_figures(args: Args, out: str, att, starts, toy, mlp) -> None:
 def write_summary(args: Args, out: str, rows, att, starts, toy, mlp, t0: float) -> dict:
     """summary.json: the config, the choices, the claims and every number behind them (the toy
     without its paths)."""
-    toy_summary = {eta: {k: v for k, v in r.items() if k not in ("paths", "t")} for eta, r in toy.items()}
+    toy_summary = {
+        eta: {k: v for k, v in r.items() if k not in ("paths", "t")} for eta, r in toy.items()
+    }
     mlp_summary = {
         t: {e: {r: [dict(run) for run in runs] for r, runs in d.items()} for e, d in td.items()}
         for t, td in mlp.items()
@@ -1283,7 +1356,11 @@ def write_summary(args: Args, out: str, rows, att, starts, toy, mlp, t0: float) 
         "git_commit": git_commit(),
         "choices": CHOICES,
         "claims": [{"thesis_claim": c, "ours": m, "verdict": v} for c, m, v in rows],
-        "results": {"attention_checks": att, "toy": {"starts": starts, "runs": toy_summary}, "mlp": mlp_summary},
+        "results": {
+            "attention_checks": att,
+            "toy": {"starts": starts, "runs": toy_summary},
+            "mlp": mlp_summary,
+        },
         "wall_time_s": time.time() - t0,
     }
     with open(os.path.join(out, "summary.json"), "w") as f:

@@ -82,7 +82,9 @@ BALANCED_MASS = (0.25, 0.75)  # Fig. 1.6d: "balanced attention across token type
 ZERO_TOL = 1e-6  # a Graph-SVM solution with smaller Frobenius norm is the zero matrix
 # Clarabel's default 1e-8 gap tolerances leave ~1e-4 relative error on the exponential-cone
 # problem of W_fin; tighter settings cost milliseconds here.
-SOLVER = dict(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, tol_ktratio=1e-8)
+SOLVER = dict(
+    solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, tol_ktratio=1e-8
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +216,13 @@ def priority_pairs(G):
     dag = nx.condensation(G)
     members = {c: sorted(dag.nodes[c]["members"]) for c in dag.nodes}
     equal = [(i, j) for m in members.values() for a, i in enumerate(m) for j in m[a + 1 :]]
-    strict = [(i, j) for c in dag.nodes for c2 in nx.descendants(dag, c) for i in members[c] for j in members[c2]]
+    strict = [
+        (i, j)
+        for c in dag.nodes
+        for c2 in nx.descendants(dag, c)
+        for i in members[c]
+        for j in members[c2]
+    ]
     return equal, strict
 
 
@@ -389,7 +397,9 @@ def graph_statistics(graphs_a, graphs_m):
     stats["state_over_action_m"] = sum(
         is_state(i) and not is_state(j) for G in graphs_m.values() for i, j in priority_pairs(G)[1]
     )
-    stats["graphs_m_with_cross_scc"] = sum(any(len(set(is_state(c))) == 2 for c in sccs(G)) for G in graphs_m.values())
+    stats["graphs_m_with_cross_scc"] = sum(
+        any(len(set(is_state(c))) == 2 for c in sccs(G)) for G in graphs_m.values()
+    )
     return {key: int(value) for key, value in stats.items()}
 
 
@@ -426,7 +436,9 @@ def run_trial(seed: int, args: Args):
     W0 = args.init_std * rng.standard_normal((args.d_in, args.d_in))
     for m in models.values():
         m["W_fin"] = cyclic_component(m["graphs"], E, m["X"], m["y"])
-        m["W"], m["history"] = train(W0, E, C, m["X"], m["y"], m["W_svm"], m["W_fin"], args.steps, args.lr)
+        m["W"], m["history"] = train(
+            W0, E, C, m["X"], m["y"], m["W_svm"], m["W_fin"], args.steps, args.lr
+        )
         att = attention(m["W"], E, X)  # attention depends on the sequences only, not the labels
         state_mass, action_mass = modality_mass(att, X)
         m.update(
@@ -592,10 +604,14 @@ def plot_tpgs(trial, vocab_size, path):
                     arrowsize=14,
                     connectionstyle="arc3,rad=0.12",
                 )
-            nx.draw_networkx_labels(G, pos, {t: token_name(t) for t in G.nodes}, ax=ax, font_size=10)
+            nx.draw_networkx_labels(
+                G, pos, {t: token_name(t) for t in G.nodes}, ax=ax, font_size=10
+            )
             graph = "G_a" if name == "action_only" else "G_m"
             names = " ".join("{" + ",".join(token_name(t) for t in c) + "}" for c in cyclic)
-            ax.set_title(f"${graph}^{{({token_name(k)})}}$  SCCs: {names or 'singletons only'}", fontsize=10)
+            ax.set_title(
+                f"${graph}^{{({token_name(k)})}}$  SCCs: {names or 'singletons only'}", fontsize=10
+            )
             ax.set(xlim=(-1.3, 1.3), ylim=(-1.3, 1.3), aspect="equal")
             ax.axis("off")
     fig.suptitle(
@@ -624,7 +640,8 @@ def claim_thm1a(ao, steps, n):
 def claim_thm1b(mt, steps):
     return dict(
         claim="Thm 1(b), §1.6.5: multi-task W(t) aligns with W_m (Eq. 1.35)",
-        ours=f"corr(W({steps}), W_m) = {mean_std(mt['final_corr_svm'])} (min {min(mt['final_corr_svm']):.3f})",
+        ours=f"corr(W({steps}), W_m) = {mean_std(mt['final_corr_svm'])} "
+        f"(min {min(mt['final_corr_svm']):.3f})",
         verdict=corr_verdict(mt["final_corr_svm"]),
     )
 
@@ -678,12 +695,15 @@ def plot_fig_1_6(trials, shown, path):
                 fontsize=8,
                 color="w" if value < 0.6 else "k",
             )
-        ax.set_xticks(range(X.shape[1]), [f"{j} ({'s' if j % 2 == 0 else 'a'})" for j in range(X.shape[1])])
+        ax.set_xticks(
+            range(X.shape[1]), [f"{j} ({'s' if j % 2 == 0 else 'a'})" for j in range(X.shape[1])]
+        )
         ax.set_yticks(range(len(X)))
         ax.set(
             xlabel="position (even = state, odd = action)",
             ylabel="training sequence i",
-            title=f"({'cd'[col]}) {name.replace('_', '-')}, seed {shown['seed']}: state mass {m['state_mass']:.3f}",
+            title=f"({'cd'[col]}) {name.replace('_', '-')}, seed {shown['seed']}: "
+            f"state mass {m['state_mass']:.3f}",
         )
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -755,7 +775,8 @@ def claims_table(records, steps):
     n = len(records)
     g = {key: sum(r["graph_stats"][key] for r in records) for key in records[0]["graph_stats"]}
     final = {
-        name: {key: [r[name][key] for r in records] for key in records[0][name] if key != "tpgs"} for name in MODELS
+        name: {key: [r[name][key] for r in records] for key in records[0][name] if key != "tpgs"}
+        for name in MODELS
     }
     ao, mt = final["action_only"], final["multi_task"]
     return [
@@ -796,7 +817,8 @@ CHOICES = [
     "Embeddings: i.i.d. N(0, 1/d_in) entries (full row rank almost surely). W(0) ~ "
     "N(0, init_std^2) entries (init not given in the thesis); both models share the "
     "data and W(0) in a trial.",
-    "Graph-SVM constraints over all i ≍ j and i => j pairs (Eq. 1.27-1.28); solved with cvxpy/Clarabel.",
+    "Graph-SVM constraints over all i ≍ j and i => j pairs (Eq. 1.27-1.28); solved with "
+    "cvxpy/Clarabel.",
     "Attention maps (Fig. 1.6c-d) = attention of the final token over the positions "
     "of each training sequence; the thesis does not say which map it shows.",
 ]
@@ -809,7 +831,10 @@ def validate(args: Args):
             0 <= args.seed and args.seed + args.trials <= 2**32,
             f"--seed ({args.seed}) must be in [0, 2**32 - --trials] (trial i uses seed + i)",
         ),
-        (args.n_state_tokens >= 1 and args.n_action_tokens >= 1, "--n-state-tokens and --n-action-tokens must be >= 1"),
+        (
+            args.n_state_tokens >= 1 and args.n_action_tokens >= 1,
+            "--n-state-tokens and --n-action-tokens must be >= 1",
+        ),
         (
             args.d_in >= vocab_size,
             f"--d-in ({args.d_in}) must be >= |V| = {vocab_size} so the token "
@@ -838,7 +863,9 @@ def validate(args: Args):
 def prepare_out_dir(args: Args) -> str:
     """Checked before the work, made at the first write (common.output_folder's rule): a refused or
     failed run leaves no folder behind."""
-    return str(common.output_folder(args.out_dir, f"theory_tpg__{args.seed}", args.force, "--out-dir"))
+    return str(
+        common.output_folder(args.out_dir, f"theory_tpg__{args.seed}", args.force, "--out-dir")
+    )
 
 
 def git_commit():

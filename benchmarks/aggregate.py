@@ -78,8 +78,8 @@ class Args:
     out: str = ""
     """where to write tables.md, summary.json and the PNGs (default: the first folder)"""
     force: bool = False
-    """replace the tables and figures a folder already holds (committed ones under benchmarks/results/ among
-    them); without it such a folder is refused and nothing is written"""
+    """replace the tables and figures a folder already holds (committed ones under
+    benchmarks/results/ among them); without it such a folder is refused and nothing is written"""
     reps: int = 2000
     """bootstrap resamples per confidence interval (from a fixed seed: same results, same CIs)"""
 
@@ -112,8 +112,9 @@ def load(folders) -> list[dict]:
 
 
 def config_flags(r: dict) -> list[str]:
-    """The job's command without seed and dataset (--seed, --env, --dataset-path and their values), plus
-    the data source as a pseudo-flag `--data`: runs on the replica and on official D4RL never share a mean."""
+    """The job's command without seed and dataset (--seed, --env, --dataset-path and their values),
+    plus the data source as a pseudo-flag `--data`: runs on the replica and on official D4RL never
+    share a mean."""
     kept, skip = [], False
     for tok in r["benchmark"]["cmd"]:
         if tok.startswith("--"):
@@ -160,7 +161,8 @@ def label_of(key: str) -> str:
 
 def claim_key(r: dict) -> str:
     """The method as claims.ORDERINGS names it: run.py's; RGDT's full-context loss apart."""
-    method = r["benchmark"]["method"].removesuffix("-full")  # run.py's rgdt-full is rgdt with the flag
+    # run.py's rgdt-full is rgdt with the flag
+    method = r["benchmark"]["method"].removesuffix("-full")
     return method + FULL if "--full-context-loss" in r["benchmark"]["cmd"] else method
 
 
@@ -256,10 +258,13 @@ def iqm_curve(per_seed: list[dict], reps: int) -> dict:
 
 
 def provenance(runs: list[dict], by_ds: dict | None = None) -> dict:
-    """Where numbers come from: data source, updates, seeds per dataset, device, commit, wall time."""
+    """Where numbers come from: data source, updates, seeds per dataset, device, commit, wall
+    time."""
     walls = [r["wall_time_s"] for r in runs if "wall_time_s" in r]
     return dict(
-        data=sorted({SOURCE_LABEL.get(r["dataset"]["source"], r["dataset"]["source"]) for r in runs}),
+        data=sorted(
+            {SOURCE_LABEL.get(r["dataset"]["source"], r["dataset"]["source"]) for r in runs}
+        ),
         updates=sorted({r["updates"] for r in runs}),
         seeds=sorted({len(rs) for rs in by_ds.values()}) if by_ds else [len(runs)],
         device=sorted({r["device"] for r in runs}),
@@ -407,7 +412,9 @@ def shown(cols: dict, datasets: list, methods: tuple, own: tuple) -> tuple[dict,
     return {k: c for k, c in chosen.items() if any(d in c["stats"] for d in rows)}, rows
 
 
-def table(cols: dict, datasets: list[str], methods: tuple[str, ...], title: str) -> tuple[str, dict]:
+def table(
+    cols: dict, datasets: list[str], methods: tuple[str, ...], title: str
+) -> tuple[str, dict]:
     """One table: the thesis layout, the statistics and the provenance of its columns."""
     chosen, rows = shown(cols, datasets, methods, OWN[title.split(" layout")[0]])
     if not chosen or not rows:
@@ -418,9 +425,14 @@ def table(cols: dict, datasets: list[str], methods: tuple[str, ...], title: str)
     for k, c in chosen.items():
         p = c["provenance"]
         lines.append(
-            f"- {k}: data {', '.join(p['data'])}; updates {p['updates']}; seeds per dataset {p['seeds']}; "
-            f"device {', '.join(p['device'])}; commit {', '.join(p['commit'])}; config {c['config']}"
-            + (f"; wall time per seed {p['wall_min_per_seed'][0]} min (median)" if p["wall_min_per_seed"] else "")
+            f"- {k}: data {', '.join(p['data'])}; updates {p['updates']}; seeds per dataset "
+            f"{p['seeds']}; device {', '.join(p['device'])}; commit {', '.join(p['commit'])}; "
+            f"config {c['config']}"
+            + (
+                f"; wall time per seed {p['wall_min_per_seed'][0]} min (median)"
+                if p["wall_min_per_seed"]
+                else ""
+            )
         )
     lines.append("")
     return "\n".join(lines), totals
@@ -530,9 +542,12 @@ def plot_scores(cols: dict, out: Path) -> None:
         thesis = [THESIS.get(c["key"], {}).get(d, np.nan) for d in datasets]
         ax.scatter(x, thesis, marker="_", s=200, color="k", zorder=3)
     ax.scatter([], [], marker="_", s=200, color="k", label="thesis (official D4RL)")
-    ax.set_xticks(np.arange(len(datasets)) + 0.4 - w / 2, datasets, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(
+        np.arange(len(datasets)) + 0.4 - w / 2, datasets, rotation=30, ha="right", fontsize=8
+    )
     ax.set_ylabel("normalized score (mean over seeds, 95% CI)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a bar
+    # beside the axes: never over a bar
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "scores.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -557,7 +572,8 @@ def plot_curves(cols: dict, out: Path) -> None:
         ax.set_title(d, fontsize=9)
         ax.set_xlabel("update")
         ax.set_ylabel("normalized score")
-    handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels())}  # every column, once
+    # every column, once
+    handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels())}
     axes[0, ncols - 1].legend(
         handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0)
     )
@@ -609,17 +625,22 @@ def plot_profiles(cols: dict, tables: list[tuple], out: Path, reps: int) -> None
 def check(args: Args) -> list[dict]:
     if not args.folders:
         raise SystemExit(
-            "error: name at least one results folder, e.g. `python benchmarks/aggregate.py benchmarks/results/cpu`."
+            "error: name at least one results folder, e.g. `python benchmarks/aggregate.py "
+            "benchmarks/results/cpu`."
         )
     if args.reps < 1:
         raise SystemExit(f"error: --reps {args.reps}: must be >= 1 (resamples per CI; e.g. 2000).")
     missing = [f for f in args.folders if not Path(f).is_dir()]
     if missing:
-        raise SystemExit(f"error: no such folder: {', '.join(missing)}; pass the --out folder of benchmarks/run.py.")
+        raise SystemExit(
+            f"error: no such folder: {', '.join(missing)}; pass the --out folder of "
+            "benchmarks/run.py."
+        )
     results = load(args.folders)
     if not results:
         raise SystemExit(
-            f"error: no benchmark results.json under {', '.join(args.folders)}; run benchmarks/run.py first."
+            f"error: no benchmark results.json under {', '.join(args.folders)}; run "
+            "benchmarks/run.py first."
         )
     rliable()  # a missing extra stops here, before anything is written
     return results
@@ -629,10 +650,11 @@ def main(args: Args) -> dict:
     results = check(args)
     out = Path(args.out or args.folders[0])
     made = [f for f in ("tables.md", "summary.json") if (out / f).exists()]
-    if made and not args.force:  # e.g. the committed tables of benchmarks/results/cpu: regenerated only on purpose
+    # e.g. the committed tables of benchmarks/results/cpu: regenerated only on purpose
+    if made and not args.force:
         raise SystemExit(
-            f"error: {out} already holds {' and '.join(made)}; add --force to replace them with tables of these "
-            "results, or pass --out NEW_FOLDER."
+            f"error: {out} already holds {' and '.join(made)}; add --force to replace them with "
+            "tables of these results, or pass --out NEW_FOLDER."
         )
     out.mkdir(parents=True, exist_ok=True)
     cols, history = columns(results, args.reps)

@@ -1,24 +1,25 @@
-"""Behaviour cloning baselines on the same data as the method files: BC and X%BC, the BC and 10% BC columns of
-Table 1.3 and the 10% BC column of Table 2.1.
+"""Behaviour cloning baselines on the same data as the method files: BC and X%BC, the BC and 10% BC
+columns of Table 1.3 and the 10% BC column of Table 2.1.
 
-    python benchmarks/bc.py --env hopper-medium-replay --dataset-path REPLICA/hopper-medium-replay.hdf5
-    python benchmarks/bc.py --env hopper-medium-replay --top-pct 10 --exp-name bc-10     # 10% BC, official file
-    python benchmarks/run.py --preset cpu --methods bc bc-10 --data-dir REPLICA           # beside the others
-    python benchmarks/bc.py --resume runs/RUN                                             # continue a stopped run
+    python benchmarks/bc.py --env hopper-medium --dataset-path REPLICA/hopper-medium.hdf5
+    python benchmarks/bc.py --env hopper-medium-replay --top-pct 10 --exp-name bc-10   # 10% BC
+    python benchmarks/run.py --preset cpu --methods bc bc-10 --data-dir REPLICA  # beside the others
+    python benchmarks/bc.py --resume runs/RUN                                    # continue a run
 
 REPLICA: a folder of hdf5 files, e.g. the replica datasets (README).
 
-BC regresses the dataset's action on the state (mean squared error) with an MLP; X%BC first keeps only the
-best X% of the trajectories by return (CORL's any_percent_bc: 256x256 ReLU MLP, tanh output, Adam 3e-4,
-batch 256, 10^6 updates, states normalised with the kept data's mean and std). The thesis does not train
-these itself: its BC numbers are the IQL paper's [65], its 10% BC numbers the DT paper's [7]. The DT paper's
-%BC keeps the top X% of *timesteps* (whole trajectories, best first, up to X% of the steps), CORL's the top X%
-of *trajectories*; `--select` picks either.
+BC regresses the dataset's action on the state (mean squared error) with an MLP; X%BC first keeps
+only the best X% of the trajectories by return (CORL's any_percent_bc: 256x256 ReLU MLP, tanh
+output, Adam 3e-4, batch 256, 10^6 updates, states normalised with the kept data's mean and std).
+The thesis does not train these itself: its BC numbers are the IQL paper's [65], its 10% BC numbers
+the DT paper's [7]. The DT paper's %BC keeps the top X% of *timesteps* (whole trajectories, best
+first, up to X% of the steps), CORL's the top X% of *trajectories*; `--select` picks either.
 
-Reuses the method files' plumbing (seeds and device, run folder, metrics lines, vector-env evaluation, signals,
-atomic checkpoints, exact resume) from dt.py and the dataset facts from common.py, and writes the same run
-folder: config.json, metrics.jsonl, results.json, model.pt. A run stopped by Ctrl-C, SIGTERM or SIGUSR1 saves
-and prints the command that continues it (`--resume RUN_DIR`); the continued run equals the one never stopped.
+Reuses the method files' plumbing (seeds and device, run folder, metrics lines, vector-env
+evaluation, signals, atomic checkpoints, exact resume) from dt.py and the dataset facts from
+common.py, and writes the same run folder: config.json, metrics.jsonl, results.json, model.pt. A run
+stopped by Ctrl-C, SIGTERM or SIGUSR1 saves and prints the command that continues it (`--resume
+RUN_DIR`); the continued run equals the one never stopped.
 """
 
 from __future__ import annotations
@@ -68,24 +69,25 @@ SCRIPT = "benchmarks/bc.py"  # as a user types it from the repository root
 @dataclass
 class Args:
     env: str = "hopper-medium-replay"
-    """dataset: a D4RL gym-mujoco name such as `hopper-medium-replay` (with or without `-v2`), or a Minari
-    id such as `mujoco/hopper/medium-v0`"""
+    """dataset: a D4RL gym-mujoco name such as `hopper-medium-replay` (with or without `-v2`), or a
+    Minari id such as `mujoco/hopper/medium-v0`"""
     dataset_path: tuple[str, ...] = ()
-    """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official file;
-    several are concatenated (medium + expert = medium-expert)"""
+    """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official
+    file; several are concatenated (medium + expert = medium-expert)"""
     exp_name: str = METHOD
-    """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}` (benchmarks/run.py: `bc`, `bc-10`)"""
+    """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}` (benchmarks/run.py:
+    `bc`, `bc-10`)"""
     seed: int = 0
     """seed of python, numpy, torch, the batch sampler and the evaluation envs"""
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`"""
     top_pct: float = 100.0
-    """X of X%BC: train on the best X% of the data by trajectory return; 100 is plain BC, 10 the thesis's
-    10% BC"""
+    """X of X%BC: train on the best X% of the data by trajectory return; 100 is plain BC, 10 the
+    thesis's 10% BC"""
     select: Literal["trajectories", "timesteps"] = "trajectories"
-    """what X% counts: `trajectories` (CORL's any_percent_bc: the best X% of the trajectories) or `timesteps`
-    (the DT paper's %BC, the source of the thesis's 10% BC numbers: the best trajectories until they hold X%
-    of the steps)"""
+    """what X% counts: `trajectories` (CORL's any_percent_bc: the best X% of the trajectories) or
+    `timesteps` (the DT paper's %BC, the source of the thesis's 10% BC numbers: the best
+    trajectories until they hold X% of the steps)"""
     hidden: tuple[int, ...] = (256, 256)
     """hidden layer widths of the MLP policy (CORL's: 256 256)"""
     lr: float = 3e-4
@@ -95,20 +97,22 @@ class Args:
     updates: int = 1_000_000
     """gradient updates (CORL's default 10^6)"""
     normalize_states: bool = True
-    """standardise states with the kept data's mean and std (CORL's default); `--no-normalize-states` feeds
-    them raw"""
+    """standardise states with the kept data's mean and std (CORL's default);
+    `--no-normalize-states` feeds them raw"""
     eval_episodes: int = 10
     """episodes per evaluation, all run at once in a vector env"""
     eval_every: int = 5000
     """evaluate before training and every N updates (0: only at the end)"""
     eval_async: bool = False
-    """step the evaluation envs in subprocesses (gymnasium AsyncVectorEnv); pays off with many CPU cores"""
+    """step the evaluation envs in subprocesses (gymnasium AsyncVectorEnv); pays off with many CPU
+    cores"""
     resume: Optional[str] = None
-    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags, optimizer
-    and random states, to its --updates; the result is the run it would have been without the stop"""
+    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags,
+    optimizer and random states, to its --updates; the result is the run it would have been without
+    the stop"""
     save_every: int = 0
-    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10% of the run);
-    also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
+    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10%
+    of the run); also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
     log_every: int = 1000
@@ -124,7 +128,8 @@ class Args:
         )
         if not 0 < self.top_pct <= 100:  # NaN fails this test too
             raise SystemExit(
-                f"error: --top-pct {self.top_pct}: must be in (0, 100]; 100 is plain BC, 10 is 10% BC."
+                f"error: --top-pct {self.top_pct}: must be in (0, 100]; 100 is plain BC, 10 is 10% "
+                "BC."
             )
         if not all(h > 0 for h in self.hidden):
             raise SystemExit(
@@ -132,23 +137,24 @@ class Args:
             )
 
 
-# Flags that say where and how a run runs, not what it computes: --resume takes them from its own command line.
+# Flags that say where and how a run runs, not what it computes: --resume takes them from its own
+# command line.
 RUN_FLAGS = "resume device threads eval_async runs_dir".split()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data: the kept trajectories as two flat tensors on the training device; a batch is an index gather.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Data: the kept trajectories as two flat tensors on the training device; a batch is an index
+# gather.
+# --------------------------------------------------------------------------------------------------
 
 
 def keep_best(episodes: list[dict], top_pct: float, select: str) -> np.ndarray:
-    """Indices of the episodes X%BC trains on, best undiscounted return first. `trajectories`: the best
-    max(1, floor(X% of the episodes)), as CORL; `timesteps`: the best ones while their steps stay within X% of
-    all steps (at least the best one), as the DT paper."""
+    """Indices of the episodes X%BC trains on, best undiscounted return first. `trajectories`: the
+    best max(1, floor(X% of the episodes)), as CORL; `timesteps`: the best ones while their steps
+    stay within X% of all steps (at least the best one), as the DT paper."""
     returns = np.array([float(ep["rewards"].sum()) for ep in episodes])
-    order = np.argsort(
-        -returns, kind="stable"
-    )  # ties: the earlier episode first, so the choice is reproducible
+    # ties: the earlier episode first, so the choice is reproducible
+    order = np.argsort(-returns, kind="stable")
     if select == "trajectories":
         return order[: max(1, int(top_pct / 100 * len(episodes)))]
     lengths = np.array([len(ep["rewards"]) for ep in episodes])[order]
@@ -157,8 +163,8 @@ def keep_best(episodes: list[dict], top_pct: float, select: str) -> np.ndarray:
 
 
 def make_dataset(episodes: list[dict], keep: np.ndarray, normalize: bool, device) -> dict:
-    """States and actions of the kept episodes; the state scale (CORL's: mean and std + 1e-3 of the kept
-    states, or 0 and 1) is the one evaluation uses."""
+    """States and actions of the kept episodes; the state scale (CORL's: mean and std + 1e-3 of the
+    kept states, or 0 and 1) is the one evaluation uses."""
     obs = np.concatenate([episodes[i]["observations"] for i in keep])
     act = np.concatenate([episodes[i]["actions"] for i in keep])
     mean, std = (
@@ -174,9 +180,9 @@ def make_dataset(episodes: list[dict], keep: np.ndarray, normalize: bool, device
     }
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model: CORL's BC actor, a ReLU MLP whose tanh output is scaled to the action box.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class MLPPolicy(nn.Module):
@@ -208,15 +214,15 @@ def update(
     return loss.detach()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation: all episodes at once in a vector env, one batched forward per environment step.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def evaluate(policy: MLPPolicy, info: dict, state_stats, args: Args, device) -> dict:
-    """Roll out args.eval_episodes episodes with the deterministic policy; the env seeds are dt.py's, so every
-    method meets the same start states."""
+    """Roll out args.eval_episodes episodes with the deterministic policy; the env seeds are
+    dt.py's, so every method meets the same start states."""
     n = args.eval_episodes
     envs, horizon = make_eval_envs(info, n, args.eval_async)
     mean, std = (torch.as_tensor(x, device=device) for x in state_stats)
@@ -230,9 +236,8 @@ def evaluate(policy: MLPPolicy, info: dict, state_stats, args: Args, device) -> 
     for _ in range(horizon):
         states = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
         obs, r, term, trunc, _ = envs.step(policy(states).cpu().numpy())
-        returns += (
-            r * ~done
-        )  # a finished episode's slot is reset by the vector env: its steps no longer count
+        # a finished episode's slot is reset by the vector env: its steps no longer count
+        returns += r * ~done
         lengths += ~done
         done |= term | trunc
         bar.update(int(done.sum()) - bar.n)
@@ -258,13 +263,14 @@ def evaluate(policy: MLPPolicy, info: dict, state_stats, args: Args, device) -> 
     }
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def thesis_column(args: Args) -> tuple[str, dict]:
-    """The thesis column this run stands beside: BC (top 100%) or 10% BC; none for other percentages."""
+    """The thesis column this run stands beside: BC (top 100%) or 10% BC; none for other
+    percentages."""
     if args.top_pct == 100:
         return "BC, the IQL paper's", THESIS["bc"]
     if args.top_pct == 10:
@@ -274,7 +280,8 @@ def thesis_column(args: Args) -> tuple[str, dict]:
 
 def resumed_run_args(cli: Args) -> Args:
     """--resume RUN: that run's own flags from its config.json (dt.py's resumed_args, with bc.py's
-    RUN_FLAGS). This command's run flags replace them; any other flag given is refused, not ignored."""
+    RUN_FLAGS). This command's run flags replace them; any other flag given is refused, not
+    ignored."""
     if cli.resume is None:
         return cli
     run = Path(cli.resume)
@@ -298,7 +305,8 @@ def resumed_run_args(cli: Args) -> Args:
         if name not in RUN_FLAGS and value != fields[name] and value != own:
             flag = f"--{name.replace('_', '-')}"
             raise SystemExit(
-                f"{error} continues that run with its own flags; leave out {flag} {value} (the run has {own})."
+                f"{error} continues that run with its own flags; leave out {flag} {value} (the run "
+                f"has {own})."
             )
     return Args(**(saved | {k: getattr(cli, k) for k in RUN_FLAGS}))
 
@@ -329,7 +337,8 @@ def stop_note(why: str, done: int, run_dir: Path) -> str:
 
 
 def prepare(args: Args, device) -> tuple[dict, dict, dict, dict]:
-    """The dataset's facts, the kept data on the device, what was kept, the policy's architecture."""
+    """The dataset's facts, the kept data on the device, what was kept, the policy's
+    architecture."""
     try:
         episodes, info = common.load_dataset(args.env, args.dataset_path)
     except common.DatasetError as e:
@@ -337,8 +346,9 @@ def prepare(args: Args, device) -> tuple[dict, dict, dict, dict]:
     keep = keep_best(episodes, args.top_pct, args.select)
     data = make_dataset(episodes, keep, args.normalize_states, device)
     kept_returns = np.array([float(episodes[i]["rewards"].sum()) for i in keep])
-    kept = dict(episodes=len(keep), transitions=len(data["states"]), return_min=float(kept_returns.min()),
-                return_mean=float(kept_returns.mean()), return_max=float(kept_returns.max()))  # fmt: skip
+    kept = dict(episodes=len(keep), transitions=len(data["states"]))
+    kept |= dict(return_min=float(kept_returns.min()), return_mean=float(kept_returns.mean()))
+    kept["return_max"] = float(kept_returns.max())
     probe = common.make_env(info)
     max_action = np.asarray(probe.action_space.high, np.float64).tolist()
     probe.close()
@@ -442,9 +452,8 @@ def train(args: Args) -> dict:
     config = record_config(run_dir, config, ckpt["resume"] if ckpt else None)
 
     policy = MLPPolicy(**arch).to(device)
-    opt = torch.optim.Adam(
-        policy.parameters(), lr=args.lr, fused=True
-    )  # one kernel a step (ops.py)
+    # one kernel a step (ops.py)
+    opt = torch.optim.Adam(policy.parameters(), lr=args.lr, fused=True)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     state = {
         "updates_done": 0,
@@ -457,9 +466,10 @@ def train(args: Args) -> dict:
         state = ckpt["resume"] | {"clock": dict(ckpt["resume"]["clock"])}
     clock = state["clock"]
     print(
-        f"run {run_dir.name}: {info['name']} ({info['source']} data), {args.top_pct:g}% BC on {kept['episodes']} of "
-        f"{info['episodes']} trajectories ({kept['transitions']} steps, returns {kept['return_min']:.0f} to "
-        f"{kept['return_max']:.0f}), device {device}, {threads} CPU thread(s)"
+        f"run {run_dir.name}: {info['name']} ({info['source']} data), {args.top_pct:g}% BC on "
+        f"{kept['episodes']} of {info['episodes']} trajectories ({kept['transitions']} steps, "
+        f"returns {kept['return_min']:.0f} to {kept['return_max']:.0f}), device {device}, "
+        f"{threads} CPU thread(s)"
         + (f", resumed at update {state['updates_done']}" if ckpt else "")
     )
 

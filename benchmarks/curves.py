@@ -54,7 +54,9 @@ class Args:
 def find_metrics(item: str) -> tuple[str, list[Path]]:
     label, sep, where = item.partition("=")
     if not sep or not label or not where:
-        raise SystemExit(f"error: {item!r}: expected label=folder, e.g. DT=runs/hopper-medium-replay__dt__0__1.")
+        raise SystemExit(
+            f"error: {item!r}: expected label=folder, e.g. DT=runs/hopper-medium-replay__dt__0__1."
+        )
     found = sorted(Path(where).rglob("metrics.jsonl")) if Path(where).is_dir() else []
     # a finished run.py job folder holds its run's metrics.jsonl twice: its own copy and runs/RUN/'s
     found = [p for p in found if not any(q.parent / "runs" in p.parents for q in found)]
@@ -77,15 +79,18 @@ def read_run(label: str, metrics: Path) -> dict:
         elif "loss" in row:
             losses.append((row["step"], row["loss"]))
     if not evals:
-        raise SystemExit(f"error: {metrics}: no evaluation logged yet (eval_normalized); nothing to plot.")
+        raise SystemExit(
+            f"error: {metrics}: no evaluation logged yet (eval_normalized); nothing to plot."
+        )
     # the run's flags: its config.json, or the results.json that repeats them (all a job folder has)
     found = [metrics.parent / n for n in ("config.json", "results.json")]
     found = [f for f in found if f.is_file()]
     config = json.loads(found[0].read_text()) if found else {}
     run_args = config.get("args", {})
     best = max(evals, key=lambda e: e[1])
-    return dict(label=label, folder=str(metrics.parent), method=config.get("method"), dataset=run_args.get("env"),
-                seed=run_args.get("seed"), updates_planned=run_args.get("updates"),
+    return dict(label=label, folder=str(metrics.parent), method=config.get("method"),
+                dataset=run_args.get("env"), seed=run_args.get("seed"),
+                updates_planned=run_args.get("updates"),
                 finished=(metrics.parent / "results.json").is_file(),
                 evals=[dict(step=s, normalized=m, normalized_std=sd) for s, m, sd in evals],
                 losses=[dict(step=s, loss=v) for s, v in losses],
@@ -130,7 +135,10 @@ def summarize(rs: list[dict], reps: int) -> dict:
 
 
 def table(runs: list[dict], labels: dict[str, dict]) -> str:
-    head = "| run | method | data | last update logged | final score | best score (at update) | finished |"
+    head = (
+        "| run | method | data | last update logged | final score | best score (at update) "
+        "| finished |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in runs:
         last = max([e["step"] for e in r["evals"]] + [e["step"] for e in r["losses"]])
@@ -193,7 +201,9 @@ def main(args: Args) -> dict:
     pairs = [find_metrics(item) for item in args.runs]
     out = Path(args.out)
     if any((out / n).exists() for n in OUTPUTS):
-        raise SystemExit(f"error: {out} already holds curves; choose another --out (nothing is overwritten).")
+        raise SystemExit(
+            f"error: {out} already holds curves; choose another --out (nothing is overwritten)."
+        )
     runs = [read_run(label, path) for label, paths in pairs for path in paths]
     by_label = group(runs)
     labels = {label: summarize(rs, args.reps) for label, rs in by_label.items()}

@@ -63,15 +63,26 @@ OBS_DIM, ACT_DIM = 11, 3  # hopper's
 DT_MODELS = {"dt": "DecisionTransformer", "mo_dt": "MultiObjectiveDecisionTransformer",
              "trdt": "TrustRegionDecisionTransformer"}  # fmt: skip
 TINY_DT = dict(n_layer=1, n_head=1, n_embd=16, batch_size=4, context_len=5)
+# fmt: skip
 TINY = {  # --config tiny: each file's Args with these replaced (only the fields the file has)
-    "dt": TINY_DT, "mo_dt": TINY_DT, "trdt": TINY_DT,
-    "rgdt": dict(n_enc_layer=1, n_layer=1, n_head=1, n_embd=16, batch_size=4, return_len=5,
-                 state_len=3, inv_hidden=16, inv_batch_size=8),
-    "tt": dict(n_layer=1, n_head=1, n_embd=16, batch_size=4, n_bins=10, seq_len=3,
-               max_context=2),
+    "dt": TINY_DT,
+    "mo_dt": TINY_DT,
+    "trdt": TINY_DT,
+    "rgdt": dict(
+        n_enc_layer=1,
+        n_layer=1,
+        n_head=1,
+        n_embd=16,
+        batch_size=4,
+        return_len=5,
+        state_len=3,
+        inv_hidden=16,
+        inv_batch_size=8,
+    ),
+    "tt": dict(n_layer=1, n_head=1, n_embd=16, batch_size=4, n_bins=10, seq_len=3, max_context=2),
     "iem": dict(n_layer=1, n_head=1, n_embd=16, batch_size=4),
     "bc": dict(hidden=(16, 16), batch_size=8),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -111,12 +122,16 @@ class Harness:
 def fake_episodes(n: int = 8, length: int = 60, seed: int = 0) -> list[dict]:
     """Episodes as common.load_dataset returns them (hopper-sized), with random contents."""
     rng = np.random.default_rng(seed)
+    # fmt: skip
     return [
-        dict(observations=rng.normal(size=(length, OBS_DIM)).astype(np.float32),
-             actions=rng.uniform(-1, 1, (length, ACT_DIM)).astype(np.float32),
-             rewards=rng.uniform(0, 3, length).astype(np.float32), terminated=bool(i % 2))
+        dict(
+            observations=rng.normal(size=(length, OBS_DIM)).astype(np.float32),
+            actions=rng.uniform(-1, 1, (length, ACT_DIM)).astype(np.float32),
+            rewards=rng.uniform(0, 3, length).astype(np.float32),
+            terminated=bool(i % 2),
+        )
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def fake_demos(iem, level: str, n: int = 8, length: int = 12, seed: int = 0) -> dict:
@@ -266,7 +281,9 @@ def tt_update(config: str) -> Harness:
     opt = optimizer_of(call(mod.make_optimizer, model=model, **schedule, **values))
     weights = call(mod.token_weights, model=model, T=model.block_size, **values)
     gen, autocast = torch.Generator().manual_seed(0), torch.autocast("cpu", enabled=False)
-    pool = dict(model=model, opt=opt, data=data, weights=weights, gen=gen, autocast=autocast, **values)
+    pool = dict(
+        model=model, opt=opt, data=data, weights=weights, gen=gen, autocast=autocast, **values
+    )
 
     def step():
         if "batch" in inspect.signature(mod.update).parameters:
@@ -382,12 +399,17 @@ def phase_marks(h: Harness) -> list[tuple[object, str, object]]:
     and step, and the file's batch sampling, wherever the update calls them from."""
     utils, pairs = torch.nn.utils, []
     for obj, name, phase in [
-        (torch.Tensor, "backward", "backward"), (torch.autograd, "backward", "backward"),
-        (utils, "clip_grad_norm_", "clip"), (utils, "get_total_norm", "clip"),
-        (utils, "clip_grads_with_norm_", "clip"), (h.opt, "zero_grad", "zero_grad"),
+        (torch.Tensor, "backward", "backward"),
+        (torch.autograd, "backward", "backward"),
+        (utils, "clip_grad_norm_", "clip"),
+        (utils, "get_total_norm", "clip"),
+        (utils, "clip_grads_with_norm_", "clip"),
+        (h.opt, "zero_grad", "zero_grad"),
         (h.opt, "step", "optimizer"),
-        (h.module, "sample_batch", "sample"), (h.module, "sample_steps", "sample"),
-    ]:  # fmt: skip
+        (h.module, "sample_batch", "sample"),
+        (h.module, "sample_steps", "sample"),
+    ]:
+        # fmt: skip
         if hasattr(obj, name):
             pairs.append((obj, name, marked(getattr(obj, name), phase)))
     return pairs

@@ -54,8 +54,8 @@ def write_hdf5(path, data):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny test models run faster on one thread (no gain from a second core, and contention on a busy
-    machine); torch's setting is restored after each test."""
+    """Tiny test models run faster on one thread (no gain from a second core, and contention on a
+    busy machine); torch's setting is restored after each test."""
     import torch
 
     before = torch.get_num_threads()
@@ -66,8 +66,9 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def default_stop_signals():
-    """Every test starts with SIGTERM and SIGUSR1 at their defaults and leaves them as it found them: a library
-    started by an earlier test (Ray's init installs a SIGTERM handler) must not change what a run restores."""
+    """Every test starts with SIGTERM and SIGUSR1 at their defaults and leaves them as it found
+    them: a library started by an earlier test (Ray's init installs a SIGTERM handler) must not
+    change what a run restores."""
     import signal
 
     names = [n for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
@@ -94,7 +95,9 @@ def pickle_path(tmp_path_factory, flat):
     ends = np.append(ends, len(flat["rewards"])) if ends[-1] != len(flat["rewards"]) else ends
     paths, start = [], 0
     for end in ends:
-        paths.append({k: flat[k][start:end] for k in ("observations", "actions", "rewards", "terminals")})
+        paths.append(
+            {k: flat[k][start:end] for k in ("observations", "actions", "rewards", "terminals")}
+        )
         start = end
     path = tmp_path_factory.mktemp("dt") / "hopper-random-v2.pkl"
     path.write_bytes(pickle.dumps(paths))
@@ -103,7 +106,8 @@ def pickle_path(tmp_path_factory, flat):
 
 @pytest.fixture(scope="session")
 def minari_id(tmp_path_factory):
-    """A local Minari dataset (3 short random episodes in Hopper-v4) in a private MINARI_DATASETS_PATH."""
+    """A local Minari dataset (3 short random episodes in Hopper-v4) in a private
+    MINARI_DATASETS_PATH."""
     import gymnasium as gym
     import minari
     from minari.data_collector import EpisodeBuffer
@@ -116,7 +120,13 @@ def minari_id(tmp_path_factory):
         for t in range(60):
             act = rng.uniform(-1, 1, 3).astype(np.float32)
             obs, rew, term, trunc, _ = env.step(act)
-            o.append(obs), a.append(act), r.append(rew), te.append(term), tr.append(trunc or t == 59)
+            (
+                o.append(obs),
+                a.append(act),
+                r.append(rew),
+                te.append(term),
+                tr.append(trunc or t == 59),
+            )
             if term or t == 59:
                 break
         buffers.append(
@@ -130,14 +140,20 @@ def minari_id(tmp_path_factory):
         )
     dataset_id = "seqrltest/hopper/random-v0"
     minari.create_dataset_from_buffers(
-        dataset_id, buffers, env="Hopper-v4", algorithm_name="random", ref_min_score=-20.272305, ref_max_score=3234.3
+        dataset_id,
+        buffers,
+        env="Hopper-v4",
+        algorithm_name="random",
+        ref_min_score=-20.272305,
+        ref_max_score=3234.3,
     )
     return dataset_id
 
 
 @pytest.fixture
 def env_rewards(monkeypatch):
-    """From now on every env that common.make_env makes logs its rewards: one list per env, in creation order."""
+    """From now on every env that common.make_env makes logs its rewards: one list per env, in
+    creation order."""
     import gymnasium as gym
 
     import common
@@ -161,17 +177,19 @@ def env_rewards(monkeypatch):
 
 
 def interrupt_after(cmd, marker: str, log_path, settle_s: float = 3.0, timeout_s: float = 180.0):
-    """Run a script as a user would, press Ctrl-C (SIGINT) `settle_s` seconds after `marker` appears in its output,
-    and return (exit code, output). The output goes to a file, not a pipe, so nothing the script leaves behind can
-    hold the pipe open; SIGINT is restored to its default in the child, whatever the test runner set."""
+    """Run a script as a user would, press Ctrl-C (SIGINT) `settle_s` seconds after `marker` appears
+    in its output, and return (exit code, output). The output goes to a file, not a pipe, so nothing
+    the script leaves behind can hold the pipe open; SIGINT is restored to its default in the child,
+    whatever the test runner set."""
     import signal
     import subprocess
     import time
 
     with open(log_path, "w") as log:
+        default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+                                preexec_fn=default_sigint)  # fmt: skip
         try:
             deadline = time.time() + timeout_s
             while marker not in open(log_path).read():

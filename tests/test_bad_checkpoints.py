@@ -1,5 +1,6 @@
-"""A checkpoint whose weights do not fit the architecture it records (an edited or a foreign file) is one line naming
-the problem, exit non-zero, no traceback from inside torch, and no run folder left behind (issue 25)."""
+"""A checkpoint whose weights do not fit the architecture it records (an edited or a foreign file)
+is one line naming the problem, exit non-zero, no traceback from inside torch, and no run folder
+left behind (issue 25)."""
 
 from pathlib import Path
 
@@ -23,10 +24,14 @@ def broken(ckpt_path: Path, key: str = "model") -> Path:
 def test_rgdt_refuses_weights_that_do_not_fit_in_one_line(tmp_path, hdf5_path):
     import test_rgdt
 
-    res = rgdt.train(test_rgdt.tiny_args(tmp_path, hdf5_path, updates=2, inv_updates=2, eval_every=0))
+    res = rgdt.train(
+        test_rgdt.tiny_args(tmp_path, hdf5_path, updates=2, inv_updates=2, eval_every=0)
+    )
     bad = broken(Path(res["run_dir"]) / "model.pt")
     evals = tmp_path / "evals"
-    with pytest.raises(SystemExit, match=r"^error: the checkpoint's weights do not fit the architecture it records"):
+    with pytest.raises(
+        SystemExit, match=r"^error: the checkpoint's weights do not fit the architecture it records"
+    ):
         rgdt.train(rgdt.Args(checkpoint=str(bad), updates=0, eval_episodes=1, runs_dir=str(evals)))
     assert not evals.exists() or not any(evals.iterdir())
 
@@ -37,8 +42,18 @@ def test_tt_refuses_weights_that_do_not_fit_in_one_line(tmp_path, hdf5_path):
     res = tt.train(test_tt.tiny_args(tmp_path, hdf5_path, updates=2, eval_every=0))
     bad = broken(Path(res["run_dir"]) / "model.pt")
     evals = tmp_path / "evals"
-    with pytest.raises(SystemExit, match=r"^error: the checkpoint's weights do not fit the architecture it records"):
-        tt.train(tt.Args(checkpoint=str(bad), updates=0, eval_episodes=1, eval_max_steps=2, runs_dir=str(evals)))
+    with pytest.raises(
+        SystemExit, match=r"^error: the checkpoint's weights do not fit the architecture it records"
+    ):
+        tt.train(
+            tt.Args(
+                checkpoint=str(bad),
+                updates=0,
+                eval_episodes=1,
+                eval_max_steps=2,
+                runs_dir=str(evals),
+            )
+        )
     assert not evals.exists() or not any(evals.iterdir())
 
 
@@ -51,19 +66,43 @@ def test_the_dt_family_refuses_weights_that_do_not_fit_and_says_which_arch_flags
     import test_dt
 
     module = importlib.import_module(name)
-    base = {k: v for k, v in vars(test_dt.tiny_args(tmp_path, hdf5_path)).items() if k in ("env", "dataset_path")}
-    small = dict(n_embd=16, n_layer=1, n_head=1, batch_size=4, updates=2, warmup_steps=1, eval_every=0)
-    res = module.train(module.Args(**base, **small, eval_episodes=1, runs_dir=str(tmp_path / "runs")))
+    base = {
+        k: v
+        for k, v in vars(test_dt.tiny_args(tmp_path, hdf5_path)).items()
+        if k in ("env", "dataset_path")
+    }
+    small = dict(
+        n_embd=16, n_layer=1, n_head=1, batch_size=4, updates=2, warmup_steps=1, eval_every=0
+    )
+    res = module.train(
+        module.Args(**base, **small, eval_episodes=1, runs_dir=str(tmp_path / "runs"))
+    )
     ckpt = Path(res["run_dir"]) / "model.pt"
     evals = tmp_path / "evals"
     again = module.train(
-        module.Args(checkpoint=str(ckpt), updates=0, n_embd=64, n_layer=1, eval_episodes=1, runs_dir=str(evals))
+        module.Args(
+            checkpoint=str(ckpt),
+            updates=0,
+            n_embd=64,
+            n_layer=1,
+            eval_episodes=1,
+            runs_dir=str(evals),
+        )
     )
     assert again["arch"]["n_embd"] == 16  # the checkpoint's architecture, and it is said
-    assert "ignoring --n-embd 64 (it has 16)" in capsys.readouterr().out  # --n-layer 1 equals it: not listed
+    # --n-layer 1 equals it: not listed
+    assert "ignoring --n-embd 64 (it has 16)" in capsys.readouterr().out
     (ran,) = evals.iterdir()
-    with pytest.raises(SystemExit, match=r"^error: the checkpoint's weights do not fit the architecture it records"):
-        bad = module.Args(checkpoint=str(broken(ckpt)), updates=0, eval_episodes=1, exp_name="bad", runs_dir=str(evals))
+    with pytest.raises(
+        SystemExit, match=r"^error: the checkpoint's weights do not fit the architecture it records"
+    ):
+        bad = module.Args(
+            checkpoint=str(broken(ckpt)),
+            updates=0,
+            eval_episodes=1,
+            exp_name="bad",
+            runs_dir=str(evals),
+        )
         module.train(bad)
     assert list(evals.iterdir()) == [ran]  # the refused run left no folder
 

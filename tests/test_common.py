@@ -37,7 +37,9 @@ def test_split_episodes_on_terminals_or_timeouts_keeps_unfinished_tail():
     assert eps[2]["rewards"].tolist() == [6, 7, 8, 9]
     # a buffer that ends exactly on a terminal gets no empty extra episode
     terminals[9] = True
-    assert [len(e["rewards"]) for e in common.split_episodes(obs, act, rew, terminals, timeouts)] == [3, 3, 4]
+    assert [
+        len(e["rewards"]) for e in common.split_episodes(obs, act, rew, terminals, timeouts)
+    ] == [3, 3, 4]
 
 
 def test_hdf5_and_pickle_give_the_same_episodes(hdf5_path, pickle_path, flat):
@@ -54,8 +56,8 @@ def test_hdf5_and_pickle_give_the_same_episodes(hdf5_path, pickle_path, flat):
 
 
 def test_replica_files_are_labelled_replica(tmp_path, hdf5_path):
-    """Numbers from the replica datasets (a folder named d4rl-replica, see README) must never pass for official
-    D4RL ones."""
+    """Numbers from the replica datasets (a folder named d4rl-replica, see README) must never pass
+    for official D4RL ones."""
     (tmp_path / "d4rl-replica").mkdir()
     copy = tmp_path / "d4rl-replica" / "hopper-medium.hdf5"
     copy.write_bytes(hdf5_path.read_bytes())
@@ -66,7 +68,9 @@ def test_replica_files_are_labelled_replica(tmp_path, hdf5_path):
 def test_several_files_are_concatenated(hdf5_path):
     one, _ = common.load_dataset("hopper-medium-expert", [str(hdf5_path)])
     two, info = common.load_dataset("hopper-medium-expert", [str(hdf5_path), str(hdf5_path)])
-    assert len(two) == 2 * len(one) and info["transitions"] == 2 * sum(len(e["rewards"]) for e in one)
+    assert len(two) == 2 * len(one) and info["transitions"] == 2 * sum(
+        len(e["rewards"]) for e in one
+    )
 
 
 def test_minari_local_dataset(minari_id):
@@ -82,7 +86,9 @@ def test_minari_dataset_without_flat_spaces_is_a_clear_error(monkeypatch):
     import gymnasium as gym
     import minari
 
-    space = gym.spaces.Dict(observation=gym.spaces.Box(-1, 1, (4,)), goal=gym.spaces.Box(-1, 1, (2,)))
+    space = gym.spaces.Dict(
+        observation=gym.spaces.Box(-1, 1, (4,)), goal=gym.spaces.Box(-1, 1, (2,))
+    )
     fake = types.SimpleNamespace(observation_space=space, action_space=gym.spaces.Box(-1, 1, (2,)))
     monkeypatch.setattr(minari, "list_local_datasets", lambda: ["fake/maze/dict-v0"])
     monkeypatch.setattr(minari, "load_dataset", lambda *a, **k: fake)
@@ -97,7 +103,9 @@ def test_minari_with_dataset_path_is_an_error(minari_id, hdf5_path):
 
 def test_normalized_score_uses_d4rl_references():
     info = dict(common.D4RL_TABLE["hopper"])
-    np.testing.assert_allclose(common.normalized_score(info, [-20.272305, 3234.3, 1607.0138475]), [0, 100, 50])
+    np.testing.assert_allclose(
+        common.normalized_score(info, [-20.272305, 3234.3, 1607.0138475]), [0, 100, 50]
+    )
     assert np.isnan(common.normalized_score(dict(ref_min=None, ref_max=None), [1.0])[0])
 
 
@@ -122,7 +130,10 @@ def test_normalized_score_uses_d4rl_references():
             lambda d: d.update(terminals=d["terminals"] & False, timeouts=d["timeouts"] & False),
             "no step is marked as an episode end",
         ),
-        (lambda d: d.update(actions=d["actions"] * 10), r"actions reach 10, outside Hopper-v4's action box \[-1, 1\]"),
+        (
+            lambda d: d.update(actions=d["actions"] * 10),
+            r"actions reach 10, outside Hopper-v4's action box \[-1, 1\]",
+        ),
     ],
 )
 def test_bad_hdf5_files_get_clear_errors(tmp_path, flat, mutate, message):
@@ -134,8 +145,8 @@ def test_bad_hdf5_files_get_clear_errors(tmp_path, flat, mutate, message):
 
 
 def test_a_damaged_compressed_file_is_a_clear_error(tmp_path, flat):
-    """A gzip-compressed chunk whose bytes were changed (a bad copy, a disk error) no longer decodes; h5py says
-    only "filter returned failure during read", with no file name."""
+    """A gzip-compressed chunk whose bytes were changed (a bad copy, a disk error) no longer
+    decodes; h5py says only "filter returned failure during read", with no file name."""
     import h5py
 
     path = tmp_path / "hopper-medium.hdf5"
@@ -147,13 +158,16 @@ def test_a_damaged_compressed_file_is_a_clear_error(tmp_path, flat):
     middle = chunk.byte_offset + chunk.size // 2
     data[middle : middle + 32] = bytes(32)
     path.write_bytes(bytes(data))
-    with pytest.raises(common.DatasetError, match=rf"^{path}: the file is damaged, .* Download or copy it again"):
+    with pytest.raises(
+        common.DatasetError, match=rf"^{path}: the file is damaged, .* Download or copy it again"
+    ):
         common.load_dataset("hopper-medium", [str(path)])
 
 
 def test_halfcheetah_env_prints_no_settotalmass_warning(capfd):
-    """MuJoCo prints (from C, so only capfd sees it) that half_cheetah.xml's settotalmass is deprecated, once per
-    env; the eval envs are made without it, and MuJoCo's warning hook is left as it was."""
+    """MuJoCo prints (from C, so only capfd sees it) that half_cheetah.xml's settotalmass is
+    deprecated, once per env; the eval envs are made without it, and MuJoCo's warning hook is left
+    as it was."""
     import gymnasium as gym
     import mujoco
 
@@ -170,7 +184,8 @@ def test_halfcheetah_env_prints_no_settotalmass_warning(capfd):
 
 def test_dims_that_do_not_match_the_env(hdf5_path):
     with pytest.raises(
-        common.DatasetError, match=r"^\S*hopper_random-v2.hdf5: observations have 11 dims but HalfCheetah-v4 has 17"
+        common.DatasetError,
+        match=r"^\S*hopper_random-v2.hdf5: observations have 11 dims but HalfCheetah-v4 has 17",
     ):
         common.load_dataset("halfcheetah-medium", [str(hdf5_path)])
 
@@ -210,13 +225,17 @@ def test_bad_pickle_and_missing_file(tmp_path):
 def test_pickle_accepts_dones_for_terminals(tmp_path, flat):
     p = tmp_path / "dones.pkl"
 
-    def ep(start, n, last):  # real Hopper-v4 transitions: the loader replays a few of them in the env
+    # real Hopper-v4 transitions: the loader replays a few of them in the env
+    def ep(start, n, last):
         part = {k: flat[k][start : start + n] for k in ("observations", "actions", "rewards")}
         return dict(part, dones=np.array([False] * (n - 1) + [last]))
 
     p.write_bytes(pickle.dumps([ep(0, 4, True), ep(4, 3, False)]))
     eps, info = common.load_dataset("hopper-medium", [str(p)])
-    assert [len(e["rewards"]) for e in eps] == [4, 3] and [e["terminated"] for e in eps] == [True, False]
+    assert [len(e["rewards"]) for e in eps] == [4, 3] and [e["terminated"] for e in eps] == [
+        True,
+        False,
+    ]
     assert info["transitions"] == 7 and eps[0]["observations"].dtype == np.float32
 
 
@@ -236,7 +255,8 @@ def test_download_is_atomic_and_complete(tmp_path, hdf5_path, monkeypatch):
     monkeypatch.setattr(common, "D4RL_URL", mirror.as_uri() + "/")
     eps, info = common.load_dataset("hopper-expert")
     assert (target / "hopper_expert-v2.hdf5").read_bytes() == hdf5_path.read_bytes()
-    assert sorted(p.name for p in target.iterdir()) == ["hopper_expert-v2.hdf5"]  # no .part left behind
+    # no .part left behind
+    assert sorted(p.name for p in target.iterdir()) == ["hopper_expert-v2.hdf5"]
 
 
 def test_failed_download_names_file_folder_and_alternative(tmp_path, monkeypatch):
@@ -245,9 +265,12 @@ def test_failed_download_names_file_folder_and_alternative(tmp_path, monkeypatch
     with pytest.raises(common.DatasetError) as e:
         common.load_dataset("walker2d-medium-replay")
     msg = str(e.value)
-    assert "walker2d_medium_replay-v2.hdf5" in msg and str(tmp_path) in msg and "--dataset-path" in msg
+    assert (
+        "walker2d_medium_replay-v2.hdf5" in msg and str(tmp_path) in msg and "--dataset-path" in msg
+    )
     assert list(tmp_path.iterdir()) == []  # a failed download leaves nothing that looks complete
-    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "new" / "datasets"))  # folders it had to make
+    # folders it had to make
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "new" / "datasets"))
     with pytest.raises(common.DatasetError):
         common.load_dataset("walker2d-medium-replay")
     assert list(tmp_path.iterdir()) == []  # no empty folder left behind either
@@ -279,7 +302,8 @@ def test_truncated_download_is_not_kept(tmp_path, monkeypatch):
 
 
 def test_importing_any_script_leaves_torch_defaults_alone():
-    """Scripts are imported by the tests and by users' notebooks: none may change global torch state on import."""
+    """Scripts are imported by the tests and by users' notebooks: none may change global torch state
+    on import."""
     import subprocess
     import sys
     from pathlib import Path
@@ -290,21 +314,27 @@ def test_importing_any_script_leaves_torch_defaults_alone():
         "import dt, mo_dt, trdt, rgdt, theory_tpg, theory_mgf, sample_complexity; "
         "print(before == (torch.get_default_dtype(), torch.get_num_threads()))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "True"
 
 
 def test_data_of_another_domain_with_the_same_dims_is_refused(tmp_path):
-    """Walker2d and HalfCheetah are both 17/6: the dimensions cannot tell them apart, the physics can."""
+    """Walker2d and HalfCheetah are both 17/6: the dimensions cannot tell them apart, the physics
+    can."""
     from conftest import random_rollouts
 
     walker = write_hdf5(tmp_path / "data.hdf5", random_rollouts("Walker2d-v4", steps=300))
     with pytest.raises(common.DatasetError, match="the data does not move like HalfCheetah-v4"):
         common.load_dataset("halfcheetah-medium-replay", [str(walker)])
-    episodes, info = common.load_dataset("walker2d-medium-replay", [str(walker)])  # its own domain: accepted
+    # its own domain: accepted
+    episodes, info = common.load_dataset("walker2d-medium-replay", [str(walker)])
     assert info["env_id"] == "Walker2d-v4" and episodes
     named = write_hdf5(tmp_path / "walker2d-medium.hdf5", random_rollouts("Walker2d-v4", steps=300))
-    with pytest.raises(common.DatasetError, match="the file name says walker2d, but --env is a halfcheetah dataset"):
+    with pytest.raises(
+        common.DatasetError, match="the file name says walker2d, but --env is a halfcheetah dataset"
+    ):
         common.load_dataset("halfcheetah-medium", [str(named)])
 
 
@@ -315,7 +345,14 @@ def test_no_workspace_paths_in_common_and_the_analyses():
     root = Path(__file__).resolve().parents[1]
     files = ["common.py", "theory_mgf.py", "theory_tpg.py", "sample_complexity.py"] + [
         f"benchmarks/{f}.py"
-        for f in ("iem_analysis", "tt_analysis", "rgdt_analysis", "attention", "target_sweep", "grad_cosines")
+        for f in (
+            "iem_analysis",
+            "tt_analysis",
+            "rgdt_analysis",
+            "attention",
+            "target_sweep",
+            "grad_cosines",
+        )
     ]
     assert [f for f in files if "../shared" in (root / f).read_text()] == []
 
@@ -323,8 +360,16 @@ def test_no_workspace_paths_in_common_and_the_analyses():
 def test_episode_scores_is_the_summary_every_evaluation_reports():
     info = {"ref_min": 0.0, "ref_max": 200.0}
     res = common.episode_scores(info, [100.0, 300.0], [10, 30], elapsed_s=2.0)
-    assert res["returns"] == [100.0, 300.0] and res["lengths"] == [10, 30] and res["normalized"] == [50.0, 150.0]
-    assert res["return_mean"] == 200.0 and res["normalized_mean"] == 100.0 and res["normalized_std"] == 50.0
+    assert (
+        res["returns"] == [100.0, 300.0]
+        and res["lengths"] == [10, 30]
+        and res["normalized"] == [50.0, 150.0]
+    )
+    assert (
+        res["return_mean"] == 200.0
+        and res["normalized_mean"] == 100.0
+        and res["normalized_std"] == 50.0
+    )
     assert res["eval_env_steps_per_s"] == 20.0
 
 
@@ -366,7 +411,8 @@ import sys, torch, dt
 torch.set_num_threads(1)
 B, K, C, L, h, bf16 = {config}
 def rss(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+    lines = open("/proc/self/status").read().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(key))
 arch = dict(state_dim=11, act_dim=3, policy="deterministic", timestep_embedding=True, context_len=K,
             n_layer=L, n_head=h, n_embd=C, dropout=0.1, max_ep_len=1000, rtg_scale=1000.0)
 model = dt.DecisionTransformer(**arch)
@@ -422,7 +468,9 @@ def test_the_default_configs_pass_on_a_machine_with_4_gb_free(module, monkeypatc
     a = m.Args()
     if module == "bc":
         arch = dict(state_dim=17, act_dim=6, hidden=list(a.hidden))
-        return m.check_memory_flags(dataclasses.replace(a, eval_async=True), arch, torch.device("cpu"))
+        return m.check_memory_flags(
+            dataclasses.replace(a, eval_async=True), arch, torch.device("cpu")
+        )
     tokens, model = len(m.MODALITIES) * a.context_len, (a.n_embd, a.n_layer, a.n_head)
     for bf16 in (False, True):
         need = common.transformer_bytes(a.batch_size, tokens, *model, bf16=bf16)

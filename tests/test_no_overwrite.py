@@ -1,7 +1,7 @@
-"""Nothing committed is ever overwritten by a command (issue 25). Every analysis writes to a new folder
-under runs/ by default; a folder that already holds files (benchmarks/results/... in particular) is
-refused unless --force; an output path that cannot be written is refused with one line, before any
-work, leaving nothing behind."""
+"""Nothing committed is ever overwritten by a command (issue 25). Every analysis writes to a new
+folder under runs/ by default; a folder that already holds files (benchmarks/results/... in
+particular) is refused unless --force; an output path that cannot be written is refused with one
+line, before any work, leaving nothing behind."""
 
 import hashlib
 import os
@@ -32,37 +32,47 @@ IEM_SUMMARY = str(COMMITTED / "iem" / "summary.json")
 
 
 def snapshot(folder: Path) -> dict:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, hdf5_path):
     """A 3-update dt.py run, for the scripts that analyse checkpoints."""
     runs = tmp_path_factory.mktemp("ckpt")
-    a = dt.Args(env="hopper-random", dataset_path=(str(hdf5_path),), updates=3, batch_size=4, n_embd=16, n_layer=1,
-                n_head=1, context_len=4, eval_every=0, eval_episodes=1, runs_dir=str(runs))  # fmt: skip
+    a = dt.Args(env="hopper-random", dataset_path=(str(hdf5_path),), updates=3, batch_size=4,
+                n_embd=16, n_layer=1, n_head=1, context_len=4, eval_every=0, eval_episodes=1,
+                runs_dir=str(runs))  # fmt: skip
     return Path(dt.train(a)["run_dir"])
 
 
 @pytest.fixture
 def torch_defaults():
-    """theory_mgf's main() sets float64 for its eta^3 checks; the other tests must not inherit it."""
+    """theory_mgf's main() sets float64 for its eta^3 checks; the other tests must not inherit
+    it."""
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
 
 
 def tiny_runs(data: Path, ckpt: Path, out=None, **kw) -> dict:
-    """Each script's smallest run, writing to `out` (None: its default). `data` holds hopper-random.hdf5,
-    `ckpt` is a dt.py run for attention and target_sweep. The values are called only when picked."""
+    """Each script's smallest run, writing to `out` (None: its default). `data` holds
+    hopper-random.hdf5, `ckpt` is a dt.py run for attention and target_sweep. The values are called
+    only when picked."""
     hdf5 = str(data / "hopper-random.hdf5")
-    tt_budget = dict(dt_updates=2, tt_updates=2, beam_width=2, horizon=1, eval_episodes=2, eval_max_steps=6,
-                     error_episodes=2, error_steps=4, windows=2, beam_widths=(1, 2), cost_reps=1)  # fmt: skip
+    tt_budget = dict(dt_updates=2, tt_updates=2, beam_width=2, horizon=1, eval_episodes=2,
+                     eval_max_steps=6, error_episodes=2, error_steps=4, windows=2,
+                     beam_widths=(1, 2), cost_reps=1)  # fmt: skip
     sizes = "--n-layer 1 --n-head 1 --n-embd 16 --batch-size 4"
     sc = dict(n_seeds=3, slack_seeds=5, slack_points=10)
     return {
         "iem_analysis": lambda: iem_analysis.main(
-            iem_analysis.Args(quick=True, data_dir=str(data / "babyai"), attention_states=3, out=out, **kw)
+            iem_analysis.Args(
+                quick=True, data_dir=str(data / "babyai"), attention_states=3, out=out, **kw
+            )
         ),
         "tt_analysis": lambda: tt_analysis.main(
             tt_analysis.Args(
@@ -77,21 +87,40 @@ def tiny_runs(data: Path, ckpt: Path, out=None, **kw) -> dict:
         ),
         "rgdt_analysis": lambda: rgdt_analysis.main(
             rgdt_analysis.Args(
-                env="hopper-random", dataset_path=(hdf5,), updates=4, batch_size=8, log_every=2, out=out, **kw
+                env="hopper-random",
+                dataset_path=(hdf5,),
+                updates=4,
+                batch_size=8,
+                log_every=2,
+                out=out,
+                **kw,
             )
         ),
-        "attention": lambda: attention.main(attention.Args(runs=(f"dt={ckpt}",), eval_episodes=1, out=out, **kw)),
+        "attention": lambda: attention.main(
+            attention.Args(runs=(f"dt={ckpt}",), eval_episodes=1, out=out, **kw)
+        ),
         "target_sweep": lambda: target_sweep.main(
             target_sweep.Args(runs=(f"dt={ckpt}",), targets=(10.0,), eval_episodes=1, out=out, **kw)
         ),
         "grad_cosines": lambda: grad_cosines.main(
             grad_cosines.Args(
-                method="trdt", env="hopper-random", dataset_path=(hdf5,), updates=2, every=1, sizes=sizes, out=out, **kw
+                method="trdt",
+                env="hopper-random",
+                dataset_path=(hdf5,),
+                updates=2,
+                every=1,
+                sizes=sizes,
+                out=out,
+                **kw,
             )
         ),
         "theory_mgf": lambda: theory_mgf.main(theory_mgf.Args(quick=True, out_dir=out or "", **kw)),
-        "theory_tpg": lambda: theory_tpg.main(theory_tpg.Args(steps=10, trials=1, seed=0, out_dir=out, **kw)),
-        "sample_complexity": lambda: sample_complexity.main(sample_complexity.Args(**sc, out_dir=out, **kw)),
+        "theory_tpg": lambda: theory_tpg.main(
+            theory_tpg.Args(steps=10, trials=1, seed=0, out_dir=out, **kw)
+        ),
+        "sample_complexity": lambda: sample_complexity.main(
+            sample_complexity.Args(**sc, out_dir=out, **kw)
+        ),
     }
 
 
@@ -118,10 +147,12 @@ def data(tmp_path, hdf5_path):
 
 
 @pytest.mark.parametrize("script", list(PREFIX))
-def test_a_default_run_writes_only_a_new_folder_under_runs(script, tmp_path, data, checkpoint, monkeypatch,
-                                                            torch_defaults):  # fmt: skip
-    """Run from a fresh working folder, as a newcomer runs the README's commands from a clone: all the
-    run writes lies under runs/, its outputs in a new runs/{prefix}__{time}; nothing committed changes."""
+def test_a_default_run_writes_only_a_new_folder_under_runs(
+    script, tmp_path, data, checkpoint, monkeypatch, torch_defaults
+):
+    """Run from a fresh working folder, as a newcomer runs the README's commands from a clone: all
+    the run writes lies under runs/, its outputs in a new runs/{prefix}__{time}; nothing committed
+    changes."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     committed = snapshot(COMMITTED)
@@ -136,7 +167,8 @@ def test_a_default_run_writes_only_a_new_folder_under_runs(script, tmp_path, dat
 
 @pytest.fixture
 def dummy(tmp_path):
-    """Inputs that pass each script's own checks but are never read: the output folder comes first."""
+    """Inputs that pass each script's own checks but are never read: the output folder comes
+    first."""
     d = tmp_path / "in"
     d.mkdir()
     (d / "hopper-random.hdf5").write_bytes(b"not read")
@@ -145,13 +177,20 @@ def dummy(tmp_path):
 
 
 @pytest.mark.parametrize("script", list(PREFIX))
-def test_a_folder_that_holds_files_is_refused_without_force(script, tmp_path, dummy, torch_defaults):
+def test_a_folder_that_holds_files_is_refused_without_force(
+    script, tmp_path, dummy, torch_defaults
+):
     out = tmp_path / "results"
     out.mkdir()
     (out / "summary.json").write_text("committed")
-    with pytest.raises(SystemExit, match=rf"^error: --out(-dir)? {out}: the folder exists and holds files; .*--force"):
+    with pytest.raises(
+        SystemExit,
+        match=rf"^error: --out(-dir)? {out}: the folder exists and holds files; .*--force",
+    ):
         tiny_runs(dummy, dummy, str(out))[script]()
-    assert [p.name for p in out.iterdir()] == ["summary.json"] and (out / "summary.json").read_text() == "committed"
+    assert [p.name for p in out.iterdir()] == ["summary.json"] and (
+        out / "summary.json"
+    ).read_text() == "committed"
 
 
 @pytest.mark.parametrize("script", ["iem_analysis", "theory_tpg", "sample_complexity"])
@@ -161,11 +200,14 @@ def test_force_writes_into_a_folder_that_holds_files(script, tmp_path, data, tor
     (out / "keep.txt").write_text("someone else's")
     (out / "summary.json").write_text("{}")
     tiny_runs(data, None, str(out), force=True)[script]()
-    assert (out / "keep.txt").read_text() == "someone else's" and (out / "summary.json").read_text() != "{}"
+    assert (out / "keep.txt").read_text() == "someone else's" and (
+        out / "summary.json"
+    ).read_text() != "{}"
 
 
 def unwritable(tmp_path) -> Path:
-    """A place no folder can be made: a read-only folder, or /proc for root (who ignores the bits)."""
+    """A place no folder can be made: a read-only folder, or /proc for root (who ignores the
+    bits)."""
     if os.geteuid() == 0:
         return Path("/proc/seqrl-no-such-folder/out")
     ro = tmp_path / "read-only"
@@ -174,13 +216,21 @@ def unwritable(tmp_path) -> Path:
     return ro / "out"
 
 
-@pytest.mark.parametrize("script", ["theory_mgf", "theory_tpg", "sample_complexity", "iem_analysis", "grad_cosines"])
+@pytest.mark.parametrize(
+    "script", ["theory_mgf", "theory_tpg", "sample_complexity", "iem_analysis", "grad_cosines"]
+)
 @pytest.mark.parametrize("case", ["under a file", "unwritable"])
-def test_an_output_path_that_cannot_be_made_is_one_line(script, case, tmp_path, dummy, torch_defaults):
+def test_an_output_path_that_cannot_be_made_is_one_line(
+    script, case, tmp_path, dummy, torch_defaults
+):
     (tmp_path / "a-file").write_text("x")
     out = tmp_path / "a-file" / "out" if case == "under a file" else unwritable(tmp_path)
     before = sorted(tmp_path.rglob("*"))
-    message = "is a file, so no folder can be made under it" if case == "under a file" else "cannot write in"
+    message = (
+        "is a file, so no folder can be made under it"
+        if case == "under a file"
+        else "cannot write in"
+    )
     with pytest.raises(SystemExit, match=rf"^error: --out(-dir)? {out}: .*{message}"):
         tiny_runs(dummy, dummy, str(out))[script]()
     assert sorted(tmp_path.rglob("*")) == before
@@ -195,8 +245,8 @@ def test_sample_complexity_exits_non_zero_on_a_bad_out_dir(case, tmp_path):
     out = {"existing": tmp_path / "existing", "under a file": tmp_path / "a-file" / "out"}.get(case)
     out = out or unwritable(tmp_path)
     before = sorted(tmp_path.rglob("*"))
-    res = subprocess.run([sys.executable, str(ROOT / "sample_complexity.py"), "--out-dir", str(out)],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "sample_complexity.py"), "--out-dir", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode != 0 and res.stderr.startswith(f"error: --out-dir {out}: ")
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     assert sorted(tmp_path.rglob("*")) == before
@@ -205,9 +255,14 @@ def test_sample_complexity_exits_non_zero_on_a_bad_out_dir(case, tmp_path):
 def test_the_output_folder_rule(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     default = common.output_folder(None, "x_analysis")
-    assert default.parent == Path("runs") and default.name.startswith("x_analysis__") and not default.exists()
+    assert (
+        default.parent == Path("runs")
+        and default.name.startswith("x_analysis__")
+        and not default.exists()
+    )
     (tmp_path / "empty").mkdir()
-    assert common.output_folder("empty", "x") == Path("empty")  # an empty folder holds nothing to overwrite
+    # an empty folder holds nothing to overwrite
+    assert common.output_folder("empty", "x") == Path("empty")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "a.png").write_bytes(b"")
     with pytest.raises(SystemExit, match="^error: --where full: the folder exists and holds files"):
@@ -216,7 +271,9 @@ def test_the_output_folder_rule(tmp_path, monkeypatch):
     (tmp_path / "f").write_text("")
     with pytest.raises(SystemExit, match="^error: --out f: is a file, not a folder"):
         common.output_folder("f", "x")
-    with pytest.raises(SystemExit, match="^error: --out f/a/b: f is a file, so no folder can be made under it"):
+    with pytest.raises(
+        SystemExit, match="^error: --out f/a/b: f is a file, so no folder can be made under it"
+    ):
         common.output_folder("f/a/b", "x")
     with pytest.raises(SystemExit, match="cannot write in"):
         common.output_folder(str(unwritable(tmp_path)), "x")

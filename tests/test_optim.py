@@ -15,14 +15,19 @@ import trdt
 class PerTensorLamb(torch.optim.Optimizer):
     """mo_dt.py's LAMB before it went multi-tensor (commit 6bc220c), verbatim: the reference."""
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0
+    ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             (beta1, beta2), step = group["betas"], group.get("step", 0) + 1
-            group["step"] = step  # one count per group, as in timm (a head without a gradient skips, the count not)
+            group["step"] = (
+                # one count per group, as in timm (a head without a gradient skips, the count not)
+                step
+            )
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -111,11 +116,15 @@ def trained_once(module, model_cls, **arch):
     return opt
 
 
-@pytest.mark.parametrize("module, model_cls, limit", [
-    (mo_dt, mo_dt.MultiObjectiveDecisionTransformer, 40),
-    (trdt, trdt.TrustRegionDecisionTransformer, 40),
-    (dt, dt.DecisionTransformer, 40),
-])  # fmt: skip
+# fmt: skip
+@pytest.mark.parametrize(
+    "module, model_cls, limit",
+    [
+        (mo_dt, mo_dt.MultiObjectiveDecisionTransformer, 40),
+        (trdt, trdt.TrustRegionDecisionTransformer, 40),
+        (dt, dt.DecisionTransformer, 40),
+    ],
+)
 def test_an_optimizer_step_is_a_few_multi_tensor_ops_whatever_the_depth(module, model_cls, limit):
     """The per-tensor loops took 458 (dt's AdamW) and 1216 (mo_dt's LAMB) top-level aten ops per
     step at the default config; a GPU launches about a kernel per op: the count must not grow."""

@@ -1,5 +1,6 @@
-"""benchmarks/run.py continues a job that stopped half way instead of starting it over (issue 24, item 5):
-locally and under --ray, the job's run goes on from its last checkpoint to the result it would have had."""
+"""benchmarks/run.py continues a job that stopped half way instead of starting it over (issue 24,
+item 5): locally and under --ray, the job's run goes on from its last checkpoint to the result it
+would have had."""
 
 import importlib.util
 import json
@@ -20,13 +21,31 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import run  # noqa: E402
 
 # A preset of one job per method, long enough to be stopped half way, short enough for a test.
+# fmt: skip
 PRESET = dict(
-    datasets=["hopper-medium-replay"], seeds=[0],
+    datasets=["hopper-medium-replay"],
+    seeds=[0],
     common=["--eval-episodes", "1", "--eval-every", "300", "--log-every", "50"],
-    flags={"bc": ["--updates", "1000", "--hidden", "16", "--batch-size", "8"],
-           "dt": ["--updates", "600", "--n-layer", "1", "--n-head", "1", "--n-embd", "16", "--batch-size", "4",
-                  "--context-len", "5", "--warmup-steps", "10"]},
-)  # fmt: skip
+    flags={
+        "bc": ["--updates", "1000", "--hidden", "16", "--batch-size", "8"],
+        "dt": [
+            "--updates",
+            "600",
+            "--n-layer",
+            "1",
+            "--n-head",
+            "1",
+            "--n-embd",
+            "16",
+            "--batch-size",
+            "4",
+            "--context-len",
+            "5",
+            "--warmup-steps",
+            "10",
+        ],
+    },
+)
 UPDATES = {"bc": 1000, "dt": 600}
 
 
@@ -35,13 +54,19 @@ def use_preset(m: pytest.MonkeyPatch, root: Path, data: Path):
     m.setitem(run.PRESETS, "resume-test", PRESET)
     m.setattr(run, "source_hash", lambda script: "code")  # others may edit the code meanwhile
     return lambda method, out, **kw: run.Args(
-        preset="resume-test", data_dir=str(data), out=str(root / out), methods=(method,), jobs=1, **kw
+        preset="resume-test",
+        data_dir=str(data),
+        out=str(root / out),
+        methods=(method,),
+        jobs=1,
+        **kw,
     )
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, hdf5_path):
-    """One data folder for every job here: its path is part of each job's command, hence of its key."""
+    """One data folder for every job here: its path is part of each job's command, hence of its
+    key."""
     folder = tmp_path_factory.mktemp("data")
     shutil.copy(hdf5_path, folder / "hopper-medium-replay.hdf5")
     return folder
@@ -54,7 +79,8 @@ def preset(tmp_path, data, monkeypatch):
 
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory, data):
-    """The job of each method run once without a stop (the reference), shared by the tests of this file."""
+    """The job of each method run once without a stop (the reference), shared by the tests of this
+    file."""
     root, done = tmp_path_factory.mktemp("whole"), {}
 
     def get(method: str) -> run.Args:
@@ -68,13 +94,15 @@ def whole(tmp_path_factory, data):
 
 
 def stop_after_first_checkpoint(cmd, cwd, stdout, stderr, env):
-    """subprocess.run for run_job: the job runs until its first checkpoint is on disk, then gets SIGTERM, as
-    from a cluster's time limit."""
+    """subprocess.run for run_job: the job runs until its first checkpoint is on disk, then gets
+    SIGTERM, as from a cluster's time limit."""
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=stdout, stderr=stderr, env=env)
     runs, deadline = Path(cmd[cmd.index("--runs-dir") + 1]), time.time() + 180
     try:
         while not list(runs.glob("*/model.pt")):
-            assert proc.poll() is None and time.time() < deadline, "the job ended before its first checkpoint"
+            assert proc.poll() is None and time.time() < deadline, (
+                "the job ended before its first checkpoint"
+            )
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         return subprocess.CompletedProcess(cmd, proc.wait(timeout=180))
@@ -88,12 +116,16 @@ def metric_lines(path: Path) -> list[dict]:
 
 
 def stop_a_job(args: run.Args, monkeypatch) -> tuple[Path, list[dict], int]:
-    """Run the preset with its job stopped half way; returns the job's stopped run, its metrics lines at the
-    checkpoint, and the updates the checkpoint holds."""
+    """Run the preset with its job stopped half way; returns the job's stopped run, its metrics
+    lines at the checkpoint, and the updates the checkpoint holds."""
     import torch
 
     with monkeypatch.context() as m:
-        m.setattr(run, "subprocess", types.SimpleNamespace(run=stop_after_first_checkpoint, STDOUT=subprocess.STDOUT))
+        m.setattr(
+            run,
+            "subprocess",
+            types.SimpleNamespace(run=stop_after_first_checkpoint, STDOUT=subprocess.STDOUT),
+        )
         with pytest.raises(SystemExit, match="1 job"):
             run.main(args)
     (job,) = run.plan(args)
@@ -101,17 +133,30 @@ def stop_a_job(args: run.Args, monkeypatch) -> tuple[Path, list[dict], int]:
     assert not run.is_done(job) and not (stopped / "results.json").exists()
     state = torch.load(stopped / "model.pt", weights_only=True)["resume"]
     assert "interrupted (SIGTERM)" in (job["folder"] / "log.txt").read_text()
-    return stopped, metric_lines(stopped / "metrics.jsonl")[: state["metrics_lines"]], state["updates_done"]
+    return (
+        stopped,
+        metric_lines(stopped / "metrics.jsonl")[: state["metrics_lines"]],
+        state["updates_done"],
+    )
 
 
-def assert_continued(args: run.Args, stopped: Path, before: list[dict], done: int, whole: run.Args) -> dict:
-    """The job finished in the run it had begun, from its checkpoint: its metrics start with the stopped run's
-    lines, write no step twice, and equal those of the same job never stopped."""
+def assert_continued(
+    args: run.Args, stopped: Path, before: list[dict], done: int, whole: run.Args
+) -> dict:
+    """The job finished in the run it had begun, from its checkpoint: its metrics start with the
+    stopped run's lines, write no step twice, and equal those of the same job never stopped."""
     (job,) = run.plan(args)
-    assert run.is_done(job) and [p.name for p in (job["folder"] / "runs").iterdir()] == [stopped.name]
+    assert run.is_done(job) and [p.name for p in (job["folder"] / "runs").iterdir()] == [
+        stopped.name
+    ]
     log = (job["folder"] / "log.txt").read_text()
-    resumed_with = log.split("\n$ ")[2].split("\n")[0]  # the second attempt's command (a Ray node's paths)
-    assert log.count("\n$ ") == 2 and "--resume " in resumed_with and resumed_with.endswith(stopped.name)
+    # the second attempt's command (a Ray node's paths)
+    resumed_with = log.split("\n$ ")[2].split("\n")[0]
+    assert (
+        log.count("\n$ ") == 2
+        and "--resume " in resumed_with
+        and resumed_with.endswith(stopped.name)
+    )
     lines = metric_lines(job["folder"] / "metrics.jsonl")
     assert lines[: len(before)] == before and len(lines) > len(before)
     kinds = [(x["step"], "eval_normalized" in x) for x in lines]
@@ -121,12 +166,15 @@ def assert_continued(args: run.Args, stopped: Path, before: list[dict], done: in
     assert [r["at_update"] for r in res["resumed"]] == [done] and 0 < done < res["updates"]
     (never_stopped,) = run.plan(whole)  # the same folder name: the same command and code key
     assert never_stopped["folder"].name == job["folder"].name
-    assert lines == metric_lines(never_stopped["folder"] / "metrics.jsonl")  # not started over: the same run
+    # not started over: the same run
+    assert lines == metric_lines(never_stopped["folder"] / "metrics.jsonl")
     return res
 
 
 @pytest.mark.parametrize("method", ["bc", "dt"])
-def test_a_stopped_job_continues_from_its_checkpoint_when_the_preset_is_rerun(preset, whole, monkeypatch, method):
+def test_a_stopped_job_continues_from_its_checkpoint_when_the_preset_is_rerun(
+    preset, whole, monkeypatch, method
+):
     args = preset(method, "out")
     stopped, before, done = stop_a_job(args, monkeypatch)
     run.main(run.Args(**{**vars(args), "dry_run": True}))
@@ -134,16 +182,22 @@ def test_a_stopped_job_continues_from_its_checkpoint_when_the_preset_is_rerun(pr
     assert len(finished) == 1 and finished[0]["ok"]
     res = assert_continued(args, stopped, before, done, whole(method))
     assert run.main(args) == []  # finished: nothing runs again
-    if method == "dt":  # equal bit for bit at the precision the job took: bf16 where native or forced (CI's
+    # equal bit for bit at the precision the job took: bf16 where native or forced (CI's
+    if method == "dt":
         import torch  # second pass), fp32 elsewhere; no tolerance either way
 
         import dt
 
-        assert res["bf16"] == dt.bf16_native(torch.device("cpu")) == res["benchmark"]["machine"]["bf16"]
+        assert (
+            res["bf16"]
+            == dt.bf16_native(torch.device("cpu"))
+            == res["benchmark"]["machine"]["bf16"]
+        )
 
 
 def test_a_method_file_without_resume_starts_over(preset, monkeypatch, tmp_path):
-    """A stopped run of a script that has no --resume (an older method file) is left alone: a new run."""
+    """A stopped run of a script that has no --resume (an older method file) is left alone: a new
+    run."""
     args = preset("bc", "out")
     (job,) = run.plan(args)
     old = job["folder"] / "runs" / "old"
@@ -159,15 +213,22 @@ def test_a_method_file_without_resume_starts_over(preset, monkeypatch, tmp_path)
 
 
 def test_a_ray_task_gets_the_stopped_run_continues_it_and_sends_it_back(preset, whole, monkeypatch):
-    """ray_job and land, called directly (no cluster): the task is given the stopped run's files, continues
-    the run in its scratch folder, and what it sends back lands as the job's finished folder."""
+    """ray_job and land, called directly (no cluster): the task is given the stopped run's files,
+    continues the run in its scratch folder, and what it sends back lands as the job's finished
+    folder."""
     args = preset("bc", "out")
     stopped, before, done = stop_a_job(args, monkeypatch)
     (job,) = run.plan(args)
     shipped = run.stopped_run_files(job)
-    assert f"runs/{stopped.name}/model.pt" in shipped and not any(k.endswith(".tmp") for k in shipped)
+    assert f"runs/{stopped.name}/model.pt" in shipped and not any(
+        k.endswith(".tmp") for k in shipped
+    )
     r, files = run.ray_job(job, 1, shipped)
-    assert r["ok"] and f"runs/{stopped.name}/results.json" in files and "--resume" in files["log.txt"].decode()
+    assert (
+        r["ok"]
+        and f"runs/{stopped.name}/results.json" in files
+        and "--resume" in files["log.txt"].decode()
+    )
     assert run.land(job, r, files, "abc", "auto")["ok"]
     res = assert_continued(args, stopped, before, done, whole("bc"))
     assert res["benchmark"]["ray"]["address"] == "auto"
@@ -175,13 +236,15 @@ def test_a_ray_task_gets_the_stopped_run_continues_it_and_sends_it_back(preset, 
 
 RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(
-    not RAY and not os.environ.get("SEQRL_REQUIRE_RAY"), reason='needs the ray extra: pip install -e ".[ray]"'
+    not RAY and not os.environ.get("SEQRL_REQUIRE_RAY"),
+    reason='needs the ray extra: pip install -e ".[ray]"',
 )
 
 
 @needs_ray
 def test_a_stopped_job_continues_through_ray(preset, whole, monkeypatch):
-    """`--ray local`: the stopped job's run is shipped to the task, continued there and landed here."""
+    """`--ray local`: the stopped job's run is shipped to the task, continued there and landed
+    here."""
     import functools
 
     import ray

@@ -1,4 +1,5 @@
-"""A run killed at any moment keeps every metrics line it logged (a cluster's time limit, Ctrl-C, out of memory)."""
+"""A run killed at any moment keeps every metrics line it logged (a cluster's time limit, Ctrl-C,
+out of memory)."""
 
 import json
 import os
@@ -11,9 +12,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_FIRST_ONLY = "--eval-episodes 1 --eval-every 50000 --threads 1".split()  # one evaluation, then training
-TINY = "--updates 100000 --batch-size 8 --n-embd 16 --n-layer 1 --n-head 1".split() + EVAL_FIRST_ONLY
-RGDT = "--updates 100000 --inv-updates 5 --batch-size 8 --inv-batch-size 8 --n-embd 16".split() + EVAL_FIRST_ONLY
+# one evaluation, then training
+EVAL_FIRST_ONLY = "--eval-episodes 1 --eval-every 50000 --threads 1".split()
+TINY = (
+    "--updates 100000 --batch-size 8 --n-embd 16 --n-layer 1 --n-head 1".split() + EVAL_FIRST_ONLY
+)
+RGDT = (
+    "--updates 100000 --inv-updates 5 --batch-size 8 --inv-batch-size 8 --n-embd 16".split()
+    + EVAL_FIRST_ONLY
+)
 BC = "--updates 100000 --batch-size 8 --hidden 16".split() + EVAL_FIRST_ONLY
 # What each script prints right after it logs its first evaluation (before any training step)
 SCRIPTS = {
@@ -28,10 +35,19 @@ SCRIPTS = {
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sigkill_keeps_every_logged_line(tmp_path, hdf5_path, script):
     flags, marker = SCRIPTS[script]
-    where = ["--env", "hopper-random", "--dataset-path", str(hdf5_path), "--runs-dir", str(tmp_path)]
+    where = [
+        "--env",
+        "hopper-random",
+        "--dataset-path",
+        str(hdf5_path),
+        "--runs-dir",
+        str(tmp_path),
+    ]
     cmd = [sys.executable, script, *where]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd + flags, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd + flags, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     seen, deadline = [], time.time() + 120
     try:
         for line in proc.stdout:  # the evaluation has been logged when its line is printed

@@ -42,11 +42,11 @@ def test_transition_point_equalises_the_two_terms_and_splits_the_regimes():
     v_lo, b_lo = sc.theorem6_terms(0.3, C, V, 0.8, n_star / 100)
     v_hi, b_hi = sc.theorem6_terms(0.3, C, V, 0.8, n_star * 100)
     assert v_lo > b_lo and b_hi > v_hi
-    assert [sc.regime(n_star / 100, n_star), sc.regime(n_star, n_star), sc.regime(n_star * 100, n_star)] == [
-        "small-data",
-        "transition",
-        "large-data",
-    ]
+    assert [
+        sc.regime(n_star / 100, n_star),
+        sc.regime(n_star, n_star),
+        sc.regime(n_star * 100, n_star),
+    ] == ["small-data", "transition", "large-data"]
 
 
 def test_approximation_error_of_eq_4_21_shrinks_as_eps_over_c_goes_to_zero():
@@ -122,7 +122,9 @@ def test_policies_and_l1_error_on_hand_cases():
 
 def test_estimator_is_unbiased_for_the_behaviour_policy():
     pi_opt, pi_low = sc.make_policies(V, 0.7, 0.5)
-    p = sc.sample_estimate(np.random.default_rng(0), 50, 50, pi_opt, pi_low, n_contexts=2, n_datasets=20000)
+    p = sc.sample_estimate(
+        np.random.default_rng(0), 50, 50, pi_opt, pi_low, n_contexts=2, n_datasets=20000
+    )
     mean = p.mean(axis=(0, 1))
     # Eq. 4.1 with beta = 0.5, by hand: 0.5 * pi_opt + 0.5 * pi_low.
     np.testing.assert_allclose(mean, [0.41875, 0.10625, 0.10625, 0.10625, 0.2625], atol=2e-3)
@@ -176,7 +178,9 @@ def test_quick_run_results_are_pinned(tmp_path):
     assert row["n_star_approx"] == pytest.approx(249998.43749999994, rel=1e-9)
     at_min = saved["thesis_fractions"]["0.2"][2]
     assert (at_min["fraction"], at_min["n_high"], at_min["n_low"]) == (1.0, 62188, 312)
-    assert at_min["errors"] == pytest.approx([0.08745599999999955, 0.07823999999999943, 0.07347199999999927], rel=1e-9)
+    assert at_min["errors"] == pytest.approx(
+        [0.08745599999999955, 0.07823999999999943, 0.07347199999999927], rel=1e-9
+    )
     assert at_min["variance_term"] == pytest.approx(0.04859733333333325, rel=1e-9)
     assert at_min["bias_term"] == pytest.approx(0.056160000000000515, rel=1e-9)
     slack = {e: s["fraction"] for e, s in saved["slack"].items()}
@@ -190,7 +194,9 @@ def test_global_reading_runs_and_reports_no_minimum(tmp_path):
     summary = sc.main(quick_args(tmp_path, beta_reading="global"))
     assert summary["figures"] == ["prop5_prop6_regimes.png"]
     # nu_min^h is infinite here; the summary must still be standard JSON (null, not Infinity).
-    saved = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=lambda c: 1 / 0)
+    saved = json.loads(
+        (tmp_path / "run" / "summary.json").read_text(), parse_constant=lambda c: 1 / 0
+    )
     assert all(r["nu_min"] is None for r in saved["calculator"]["rows"])
     assert summary["claims"][0]["verdict"] == "not reproduced"
 
@@ -217,7 +223,9 @@ def test_bad_flags_exit_with_a_clear_message(tmp_path, kw, match):
 
 def test_help_explains_the_flags():
     script = os.path.join(os.path.dirname(__file__), "..", "sample_complexity.py")
-    res = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0
     for flag in ("--beta-reading", "--nu-reading", "--beta", "--out-dir", "--n-seeds"):
         assert flag in res.stdout

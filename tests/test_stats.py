@@ -183,6 +183,8 @@ def test_aggregate_never_replaces_tables_a_folder_already_holds_without_force(tm
     (tmp_path / "tables.md").write_text("committed")
     with pytest.raises(SystemExit, match=r"already holds tables\.md; add --force"):
         aggregate.main(aggregate.Args(folders=(str(tmp_path),), reps=20))
-    assert (tmp_path / "tables.md").read_text() == "committed" and not (tmp_path / "scores.png").exists()
+    assert (tmp_path / "tables.md").read_text() == "committed" and not (
+        tmp_path / "scores.png"
+    ).exists()
     aggregate.main(aggregate.Args(folders=(str(tmp_path),), reps=20, force=True))
     assert (tmp_path / "tables.md").read_text() != "committed"

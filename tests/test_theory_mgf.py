@@ -65,7 +65,9 @@ def test_lemma5_closed_form_gradient_matches_autograd(attention_problem):
     w = prob["W0"] + 0.3 * torch.randn(prob["W0"].shape, generator=torch.Generator().manual_seed(1))
     for target in (prob["x"], prob["y"]):
         auto = m.grad(m.attention_loss(prob, target, args.xi), w)
-        assert torch.allclose(m.lemma5_gradient(prob, w, target, args.xi), auto, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(
+            m.lemma5_gradient(prob, w, target, args.xi), auto, rtol=1e-9, atol=1e-12
+        )
 
 
 def test_lemma7_hessian_vector_product_matches_autograd(attention_problem):
@@ -73,7 +75,10 @@ def test_lemma7_hessian_vector_product_matches_autograd(attention_problem):
     d = torch.randn(prob["W0"].shape, generator=torch.Generator().manual_seed(2))
     loss = m.attention_loss(prob, prob["y"], args.xi)
     assert torch.allclose(
-        m.lemma7_hvp(prob, prob["W0"], prob["y"], args.xi, d), m.hvp(loss, prob["W0"], d), rtol=1e-9, atol=1e-12
+        m.lemma7_hvp(prob, prob["W0"], prob["y"], args.xi, d),
+        m.hvp(loss, prob["W0"], d),
+        rtol=1e-9,
+        atol=1e-12,
     )
 
 
@@ -172,7 +177,8 @@ def test_quick_end_to_end(quick_run):
     assert saved["config"]["quick"] is True and len(saved["claims"]) == len(summary["claims"]) >= 15
     quick = " (--quick: smoke test, not a measurement)"
     assert all(
-        c["verdict"] in tuple(v + quick for v in ("reproduced", "partly", "not reproduced")) for c in saved["claims"]
+        c["verdict"] in tuple(v + quick for v in ("reproduced", "partly", "not reproduced"))
+        for c in saved["claims"]
     )
     for name in (
         "fig3_2_trajectories",
@@ -199,15 +205,22 @@ def test_quick_run_results_are_pinned(quick_run):
     assert att["thm5_cosine"] == pytest.approx(0.01566689945369438, rel=1e-9)
     toy = saved["results"]["toy"]["runs"]["0.01"]
     assert toy["n_steps"] == 200
-    assert toy["end_points"]["joint GD"][0] == pytest.approx([-0.12874733485667864, 0.11626078554924558], rel=1e-9)
-    assert toy["end_points"]["seq GD"][1] == pytest.approx([0.2935762879437998, 1.299040401976994], rel=1e-9)
+    assert toy["end_points"]["joint GD"][0] == pytest.approx(
+        [-0.12874733485667864, 0.11626078554924558], rel=1e-9
+    )
+    assert toy["end_points"]["seq GD"][1] == pytest.approx(
+        [0.2935762879437998, 1.299040401976994], rel=1e-9
+    )
     assert toy["ends"]["seq GD"] == ["in transit", "L1-valley (y->+inf)"]
     # The MLPs train in float32, where CPUs with other vector units may sum in another order:
     # 1e-6 still catches any change of data, init or schedule.
     run = saved["results"]["mlp"]["similar"]["0.01"]["joint"][0]
     losses = [2.449728012084961, 2.2992143630981445, 2.192307233810425, 2.111337900161743]
     assert run["loss"] == pytest.approx(losses, rel=1e-6)
-    verdicts = [c["verdict"].removesuffix(" (--quick: smoke test, not a measurement)") for c in saved["claims"]]
+    verdicts = [
+        c["verdict"].removesuffix(" (--quick: smoke test, not a measurement)")
+        for c in saved["claims"]
+    ]
     r, p, n = "reproduced", "partly", "not reproduced"
     assert verdicts == [r, r, r, r, r, n, r, p, r, n, r, r, r, r, n, r, r, n, n, n, p, p]
 

@@ -122,7 +122,9 @@ def test_cyclic_component_hand_case_and_soft_composition():
     np.testing.assert_allclose(W_fin, expected, atol=1e-5)
     # GD then splits attention 2:1 between tokens 0 and 1 and starves token 2.
     W_svm = T.graph_svm(graphs, E)
-    W, hist = T.train(np.zeros((3, 3)) + 1e-3, E, T.prediction_heads(E), X, y, W_svm, W_fin, steps=3000, lr=0.01)
+    W, hist = T.train(
+        np.zeros((3, 3)) + 1e-3, E, T.prediction_heads(E), X, y, W_svm, W_fin, steps=3000, lr=0.01
+    )
     att = T.attention(W, E, X)[0]
     np.testing.assert_allclose(att, [2 / 3, 1 / 3, 0], atol=0.02)
     assert hist["corr_svm_fin"][-1] > 0.999 > hist["corr_svm"][-1]
@@ -218,7 +220,10 @@ def test_reduced_run_reaches_high_correlation(reduced_run):
     # "equalities, or reversed when some states get higher priority": judged by what G_m can show
     # (an a => s pair of G_a never flips, so a verdict that waits for a flipped pair could never
     # say "reproduced")
-    g = {k: sum(t["graph_stats"][k] for t in on_disk["trials"]) for k in on_disk["trials"][0]["graph_stats"]}
+    g = {
+        k: sum(t["graph_stats"][k] for t in on_disk["trials"])
+        for k in on_disk["trials"][0]["graph_stats"]
+    }
     assert g["a_over_s_to_reversed"] == 0
     expected = (
         "reproduced"
@@ -281,7 +286,11 @@ def test_bad_flags_give_clear_errors(tmp_path, bad, flag):
 
 def test_help_documents_every_flag():
     text = subprocess.run(
-        [sys.executable, "theory_tpg.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "theory_tpg.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for field in T.Args.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in text
