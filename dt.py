@@ -1,15 +1,15 @@
 """Decision Transformer (thesis §1.3.2, Eq. 1.1-1.4): offline RL as conditional sequence modelling.
 
-    python dt.py --env hopper-medium-replay                       # the original DT (deterministic, l2)
-    python dt.py --env hopper-medium-replay --policy gaussian     # Gaussian NLL (Eq. 1.3-1.4), ODT-O-style
-    python dt.py --env hopper-medium-replay --dataset-path FILE   # any D4RL-layout .hdf5 or DT .pkl
-    python dt.py --checkpoint runs/RUN/model.pt --updates 0       # evaluate a trained model again
+    python dt.py --env hopper-medium-replay                       # the original DT (l2 loss)
+    python dt.py --env hopper-medium-replay --policy gaussian     # Gaussian NLL (Eq. 1.3-1.4)
+    python dt.py --env hopper-medium-replay --dataset-path FILE   # D4RL-layout .hdf5 or DT .pkl
+    python dt.py --checkpoint runs/RUN/model.pt --updates 0       # evaluate a trained model
 
-One file, the method first: its flags, data, model, objective and update, the action step and
-evaluation, train() (Alg. 1); below the PLUMBING banner the run's infrastructure (run folder,
-checkpoints, exact resume, stop signals, tracking). Blocks marked PLUMBING are the same, byte for
-byte, in every method file that has them. Shared with the other method files is only common.py
-(datasets, env ids, normalized scores).
+One file, the method first: its flags, data, model, objective and update,
+the action step and evaluation, train() (Alg. 1); below the PLUMBING banner the run's
+infrastructure (run folder, checkpoints, exact resume, stop signals, tracking). Blocks marked
+PLUMBING are the same, byte for byte, in every method file that has them. Shared with the other
+method files is only common.py (datasets, env ids, normalized scores).
 """
 
 from __future__ import annotations
@@ -46,20 +46,22 @@ DEFAULT_ENV = "hopper-medium-replay"  # the dataset without --env or --checkpoin
 @dataclass
 class Args:
     env: Optional[str] = None
-    """dataset: a D4RL gym-mujoco name such as `hopper-medium-replay` (with or without `-v2`), or a Minari
-    id such as `mujoco/hopper/medium-v0`. Default: the checkpoint's dataset, else hopper-medium-replay"""
+    """dataset: a D4RL gym-mujoco name such as `hopper-medium-replay` (with or without `-v2`), or a
+    Minari id such as `mujoco/hopper/medium-v0`. Default: the checkpoint's dataset, else
+    hopper-medium-replay"""
     dataset_path: tuple[str, ...] = ()
-    """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official file;
-    several are concatenated (medium + expert = medium-expert). Without it the official file is read from
-    $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded there first if missing"""
+    """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official
+    file; several are concatenated (medium + expert = medium-expert). Without it the official file
+    is read from $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded there first if missing"""
     policy: Literal["deterministic", "gaussian"] = "deterministic"
-    """`deterministic`: l2 regression, the original DT; `gaussian`: diagonal Gaussian NLL (Eq. 1.3-1.4),
-    the offline ODT variant (ODT-O) of Table 1.3"""
+    """`deterministic`: l2 regression, the original DT; `gaussian`: diagonal Gaussian NLL
+    (Eq. 1.3-1.4), the offline ODT variant (ODT-O) of Table 1.3"""
     timestep_embedding: bool = True
-    """a learned timestep embedding added to every token of a step (the DT paper's, in place of GPT-2's
-    positions); `--no-timestep-embedding` drops it"""
+    """a learned timestep embedding added to every token of a step (the DT paper's, in place of
+    GPT-2's positions); `--no-timestep-embedding` drops it"""
     context_len: int = 20
-    """K, the number of timesteps (each = return, state, action tokens) the transformer sees (Eq. 1.2)"""
+    """K, the number of timesteps the transformer sees (Eq. 1.2), each made of its tokens: return,
+    state, action"""
     n_layer: int = 3
     """transformer blocks"""
     n_head: int = 1
@@ -79,19 +81,19 @@ class Args:
     warmup_steps: int = 10_000
     """linear learning-rate warmup, in updates"""
     updates: int = 100_000
-    """gradient updates; with --checkpoint, 0 only evaluates it and N > 0 trains on from its weights"""
+    """gradient updates; with --checkpoint, 0 only evaluates it, N > 0 trains on from its weights"""
     grad_clip: float = 0.25
     """clip the global gradient norm at this value (> 0), before every optimizer step"""
     rtg_scale: float = 1000.0
     """returns-to-go are divided by this before they enter the model"""
     target_return: Optional[float] = None
-    """return to condition on at evaluation; default per domain: hopper 3600, walker2d 5000, halfcheetah 6000"""
+    """the return evaluation conditions on (DT's: hopper 3600, walker2d 5000, halfcheetah 6000)"""
     eval_episodes: int = 10
     """episodes per evaluation, all run at once in a vector env"""
     eval_context: Optional[int] = None
-    """K' <= K: evaluate on the last K' steps instead of K (§1.3.2: the context "may be shorter during
-    evaluation than the one used during training"; the ODT code evaluates with 5). Default: K, the
-    checkpoint's with --checkpoint"""
+    """K' <= K: evaluate on the last K' steps instead of K (§1.3.2: the context "may be shorter
+    during evaluation than the one used during training"; the ODT code evaluates with 5). Default:
+    K, the checkpoint's with --checkpoint"""
     exp_name: str = METHOD
     """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
     seed: int = 0
@@ -102,71 +104,91 @@ class Args:
     """torch.compile for training: on CUDA the whole update, replayed as CUDA graphs; on a CPU the
     model. Its first updates are timed apart (compile_time_s in results.json)"""
     bf16: bool = True
-    """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX); fp32 elsewhere"""
+    """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX);
+    fp32 elsewhere"""
     eval_async: bool = False
-    """step the evaluation envs in subprocesses (gymnasium AsyncVectorEnv); pays off with many CPU cores"""
+    """evaluation envs stepped in subprocesses (gymnasium AsyncVectorEnv): for many CPU cores"""
     threads: int = 0
-    """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow down
-    sharply when another program keeps one busy)"""
+    """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow
+    down sharply when another program keeps one busy)"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
     track: bool = False
-    """also send the config, every logged metric and the final results to Weights & Biases (`pip install -e
-    ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept locally to sync later"""
+    """also send the config, every logged metric and the final results to Weights & Biases (`pip
+    install -e ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept
+    locally to sync later"""
     wandb_project_name: str = "seqrl"
     """W&B project of --track"""
     wandb_entity: Optional[str] = None
     """W&B team or user of --track (default: your W&B default entity)"""
     capture_video: bool = False
-    """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's offscreen
-    renderer; headless machines use MUJOCO_GL=egl, the default here when no display is set, or osmesa)"""
+    """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's
+    offscreen renderer; headless machines use MUJOCO_GL=egl, the default here when no display is
+    set, or osmesa)"""
     checkpoint: Optional[str] = None
-    """a `model.pt` from an earlier run: start from its weights, architecture and state normalisation (the
-    architecture flags are ignored); `--updates 0` only evaluates it, on its own dataset unless --env says"""
+    """a `model.pt` from an earlier run: start from its weights, architecture and state
+    normalisation (the architecture flags are ignored); `--updates 0` only evaluates it, on its own
+    dataset unless --env says"""
     resume: Optional[str] = None
-    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags, optimizer,
-    schedule and random states, to its --updates; the result is the run it would have been without the stop"""
+    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags,
+    optimizer, schedule and random states, to its --updates; the result is the run it would have
+    been without the stop"""
     save_every: int = 0
-    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10% of the run);
-    also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
+    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10%
+    of the run); also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
     eval_every: int = 10_000
     """evaluate before training and every N updates (0: only at the end)"""
     log_every: int = 100
-    """log the training loss every N updates"""
+    """log the training losses and the learning rate every N updates"""
 
     def __post_init__(self):
-        positive = (
-            "context_len n_layer n_head n_embd max_ep_len batch_size lr grad_clip rtg_scale eval_episodes log_every"
+        positive = "context_len n_layer n_head n_embd max_ep_len batch_size lr grad_clip rtg_scale"
+        positive += " eval_episodes log_every"
+        check_flags(
+            self, positive, "seed weight_decay warmup_steps updates eval_every threads save_every"
         )
-        check_flags(self, positive, "seed weight_decay warmup_steps updates eval_every threads save_every")
         if not 0 <= self.dropout < 1:
             raise SystemExit(f"error: --dropout {self.dropout}: must be in [0, 1).")
         if self.context_len > self.max_ep_len:  # K steps cannot outnumber the longest episode
             why = "no episode is longer, and attention's memory grows with K^2"
             raise SystemExit(
-                f"error: --context-len {self.context_len}: must be <= --max-ep-len {self.max_ep_len} ({why})."
+                f"error: --context-len {self.context_len}: must be <= --max-ep-len "
+                f"{self.max_ep_len} ({why})."
             )
         if self.n_embd % self.n_head:
-            raise SystemExit(f"error: --n-embd {self.n_embd} must be divisible by --n-head {self.n_head}.")
+            raise SystemExit(
+                f"error: --n-embd {self.n_embd} must be divisible by --n-head {self.n_head}."
+            )
         if self.target_return is not None and not math.isfinite(self.target_return):
-            raise SystemExit(f"error: --target-return {self.target_return}: pass a finite return, e.g. 3600.")
+            raise SystemExit(
+                f"error: --target-return {self.target_return}: pass a finite return, e.g. 3600."
+            )
         if self.eval_context is not None and self.eval_context < 1:
             raise SystemExit(f"error: --eval-context {self.eval_context}: must be >= 1 (and <= K).")
-        if self.updates and self.warmup_steps > self.updates:  # else the run ends before it reaches --lr
+        # a warmup longer than the run would end it before it reaches --lr
+        if self.updates and self.warmup_steps > self.updates:
             scaled = max(1, self.updates // 10)
-            print(f"note: --warmup-steps {self.warmup_steps} is longer than --updates {self.updates}; warming up over "
-                  f"{scaled} updates (a tenth of the run) instead")  # fmt: skip
+            print(
+                f"note: --warmup-steps {self.warmup_steps} is longer than --updates "
+                f"{self.updates}; warming up over {scaled} updates (a tenth of the run) instead"
+            )
             self.warmup_steps = scaled
         if self.updates == 0 and self.checkpoint is None and self.resume is None:
-            raise SystemExit("error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one.")
+            raise SystemExit(
+                "error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to "
+                "evaluate one."
+            )
         if self.track and importlib.util.find_spec("wandb") is None:
-            raise SystemExit('error: --track needs wandb: pip install -e ".[track]" (or leave out --track).')
-        if self.capture_video and not os.environ.get("DISPLAY"):  # before MuJoCo is imported, which reads it once
+            raise SystemExit(
+                'error: --track needs wandb: pip install -e ".[track]" (or leave out --track).'
+            )
+        # before MuJoCo is imported, which reads it once
+        if self.capture_video and not os.environ.get("DISPLAY"):
             os.environ.setdefault("MUJOCO_GL", "egl")
 
 
-# Table 1.3 (official D4RL v2), DT and ODT-O columns, printed beside our score. The DT column holds the DT
-# paper's values where the thesis's table was damaged in extraction (9.79, 9.99, 8.98 -> 67.6, 66.6, 86.8).
+# Table 1.3 (official D4RL v2), DT and ODT-O columns, printed beside our score. The DT column has
+# the DT paper's numbers where the thesis's table is damaged (9.79, 9.99, 8.98 -> 67.6, 66.6, 86.8).
 # fmt: off
 THESIS = {
     "deterministic": {"halfcheetah-medium": 42.6, "hopper-medium": 67.6, "walker2d-medium": 74.0,
@@ -174,37 +196,52 @@ THESIS = {
                       "walker2d-medium-replay": 66.6, "halfcheetah-medium-expert": 86.8,
                       "hopper-medium-expert": 107.6, "walker2d-medium-expert": 108.1},
     "gaussian": {"halfcheetah-medium": 42.72, "hopper-medium": 66.95, "walker2d-medium": 72.19,
-                 "halfcheetah-medium-replay": 39.99, "hopper-medium-replay": 86.64, "walker2d-medium-replay": 68.92,
-                 "halfcheetah-medium-expert": 88.76, "hopper-medium-expert": 107.24, "walker2d-medium-expert": 108.65},
+                 "halfcheetah-medium-replay": 39.99, "hopper-medium-replay": 86.64,
+                 "walker2d-medium-replay": 68.92, "halfcheetah-medium-expert": 88.76,
+                 "hopper-medium-expert": 107.24, "walker2d-medium-expert": 108.65},
 }
 # fmt: on
 TARGET_RETURNS = {"hopper": 3600.0, "walker2d": 5000.0, "halfcheetah": 6000.0}  # the DT paper's
 MODALITIES = ("rtg", "states", "actions")  # the tokens of a step, in order (Eq. 1.1)
-READ = {"action": "states"}  # a_t is read off the s_t token: it has seen g_t and s_t, not a_t (Eq. 1.2)
-ARCH = "policy timestep_embedding context_len n_layer n_head n_embd dropout max_ep_len rtg_scale".split()
-# Flags that say where and how a run runs, not what it computes: --resume takes them from its own command line.
-RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name wandb_entity capture_video".split()
+# The token each head reads: a_t from s_t (Eq. 1.2-1.3: it has seen g_t and s_t, not a_t).
+READ = {"action": "states"}
+ARCH = "policy timestep_embedding context_len n_layer n_head n_embd dropout".split()
+ARCH += ["max_ep_len", "rtg_scale"]
+# Flags that say where and how a run runs, not what it computes: --resume takes them from its own
+# command line.
+RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name".split()
+RUN_FLAGS += ["wandb_entity", "capture_video"]
 
 
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
-    """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (the g tokens of Eq. 1.1)."""
+    """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (Eq. 1.1's g tokens)."""
     return np.cumsum(rewards[::-1])[::-1].copy()
 
 
-def make_dataset(episodes: list[dict], device, rtg_scale: float, max_ep_len: int, state_stats=None) -> dict:
-    """Per-step tensors under `steps` (every one is gathered into a batch) and the episode boundaries.
-    `state_stats` (mean, std): a checkpoint's, so that training on and evaluating see its state scale."""
+def make_dataset(
+    episodes: list[dict], device, rtg_scale: float, max_ep_len: int, state_stats=None
+) -> dict:
+    """Per-step tensors under `steps` (every one is gathered into a batch) and the episode
+    boundaries. `state_stats` (mean, std): a checkpoint's, so that training on and evaluating see
+    its state scale."""
     obs = np.concatenate([ep["observations"] for ep in episodes])
     mean, std = state_stats if state_stats is not None else (obs.mean(0), obs.std(0) + 1e-6)
-    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)  # as saved: a resumed run sees the same
+    # as saved: a resumed run sees the same
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     lengths = np.array([len(ep["rewards"]) for ep in episodes])
+    rtg = np.concatenate([returns_to_go(ep["rewards"]) for ep in episodes])[:, None] / rtg_scale
     steps = {
         "states": torch.as_tensor((obs - mean) / std, dtype=torch.float32),
         "actions": torch.as_tensor(np.concatenate([ep["actions"] for ep in episodes])),
-        "rtg": torch.as_tensor(np.concatenate([returns_to_go(ep["rewards"]) for ep in episodes])[:, None] / rtg_scale),
-        "timesteps": torch.as_tensor(np.concatenate([np.minimum(np.arange(n), max_ep_len - 1) for n in lengths])),
+        "rtg": torch.as_tensor(rtg),
+        "timesteps": torch.as_tensor(
+            np.concatenate([np.minimum(np.arange(n), max_ep_len - 1) for n in lengths])
+        ),
     }
-    bounds = {"ep_start": torch.as_tensor(np.cumsum(lengths) - lengths), "ep_len": torch.as_tensor(lengths)}
+    bounds = {
+        "ep_start": torch.as_tensor(np.cumsum(lengths) - lengths),
+        "ep_len": torch.as_tensor(lengths),
+    }
     return {
         "steps": {k: v.to(device) for k, v in steps.items()},
         **{k: v.to(device) for k, v in bounds.items()},
@@ -213,16 +250,20 @@ def make_dataset(episodes: list[dict], device, rtg_scale: float, max_ep_len: int
 
 
 def sample_batch(data: dict, batch_size: int, K: int, gen: torch.Generator) -> dict:
-    """Segments of K steps: the trajectory is drawn with probability proportional to its length, the start
-    uniformly inside it. A segment that runs past the episode's end is left-padded (as in DT) so that its
-    last position is always real, like at evaluation; `mask` marks the real positions, padding is zeros."""
+    """Segments of K steps: the trajectory is drawn with probability proportional to its length, the
+    start uniformly inside it. A segment that runs past the episode's end is left-padded (as in DT)
+    so that its last position is always real, like at evaluation; `mask` marks the real positions,
+    padding is zeros."""
     ep = torch.multinomial(data["ep_len"].float(), batch_size, replacement=True, generator=gen)
     length = data["ep_len"][ep]
     start = (torch.rand(batch_size, generator=gen, device=length.device) * length).long()
-    offset = torch.arange(K, device=length.device) - (K - torch.clamp(length - start, max=K))[:, None]  # (B, K)
+    pad = K - torch.clamp(length - start, max=K)  # the steps past the episode's end
+    offset = torch.arange(K, device=length.device) - pad[:, None]  # (B, K)
     mask = offset >= 0
     idx = data["ep_start"][ep, None] + start[:, None] + offset.clamp(min=0)
-    batch = {k: v[idx] * mask.view(*mask.shape, *[1] * (v.dim() - 1)) for k, v in data["steps"].items()}
+    batch = {
+        k: v[idx] * mask.view(*mask.shape, *[1] * (v.dim() - 1)) for k, v in data["steps"].items()
+    }
     return dict(batch, mask=mask)
 
 
@@ -253,7 +294,10 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
         self.attn = SelfAttention(n_embd, n_head, dropout)
         self.mlp = nn.Sequential(
-            nn.Linear(n_embd, 4 * n_embd), nn.ReLU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
+            nn.Linear(n_embd, 4 * n_embd),
+            nn.ReLU(),
+            nn.Linear(4 * n_embd, n_embd),
+            nn.Dropout(dropout),
         )
 
     def forward(self, x, allowed):
@@ -262,8 +306,9 @@ class Block(nn.Module):
 
 
 def attention_mask(K: int, M: int, mask, device) -> torch.Tensor:
-    """Which keys each of the M*K tokens may attend to: itself and everything before it (a_t ~ pi(. | Gamma_t),
-    Eq. 1.2), minus padded steps; every token still sees itself, so that no row is empty."""
+    """Which keys each of the M*K tokens may attend to: itself and everything before it
+    (a_t ~ pi(. | Gamma_t), Eq. 1.2), minus padded steps; every token still sees itself, so that no
+    row is empty."""
     allowed = torch.ones(M * K, M * K, dtype=torch.bool, device=device).tril()
     if mask is None:
         return allowed
@@ -272,20 +317,21 @@ def attention_mask(K: int, M: int, mask, device) -> torch.Tensor:
 
 
 def bounded_log_std(x: torch.Tensor) -> torch.Tensor:
-    """A head's raw log-std squashed into [-5, 2], ODT's bounds, so the NLL cannot run off on a constant target."""
+    """A head's raw log-std squashed into [-5, 2], ODT's bounds, so the NLL cannot run off on a
+    constant target."""
     return -5.0 + 3.5 * (torch.tanh(x) + 1)
 
 
 class DecisionTransformer(nn.Module):
     def __init__(
-        self, state_dim, act_dim, policy, timestep_embedding, context_len, n_layer, n_head, n_embd, dropout,
-        max_ep_len, rtg_scale
+        self, state_dim, act_dim, policy, timestep_embedding, context_len, n_layer, n_head,
+        n_embd, dropout, max_ep_len, rtg_scale
     ):  # fmt: skip
         super().__init__()
         self.K, self.max_ep_len, self.rtg_scale = context_len, max_ep_len, rtg_scale
-        # One linear embedding per modality, in token order (Eq. 1.1), and no positional embedding (the
-        # DT code removes GPT-2's, the ODT code never uses its own); --timestep-embedding adds DT's
-        # timestep embedding to every token of a step.
+        # One linear embedding per modality, in token order (Eq. 1.1), and no positional embedding
+        # (the DT code removes GPT-2's, the ODT code never uses its own); --timestep-embedding adds
+        # DT's timestep embedding to every token of a step.
         self.dims = {"rtg": 1, "states": state_dim, "actions": act_dim}
         self.embed = nn.ModuleDict({m: nn.Linear(self.dims[m], n_embd) for m in MODALITIES})
         self.embed_t = nn.Embedding(max_ep_len, n_embd) if timestep_embedding else None
@@ -294,11 +340,14 @@ class DecisionTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd)
         # Eq. 1.3: mean and (for the Gaussian policy) log-std of a diagonal Gaussian over a_t.
         self.gaussian = {"action": policy == "gaussian"}
-        self.heads = nn.ModuleDict({"action": nn.Linear(n_embd, act_dim * (1 + self.gaussian["action"]))})
+        self.heads = nn.ModuleDict(
+            {"action": nn.Linear(n_embd, act_dim * (1 + self.gaussian["action"]))}
+        )
 
     def forward(self, x: dict) -> dict:
-        """x: rtg (B, K, 1), states (B, K, m_s), actions (B, K, m_a), timesteps (B, K) and optionally mask (B, K),
-        True on real steps. Returns {task: (mean, log-std or None)}, each (B, K, dim)."""
+        """x: rtg (B, K, 1), states (B, K, m_s), actions (B, K, m_a), timesteps (B, K) and
+        optionally mask (B, K), True on real steps. Returns {task: (mean, log-std or None)}, each
+        (B, K, dim)."""
         B, K, M = *x["states"].shape[:2], len(MODALITIES)
         t = 0.0 if self.embed_t is None else self.embed_t(x["timesteps"])
         tokens = torch.stack([self.embed[m](x[m]) + t for m in MODALITIES], dim=2)  # (B, K, M, C)
@@ -306,18 +355,19 @@ class DecisionTransformer(nn.Module):
         allowed = attention_mask(K, M, x.get("mask"), h.device)
         for block in self.blocks:
             h = block(h, allowed)
-        # The heads run in fp32, autocast or not: their outputs are fed back (the actions; MO-DT's returns
-        # at evaluation, Eq. 1.16) and enter every NLL. bf16 keeps 8 bits: above a return-to-go of ~500
-        # its spacing exceeds one hopper step's reward. The heads are small; fp32 costs nothing there.
-        h, preds = self.ln_f(h).reshape(B, K, M, -1).to(self.ln_f.weight.dtype), {}  # the weights' fp32
+        # The heads run in fp32, autocast or not: their outputs are fed back (the actions; MO-DT's
+        # returns at evaluation, Eq. 1.16) and enter every NLL. bf16 keeps 8 bits: above a
+        # return-to-go of ~500 its spacing exceeds one hopper step's reward. The heads are small;
+        # fp32 costs nothing there.
+        h, preds = self.ln_f(h).reshape(B, K, M, -1).to(self.ln_f.weight.dtype), {}  # fp32
         with torch.autocast(h.device.type, enabled=False):
             for task, head in self.heads.items():
                 out = head(h[:, :, MODALITIES.index(READ[task])])
                 mean, log_std = out.chunk(2, dim=-1) if self.gaussian[task] else (out, None)
-                # Actions live in [-1, 1]: the action mean is tanh-squashed, as in DT's deterministic
-                # head. Where Eq. 1.3 is silent, a Gaussian action head keeps that mean and the plain NLL
-                # of Eq. 1.4, without ODT's tanh-transformed distribution and entropy constraint;
-                # evaluation acts with the mean.
+                # Actions live in [-1, 1]: the action mean is tanh-squashed, as in DT's
+                # deterministic head. Where Eq. 1.3 is silent, a Gaussian action head keeps that
+                # mean and the plain NLL of Eq. 1.4, without ODT's tanh-transformed distribution and
+                # entropy constraint; evaluation acts with the mean.
                 mean = torch.tanh(mean) if task == "action" else mean
                 preds[task] = (mean, None if log_std is None else bounded_log_std(log_std))
         return preds
@@ -329,28 +379,37 @@ def masked_mean(per_step: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def head_loss(mean, log_std, target, mask) -> torch.Tensor:
-    """Diagonal Gaussian NLL summed over dimensions (Eq. 1.4), or with log_std None DT's l2 loss (mean squared
-    error over dimensions); averaged over the real positions, in float32 even under autocast."""
+    """Diagonal Gaussian NLL summed over dimensions (Eq. 1.4), or with log_std None DT's l2 loss
+    (mean squared error over dimensions); averaged over the real positions, in float32 even under
+    autocast."""
     mean, target = mean.float(), target.float()
     if log_std is None:
         return masked_mean(((mean - target) ** 2).mean(-1), mask)
-    nll = 0.5 * ((target - mean) / log_std.float().exp()) ** 2 + log_std.float() + 0.5 * math.log(2 * math.pi)
+    nll = (
+        0.5 * ((target - mean) / log_std.float().exp()) ** 2
+        + log_std.float()
+        + 0.5 * math.log(2 * math.pi)
+    )
     return masked_mean(nll.sum(-1), mask)
 
 
 def make_optimizer(model, args):
-    """AdamW with weight decay on matrices only, as in nanoGPT (learned positions are not weights), and a
-    linear warmup."""
+    """AdamW, decaying matrices only (as nanoGPT: not learned positions), and a linear warmup."""
     wd, named = args.weight_decay, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p.dim() >= 2 and not n.startswith("pos_") for n, p in named]
-    groups = [{"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on} for on in (1, 0)]
+    groups = [
+        {"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on}
+        for on in (1, 0)
+    ]
     # fused: one kernel for the whole step, on CPU and CUDA (foreach reads each step count back)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps))
+    )
 
 
 def update(model, opt, batch: dict, grad_clip: float, autocast) -> tuple[dict, torch.Tensor]:
-    """One gradient step on the action loss; returns the loss (detached) and the gradient norm before clipping."""
+    """One update on the action loss; returns it (detached) and the pre-clip gradient norm."""
     with autocast:
         preds = model(batch)
     loss = head_loss(*preds["action"], batch["actions"], batch["mask"])
@@ -409,7 +468,8 @@ def evaluate(
     bar = tqdm(total=n, desc="evaluate", **look)
     t0 = time.perf_counter()
     for t in range(horizon):
-        buf["states"][:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
+        s_t = torch.as_tensor(obs, device=device, dtype=torch.float32)
+        buf["states"][:, t] = (s_t - mean) / std
         ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps, fewer at first
         context = {k: v[:, ctx] for k, v in buf.items()}
         buf["actions"][:, t], _ = act(model, context, low, high, autocast)
@@ -422,7 +482,7 @@ def evaluate(
         if done.all() or t + 1 == horizon:  # no slot for g_{t+1} past the horizon
             break
         r = torch.as_tensor(r, device=device, dtype=torch.float32)[:, None]
-        buf["rtg"][:, t + 1] = buf["rtg"][:, t] - r / model.rtg_scale  # DT's rule: g_{t+1} = g_t - r_t
+        buf["rtg"][:, t + 1] = buf["rtg"][:, t] - r / model.rtg_scale  # g_{t+1} = g_t - r_t
     wait_for(device)  # env steps/s of work done, not of work queued on the device
     elapsed = time.perf_counter() - t0
     bar.close()
@@ -472,20 +532,27 @@ def train(args: Args) -> dict:
     return finish(run, res)
 
 
-# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------------
+# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------
 
 
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
-    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+    for names, ok, rule in (
+        (positive, lambda v: v > 0, "> 0"),
+        (non_negative, lambda v: v >= 0, ">= 0"),
+    ):
         for name in names.split():
             if not ok(getattr(args, name)):
-                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}.")
+                raise SystemExit(
+                    f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}."
+                )
 
 
 def setup(args) -> tuple[torch.device, int]:
     """PLUMBING: threads, seeds and the device, checked before anything is written."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     threads = args.threads or max(1, cores // 2)
     torch.set_num_threads(threads)
     random.seed(args.seed)
@@ -495,17 +562,23 @@ def setup(args) -> tuple[torch.device, int]:
     try:
         device = torch.device(auto if args.device == "auto" else args.device)
     except RuntimeError:
-        raise SystemExit(f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+        raise SystemExit(
+            f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N."
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
+        raise SystemExit(
+            f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu "
+            "(or auto)."
+        )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, threads
 
 
 def bf16_native(device: torch.device) -> bool:
-    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with AVX512-BF16 or AMX;
-    elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the test suite's second pass, .ci/run)
-    takes the bf16 path on any CPU, emulated, so that CI runs the code every GPU and bf16 CPU runs."""
+    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with
+    AVX512-BF16 or AMX; elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the
+    test suite's second pass, .ci/run) takes the bf16 path on any CPU, emulated, so that CI runs the
+    code every GPU and bf16 CPU runs."""
     if os.environ.get("SEQRL_TEST_FORCE_BF16") == "1":
         return True
     if device.type == "cuda":
@@ -514,9 +587,9 @@ def bf16_native(device: torch.device) -> bool:
 
 
 def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = None) -> None:
-    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit it (an
-    edited or foreign file) are one line, not load_state_dict's traceback, and the run folder made for them
-    (`fresh_run`, holding only its config.json) is removed."""
+    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit
+    it (an edited or foreign file) are one line, not load_state_dict's traceback, and the run folder
+    made for them (`fresh_run`, holding only its config.json) is removed."""
     try:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
@@ -526,14 +599,14 @@ def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = Non
             (fresh_run / "config.json").unlink(missing_ok=True)
             fresh_run.rmdir()
         raise SystemExit(
-            f"error: the checkpoint's weights do not fit the architecture it records ({why[:160]}); "
-            "pass a model.pt this script wrote, unedited."
+            "error: the checkpoint's weights do not fit the architecture it records "
+            f"({why[:160]}); pass a model.pt this script wrote, unedited."
         ) from None
 
 
 def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:
-    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code), onto
-    `device` whatever device wrote it."""
+    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run
+    code), onto `device` whatever device wrote it."""
     if path is None:
         return None
     if not Path(path).is_file():
@@ -541,24 +614,33 @@ def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> 
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        why = f"not a checkpoint torch can read as data ({type(e).__name__}); pass a model.pt that {METHOD}.py wrote"
+        why = f"not a checkpoint torch can read as data ({type(e).__name__})"
+        why += f"; pass a model.pt that {METHOD}.py wrote"
         raise SystemExit(f"error: {flag} {path}: {why}.") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise SystemExit(f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py.")
+        raise SystemExit(
+            f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py."
+        )
     if flag == "--resume" and ckpt.get("resume") is None:
-        raise SystemExit(f"error: --resume: {path} holds no training state (an older version's); use --checkpoint.")
+        raise SystemExit(
+            f"error: --resume: {path} holds no training state (an older version's); "
+            "use --checkpoint."
+        )
     return ckpt
 
 
 def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
-    """PLUMBING: the dataset of --env / --dataset-path, else the checkpoint's. Evaluating a checkpoint on its
-    own dataset needs only the recorded dataset facts, not the file; another domain's data is refused."""
+    """PLUMBING: the dataset of --env / --dataset-path, else the checkpoint's. Evaluating a
+    checkpoint on its own dataset needs only the recorded dataset facts, not the file; another
+    domain's data is refused."""
     recorded = ckpt["dataset"] if ckpt is not None else None
     if recorded is not None and args.env is None and not args.dataset_path and args.updates == 0:
         return None, recorded
     name = args.env or (recorded["name"] if recorded is not None else DEFAULT_ENV)
-    paths = args.dataset_path or (tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ())
+    paths = args.dataset_path or (
+        tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ()
+    )
     try:
         episodes, info = common.load_dataset(name, paths)
     except common.DatasetError as e:
@@ -566,30 +648,36 @@ def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
     facts = ("env_id", "obs_dim", "act_dim")
     if recorded is not None and any(recorded[k] != info[k] for k in facts):
         raise SystemExit(
-            f"error: --checkpoint {args.checkpoint} was trained on {recorded['name']} ({recorded['env_id']}), "
-            f"not on data of {info['env_id']} like {name}; leave out --env to use its own dataset."
+            f"error: --checkpoint {args.checkpoint} was trained on {recorded['name']} "
+            f"({recorded['env_id']}), not on data of {info['env_id']} like {name}; leave out "
+            "--env to use its own dataset."
         )
     return episodes, info
 
 
 def make_run_dir(args, info: dict) -> Path:
-    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an existing
-    folder is never reused."""
-    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"  # `ls runs` tells evaluations apart
+    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an
+    existing folder is never reused."""
+    # `ls runs` tells evaluations apart
+    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"
     name = f"{info['name'].replace('/', '_')}__{kind}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.runs_dir) / name
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
-        raise SystemExit(f"error: run folder {run_dir} already exists; wait a second or change --exp-name.") from None
+        raise SystemExit(
+            f"error: run folder {run_dir} already exists; wait a second or change --exp-name."
+        ) from None
     except OSError as e:
-        raise SystemExit(f"error: --runs-dir {args.runs_dir}: cannot make a run folder there ({e.strerror}).") from None
+        raise SystemExit(
+            f"error: --runs-dir {args.runs_dir}: cannot make a run folder there ({e.strerror})."
+        ) from None
     return run_dir
 
 
 def log_metrics(path: Path, **metrics) -> None:
-    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged; also
-    to W&B once --track has started a run there."""
+    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it
+    logged; also to W&B once --track has started a run there."""
     with open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
     wandb = sys.modules.get("wandb")
@@ -598,12 +686,13 @@ def log_metrics(path: Path, **metrics) -> None:
 
 
 def start_tracking(args, config: dict, run_dir: Path) -> None:
-    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's convention)."""
+    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's
+    convention)."""
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name=run_dir.name,
-                   dir=run_dir)  # fmt: skip
+        project, entity = args.wandb_project_name, args.wandb_entity
+        wandb.init(project=project, entity=entity, config=config, name=run_dir.name, dir=run_dir)
 
 
 def finish_tracking(results: dict) -> None:
@@ -617,22 +706,26 @@ def finish_tracking(results: dict) -> None:
 def git_commit() -> Optional[str]:
     """PLUMBING"""
     try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True)
+        git = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True
+        )
         return git.stdout.decode().strip() if git.returncode == 0 else None
     except Exception:
         return None
 
 
-STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}  # PLUMBING: name -> what it is
+# PLUMBING: a signal's name -> what it is
+STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}
 
 
 STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signals_deferred
 
 
 def catch_stop_signals() -> dict:
-    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1 (SLURM's --signal)
-    all raise KeyboardInterrupt naming the signal, so that one `except` saves a resumable checkpoint for each.
-    Returns the handlers it replaced (restore_signals puts them back); only the main thread can catch signals."""
+    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1
+    (SLURM's --signal) all raise KeyboardInterrupt naming the signal, so that one `except` saves a
+    resumable checkpoint for each. Returns the handlers it replaced (restore_signals puts them
+    back); only the main thread can catch signals."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -657,8 +750,8 @@ def restore_signals(old: dict) -> None:
 
 @contextlib.contextmanager
 def signals_deferred():
-    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an update or a
-    checkpoint is never left half done."""
+    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an
+    update or a checkpoint is never left half done."""
     STOPPING["deferred"] = True
     try:
         yield
@@ -670,8 +763,8 @@ def signals_deferred():
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on POSIX and
-    Windows): a kill at any instant leaves the last complete checkpoint readable."""
+    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on
+    POSIX and Windows): a kill at any instant leaves the last complete checkpoint readable."""
     tmp = path.with_name(path.name + ".tmp")
     with signals_deferred():
         with open(tmp, "wb") as f:
@@ -681,24 +774,33 @@ def save_atomic(obj: dict, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def training_state(updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path) -> dict:
-    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the schedule's position,
-    every random state (python, numpy, torch, CUDA, the batch sampler's), the updates done, the time spent and
-    how many lines metrics.jsonl had."""
+def training_state(
+    updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path
+) -> dict:
+    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the
+    schedule's position, every random state (python, numpy, torch, CUDA, the batch sampler's), the
+    updates done, the time spent and how many lines metrics.jsonl had."""
     kind, key, pos, gauss, cached = np.random.get_state()
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "batch": gen.get_state()}
-    rng["numpy"] = (kind, torch.as_tensor(key.astype(np.int64)), pos, gauss, cached)  # as data: no numpy pickles
+    key = torch.as_tensor(key.astype(np.int64))  # as data: no numpy pickles
+    rng["numpy"] = (kind, key, pos, gauss, cached)
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng["batch_device"] = gen.device.type
     sched_state = sched.state_dict() if sched is not None else None
-    state = {"updates_done": updates_done, "optimizer": opt.state_dict(), "scheduler": sched_state, "rng": rng}
+    state = {
+        "updates_done": updates_done,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched_state,
+        "rng": rng,
+    }
     lines = metrics.read_text().count("\n") if metrics.exists() else 0
     return state | {"clock": dict(clock), "metrics_lines": lines}
 
 
 def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> None:
-    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of device: resumed
-    on another, the sampler goes on from a fresh stream (said once; the run is then not bit-exact)."""
+    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of
+    device: resumed on another, the sampler goes on from a fresh stream (said once; the run is then
+    not bit-exact)."""
     opt.load_state_dict(state["optimizer"])
     if sched is not None:
         sched.load_state_dict(state["scheduler"])
@@ -713,45 +815,60 @@ def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> Non
         gen.set_state(rng["batch"].cpu())
     else:
         gen.manual_seed(int(torch.randint(2**62, (1,)).item()))
-        print(f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch stream (not bit-exact)")
+        print(
+            f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch "
+            "stream (not bit-exact)"
+        )
 
 
 def resumed_args(cls, cli):
-    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags (RUN_FLAGS:
-    where and how to run, not what) replace them; any other flag given is refused rather than ignored."""
+    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags
+    (RUN_FLAGS: where and how to run, not what) replace them; any other flag given is refused rather
+    than ignored."""
     if cli.resume is None:
         return cli
     run = Path(cli.resume)
     if (run / "results.json").exists():
-        raise SystemExit(f"error: --resume {run}: that run has finished (results.json is there); nothing to resume.")
+        raise SystemExit(
+            f"error: --resume {run}: that run has finished (results.json is there); "
+            "nothing to resume."
+        )
     try:
         saved = json.loads((run / "config.json").read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise SystemExit(f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json).") from None
+        raise SystemExit(
+            f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json)."
+        ) from None
     if not (run / "model.pt").is_file():
-        raise SystemExit(f"error: --resume {run}: no model.pt there yet (stopped before its first save); start again.")
+        raise SystemExit(
+            f"error: --resume {run}: no model.pt there yet (stopped before its first save); "
+            "start again."
+        )
     fields = {f.name: f.default for f in dataclasses.fields(cls)}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
     for name, value in dataclasses.asdict(cli).items():
-        if name not in RUN_FLAGS and value != fields[name] and value != saved.get(name, fields[name]):
+        given = value != fields[name] and value != saved.get(name, fields[name])
+        if name not in RUN_FLAGS and given:
             flag = f"--{name.replace('_', '-')}"
             raise SystemExit(
-                f"error: --resume {run} continues that run with its own flags; leave out {flag} {value} "
-                f"(the run has {saved.get(name, fields[name])})."
+                f"error: --resume {run} continues that run with its own flags; leave out "
+                f"{flag} {value} (the run has {saved.get(name, fields[name])})."
             )
     return cls(**(saved | {k: getattr(cli, k) for k in RUN_FLAGS}))
 
 
 def trim_metrics(path: Path, n_lines: int) -> list[dict]:
-    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the checkpoint was saved)
-    and drop the rest, so that no step is written twice; returns the kept lines."""
+    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the
+    checkpoint was saved) and drop the rest, so that no step is written twice; returns the kept
+    lines."""
     kept = path.read_text().splitlines()[:n_lines] if path.exists() else []
     path.write_text("".join(line + "\n" for line in kept))
     return [json.loads(line) for line in kept]
 
 
 def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
-    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the run."""
+    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the
+    run."""
     if n == updates:
         return True
     if save_every:
@@ -759,8 +876,9 @@ def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
     return bool(eval_every and n % eval_every == 0) or n % max(1, math.ceil(updates / 10)) == 0
 
 
-def log_losses(path: Path, step: int, losses: dict, grad_norm: torch.Tensor, lr: float, bar) -> None:
-    """PLUMBING: one update's losses and their sum, its gradient norm before clipping and its learning rate."""
+def log_losses(path: Path, step: int, losses: dict, grad_norm, lr: float, bar) -> None:
+    """PLUMBING: one update's losses and their sum, its gradient norm before clipping and its
+    learning rate."""
     loss = {f"loss_{k}": v.item() for k, v in losses.items()}
     loss["loss"] = sum(loss.values())
     log_metrics(path, step=step, grad_norm=grad_norm.item(), lr=lr, **loss)
@@ -777,22 +895,27 @@ def stop_message(why: str, done: int, run_dir: Path) -> str:
 
 
 def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
-    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it went on."""
+    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it
+    went on."""
     if resume is not None:
         where = {k: config[k] for k in ("device", "threads", "git_commit", "torch")}
         config = json.loads((run_dir / "config.json").read_text())
-        config["resumed"] = config.get("resumed", []) + [{"at_update": resume["updates_done"], **where}]
+        config["resumed"] = config.get("resumed", []) + [
+            {"at_update": resume["updates_done"], **where}
+        ]
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     return config
 
 
 def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
-    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
-    MP4), and the episode horizon (the TimeLimit)."""
+    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video`
+    names an MP4), and the episode horizon (the TimeLimit)."""
     import gymnasium as gym
 
     vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    envs = vector_env([functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)])
+    envs = vector_env(
+        [functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)]
+    )
     probe = common.make_env(info)
     horizon = probe.spec.max_episode_steps or 1000
     probe.close()
@@ -805,18 +928,18 @@ COMPILE_WARMUP = 3
 
 
 def wait_for(device: torch.device) -> None:
-    """PLUMBING: waits until the device has done the work queued on it (CUDA runs it asynchronously), so that
-    a time read afterwards includes that work."""
+    """PLUMBING: waits until the device has done the work queued on it (CUDA runs it
+    asynchronously), so that a time read afterwards includes that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @dataclass
 class Stopwatch:
-    """PLUMBING: training time, measured in intervals that end where the run waits for the device anyway (a
-    logging point, a save, the end): one sync per interval, never one per update. The first
-    `warmup` updates of this process (--compile) are compile time, neither training time nor timed
-    updates. Saves and log lines fall between intervals."""
+    """PLUMBING: training time, measured in intervals that end where the run waits for the device
+    anyway (a logging point, a save, the end): one sync per interval, never one per update. The
+    first `warmup` updates of this process (--compile) are compile time, neither training time nor
+    timed updates. Saves and log lines fall between intervals."""
 
     clock: dict
     device: torch.device
@@ -872,8 +995,8 @@ def compiled_update(model, opt, device: torch.device, compile: bool):
 
 
 def run_timing(clock: dict, compiled: bool, bf16: bool, t_start: float) -> dict:
-    """PLUMBING: results.json's timing: updates/s of the timed updates (training only: no compile, saves or
-    evaluation), the compile time apart, the run's wall time (a resumed run's in all)."""
+    """PLUMBING: results.json's timing: updates/s of the timed updates (training only: no compile,
+    saves or evaluation), the compile time apart, the run's wall time (a resumed run's in all)."""
     timed, seconds = clock["timed_updates"], clock["train_time_s"]
     timing = {"train_updates_per_s": timed / seconds if timed and seconds else None, "bf16": bf16}
     timing["compile_time_s"] = clock["compile_time_s"] if compiled else None
@@ -896,7 +1019,9 @@ def read_inputs(args: Args, device):
     defaults = {f.name: f.default for f in dataclasses.fields(Args)}
     ignored = [k for k in ARCH if ckpt is not None and defaults[k] != getattr(args, k) != arch[k]]
     if ignored:  # the checkpoint's architecture wins: said, not silent
-        told = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (it has {arch[k]})" for k in ignored)
+        told = ", ".join(
+            f"--{k.replace('_', '-')} {getattr(args, k)} (it has {arch[k]})" for k in ignored
+        )
         print(f"note: the checkpoint sets the architecture; ignoring {told}")
     domain = facts["env_id"].split("-")[0].lower()
     target = args.target_return if args.target_return is not None else TARGET_RETURNS.get(domain)
@@ -906,7 +1031,10 @@ def read_inputs(args: Args, device):
     if args.eval_context is not None and args.eval_context > arch["context_len"]:
         k = arch["context_len"]
         why = "the checkpoint's context" if ckpt is not None else "--context-len"
-        raise SystemExit(f"error: --eval-context {args.eval_context}: must be <= K = {k} ({why}); or leave it out.")
+        raise SystemExit(
+            f"error: --eval-context {args.eval_context}: must be <= K = {k} ({why}); "
+            "or leave it out."
+        )
     if args.capture_video:
         try:
             common.check_video(facts)
@@ -981,7 +1109,10 @@ def log_score(run: dict, step: int, res: dict) -> None:
 def checkpoint_frame(run: dict, state_stats) -> dict:
     """What every model.pt of a run holds besides the weights: what evaluating them needs
     (architecture, dataset facts, state normalisation) and the flags."""
-    stats = {"state_mean": torch.as_tensor(state_stats[0]), "state_std": torch.as_tensor(state_stats[1])}
+    stats = {
+        "state_mean": torch.as_tensor(state_stats[0]),
+        "state_std": torch.as_tensor(state_stats[1]),
+    }
     parts = {"method": METHOD, "arch": run["arch"], "args": asdict(run["args"])}
     return parts | {"dataset": run["facts"]} | stats
 

@@ -1,18 +1,19 @@
-"""Trust Region Decision Transformer (thesis §1.4.2, Eq. 1.11-1.14, Alg. 1): the multi-objective DT of §1.4.1
-(Gaussian action, next-state and next-return heads, Eq. 1.3-1.10) plus an action-region token per step.
+"""Trust Region Decision Transformer (thesis §1.4.2, Eq. 1.11-1.14, Alg. 1): the multi-objective
+DT of §1.4.1 (Gaussian action, next-state and next-return heads, Eq. 1.3-1.10) plus an
+action-region token per step.
 
-    python trdt.py --env hopper-medium-replay                          # Table 1.3's TRDT column
-    python trdt.py --env hopper-medium-replay --no-gaussian-heads      # Fig. 1.4a: MSE state/return heads
-    python trdt.py --env hopper-medium-replay --n-head 1               # Fig. 1.4b: one attention head
-    python trdt.py --env hopper-medium-replay --schedule alternating   # Chapter 3's sequential regime
-    python trdt.py --env hopper-medium-replay --rtg-update subtract    # DT's return rule at inference
-    python trdt.py --checkpoint runs/RUN/model.pt --updates 0          # evaluate a trained model again
+    python trdt.py --env hopper-medium-replay                        # Table 1.3's TRDT column
+    python trdt.py --env hopper-medium-replay --no-gaussian-heads    # Fig. 1.4a: MSE heads
+    python trdt.py --env hopper-medium-replay --n-head 1             # Fig. 1.4b: one head
+    python trdt.py --env hopper-medium-replay --schedule alternating # Ch. 3's sequential regime
+    python trdt.py --env hopper-medium-replay --rtg-update subtract  # DT's g_{t+1} = g_t - r_t
+    python trdt.py --checkpoint runs/RUN/model.pt --updates 0        # evaluate a trained model
 
-One file, the method first: its flags, action regions, data, model, objective and update, the
-action step and evaluation, train() (Alg. 1); below the PLUMBING banner the run's infrastructure
-(run folder, checkpoints, exact resume, stop signals, tracking). Blocks marked PLUMBING are the
-same, byte for byte, in every method file that has them. Shared with the other method files is
-only common.py (datasets, env ids, normalized scores).
+One file, the method first: its flags, action regions, data, model, objective and update,
+the action step and evaluation, train() (Alg. 1); below the PLUMBING banner the run's
+infrastructure (run folder, checkpoints, exact resume, stop signals, tracking). Blocks marked
+PLUMBING are the same, byte for byte, in every method file that has them. Shared with the other
+method files is only common.py (datasets, env ids, normalized scores).
 """
 
 from __future__ import annotations
@@ -49,33 +50,35 @@ DEFAULT_ENV = "hopper-medium-replay"  # the dataset without --env or --checkpoin
 @dataclass
 class Args:
     env: Optional[str] = None
-    """dataset: a D4RL gym-mujoco name such as `hopper-medium-replay` (with or without `-v2`), or a Minari
-    id such as `mujoco/hopper/medium-v0`. Default: the checkpoint's dataset, else hopper-medium-replay"""
+    """dataset: a D4RL gym-mujoco name such as `hopper-medium-replay` (with or without `-v2`), or a
+    Minari id such as `mujoco/hopper/medium-v0`. Default: the checkpoint's dataset, else
+    hopper-medium-replay"""
     dataset_path: tuple[str, ...] = ()
-    """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official file;
-    several are concatenated (medium + expert = medium-expert). Without it the official file is read from
-    $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded there first if missing"""
+    """local D4RL-layout .hdf5 or decision-transformer .pkl file(s) to read instead of the official
+    file; several are concatenated (medium + expert = medium-expert). Without it the official file
+    is read from $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded there first if missing"""
     bins: int = 3
-    """b, action-region bins per action dimension (uniform over [-1, 1]); the region token is the ordinal
-    encoding of length b per dimension, b * m_a bits in all (Eq. 1.12; Table 1.1: b = 3)"""
+    """b, action-region bins per action dimension (uniform over [-1, 1]); the region token is the
+    ordinal encoding of length b per dimension, b * m_a bits in all (Eq. 1.12; Table 1.1: b = 3)"""
     lambdas: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
-    """loss weights on the simplex (Eq. 1.14), one per task in the order action, state, return, region;
-    non-negative, summing to 1 (Table 1.1: uniform)"""
+    """loss weights on the simplex (Eq. 1.14), one per task in the order action, state, return,
+    region; non-negative, summing to 1 (Table 1.1: uniform)"""
     gaussian_heads: bool = True
-    """Gaussian NLL heads for the next state and next return (Eq. 1.5-1.8); `--no-gaussian-heads` trains those
-    two with mean squared error instead (the Fig. 1.4a ablation). The action head stays Gaussian (Eq. 1.3-1.4)
-    and the region head Bernoulli (Eq. 1.12)"""
+    """Gaussian NLL heads for the next state and next return (Eq. 1.5-1.8); `--no-gaussian-heads`
+    trains those two with MSE instead (Fig. 1.4a's ablation); the action head stays Gaussian and
+    the region head Bernoulli (Eq. 1.12)"""
     schedule: Literal["joint", "alternating"] = "joint"
-    """`joint`: one optimizer step on sum_i lambda_i L_i per update (Eq. 1.14, Alg. 1 line 12); `alternating`:
-    one step on lambda_i L_i for each task in turn on the same batch (the sequential regime of Ch. 3, Thm 3)"""
+    """`joint`: one optimizer step on sum_i lambda_i L_i per update (Eq. 1.14, Alg. 1 line 12);
+    `alternating`: one step on lambda_i L_i per task in turn, same batch (Ch. 3's regime, Thm 3)"""
     rtg_update: Literal["model", "subtract"] = "model"
-    """next return-to-go at evaluation: `model` predicts it with the return head (Eq. 1.16, Alg. 1 line 23);
-    `subtract` is DT's rule g_{t+1} = g_t - r_t"""
+    """next return-to-go at evaluation: `model` predicts it with the return head (Eq. 1.16, Alg. 1
+    line 23); `subtract` is DT's rule g_{t+1} = g_t - r_t"""
     timestep_embedding: bool = False
-    """add a learned timestep embedding to every token of a step, as DT does. Off by default: Table 1.1 says
-    "positional embedding: No" (following ODT, whose code builds a timestep embedding but never uses it)"""
+    """add a learned timestep embedding to every token of a step, as DT does. Off by default:
+    Table 1.1 says "positional embedding: No" (ODT's code builds one but never uses it)"""
     context_len: int = 20
-    """K, the number of timesteps (each = return, state, region, action tokens) the transformer sees"""
+    """K, the number of timesteps the transformer sees (Eq. 1.2), each made of its tokens: return,
+    state, region, action"""
     n_layer: int = 4
     """transformer blocks (Table 1.1)"""
     n_head: int = 4
@@ -95,19 +98,20 @@ class Args:
     warmup_steps: int = 10_000
     """linear learning-rate warmup, in updates"""
     updates: int = 100_000
-    """gradient updates; with --checkpoint, 0 only evaluates it and N > 0 trains on from its weights"""
+    """gradient updates; with --checkpoint, 0 only evaluates it, N > 0 trains on from its weights"""
     grad_clip: float = 0.25
     """clip the global gradient norm at this value (> 0), before every optimizer step"""
     rtg_scale: float = 1000.0
     """returns-to-go are divided by this before they enter the model"""
     target_return: Optional[float] = None
-    """return to condition on at evaluation; default Table 1.2: hopper 7200, walker2d 10000, halfcheetah 12000"""
+    """the return evaluation conditions on (Table 1.2: hopper 7200, walker2d 10000,
+    halfcheetah 12000)"""
     eval_episodes: int = 10
     """episodes per evaluation, all run at once in a vector env"""
     eval_context: Optional[int] = None
-    """K' <= K: evaluate on the last K' steps instead of K (§1.3.2: the context "may be shorter during
-    evaluation than the one used during training"; the ODT code evaluates with 5). Default: K, the
-    checkpoint's with --checkpoint"""
+    """K' <= K: evaluate on the last K' steps instead of K (§1.3.2: the context "may be shorter
+    during evaluation than the one used during training"; the ODT code evaluates with 5). Default:
+    K, the checkpoint's with --checkpoint"""
     exp_name: str = METHOD
     """experiment name, part of the run name `{env}__{exp_name}__{seed}__{time}`"""
     seed: int = 0
@@ -118,115 +122,149 @@ class Args:
     """torch.compile for training: on CUDA the whole update, replayed as CUDA graphs; on a CPU the
     model. Its first updates are timed apart (compile_time_s in results.json)"""
     bf16: bool = True
-    """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX); fp32 elsewhere"""
+    """bfloat16 autocast where the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX);
+    fp32 elsewhere"""
     eval_async: bool = False
-    """step the evaluation envs in subprocesses (gymnasium AsyncVectorEnv); pays off with many CPU cores"""
+    """evaluation envs stepped in subprocesses (gymnasium AsyncVectorEnv): for many CPU cores"""
     threads: int = 0
-    """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow down
-    sharply when another program keeps one busy)"""
+    """torch CPU threads (0: half of the cores this process may use, at least 1; all of them slow
+    down sharply when another program keeps one busy)"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
     track: bool = False
-    """also send the config, every logged metric and the final results to Weights & Biases (`pip install -e
-    ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept locally to sync later"""
+    """also send the config, every logged metric and the final results to Weights & Biases (`pip
+    install -e ".[track]"`); metrics.jsonl stays the record. With WANDB_MODE=offline the run is kept
+    locally to sync later"""
     wandb_project_name: str = "seqrl"
     """W&B project of --track"""
     wandb_entity: Optional[str] = None
     """W&B team or user of --track (default: your W&B default entity)"""
     capture_video: bool = False
-    """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's offscreen
-    renderer; headless machines use MUJOCO_GL=egl, the default here when no display is set, or osmesa)"""
+    """write video.mp4 of the final evaluation's first episode into the run folder (MuJoCo's
+    offscreen renderer; headless machines use MUJOCO_GL=egl, the default here when no display is
+    set, or osmesa)"""
     checkpoint: Optional[str] = None
-    """a `model.pt` from an earlier run: start from its weights, architecture and state normalisation (the
-    architecture flags are ignored); `--updates 0` only evaluates it, on its own dataset unless --env says"""
+    """a `model.pt` from an earlier run: start from its weights, architecture and state
+    normalisation (the architecture flags are ignored); `--updates 0` only evaluates it, on its own
+    dataset unless --env says"""
     resume: Optional[str] = None
-    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags, optimizer,
-    schedule and random states, to its --updates; the result is the run it would have been without the stop"""
+    """a run folder (runs/RUN) that stopped before its end: continue it there, with its own flags,
+    optimizer, schedule and random states, to its --updates; the result is the run it would have
+    been without the stop"""
     save_every: int = 0
-    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10% of the run);
-    also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
+    """write the resumable checkpoint model.pt every N updates (0: at every evaluation and every 10%
+    of the run); also at the end and on Ctrl-C, SIGTERM or SIGUSR1"""
     eval_every: int = 10_000
     """evaluate before training and every N updates (0: only at the end)"""
     log_every: int = 100
-    """log the training loss, each task's loss and the learning rate every N updates"""
+    """log the training losses and the learning rate every N updates"""
 
     def __post_init__(self):
-        positive = (
-            "context_len n_layer n_head n_embd max_ep_len batch_size lr grad_clip rtg_scale eval_episodes log_every"
+        positive = "context_len n_layer n_head n_embd max_ep_len batch_size lr grad_clip rtg_scale"
+        positive += " eval_episodes log_every"
+        check_flags(
+            self, positive, "seed weight_decay warmup_steps updates eval_every threads save_every"
         )
-        check_flags(self, positive, "seed weight_decay warmup_steps updates eval_every threads save_every")
         if not 0 <= self.dropout < 1:
             raise SystemExit(f"error: --dropout {self.dropout}: must be in [0, 1).")
         if self.bins < 2:
-            raise SystemExit(f"error: --bins {self.bins}: must be >= 2; one bin makes every region the same.")
+            raise SystemExit(
+                f"error: --bins {self.bins}: must be >= 2; one bin makes every region the same."
+            )
         if self.context_len > self.max_ep_len:  # K steps cannot outnumber the longest episode
             why = "no episode is longer, and attention's memory grows with K^2"
             raise SystemExit(
-                f"error: --context-len {self.context_len}: must be <= --max-ep-len {self.max_ep_len} ({why})."
+                f"error: --context-len {self.context_len}: must be <= --max-ep-len "
+                f"{self.max_ep_len} ({why})."
             )
         if self.n_embd % self.n_head:
-            raise SystemExit(f"error: --n-embd {self.n_embd} must be divisible by --n-head {self.n_head}.")
+            raise SystemExit(
+                f"error: --n-embd {self.n_embd} must be divisible by --n-head {self.n_head}."
+            )
         if self.target_return is not None and not math.isfinite(self.target_return):
-            raise SystemExit(f"error: --target-return {self.target_return}: pass a finite return, e.g. 3600.")
+            raise SystemExit(
+                f"error: --target-return {self.target_return}: pass a finite return, e.g. 3600."
+            )
         if self.eval_context is not None and self.eval_context < 1:
             raise SystemExit(f"error: --eval-context {self.eval_context}: must be >= 1 (and <= K).")
-        if self.updates and self.warmup_steps > self.updates:  # else the run ends before it reaches --lr
+        # a warmup longer than the run would end it before it reaches --lr
+        if self.updates and self.warmup_steps > self.updates:
             scaled = max(1, self.updates // 10)
-            print(f"note: --warmup-steps {self.warmup_steps} is longer than --updates {self.updates}; warming up over "
-                  f"{scaled} updates (a tenth of the run) instead")  # fmt: skip
+            print(
+                f"note: --warmup-steps {self.warmup_steps} is longer than --updates "
+                f"{self.updates}; warming up over {scaled} updates (a tenth of the run) instead"
+            )
             self.warmup_steps = scaled
         if self.updates == 0 and self.checkpoint is None and self.resume is None:
-            raise SystemExit("error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to evaluate one.")
-        if self.track and importlib.util.find_spec("wandb") is None:
-            raise SystemExit('error: --track needs wandb: pip install -e ".[track]" (or leave out --track).')
-        if self.capture_video and not os.environ.get("DISPLAY"):  # before MuJoCo is imported, which reads it once
-            os.environ.setdefault("MUJOCO_GL", "egl")
-        lam = np.asarray(self.lambdas, dtype=float)  # Eq. 1.10: a typo must not silently reweight the tasks
-        if lam.shape != (len(TASKS),) or not np.all(np.isfinite(lam) & (lam >= 0)) or abs(lam.sum() - 1) > 1e-6:
             raise SystemExit(
-                f"error: --lambdas {' '.join(map(str, self.lambdas))}: need {len(TASKS)} non-negative "
-                f"weights summing to 1, one per task ({', '.join(TASKS)})."
+                "error: --updates 0 trains nothing; add --checkpoint runs/RUN/model.pt to "
+                "evaluate one."
+            )
+        if self.track and importlib.util.find_spec("wandb") is None:
+            raise SystemExit(
+                'error: --track needs wandb: pip install -e ".[track]" (or leave out --track).'
+            )
+        # before MuJoCo is imported, which reads it once
+        if self.capture_video and not os.environ.get("DISPLAY"):
+            os.environ.setdefault("MUJOCO_GL", "egl")
+        # Eq. 1.10: a typo must not silently reweight the tasks
+        lam = np.asarray(self.lambdas, dtype=float)
+        simplex = np.all(np.isfinite(lam) & (lam >= 0)) and abs(lam.sum() - 1) <= 1e-6
+        if lam.shape != (len(TASKS),) or not simplex:
+            raise SystemExit(
+                f"error: --lambdas {' '.join(map(str, self.lambdas))}: need {len(TASKS)} "
+                f"non-negative weights summing to 1, one per task ({', '.join(TASKS)})."
             )
 
 
 # Table 1.3 (official D4RL v2, 10 seeds, 10^5 updates), TRDT column, printed beside our score.
 # fmt: off
 THESIS = {"halfcheetah-medium": 43.20, "hopper-medium": 65.89, "walker2d-medium": 75.89,
-          "halfcheetah-medium-replay": 42.61, "hopper-medium-replay": 97.82, "walker2d-medium-replay": 86.94,
-          "halfcheetah-medium-expert": 94.37, "hopper-medium-expert": 111.53, "walker2d-medium-expert": 108.52}
+          "halfcheetah-medium-replay": 42.61, "hopper-medium-replay": 97.82,
+          "walker2d-medium-replay": 86.94, "halfcheetah-medium-expert": 94.37,
+          "hopper-medium-expert": 111.53, "walker2d-medium-expert": 108.52}
 # fmt: on
 TARGET_RETURNS = {"hopper": 7200.0, "walker2d": 10000.0, "halfcheetah": 12000.0}  # Table 1.2
 MODALITIES = ("rtg", "states", "regions", "actions")  # the tokens of a step, in order (Eq. 1.11)
 TASKS = ("action", "state", "return", "region")  # the order of --lambdas (Eq. 1.14)
-# The token each head reads. a_t from s_t (Eq. 1.3: it has seen g_t and s_t, not a_t). Eq. 1.5-1.8 write the
-# next-state and next-return heads as "given Gamma_{t-1}"; the inference text (Eq. 1.16 predicts g_2 from
-# {g_1, s_1, a_1}) shows they read a_t's token, which has seen all of step t and nothing of t+1.
-# The region head reads s_t too: Alg. 1 line 19 and Eq. 1.12 write the context of a_t and its region as Gamma_t^+,
-# but §1.4.2 says a_t must not condition on its region, and a region head on a later token would see its target.
+# The token each head reads: a_t from s_t (Eq. 1.2-1.3: it has seen g_t and s_t, not a_t).
+# Eq. 1.5-1.8 write the next-state and next-return heads as "given Gamma_{t-1}"; the inference
+# text (Eq. 1.16 predicts g_2 from {g_1, s_1, a_1}) shows they read a_t's token, which has seen
+# all of step t and nothing of t+1.
+# The region head reads s_t too: Alg. 1 line 19 and Eq. 1.12 write the context of a_t and its
+# region as Gamma_t^+, but §1.4.2 says a_t must not condition on its region, and a region head on
+# a later token would see its target.
 READ = {"action": "states", "state": "actions", "return": "actions", "region": "states"}
-ARCH = "bins gaussian_heads timestep_embedding context_len n_layer n_head n_embd dropout max_ep_len rtg_scale".split()
+ARCH = "bins gaussian_heads timestep_embedding context_len n_layer n_head n_embd dropout".split()
+ARCH += ["max_ep_len", "rtg_scale"]
+# Flags that say where and how a run runs, not what it computes: --resume takes them from its own
+# command line.
+RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name".split()
+RUN_FLAGS += ["wandb_entity", "capture_video"]
 
 
 # --- Action regions (Eq. 1.11-1.12): a coarse uniform grid over the action box, ordinally encoded.
 def region_edges(bins: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """The b - 1 inner bin boundaries -1 + 2k/b of [-1, 1], computed exactly and then rounded to the actions'
-    dtype, so that e.g. float32(-1/3) is on the boundary (torch.linspace misses it by an ulp)."""
-    return torch.tensor([-1.0 + 2.0 * k / bins for k in range(1, bins)], dtype=torch.float64).to(
-        device=device, dtype=dtype
-    )
+    """The b - 1 inner bin boundaries -1 + 2k/b of [-1, 1], computed exactly and then rounded to the
+    actions' dtype, so that e.g. float32(-1/3) is on the boundary (torch.linspace misses it by an
+    ulp)."""
+    edges = torch.tensor([-1.0 + 2.0 * k / bins for k in range(1, bins)], dtype=torch.float64)
+    return edges.to(device=device, dtype=dtype)
 
 
 def encode_regions(actions: torch.Tensor, bins: int) -> torch.Tensor:
-    """(..., m_a) actions -> (..., b * m_a) ordinal bits: bin k is k+1 leading ones (Eq. 1.12). A value on a bin
-    edge goes to the upper bin; values outside [-1, 1] go to the outer bins. Unlike a one-hot code, neighbouring
-    bins share bits, so the code keeps their order (the first bit is always 1; kept: the thesis's b bits)."""
-    k = torch.bucketize(actions.contiguous(), region_edges(bins, actions.dtype, actions.device), right=True)
+    """(..., m_a) actions -> (..., b * m_a) ordinal bits: bin k is k+1 leading ones (Eq. 1.12). A
+    value on a bin edge goes to the upper bin; values outside [-1, 1] go to the outer bins. Unlike a
+    one-hot code, neighbouring bins share bits, so the code keeps their order (the first bit is
+    always 1; kept: the thesis's b bits)."""
+    edges = region_edges(bins, actions.dtype, actions.device)
+    k = torch.bucketize(actions.contiguous(), edges, right=True)
     return (torch.arange(bins, device=actions.device) <= k[..., None]).flatten(-2).to(actions.dtype)
 
 
 def decode_regions(probs: torch.Tensor, bins: int) -> torch.Tensor:
-    """(..., b * m_a) bit probabilities -> (..., m_a) bin indices: threshold 0.5 (§1.4.2), then count the
-    leading ones, so an inconsistent code like 1 0 1 reads as its valid prefix (bin 0)."""
+    """(..., b * m_a) bit probabilities -> (..., m_a) bin indices: threshold 0.5 (§1.4.2), then
+    count the leading ones, so an inconsistent code like 1 0 1 reads as its valid prefix (bin 0)."""
     return ((probs > 0.5).unflatten(-1, (-1, bins)).long().cumprod(-1).sum(-1) - 1).clamp(min=0)
 
 
@@ -240,21 +278,21 @@ def predicted_region_taken(preds: dict, taken: torch.Tensor, bins: int) -> torch
     return (predicted == decode_regions(taken, bins)).float().mean(-1)
 
 
-# Flags that say where and how a run runs, not what it computes: --resume takes them from its own command line.
-RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name wandb_entity capture_video".split()
-
-
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
-    """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (the g tokens of Eq. 1.1)."""
+    """g_t = sum_{t' >= t} r_t', the undiscounted return-to-go of §1.3.1 (Eq. 1.1's g tokens)."""
     return np.cumsum(rewards[::-1])[::-1].copy()
 
 
-def make_dataset(episodes: list[dict], device, rtg_scale: float, max_ep_len: int, bins: int, state_stats=None) -> dict:
-    """Per-step tensors under `steps` (every one is gathered into a batch) and the episode boundaries.
-    `state_stats` (mean, std): a checkpoint's, so that training on and evaluating see its state scale."""
+def make_dataset(
+    episodes: list[dict], device, rtg_scale: float, max_ep_len: int, bins: int, state_stats=None
+) -> dict:
+    """Per-step tensors under `steps` (every one is gathered into a batch) and the episode
+    boundaries. `state_stats` (mean, std): a checkpoint's, so that training on and evaluating see
+    its state scale."""
     obs = np.concatenate([ep["observations"] for ep in episodes])
     mean, std = state_stats if state_stats is not None else (obs.mean(0), obs.std(0) + 1e-6)
-    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)  # as saved: a resumed run sees the same
+    # as saved: a resumed run sees the same
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     lengths = np.array([len(ep["rewards"]) for ep in episodes])
     last = np.cumsum(lengths) - 1  # an episode's last step has no s_{t+1} in the data
     rtg = np.concatenate([returns_to_go(ep["rewards"]) for ep in episodes])[:, None] / rtg_scale
@@ -263,13 +301,21 @@ def make_dataset(episodes: list[dict], device, rtg_scale: float, max_ep_len: int
         "states": torch.as_tensor((obs - mean) / std, dtype=torch.float32),
         "actions": torch.as_tensor(np.concatenate([ep["actions"] for ep in episodes])),
         "rtg": torch.as_tensor(rtg),
-        "timesteps": torch.as_tensor(np.concatenate([np.minimum(np.arange(n), max_ep_len - 1) for n in lengths])),
-        "next_rtg": torch.as_tensor(rtg - rewards),  # Eq. 1.8's target g_{t+1} = g_t - r_t, 0 after the last step
-        "has_next": torch.as_tensor(~np.isin(np.arange(len(obs)), last)),  # Eq. 1.7's target s_{t+1} exists
+        "timesteps": torch.as_tensor(
+            np.concatenate([np.minimum(np.arange(n), max_ep_len - 1) for n in lengths])
+        ),
+        # Eq. 1.8's target g_{t+1} = g_t - r_t, 0 after the last step
+        "next_rtg": torch.as_tensor(rtg - rewards),
+        # Eq. 1.7's target s_{t+1} exists
+        "has_next": torch.as_tensor(~np.isin(np.arange(len(obs)), last)),
     }
     steps["next_states"] = torch.roll(steps["states"], -1, dims=0) * steps["has_next"][:, None]
-    steps["regions"] = encode_regions(steps["actions"], bins)  # Alg. 1 line 8: augment trajectories with regions
-    bounds = {"ep_start": torch.as_tensor(np.cumsum(lengths) - lengths), "ep_len": torch.as_tensor(lengths)}
+    # Alg. 1 line 8: augment trajectories with regions
+    steps["regions"] = encode_regions(steps["actions"], bins)
+    bounds = {
+        "ep_start": torch.as_tensor(np.cumsum(lengths) - lengths),
+        "ep_len": torch.as_tensor(lengths),
+    }
     return {
         "steps": {k: v.to(device) for k, v in steps.items()},
         **{k: v.to(device) for k, v in bounds.items()},
@@ -278,16 +324,20 @@ def make_dataset(episodes: list[dict], device, rtg_scale: float, max_ep_len: int
 
 
 def sample_batch(data: dict, batch_size: int, K: int, gen: torch.Generator) -> dict:
-    """Segments of K steps: the trajectory is drawn with probability proportional to its length, the start
-    uniformly inside it. A segment that runs past the episode's end is left-padded (as in DT) so that its
-    last position is always real, like at evaluation; `mask` marks the real positions, padding is zeros."""
+    """Segments of K steps: the trajectory is drawn with probability proportional to its length, the
+    start uniformly inside it. A segment that runs past the episode's end is left-padded (as in DT)
+    so that its last position is always real, like at evaluation; `mask` marks the real positions,
+    padding is zeros."""
     ep = torch.multinomial(data["ep_len"].float(), batch_size, replacement=True, generator=gen)
     length = data["ep_len"][ep]
     start = (torch.rand(batch_size, generator=gen, device=length.device) * length).long()
-    offset = torch.arange(K, device=length.device) - (K - torch.clamp(length - start, max=K))[:, None]  # (B, K)
+    pad = K - torch.clamp(length - start, max=K)  # the steps past the episode's end
+    offset = torch.arange(K, device=length.device) - pad[:, None]  # (B, K)
     mask = offset >= 0
     idx = data["ep_start"][ep, None] + start[:, None] + offset.clamp(min=0)
-    batch = {k: v[idx] * mask.view(*mask.shape, *[1] * (v.dim() - 1)) for k, v in data["steps"].items()}
+    batch = {
+        k: v[idx] * mask.view(*mask.shape, *[1] * (v.dim() - 1)) for k, v in data["steps"].items()
+    }
     return dict(batch, mask=mask)
 
 
@@ -318,7 +368,10 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
         self.attn = SelfAttention(n_embd, n_head, dropout)
         self.mlp = nn.Sequential(
-            nn.Linear(n_embd, 4 * n_embd), nn.ReLU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
+            nn.Linear(n_embd, 4 * n_embd),
+            nn.ReLU(),
+            nn.Linear(4 * n_embd, n_embd),
+            nn.Dropout(dropout),
         )
 
     def forward(self, x, allowed):
@@ -327,8 +380,9 @@ class Block(nn.Module):
 
 
 def attention_mask(K: int, M: int, mask, device) -> torch.Tensor:
-    """Which keys each of the M*K tokens may attend to: itself and everything before it (a_t ~ pi(. | Gamma_t),
-    Eq. 1.2), minus padded steps; every token still sees itself, so that no row is empty."""
+    """Which keys each of the M*K tokens may attend to: itself and everything before it
+    (a_t ~ pi(. | Gamma_t), Eq. 1.2), minus padded steps; every token still sees itself, so that no
+    row is empty."""
     allowed = torch.ones(M * K, M * K, dtype=torch.bool, device=device).tril()
     if mask is None:
         return allowed
@@ -337,36 +391,43 @@ def attention_mask(K: int, M: int, mask, device) -> torch.Tensor:
 
 
 def bounded_log_std(x: torch.Tensor) -> torch.Tensor:
-    """A head's raw log-std squashed into [-5, 2], ODT's bounds, so the NLL cannot run off on a constant target."""
+    """A head's raw log-std squashed into [-5, 2], ODT's bounds, so the NLL cannot run off on a
+    constant target."""
     return -5.0 + 3.5 * (torch.tanh(x) + 1)
 
 
 class TrustRegionDecisionTransformer(nn.Module):
     def __init__(
-        self, state_dim, act_dim, bins, gaussian_heads, timestep_embedding, context_len, n_layer, n_head, n_embd,
-        dropout, max_ep_len, rtg_scale
+        self, state_dim, act_dim, bins, gaussian_heads, timestep_embedding, context_len, n_layer,
+        n_head, n_embd, dropout, max_ep_len, rtg_scale
     ):  # fmt: skip
         super().__init__()
-        self.K, self.max_ep_len, self.rtg_scale, self.bins = context_len, max_ep_len, rtg_scale, bins
-        # One linear embedding per modality, in token order (Eq. 1.1), and no positional embedding (the
-        # DT code removes GPT-2's, the ODT code never uses its own); --timestep-embedding adds DT's
-        # timestep embedding to every token of a step.
+        self.K, self.max_ep_len, self.rtg_scale = context_len, max_ep_len, rtg_scale
+        self.bins = bins
+        # One linear embedding per modality, in token order (Eq. 1.1), and no positional embedding
+        # (the DT code removes GPT-2's, the ODT code never uses its own); --timestep-embedding adds
+        # DT's timestep embedding to every token of a step.
         self.dims = {"rtg": 1, "states": state_dim, "regions": bins * act_dim, "actions": act_dim}
         self.embed = nn.ModuleDict({m: nn.Linear(self.dims[m], n_embd) for m in MODALITIES})
         self.embed_t = nn.Embedding(max_ep_len, n_embd) if timestep_embedding else None
         self.embed_ln, self.drop = nn.LayerNorm(n_embd), nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
-        # The heads are the task-specific parameters theta_DT, theta_s, theta_g, theta_r (Eq. 1.14); the rest is
-        # shared. A Gaussian head gives a mean and a log-std per dimension (Eq. 1.3, 1.5, 1.6); Fig. 1.4a's MSE ablation
-        # concerns "states and returns" only, so the action head is always Gaussian.
-        self.gaussian = {"action": True, "state": gaussian_heads, "return": gaussian_heads, "region": False}
-        out = {"action": act_dim, "state": state_dim, "return": 1, "region": bins * act_dim}  # region: Bernoulli logits
-        self.heads = nn.ModuleDict({k: nn.Linear(n_embd, d * (1 + self.gaussian[k])) for k, d in out.items()})
+        # The heads are the task-specific parameters theta_DT, theta_s, theta_g of Eq. 1.9; the rest
+        # is shared. A Gaussian head gives a mean and a log-std per dimension (Eq. 1.3, 1.5, 1.6).
+        # Fig. 1.4a's MSE ablation is on "states and returns" only: the action head stays Gaussian.
+        # theta_r, the region head's (Eq. 1.14), gives Bernoulli logits (Eq. 1.12).
+        self.gaussian = {"action": True, "state": gaussian_heads, "return": gaussian_heads}
+        out = {"action": act_dim, "state": state_dim, "return": 1}
+        self.gaussian["region"], out["region"] = False, bins * act_dim  # Bernoulli logits
+        self.heads = nn.ModuleDict(
+            {k: nn.Linear(n_embd, d * (1 + self.gaussian[k])) for k, d in out.items()}
+        )
 
     def forward(self, x: dict) -> dict:
-        """x: rtg (B, K, 1), states (B, K, m_s), actions (B, K, m_a), timesteps (B, K) and optionally mask (B, K),
-        True on real steps. Returns {task: (mean, log-std or None)}, each (B, K, dim)."""
+        """x: rtg (B, K, 1), states (B, K, m_s), actions (B, K, m_a), timesteps (B, K) and
+        optionally mask (B, K), True on real steps. Returns {task: (mean, log-std or None)}, each
+        (B, K, dim)."""
         B, K, M = *x["states"].shape[:2], len(MODALITIES)
         t = 0.0 if self.embed_t is None else self.embed_t(x["timesteps"])
         tokens = torch.stack([self.embed[m](x[m]) + t for m in MODALITIES], dim=2)  # (B, K, M, C)
@@ -374,18 +435,19 @@ class TrustRegionDecisionTransformer(nn.Module):
         allowed = attention_mask(K, M, x.get("mask"), h.device)
         for block in self.blocks:
             h = block(h, allowed)
-        # The heads run in fp32, autocast or not: their outputs are fed back (the actions; MO-DT's returns
-        # at evaluation, Eq. 1.16) and enter every NLL. bf16 keeps 8 bits: above a return-to-go of ~500
-        # its spacing exceeds one hopper step's reward. The heads are small; fp32 costs nothing there.
-        h, preds = self.ln_f(h).reshape(B, K, M, -1).to(self.ln_f.weight.dtype), {}  # the weights' fp32
+        # The heads run in fp32, autocast or not: their outputs are fed back (the actions; MO-DT's
+        # returns at evaluation, Eq. 1.16) and enter every NLL. bf16 keeps 8 bits: above a
+        # return-to-go of ~500 its spacing exceeds one hopper step's reward. The heads are small;
+        # fp32 costs nothing there.
+        h, preds = self.ln_f(h).reshape(B, K, M, -1).to(self.ln_f.weight.dtype), {}  # fp32
         with torch.autocast(h.device.type, enabled=False):
             for task, head in self.heads.items():
                 out = head(h[:, :, MODALITIES.index(READ[task])])
                 mean, log_std = out.chunk(2, dim=-1) if self.gaussian[task] else (out, None)
-                # Actions live in [-1, 1]: the action mean is tanh-squashed, as in DT's deterministic
-                # head. Where Eq. 1.3 is silent, a Gaussian action head keeps that mean and the plain NLL
-                # of Eq. 1.4, without ODT's tanh-transformed distribution and entropy constraint;
-                # evaluation acts with the mean.
+                # Actions live in [-1, 1]: the action mean is tanh-squashed, as in DT's
+                # deterministic head. Where Eq. 1.3 is silent, a Gaussian action head keeps that
+                # mean and the plain NLL of Eq. 1.4, without ODT's tanh-transformed distribution and
+                # entropy constraint; evaluation acts with the mean.
                 mean = torch.tanh(mean) if task == "action" else mean
                 preds[task] = (mean, None if log_std is None else bounded_log_std(log_std))
         return preds
@@ -397,26 +459,33 @@ def masked_mean(per_step: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def head_loss(mean, log_std, target, mask) -> torch.Tensor:
-    """Diagonal Gaussian NLL summed over dimensions (Eq. 1.4), or with log_std None DT's l2 loss (mean squared
-    error over dimensions); averaged over the real positions, in float32 even under autocast."""
+    """Diagonal Gaussian NLL summed over dimensions (Eq. 1.4), or with log_std None DT's l2 loss
+    (mean squared error over dimensions); averaged over the real positions, in float32 even under
+    autocast."""
     mean, target = mean.float(), target.float()
     if log_std is None:
         return masked_mean(((mean - target) ** 2).mean(-1), mask)
-    nll = 0.5 * ((target - mean) / log_std.float().exp()) ** 2 + log_std.float() + 0.5 * math.log(2 * math.pi)
+    nll = (
+        0.5 * ((target - mean) / log_std.float().exp()) ** 2
+        + log_std.float()
+        + 0.5 * math.log(2 * math.pi)
+    )
     return masked_mean(nll.sum(-1), mask)
 
 
 def task_losses(preds: dict, batch: dict) -> dict:
-    """L_DT, L_s, L_g, L_r (Eq. 1.4, 1.7, 1.8, 1.13) on one batch; the next-state loss skips each episode's last
-    step. The region loss is the multivariate Bernoulli NLL: binary cross-entropy summed over the bits."""
+    """L_DT, L_s, L_g, L_r (Eq. 1.4, 1.7, 1.8, 1.13) on one batch; the next-state loss skips each
+    episode's last step. The region loss is the multivariate Bernoulli NLL: binary cross-entropy
+    summed over the bits."""
     next_mask = batch["mask"] & batch["has_next"]
     targets = {
         "action": ("actions", batch["mask"]),
         "state": ("next_states", next_mask),
         "return": ("next_rtg", batch["mask"]),
     }
-    losses = {task: head_loss(*preds[task], batch[key], mask) for task, (key, mask) in targets.items()}
-    bce = F.binary_cross_entropy_with_logits(preds["region"][0].float(), batch["regions"], reduction="none")
+    losses = {task: head_loss(*preds[task], batch[key], m) for task, (key, m) in targets.items()}
+    logits = preds["region"][0].float()
+    bce = F.binary_cross_entropy_with_logits(logits, batch["regions"], reduction="none")
     return losses | {"region": masked_mean(bce.sum(-1), batch["mask"])}
 
 
@@ -429,7 +498,7 @@ class Lamb(torch.optim.Optimizer):
     0.25 comes first). Each line of the math is one multi-tensor op (one GPU launch, not one per
     tensor); no value is read back."""
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
@@ -463,29 +532,35 @@ class Lamb(torch.optim.Optimizer):
 
 
 def make_optimizer(model, args):
-    """LAMB (Table 1.1) with weight decay on matrices only, as in nanoGPT, eps 1e-8 as in the ODT code, and a
-    linear warmup."""
+    """LAMB (Table 1.1), decaying matrices only (as nanoGPT), eps 1e-8 (as ODT), a linear warmup."""
     wd, named = args.weight_decay, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p.dim() >= 2 and not n.startswith("pos_") for n, p in named]
-    groups = [{"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on} for on in (1, 0)]
+    groups = [
+        {"params": [p for (_, p), d in zip(named, decay) if d == on], "weight_decay": wd * on}
+        for on in (1, 0)
+    ]
     opt = Lamb(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps))
+    )
 
 
 def update(
     model, opt, batch: dict, lambdas: dict, schedule: str, grad_clip: float, autocast
 ) -> tuple[dict, torch.Tensor]:
-    """One update on one batch. `joint`: one step on sum_i lambda_i L_i (Eq. 1.9, Alg. 1 line 12). `alternating`:
-    one step on lambda_i L_i per task in turn, each on a fresh forward pass, so each task's gradient is taken
-    where the previous task's step left the weights (Ch. 3 Eq. 3.2-3.3, Thm 3); a task with lambda_i = 0 takes no
-    step (LAMB's momentum would still move the weights). With LAMB every step has a normalised size, so an
-    alternating update moves the shared weights further than a joint one: that is part of the regime. Returns
-    the task losses (under `alternating` each just before its own step) and the mean pre-clip gradient norm."""
+    """One update on one batch. `joint`: one step on sum_i lambda_i L_i (Eq. 1.9, Alg. 1 line 12).
+    `alternating`: one step on lambda_i L_i per task in turn, each on a fresh forward pass, so each
+    task's gradient is taken where the previous task's step left the weights (Ch. 3 Eq. 3.2-3.3,
+    Thm 3); a task with lambda_i = 0 takes no step (LAMB's momentum would still move the weights).
+    With LAMB every step has a normalised size, so an alternating update moves the shared weights
+    further than a joint one: that is part of the regime. Returns the task losses (under
+    `alternating` each just before its own step) and the mean pre-clip gradient norm."""
     measured, norms = {}, []
     for task in [None] if schedule == "joint" else [k for k in TASKS if lambdas[k] > 0]:
         with autocast:
             losses = task_losses(model(batch), batch)
-        loss = sum(lambdas[k] * losses[k] for k in TASKS) if task is None else lambdas[task] * losses[task]
+        tasks = TASKS if task is None else (task,)
+        loss = sum(lambdas[k] * losses[k] for k in tasks)
         measured |= {k: v.detach() for k, v in losses.items() if task in (None, k)}
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -545,12 +620,14 @@ def evaluate(
     t0 = time.perf_counter()
     for t in range(horizon):
         # Alg. 1 lines 14-25: s_t joins the history, a_t (Eq. 1.15) is executed, g_{t+1} follows
-        buf["states"][:, t] = (torch.as_tensor(obs, device=device, dtype=torch.float32) - mean) / std
+        s_t = torch.as_tensor(obs, device=device, dtype=torch.float32)
+        buf["states"][:, t] = (s_t - mean) / std
         ctx = slice(max(0, t - K + 1), t + 1)  # Gamma_t (Eq. 1.2): the last K steps, fewer at first
-        # Alg. 1 line 19: region_t and a_t are still zeros here; the s_t token that predicts a_t cannot see them.
+        # Alg. 1 line 19: region_t and a_t are still zeros; the s_t token cannot see them anyway
         context = {k: v[:, ctx] for k, v in buf.items()}
         buf["actions"][:, t], preds = act(model, context, low, high, autocast)
-        buf["regions"][:, t] = encode_regions(buf["actions"][:, t], model.bins)  # Alg. 1 line 20: executed action's
+        # Alg. 1 line 20: the executed action's region joins the history
+        buf["regions"][:, t] = encode_regions(buf["actions"][:, t], model.bins)
         region_hits[:, t] = predicted_region_taken(preds, buf["regions"][:, t], model.bins)
         obs, r, term, trunc, _ = envs.step(buf["actions"][:, t].cpu().numpy())
         returns += r * ~done
@@ -565,7 +642,7 @@ def evaluate(
                 buf["rtg"][:, t + 1] = model(context)["return"][0][:, -1].float()
         else:
             r = torch.as_tensor(r, device=device, dtype=torch.float32)[:, None]
-            buf["rtg"][:, t + 1] = buf["rtg"][:, t] - r / model.rtg_scale  # DT's rule: g_{t+1} = g_t - r_t
+            buf["rtg"][:, t + 1] = buf["rtg"][:, t] - r / model.rtg_scale  # g_{t+1} = g_t - r_t
     wait_for(device)  # env steps/s of work done, not of work queued on the device
     elapsed = time.perf_counter() - t0
     bar.close()
@@ -619,20 +696,27 @@ def train(args: Args) -> dict:
     return finish(run, res)
 
 
-# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------------
+# --- PLUMBING: run infrastructure, the same in every method file ----------------------------------
 
 
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
-    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+    for names, ok, rule in (
+        (positive, lambda v: v > 0, "> 0"),
+        (non_negative, lambda v: v >= 0, ">= 0"),
+    ):
         for name in names.split():
             if not ok(getattr(args, name)):
-                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}.")
+                raise SystemExit(
+                    f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}."
+                )
 
 
 def setup(args) -> tuple[torch.device, int]:
     """PLUMBING: threads, seeds and the device, checked before anything is written."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     threads = args.threads or max(1, cores // 2)
     torch.set_num_threads(threads)
     random.seed(args.seed)
@@ -642,17 +726,23 @@ def setup(args) -> tuple[torch.device, int]:
     try:
         device = torch.device(auto if args.device == "auto" else args.device)
     except RuntimeError:
-        raise SystemExit(f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+        raise SystemExit(
+            f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N."
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
+        raise SystemExit(
+            f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu "
+            "(or auto)."
+        )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, threads
 
 
 def bf16_native(device: torch.device) -> bool:
-    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with AVX512-BF16 or AMX;
-    elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the test suite's second pass, .ci/run)
-    takes the bf16 path on any CPU, emulated, so that CI runs the code every GPU and bf16 CPU runs."""
+    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with
+    AVX512-BF16 or AMX; elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the
+    test suite's second pass, .ci/run) takes the bf16 path on any CPU, emulated, so that CI runs the
+    code every GPU and bf16 CPU runs."""
     if os.environ.get("SEQRL_TEST_FORCE_BF16") == "1":
         return True
     if device.type == "cuda":
@@ -661,9 +751,9 @@ def bf16_native(device: torch.device) -> bool:
 
 
 def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = None) -> None:
-    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit it (an
-    edited or foreign file) are one line, not load_state_dict's traceback, and the run folder made for them
-    (`fresh_run`, holding only its config.json) is removed."""
+    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit
+    it (an edited or foreign file) are one line, not load_state_dict's traceback, and the run folder
+    made for them (`fresh_run`, holding only its config.json) is removed."""
     try:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
@@ -673,14 +763,14 @@ def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = Non
             (fresh_run / "config.json").unlink(missing_ok=True)
             fresh_run.rmdir()
         raise SystemExit(
-            f"error: the checkpoint's weights do not fit the architecture it records ({why[:160]}); "
-            "pass a model.pt this script wrote, unedited."
+            "error: the checkpoint's weights do not fit the architecture it records "
+            f"({why[:160]}); pass a model.pt this script wrote, unedited."
         ) from None
 
 
 def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:
-    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code), onto
-    `device` whatever device wrote it."""
+    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run
+    code), onto `device` whatever device wrote it."""
     if path is None:
         return None
     if not Path(path).is_file():
@@ -688,24 +778,33 @@ def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> 
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        why = f"not a checkpoint torch can read as data ({type(e).__name__}); pass a model.pt that {METHOD}.py wrote"
+        why = f"not a checkpoint torch can read as data ({type(e).__name__})"
+        why += f"; pass a model.pt that {METHOD}.py wrote"
         raise SystemExit(f"error: {flag} {path}: {why}.") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise SystemExit(f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py.")
+        raise SystemExit(
+            f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py."
+        )
     if flag == "--resume" and ckpt.get("resume") is None:
-        raise SystemExit(f"error: --resume: {path} holds no training state (an older version's); use --checkpoint.")
+        raise SystemExit(
+            f"error: --resume: {path} holds no training state (an older version's); "
+            "use --checkpoint."
+        )
     return ckpt
 
 
 def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
-    """PLUMBING: the dataset of --env / --dataset-path, else the checkpoint's. Evaluating a checkpoint on its
-    own dataset needs only the recorded dataset facts, not the file; another domain's data is refused."""
+    """PLUMBING: the dataset of --env / --dataset-path, else the checkpoint's. Evaluating a
+    checkpoint on its own dataset needs only the recorded dataset facts, not the file; another
+    domain's data is refused."""
     recorded = ckpt["dataset"] if ckpt is not None else None
     if recorded is not None and args.env is None and not args.dataset_path and args.updates == 0:
         return None, recorded
     name = args.env or (recorded["name"] if recorded is not None else DEFAULT_ENV)
-    paths = args.dataset_path or (tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ())
+    paths = args.dataset_path or (
+        tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ()
+    )
     try:
         episodes, info = common.load_dataset(name, paths)
     except common.DatasetError as e:
@@ -713,30 +812,36 @@ def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
     facts = ("env_id", "obs_dim", "act_dim")
     if recorded is not None and any(recorded[k] != info[k] for k in facts):
         raise SystemExit(
-            f"error: --checkpoint {args.checkpoint} was trained on {recorded['name']} ({recorded['env_id']}), "
-            f"not on data of {info['env_id']} like {name}; leave out --env to use its own dataset."
+            f"error: --checkpoint {args.checkpoint} was trained on {recorded['name']} "
+            f"({recorded['env_id']}), not on data of {info['env_id']} like {name}; leave out "
+            "--env to use its own dataset."
         )
     return episodes, info
 
 
 def make_run_dir(args, info: dict) -> Path:
-    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an existing
-    folder is never reused."""
-    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"  # `ls runs` tells evaluations apart
+    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an
+    existing folder is never reused."""
+    # `ls runs` tells evaluations apart
+    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"
     name = f"{info['name'].replace('/', '_')}__{kind}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.runs_dir) / name
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
-        raise SystemExit(f"error: run folder {run_dir} already exists; wait a second or change --exp-name.") from None
+        raise SystemExit(
+            f"error: run folder {run_dir} already exists; wait a second or change --exp-name."
+        ) from None
     except OSError as e:
-        raise SystemExit(f"error: --runs-dir {args.runs_dir}: cannot make a run folder there ({e.strerror}).") from None
+        raise SystemExit(
+            f"error: --runs-dir {args.runs_dir}: cannot make a run folder there ({e.strerror})."
+        ) from None
     return run_dir
 
 
 def log_metrics(path: Path, **metrics) -> None:
-    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged; also
-    to W&B once --track has started a run there."""
+    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it
+    logged; also to W&B once --track has started a run there."""
     with open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
     wandb = sys.modules.get("wandb")
@@ -745,12 +850,13 @@ def log_metrics(path: Path, **metrics) -> None:
 
 
 def start_tracking(args, config: dict, run_dir: Path) -> None:
-    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's convention)."""
+    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's
+    convention)."""
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name=run_dir.name,
-                   dir=run_dir)  # fmt: skip
+        project, entity = args.wandb_project_name, args.wandb_entity
+        wandb.init(project=project, entity=entity, config=config, name=run_dir.name, dir=run_dir)
 
 
 def finish_tracking(results: dict) -> None:
@@ -764,22 +870,26 @@ def finish_tracking(results: dict) -> None:
 def git_commit() -> Optional[str]:
     """PLUMBING"""
     try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True)
+        git = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True
+        )
         return git.stdout.decode().strip() if git.returncode == 0 else None
     except Exception:
         return None
 
 
-STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}  # PLUMBING: name -> what it is
+# PLUMBING: a signal's name -> what it is
+STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}
 
 
 STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signals_deferred
 
 
 def catch_stop_signals() -> dict:
-    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1 (SLURM's --signal)
-    all raise KeyboardInterrupt naming the signal, so that one `except` saves a resumable checkpoint for each.
-    Returns the handlers it replaced (restore_signals puts them back); only the main thread can catch signals."""
+    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1
+    (SLURM's --signal) all raise KeyboardInterrupt naming the signal, so that one `except` saves a
+    resumable checkpoint for each. Returns the handlers it replaced (restore_signals puts them
+    back); only the main thread can catch signals."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -804,8 +914,8 @@ def restore_signals(old: dict) -> None:
 
 @contextlib.contextmanager
 def signals_deferred():
-    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an update or a
-    checkpoint is never left half done."""
+    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an
+    update or a checkpoint is never left half done."""
     STOPPING["deferred"] = True
     try:
         yield
@@ -817,8 +927,8 @@ def signals_deferred():
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on POSIX and
-    Windows): a kill at any instant leaves the last complete checkpoint readable."""
+    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on
+    POSIX and Windows): a kill at any instant leaves the last complete checkpoint readable."""
     tmp = path.with_name(path.name + ".tmp")
     with signals_deferred():
         with open(tmp, "wb") as f:
@@ -828,24 +938,33 @@ def save_atomic(obj: dict, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def training_state(updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path) -> dict:
-    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the schedule's position,
-    every random state (python, numpy, torch, CUDA, the batch sampler's), the updates done, the time spent and
-    how many lines metrics.jsonl had."""
+def training_state(
+    updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path
+) -> dict:
+    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the
+    schedule's position, every random state (python, numpy, torch, CUDA, the batch sampler's), the
+    updates done, the time spent and how many lines metrics.jsonl had."""
     kind, key, pos, gauss, cached = np.random.get_state()
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "batch": gen.get_state()}
-    rng["numpy"] = (kind, torch.as_tensor(key.astype(np.int64)), pos, gauss, cached)  # as data: no numpy pickles
+    key = torch.as_tensor(key.astype(np.int64))  # as data: no numpy pickles
+    rng["numpy"] = (kind, key, pos, gauss, cached)
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng["batch_device"] = gen.device.type
     sched_state = sched.state_dict() if sched is not None else None
-    state = {"updates_done": updates_done, "optimizer": opt.state_dict(), "scheduler": sched_state, "rng": rng}
+    state = {
+        "updates_done": updates_done,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched_state,
+        "rng": rng,
+    }
     lines = metrics.read_text().count("\n") if metrics.exists() else 0
     return state | {"clock": dict(clock), "metrics_lines": lines}
 
 
 def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> None:
-    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of device: resumed
-    on another, the sampler goes on from a fresh stream (said once; the run is then not bit-exact)."""
+    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of
+    device: resumed on another, the sampler goes on from a fresh stream (said once; the run is then
+    not bit-exact)."""
     opt.load_state_dict(state["optimizer"])
     if sched is not None:
         sched.load_state_dict(state["scheduler"])
@@ -860,45 +979,60 @@ def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> Non
         gen.set_state(rng["batch"].cpu())
     else:
         gen.manual_seed(int(torch.randint(2**62, (1,)).item()))
-        print(f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch stream (not bit-exact)")
+        print(
+            f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch "
+            "stream (not bit-exact)"
+        )
 
 
 def resumed_args(cls, cli):
-    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags (RUN_FLAGS:
-    where and how to run, not what) replace them; any other flag given is refused rather than ignored."""
+    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags
+    (RUN_FLAGS: where and how to run, not what) replace them; any other flag given is refused rather
+    than ignored."""
     if cli.resume is None:
         return cli
     run = Path(cli.resume)
     if (run / "results.json").exists():
-        raise SystemExit(f"error: --resume {run}: that run has finished (results.json is there); nothing to resume.")
+        raise SystemExit(
+            f"error: --resume {run}: that run has finished (results.json is there); "
+            "nothing to resume."
+        )
     try:
         saved = json.loads((run / "config.json").read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise SystemExit(f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json).") from None
+        raise SystemExit(
+            f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json)."
+        ) from None
     if not (run / "model.pt").is_file():
-        raise SystemExit(f"error: --resume {run}: no model.pt there yet (stopped before its first save); start again.")
+        raise SystemExit(
+            f"error: --resume {run}: no model.pt there yet (stopped before its first save); "
+            "start again."
+        )
     fields = {f.name: f.default for f in dataclasses.fields(cls)}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
     for name, value in dataclasses.asdict(cli).items():
-        if name not in RUN_FLAGS and value != fields[name] and value != saved.get(name, fields[name]):
+        given = value != fields[name] and value != saved.get(name, fields[name])
+        if name not in RUN_FLAGS and given:
             flag = f"--{name.replace('_', '-')}"
             raise SystemExit(
-                f"error: --resume {run} continues that run with its own flags; leave out {flag} {value} "
-                f"(the run has {saved.get(name, fields[name])})."
+                f"error: --resume {run} continues that run with its own flags; leave out "
+                f"{flag} {value} (the run has {saved.get(name, fields[name])})."
             )
     return cls(**(saved | {k: getattr(cli, k) for k in RUN_FLAGS}))
 
 
 def trim_metrics(path: Path, n_lines: int) -> list[dict]:
-    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the checkpoint was saved)
-    and drop the rest, so that no step is written twice; returns the kept lines."""
+    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the
+    checkpoint was saved) and drop the rest, so that no step is written twice; returns the kept
+    lines."""
     kept = path.read_text().splitlines()[:n_lines] if path.exists() else []
     path.write_text("".join(line + "\n" for line in kept))
     return [json.loads(line) for line in kept]
 
 
 def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
-    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the run."""
+    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the
+    run."""
     if n == updates:
         return True
     if save_every:
@@ -907,7 +1041,8 @@ def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
 
 
 def log_task_losses(path: Path, step: int, losses: dict, lambdas: dict, grad_norm, lr: float, bar):
-    """One update's task losses, their weighted sum (Eq. 1.9), its pre-clip gradient norm and rate."""
+    """One update's task losses, their weighted sum (Eq. 1.9), its gradient norm before clipping and
+    its learning rate."""
     loss = {f"loss_{k}": v.item() for k, v in losses.items()}
     loss["loss"] = sum(lambdas[k] * loss[f"loss_{k}"] for k in losses)
     log_metrics(path, step=step, grad_norm=grad_norm.item(), lr=lr, **loss)
@@ -924,22 +1059,27 @@ def stop_message(why: str, done: int, run_dir: Path) -> str:
 
 
 def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
-    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it went on."""
+    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it
+    went on."""
     if resume is not None:
         where = {k: config[k] for k in ("device", "threads", "git_commit", "torch")}
         config = json.loads((run_dir / "config.json").read_text())
-        config["resumed"] = config.get("resumed", []) + [{"at_update": resume["updates_done"], **where}]
+        config["resumed"] = config.get("resumed", []) + [
+            {"at_update": resume["updates_done"], **where}
+        ]
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     return config
 
 
 def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
-    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
-    MP4), and the episode horizon (the TimeLimit)."""
+    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video`
+    names an MP4), and the episode horizon (the TimeLimit)."""
     import gymnasium as gym
 
     vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    envs = vector_env([functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)])
+    envs = vector_env(
+        [functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)]
+    )
     probe = common.make_env(info)
     horizon = probe.spec.max_episode_steps or 1000
     probe.close()
@@ -952,18 +1092,18 @@ COMPILE_WARMUP = 3
 
 
 def wait_for(device: torch.device) -> None:
-    """PLUMBING: waits until the device has done the work queued on it (CUDA runs it asynchronously), so that
-    a time read afterwards includes that work."""
+    """PLUMBING: waits until the device has done the work queued on it (CUDA runs it
+    asynchronously), so that a time read afterwards includes that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @dataclass
 class Stopwatch:
-    """PLUMBING: training time, measured in intervals that end where the run waits for the device anyway (a
-    logging point, a save, the end): one sync per interval, never one per update. The first
-    `warmup` updates of this process (--compile) are compile time, neither training time nor timed
-    updates. Saves and log lines fall between intervals."""
+    """PLUMBING: training time, measured in intervals that end where the run waits for the device
+    anyway (a logging point, a save, the end): one sync per interval, never one per update. The
+    first `warmup` updates of this process (--compile) are compile time, neither training time nor
+    timed updates. Saves and log lines fall between intervals."""
 
     clock: dict
     device: torch.device
@@ -1019,8 +1159,8 @@ def compiled_update(model, opt, device: torch.device, compile: bool):
 
 
 def run_timing(clock: dict, compiled: bool, bf16: bool, t_start: float) -> dict:
-    """PLUMBING: results.json's timing: updates/s of the timed updates (training only: no compile, saves or
-    evaluation), the compile time apart, the run's wall time (a resumed run's in all)."""
+    """PLUMBING: results.json's timing: updates/s of the timed updates (training only: no compile,
+    saves or evaluation), the compile time apart, the run's wall time (a resumed run's in all)."""
     timed, seconds = clock["timed_updates"], clock["train_time_s"]
     timing = {"train_updates_per_s": timed / seconds if timed and seconds else None, "bf16": bf16}
     timing["compile_time_s"] = clock["compile_time_s"] if compiled else None
@@ -1043,7 +1183,9 @@ def read_inputs(args: Args, device):
     defaults = {f.name: f.default for f in dataclasses.fields(Args)}
     ignored = [k for k in ARCH if ckpt is not None and defaults[k] != getattr(args, k) != arch[k]]
     if ignored:  # the checkpoint's architecture wins: said, not silent
-        told = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (it has {arch[k]})" for k in ignored)
+        told = ", ".join(
+            f"--{k.replace('_', '-')} {getattr(args, k)} (it has {arch[k]})" for k in ignored
+        )
         print(f"note: the checkpoint sets the architecture; ignoring {told}")
     domain = facts["env_id"].split("-")[0].lower()
     target = args.target_return if args.target_return is not None else TARGET_RETURNS.get(domain)
@@ -1053,7 +1195,10 @@ def read_inputs(args: Args, device):
     if args.eval_context is not None and args.eval_context > arch["context_len"]:
         k = arch["context_len"]
         why = "the checkpoint's context" if ckpt is not None else "--context-len"
-        raise SystemExit(f"error: --eval-context {args.eval_context}: must be <= K = {k} ({why}); or leave it out.")
+        raise SystemExit(
+            f"error: --eval-context {args.eval_context}: must be <= K = {k} ({why}); "
+            "or leave it out."
+        )
     if args.capture_video:
         try:
             common.check_video(facts)
@@ -1128,7 +1273,10 @@ def log_score(run: dict, step: int, res: dict) -> None:
 def checkpoint_frame(run: dict, state_stats) -> dict:
     """What every model.pt of a run holds besides the weights: what evaluating them needs
     (architecture, dataset facts, state normalisation) and the flags."""
-    stats = {"state_mean": torch.as_tensor(state_stats[0]), "state_std": torch.as_tensor(state_stats[1])}
+    stats = {
+        "state_mean": torch.as_tensor(state_stats[0]),
+        "state_std": torch.as_tensor(state_stats[1]),
+    }
     parts = {"method": METHOD, "arch": run["arch"], "args": asdict(run["args"])}
     return parts | {"dataset": run["facts"]} | stats
 

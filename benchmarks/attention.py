@@ -1,7 +1,7 @@
 """Attention of DT, MO-DT and TRDT during evaluation (thesis §1.5.2, Fig. 1.1-1.3), from trained
 checkpoints.
 
-    python benchmarks/attention.py dt=runs/RUN_A mo_dt=runs/RUN_B trdt=runs/RUN_C --out attention_cmp
+    python benchmarks/attention.py dt=runs/RUN_A mo_dt=runs/RUN_B trdt=runs/RUN_C --out cmp
 
 Each argument is `method=run_folder` (or `method=path/to/model.pt`). The checkpoint is evaluated
 again on its own dataset's env (10 episodes by default, all at once) while a recorder sums the
@@ -53,7 +53,9 @@ MODELS = {
 # --- The rule of every attention and behaviour verdict in benchmarks/ (issue 27, item 3) ---
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "not decidable at this budget"
 MARGIN = 1.2  # a trained model's effect must reach this many times its random-init control's
-CONTROL_SEED = 1000  # the weights of every random-init control (the evaluation data keep the run's seed)
+CONTROL_SEED = (
+    1000  # the weights of every random-init control (the evaluation data keep the run's seed)
+)
 
 
 def beyond_control(ours, control, neutral=None, factor=MARGIN, spread=0.0, lower=False) -> str:
@@ -124,9 +126,11 @@ class AttentionRecorder:
     def __call__(self, attns: list, alive: torch.Tensor) -> None:
         M = len(self.modalities)
         for i, att in enumerate(attns):
-            a = att[alive][:, :, self.rows.to(att.device)].float().cpu()  # (N, nh, K rows, M*K keys)
+            # (N, nh, K rows, M*K keys)
+            a = att[alive][:, :, self.rows.to(att.device)].float().cpu()
             self.maps[i] += a.mean(1).sum(0)
-            self.mass[i] += a.view(*a.shape[:3], self.K, M).sum(3).mean(2).sum(0)  # per head: mass per modality
+            # per head: mass per modality
+            self.mass[i] += a.view(*a.shape[:3], self.K, M).sum(3).mean(2).sum(0)
             self.entropy[i] += -(a * a.clamp_min(1e-12).log()).sum(-1).mean(-1).sum(0)
         self.count += int(alive.sum())
 
@@ -160,7 +164,11 @@ def plot_one(summary: dict, path: Path, title: str) -> None:
     bars: spread across heads) and the entropy of each head."""
     plt = pyplot()
     maps, mass = np.array(summary["state_row_maps"]), np.array(summary["modality_mass_per_head"])
-    ent, mods, L = (np.array(summary["entropy_per_head"]), summary["modalities"], len(summary["state_row_maps"]))
+    ent, mods, L = (
+        np.array(summary["entropy_per_head"]),
+        summary["modalities"],
+        len(summary["state_row_maps"]),
+    )
     K, M = maps.shape[1], len(mods)
     fig, ax = plt.subplots(3, L, figsize=(3.6 * L, 9), squeeze=False)
     labels = [f"{m[0]}{k + 1}" for k in range(K) for m in mods]
@@ -320,7 +328,8 @@ def measure(mod, model, control, ckpt: dict, checkpoint: str, episodes: int, dev
 
 
 def record(method: str, checkpoint: Path, episodes: int, device: str, seed: int) -> dict:
-    """A checkpoint's attention during evaluation, with its random-init control's (key `control`)."""
+    """A checkpoint's attention during evaluation, with its random-init control's (key
+    `control`)."""
     mod = importlib.import_module(method)
     dev = torch.device(device)
     ckpt = mod.load_checkpoint(str(checkpoint), dev)
@@ -330,7 +339,10 @@ def record(method: str, checkpoint: Path, episodes: int, device: str, seed: int)
     control = random_init(cls, **ckpt["arch"]).to(dev)
     ours, ctrl = measure(mod, model, control, ckpt, str(checkpoint), episodes, dev, seed)
     if not ours["samples"]:
-        print(f"warning: {checkpoint}: every evaluation episode ended before step K = {model.K}; nothing recorded.")
+        print(
+            f"warning: {checkpoint}: every evaluation episode ended before step K = {model.K}; "
+            "nothing recorded."
+        )
     return dict(ours, control=ctrl, dataset=ckpt["dataset"]["name"], checkpoint=str(checkpoint))
 
 
@@ -347,7 +359,8 @@ def later_blocks_verdict(method: str, ours: dict, control: dict) -> dict:
         return sum(v for k, v in zip(mods, m) if k in favoured)
 
     row["control"] = "; ".join(
-        f"block {i + 1}: {'+'.join(favoured)} {share(m):.2f}" for i, m in enumerate(control["modality_mass_mean"])
+        f"block {i + 1}: {'+'.join(favoured)} {share(m):.2f}"
+        for i, m in enumerate(control["modality_mass_mean"])
     )
     if not ours["samples"] or len(mass) < 2:
         return dict(row, verdict=UNDECIDED)
@@ -365,33 +378,38 @@ def print_table(rows: list[dict], head: str = "thesis claim") -> None:
         print(f"{row['claim']} | {row['ours']} | {row.get('control', '-')} | {row['verdict']}")
 
 
-def main(args: Args) -> dict:
+def checkpoints(runs: tuple) -> list:
+    """The (method, model.pt) pairs of the `method=run_folder` arguments, each checked."""
     pairs = []
-    for item in args.runs:
+    for item in runs:
         method, _, where = item.partition("=")
         if method not in MODELS or not where:
-            raise SystemExit(f"error: {item!r}: expected method=run_folder with method one of {', '.join(MODELS)}.")
+            raise SystemExit(
+                f"error: {item!r}: expected method=run_folder with method one of "
+                f"{', '.join(MODELS)}."
+            )
         path = Path(where) / "model.pt" if Path(where).is_dir() else Path(where)
         if not path.is_file():
-            raise SystemExit(f"error: {where}: no model.pt there; pass a run folder of {method}.py or its model.pt.")
+            raise SystemExit(
+                f"error: {where}: no model.pt there; pass a run folder of {method}.py or its "
+                "model.pt."
+            )
         pairs.append((method, path))
     if not pairs:
-        raise SystemExit("error: no checkpoint given; pass method=run_folder pairs, e.g. dt=runs/RUN.")
-    out = common.output_folder(args.out, "attention", args.force)
-    names = [f"{m}_{i}" for i, (m, _) in enumerate(pairs)]
-    results, claims = {}, []
-    for name, (method, path) in zip(names, pairs):
-        s = record(method, path, args.eval_episodes, args.device, args.seed)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.json").write_text(json.dumps({k: v for k, v in s.items() if k != "control"}))
-        plot_one(s, out / f"{name}.png", f"{method} on {s['dataset']}: attention from state tokens")
-        (out / f"{name}_control.json").write_text(json.dumps(s["control"]))
-        claims.append(later_blocks_verdict(method, s, s["control"]))
-        results[f"{method} ({path.parent.name})"] = s
+        raise SystemExit(
+            "error: no checkpoint given; pass method=run_folder pairs, e.g. dt=runs/RUN."
+        )
+    return pairs
 
+
+def plot_comparison(results: dict, path: Path) -> None:
+    """Rows: models; columns: blocks, mean mass per modality with the spread across heads; last
+    column: head entropy per block."""
     plt = pyplot()
     L = max(len(a["modality_mass_mean"]) for a in results.values())
-    fig, ax = plt.subplots(len(results), L + 1, figsize=(3.2 * (L + 1), 2.8 * len(results)), squeeze=False)
+    fig, ax = plt.subplots(
+        len(results), L + 1, figsize=(3.2 * (L + 1), 2.8 * len(results)), squeeze=False
+    )
     for r, (name, a) in enumerate(results.items()):
         mean, std = np.array(a["modality_mass_mean"]), np.array(a["modality_mass_std_across_heads"])
         ent = np.array(a["entropy_per_head"])
@@ -406,22 +424,52 @@ def main(args: Args) -> dict:
         ax[r, L].set_xlabel("block")
     ax[0, L].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "attention_comparison.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(args: Args) -> dict:
+    pairs = checkpoints(args.runs)
+    out = common.output_folder(args.out, "attention", args.force)
+    names = [f"{m}_{i}" for i, (m, _) in enumerate(pairs)]
+    results, claims = {}, []
+    for name, (method, path) in zip(names, pairs):
+        s = record(method, path, args.eval_episodes, args.device, args.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(
+            json.dumps({k: v for k, v in s.items() if k != "control"})
+        )
+        plot_one(s, out / f"{name}.png", f"{method} on {s['dataset']}: attention from state tokens")
+        (out / f"{name}_control.json").write_text(json.dumps(s["control"]))
+        claims.append(later_blocks_verdict(method, s, s["control"]))
+        results[f"{method} ({path.parent.name})"] = s
+    plot_comparison(results, out / "attention_comparison.png")
     summary = {
-        name: dict(modalities=a["modalities"], modality_mass_mean=a["modality_mass_mean"], samples=a["samples"],
+        name: dict(modalities=a["modalities"], modality_mass_mean=a["modality_mass_mean"],
+                   samples=a["samples"],
                    modality_mass_std_across_heads=a["modality_mass_std_across_heads"],
                    mean_head_entropy_per_block=np.array(a["entropy_per_head"]).mean(1).tolist(),
                    control_modality_mass_mean=a["control"]["modality_mass_mean"])
         for name, a in results.items()
     }  # fmt: skip
-    (out / "attention_comparison.json").write_text(json.dumps(dict(models=summary, claims=claims), indent=1))
+    (out / "attention_comparison.json").write_text(
+        json.dumps(dict(models=summary, claims=claims), indent=1)
+    )
     for name, s in summary.items():
         print(name)
-        blocks = zip(s["modality_mass_mean"], s["control_modality_mass_mean"], s["mean_head_entropy_per_block"])
+        blocks = zip(
+            s["modality_mass_mean"],
+            s["control_modality_mass_mean"],
+            s["mean_head_entropy_per_block"],
+        )
         for b, (m, mc, e) in enumerate(blocks):
-            mass, control = (", ".join(f"{k} {v:.2f}" for k, v in zip(s["modalities"], x)) for x in (m, mc))
-            print(f"  block {b + 1}: {mass}; mean head entropy {e:.2f} (random-init control: {control})")
+            mass, control = (
+                ", ".join(f"{k} {v:.2f}" for k, v in zip(s["modalities"], x)) for x in (m, mc)
+            )
+            print(
+                f"  block {b + 1}: {mass}; mean head entropy {e:.2f} "
+                f"(random-init control: {control})"
+            )
     print_table(claims)
     print(f"wrote {out / 'attention_comparison.png'}")
     return dict(models=summary, claims=claims)

@@ -30,7 +30,10 @@ def fake_data(mod, n=200, seed=0) -> dict:
     steps = {"states": torch.randn(n, 11, generator=g), "actions": actions}
     steps |= {"rtg": torch.randn(n, 1, generator=g), "timesteps": torch.arange(n) % 50}
     if mod is not dt:  # MO-DT's and TRDT's targets: the next state and return
-        steps |= {"next_states": torch.randn(n, 11, generator=g), "next_rtg": torch.randn(n, 1, generator=g)}
+        steps |= {
+            "next_states": torch.randn(n, 11, generator=g),
+            "next_rtg": torch.randn(n, 1, generator=g),
+        }
         steps["has_next"] = torch.ones(n, dtype=torch.bool)
     if mod is trdt:
         steps["regions"] = trdt.encode_regions(actions, 3)
@@ -69,7 +72,8 @@ def test_five_compiled_updates_are_the_eager_ones(name):
     for key, w in eager_weights.items():
         c = compiled_weights[key]
         if key.endswith("attn.qkv.bias"):  # the key bias's gradient is 0 but for rounding (softmax
-            # ignores what it adds to a whole row), and Adam scales that noise up to a step: left out
+            # ignores what it adds to a whole row), and Adam scales that noise up to a step: left
+            # out
             c, w = (torch.cat([x[:16], x[32:]]) for x in (c, w))
         torch.testing.assert_close(c, w, rtol=1e-4, atol=1e-5, msg=key)
 
@@ -109,7 +113,8 @@ def test_a_run_waits_for_the_device_once_an_interval(monkeypatch, tmp_path, hdf5
     monkeypatch.setattr(mod, "wait_for", lambda device: waits.append(device))
     args = mod.Args(env="hopper-random", dataset_path=(str(hdf5_path),), updates=20, batch_size=4,
                     n_embd=16, n_layer=1, n_head=1, context_len=4, warmup_steps=2, eval_every=0,
-                    save_every=20, log_every=5, eval_episodes=1, runs_dir=str(tmp_path))  # fmt: skip
+                    save_every=20, log_every=5, eval_episodes=1,
+                    runs_dir=str(tmp_path))  # fmt: skip
     res = mod.train(args)
     assert len(waits) == 5 + 1
     saved = json.loads((Path(res["run_dir"]) / "results.json").read_text())

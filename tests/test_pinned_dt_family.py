@@ -1,6 +1,6 @@
-"""dt.py's, mo_dt.py's and trdt.py's results pinned (issue 29): the first losses and the final score
-of a fixed-seed tiny run in fp32 on one CPU thread. A change that moves them is a decision: update the
-numbers here and say why in the commit.
+"""dt.py's, mo_dt.py's and trdt.py's results pinned (issue 29): the first losses and the final
+score of a fixed-seed tiny run in fp32 on one CPU thread. A change that moves them is a decision:
+update the numbers here and say why in the commit.
 
 The numbers are what the three files gave at 8d12eb5 (before the issue-29 redesign) and after it.
 The tolerance covers only a different CPU's kernels summing fp32 in another order (a few ulps); a

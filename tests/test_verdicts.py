@@ -25,13 +25,22 @@ THREE = {HOLDS, FAILS, UNDECIDED}
 def test_the_rule_has_three_outcomes_and_a_margin():
     rule = attention.beyond_control
     assert rule(0.6, 0.3) == HOLDS and rule(0.33, 0.3) == UNDECIDED and rule(0.3, 0.3) == FAILS
-    assert rule(0.2, 0.3) == FAILS and rule(0.6, 0.3, neutral=0.55) == UNDECIDED  # the stricter baseline counts
+    # the stricter baseline counts
+    assert rule(0.2, 0.3) == FAILS and rule(0.6, 0.3, neutral=0.55) == UNDECIDED
     assert rule(0.1, 0.3, lower=True) == HOLDS and rule(0.28, 0.3, lower=True) == UNDECIDED
     assert rule(0.9, 0.3, spread=0.7) == UNDECIDED  # beyond the factor but inside the noise
-    assert rule(0.1, 0.0, factor=1.0, spread=0.05) == HOLDS and rule(0.04, 0.0, factor=1.0, spread=0.05) == UNDECIDED
+    assert (
+        rule(0.1, 0.0, factor=1.0, spread=0.05) == HOLDS
+        and rule(0.04, 0.0, factor=1.0, spread=0.05) == UNDECIDED
+    )
     assert rule(float("nan"), 0.3) == UNDECIDED
-    assert attention.all_of([HOLDS, HOLDS]) == HOLDS and attention.all_of([HOLDS, UNDECIDED]) == UNDECIDED
-    assert attention.all_of([HOLDS, FAILS, UNDECIDED]) == FAILS and attention.all_of([]) == UNDECIDED
+    assert (
+        attention.all_of([HOLDS, HOLDS]) == HOLDS
+        and attention.all_of([HOLDS, UNDECIDED]) == UNDECIDED
+    )
+    assert (
+        attention.all_of([HOLDS, FAILS, UNDECIDED]) == FAILS and attention.all_of([]) == UNDECIDED
+    )
 
 
 def test_random_init_keeps_the_global_random_state():
@@ -52,13 +61,16 @@ def later_blocks(method, favoured_share, control_share):
         return [[(1 - f) / 2, (1 - f) / 2, f]] * 3
 
     ours = dict(modalities=mods, modality_mass_mean=mass(favoured_share), samples=10)
-    return attention.later_blocks_verdict(method, ours, dict(modality_mass_mean=mass(control_share)))
+    return attention.later_blocks_verdict(
+        method, ours, dict(modality_mass_mean=mass(control_share))
+    )
 
 
 def test_fig_1_1_to_1_3_verdict_on_hand_made_masses():
     assert later_blocks("dt", 0.7, 0.2)["verdict"] == HOLDS
     assert later_blocks("dt", 0.7, 0.62)["verdict"] == UNDECIDED  # within 1.2x of the control
-    assert later_blocks("dt", 0.3, 0.2)["verdict"] == FAILS  # above the control, but not predominant
+    # above the control, but not predominant
+    assert later_blocks("dt", 0.3, 0.2)["verdict"] == FAILS
     assert "block 3: actions 0.20" in later_blocks("dt", 0.7, 0.2)["control"]
 
 
@@ -67,13 +79,15 @@ def test_fig_1_1_to_1_3_verdict_on_a_random_init_model(tmp_path, hdf5_path, modu
     """A never-trained DT / TRDT against its control, both evaluated on the env (random-init TRDT
     puts more mass on actions + regions together than on returns or states: the bare rule said
     "reproduced" for such counts)."""
-    base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), updates=1, batch_size=4, n_embd=16,
-                n_layer=2, n_head=2, context_len=3, eval_every=0, eval_episodes=1,
+    base = dict(env="hopper-random", dataset_path=(str(hdf5_path),), updates=1, batch_size=4,
+                n_embd=16, n_layer=2, n_head=2, context_len=3, eval_every=0, eval_episodes=1,
                 runs_dir=str(tmp_path / "runs"))  # fmt: skip
     run = Path(module.train(module.Args(**base))["run_dir"])
     ckpt = module.load_checkpoint(str(run / "model.pt"), torch.device("cpu"))
     cls = getattr(module, attention.MODELS[module.__name__])
-    ours, control = (attention.random_init(cls, seed=s, **ckpt["arch"]) for s in (1, attention.CONTROL_SEED))
+    ours, control = (
+        attention.random_init(cls, seed=s, **ckpt["arch"]) for s in (1, attention.CONTROL_SEED)
+    )
     dev = torch.device("cpu")
     s, c = attention.measure(module, ours, control, ckpt, str(run / "model.pt"), 4, dev, 0)
     assert s["samples"] > 0 and c["samples"] == s["samples"]
@@ -90,20 +104,26 @@ def test_tt_analysis_never_holds_for_random_init_models(tmp_path, hdf5_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "hopper-random.hdf5").write_bytes(Path(hdf5_path).read_bytes())
-    args = tt_analysis.Args(env="hopper-random", data_dir=str(data), runs_dir=str(tmp_path / "runs"), dt_updates=1,
-                            tt_updates=1, beam_width=2, horizon=1, eval_episodes=3, eval_max_steps=30,
-                            error_episodes=3, error_steps=8, windows=4, beam_widths=(1, 2), cost_reps=1,
-                            paper_speed=False)  # fmt: skip
+    args = tt_analysis.Args(env="hopper-random", data_dir=str(data),
+                            runs_dir=str(tmp_path / "runs"), dt_updates=1, tt_updates=1,
+                            beam_width=2, horizon=1, eval_episodes=3, eval_max_steps=30,
+                            error_episodes=3, error_steps=8, windows=4, beam_widths=(1, 2),
+                            cost_reps=1, paper_speed=False)  # fmt: skip
     dev = torch.device("cpu")
     paths = tt_analysis.dataset_paths(args)
-    pi, dt_train = tt_analysis.get_dt(args, paths, dev)  # one update: only the arch and data facts are used
+    # one update: only the arch and data facts are used
+    pi, dt_train = tt_analysis.get_dt(args, paths, dev)
     model, disc, targs, tt_train = tt_analysis.get_tt(args, paths, dev)
-    ours_pi, ours_tt = tt_analysis.controls_of(pi, model, targs, replace(args, control_seed=1, controls=1), dev)[0]
+    ours_pi, ours_tt = tt_analysis.controls_of(
+        pi, model, targs, replace(args, control_seed=1, controls=1), dev
+    )[0]
     controls = tt_analysis.controls_of(pi, model, targs, args, dev)
     m = dict(pi=ours_pi, tt=ours_tt, disc=disc, targs=targs, controls=controls)
     m["pi_c"], m["tt_c"] = controls[0]
     episodes, info = tt_analysis.common.load_dataset(args.env, paths)
-    r = tt_analysis.analyse(m, episodes, info, args, dev, {"dt": dt_train, "tt": tt_train}, lambda what: None)
+    r = tt_analysis.analyse(
+        m, episodes, info, args, dev, {"dt": dt_train, "tt": tt_train}, lambda what: None
+    )
     claims = tt_analysis.make_claims(r, args, "local file")
     assert len(claims) == 10 and {c["verdict"] for c in claims} <= THREE
     held = [c["analysis"] for c in claims if c["verdict"] == HOLDS and c["analysis"] != 8]
@@ -119,10 +139,13 @@ def test_rgdt_analysis_never_holds_for_random_init_models(tmp_path, hdf5_path, m
     monkeypatch.setattr(
         rgdt_analysis,
         "train_inverse",
-        lambda arch, data, rargs, metrics, device: rgdt_analysis.rgdt.make_models(arch, device)[1].eval(),
+        lambda arch, data, rargs, metrics, device: rgdt_analysis.rgdt.make_models(arch, device)[
+            1
+        ].eval(),
     )
-    args = rgdt_analysis.Args(env="hopper-random", dataset_path=(str(hdf5_path),), out=str(tmp_path / "out"),
-                              updates=1, batch_size=8, eval_episodes=2, seeds=(0, 1))  # fmt: skip
+    args = rgdt_analysis.Args(env="hopper-random", dataset_path=(str(hdf5_path),),
+                              out=str(tmp_path / "out"), updates=1, batch_size=8, eval_episodes=2,
+                              seeds=(0, 1))  # fmt: skip
     claims = rgdt_analysis.main(args)["claims"]
     assert [c["claim"][:9] for c in claims] == ["Fig. 2.2a", "Fig. 2.2b", "§2.4 aim ", "§2.4 aim "]
     assert all(c["verdict"] in THREE - {HOLDS} for c in claims[1:]), claims[1:]
@@ -137,11 +160,19 @@ def test_iem_analysis_never_holds_for_a_random_init_model(tmp_path):
 
     import iem
 
-    a = iem_analysis.Args(quick=True, runs_dir=str(tmp_path / "runs"), data_dir=str(tmp_path / "data"))
+    a = iem_analysis.Args(
+        quick=True, runs_dir=str(tmp_path / "runs"), data_dir=str(tmp_path / "data")
+    )
     run = iem_analysis.run_args(a, "GoToLocalS7N5", 0)
-    arch = dict(grid=(7, 7), mission_len=8, horizon=run.horizon, n_layer=3, n_head=2, n_embd=16, dropout=0.0)
-    ours, control = (attention.random_init(iem.MaskedPlanModel, seed=s, **arch) for s in (1, attention.CONTROL_SEED))
+    arch = dict(
+        grid=(7, 7), mission_len=8, horizon=run.horizon, n_layer=3, n_head=2, n_embd=16, dropout=0.0
+    )
+    ours, control = (
+        attention.random_init(iem.MaskedPlanModel, seed=s, **arch)
+        for s in (1, attention.CONTROL_SEED)
+    )
     att = iem_analysis.attention(ours, run, arch, 8, 0, control)
     claims = iem_analysis.judge(att, run.horizon)
     assert {c["verdict"] for c in claims.values()} <= THREE - {HOLDS}, claims
-    assert not any("nan" in c["ours"] + c["control"] for c in claims.values())  # words padded in every sample
+    # words padded in every sample
+    assert not any("nan" in c["ours"] + c["control"] for c in claims.values())

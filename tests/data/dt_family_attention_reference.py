@@ -27,7 +27,9 @@ TINY = dict(timestep_embedding=True, context_len=4, n_layer=2, n_head=2, n_embd=
             max_ep_len=1000, rtg_scale=1000.0)  # fmt: skip
 ARCH = {"dt": dict(policy="gaussian"), "mo_dt": dict(gaussian_heads=True),
         "trdt": dict(bins=3, gaussian_heads=True)}  # fmt: skip
-SHARPEN = 3.0  # the query/key/value weights x3: peaked attention, so that a swapped head or key shows
+SHARPEN = (
+    3.0  # the query/key/value weights x3: peaked attention, so that a swapped head or key shows
+)
 
 
 def fixture(tmp: Path):
