@@ -1140,7 +1140,23 @@ def read_inputs(args: Args, device):
             common.check_video(facts)
         except common.DatasetError as e:
             raise SystemExit(f"error: {e}") from None
+    check_memory(args, arch, device)  # before the run folder is made
     return ckpt, (ckpt["resume"] if args.resume else None), episodes, facts, arch, target
+
+
+def check_memory(args: Args, arch: dict, device) -> None:
+    """--batch-size and --eval-episodes against the memory they need (common.check_memory: the
+    estimate, its measured constants and its margin)."""
+    bf16 = args.bf16 and bf16_native(device)
+    tokens = len(MODALITIES) * arch["context_len"]
+    model = (arch["n_embd"], arch["n_layer"], arch["n_head"])
+    if args.updates:
+        need = common.transformer_bytes(args.batch_size, tokens, *model, bf16=bf16, device=device)
+        common.check_memory("--batch-size", args.batch_size, need, device, "a training update")
+    n = args.eval_episodes
+    need = common.transformer_bytes(n, tokens, *model, bf16=bf16, train=False, device=device)
+    need += common.eval_env_bytes(n, args.eval_async)
+    common.check_memory("--eval-episodes", n, need, device, "an evaluation")
 
 
 def start_run(args, device, threads: int, facts, arch, ckpt, resume, target_return):
@@ -1229,6 +1245,7 @@ def fit(step, opt, sched, gen, model, frame: dict, run: dict, run_eval) -> None:
     resumable checkpoint and exits with the command that continues. Training time is measured in
     intervals that end at the log points, evaluations and saves (Stopwatch)."""
     args, clock, resume, metrics = run["args"], run["clock"], run["resume"], run["metrics"]
+    fresh = None if resume else run["dir"]  # removed if memory runs out before it logs
     if resume:
         restore_training_state(resume, opt, sched, gen)
     timer = Stopwatch(clock, run["device"], COMPILE_WARMUP if args.compile else 0)
@@ -1252,7 +1269,9 @@ def fit(step, opt, sched, gen, model, frame: dict, run: dict, run_eval) -> None:
         for n in bar:
             with signals_deferred():  # a stop signal waits for the update and its log line
                 timer.start()
-                losses, grad_norm, lr = step()
+                oom = ("--batch-size", args.batch_size, run["device"], "a training update", fresh)
+                with common.out_of_memory(*oom):
+                    losses, grad_norm, lr = step()
                 run["done"] = done = n + 1
                 timer.lap()
                 if n % args.log_every == 0 or done == total:
@@ -1276,8 +1295,10 @@ def stops_reported(run: dict):
     stop in training; one in an evaluation-only run or in the final evaluation (the model is saved
     by then) ends here, in one line. The handlers are put back in any case."""
     old_handlers = catch_stop_signals()
+    n, fresh = run["args"].eval_episodes, None if run["args"].resume else run["dir"]
     try:
-        yield
+        with common.out_of_memory("--eval-episodes", n, run["device"], "an evaluation", fresh):
+            yield
     except KeyboardInterrupt as stop:
         why, kept = str(stop) or "Ctrl-C", f"{run['dir']} keeps what it logged"
         raise SystemExit(f"interrupted ({why}) during the evaluation; {kept}.") from None

@@ -1179,12 +1179,14 @@ def report(run: Run, res: dict, bf16: bool) -> dict:
 
 
 def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] = None):
-    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video` names an
-    MP4), and the episode horizon (the TimeLimit)."""
+    """PLUMBING: n copies of the dataset's env in one vector env (the first one filmed when `video`
+    names an MP4), and the episode horizon (the TimeLimit)."""
     import gymnasium as gym
 
     vector_env = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    envs = vector_env([functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)])
+    envs = vector_env(
+        [functools.partial(common.make_env, info, video if i == 0 else None) for i in range(n)]
+    )
     probe = common.make_env(info)
     horizon = probe.spec.max_episode_steps or 1000
     probe.close()
@@ -1193,15 +1195,22 @@ def make_eval_envs(info: dict, n: int, asynchronous: bool, video: Optional[str] 
 
 def check_flags(args, positive: str, non_negative: str) -> None:
     """PLUMBING: one message per bad flag, naming it and its value (NaN fails both tests)."""
-    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+    for names, ok, rule in (
+        (positive, lambda v: v > 0, "> 0"),
+        (non_negative, lambda v: v >= 0, ">= 0"),
+    ):
         for name in names.split():
             if not ok(getattr(args, name)):
-                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}.")
+                raise SystemExit(
+                    f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be {rule}."
+                )
 
 
 def setup(args) -> tuple[torch.device, int]:
     """PLUMBING: threads, seeds and the device, checked before anything is written."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     threads = args.threads or max(1, cores // 2)
     torch.set_num_threads(threads)
     random.seed(args.seed)
@@ -1211,17 +1220,23 @@ def setup(args) -> tuple[torch.device, int]:
     try:
         device = torch.device(auto if args.device == "auto" else args.device)
     except RuntimeError:
-        raise SystemExit(f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+        raise SystemExit(
+            f"error: --device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N."
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
+        raise SystemExit(
+            f"error: --device {args.device}: this torch sees no CUDA GPU; use --device cpu "
+            "(or auto)."
+        )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, threads
 
 
 def bf16_native(device: torch.device) -> bool:
-    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with AVX512-BF16 or AMX;
-    elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the test suite's second pass, .ci/run)
-    takes the bf16 path on any CPU, emulated, so that CI runs the code every GPU and bf16 CPU runs."""
+    """PLUMBING: a GPU that computes bf16 natively (compute capability 8.0+), or a CPU with
+    AVX512-BF16 or AMX; elsewhere bf16 is emulated, slower than fp32. SEQRL_TEST_FORCE_BF16=1 (the
+    test suite's second pass, .ci/run) takes the bf16 path on any CPU, emulated, so that CI runs the
+    code every GPU and bf16 CPU runs."""
     if os.environ.get("SEQRL_TEST_FORCE_BF16") == "1":
         return True
     if device.type == "cuda":
@@ -1230,9 +1245,9 @@ def bf16_native(device: torch.device) -> bool:
 
 
 def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = None) -> None:
-    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit it (an
-    edited or foreign file) are one line, not load_state_dict's traceback, and the run folder made for them
-    (`fresh_run`, holding only its config.json) is removed."""
+    """PLUMBING: a checkpoint's weights into the model its `arch` describes; weights that do not fit
+    it (an edited or foreign file) are one line, not load_state_dict's traceback, and the run folder
+    made for them (`fresh_run`, holding only its config.json) is removed."""
     try:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
@@ -1242,14 +1257,14 @@ def fit_weights(model: nn.Module, weights: dict, fresh_run: Optional[Path] = Non
             (fresh_run / "config.json").unlink(missing_ok=True)
             fresh_run.rmdir()
         raise SystemExit(
-            f"error: the checkpoint's weights do not fit the architecture it records ({why[:160]}); "
-            "pass a model.pt this script wrote, unedited."
+            "error: the checkpoint's weights do not fit the architecture it records "
+            f"({why[:160]}); pass a model.pt this script wrote, unedited."
         ) from None
 
 
 def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> Optional[dict]:
-    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run code), onto
-    `device` whatever device wrote it."""
+    """PLUMBING: a model.pt this script wrote, read as data only (weights_only: loading cannot run
+    code), onto `device` whatever device wrote it."""
     if path is None:
         return None
     if not Path(path).is_file():
@@ -1257,24 +1272,33 @@ def load_checkpoint(path: Optional[str], device, flag: str = "--checkpoint") -> 
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        why = f"not a checkpoint torch can read as data ({type(e).__name__}); pass a model.pt that {METHOD}.py wrote"
+        why = f"not a checkpoint torch can read as data ({type(e).__name__})"
+        why += f"; pass a model.pt that {METHOD}.py wrote"
         raise SystemExit(f"error: {flag} {path}: {why}.") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise SystemExit(f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py.")
+        raise SystemExit(
+            f"error: {flag} {path} was written by {found or 'another program'}, not {METHOD}.py."
+        )
     if flag == "--resume" and ckpt.get("resume") is None:
-        raise SystemExit(f"error: --resume: {path} holds no training state (an older version's); use --checkpoint.")
+        raise SystemExit(
+            f"error: --resume: {path} holds no training state (an older version's); "
+            "use --checkpoint."
+        )
     return ckpt
 
 
 def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
-    """PLUMBING: the dataset of --env / --dataset-path, else the checkpoint's. Evaluating a checkpoint on its
-    own dataset needs only the recorded dataset facts, not the file; another domain's data is refused."""
+    """PLUMBING: the dataset of --env / --dataset-path, else the checkpoint's. Evaluating a
+    checkpoint on its own dataset needs only the recorded dataset facts, not the file; another
+    domain's data is refused."""
     recorded = ckpt["dataset"] if ckpt is not None else None
     if recorded is not None and args.env is None and not args.dataset_path and args.updates == 0:
         return None, recorded
     name = args.env or (recorded["name"] if recorded is not None else DEFAULT_ENV)
-    paths = args.dataset_path or (tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ())
+    paths = args.dataset_path or (
+        tuple(recorded["path"] or ()) if recorded is not None and args.env is None else ()
+    )
     try:
         episodes, info = common.load_dataset(name, paths)
     except common.DatasetError as e:
@@ -1282,30 +1306,36 @@ def load_data(args, ckpt: Optional[dict]) -> tuple[Optional[list], dict]:
     facts = ("env_id", "obs_dim", "act_dim")
     if recorded is not None and any(recorded[k] != info[k] for k in facts):
         raise SystemExit(
-            f"error: --checkpoint {args.checkpoint} was trained on {recorded['name']} ({recorded['env_id']}), "
-            f"not on data of {info['env_id']} like {name}; leave out --env to use its own dataset."
+            f"error: --checkpoint {args.checkpoint} was trained on {recorded['name']} "
+            f"({recorded['env_id']}), not on data of {info['env_id']} like {name}; leave out "
+            "--env to use its own dataset."
         )
     return episodes, info
 
 
 def make_run_dir(args, info: dict) -> Path:
-    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an existing
-    folder is never reused."""
-    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"  # `ls runs` tells evaluations apart
+    """PLUMBING: runs/{env}__{exp_name}__{seed}__{time} (exp_name-eval when it only evaluates); an
+    existing folder is never reused."""
+    # `ls runs` tells evaluations apart
+    kind = args.exp_name if args.updates else f"{args.exp_name}-eval"
     name = f"{info['name'].replace('/', '_')}__{kind}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.runs_dir) / name
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
-        raise SystemExit(f"error: run folder {run_dir} already exists; wait a second or change --exp-name.") from None
+        raise SystemExit(
+            f"error: run folder {run_dir} already exists; wait a second or change --exp-name."
+        ) from None
     except OSError as e:
-        raise SystemExit(f"error: --runs-dir {args.runs_dir}: cannot make a run folder there ({e.strerror}).") from None
+        raise SystemExit(
+            f"error: --runs-dir {args.runs_dir}: cannot make a run folder there ({e.strerror})."
+        ) from None
     return run_dir
 
 
 def log_metrics(path: Path, **metrics) -> None:
-    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it logged; also
-    to W&B once --track has started a run there."""
+    """PLUMBING: one JSON line, appended and closed at once, so a killed run keeps every line it
+    logged; also to W&B once --track has started a run there."""
     with open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
     wandb = sys.modules.get("wandb")
@@ -1314,12 +1344,13 @@ def log_metrics(path: Path, **metrics) -> None:
 
 
 def start_tracking(args, config: dict, run_dir: Path) -> None:
-    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's convention)."""
+    """PLUMBING: --track: a W&B run named like the run folder, with the full config (CleanRL's
+    convention)."""
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name=run_dir.name,
-                   dir=run_dir)  # fmt: skip
+        project, entity = args.wandb_project_name, args.wandb_entity
+        wandb.init(project=project, entity=entity, config=config, name=run_dir.name, dir=run_dir)
 
 
 def finish_tracking(results: dict) -> None:
@@ -1333,7 +1364,9 @@ def finish_tracking(results: dict) -> None:
 def git_commit() -> Optional[str]:
     """PLUMBING"""
     try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True)
+        git = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True
+        )
         return git.stdout.decode().strip() if git.returncode == 0 else None
     except Exception:
         return None
@@ -1348,9 +1381,10 @@ STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signal
 
 
 def catch_stop_signals() -> dict:
-    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1 (SLURM's --signal)
-    all raise KeyboardInterrupt naming the signal, so that one `except` saves a resumable checkpoint for each.
-    Returns the handlers it replaced (restore_signals puts them back); only the main thread can catch signals."""
+    """PLUMBING: Ctrl-C, SIGTERM (`timeout`, SLURM and Kubernetes before a kill) and SIGUSR1
+    (SLURM's --signal) all raise KeyboardInterrupt naming the signal, so that one `except` saves a
+    resumable checkpoint for each. Returns the handlers it replaced (restore_signals puts them
+    back); only the main thread can catch signals."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -1375,8 +1409,8 @@ def restore_signals(old: dict) -> None:
 
 @contextlib.contextmanager
 def signals_deferred():
-    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an update or a
-    checkpoint is never left half done."""
+    """PLUMBING: a stop signal that arrives inside the block takes effect when it ends, so that an
+    update or a checkpoint is never left half done."""
     STOPPING["deferred"] = True
     try:
         yield
@@ -1388,8 +1422,8 @@ def signals_deferred():
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on POSIX and
-    Windows): a kill at any instant leaves the last complete checkpoint readable."""
+    """PLUMBING: written to a temporary file, flushed to disk, then renamed over `path` (atomic on
+    POSIX and Windows): a kill at any instant leaves the last complete checkpoint readable."""
     tmp = path.with_name(path.name + ".tmp")
     with signals_deferred():
         with open(tmp, "wb") as f:
@@ -1399,24 +1433,33 @@ def save_atomic(obj: dict, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def training_state(updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path) -> dict:
-    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the schedule's position,
-    every random state (python, numpy, torch, CUDA, the batch sampler's), the updates done, the time spent and
-    how many lines metrics.jsonl had."""
+def training_state(
+    updates_done: int, opt, sched, gen: torch.Generator, clock: dict, metrics: Path
+) -> dict:
+    """PLUMBING: what an exact resume needs besides the weights: the optimizer's moments, the
+    schedule's position, every random state (python, numpy, torch, CUDA, the batch sampler's), the
+    updates done, the time spent and how many lines metrics.jsonl had."""
     kind, key, pos, gauss, cached = np.random.get_state()
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "batch": gen.get_state()}
-    rng["numpy"] = (kind, torch.as_tensor(key.astype(np.int64)), pos, gauss, cached)  # as data: no numpy pickles
+    key = torch.as_tensor(key.astype(np.int64))  # as data: no numpy pickles
+    rng["numpy"] = (kind, key, pos, gauss, cached)
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng["batch_device"] = gen.device.type
     sched_state = sched.state_dict() if sched is not None else None
-    state = {"updates_done": updates_done, "optimizer": opt.state_dict(), "scheduler": sched_state, "rng": rng}
+    state = {
+        "updates_done": updates_done,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched_state,
+        "rng": rng,
+    }
     lines = metrics.read_text().count("\n") if metrics.exists() else 0
     return state | {"clock": dict(clock), "metrics_lines": lines}
 
 
 def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> None:
-    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of device: resumed
-    on another, the sampler goes on from a fresh stream (said once; the run is then not bit-exact)."""
+    """PLUMBING: the inverse of training_state. The batch sampler's state belongs to one kind of
+    device: resumed on another, the sampler goes on from a fresh stream (said once; the run is then
+    not bit-exact)."""
     opt.load_state_dict(state["optimizer"])
     if sched is not None:
         sched.load_state_dict(state["scheduler"])
@@ -1431,45 +1474,60 @@ def restore_training_state(state: dict, opt, sched, gen: torch.Generator) -> Non
         gen.set_state(rng["batch"].cpu())
     else:
         gen.manual_seed(int(torch.randint(2**62, (1,)).item()))
-        print(f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch stream (not bit-exact)")
+        print(
+            f"resumed on {gen.device.type}, saved on {rng['batch_device']}: a fresh batch "
+            "stream (not bit-exact)"
+        )
 
 
 def resumed_args(cls, cli):
-    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags (RUN_FLAGS:
-    where and how to run, not what) replace them; any other flag given is refused rather than ignored."""
+    """PLUMBING: --resume RUN: that run's own flags from its config.json. This command's run flags
+    (RUN_FLAGS: where and how to run, not what) replace them; any other flag given is refused rather
+    than ignored."""
     if cli.resume is None:
         return cli
     run = Path(cli.resume)
     if (run / "results.json").exists():
-        raise SystemExit(f"error: --resume {run}: that run has finished (results.json is there); nothing to resume.")
+        raise SystemExit(
+            f"error: --resume {run}: that run has finished (results.json is there); "
+            "nothing to resume."
+        )
     try:
         saved = json.loads((run / "config.json").read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise SystemExit(f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json).") from None
+        raise SystemExit(
+            f"error: --resume {run}: no run of {METHOD}.py there (no readable config.json)."
+        ) from None
     if not (run / "model.pt").is_file():
-        raise SystemExit(f"error: --resume {run}: no model.pt there yet (stopped before its first save); start again.")
+        raise SystemExit(
+            f"error: --resume {run}: no model.pt there yet (stopped before its first save); "
+            "start again."
+        )
     fields = {f.name: f.default for f in dataclasses.fields(cls)}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
     for name, value in dataclasses.asdict(cli).items():
-        if name not in RUN_FLAGS and value != fields[name] and value != saved.get(name, fields[name]):
+        given = value != fields[name] and value != saved.get(name, fields[name])
+        if name not in RUN_FLAGS and given:
             flag = f"--{name.replace('_', '-')}"
             raise SystemExit(
-                f"error: --resume {run} continues that run with its own flags; leave out {flag} {value} "
-                f"(the run has {saved.get(name, fields[name])})."
+                f"error: --resume {run} continues that run with its own flags; leave out "
+                f"{flag} {value} (the run has {saved.get(name, fields[name])})."
             )
     return cls(**(saved | {k: getattr(cli, k) for k in RUN_FLAGS}))
 
 
 def trim_metrics(path: Path, n_lines: int) -> list[dict]:
-    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the checkpoint was saved)
-    and drop the rest, so that no step is written twice; returns the kept lines."""
+    """PLUMBING: on --resume, keep the first n_lines of metrics.jsonl (those logged when the
+    checkpoint was saved) and drop the rest, so that no step is written twice; returns the kept
+    lines."""
     kept = path.read_text().splitlines()[:n_lines] if path.exists() else []
     path.write_text("".join(line + "\n" for line in kept))
     return [json.loads(line) for line in kept]
 
 
 def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
-    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the run."""
+    """PLUMBING: --save-every N, or by default at every evaluation and at least every 10% of the
+    run."""
     if n == updates:
         return True
     if save_every:
@@ -1477,8 +1535,9 @@ def save_due(n: int, updates: int, eval_every: int, save_every: int) -> bool:
     return bool(eval_every and n % eval_every == 0) or n % max(1, math.ceil(updates / 10)) == 0
 
 
-def log_losses(path: Path, step: int, losses: dict, grad_norm: torch.Tensor, lr: float, bar) -> None:
-    """PLUMBING: one update's losses and their sum, its gradient norm before clipping and its learning rate."""
+def log_losses(path: Path, step: int, losses: dict, grad_norm, lr: float, bar) -> None:
+    """PLUMBING: one update's losses and their sum, its gradient norm before clipping and its
+    learning rate."""
     loss = {f"loss_{k}": v.item() for k, v in losses.items()}
     loss["loss"] = sum(loss.values())
     log_metrics(path, step=step, grad_norm=grad_norm.item(), lr=lr, **loss)
@@ -1495,11 +1554,14 @@ def stop_message(why: str, done: int, run_dir: Path) -> str:
 
 
 def record_config(run_dir: Path, config: dict, resume: Optional[dict]) -> dict:
-    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it went on."""
+    """PLUMBING: config.json of a new run; a resumed run keeps its own and adds where and when it
+    went on."""
     if resume is not None:
         where = {k: config[k] for k in ("device", "threads", "git_commit", "torch")}
         config = json.loads((run_dir / "config.json").read_text())
-        config["resumed"] = config.get("resumed", []) + [{"at_update": resume["updates_done"], **where}]
+        config["resumed"] = config.get("resumed", []) + [
+            {"at_update": resume["updates_done"], **where}
+        ]
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     return config
 
