@@ -231,7 +231,7 @@ def rgdt_translator(config: str) -> Harness:
     def step():
         b = mod.sample_batch(data, args.batch_size, model.return_len, model.state_len, gen)
         with autocast:
-            mean, log_std, _ = model(b["returns"], b["states"], b["mask"])
+            mean, log_std = model(b["returns"], b["states"], b["mask"])
         full = args.full_context_loss
         loss = mod.state_loss(mean, log_std, b["next_states"], b["mask"], full)
         opt.zero_grad(set_to_none=True)

@@ -35,6 +35,17 @@ def test_tiny_counts_of_dt_and_mo_dt_add_up_per_phase(tmp_path):
     assert "| dt | AdamW |" in table and "| mo_dt |" in table
 
 
+def test_tiny_counts_of_rgdt_s_two_models(tmp_path):
+    """The translator and the inverse dynamics each get a row (the translator's forward once
+    unpacked a third, attention, output: the row broke without a test)."""
+    ops.main(ops.Args(methods=("rgdt",), config="tiny", out=str(tmp_path)))
+    rows = json.loads((tmp_path / "ops.json").read_text())["rows"]
+    assert len(rows) == 2
+    for row in rows:
+        phases = row["cpu"]["phases"]
+        assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0
+
+
 def test_phases_of_a_known_update_and_cuda_s_kernel_choice():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
