@@ -17,8 +17,9 @@ unless --force.
 Every attention and behaviour verdict in benchmarks/ (here, tt_analysis, iem_analysis,
 rgdt_analysis) follows one rule, `beyond_control` below: the trained model is measured beside a
 random-init control (its model class constructed fresh, never trained) on the same evaluation data,
-and a claim "holds" only where ours clears the control by a stated margin; it "does not hold" where
-ours is not beyond the control at all, and is "not decidable at this budget" in between. Here the
+and a claim "holds" only where ours clears the control by a stated margin; it "does not hold" only
+where ours falls short of the control by more than the noise margin (with no noise margin: short
+of it or level with it), and is "not decidable at this budget" in between, either way. Here the
 control reads the very contexts the trained policy visits.
 """
 
@@ -62,17 +63,24 @@ def beyond_control(ours, control, neutral=None, factor=MARGIN, spread=0.0, lower
     """One measured effect that a claim says is large (`lower`: small), against the random-init
     control of the same architecture measured the same way on the same data. The baseline is the
     control's value, or `neutral` (what no effect at all gives, e.g. uniform attention's share)
-    where that is stricter. "holds": ours is beyond the baseline by `factor` (ours >= factor x
-    baseline; lower: ours <= baseline / factor) and by more than `spread` (a noise margin: an
-    episode or seed-to-seed spread, or a stated difference); "does not hold": ours is not beyond
-    the baseline at all; "not decidable at this budget": beyond it, but within the margin."""
+    where that is stricter; gap = ours - baseline (lower: baseline - ours), positive in the
+    claim's direction; `spread` is the noise margin (an episode or seed-to-seed spread, or a
+    stated difference). The rule, the same for every caller:
+    - "holds": gap > spread and ours is beyond the baseline by `factor` (ours >= factor x
+      baseline; lower: ours <= baseline / factor);
+    - "does not hold": gap < -spread, the effect absent beyond the noise margin; with no noise
+      margin (spread = 0) that is gap <= 0, ours short of the baseline or level with it;
+    - "not decidable at this budget": anything else, i.e. |gap| within the noise margin either way
+      (a wrong-way mean that the spread could reverse), or beyond the baseline by less than
+      `factor`. The factor is a stated effect size for "large", not a noise estimate, so it only
+      gates "holds"; an infinite or NaN spread never decides."""
     values = [ours, control] + ([] if neutral is None else [neutral])
     if not all(np.isfinite(v) for v in values):
         return UNDECIDED
     base = control if neutral is None else (min if lower else max)(control, neutral)
     gap = base - ours if lower else ours - base
     clears = ours * factor <= base if lower else ours >= factor * base
-    if gap <= 0:
+    if gap < -spread or (spread == 0 and gap <= 0):
         return FAILS
     return HOLDS if clears and gap > spread else UNDECIDED
 

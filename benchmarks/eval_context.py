@@ -14,7 +14,8 @@ benchmarks/attention.py's rule: the drop from K to the shortest K' (per episode:
 paired, same seeds) is set against random-init controls' drops (the model class constructed fresh,
 never trained, evaluated the same way). It holds if ours drops more than the controls (and than one
 normalized point) by two standard deviations (episodes and control seeds), does not hold if it drops
-no more at all, and is not decidable at this budget in between.
+less than them by more than those two standard deviations, and is not decidable at this budget in
+between.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def shorter_hurts(rows: list[dict], control_rows: list[list[dict]], K: int) -> d
     contexts, or MIN_DROP where that is larger. Holds when ours is beyond it by two standard
     deviations of ours minus a random-init model's (over episodes, and over control seeds: a
     near-deterministic policy's episodes barely differ, while another random init drops
-    differently); does not hold when it is not beyond it at all; else not decidable at this budget.
+    differently); does not hold when it falls short of it by more than that margin; else not
+    decidable at this budget.
     """
     if rows[0]["context"] == K:
         return dict(

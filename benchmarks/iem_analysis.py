@@ -47,8 +47,9 @@ from attention import (  # noqa: E402
 # The blog's words (§7.b, "LEAP Attention Evolution" and the IEM caption), each with the rule that
 # judges it. Every rule also asks the measured effect to reach 1.2x a random-init IEM's (the
 # control: iem.MaskedPlanModel constructed fresh, never trained) on the same inputs; "does not hold"
-# where the effect is not beyond the control at all, "not decidable at this budget" where it is, but
-# by less than the margin (benchmarks/attention.py, beyond_control).
+# where the effect falls short of the control by more than the noise margin (with none stated: is
+# not beyond it at all), "not decidable at this budget" in between (benchmarks/attention.py,
+# beyond_control).
 CLAIMS = {
     "layer0_band": (
         "layer 0: a strong vertical band, all queries attend to one key position (~0.7 weight)",

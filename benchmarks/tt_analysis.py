@@ -25,7 +25,8 @@ and tt.TrajectoryTransformer constructed fresh from --control-seed, never traine
 very inputs ours sees (the same dataset windows, the contexts of our rollouts), behaviour on the
 controls' own episodes with the same env seeds. A claim "holds" only where ours clears the control
 by a stated margin (1.2x, a stated difference, or two standard errors over episodes), "does not
-hold" where ours is not beyond the control at all, and is "not decidable at this budget" in between,
+hold" where ours falls short of the control by more than the noise margin (level with it or short
+where no noise margin is stated), and is "not decidable at this budget" in between, either way,
 or where the budget decides it (benchmarks/attention.py, beyond_control). The table prints the
 control's column beside ours.
 """

@@ -43,6 +43,35 @@ def test_the_rule_has_three_outcomes_and_a_margin():
     )
 
 
+def test_does_not_hold_needs_the_effect_absent_beyond_the_noise_margin():
+    """ "does not hold" only where ours is short of the baseline by more than the noise margin
+    (spread); a wrong-way mean inside it is not decidable (§2.4 aim (3)'s score in
+    benchmarks/results/rgdt_arch: per-seed differences +39, -34, -9 said "does not hold" under the
+    old rule, gap <= 0)."""
+    rule = attention.beyond_control
+    # a tie: no effect, but with a noise margin it cannot say the effect is absent either
+    assert rule(0.3, 0.3, factor=1.0, spread=0.05) == UNDECIDED
+    # a tie with no noise margin stated: level with the control, nothing beyond it
+    assert rule(0.3, 0.3) == FAILS
+    # a small wrong-way gap inside the margin: not decidable (aim (3)'s score, 2 SE = 42.8)
+    assert rule(44.08, 45.36, factor=1.0, spread=42.8) == UNDECIDED
+    assert rule(-13.83, -14.20, factor=1.0, spread=0.41, lower=True) == UNDECIDED
+    # a large wrong-way gap: does not hold, either direction
+    assert rule(20.0, 45.0, factor=1.0, spread=5.0) == FAILS
+    assert rule(-10.0, -14.0, factor=1.0, spread=0.5, lower=True) == FAILS
+    # against the stricter baseline (neutral) too
+    assert rule(0.2, 0.1, neutral=0.4, spread=0.1) == FAILS
+    assert rule(0.35, 0.1, neutral=0.4, spread=0.1) == UNDECIDED
+    # a clear effect: holds, and the same effect inside a larger margin is not decidable
+    assert rule(60.0, 40.0, factor=1.0, spread=5.0) == HOLDS
+    assert rule(60.0, 40.0, factor=1.0, spread=25.0) == UNDECIDED
+    # the boundary: exactly one margin short is not yet "absent beyond the margin"
+    assert rule(0.25, 0.3, factor=1.0, spread=0.05) == UNDECIDED
+    assert rule(0.2499, 0.3, factor=1.0, spread=0.05) == FAILS
+    # an infinite margin never decides
+    assert rule(-100.0, 0.0, factor=1.0, spread=float("inf")) == UNDECIDED
+
+
 def test_random_init_keeps_the_global_random_state():
     torch.manual_seed(0)
     expected = torch.rand(1)
