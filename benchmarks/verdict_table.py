@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
+from claims import later_blocks_claim  # noqa: E402
 
 RULE = (
     "benchmarks/attention.py beyond_control: holds if gap > spread and beyond the factor; does not "
@@ -161,17 +162,11 @@ def iem_rows(before: dict, after: dict, level: str) -> list[dict]:
 
 
 def old_later_blocks(method: str, mass: list, modalities: list, samples: int) -> str:
-    """claims.py's later_blocks_claim at ce87813, before the control: "reproduced" when every block
-    after the first puts more mass on the favoured modalities than on any other, "partly" when only
-    the last does. Kept here verbatim in effect, to judge today's measurements the old way."""
-    favoured = ("actions", "regions") if method == "trdt" else ("actions",)
-    if not samples or len(mass) < 2:
-        return "not measured"
-    wins = []
-    for m in mass[1:]:
-        d = dict(zip(modalities, m))
-        wins.append(sum(d[k] for k in favoured) > max(v for k, v in d.items() if k not in favoured))
-    return "reproduced" if all(wins) else ("partly" if wins[-1] else "not reproduced")
+    """The verdict attention.py printed before the control (ce87813): claims.py's
+    later_blocks_claim, which attention.py still calls for the claim's text and overrides the
+    verdict of: "reproduced" when every block after the first puts more mass on the favoured
+    modalities than on any other, "partly" when only the last does."""
+    return later_blocks_claim(method, mass, modalities, samples)["verdict"]
 
 
 def attention_rows(folder: str) -> list[dict]:

@@ -92,7 +92,7 @@ def test_the_old_attention_rule():
     assert old("dt", [[1, 0, 0], [0.2, 0.2, 0.6], [0.2, 0.2, 0.6]], mods, 5) == "reproduced"
     assert old("dt", [[1, 0, 0], [0.6, 0.2, 0.2], [0.2, 0.2, 0.6]], mods, 5) == "partly"
     assert old("dt", [[1, 0, 0], [0.6, 0.2, 0.2]], mods, 5) == "not reproduced"
-    assert old("dt", [[1, 0, 0], [0.2, 0.2, 0.6]], mods, 0) == "not measured"
+    assert old("dt", [[1, 0, 0], [0.2, 0.2, 0.6]], mods, 0).startswith("not measured")
 
 
 def test_bad_inputs_say_which_flag(tmp_path):
