@@ -298,10 +298,16 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     others are scaled by 1 / (1 - p). On a CPU the mask is drawn as uniform fp32 numbers (p exact
     under bf16 too), twice as fast as F.dropout's bernoulli_, whose masks took 13% of a DT-size
     update there (benchmarks/results/corl). CUDA's F.dropout is one fused kernel: kept."""
-    if not training or not 0 < p < 1 or x.device.type != "cpu":
+    if not training or not 0 < p < 1 or not own_masks(x):
         return F.dropout(x, p, training)
     keep = torch.rand_like(x, dtype=torch.float32).ge_(p)
     return x * keep.div_(1 - p).to(x.dtype)
+
+
+def own_masks(x: torch.Tensor) -> bool:
+    """Whether dropout() and SelfAttention draw their dropout masks themselves: on a CPU
+    (benchmarks/ops.py answers no to count the kernels that a GPU runs)."""
+    return x.device.type == "cpu"
 
 
 class Dropout(nn.Dropout):
@@ -324,7 +330,7 @@ class SelfAttention(nn.Module):
         heads = (z.view(B, T, self.n_head, C // self.n_head) for z in self.qkv(x).split(C, dim=2))
         q, k, v = (z.transpose(1, 2) for z in heads)  # (B, nh, T, hs)
         p = self.dropout * self.training
-        if p and x.device.type == "cpu":
+        if p and own_masks(x):
             # SDPA's math, written out: on a CPU SDPA drops out only through this same math with
             # a bernoulli_ mask; here the mask is dropout()'s
             att = (q @ k.transpose(-2, -1)).mul_(1 / math.sqrt(k.size(-1)))

@@ -15,8 +15,10 @@ action dimensions; BabyAI grids for iem), so no dataset file is needed. Two warm
 first (the optimizers make their state then); then one update is counted twice: with the kernels
 torch picks on a CPU (its optimizers loop over the tensors there) and with those it picks on CUDA
 (one foreach kernel per step of the optimizer's math, where the optimizer leaves the choice to
-torch). The second is what a GPU would launch. Of each count, the ops that launch work are
-estimated too (views, metadata and host-side ops launch nothing).
+torch; the DT family's F.dropout and SDPA's fused attention, where on a CPU it draws its own
+dropout masks and writes the attention out). The second is what a GPU would launch. Of each
+count, the ops that launch work are estimated too (views, metadata and host-side ops launch
+nothing).
 Writes ops.json and ops.md to --out (default: a new folder under runs/); never overwrites without
 --force.
 """
@@ -415,13 +417,17 @@ def phase_marks(h: Harness) -> list[tuple[object, str, object]]:
     return pairs
 
 
-def cuda_defaults() -> list[tuple[object, str, object]]:
+def cuda_defaults(module) -> list[tuple[object, str, object]]:
     """torch's kernel choice as on CUDA: foreach in the optimizers that leave the choice to torch
     (on a CPU they loop over the tensors; the foreach ops run on a CPU too). clip_grad_norm_ picks
-    foreach on both already."""
+    foreach on both already. The DT family's model as on CUDA: F.dropout and SDPA's fused kernel,
+    where on a CPU it draws its own dropout masks (own_masks, dt.py)."""
     import torch.optim.optimizer as optimizer
 
-    return [(optimizer, "_get_foreach_kernels_supported_devices", lambda: ["cuda", "cpu"])]
+    pairs = [(optimizer, "_get_foreach_kernels_supported_devices", lambda: ["cuda", "cpu"])]
+    if hasattr(module, "own_masks"):
+        pairs.append((module, "own_masks", lambda x: False))
+    return pairs
 
 
 def enclosing(evt, test) -> Optional[object]:
@@ -462,7 +468,7 @@ def tally(events) -> dict:
 def count_update(h: Harness, warmup: int, as_cuda: bool) -> dict:
     """Ops of one update after `warmup` others; what no inner range claims is the forward pass and
     the loss."""
-    with patched(phase_marks(h) + (cuda_defaults() if as_cuda else [])):
+    with patched(phase_marks(h) + (cuda_defaults(h.module) if as_cuda else [])):
         for _ in range(warmup):
             h.step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -561,8 +567,10 @@ def table(report: dict) -> str:
         f"{report['torch']}, {report['cpu']}, commit {report['git_commit']}"
         + (f" with uncommitted edits to {edits}" if edits else "")
         + ". Made by `python benchmarks/ops.py`. *CUDA's choice*: with the foreach kernels that "
-        "torch's optimizers pick on CUDA. *launching*: the ops that are not views, metadata or "
-        "host work (an estimate of kernel launches). Batch sampling is counted apart.",
+        "torch's optimizers pick on CUDA, and the DT family's F.dropout and fused attention (on a "
+        "CPU it draws its own dropout masks, a longer forward). *launching*: the ops that are "
+        "not views, metadata or host work (an estimate of kernel launches). Batch sampling is "
+        "counted apart.",
         "",
         "| file | optimizer | param. tensors | forward | backward | clip | optimizer.step | total "
         "| launching | optimizer.step, CUDA's choice | total, CUDA's choice "

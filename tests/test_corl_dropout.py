@@ -68,3 +68,16 @@ def test_every_dropout_of_the_model_is_the_cpu_one(module):
     drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(drops) == 1 + 2 * len(model.blocks)
     assert all(type(m) is mod.Dropout for m in drops)
+
+
+def test_without_own_masks_it_is_f_dropout(monkeypatch):
+    """benchmarks/ops.py counts CUDA's kernels by answering no in own_masks: then dropout() is
+    F.dropout, draw for draw."""
+    import dt
+
+    x = torch.randn(50, 50)
+    monkeypatch.setattr(dt, "own_masks", lambda x: False)
+    torch.manual_seed(3)
+    got = dt.dropout(x, 0.1, True)
+    torch.manual_seed(3)
+    assert torch.equal(got, torch.nn.functional.dropout(x, 0.1, True))

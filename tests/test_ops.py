@@ -30,7 +30,8 @@ def test_tiny_counts_of_dt_and_mo_dt_add_up_per_phase(tmp_path):
             for phase in ("forward", "backward", "clip", "optimizer"):  # both files clip
                 assert c["phases"][phase] > 0, (row["method"], key, phase)
             assert c["sample"] > 0  # sample_batch, counted apart from the update
-        assert row["cuda_defaults"]["phases"]["forward"] == row["cpu"]["phases"]["forward"]
+        # the DT family's forward on CUDA: F.dropout and SDPA, not the CPU's own dropout masks
+        assert row["cuda_defaults"]["phases"]["forward"] < row["cpu"]["phases"]["forward"]
     table = (tmp_path / "ops.md").read_text()
     assert "| dt | AdamW |" in table and "| mo_dt |" in table
 
