@@ -49,6 +49,8 @@ from minigrid.wrappers import FullyObsWrapper
 from torch import nn
 from tqdm import tqdm
 
+import common  # the memory checks (check_memory, out_of_memory) and their measured constants
+
 # The paper's BabyAI levels with its code's planning settings (test_run.sh): horizon H and
 # refinements. Its `sample_iteration` counts the first fill of all positions as an iteration, so
 # its 10 is our 9 (its 30, our 29). Its GoToObjMazeS4R2Close is minigrid's GoToObjMazeS4R2 (doors
@@ -645,7 +647,7 @@ def train(args: Args) -> dict:
     old_handlers = catch_stop_signals()
     try:
         for step in bar:
-            with signals_deferred():  # a stop signal waits for the update and its log line
+            with one_update(args, device, run_dir):  # a stop signal waits; an OOM is one line
                 timer.start()
                 batch = sample_batch(data, args.batch_size, H, gen)
                 lr = sched.get_last_lr()[0]  # the rate this update uses
@@ -661,8 +663,9 @@ def train(args: Args) -> dict:
                 saved = save(done)
         bar.close()
         planning, n = planning_of(args), args.eval_episodes
-        iem = evaluate(model, args.env, n, planning, refine=True, seed=args.seed)
-        bc = evaluate(model, args.env, n, planning, refine=False, seed=args.seed)
+        with planning_memory(args, device, run_dir):  # an OOM is one line naming the flag
+            iem = evaluate(model, args.env, n, planning, refine=True, seed=args.seed)
+            bc = evaluate(model, args.env, n, planning, refine=False, seed=args.seed)
     except KeyboardInterrupt as stop:
         bar.close()
         timer.stop()
@@ -1117,7 +1120,58 @@ def load_run(args: Args, device) -> tuple:
     if (args.replan_every or 0) > arch["horizon"]:
         why = f"the checkpoint plans {arch['horizon']} actions"
         raise SystemExit(f"error: --replan-every {args.replan_every}: {why}.")
+    check_memory(args, arch, device)  # before the run folder is made
     return ckpt, (ckpt["resume"] if args.resume else None), demos, source, arch
+
+
+def memory_needs(args: Args, arch: dict, device) -> dict:
+    """What each memory-bound flag of this run needs (bytes, estimated): flag -> (value, bytes,
+    what it sizes). The masked model is common.transformer_bytes' encoder over T = 1 + M + H
+    tokens of every masked copy of a plan: H + 1 copies per plan in training (single_masks, the
+    all-masked one with --train-all-masked), H per plan in planning (the energy's forward, the
+    largest of plan()'s, no-grad and fp32), times TRAIN_FACTOR or PLAN_FACTOR, plus the grid
+    encoder's CONV_VALUES values per cell of each egocentric grid, and per evaluation episode its
+    env (ENV_BYTES)."""
+    H, M, (W, Hg) = arch["horizon"], arch["mission_len"], arch["grid"]
+    T, cells = 1 + M + H, (2 * max(W, Hg) - 1) ** 2
+    model = (arch["n_embd"], arch["n_layer"], arch["n_head"])
+    needs = {}
+    if args.updates:
+        bf16, B = args.bf16 and bf16_native(device), args.batch_size
+        copies = B * (H + int(args.train_all_masked))
+        need = TRAIN_FACTOR * common.transformer_bytes(copies, T, *model, bf16=bf16, device=device)
+        needs["--batch-size"] = (B, need + 4.0 * CONV_VALUES * B * cells, "a training update")
+    n = args.eval_episodes
+    need = common.transformer_bytes(n * H, T, *model, bf16=False, train=False, device=device)
+    need = PLAN_FACTOR * need + n * (4.0 * CONV_VALUES * cells + ENV_BYTES)
+    needs["--eval-episodes"] = (n, need, "an evaluation (H masked copies of each plan)")
+    return needs
+
+
+def check_memory(args: Args, arch: dict, device) -> None:
+    """Each memory-bound flag against what it needs (memory_needs; common.check_memory: refused
+    only well above the memory available, in one line naming the flag and a value that fits)."""
+    for flag, (value, need, what) in memory_needs(args, arch, device).items():
+        common.check_memory(flag, value, need, device, what)
+
+
+@contextlib.contextmanager
+def one_update(args: Args, device, run_dir: Path):
+    """A training update and its log line: a stop signal waits for its end (signals_deferred), an
+    allocation failure in it is one line naming --batch-size (common.out_of_memory; a run folder
+    that logged nothing yet is removed)."""
+    fresh = None if args.resume else run_dir
+    oom = ("--batch-size", args.batch_size, device, "a training update", fresh)
+    with signals_deferred(), common.out_of_memory(*oom):
+        yield
+
+
+def planning_memory(args: Args, device, run_dir: Path):
+    """An allocation failure while IEM and BC plan: one line naming --eval-episodes (a run folder
+    that logged nothing yet is removed)."""
+    fresh = None if args.resume else run_dir
+    n, what = args.eval_episodes, "an evaluation (H masked copies of each plan)"
+    return common.out_of_memory("--eval-episodes", n, device, what, fresh)
 
 
 def open_run(args: Args, arch: dict, ckpt, resume, demos, source, device, threads) -> tuple:
@@ -1160,6 +1214,17 @@ def progress(run_dir: Path, ckpt, resume, opt, sched, gen) -> tuple[int, int, di
 # --compile: the updates of each process whose time is compile time, not training time (the first
 # compiles; CUDA graphs are recorded after a warmup run)
 COMPILE_WARMUP = 3
+# memory_needs' constants: the grid encoder's fp32 values per cell of a grid (embeddings,
+# convolutions, their gradients), one BabyAI env's memory (11 kB, 300 envs measured), and the
+# factors on common.transformer_bytes for this encoder (fitted to dt.py's GPT; the short
+# sequences of many masked copies keep more per token). Measured as common.py's constants
+# (peak-RSS rise of a fresh process over 2 calls, 1 thread): training 0.9-1.0x of the measured
+# 0.24-1.15 GB (batch 64-256, H 5-10, width 64-128, bf16 and fp32), planning 0.73-1.02x of
+# 0.24-0.68 GB (256-1024 episodes at once).
+CONV_VALUES = 150.0
+ENV_BYTES = 0.011e6
+TRAIN_FACTOR = 1.25
+PLAN_FACTOR = 1.2
 
 
 def wait_for(device: torch.device) -> None:

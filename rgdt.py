@@ -697,11 +697,27 @@ THESIS = {"halfcheetah-medium": 44.4, "hopper-medium": 93.2, "walker2d-medium": 
 PHASES = {"inverse": "inverse dynamics", "translator": "translator"}
 # --arch's state predictors by name (None: a checkpoint from before --arch)
 PREDICTOR = {"gpt": "GPT state predictor", "seq2seq": "translator", None: "translator"}
+# each phase's batch flag, and what one of its steps is (common.out_of_memory's line)
+PHASE_BATCH = {
+    "inverse": ("--inv-batch-size", "an inverse dynamics update"),
+    "translator": ("--batch-size", "a translator update"),
+}
 # results.json's updates/s of each phase
 SPEED = {"inverse": "inv_train_updates_per_s", "translator": "train_updates_per_s"}
 # --compile: the updates of each process whose time is compile time, not training time (the first
 # compiles; CUDA graphs are recorded after a warmup run)
 COMPILE_WARMUP = 3
+# memory_needs' constants. The decoder's cross-attention counts as half a layer more (its queries,
+# keys and values over the K_r returns, projection, LayerNorm); the state predictor's training
+# then needs PREDICTOR_FACTOR times common.transformer_bytes (fitted to dt.py's model: these
+# short, narrow sequences keep more per token), and the inverse dynamics INV_VALUES fp32 values per
+# transition and hidden unit of each layer. Measured as common.py's constants (peak-RSS rise of a
+# fresh process over 3 updates, 1 thread): the estimate is 0.81-1.03x of the measured 0.73-2.8 GB
+# (batch 2048-8192, width 64-128, seq2seq and gpt, bf16 and fp32), 0.99-1.02x for the inverse
+# dynamics (0.5-1.9 GB, batch 32768-131072), 0.9-1.2x for an evaluation's forwards (0.4-0.6 GB).
+CROSS_SHARE = 0.5
+PREDICTOR_FACTOR = 1.2
+INV_VALUES = 3.6
 # Flags that say where and how a run runs, not what it computes: --resume takes them from its own
 # command line.
 RUN_FLAGS = "resume device threads eval_async runs_dir track wandb_project_name".split()
@@ -1134,7 +1150,51 @@ def read_inputs(args: Args, device):
             common.check_video(facts)
         except common.DatasetError as e:
             raise SystemExit(f"error: {e}") from None
+    check_memory(args, arch, device)  # before the run folder is made
     return ckpt, (ckpt["resume"] if args.resume else None), episodes, facts, arch
+
+
+def memory_needs(args: Args, arch: dict, device) -> dict:
+    """What each memory-bound flag of this run needs (bytes, estimated): flag -> (value, bytes,
+    what it sizes). The translator is common.transformer_bytes' GPT twice, the encoder over the K_r
+    returns and the decoder over the K_s states with its cross-attention (CROSS_SHARE); --arch gpt
+    is one GPT over 2 K_s tokens; in training both times PREDICTOR_FACTOR. The inverse dynamics,
+    an MLP in fp32, keeps INV_VALUES values per hidden unit and layer of each transition. The
+    evaluation: one no-grad forward per episode and step, and its envs."""
+    bf16 = args.bf16 and bf16_native(device)
+    C, h, gpt = arch["n_embd"], arch["n_head"], arch.get("arch") == "gpt"
+    K_r, K_s, L_enc, L_dec = (
+        arch[k] for k in ("return_len", "state_len", "n_enc_layer", "n_layer")
+    )
+
+    def predictor(batch: int, train: bool) -> float:
+        kw = dict(bf16=bf16, train=train, device=device)
+        factor = PREDICTOR_FACTOR if train else 1.0
+        if gpt:
+            return factor * common.transformer_bytes(batch, 2 * K_s, C, L_dec, h, **kw)
+        enc = common.transformer_bytes(batch, K_r, C, L_enc, h, **kw)
+        dec = (1 + CROSS_SHARE) * common.transformer_bytes(batch, K_s, C, L_dec, h, **kw)
+        return factor * (enc + dec)
+
+    needs = {}
+    if args.updates:
+        what = "a translator update" if not gpt else "a state predictor update"
+        needs["--batch-size"] = (args.batch_size, predictor(args.batch_size, True), what)
+    if args.inv_updates:
+        width = arch["inv_hidden"] * arch["inv_layers"] + 2 * arch["state_dim"]
+        need = 4.0 * INV_VALUES * args.inv_batch_size * width
+        needs["--inv-batch-size"] = (args.inv_batch_size, need, "an inverse dynamics update")
+    n = args.eval_episodes
+    need = predictor(n, False) + common.eval_env_bytes(n, args.eval_async)
+    needs["--eval-episodes"] = (n, need, "an evaluation")
+    return needs
+
+
+def check_memory(args: Args, arch: dict, device) -> None:
+    """Each memory-bound flag against what it needs (memory_needs; common.check_memory: refused
+    only well above the memory available, in one line naming the flag and a value that fits)."""
+    for flag, (value, need, what) in memory_needs(args, arch, device).items():
+        common.check_memory(flag, value, need, device, what)
 
 
 def start_run(args, device, threads: int, facts, arch, ckpt, resume, training: bool):
@@ -1291,12 +1351,16 @@ def run_phase(phase: str, p: Phase, run: dict, run_eval, save, evaluated: set) -
     compiled = args.compile and (phase == "translator" or run["device"].type == "cuda")
     timer = Stopwatch(run["clock"][phase], run["device"], COMPILE_WARMUP if compiled else 0)
     run["timer"] = timer  # save() ends its interval
+    flag, what = PHASE_BATCH[phase]
+    fresh = None if run["resume"] else run["dir"]  # removed if memory runs out before it logs
+    oom = (flag, getattr(args, flag[2:].replace("-", "_")), run["device"], what, fresh)
     with bar:  # closed on a stop too
         for step in bar:
             with signals_deferred():
                 timer.start()
                 log = step % args.log_every == 0 or step + 1 == total
-                loss, grad_norm, lr = p.step(log)
+                with common.out_of_memory(*oom):  # one line naming the phase's batch flag
+                    loss, grad_norm, lr = p.step(log)
                 progress[phase] = done = step + 1
                 timer.lap()
                 if log:
@@ -1421,8 +1485,10 @@ def stops_reported(run: dict):
     stop in training; one in an evaluation-only run or in the final evaluation (the trained models
     are saved by then) ends here, in one line. The handlers are put back in any case."""
     old_handlers = catch_stop_signals()
-    try:
-        yield
+    n, fresh = run["args"].eval_episodes, None if run["args"].resume else run["dir"]
+    try:  # an allocation failure here, outside a training step (run_phase's), is an evaluation's
+        with common.out_of_memory("--eval-episodes", n, run["device"], "an evaluation", fresh):
+            yield
     except KeyboardInterrupt as stop:
         why, run_dir = str(stop) or "Ctrl-C", run["dir"]
         if not run["training"]:

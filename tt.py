@@ -677,7 +677,7 @@ def train(args: Args) -> dict:
                     run_eval(run.done)
                 watch.start(run.done)
                 for step in bar:
-                    with signals_deferred():  # a stop signal waits for the update and its log line
+                    with one_update(run):  # a stop signal waits for it; an OOM is one line
                         lr = sched.get_last_lr()[0]  # the rate this update uses
                         batch = sample_batch(data, args.batch_size, args.seq_len, gen)
                         loss, grad_norm = run_update(batch)  # update(), compiled with --compile
@@ -923,8 +923,56 @@ def start(args: Args) -> tuple:
             common.check_video(facts)
         except common.DatasetError as e:
             raise SystemExit(f"error: {e}") from None
+    check_memory(args, facts, device)  # before the run folder is made
     run_dir = Path(args.resume) if args.resume else make_run_dir(args, facts)
     return args, sources, device, threads, ckpt, episodes, facts, run_dir
+
+
+def memory_needs(args: Args, facts: dict, device) -> dict:
+    """What each memory-bound flag of this run needs (bytes, estimated): flag -> (value, bytes,
+    what it sizes). Training: common.transformer_bytes' GPT over the window's seq_len D - 1 tokens,
+    plus the per-token logits over N + 1 bins (TT_LOGIT_VALUES of them per token and bin: the
+    logits, their fp32 copy, the log-softmax, their gradients) and the gathered per-dimension
+    heads. Planning (plan): beam_width x n_expand sequences per episode (1 when greedy), each with
+    its keys and values in every layer for the model's view of at most max_context transitions,
+    held twice while a select or an append copies them, plus one no-grad forward over the view and
+    its logits. --beam-width is checked for one episode, --eval-episodes for all of them."""
+    D = facts["obs_dim"] + facts["act_dim"] + 2
+    C, L, bins = args.n_embd, args.n_layer, args.n_bins + 1
+    needs, T = {}, args.seq_len * D - 1
+    if args.updates:
+        bf16, B = args.bf16 and bf16_native(device), args.batch_size
+        need = common.transformer_bytes(B, T, C, L, args.n_head, bf16=bf16, device=device)
+        need += 4.0 * (TT_LOGIT_VALUES * B * T * bins + 3 * T * bins * C)
+        needs["--batch-size"] = (B, need, "a training update")
+    per_episode = args.beam_width * args.n_expand if args.beam_width > 1 else 1
+    view = min(args.max_context * D - 1, T)
+    per_sequence = 4.0 * view * (2 * 2 * L * C + common.INFER_VALUES * C + bins)
+    if args.beam_width > 1:
+        what = f"a beam search (--n-expand {args.n_expand} sequences per beam)"
+        needs["--beam-width"] = (args.beam_width, per_sequence * per_episode, what)
+    n = args.eval_episodes
+    need = n * per_episode * per_sequence + common.eval_env_bytes(n, False)
+    needs["--eval-episodes"] = (n, need, "an evaluation")
+    return needs
+
+
+def check_memory(args: Args, facts: dict, device) -> None:
+    """Each memory-bound flag against what it needs (memory_needs; common.check_memory: refused
+    only well above the memory available, in one line naming the flag and a value that fits)."""
+    for flag, (value, need, what) in memory_needs(args, facts, device).items():
+        common.check_memory(flag, value, need, device, what)
+
+
+@contextlib.contextmanager
+def one_update(run: Run):
+    """A training update and its log line: a stop signal waits for its end (signals_deferred), an
+    allocation failure in it is one line naming --batch-size (common.out_of_memory; a run folder
+    that logged nothing yet is removed)."""
+    fresh = None if run.args.resume else run.dir
+    oom = ("--batch-size", run.args.batch_size, run.device, "a training update", fresh)
+    with signals_deferred(), common.out_of_memory(*oom):
+        yield
 
 
 def open_run(args: Args) -> Run:
@@ -1040,6 +1088,13 @@ def compiled_update(model, opt, weights, grad_clip: float, autocast, how: str):
 
 # --compile: the first updates of a process compile (on CUDA also warm up and record the graphs)
 COMPILE_WARMUP = 3
+# memory_needs: the fp32 values a training update keeps per token and bin (the logits' fp32 copy,
+# log-softmax, gradient). Measured as common.py's constants (peak-RSS rise of a fresh process
+# over 2 calls, 1 thread): training 0.73-0.96x of the measured 0.5-1.6 GB (batch 32-128, width
+# 64-256, 20-100 bins, bf16 and fp32), planning 0.77-0.84x of 0.1-0.7 GB (2-4 episodes x beam
+# 32-128 x 2, and 64 greedy episodes): below the peaks, so the check refuses less, never a run
+# that fits; an allocation failure past it is caught (one_update, catching_stops).
+TT_LOGIT_VALUES = 3.0
 
 
 def synchronize(device: torch.device) -> None:
@@ -1123,8 +1178,12 @@ def catching_stops(run: Run):
     one that training does not handle (while only evaluating, or in the final evaluation, the model
     saved) ends the run in one line. The signal handlers are put back after."""
     old_handlers = catch_stop_signals()
-    try:
-        yield
+    args, fresh = run.args, None if run.args.resume else run.dir
+    beams = f"beams of --beam-width {args.beam_width} x --n-expand {args.n_expand} per episode"
+    what = "an evaluation" + (f" ({beams})" if args.beam_width > 1 else "")
+    try:  # an allocation failure here, outside a training update (one_update), is an evaluation's
+        with common.out_of_memory("--eval-episodes", args.eval_episodes, run.device, what, fresh):
+            yield
     except KeyboardInterrupt as stop:
         why = str(stop) or "Ctrl-C"
         message = f"interrupted ({why}) during the evaluation; {run.dir} keeps what it logged."
