@@ -136,7 +136,9 @@ def tt_rows(before: dict, after: dict) -> list[dict]:
         b = old.get(n, [])
         was = b[i]["verdict"] if i < len(b) else "- (no such claim before)"
         claim = f"{n}. {c['blog']}"
-        rows.append(row("tt_analysis", claim, was, c["verdict"], c["ours"], c["control"], n))
+        rows.append(
+            row("tt_analysis", claim, was, c["verdict"], c["ours"], c.get("control", "-"), n)
+        )
     return rows
 
 
