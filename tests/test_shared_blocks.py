@@ -25,6 +25,9 @@ LIKE_DT = [
 # The model and batch blocks of the Chapter 1 siblings, and the pieces only two of them share.
 SAME = {
     ("dt.py", "mo_dt.py", "trdt.py"): [
+        "dropout",
+        "own_masks",
+        "Dropout",
         "SelfAttention",
         "Block",
         "attention_mask",
