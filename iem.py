@@ -1218,9 +1218,9 @@ COMPILE_WARMUP = 3
 # convolutions, their gradients), one BabyAI env's memory (11 kB, 300 envs measured), and the
 # factors on common.transformer_bytes for this encoder (fitted to dt.py's GPT; the short
 # sequences of many masked copies keep more per token). Measured as common.py's constants
-# (peak-RSS rise of a fresh process over 2 calls, 1 thread): training 0.9-1.0x of the measured
-# 0.24-1.15 GB (batch 64-256, H 5-10, width 64-128, bf16 and fp32), planning 0.73-1.02x of
-# 0.24-0.68 GB (256-1024 episodes at once).
+# (peak-RSS rise of a fresh process over 2 calls, 1 thread): training 0.88-1.05x of the measured
+# 0.23-1.17 GB (batch 64-256, H 5-10, width 64-128, bf16 and fp32), planning 0.70-0.95x of
+# 0.24-0.71 GB (256-1024 episodes at once, H 5-10).
 CONV_VALUES = 150.0
 ENV_BYTES = 0.011e6
 TRAIN_FACTOR = 1.25

@@ -712,9 +712,10 @@ COMPILE_WARMUP = 3
 # then needs PREDICTOR_FACTOR times common.transformer_bytes (fitted to dt.py's model: these
 # short, narrow sequences keep more per token), and the inverse dynamics INV_VALUES fp32 values per
 # transition and hidden unit of each layer. Measured as common.py's constants (peak-RSS rise of a
-# fresh process over 3 updates, 1 thread): the estimate is 0.81-1.03x of the measured 0.73-2.8 GB
-# (batch 2048-8192, width 64-128, seq2seq and gpt, bf16 and fp32), 0.99-1.02x for the inverse
-# dynamics (0.5-1.9 GB, batch 32768-131072), 0.9-1.2x for an evaluation's forwards (0.4-0.6 GB).
+# fresh process over 2 updates, 1 thread): the estimate is 0.79-1.04x of the measured 0.74-2.7 GB
+# (batch 2048-8192, width 64-128, seq2seq and gpt, bf16 and fp32), 1.00-1.02x for the inverse
+# dynamics (0.5-1.9 GB, batch 32768-131072), 0.53-1.3x for an evaluation's forwards (0.24-0.53 GB
+# for 4096-8192 episodes, little beside their envs' 1.1 MB each, common.ENV_BYTES).
 CROSS_SHARE = 0.5
 PREDICTOR_FACTOR = 1.2
 INV_VALUES = 3.6
