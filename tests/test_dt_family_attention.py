@@ -1,7 +1,7 @@
 """benchmarks/attention.py captures the DT family's attention with forward hooks (issue 29 item 4:
 no analysis path in the models or evaluate()). On a fixed tiny model of each sibling it gives the
 arrays the old path gave (models returning their weights, evaluate() calling a callback; commit
-5815f1d), saved in tests/data/dt_family_attention_reference.npz by
+5815f1d), saved in tests/data/dt_family_attention_reference.json by
 tests/data/dt_family_attention_reference.py."""
 
 import sys
@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "data")]
 import attention  # noqa: E402
 import dt_family_attention_reference as reference  # noqa: E402
+import reference_arrays  # noqa: E402
 
 # fp32 on one thread. Block 1 on differs by a few ulps: the old path's block 0 mixed the values
 # with its own softmax, today's with the fused kernel the training uses.
@@ -24,7 +25,7 @@ KEYS = ("state_row_maps", "modality_mass_per_head", "entropy_per_head", "samples
 
 @pytest.fixture(scope="module")
 def saved():
-    return np.load(ROOT / "tests" / "data" / "dt_family_attention_reference.npz")
+    return reference_arrays.load(ROOT / "tests" / "data" / "dt_family_attention_reference.json")
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests" / "data"), str(ROOT / "benchmarks")]
 import iem_analysis  # noqa: E402
 import iem_attention_reference as ref  # noqa: E402
+import reference_arrays  # noqa: E402
 
-OLD = dict(np.load(ROOT / "tests" / "data" / "iem_attention_reference.npz"))
+OLD = reference_arrays.load(ROOT / "tests" / "data" / "iem_attention_reference.json")
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """Issue 29 item 4: rgdt.py's models and evaluate() carry no analysis hooks; benchmarks/
 rgdt_analysis.py recomputes the attention with forward hooks. On a fixed tiny model of each kind it
 must give the arrays the old `return_attn` / `recorder` path gave (tests/data/
-rgdt_attention_reference.npz, written by tests/data/rgdt_attention_reference.py at 5815f1d): the
+rgdt_attention_reference.json, written by tests/data/rgdt_attention_reference.py at 5815f1d): the
 raw per-layer weights on dataset segments, the probe summary of Fig. 2.2 and aim (3), and a
 checkpoint's attention during an Alg. 2 evaluation. The old path took an explicit softmax where
 the model now runs scaled_dot_product_attention: the same weights up to float32 rounding."""
@@ -21,13 +21,16 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "benchmarks"))
 import rgdt_analysis  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "data"))
+import reference_arrays  # noqa: E402
+
 spec = importlib.util.spec_from_file_location(
     "reference", ROOT / "data" / "rgdt_attention_reference.py"
 )
 reference = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(reference)
 ARCH = reference.ARCH
-REFERENCE = np.load(ROOT / "data" / "rgdt_attention_reference.npz")
+REFERENCE = reference_arrays.load(ROOT / "data" / "rgdt_attention_reference.json")
 
 
 def new_arrays(kind: str, hdf5_path) -> dict:

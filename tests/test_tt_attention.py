@@ -1,6 +1,6 @@
 """benchmarks/tt_analysis.py's attention arrays are what they were before issue 29 (item 4): the
 models lost `return_attn`, and the analysis captures the weights with forward hooks. The reference,
-tests/data/tt_attention_reference.npz, was written by the analysis of commit 5815f1d on the fixed
+tests/data/tt_attention_reference.json, was written by the analysis of commit 5815f1d on the fixed
 tiny models and inputs of tests/data/tt_attention_reference.py."""
 
 import sys
@@ -12,12 +12,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "data"))
+import reference_arrays  # noqa: E402
 import tt_attention_reference as ref  # noqa: E402
 
 import tt  # noqa: E402
 import tt_analysis  # noqa: E402  (tt_attention_reference puts benchmarks/ on the path)
 
-REFERENCE = np.load(ROOT / "data" / "tt_attention_reference.npz")
+REFERENCE = reference_arrays.load(ROOT / "data" / "tt_attention_reference.json")
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,10 @@ def test_the_reference_is_peaked_and_complete(new_arrays):
     """The fixed models attend far from uniformly (so a wrong map cannot match by being flat), and
     the new code yields every array the old one did."""
     raw = REFERENCE["tt_raw_last_layer"]
-    assert raw.max() > 0.9 and set(REFERENCE.files) == set(new_arrays)
+    assert raw.max() > 0.9 and set(REFERENCE) == set(new_arrays)
 
 
-@pytest.mark.parametrize("key", sorted(REFERENCE.files))
+@pytest.mark.parametrize("key", sorted(REFERENCE))
 def test_hooks_reproduce_the_attention_of_return_attn(new_arrays, key):
     # 1e-5: the old explicit softmax fed the next layer, the hooks' model runs scaled_dot_product_
     # attention; the two differ in the last float bits, a wrong map by tenths

@@ -1,11 +1,11 @@
-"""Writes dt_family_attention_reference.npz: the attention arrays of dt.py, mo_dt.py and trdt.py
+"""Writes dt_family_attention_reference.json: the attention arrays of dt.py, mo_dt.py and trdt.py
 before issue 29 took `return_attn` and the evaluation's attention callback out of them (commit
 5815f1d, where the models returned their weights on request and evaluate() called the callback
 that benchmarks/attention.py passed). tests/test_dt_family_attention.py checks that today's hooks
 give the same arrays. Kept for the record: it runs only against that commit's method files
 (`git worktree add /tmp/old 5815f1d`, then run this file from /tmp/old's tests/).
 
-    python tests/data/dt_family_attention_reference.py OUT.npz
+    python tests/data/dt_family_attention_reference.py OUT.json
 """
 
 import sys
@@ -92,5 +92,7 @@ def old_arrays(tmp: Path) -> dict:
 if __name__ == "__main__":
     import tempfile
 
+    import reference_arrays  # this folder, on the path when run as a script
+
     with tempfile.TemporaryDirectory() as tmp:
-        np.savez_compressed(sys.argv[1], **old_arrays(Path(tmp)))
+        reference_arrays.save(sys.argv[1], old_arrays(Path(tmp)))

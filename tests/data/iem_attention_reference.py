@@ -1,11 +1,11 @@
-"""Writes iem_attention_reference.npz: the attention arrays benchmarks/iem_analysis.py produced
+"""Writes iem_attention_reference.json: the attention arrays benchmarks/iem_analysis.py produced
 before issue 29 took `return_attn` out of iem.py (commit 7acb83d, where MaskedPlanModel returned
 every block's weights on request). tests/test_iem_attention.py checks that today's forward hooks
 give the same arrays on the same tiny models and inputs, which it builds with this file's `models`
 and `run_args`. The recording (`old_arrays`) runs only against that commit's code (`git archive
 7acb83d | tar -x -C /tmp/old`, copy this file to /tmp/old/tests/data/, run it there).
 
-    python tests/data/iem_attention_reference.py OUT.npz
+    python tests/data/iem_attention_reference.py OUT.json
 """
 
 import sys
@@ -77,5 +77,7 @@ def old_arrays(tmp: Path) -> dict:
 if __name__ == "__main__":
     import tempfile
 
+    import reference_arrays  # this folder, on the path when run as a script
+
     with tempfile.TemporaryDirectory() as tmp:
-        np.savez_compressed(sys.argv[1], **old_arrays(Path(tmp)))
+        reference_arrays.save(sys.argv[1], old_arrays(Path(tmp)))

@@ -1,10 +1,10 @@
-"""Writes rgdt_attention_reference.npz: the attention arrays benchmarks/rgdt_analysis.py produced
+"""Writes rgdt_attention_reference.json: the attention arrays benchmarks/rgdt_analysis.py produced
 before issue 29 took `return_attn` and `recorder` out of rgdt.py (commit 5815f1d, where the models
 returned their weights on request and evaluate() called a recorder). tests/test_rgdt_attention.py
 checks that today's hooks give the same arrays. Kept for the record: it runs only against that
 commit's rgdt.py (`git worktree add /tmp/old 5815f1d`, then run this file from /tmp/old's tests/).
 
-    python tests/data/rgdt_attention_reference.py OUT.npz
+    python tests/data/rgdt_attention_reference.py OUT.json
 """
 
 import sys
@@ -73,5 +73,7 @@ def old_arrays(tmp: Path) -> dict:
 if __name__ == "__main__":
     import tempfile
 
+    import reference_arrays  # this folder, on the path when run as a script
+
     with tempfile.TemporaryDirectory() as tmp:
-        np.savez_compressed(sys.argv[1], **old_arrays(Path(tmp)))
+        reference_arrays.save(sys.argv[1], old_arrays(Path(tmp)))

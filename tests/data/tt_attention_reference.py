@@ -1,11 +1,11 @@
-"""Writes tt_attention_reference.npz: the attention arrays benchmarks/tt_analysis.py produced before
+"""Writes tt_attention_reference.json: the attention arrays tt_analysis.py produced before
 issue 29 took `return_attn` out of tt.py and dt.py (commit 5815f1d, where both models returned their
 weights on request). tests/test_tt_attention.py checks that today's forward hooks give the same
 arrays on the same tiny models and inputs, which it builds with this file's `models` and `setup`.
 The recording (`old_arrays`) runs only against that commit's code (`git archive 5815f1d | tar -x -C
 /tmp/old`, copy this file to /tmp/old/tests/data/, run it there).
 
-    python tests/data/tt_attention_reference.py OUT.npz
+    python tests/data/tt_attention_reference.py OUT.json
 """
 
 import sys
@@ -108,5 +108,7 @@ def old_arrays(tmp: Path) -> dict:
 if __name__ == "__main__":
     import tempfile
 
+    import reference_arrays  # this folder, on the path when run as a script
+
     with tempfile.TemporaryDirectory() as tmp:
-        np.savez_compressed(sys.argv[1], **old_arrays(Path(tmp)))
+        reference_arrays.save(sys.argv[1], old_arrays(Path(tmp)))
