@@ -715,6 +715,13 @@ def check_memory(flag: str, value: int, need: float, device, what: str) -> None:
     )
 
 
+def check_needs(needs: dict, device) -> None:
+    """check_memory for each memory-bound flag of a run: `needs` maps flag -> (value, bytes, what
+    it sizes), as the method files' memory_needs give it."""
+    for flag, (value, need, what) in needs.items():
+        check_memory(flag, value, need, device, what)
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     """torch's CUDA OutOfMemoryError, its CPU allocator's failure, numpy's MemoryError, a fork
     refused for memory (ENOMEM)."""

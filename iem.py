@@ -49,7 +49,7 @@ from minigrid.wrappers import FullyObsWrapper
 from torch import nn
 from tqdm import tqdm
 
-import common  # the memory checks (check_memory, out_of_memory) and their measured constants
+import common  # the memory checks (check_needs, out_of_memory) and their measured constants
 
 # The paper's BabyAI levels with its code's planning settings (test_run.sh): horizon H and
 # refinements. Its `sample_iteration` counts the first fill of all positions as an iteration, so
@@ -1120,7 +1120,7 @@ def load_run(args: Args, device) -> tuple:
     if (args.replan_every or 0) > arch["horizon"]:
         why = f"the checkpoint plans {arch['horizon']} actions"
         raise SystemExit(f"error: --replan-every {args.replan_every}: {why}.")
-    check_memory(args, arch, device)  # before the run folder is made
+    common.check_needs(memory_needs(args, arch, device), device)  # before the run folder
     return ckpt, (ckpt["resume"] if args.resume else None), demos, source, arch
 
 
@@ -1146,13 +1146,6 @@ def memory_needs(args: Args, arch: dict, device) -> dict:
     need = PLAN_FACTOR * need + n * (4.0 * CONV_VALUES * cells + ENV_BYTES)
     needs["--eval-episodes"] = (n, need, "an evaluation (H masked copies of each plan)")
     return needs
-
-
-def check_memory(args: Args, arch: dict, device) -> None:
-    """Each memory-bound flag against what it needs (memory_needs; common.check_memory: refused
-    only well above the memory available, in one line naming the flag and a value that fits)."""
-    for flag, (value, need, what) in memory_needs(args, arch, device).items():
-        common.check_memory(flag, value, need, device, what)
 
 
 @contextlib.contextmanager

@@ -1151,7 +1151,7 @@ def read_inputs(args: Args, device):
             common.check_video(facts)
         except common.DatasetError as e:
             raise SystemExit(f"error: {e}") from None
-    check_memory(args, arch, device)  # before the run folder is made
+    common.check_needs(memory_needs(args, arch, device), device)  # before the run folder
     return ckpt, (ckpt["resume"] if args.resume else None), episodes, facts, arch
 
 
@@ -1189,13 +1189,6 @@ def memory_needs(args: Args, arch: dict, device) -> dict:
     need = predictor(n, False) + common.eval_env_bytes(n, args.eval_async)
     needs["--eval-episodes"] = (n, need, "an evaluation")
     return needs
-
-
-def check_memory(args: Args, arch: dict, device) -> None:
-    """Each memory-bound flag against what it needs (memory_needs; common.check_memory: refused
-    only well above the memory available, in one line naming the flag and a value that fits)."""
-    for flag, (value, need, what) in memory_needs(args, arch, device).items():
-        common.check_memory(flag, value, need, device, what)
 
 
 def start_run(args, device, threads: int, facts, arch, ckpt, resume, training: bool):

@@ -923,7 +923,7 @@ def start(args: Args) -> tuple:
             common.check_video(facts)
         except common.DatasetError as e:
             raise SystemExit(f"error: {e}") from None
-    check_memory(args, facts, device)  # before the run folder is made
+    common.check_needs(memory_needs(args, facts, device), device)  # before the run folder
     run_dir = Path(args.resume) if args.resume else make_run_dir(args, facts)
     return args, sources, device, threads, ckpt, episodes, facts, run_dir
 
@@ -955,13 +955,6 @@ def memory_needs(args: Args, facts: dict, device) -> dict:
     need = n * per_episode * per_sequence + common.eval_env_bytes(n, False)
     needs["--eval-episodes"] = (n, need, "an evaluation")
     return needs
-
-
-def check_memory(args: Args, facts: dict, device) -> None:
-    """Each memory-bound flag against what it needs (memory_needs; common.check_memory: refused
-    only well above the memory available, in one line naming the flag and a value that fits)."""
-    for flag, (value, need, what) in memory_needs(args, facts, device).items():
-        common.check_memory(flag, value, need, device, what)
 
 
 @contextlib.contextmanager
