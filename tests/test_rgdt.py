@@ -209,19 +209,11 @@ def test_best_return_per_timestep_on_a_hand_made_dataset():
         rgdt.conditioning_returns(np.array([-1.0, 2.0]), 10.0)
 
 
-def small_model(dropout=0.0):
+def small_model(dropout=0.0, cls=rgdt.DecisionTranslator):
+    """A tiny model of either architecture (the translator's or --arch gpt's: one constructor)."""
     torch.manual_seed(0)
-    arch = dict(
-        state_dim=3,
-        return_len=4,
-        state_len=5,
-        n_enc_layer=2,
-        n_layer=2,
-        n_head=2,
-        n_embd=16,
-        dropout=dropout,
-    )
-    return rgdt.DecisionTranslator(**arch, rtg_scale=1.0).eval()
+    arch = dict(state_dim=3, return_len=4, state_len=5, n_enc_layer=2, n_layer=2, n_head=2)
+    return cls(**arch, n_embd=16, dropout=dropout, rtg_scale=1.0).eval()
 
 
 def random_inputs(B=2):
@@ -272,18 +264,7 @@ def test_padded_positions_do_not_leak_and_match_a_shorter_context():
 
 
 def small_gpt():
-    torch.manual_seed(0)
-    arch = dict(
-        state_dim=3,
-        return_len=4,
-        state_len=5,
-        n_enc_layer=2,
-        n_layer=2,
-        n_head=2,
-        n_embd=16,
-        dropout=0.0,
-    )
-    return rgdt.StateGPT(**arch, rtg_scale=1.0).eval()
+    return small_model(cls=rgdt.StateGPT)
 
 
 def test_gpt_reads_interleaved_return_and_state_tokens_causally():
