@@ -331,28 +331,17 @@ def test_jobs_spread_over_every_gpu(tmp_path, hdf5_path, monkeypatch):
     monkeypatch.setattr(
         run, "run_job", lambda job, threads, gpu: used.append(gpu) or dict(job, ok=True, score=0.0)
     )
-    run.main(
-        run.Args(
-            preset="smoke",
-            data_dir=str(data),
-            out=str(tmp_path / "out"),
-            methods=("dt",),
-            seeds=tuple(range(8)),
-        )
-    )
+    out = str(tmp_path / "out")
+
+    def smoke(seeds):
+        return run.Args(preset="smoke", data_dir=str(data), out=out, methods=("dt",), seeds=seeds)
+
+    run.main(smoke(tuple(range(8))))
     # 4 jobs per GPU by default, each GPU as busy as the other
     assert sorted(used) == ["0"] * 4 + ["1"] * 4
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")  # the user's GPUs, not the first two
     used.clear()
-    run.main(
-        run.Args(
-            preset="smoke",
-            data_dir=str(data),
-            out=str(tmp_path / "out"),
-            methods=("dt",),
-            seeds=(0, 1),
-        )
-    )
+    run.main(smoke((0, 1)))
     assert sorted(used) == ["2", "5"]
 
 

@@ -15,6 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import rgdt_analysis  # noqa: E402
 
 
+# what every analysis writes; a checkpoint adds the attention figure
+OUTPUTS = {"fig2_2.png", "fig2_2.json", "aim3.png", "aim3.json", "metrics.jsonl", "args.json"}
+
+
 def test_state_correlation_on_a_hand_made_sequence():
     # one dim alternates +1, -1: corr(k) = (-1)^k
     x = np.array([1, -1, 1, -1, 1, -1, 1, -1], np.float64)[:, None]
@@ -126,14 +130,7 @@ def test_fig_2_2_and_aim_3_from_a_dataset(tmp_path, hdf5_path, monkeypatch, caps
     # GPT full-context, GPT final-token, seq2seq
     assert flags == [True] * 10 + [False] * 10 + [False] * 10
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {
-        "fig2_2.png",
-        "fig2_2.json",
-        "aim3.png",
-        "aim3.json",
-        "metrics.jsonl",
-        "args.json",
-    }
+    assert {p.name for p in out.iterdir()} == OUTPUTS
     fig = json.loads((out / "fig2_2.json").read_text())
     # k = 0..K_r
     assert fig["correlation_mean"][0] == pytest.approx(1.0) and len(fig["correlation_mean"]) == 21
@@ -229,16 +226,7 @@ def test_attention_of_a_checkpoint(tmp_path, hdf5_path):
         )
     )
     out = tmp_path / "a"
-    assert {p.name for p in out.iterdir()} == {
-        "fig2_2.png",
-        "fig2_2.json",
-        "aim3.png",
-        "aim3.json",
-        "metrics.jsonl",
-        "args.json",
-        "attention.png",
-        "attention.json",
-    }
+    assert {p.name for p in out.iterdir()} == OUTPUTS | {"attention.png", "attention.json"}
     att = json.loads((out / "attention.json").read_text())
     # same weights, same env seeds -> the same episodes as rgdt.py's own evaluation of the
     # checkpoint in fp32, up to float noise (the analysis takes the explicit softmax). The training
