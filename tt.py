@@ -1429,7 +1429,8 @@ STOP_SIGNALS = {
     "SIGTERM": "SIGTERM",
     "SIGUSR1": "SIGUSR1",
 }  # PLUMBING: name -> what it is
-STOPPING = {"deferred": False, "pending": None}  # PLUMBING: the state of signals_deferred
+# PLUMBING: the state of signals_deferred and catch_stop_signals
+STOPPING = {"deferred": False, "pending": None, "stopped": False}
 
 
 def catch_stop_signals() -> dict:
@@ -1441,8 +1442,14 @@ def catch_stop_signals() -> dict:
 
     if threading.current_thread() is not threading.main_thread():
         return {}
+    STOPPING["stopped"] = False
 
     def stop(signum, frame):
+        # One stop is enough: a second copy (benchmarks/run.py passes on what may also have reached
+        # the whole process group; a second Ctrl-C) must not break into the checkpoint being saved.
+        if STOPPING["stopped"]:
+            return
+        STOPPING["stopped"] = True
         why = STOP_SIGNALS[signal.Signals(signum).name]
         if STOPPING["deferred"]:
             STOPPING["pending"] = why

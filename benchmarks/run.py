@@ -34,6 +34,7 @@ node.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -43,9 +44,11 @@ import queue
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -409,6 +412,58 @@ def last_error(log: Path) -> Optional[str]:
     return None
 
 
+# The job processes running now and the stop signal run.py got, if any (stops_forwarded). No lock:
+# set.add, set.copy and a dict item's store are atomic under the GIL, and each side writes before it
+# reads the other's, so a job listed as a signal comes is sent it at least once (a lock would also
+# keep Ray from pickling run_job for its tasks).
+RUNNING = {"procs": set(), "signal": None}
+
+
+def job_process(cmd: list[str], cwd: Path, log, env: dict) -> int:
+    """A job's command, run to its end; its exit code. While it runs it is in RUNNING, so that a
+    stop signal run.py gets reaches it too (one that came before it was listed is sent at once)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    RUNNING["procs"].add(proc)
+    if RUNNING["signal"] is not None:
+        proc.send_signal(RUNNING["signal"])
+    try:
+        return proc.wait()
+    finally:
+        RUNNING["procs"].discard(proc)
+
+
+@contextlib.contextmanager
+def stops_forwarded():
+    """Ctrl-C, SIGTERM and SIGUSR1 that reach run.py pass on to every running job, which saves a
+    checkpoint and exits; then run.py stops as on Ctrl-C. Without it a signal sent to run.py alone
+    (`kill PID`, a container's PID 1 under Kubernetes, a scheduler that signals one process) would
+    end run.py and leave its jobs running unwatched, to be started a second time by the next
+    run. A job also reached through its process group gets two copies: the method files act on the
+    first (catch_stop_signals). A signal the shell set to be ignored (SIGINT under `&`, `nohup`)
+    stays ignored; only the main thread can catch signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
+        first, RUNNING["signal"] = RUNNING["signal"] is None, signum
+        for proc in RUNNING["procs"].copy():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+        if first:  # a later one only passes on: run.py is already waiting for its jobs to save
+            raise KeyboardInterrupt
+
+    names = [n for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n)]
+    signums = [getattr(signal, n) for n in names]
+    old = {s: signal.signal(s, forward) for s in signums if signal.getsignal(s) != signal.SIG_IGN}
+    RUNNING["signal"] = None
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def run_job(job: dict, threads: int, gpu: Optional[str] = None, root: Path = ROOT) -> dict:
     """One job in a subprocess (on GPU `gpu` when given), run from the code in `root`; a run of the
     job that stopped half way is continued (the job's command plus --resume RUN: the same flags, so
@@ -435,9 +490,7 @@ def run_job(job: dict, threads: int, gpu: Optional[str] = None, root: Path = ROO
         with open(folder / "log.txt", "a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
-            rc = subprocess.run(
-                cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env
-            ).returncode
+            rc = job_process(cmd, root, log, env)
         if rc != 0:
             why = last_error(folder / "log.txt")
             return dict(job, ok=False, error=f"exit code {rc}, see {folder / 'log.txt'}", why=why)
@@ -544,7 +597,7 @@ def run_here(todo: list[dict], args: Args) -> list[dict]:
             slots.put(slot)
 
     finished = []
-    with ThreadPoolExecutor(max_workers=n) as pool:
+    with stops_forwarded(), ThreadPoolExecutor(max_workers=n) as pool:
         futures = [pool.submit(on_a_slot, j) for j in todo]
         try:
             for f in tqdm(as_completed(futures), total=len(futures), desc=f"jobs ({n} at once)"):

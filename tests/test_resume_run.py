@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -93,10 +92,10 @@ def whole(tmp_path_factory, data):
     return get
 
 
-def stop_after_first_checkpoint(cmd, cwd, stdout, stderr, env):
-    """subprocess.run for run_job: the job runs until its first checkpoint is on disk, then gets
-    SIGTERM, as from a cluster's time limit."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=stdout, stderr=stderr, env=env)
+def stop_after_first_checkpoint(cmd, cwd, log, env):
+    """run.job_process: the job runs until its first checkpoint is on disk, then gets SIGTERM (the
+    job alone, as from a cluster's time limit); its exit code."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
     runs, deadline = Path(cmd[cmd.index("--runs-dir") + 1]), time.time() + 180
     try:
         while not list(runs.glob("*/model.pt")):
@@ -105,7 +104,7 @@ def stop_after_first_checkpoint(cmd, cwd, stdout, stderr, env):
             )
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
-        return subprocess.CompletedProcess(cmd, proc.wait(timeout=180))
+        return proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -121,11 +120,7 @@ def stop_a_job(args: run.Args, monkeypatch) -> tuple[Path, list[dict], int]:
     import torch
 
     with monkeypatch.context() as m:
-        m.setattr(
-            run,
-            "subprocess",
-            types.SimpleNamespace(run=stop_after_first_checkpoint, STDOUT=subprocess.STDOUT),
-        )
+        m.setattr(run, "job_process", stop_after_first_checkpoint)
         with pytest.raises(SystemExit, match="1 job"):
             run.main(args)
     (job,) = run.plan(args)
@@ -193,6 +188,72 @@ def test_a_stopped_job_continues_from_its_checkpoint_when_the_preset_is_rerun(
             == dt.bf16_native(torch.device("cpu"))
             == res["benchmark"]["machine"]["bf16"]
         )
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, "benchmarks")
+import run
+flags = ["--updates", "1000000", "--n-layer", "1", "--n-head", "1", "--n-embd", "16",
+         "--batch-size", "4", "--context-len", "5", "--warmup-steps", "10", "--log-every", "1"]
+run.PRESETS["signal-test"] = dict(datasets=["hopper-medium-replay"], seeds=[0],
+                                 common=["--eval-episodes", "1", "--eval-every", "0"],
+                                 flags={"dt": flags})
+run.main(run.Args(preset="signal-test", data_dir=sys.argv[1], out=sys.argv[2], methods=("dt",),
+                  jobs=1))
+"""
+
+
+def alive(marker: str) -> list[str]:
+    """Command lines of the processes on this machine that contain `marker`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        found += [text] if marker in text else []
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
+@pytest.mark.parametrize("to", ["run.py alone", "its process group"])
+def test_a_stop_signal_to_run_py_stops_its_jobs_with_a_checkpoint(to, data, tmp_path):
+    """SIGTERM sent to run.py alone (`kill PID`, a container's PID 1) reaches its running job, which
+    saves a checkpoint and exits, instead of running on unwatched; sent to the whole process group
+    the job gets two copies and still stops once, cleanly. Either way the next run continues it."""
+    out = tmp_path / "out"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(data), str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group: killpg reaches it and its job, not pytest
+    )
+    deadline = time.time() + 180
+    try:
+        # the job is training: its metrics log has an update's line
+        while not any('"loss"' in m.read_text() for m in out.glob("*/runs/*/metrics.jsonl")):
+            assert driver.poll() is None and time.time() < deadline, driver.communicate()
+            time.sleep(0.1)
+        if to == "run.py alone":
+            os.kill(driver.pid, signal.SIGTERM)
+        else:
+            os.killpg(driver.pid, signal.SIGTERM)
+        _, err = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode != 0 and "interrupted: finished jobs are kept" in err, err
+    (folder,) = out.iterdir()
+    assert not alive(str(folder)), "a job outlived run.py"
+    log = (folder / "log.txt").read_text()
+    assert log.count("interrupted (SIGTERM)") == 1 and "Traceback" not in log, log
+    (stopped,) = (folder / "runs").iterdir()
+    assert (stopped / "model.pt").is_file() and not (stopped / "results.json").exists()
+    job = dict(folder=folder, cmd=["dt.py"])
+    assert run.stopped_run(job) == stopped  # the next run of the preset continues it
 
 
 def test_a_method_file_without_resume_starts_over(preset, monkeypatch, tmp_path):
