@@ -455,8 +455,8 @@ def stops_forwarded():
 
     names = [n for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n)]
     signums = [getattr(signal, n) for n in names]
-    old = {s: signal.signal(s, forward) for s in signums if signal.getsignal(s) != signal.SIG_IGN}
     RUNNING["signal"] = None
+    old = {s: signal.signal(s, forward) for s in signums if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,8 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
+from aggregate import pyplot  # noqa: E402
 from claims import UNDECIDED, ordering_verdict, rliable  # noqa: E402
 from run import cpu_model  # noqa: E402
+from speed import git_commit  # noqa: E402
 
 
 @dataclass
@@ -72,7 +73,9 @@ def observed(summary: dict) -> list[dict]:
         x_label, y_label = o["claim"].split(" > ")
         per_seed = [cols[c]["stats"][o["dataset"]]["per_seed"] for c in (x_label, y_label)]
         scores = [np.array(list(s.values()), dtype=float) for s in per_seed]
-        found.append(dict(claim=o["claim"], dataset=o["dataset"], x=scores[0], y=scores[1]))
+        found.append(
+            dict(claim=o["claim"], dataset=o["dataset"], p=o["p"], x=scores[0], y=scores[1])
+        )
     return found
 
 
@@ -100,10 +103,8 @@ def simulate(orderings: list[dict], args: Args) -> list[dict]:
         for n in args.n:
             by_n[n] = shares(o["x"], o["y"], n, args.sims, args.reps, rng)
             bar.update()
-        p = ordering_verdict(o["x"], o["y"], reps=args.reps)["p"]
-        row = dict(
-            claim=o["claim"], dataset=o["dataset"], observed_p=p, seeds=[len(o["x"]), len(o["y"])]
-        )
+        seeds = [len(o["x"]), len(o["y"])]
+        row = dict(claim=o["claim"], dataset=o["dataset"], observed_p=o["p"], seeds=seeds)
         rows.append(row | dict(shares=by_n, seeds_needed=needed(by_n, args.power)))
     bar.close()
     return rows
@@ -133,11 +134,7 @@ def markdown(rows: list[dict], args: Args) -> list[str]:
 
 
 def plot(rows: list[dict], args: Args, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         decided = [1 - r["shares"][n][UNDECIDED] for n in args.n]
@@ -161,11 +158,11 @@ def check(args: Args) -> dict:
         raise SystemExit(f"error: {args.summary}: no such file; pass aggregate.py's summary.json")
     try:
         summary = json.loads(path.read_text())
-        summary["columns"], summary["orderings"]
+        summary["columns"], [o["p"] for o in summary["orderings"] if o.get("dataset")]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise SystemExit(
             f"error: {args.summary}: not a summary.json of benchmarks/aggregate.py (no columns "
-            "and orderings); pass the one aggregate.py wrote"
+            "and judged orderings); pass the one aggregate.py wrote"
         ) from None
     if not args.n or min(args.n) < 2:
         raise SystemExit(f"error: --n {args.n}: each must be >= 2 seeds; e.g. --n 5 10 20")
@@ -186,17 +183,15 @@ def main(args: Args) -> dict:
     out = common.output_folder(args.out, "seeds_needed", args.force)
     start = time.time()
     rows = simulate(orderings, args)
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     machine = dict(cpu=cpu_model(), python=platform.python_version())
-    report = dict(config=asdict(args), commit=commit, machine=machine, rows=rows)
+    report = dict(config=asdict(args), commit=git_commit(), machine=machine, rows=rows)
     report["wall_s"] = round(time.time() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds_needed.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "seeds_needed.md").write_text("\n".join(markdown(rows, args)) + "\n")
+    table = "\n".join(markdown(rows, args))
+    (out / "seeds_needed.md").write_text(table + "\n")
     plot(rows, args, out / "seeds_needed.png")
-    print("\n".join(markdown(rows, args)))
+    print(table)
     print(f"wrote {out}/seeds_needed.json, .md, .png")
     return report
 

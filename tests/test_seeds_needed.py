@@ -12,22 +12,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import seeds_needed  # noqa: E402
 
-WIN, LOSE = [60.0, 70.0, 80.0, 90.0, 95.0], [1.0, 2.0, 3.0, 4.0, 5.0]
-SAME = [10.0, 20.0, 30.0, 40.0, 50.0]
+WIN, LOSE = (60.0, 70.0, 80.0, 90.0, 95.0), (1.0, 2.0, 3.0, 4.0, 5.0)
+SAME = (10.0, 20.0, 30.0, 40.0, 50.0)
 
 
 def summary(path: Path, columns: dict, claims: list[tuple[str, str]]) -> Path:
     """The part of aggregate.py's summary.json that seeds_needed reads."""
     d = "hopper-medium-replay"
     per_seed = {c: {"stats": {d: {"per_seed": dict(enumerate(s))}}} for c, s in columns.items()}
-    orderings = [dict(claim=f"{x} > {y}", dataset=d) for x, y in claims]
+    # P(X > Y) as aggregate.py stores it beside each judged ordering
+    known = {(WIN, LOSE): 1.0, (LOSE, WIN): 0.0}
+    p = [known.get((columns[x], columns[y]), 0.5) for x, y in claims]
+    orderings = [dict(claim=f"{x} > {y}", dataset=d, p=q) for (x, y), q in zip(claims, p)]
     orderings.append(dict(claim="RGDT > DT", dataset=None))  # no row with both: skipped
     path.write_text(json.dumps(dict(columns=per_seed, orderings=orderings)))
     return path
 
 
 def test_clear_effect_needs_fewest_seeds_and_tie_is_never_decided(tmp_path):
-    cols = {"TRDT": WIN, "DT": LOSE, "A": SAME, "B": list(SAME)}
+    cols = {"TRDT": WIN, "DT": LOSE, "A": SAME, "B": SAME}
     path = summary(tmp_path / "summary.json", cols, [("TRDT", "DT"), ("DT", "TRDT"), ("A", "B")])
     args = seeds_needed.Args(str(path), out=str(tmp_path / "out"), n=[4, 6], sims=5, reps=100)
     rows = {r["claim"]: r for r in seeds_needed.main(args)["rows"]}
